@@ -1,0 +1,190 @@
+"""Public decoding API over the generated dissector modules.
+
+`decode()` never raises for any body: a body that does not fit its definition gives a
+Decoded whose `error` says where (offset, field path) and why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+from dissectors.errors import DecodeError, EncodeError, Malformed, covered_bytes
+from dissectors.generated import agent as _agent_mod
+from dissectors.generated import caps as _caps_mod
+from dissectors.generated import link as _link_mod
+from dissectors.generated import spice as _spice_mod
+from dissectors.runtime import Writer
+
+C2S = "c2s"
+S2C = "s2c"
+DIRECTIONS = (C2S, S2C)
+
+
+class Dialect:
+    """One generated module: its channels, messages, codecs and schema."""
+
+    def __init__(self, module: ModuleType) -> None:
+        self.module = module
+        self.channels: dict[int, tuple[str, str, tuple[str, ...]]] = module.CHANNELS
+        self.messages: dict[tuple[int, str, int], tuple[str, str]] = module.MESSAGES
+        self.codecs: dict[str, tuple[Any, Any]] = module.CODECS
+        self.named: dict[str, str] = module.NAMED
+        self.schema: dict[str, tuple[tuple[Any, ...], ...]] = module.SCHEMA
+        self.enums: dict[str, tuple[str, tuple[tuple[str, int], ...]]] = module.ENUMS
+        self.enum_names = {name: dict(items) for name, (_k, items) in self.enums.items()}
+        self.enum_by_value = {
+            name: {v: n for n, v in reversed(items)} for name, (_k, items) in self.enums.items()
+        }
+
+    def channel_name(self, number: int) -> str:
+        entry = self.channels.get(number)
+        return entry[0] if entry else f"channel{number}"
+
+    def decode_struct(self, struct: str, body: bytes) -> tuple[dict[str, Any], int]:
+        """Decode with a struct's generated decoder; returns (value, bytes covered).
+
+        Raises Malformed.
+        """
+        decoder = self.codecs[struct][0]
+        regions: list[tuple[int, int]] = []
+        try:
+            value, stop = decoder(body, 0, len(body), regions)
+        except (UnboundLocalError, KeyError) as exc:  # a size field in a case not chosen
+            raise Malformed(0, struct, f"field {exc} is absent") from None
+        regions.append((0, stop))
+        return value, covered_bytes(regions)
+
+    def encode_struct(self, struct: str, value: dict[str, Any]) -> bytes:
+        w = Writer()
+        try:
+            self.codecs[struct][1](w, value)
+        except (KeyError, TypeError, IndexError) as exc:
+            raise EncodeError(f"cannot encode {struct}: {exc!r}") from None
+        except Exception as exc:  # struct.error for out-of-range values
+            raise EncodeError(f"cannot encode {struct}: {exc}") from None
+        return w.finish()
+
+
+SPICE = Dialect(_spice_mod)
+LINK = Dialect(_link_mod)
+CAPS = Dialect(_caps_mod)
+AGENT = Dialect(_agent_mod)
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    channel: str
+    channel_type: int
+    direction: str
+    msg_type: int
+    name: str | None  # None: a message type the protocol does not define
+    fields: dict[str, Any] | None
+    size: int
+    covered: int  # bytes of the body the definition accounts for
+    error: DecodeError | None
+    struct: str | None  # schema name of the body, for renderers
+    dialect: Dialect
+
+    @property
+    def fully_dissected(self) -> bool:
+        return self.error is None and self.name is not None and self.covered == self.size
+
+    def named_fields(self) -> Any:
+        """Fields with enum items and flag bits by name (JSON-ready except bytes)."""
+        if self.fields is None or self.struct is None:
+            return None
+        return named_value(self.dialect, ("struct:" + self.struct, False), self.fields)
+
+
+def decode(
+    channel_type: int, direction: str, msg_type: int, body: bytes, dialect: Dialect = SPICE
+) -> Decoded:
+    channel = dialect.channel_name(channel_type)
+    entry = dialect.messages.get((channel_type, direction, msg_type))
+    if entry is None:
+        err = DecodeError(0, "", f"no {direction} message {msg_type} in channel {channel}")
+        return Decoded(channel, channel_type, direction, msg_type, None, None, len(body), 0, err,
+                       None, dialect)
+    name, struct = entry
+    try:
+        fields, covered = dialect.decode_struct(struct, body)
+    except Malformed as exc:
+        return Decoded(channel, channel_type, direction, msg_type, name, None, len(body), 0,
+                       exc.error, struct, dialect)
+    return Decoded(channel, channel_type, direction, msg_type, name, fields, len(body), covered,
+                   None, struct, dialect)
+
+
+def encode(
+    channel_type: int, direction: str, msg_type: int, fields: dict[str, Any],
+    dialect: Dialect = SPICE,
+) -> bytes:
+    """Body bytes of a message from fields shaped as decode() gives them."""
+    entry = dialect.messages.get((channel_type, direction, msg_type))
+    if entry is None:
+        raise EncodeError(f"no {direction} message {msg_type} in channel {channel_type}")
+    return dialect.encode_struct(entry[1], fields)
+
+
+def message_type(channel_type: int, direction: str, name: str, dialect: Dialect = SPICE) -> int:
+    for (ch, d, num), (mname, _s) in dialect.messages.items():
+        if ch == channel_type and d == direction and mname == name:
+            return num
+    raise KeyError(f"no {direction} message {name!r} in channel {channel_type}")
+
+
+def flag_names(dialect: Dialect, enum: str, value: int) -> list[str | int]:
+    names: list[str | int] = []
+    by_bit = dialect.enum_by_value[enum]
+    rest = value
+    for bit, name in sorted(by_bit.items()):
+        if value >> bit & 1:
+            names.append(name)
+            rest &= ~(1 << bit)
+    if rest:
+        names.append(rest)
+    return names
+
+
+def named_value(dialect: Dialect, spec: tuple[str, bool], value: Any) -> Any:
+    """Render `value` of type spec=(type ref, is_array) with names for enums and flags."""
+    tref, is_array = spec
+    if value is None:
+        return None
+    if is_array and isinstance(value, list):
+        return [named_value(dialect, (tref, False), v) for v in value]
+    if tref.startswith("struct:"):
+        return _named_struct(dialect, tref[7:], value)
+    if tref.startswith("enum:") and isinstance(value, int):
+        return dialect.enum_by_value[tref[5:]].get(value, value)
+    if tref.startswith("flags:") and isinstance(value, int):
+        return flag_names(dialect, tref[6:], value)
+    return value
+
+
+def _named_struct(dialect: Dialect, struct: str, value: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for entry in dialect.schema[struct]:
+        _named_entry(dialect, entry, value, out)
+    return out
+
+
+def _named_entry(
+    dialect: Dialect, entry: tuple[Any, ...], value: dict[str, Any], out: dict[str, Any]
+) -> None:
+    if entry[0] == "field":
+        _kind, name, tref, is_array, _ptr = entry
+        if name in value:
+            out[name] = named_value(dialect, (tref, is_array), value[name])
+        return
+    _kind, name, anon, cases = entry
+    if anon:
+        for case in cases:
+            _named_entry(dialect, case, value, out)
+    elif name in value:
+        inner: dict[str, Any] = {}
+        for case in cases:
+            _named_entry(dialect, case, value[name], inner)
+        out[name] = inner

@@ -1,0 +1,252 @@
+"""Split one SPICE channel connection's two byte streams into link-stage units and messages.
+
+Theory of operation: a channel connection starts with the link stage, then carries messages.
+
+    c2s: LinkHeader(16) LinkMess(size)  [AuthMechanism(4)] Ticket(128) | SASL...  messages
+    s2c: LinkHeader(16) LinkReply(size)                    LinkResult(4)          messages
+
+What the client sends after LinkMess depends on the server's reply (auth selection is used
+only when both sides set common cap 0; the mini header only when both set cap 3), so the
+client side waits until the reply is known. No I/O: bytes in, events out. A peer that breaks
+the protocol yields one ChannelError event and that direction stops being parsed; later
+bytes are counted as `ignored`, never raised.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+C2S = "c2s"
+S2C = "s2c"
+
+# protocol.h: SPICE_MAGIC is "REDQ" in wire order.
+LINK_MAGIC = b"REDQ"
+LINK_HEADER = struct.Struct("<4sIII")  # magic, major, minor, size
+LINK_MESS_FIXED = struct.Struct("<IBBIII")  # conn id, type, id, n common, n channel, caps off
+LINK_REPLY_FIXED = struct.Struct("<I162sIII")  # error, RSA-1024 pub key (DER), caps...
+TICKET_SIZE = 128  # RSA-1024 encrypted password
+U32 = struct.Struct("<I")
+MINI_HEADER = struct.Struct("<HI")  # type, size
+FULL_HEADER = struct.Struct("<QHII")  # serial, type, size, sub_list
+
+CAP_AUTH_SELECTION = 0
+CAP_AUTH_SPICE = 1
+CAP_AUTH_SASL = 2
+CAP_MINI_HEADER = 3
+
+DEFAULT_MAX_MESSAGE = 256 * 1024 * 1024
+MAX_LINK_SIZE = 64 * 1024  # a link message carries a few caps words; anything huge is hostile
+
+
+def has_cap(words: tuple[int, ...], bit: int) -> bool:
+    word, shift = divmod(bit, 32)
+    return word < len(words) and bool(words[word] >> shift & 1)
+
+
+@dataclass(frozen=True, slots=True)
+class LinkUnit:
+    """A link-stage unit: kind is header, link_mess, link_reply, auth_mechanism, ticket,
+    link_result or sasl (opaque SASL bytes, encrypted once SASL negotiated a layer)."""
+
+    direction: str
+    kind: str
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    direction: str
+    msg_type: int
+    body: bytes
+    header: bytes
+    serial: int | None  # None with the mini header
+    sub_list: int
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelError:
+    direction: str
+    offset: int  # stream offset where the problem starts
+    reason: str
+
+
+Event = LinkUnit | Message | ChannelError
+
+
+def _caps(data: bytes, fixed: struct.Struct, n_common: int, n_channel: int, offset: int) -> tuple[
+    tuple[int, ...], tuple[int, ...]
+]:
+    count = n_common + n_channel
+    if offset < fixed.size or offset + 4 * count > len(data):
+        raise ValueError("capability words lie outside the link message")
+    words = struct.unpack_from(f"<{count}I", data, offset)
+    return words[:n_common], words[n_common:]
+
+
+class ChannelFramer:
+    """Both directions of one channel connection."""
+
+    def __init__(self, max_message: int = DEFAULT_MAX_MESSAGE) -> None:
+        self.max_message = max_message
+        self.buf = {C2S: bytearray(), S2C: bytearray()}
+        self.offset = {C2S: 0, S2C: 0}  # stream offset of buf[0]
+        self.state = {C2S: "header", S2C: "header"}
+        self.need_size = {C2S: 0, S2C: 0}
+        self.ignored = {C2S: 0, S2C: 0}
+        self.channel_type: int | None = None
+        self.channel_id = 0
+        self.connection_id = 0
+        self.client_common: tuple[int, ...] = ()
+        self.client_channel: tuple[int, ...] = ()
+        self.server_common: tuple[int, ...] = ()
+        self.server_channel: tuple[int, ...] = ()
+        self.link_error: int | None = None
+        self.result: int | None = None
+        self.mini_header = False
+        self.auth: str | None = None  # "spice" | "sasl"
+
+    def feed(self, direction: str, data: bytes) -> list[Event]:
+        """Add bytes received in one direction; returns the units now complete."""
+        if self.state[direction] == "dead":
+            self.ignored[direction] += len(data)
+            return []
+        self.buf[direction] += data
+        events: list[Event] = []
+        self._drain(direction, events)
+        if direction == S2C and self.buf[C2S] and self.state[C2S] == "wait_reply":
+            self._drain(C2S, events)  # the reply may unblock the client's ticket
+        return events
+
+    def pending(self, direction: str) -> int:
+        """Bytes received but not yet part of a complete unit (a truncated tail at the end)."""
+        return len(self.buf[direction])
+
+    # -- internals -------------------------------------------------------------------------
+    def _take(self, direction: str, size: int) -> bytes:
+        buf = self.buf[direction]
+        chunk = bytes(buf[:size])
+        del buf[:size]
+        self.offset[direction] += size
+        return chunk
+
+    def _fail(self, direction: str, reason: str, events: list[Event]) -> None:
+        events.append(ChannelError(direction, self.offset[direction], reason))
+        self.state[direction] = "dead"
+        self.ignored[direction] += len(self.buf[direction])
+        self.buf[direction].clear()
+
+    def _drain(self, d: str, events: list[Event]) -> None:
+        buf = self.buf[d]
+        while True:
+            state = self.state[d]
+            if state == "messages":
+                if not self._message(d, events):
+                    return
+                continue
+            if state in ("dead", "wait_reply", "done"):
+                return
+            if state == "sasl":
+                if buf:
+                    events.append(LinkUnit(d, "sasl", self._take(d, len(buf))))
+                return
+            size = {
+                "header": LINK_HEADER.size,
+                "body": self.need_size[d],
+                "auth": 4,
+                "ticket": TICKET_SIZE,
+                "result": 4,
+            }[state]
+            if len(buf) < size:
+                return
+            self._link_unit(d, state, self._take(d, size), events)
+
+    def _link_unit(self, d: str, state: str, data: bytes, events: list[Event]) -> None:
+        if state == "header":
+            magic, major, _minor, size = LINK_HEADER.unpack(data)
+            events.append(LinkUnit(d, "header", data))
+            if magic != LINK_MAGIC:
+                self._fail(d, f"bad link magic {magic!r} (expected b'REDQ')", events)
+            elif major != 2:
+                self._fail(d, f"unsupported protocol major version {major}", events)
+            elif size > MAX_LINK_SIZE:
+                self._fail(d, f"link message of {size} bytes exceeds {MAX_LINK_SIZE}", events)
+            else:
+                self.need_size[d] = size
+                self.state[d] = "body"
+            return
+        if state == "body":
+            kind = "link_mess" if d == C2S else "link_reply"
+            events.append(LinkUnit(d, kind, data))
+            try:
+                self._link_body(d, data)
+            except (ValueError, struct.error) as exc:
+                self._fail(d, f"malformed {kind}: {exc}", events)
+            return
+        if state == "auth":
+            events.append(LinkUnit(d, "auth_mechanism", data))
+            (mech,) = U32.unpack(data)
+            if mech == CAP_AUTH_SASL:
+                # SASL replaces the ticket and the 4-byte result with its own exchange.
+                self.auth, self.state[d] = "sasl", "sasl"
+                if self.state[S2C] == "result":
+                    self.state[S2C] = "sasl"
+            elif mech == CAP_AUTH_SPICE:
+                self.auth, self.state[d] = "spice", "ticket"
+            else:
+                self._fail(d, f"unknown auth mechanism {mech}", events)
+            return
+        if state == "ticket":
+            events.append(LinkUnit(d, "ticket", data))
+            self.state[d] = "messages"
+            return
+        # state == "result"
+        events.append(LinkUnit(d, "link_result", data))
+        (self.result,) = U32.unpack(data)
+        self.state[d] = "messages" if self.result == 0 else "done"
+
+    def _link_body(self, d: str, data: bytes) -> None:
+        if d == C2S:
+            conn, ctype, cid, n_common, n_channel, caps_off = LINK_MESS_FIXED.unpack_from(data)
+            self.connection_id, self.channel_type, self.channel_id = conn, ctype, cid
+            self.client_common, self.client_channel = _caps(
+                data, LINK_MESS_FIXED, n_common, n_channel, caps_off
+            )
+            self.state[d] = "wait_reply"
+            return
+        error, _key, n_common, n_channel, caps_off = LINK_REPLY_FIXED.unpack_from(data)
+        self.link_error = error
+        if error != 0:  # e.g. NEED_SECURED: the server closes; nothing more is expected
+            self.state[d] = "done"
+            self.state[C2S] = "done" if self.state[C2S] == "wait_reply" else self.state[C2S]
+            return
+        self.server_common, self.server_channel = _caps(
+            data, LINK_REPLY_FIXED, n_common, n_channel, caps_off
+        )
+        both = (self.client_common, self.server_common)
+        self.mini_header = all(has_cap(w, CAP_MINI_HEADER) for w in both)
+        self.state[d] = "result"
+        if self.state[C2S] == "wait_reply":
+            if all(has_cap(w, CAP_AUTH_SELECTION) for w in both):
+                self.state[C2S] = "auth"
+            else:
+                self.auth, self.state[C2S] = "spice", "ticket"
+
+    def _message(self, d: str, events: list[Event]) -> bool:
+        buf = self.buf[d]
+        hdr = MINI_HEADER if self.mini_header else FULL_HEADER
+        if len(buf) < hdr.size:
+            return False
+        if self.mini_header:
+            msg_type, size = MINI_HEADER.unpack_from(buf)
+            serial, sub_list = None, 0
+        else:
+            serial, msg_type, size, sub_list = FULL_HEADER.unpack_from(buf)
+        if size > self.max_message:
+            self._fail(d, f"message type {msg_type} of {size} bytes exceeds the limit", events)
+            return False
+        if len(buf) < hdr.size + size:
+            return False
+        header = self._take(d, hdr.size)
+        events.append(Message(d, msg_type, self._take(d, size), header, serial, sub_list))
+        return True

@@ -105,20 +105,46 @@ def decode(
     entry = dialect.messages.get((channel_type, direction, msg_type))
     if entry is None:
         err = DecodeError(0, "", f"no {direction} message {msg_type} in channel {channel}")
-        return Decoded(channel, channel_type, direction, msg_type, None, None, len(body), 0, err,
-                       None, dialect)
+        return Decoded(
+            channel, channel_type, direction, msg_type, None, None, len(body), 0, err, None, dialect
+        )
     name, struct = entry
     try:
         fields, covered = dialect.decode_struct(struct, body)
     except Malformed as exc:
-        return Decoded(channel, channel_type, direction, msg_type, name, None, len(body), 0,
-                       exc.error, struct, dialect)
-    return Decoded(channel, channel_type, direction, msg_type, name, fields, len(body), covered,
-                   None, struct, dialect)
+        return Decoded(
+            channel,
+            channel_type,
+            direction,
+            msg_type,
+            name,
+            None,
+            len(body),
+            0,
+            exc.error,
+            struct,
+            dialect,
+        )
+    return Decoded(
+        channel,
+        channel_type,
+        direction,
+        msg_type,
+        name,
+        fields,
+        len(body),
+        covered,
+        None,
+        struct,
+        dialect,
+    )
 
 
 def encode(
-    channel_type: int, direction: str, msg_type: int, fields: dict[str, Any],
+    channel_type: int,
+    direction: str,
+    msg_type: int,
+    fields: dict[str, Any],
     dialect: Dialect = SPICE,
 ) -> bytes:
     """Body bytes of a message from fields shaped as decode() gives them."""

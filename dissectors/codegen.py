@@ -157,9 +157,11 @@ class _Emitter:
         body.append(f"{off}, = _U32.unpack_from(b, p)")
         body.append("p += 4")
         if m.nonnull:
-            body.append(f"if {off} == 0 or {off} >= end: raise _rt.bad_pointer(p - 4, {off}, end, {path!r})")
+            body.append(
+                f"if {off} == 0 or {off} > end: raise _rt.bad_pointer(p - 4, {off}, end, {path!r})"
+            )
         else:
-            body.append(f"if {off} >= end: raise _rt.bad_pointer(p - 4, {off}, end, {path!r})")
+            body.append(f"if {off} > end: raise _rt.bad_pointer(p - 4, {off}, end, {path!r})")
         inner: list[str] = []
         stop = self.fresh("_q")
         self.decode_value(m, var, stop, path, inner, start=off)
@@ -215,7 +217,9 @@ class _Emitter:
                 body.append(f"{var}, {stop} = d_{self.names.of(t)}(b, {stop}, end, rg)")
             else:
                 const = self.const_struct(t.fmt)
-                body.append(f"if {stop} + {t.size} > end: raise _rt.short({stop}, {t.size}, end, {path!r})")
+                body.append(
+                    f"if {stop} + {t.size} > end: raise _rt.short({stop}, {t.size}, end, {path!r})"
+                )
                 body.append(f"{var}, = {const}.unpack_from(b, {stop})")
                 body.append(f"{stop} += {t.size}")
             return
@@ -231,7 +235,9 @@ class _Emitter:
                 return
             least = _min_size(t)
             if least:
-                body.append(f"if {stop} + {n} * {least} > end: raise _rt.bad_count({stop}, {n}, {path!r})")
+                body.append(
+                    f"if {stop} + {n} * {least} > end: raise _rt.bad_count({stop}, {n}, {path!r})"
+                )
             else:
                 body.append(f"if {n} > end + 1: raise _rt.bad_count({stop}, {n}, {path!r})")
             body.append(f"for _ in range({n}):")
@@ -425,7 +431,10 @@ def generate(protocol: ir.Protocol, sources: str) -> str:
         "",
         "# channel number -> (name, type name, attributes)",
         "CHANNELS = {",
-        *(f"    {ch.number}: ({ch.name!r}, {ch.type_name!r}, {ch.attrs!r})," for ch in protocol.channels),
+        *(
+            f"    {ch.number}: ({ch.name!r}, {ch.type_name!r}, {ch.attrs!r}),"
+            for ch in protocol.channels
+        ),
         "}",
         "",
         "# (channel number, direction, message type) -> (message name, body struct)",

@@ -18,7 +18,7 @@ class DecodeError:
         return f"offset {self.offset}{where}: {self.reason}"
 
 
-class Malformed(Exception):  # noqa: N818 - an internal signal, turned into DecodeError
+class Malformed(Exception):  # an internal signal, turned into DecodeError by the API
     """Raised inside decoders; the public API turns it into a DecodeError."""
 
     def __init__(self, offset: int, path: str, reason: str) -> None:

@@ -84,7 +84,7 @@ class _Decoder:
             if m.nonnull:
                 raise Malformed(pos, path, "NULL pointer in a field that must not be NULL")
             return None, pos + 4
-        if offset >= self.end:
+        if offset > self.end:  # == end is a valid pointer to an empty array
             raise Malformed(pos, path, f"pointer {offset} is past the end ({self.end})")
         val, stop = self.value(m, offset, scope, path)
         self.regions.append((offset, stop))

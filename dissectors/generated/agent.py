@@ -284,303 +284,6 @@ def d_VDAgent_graphics_device_info(b, p, end, rg):
         v_display_info.append(_it40)
     return {'count': v_count, 'display_info': v_display_info}, p
 
-def d_VDAgent_reply_2(b, p, end, rg):
-    if p + 8 > end: raise _rt.short(p, 8, end, 'VDAgent.reply.type')
-    v_type, v_error = _S1.unpack_from(b, p)
-    p += 8
-    return {'type': v_type, 'error': v_error}, p
-
-def d_VDAgent_audio_volume_sync_2(b, p, end, rg):
-    if p + 3 > end: raise _rt.short(p, 3, end, 'VDAgent.audio_volume_sync.is_playback')
-    v_is_playback, v_mute, v_nchannels = _S10.unpack_from(b, p)
-    p += 3
-    _n42 = v_nchannels
-    if _n42 < 0: raise _rt.bad_count(p, _n42, 'VDAgent.audio_volume_sync.volume')
-    if p + _n42 * 2 > end: raise _rt.bad_count(p, _n42, 'VDAgent.audio_volume_sync.volume')
-    v_volume = list(_st.unpack_from('<%dH' % _n42, b, p))
-    p += _n42 * 2
-    return {'is_playback': v_is_playback, 'mute': v_mute, 'nchannels': v_nchannels, 'volume': v_volume}, p
-
-def d_VDAgent_mouse_state_2(b, p, end, rg):
-    if p + 13 > end: raise _rt.short(p, 13, end, 'VDAgent.mouse_state.x')
-    v_x, v_y, v_buttons, v_display_id = _S11.unpack_from(b, p)
-    p += 13
-    return {'x': v_x, 'y': v_y, 'buttons': v_buttons, 'display_id': v_display_id}, p
-
-def d_VDAgent_monitors_config_2(b, p, end, rg):
-    o = {}
-    if p + 8 > end: raise _rt.short(p, 8, end, 'VDAgent.monitors_config.num_of_monitors')
-    v_num_of_monitors, v_flags = _S1.unpack_from(b, p)
-    p += 8
-    o['num_of_monitors'] = v_num_of_monitors
-    o['flags'] = v_flags
-    _n44 = v_num_of_monitors
-    if _n44 < 0: raise _rt.bad_count(p, _n44, 'VDAgent.monitors_config.monitors')
-    v_monitors = []
-    if p + _n44 * 20 > end: raise _rt.bad_count(p, _n44, 'VDAgent.monitors_config.monitors')
-    for _ in range(_n44):
-        _it45, p = d_AgentMonConfig(b, p, end, rg)
-        v_monitors.append(_it45)
-    o['monitors'] = v_monitors
-    _sel46 = v_flags
-    if (_sel46 & 2):
-        _n47 = v_num_of_monitors
-        if _n47 < 0: raise _rt.bad_count(p, _n47, 'VDAgent.monitors_config.physical.physical_sizes')
-        v_physical_sizes = []
-        if p + _n47 * 4 > end: raise _rt.bad_count(p, _n47, 'VDAgent.monitors_config.physical.physical_sizes')
-        for _ in range(_n47):
-            _it48, p = d_AgentMonitorMM(b, p, end, rg)
-            v_physical_sizes.append(_it48)
-        o['physical_sizes'] = v_physical_sizes
-    return o, p
-
-def d_VDAgent_display_config_2(b, p, end, rg):
-    if p + 8 > end: raise _rt.short(p, 8, end, 'VDAgent.display_config.flags')
-    v_flags, v_depth = _S1.unpack_from(b, p)
-    p += 8
-    return {'flags': v_flags, 'depth': v_depth}, p
-
-def d_VDAgent_file_xfer_start_2(b, p, end, rg):
-    if p + 4 > end: raise _rt.short(p, 4, end, 'VDAgent.file_xfer_start.id')
-    v_id, = _S7.unpack_from(b, p)
-    p += 4
-    _n52 = (end - p) // 1
-    if p + _n52 > end: raise _rt.bad_count(p, _n52, 'VDAgent.file_xfer_start.data')
-    v_data = b[p:p + _n52]
-    p += _n52
-    return {'id': v_id, 'data': v_data}, p
-
-def d_VDAgent_file_xfer_data_2(b, p, end, rg):
-    if p + 12 > end: raise _rt.short(p, 12, end, 'VDAgent.file_xfer_data.id')
-    v_id, v_size = _S12.unpack_from(b, p)
-    p += 12
-    _n54 = v_size
-    if _n54 < 0: raise _rt.bad_count(p, _n54, 'VDAgent.file_xfer_data.data')
-    if p + _n54 > end: raise _rt.bad_count(p, _n54, 'VDAgent.file_xfer_data.data')
-    v_data = b[p:p + _n54]
-    p += _n54
-    return {'id': v_id, 'size': v_size, 'data': v_data}, p
-
-def d_VDAgent_client_disconnected_2(b, p, end, rg):
-    return {}, p
-
-def d_VDAgent_max_clipboard_2(b, p, end, rg):
-    if p + 4 > end: raise _rt.short(p, 4, end, 'VDAgent.max_clipboard.max')
-    v_max, = _S13.unpack_from(b, p)
-    p += 4
-    return {'max': v_max}, p
-
-def d_VDAgent_graphics_device_info_2(b, p, end, rg):
-    if p + 4 > end: raise _rt.short(p, 4, end, 'VDAgent.graphics_device_info.count')
-    v_count, = _S7.unpack_from(b, p)
-    p += 4
-    _n56 = v_count
-    if _n56 < 0: raise _rt.bad_count(p, _n56, 'VDAgent.graphics_device_info.display_info')
-    v_display_info = []
-    if p + _n56 * 16 > end: raise _rt.bad_count(p, _n56, 'VDAgent.graphics_device_info.display_info')
-    for _ in range(_n56):
-        _it57, p = d_AgentDeviceDisplayInfo(b, p, end, rg)
-        v_display_info.append(_it57)
-    return {'count': v_count, 'display_info': v_display_info}, p
-
-def d_VDAgent_reply_3(b, p, end, rg):
-    if p + 8 > end: raise _rt.short(p, 8, end, 'VDAgent.reply.type')
-    v_type, v_error = _S1.unpack_from(b, p)
-    p += 8
-    return {'type': v_type, 'error': v_error}, p
-
-def d_VDAgent_audio_volume_sync_3(b, p, end, rg):
-    if p + 3 > end: raise _rt.short(p, 3, end, 'VDAgent.audio_volume_sync.is_playback')
-    v_is_playback, v_mute, v_nchannels = _S10.unpack_from(b, p)
-    p += 3
-    _n59 = v_nchannels
-    if _n59 < 0: raise _rt.bad_count(p, _n59, 'VDAgent.audio_volume_sync.volume')
-    if p + _n59 * 2 > end: raise _rt.bad_count(p, _n59, 'VDAgent.audio_volume_sync.volume')
-    v_volume = list(_st.unpack_from('<%dH' % _n59, b, p))
-    p += _n59 * 2
-    return {'is_playback': v_is_playback, 'mute': v_mute, 'nchannels': v_nchannels, 'volume': v_volume}, p
-
-def d_VDAgent_mouse_state_3(b, p, end, rg):
-    if p + 13 > end: raise _rt.short(p, 13, end, 'VDAgent.mouse_state.x')
-    v_x, v_y, v_buttons, v_display_id = _S11.unpack_from(b, p)
-    p += 13
-    return {'x': v_x, 'y': v_y, 'buttons': v_buttons, 'display_id': v_display_id}, p
-
-def d_VDAgent_monitors_config_3(b, p, end, rg):
-    o = {}
-    if p + 8 > end: raise _rt.short(p, 8, end, 'VDAgent.monitors_config.num_of_monitors')
-    v_num_of_monitors, v_flags = _S1.unpack_from(b, p)
-    p += 8
-    o['num_of_monitors'] = v_num_of_monitors
-    o['flags'] = v_flags
-    _n61 = v_num_of_monitors
-    if _n61 < 0: raise _rt.bad_count(p, _n61, 'VDAgent.monitors_config.monitors')
-    v_monitors = []
-    if p + _n61 * 20 > end: raise _rt.bad_count(p, _n61, 'VDAgent.monitors_config.monitors')
-    for _ in range(_n61):
-        _it62, p = d_AgentMonConfig(b, p, end, rg)
-        v_monitors.append(_it62)
-    o['monitors'] = v_monitors
-    _sel63 = v_flags
-    if (_sel63 & 2):
-        _n64 = v_num_of_monitors
-        if _n64 < 0: raise _rt.bad_count(p, _n64, 'VDAgent.monitors_config.physical.physical_sizes')
-        v_physical_sizes = []
-        if p + _n64 * 4 > end: raise _rt.bad_count(p, _n64, 'VDAgent.monitors_config.physical.physical_sizes')
-        for _ in range(_n64):
-            _it65, p = d_AgentMonitorMM(b, p, end, rg)
-            v_physical_sizes.append(_it65)
-        o['physical_sizes'] = v_physical_sizes
-    return o, p
-
-def d_VDAgent_display_config_3(b, p, end, rg):
-    if p + 8 > end: raise _rt.short(p, 8, end, 'VDAgent.display_config.flags')
-    v_flags, v_depth = _S1.unpack_from(b, p)
-    p += 8
-    return {'flags': v_flags, 'depth': v_depth}, p
-
-def d_VDAgent_file_xfer_start_3(b, p, end, rg):
-    if p + 4 > end: raise _rt.short(p, 4, end, 'VDAgent.file_xfer_start.id')
-    v_id, = _S7.unpack_from(b, p)
-    p += 4
-    _n69 = (end - p) // 1
-    if p + _n69 > end: raise _rt.bad_count(p, _n69, 'VDAgent.file_xfer_start.data')
-    v_data = b[p:p + _n69]
-    p += _n69
-    return {'id': v_id, 'data': v_data}, p
-
-def d_VDAgent_file_xfer_data_3(b, p, end, rg):
-    if p + 12 > end: raise _rt.short(p, 12, end, 'VDAgent.file_xfer_data.id')
-    v_id, v_size = _S12.unpack_from(b, p)
-    p += 12
-    _n71 = v_size
-    if _n71 < 0: raise _rt.bad_count(p, _n71, 'VDAgent.file_xfer_data.data')
-    if p + _n71 > end: raise _rt.bad_count(p, _n71, 'VDAgent.file_xfer_data.data')
-    v_data = b[p:p + _n71]
-    p += _n71
-    return {'id': v_id, 'size': v_size, 'data': v_data}, p
-
-def d_VDAgent_client_disconnected_3(b, p, end, rg):
-    return {}, p
-
-def d_VDAgent_max_clipboard_3(b, p, end, rg):
-    if p + 4 > end: raise _rt.short(p, 4, end, 'VDAgent.max_clipboard.max')
-    v_max, = _S13.unpack_from(b, p)
-    p += 4
-    return {'max': v_max}, p
-
-def d_VDAgent_graphics_device_info_3(b, p, end, rg):
-    if p + 4 > end: raise _rt.short(p, 4, end, 'VDAgent.graphics_device_info.count')
-    v_count, = _S7.unpack_from(b, p)
-    p += 4
-    _n73 = v_count
-    if _n73 < 0: raise _rt.bad_count(p, _n73, 'VDAgent.graphics_device_info.display_info')
-    v_display_info = []
-    if p + _n73 * 16 > end: raise _rt.bad_count(p, _n73, 'VDAgent.graphics_device_info.display_info')
-    for _ in range(_n73):
-        _it74, p = d_AgentDeviceDisplayInfo(b, p, end, rg)
-        v_display_info.append(_it74)
-    return {'count': v_count, 'display_info': v_display_info}, p
-
-def d_VDAgent_reply_4(b, p, end, rg):
-    if p + 8 > end: raise _rt.short(p, 8, end, 'VDAgent.reply.type')
-    v_type, v_error = _S1.unpack_from(b, p)
-    p += 8
-    return {'type': v_type, 'error': v_error}, p
-
-def d_VDAgent_audio_volume_sync_4(b, p, end, rg):
-    if p + 3 > end: raise _rt.short(p, 3, end, 'VDAgent.audio_volume_sync.is_playback')
-    v_is_playback, v_mute, v_nchannels = _S10.unpack_from(b, p)
-    p += 3
-    _n76 = v_nchannels
-    if _n76 < 0: raise _rt.bad_count(p, _n76, 'VDAgent.audio_volume_sync.volume')
-    if p + _n76 * 2 > end: raise _rt.bad_count(p, _n76, 'VDAgent.audio_volume_sync.volume')
-    v_volume = list(_st.unpack_from('<%dH' % _n76, b, p))
-    p += _n76 * 2
-    return {'is_playback': v_is_playback, 'mute': v_mute, 'nchannels': v_nchannels, 'volume': v_volume}, p
-
-def d_VDAgent_mouse_state_4(b, p, end, rg):
-    if p + 13 > end: raise _rt.short(p, 13, end, 'VDAgent.mouse_state.x')
-    v_x, v_y, v_buttons, v_display_id = _S11.unpack_from(b, p)
-    p += 13
-    return {'x': v_x, 'y': v_y, 'buttons': v_buttons, 'display_id': v_display_id}, p
-
-def d_VDAgent_monitors_config_4(b, p, end, rg):
-    o = {}
-    if p + 8 > end: raise _rt.short(p, 8, end, 'VDAgent.monitors_config.num_of_monitors')
-    v_num_of_monitors, v_flags = _S1.unpack_from(b, p)
-    p += 8
-    o['num_of_monitors'] = v_num_of_monitors
-    o['flags'] = v_flags
-    _n78 = v_num_of_monitors
-    if _n78 < 0: raise _rt.bad_count(p, _n78, 'VDAgent.monitors_config.monitors')
-    v_monitors = []
-    if p + _n78 * 20 > end: raise _rt.bad_count(p, _n78, 'VDAgent.monitors_config.monitors')
-    for _ in range(_n78):
-        _it79, p = d_AgentMonConfig(b, p, end, rg)
-        v_monitors.append(_it79)
-    o['monitors'] = v_monitors
-    _sel80 = v_flags
-    if (_sel80 & 2):
-        _n81 = v_num_of_monitors
-        if _n81 < 0: raise _rt.bad_count(p, _n81, 'VDAgent.monitors_config.physical.physical_sizes')
-        v_physical_sizes = []
-        if p + _n81 * 4 > end: raise _rt.bad_count(p, _n81, 'VDAgent.monitors_config.physical.physical_sizes')
-        for _ in range(_n81):
-            _it82, p = d_AgentMonitorMM(b, p, end, rg)
-            v_physical_sizes.append(_it82)
-        o['physical_sizes'] = v_physical_sizes
-    return o, p
-
-def d_VDAgent_display_config_4(b, p, end, rg):
-    if p + 8 > end: raise _rt.short(p, 8, end, 'VDAgent.display_config.flags')
-    v_flags, v_depth = _S1.unpack_from(b, p)
-    p += 8
-    return {'flags': v_flags, 'depth': v_depth}, p
-
-def d_VDAgent_file_xfer_start_4(b, p, end, rg):
-    if p + 4 > end: raise _rt.short(p, 4, end, 'VDAgent.file_xfer_start.id')
-    v_id, = _S7.unpack_from(b, p)
-    p += 4
-    _n86 = (end - p) // 1
-    if p + _n86 > end: raise _rt.bad_count(p, _n86, 'VDAgent.file_xfer_start.data')
-    v_data = b[p:p + _n86]
-    p += _n86
-    return {'id': v_id, 'data': v_data}, p
-
-def d_VDAgent_file_xfer_data_4(b, p, end, rg):
-    if p + 12 > end: raise _rt.short(p, 12, end, 'VDAgent.file_xfer_data.id')
-    v_id, v_size = _S12.unpack_from(b, p)
-    p += 12
-    _n88 = v_size
-    if _n88 < 0: raise _rt.bad_count(p, _n88, 'VDAgent.file_xfer_data.data')
-    if p + _n88 > end: raise _rt.bad_count(p, _n88, 'VDAgent.file_xfer_data.data')
-    v_data = b[p:p + _n88]
-    p += _n88
-    return {'id': v_id, 'size': v_size, 'data': v_data}, p
-
-def d_VDAgent_client_disconnected_4(b, p, end, rg):
-    return {}, p
-
-def d_VDAgent_max_clipboard_4(b, p, end, rg):
-    if p + 4 > end: raise _rt.short(p, 4, end, 'VDAgent.max_clipboard.max')
-    v_max, = _S13.unpack_from(b, p)
-    p += 4
-    return {'max': v_max}, p
-
-def d_VDAgent_graphics_device_info_4(b, p, end, rg):
-    if p + 4 > end: raise _rt.short(p, 4, end, 'VDAgent.graphics_device_info.count')
-    v_count, = _S7.unpack_from(b, p)
-    p += 4
-    _n90 = v_count
-    if _n90 < 0: raise _rt.bad_count(p, _n90, 'VDAgent.graphics_device_info.display_info')
-    v_display_info = []
-    if p + _n90 * 16 > end: raise _rt.bad_count(p, _n90, 'VDAgent.graphics_device_info.display_info')
-    for _ in range(_n90):
-        _it91, p = d_AgentDeviceDisplayInfo(b, p, end, rg)
-        v_display_info.append(_it91)
-    return {'count': v_count, 'display_info': v_display_info}, p
-
 def e_VDAgentMessage(w, v):
     w.out += _S0.pack(v['protocol'], v['type'], v['opaque'], v['size'])
 
@@ -710,138 +413,6 @@ def e_VDAgent_graphics_device_info(w, v):
     w.out += _S7.pack(v['count'])
     for _it41 in v['display_info']: e_AgentDeviceDisplayInfo(w, _it41)
 
-def e_VDAgent_reply_2(w, v):
-    w.out += _S1.pack(v['type'], v['error'])
-
-def e_VDAgent_audio_volume_sync_2(w, v):
-    w.out += _S10.pack(v['is_playback'], v['mute'], v['nchannels'])
-    _a43 = v['volume']
-    if isinstance(_a43, (bytes, bytearray, memoryview)): w.out += _a43
-    else: w.out += _st.pack('<%dH' % len(_a43), *_a43)
-
-def e_VDAgent_mouse_state_2(w, v):
-    w.out += _S11.pack(v['x'], v['y'], v['buttons'], v['display_id'])
-
-def e_VDAgent_monitors_config_2(w, v):
-    w.out += _S1.pack(v['num_of_monitors'], v['flags'])
-    for _it49 in v['monitors']: e_AgentMonConfig(w, _it49)
-    _sel50 = v['flags']
-    if (_sel50 & 2):
-        for _it51 in v['physical_sizes']: e_AgentMonitorMM(w, _it51)
-
-def e_VDAgent_display_config_2(w, v):
-    w.out += _S1.pack(v['flags'], v['depth'])
-
-def e_VDAgent_file_xfer_start_2(w, v):
-    w.out += _S7.pack(v['id'])
-    _a53 = v['data']
-    if isinstance(_a53, (bytes, bytearray, memoryview)): w.out += _a53
-    else: w.out += _st.pack('<%dB' % len(_a53), *_a53)
-
-def e_VDAgent_file_xfer_data_2(w, v):
-    w.out += _S12.pack(v['id'], v['size'])
-    _a55 = v['data']
-    if isinstance(_a55, (bytes, bytearray, memoryview)): w.out += _a55
-    else: w.out += _st.pack('<%dB' % len(_a55), *_a55)
-
-def e_VDAgent_client_disconnected_2(w, v):
-    pass
-
-def e_VDAgent_max_clipboard_2(w, v):
-    w.out += _S13.pack(v['max'])
-
-def e_VDAgent_graphics_device_info_2(w, v):
-    w.out += _S7.pack(v['count'])
-    for _it58 in v['display_info']: e_AgentDeviceDisplayInfo(w, _it58)
-
-def e_VDAgent_reply_3(w, v):
-    w.out += _S1.pack(v['type'], v['error'])
-
-def e_VDAgent_audio_volume_sync_3(w, v):
-    w.out += _S10.pack(v['is_playback'], v['mute'], v['nchannels'])
-    _a60 = v['volume']
-    if isinstance(_a60, (bytes, bytearray, memoryview)): w.out += _a60
-    else: w.out += _st.pack('<%dH' % len(_a60), *_a60)
-
-def e_VDAgent_mouse_state_3(w, v):
-    w.out += _S11.pack(v['x'], v['y'], v['buttons'], v['display_id'])
-
-def e_VDAgent_monitors_config_3(w, v):
-    w.out += _S1.pack(v['num_of_monitors'], v['flags'])
-    for _it66 in v['monitors']: e_AgentMonConfig(w, _it66)
-    _sel67 = v['flags']
-    if (_sel67 & 2):
-        for _it68 in v['physical_sizes']: e_AgentMonitorMM(w, _it68)
-
-def e_VDAgent_display_config_3(w, v):
-    w.out += _S1.pack(v['flags'], v['depth'])
-
-def e_VDAgent_file_xfer_start_3(w, v):
-    w.out += _S7.pack(v['id'])
-    _a70 = v['data']
-    if isinstance(_a70, (bytes, bytearray, memoryview)): w.out += _a70
-    else: w.out += _st.pack('<%dB' % len(_a70), *_a70)
-
-def e_VDAgent_file_xfer_data_3(w, v):
-    w.out += _S12.pack(v['id'], v['size'])
-    _a72 = v['data']
-    if isinstance(_a72, (bytes, bytearray, memoryview)): w.out += _a72
-    else: w.out += _st.pack('<%dB' % len(_a72), *_a72)
-
-def e_VDAgent_client_disconnected_3(w, v):
-    pass
-
-def e_VDAgent_max_clipboard_3(w, v):
-    w.out += _S13.pack(v['max'])
-
-def e_VDAgent_graphics_device_info_3(w, v):
-    w.out += _S7.pack(v['count'])
-    for _it75 in v['display_info']: e_AgentDeviceDisplayInfo(w, _it75)
-
-def e_VDAgent_reply_4(w, v):
-    w.out += _S1.pack(v['type'], v['error'])
-
-def e_VDAgent_audio_volume_sync_4(w, v):
-    w.out += _S10.pack(v['is_playback'], v['mute'], v['nchannels'])
-    _a77 = v['volume']
-    if isinstance(_a77, (bytes, bytearray, memoryview)): w.out += _a77
-    else: w.out += _st.pack('<%dH' % len(_a77), *_a77)
-
-def e_VDAgent_mouse_state_4(w, v):
-    w.out += _S11.pack(v['x'], v['y'], v['buttons'], v['display_id'])
-
-def e_VDAgent_monitors_config_4(w, v):
-    w.out += _S1.pack(v['num_of_monitors'], v['flags'])
-    for _it83 in v['monitors']: e_AgentMonConfig(w, _it83)
-    _sel84 = v['flags']
-    if (_sel84 & 2):
-        for _it85 in v['physical_sizes']: e_AgentMonitorMM(w, _it85)
-
-def e_VDAgent_display_config_4(w, v):
-    w.out += _S1.pack(v['flags'], v['depth'])
-
-def e_VDAgent_file_xfer_start_4(w, v):
-    w.out += _S7.pack(v['id'])
-    _a87 = v['data']
-    if isinstance(_a87, (bytes, bytearray, memoryview)): w.out += _a87
-    else: w.out += _st.pack('<%dB' % len(_a87), *_a87)
-
-def e_VDAgent_file_xfer_data_4(w, v):
-    w.out += _S12.pack(v['id'], v['size'])
-    _a89 = v['data']
-    if isinstance(_a89, (bytes, bytearray, memoryview)): w.out += _a89
-    else: w.out += _st.pack('<%dB' % len(_a89), *_a89)
-
-def e_VDAgent_client_disconnected_4(w, v):
-    pass
-
-def e_VDAgent_max_clipboard_4(w, v):
-    w.out += _S13.pack(v['max'])
-
-def e_VDAgent_graphics_device_info_4(w, v):
-    w.out += _S7.pack(v['count'])
-    for _it92 in v['display_info']: e_AgentDeviceDisplayInfo(w, _it92)
-
 PROTOCOL = 'VDAgentProtocol'
 SOURCE_SHA256 = '2b4ff26206eec9d4aebe6e87cac9aacd016aea8b845de7f1a257151c8750982e'
 
@@ -877,72 +448,72 @@ MESSAGES = {
     (0, 'c2s', 13): ('client_disconnected', 'VDAgent_client_disconnected'),
     (0, 'c2s', 14): ('max_clipboard', 'VDAgent_max_clipboard'),
     (0, 'c2s', 16): ('graphics_device_info', 'VDAgent_graphics_device_info'),
-    (1, 's2c', 3): ('reply', 'VDAgent_reply_2'),
+    (1, 's2c', 3): ('reply', 'VDAgent_reply'),
     (1, 's2c', 4): ('clipboard', 'AgentSelectionClipboard'),
     (1, 's2c', 6): ('announce_capabilities', 'AgentAnnounceCapabilities'),
     (1, 's2c', 7): ('clipboard_grab', 'AgentSelectionClipboardGrab'),
     (1, 's2c', 8): ('clipboard_request', 'AgentSelectionClipboardRequest'),
     (1, 's2c', 9): ('clipboard_release', 'AgentSelectionClipboardRelease'),
     (1, 's2c', 11): ('file_xfer_status', 'AgentFileXferStatus'),
-    (1, 's2c', 15): ('audio_volume_sync', 'VDAgent_audio_volume_sync_2'),
-    (1, 'c2s', 1): ('mouse_state', 'VDAgent_mouse_state_2'),
-    (1, 'c2s', 2): ('monitors_config', 'VDAgent_monitors_config_2'),
+    (1, 's2c', 15): ('audio_volume_sync', 'VDAgent_audio_volume_sync'),
+    (1, 'c2s', 1): ('mouse_state', 'VDAgent_mouse_state'),
+    (1, 'c2s', 2): ('monitors_config', 'VDAgent_monitors_config'),
     (1, 'c2s', 4): ('clipboard', 'AgentSelectionClipboard'),
-    (1, 'c2s', 5): ('display_config', 'VDAgent_display_config_2'),
+    (1, 'c2s', 5): ('display_config', 'VDAgent_display_config'),
     (1, 'c2s', 6): ('announce_capabilities', 'AgentAnnounceCapabilities'),
     (1, 'c2s', 7): ('clipboard_grab', 'AgentSelectionClipboardGrab'),
     (1, 'c2s', 8): ('clipboard_request', 'AgentSelectionClipboardRequest'),
     (1, 'c2s', 9): ('clipboard_release', 'AgentSelectionClipboardRelease'),
-    (1, 'c2s', 10): ('file_xfer_start', 'VDAgent_file_xfer_start_2'),
+    (1, 'c2s', 10): ('file_xfer_start', 'VDAgent_file_xfer_start'),
     (1, 'c2s', 11): ('file_xfer_status', 'AgentFileXferStatus'),
-    (1, 'c2s', 12): ('file_xfer_data', 'VDAgent_file_xfer_data_2'),
-    (1, 'c2s', 13): ('client_disconnected', 'VDAgent_client_disconnected_2'),
-    (1, 'c2s', 14): ('max_clipboard', 'VDAgent_max_clipboard_2'),
-    (1, 'c2s', 16): ('graphics_device_info', 'VDAgent_graphics_device_info_2'),
-    (2, 's2c', 3): ('reply', 'VDAgent_reply_3'),
+    (1, 'c2s', 12): ('file_xfer_data', 'VDAgent_file_xfer_data'),
+    (1, 'c2s', 13): ('client_disconnected', 'VDAgent_client_disconnected'),
+    (1, 'c2s', 14): ('max_clipboard', 'VDAgent_max_clipboard'),
+    (1, 'c2s', 16): ('graphics_device_info', 'VDAgent_graphics_device_info'),
+    (2, 's2c', 3): ('reply', 'VDAgent_reply'),
     (2, 's2c', 4): ('clipboard', 'AgentClipboard'),
     (2, 's2c', 6): ('announce_capabilities', 'AgentAnnounceCapabilities'),
     (2, 's2c', 7): ('clipboard_grab', 'AgentSerialClipboardGrab'),
     (2, 's2c', 8): ('clipboard_request', 'AgentClipboardRequest'),
     (2, 's2c', 9): ('clipboard_release', 'AgentClipboardRelease'),
     (2, 's2c', 11): ('file_xfer_status', 'AgentFileXferStatus'),
-    (2, 's2c', 15): ('audio_volume_sync', 'VDAgent_audio_volume_sync_3'),
-    (2, 'c2s', 1): ('mouse_state', 'VDAgent_mouse_state_3'),
-    (2, 'c2s', 2): ('monitors_config', 'VDAgent_monitors_config_3'),
+    (2, 's2c', 15): ('audio_volume_sync', 'VDAgent_audio_volume_sync'),
+    (2, 'c2s', 1): ('mouse_state', 'VDAgent_mouse_state'),
+    (2, 'c2s', 2): ('monitors_config', 'VDAgent_monitors_config'),
     (2, 'c2s', 4): ('clipboard', 'AgentClipboard'),
-    (2, 'c2s', 5): ('display_config', 'VDAgent_display_config_3'),
+    (2, 'c2s', 5): ('display_config', 'VDAgent_display_config'),
     (2, 'c2s', 6): ('announce_capabilities', 'AgentAnnounceCapabilities'),
     (2, 'c2s', 7): ('clipboard_grab', 'AgentSerialClipboardGrab'),
     (2, 'c2s', 8): ('clipboard_request', 'AgentClipboardRequest'),
     (2, 'c2s', 9): ('clipboard_release', 'AgentClipboardRelease'),
-    (2, 'c2s', 10): ('file_xfer_start', 'VDAgent_file_xfer_start_3'),
+    (2, 'c2s', 10): ('file_xfer_start', 'VDAgent_file_xfer_start'),
     (2, 'c2s', 11): ('file_xfer_status', 'AgentFileXferStatus'),
-    (2, 'c2s', 12): ('file_xfer_data', 'VDAgent_file_xfer_data_3'),
-    (2, 'c2s', 13): ('client_disconnected', 'VDAgent_client_disconnected_3'),
-    (2, 'c2s', 14): ('max_clipboard', 'VDAgent_max_clipboard_3'),
-    (2, 'c2s', 16): ('graphics_device_info', 'VDAgent_graphics_device_info_3'),
-    (3, 's2c', 3): ('reply', 'VDAgent_reply_4'),
+    (2, 'c2s', 12): ('file_xfer_data', 'VDAgent_file_xfer_data'),
+    (2, 'c2s', 13): ('client_disconnected', 'VDAgent_client_disconnected'),
+    (2, 'c2s', 14): ('max_clipboard', 'VDAgent_max_clipboard'),
+    (2, 'c2s', 16): ('graphics_device_info', 'VDAgent_graphics_device_info'),
+    (3, 's2c', 3): ('reply', 'VDAgent_reply'),
     (3, 's2c', 4): ('clipboard', 'AgentSelectionClipboard'),
     (3, 's2c', 6): ('announce_capabilities', 'AgentAnnounceCapabilities'),
     (3, 's2c', 7): ('clipboard_grab', 'AgentSelectionSerialClipboardGrab'),
     (3, 's2c', 8): ('clipboard_request', 'AgentSelectionClipboardRequest'),
     (3, 's2c', 9): ('clipboard_release', 'AgentSelectionClipboardRelease'),
     (3, 's2c', 11): ('file_xfer_status', 'AgentFileXferStatus'),
-    (3, 's2c', 15): ('audio_volume_sync', 'VDAgent_audio_volume_sync_4'),
-    (3, 'c2s', 1): ('mouse_state', 'VDAgent_mouse_state_4'),
-    (3, 'c2s', 2): ('monitors_config', 'VDAgent_monitors_config_4'),
+    (3, 's2c', 15): ('audio_volume_sync', 'VDAgent_audio_volume_sync'),
+    (3, 'c2s', 1): ('mouse_state', 'VDAgent_mouse_state'),
+    (3, 'c2s', 2): ('monitors_config', 'VDAgent_monitors_config'),
     (3, 'c2s', 4): ('clipboard', 'AgentSelectionClipboard'),
-    (3, 'c2s', 5): ('display_config', 'VDAgent_display_config_4'),
+    (3, 'c2s', 5): ('display_config', 'VDAgent_display_config'),
     (3, 'c2s', 6): ('announce_capabilities', 'AgentAnnounceCapabilities'),
     (3, 'c2s', 7): ('clipboard_grab', 'AgentSelectionSerialClipboardGrab'),
     (3, 'c2s', 8): ('clipboard_request', 'AgentSelectionClipboardRequest'),
     (3, 'c2s', 9): ('clipboard_release', 'AgentSelectionClipboardRelease'),
-    (3, 'c2s', 10): ('file_xfer_start', 'VDAgent_file_xfer_start_4'),
+    (3, 'c2s', 10): ('file_xfer_start', 'VDAgent_file_xfer_start'),
     (3, 'c2s', 11): ('file_xfer_status', 'AgentFileXferStatus'),
-    (3, 'c2s', 12): ('file_xfer_data', 'VDAgent_file_xfer_data_4'),
-    (3, 'c2s', 13): ('client_disconnected', 'VDAgent_client_disconnected_4'),
-    (3, 'c2s', 14): ('max_clipboard', 'VDAgent_max_clipboard_4'),
-    (3, 'c2s', 16): ('graphics_device_info', 'VDAgent_graphics_device_info_4'),
+    (3, 'c2s', 12): ('file_xfer_data', 'VDAgent_file_xfer_data'),
+    (3, 'c2s', 13): ('client_disconnected', 'VDAgent_client_disconnected'),
+    (3, 'c2s', 14): ('max_clipboard', 'VDAgent_max_clipboard'),
+    (3, 'c2s', 16): ('graphics_device_info', 'VDAgent_graphics_device_info'),
 }
 
 # struct name -> (decoder, encoder)
@@ -976,36 +547,6 @@ CODECS = {
     'VDAgent_client_disconnected': (d_VDAgent_client_disconnected, e_VDAgent_client_disconnected),
     'VDAgent_max_clipboard': (d_VDAgent_max_clipboard, e_VDAgent_max_clipboard),
     'VDAgent_graphics_device_info': (d_VDAgent_graphics_device_info, e_VDAgent_graphics_device_info),
-    'VDAgent_reply_2': (d_VDAgent_reply_2, e_VDAgent_reply_2),
-    'VDAgent_audio_volume_sync_2': (d_VDAgent_audio_volume_sync_2, e_VDAgent_audio_volume_sync_2),
-    'VDAgent_mouse_state_2': (d_VDAgent_mouse_state_2, e_VDAgent_mouse_state_2),
-    'VDAgent_monitors_config_2': (d_VDAgent_monitors_config_2, e_VDAgent_monitors_config_2),
-    'VDAgent_display_config_2': (d_VDAgent_display_config_2, e_VDAgent_display_config_2),
-    'VDAgent_file_xfer_start_2': (d_VDAgent_file_xfer_start_2, e_VDAgent_file_xfer_start_2),
-    'VDAgent_file_xfer_data_2': (d_VDAgent_file_xfer_data_2, e_VDAgent_file_xfer_data_2),
-    'VDAgent_client_disconnected_2': (d_VDAgent_client_disconnected_2, e_VDAgent_client_disconnected_2),
-    'VDAgent_max_clipboard_2': (d_VDAgent_max_clipboard_2, e_VDAgent_max_clipboard_2),
-    'VDAgent_graphics_device_info_2': (d_VDAgent_graphics_device_info_2, e_VDAgent_graphics_device_info_2),
-    'VDAgent_reply_3': (d_VDAgent_reply_3, e_VDAgent_reply_3),
-    'VDAgent_audio_volume_sync_3': (d_VDAgent_audio_volume_sync_3, e_VDAgent_audio_volume_sync_3),
-    'VDAgent_mouse_state_3': (d_VDAgent_mouse_state_3, e_VDAgent_mouse_state_3),
-    'VDAgent_monitors_config_3': (d_VDAgent_monitors_config_3, e_VDAgent_monitors_config_3),
-    'VDAgent_display_config_3': (d_VDAgent_display_config_3, e_VDAgent_display_config_3),
-    'VDAgent_file_xfer_start_3': (d_VDAgent_file_xfer_start_3, e_VDAgent_file_xfer_start_3),
-    'VDAgent_file_xfer_data_3': (d_VDAgent_file_xfer_data_3, e_VDAgent_file_xfer_data_3),
-    'VDAgent_client_disconnected_3': (d_VDAgent_client_disconnected_3, e_VDAgent_client_disconnected_3),
-    'VDAgent_max_clipboard_3': (d_VDAgent_max_clipboard_3, e_VDAgent_max_clipboard_3),
-    'VDAgent_graphics_device_info_3': (d_VDAgent_graphics_device_info_3, e_VDAgent_graphics_device_info_3),
-    'VDAgent_reply_4': (d_VDAgent_reply_4, e_VDAgent_reply_4),
-    'VDAgent_audio_volume_sync_4': (d_VDAgent_audio_volume_sync_4, e_VDAgent_audio_volume_sync_4),
-    'VDAgent_mouse_state_4': (d_VDAgent_mouse_state_4, e_VDAgent_mouse_state_4),
-    'VDAgent_monitors_config_4': (d_VDAgent_monitors_config_4, e_VDAgent_monitors_config_4),
-    'VDAgent_display_config_4': (d_VDAgent_display_config_4, e_VDAgent_display_config_4),
-    'VDAgent_file_xfer_start_4': (d_VDAgent_file_xfer_start_4, e_VDAgent_file_xfer_start_4),
-    'VDAgent_file_xfer_data_4': (d_VDAgent_file_xfer_data_4, e_VDAgent_file_xfer_data_4),
-    'VDAgent_client_disconnected_4': (d_VDAgent_client_disconnected_4, e_VDAgent_client_disconnected_4),
-    'VDAgent_max_clipboard_4': (d_VDAgent_max_clipboard_4, e_VDAgent_max_clipboard_4),
-    'VDAgent_graphics_device_info_4': (d_VDAgent_graphics_device_info_4, e_VDAgent_graphics_device_info_4),
 }
 
 # named structs and messages of the source -> struct name
@@ -1062,36 +603,6 @@ SCHEMA = {
     'VDAgent_client_disconnected': (),
     'VDAgent_max_clipboard': (('field', 'max', 'int32', False, False),),
     'VDAgent_graphics_device_info': (('field', 'count', 'uint32', False, False), ('field', 'display_info', 'struct:AgentDeviceDisplayInfo', True, False)),
-    'VDAgent_reply_2': (('field', 'type', 'enum:agent_message_type', False, False), ('field', 'error', 'enum:agent_reply_error', False, False)),
-    'VDAgent_audio_volume_sync_2': (('field', 'is_playback', 'uint8', False, False), ('field', 'mute', 'uint8', False, False), ('field', 'nchannels', 'uint8', False, False), ('field', 'volume', 'uint16', True, False)),
-    'VDAgent_mouse_state_2': (('field', 'x', 'uint32', False, False), ('field', 'y', 'uint32', False, False), ('field', 'buttons', 'flags:agent_mouse_buttons', False, False), ('field', 'display_id', 'uint8', False, False)),
-    'VDAgent_monitors_config_2': (('field', 'num_of_monitors', 'uint32', False, False), ('field', 'flags', 'flags:agent_monitors_config_flags', False, False), ('field', 'monitors', 'struct:AgentMonConfig', True, False), ('switch', 'physical', True, (('field', 'physical_sizes', 'struct:AgentMonitorMM', True, False),))),
-    'VDAgent_display_config_2': (('field', 'flags', 'flags:agent_display_config_flags', False, False), ('field', 'depth', 'uint32', False, False)),
-    'VDAgent_file_xfer_start_2': (('field', 'id', 'uint32', False, False), ('field', 'data', 'uint8', True, False)),
-    'VDAgent_file_xfer_data_2': (('field', 'id', 'uint32', False, False), ('field', 'size', 'uint64', False, False), ('field', 'data', 'uint8', True, False)),
-    'VDAgent_client_disconnected_2': (),
-    'VDAgent_max_clipboard_2': (('field', 'max', 'int32', False, False),),
-    'VDAgent_graphics_device_info_2': (('field', 'count', 'uint32', False, False), ('field', 'display_info', 'struct:AgentDeviceDisplayInfo', True, False)),
-    'VDAgent_reply_3': (('field', 'type', 'enum:agent_message_type', False, False), ('field', 'error', 'enum:agent_reply_error', False, False)),
-    'VDAgent_audio_volume_sync_3': (('field', 'is_playback', 'uint8', False, False), ('field', 'mute', 'uint8', False, False), ('field', 'nchannels', 'uint8', False, False), ('field', 'volume', 'uint16', True, False)),
-    'VDAgent_mouse_state_3': (('field', 'x', 'uint32', False, False), ('field', 'y', 'uint32', False, False), ('field', 'buttons', 'flags:agent_mouse_buttons', False, False), ('field', 'display_id', 'uint8', False, False)),
-    'VDAgent_monitors_config_3': (('field', 'num_of_monitors', 'uint32', False, False), ('field', 'flags', 'flags:agent_monitors_config_flags', False, False), ('field', 'monitors', 'struct:AgentMonConfig', True, False), ('switch', 'physical', True, (('field', 'physical_sizes', 'struct:AgentMonitorMM', True, False),))),
-    'VDAgent_display_config_3': (('field', 'flags', 'flags:agent_display_config_flags', False, False), ('field', 'depth', 'uint32', False, False)),
-    'VDAgent_file_xfer_start_3': (('field', 'id', 'uint32', False, False), ('field', 'data', 'uint8', True, False)),
-    'VDAgent_file_xfer_data_3': (('field', 'id', 'uint32', False, False), ('field', 'size', 'uint64', False, False), ('field', 'data', 'uint8', True, False)),
-    'VDAgent_client_disconnected_3': (),
-    'VDAgent_max_clipboard_3': (('field', 'max', 'int32', False, False),),
-    'VDAgent_graphics_device_info_3': (('field', 'count', 'uint32', False, False), ('field', 'display_info', 'struct:AgentDeviceDisplayInfo', True, False)),
-    'VDAgent_reply_4': (('field', 'type', 'enum:agent_message_type', False, False), ('field', 'error', 'enum:agent_reply_error', False, False)),
-    'VDAgent_audio_volume_sync_4': (('field', 'is_playback', 'uint8', False, False), ('field', 'mute', 'uint8', False, False), ('field', 'nchannels', 'uint8', False, False), ('field', 'volume', 'uint16', True, False)),
-    'VDAgent_mouse_state_4': (('field', 'x', 'uint32', False, False), ('field', 'y', 'uint32', False, False), ('field', 'buttons', 'flags:agent_mouse_buttons', False, False), ('field', 'display_id', 'uint8', False, False)),
-    'VDAgent_monitors_config_4': (('field', 'num_of_monitors', 'uint32', False, False), ('field', 'flags', 'flags:agent_monitors_config_flags', False, False), ('field', 'monitors', 'struct:AgentMonConfig', True, False), ('switch', 'physical', True, (('field', 'physical_sizes', 'struct:AgentMonitorMM', True, False),))),
-    'VDAgent_display_config_4': (('field', 'flags', 'flags:agent_display_config_flags', False, False), ('field', 'depth', 'uint32', False, False)),
-    'VDAgent_file_xfer_start_4': (('field', 'id', 'uint32', False, False), ('field', 'data', 'uint8', True, False)),
-    'VDAgent_file_xfer_data_4': (('field', 'id', 'uint32', False, False), ('field', 'size', 'uint64', False, False), ('field', 'data', 'uint8', True, False)),
-    'VDAgent_client_disconnected_4': (),
-    'VDAgent_max_clipboard_4': (('field', 'max', 'int32', False, False),),
-    'VDAgent_graphics_device_info_4': (('field', 'count', 'uint32', False, False), ('field', 'display_info', 'struct:AgentDeviceDisplayInfo', True, False)),
 }
 
 # enum or flags name -> (kind, items as (name, value or bit index))

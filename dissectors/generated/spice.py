@@ -135,7 +135,7 @@ def d_DstInfo(b, p, end, rg):
     if p + 4 > end: raise _rt.short(p, 4, end, 'DstInfo.host_data')
     _off7, = _U32.unpack_from(b, p)
     p += 4
-    if _off7 == 0 or _off7 >= end: raise _rt.bad_pointer(p - 4, _off7, end, 'DstInfo.host_data')
+    if _off7 == 0 or _off7 > end: raise _rt.bad_pointer(p - 4, _off7, end, 'DstInfo.host_data')
     _q8 = _off7
     _n9 = v_host_size
     if _n9 < 0: raise _rt.bad_count(_q8, _n9, 'DstInfo.host_data')
@@ -149,7 +149,7 @@ def d_DstInfo(b, p, end, rg):
     if p + 4 > end: raise _rt.short(p, 4, end, 'DstInfo.cert_subject_data')
     _off10, = _U32.unpack_from(b, p)
     p += 4
-    if _off10 >= end: raise _rt.bad_pointer(p - 4, _off10, end, 'DstInfo.cert_subject_data')
+    if _off10 > end: raise _rt.bad_pointer(p - 4, _off10, end, 'DstInfo.cert_subject_data')
     if _off10 == 0:
         v_cert_subject_data = None
     else:
@@ -264,7 +264,7 @@ def d_BitmapData(b, p, end, rg):
         if p + 4 > end: raise _rt.short(p, 4, end, 'BitmapData.pal.palette')
         _off33, = _U32.unpack_from(b, p)
         p += 4
-        if _off33 >= end: raise _rt.bad_pointer(p - 4, _off33, end, 'BitmapData.pal.palette')
+        if _off33 > end: raise _rt.bad_pointer(p - 4, _off33, end, 'BitmapData.pal.palette')
         if _off33 == 0:
             v_palette = None
         else:
@@ -307,7 +307,7 @@ def d_LZPLTData(b, p, end, rg):
         if p + 4 > end: raise _rt.short(p, 4, end, 'LZPLTData.pal.palette')
         _off43, = _U32.unpack_from(b, p)
         p += 4
-        if _off43 == 0 or _off43 >= end: raise _rt.bad_pointer(p - 4, _off43, end, 'LZPLTData.pal.palette')
+        if _off43 == 0 or _off43 > end: raise _rt.bad_pointer(p - 4, _off43, end, 'LZPLTData.pal.palette')
         _q44 = _off43
         v_palette, _q44 = d_Palette(b, _q44, end, rg)
         rg.append((_off43, _q44))
@@ -388,7 +388,7 @@ def d_Pattern(b, p, end, rg):
     if p + 4 > end: raise _rt.short(p, 4, end, 'Pattern.pat')
     _off56, = _U32.unpack_from(b, p)
     p += 4
-    if _off56 == 0 or _off56 >= end: raise _rt.bad_pointer(p - 4, _off56, end, 'Pattern.pat')
+    if _off56 == 0 or _off56 > end: raise _rt.bad_pointer(p - 4, _off56, end, 'Pattern.pat')
     _q57 = _off56
     v_pat, _q57 = d_Image(b, _q57, end, rg)
     rg.append((_off56, _q57))
@@ -422,7 +422,7 @@ def d_QMask(b, p, end, rg):
     if p + 4 > end: raise _rt.short(p, 4, end, 'QMask.bitmap')
     _off62, = _U32.unpack_from(b, p)
     p += 4
-    if _off62 >= end: raise _rt.bad_pointer(p - 4, _off62, end, 'QMask.bitmap')
+    if _off62 > end: raise _rt.bad_pointer(p - 4, _off62, end, 'QMask.bitmap')
     if _off62 == 0:
         v_bitmap = None
     else:
@@ -448,7 +448,7 @@ def d_LineAttr(b, p, end, rg):
         if p + 4 > end: raise _rt.short(p, 4, end, 'LineAttr.u2.style')
         _off68, = _U32.unpack_from(b, p)
         p += 4
-        if _off68 >= end: raise _rt.bad_pointer(p - 4, _off68, end, 'LineAttr.u2.style')
+        if _off68 > end: raise _rt.bad_pointer(p - 4, _off68, end, 'LineAttr.u2.style')
         if _off68 == 0:
             v_style = None
         else:
@@ -617,7 +617,7 @@ def d_VscMessageReaderAdd(b, p, end, rg):
     if p + 4 > end: raise _rt.short(p, 4, end, 'VscMessageReaderAdd.name')
     _off103, = _U32.unpack_from(b, p)
     p += 4
-    if _off103 == 0 or _off103 >= end: raise _rt.bad_pointer(p - 4, _off103, end, 'VscMessageReaderAdd.name')
+    if _off103 == 0 or _off103 > end: raise _rt.bad_pointer(p - 4, _off103, end, 'VscMessageReaderAdd.name')
     _q104 = _off103
     _n105 = (end - _q104) // 1
     if _q104 + _n105 > end: raise _rt.bad_count(_q104, _n105, 'VscMessageReaderAdd.name')
@@ -736,7 +736,7 @@ def d_MainChannel_migrate_switch_host(b, p, end, rg):
     if p + 4 > end: raise _rt.short(p, 4, end, 'MainChannel.migrate_switch_host.host_data')
     _off121, = _U32.unpack_from(b, p)
     p += 4
-    if _off121 >= end: raise _rt.bad_pointer(p - 4, _off121, end, 'MainChannel.migrate_switch_host.host_data')
+    if _off121 > end: raise _rt.bad_pointer(p - 4, _off121, end, 'MainChannel.migrate_switch_host.host_data')
     if _off121 == 0:
         v_host_data = None
     else:
@@ -753,7 +753,7 @@ def d_MainChannel_migrate_switch_host(b, p, end, rg):
     if p + 4 > end: raise _rt.short(p, 4, end, 'MainChannel.migrate_switch_host.cert_subject_data')
     _off124, = _U32.unpack_from(b, p)
     p += 4
-    if _off124 >= end: raise _rt.bad_pointer(p - 4, _off124, end, 'MainChannel.migrate_switch_host.cert_subject_data')
+    if _off124 > end: raise _rt.bad_pointer(p - 4, _off124, end, 'MainChannel.migrate_switch_host.cert_subject_data')
     if _off124 == 0:
         v_cert_subject_data = None
     else:
@@ -844,62 +844,6 @@ def d_MainChannel_migrate_dst_do_seamless(b, p, end, rg):
     p += 4
     return {'src_version': v_src_version}, p
 
-def d_BaseChannel_migrate_2(b, p, end, rg):
-    if p + 4 > end: raise _rt.short(p, 4, end, 'BaseChannel.migrate.flags')
-    v_flags, = _S5.unpack_from(b, p)
-    p += 4
-    return {'flags': v_flags}, p
-
-def d_BaseChannel_set_ack_2(b, p, end, rg):
-    if p + 8 > end: raise _rt.short(p, 8, end, 'BaseChannel.set_ack.generation')
-    v_generation, v_window = _S14.unpack_from(b, p)
-    p += 8
-    return {'generation': v_generation, 'window': v_window}, p
-
-def d_BaseChannel_ping_2(b, p, end, rg):
-    if p + 12 > end: raise _rt.short(p, 12, end, 'BaseChannel.ping.id')
-    v_id, v_timestamp = _S22.unpack_from(b, p)
-    p += 12
-    _n135 = (end - p) // 1
-    if p + _n135 > end: raise _rt.bad_count(p, _n135, 'BaseChannel.ping.data')
-    v_data = b[p:p + _n135]
-    p += _n135
-    return {'id': v_id, 'timestamp': v_timestamp, 'data': v_data}, p
-
-def d_BaseChannel_wait_for_channels_2(b, p, end, rg):
-    if p + 1 > end: raise _rt.short(p, 1, end, 'BaseChannel.wait_for_channels.wait_count')
-    v_wait_count, = _S4.unpack_from(b, p)
-    p += 1
-    _n137 = v_wait_count
-    if _n137 < 0: raise _rt.bad_count(p, _n137, 'BaseChannel.wait_for_channels.wait_list')
-    v_wait_list = []
-    if p + _n137 * 10 > end: raise _rt.bad_count(p, _n137, 'BaseChannel.wait_for_channels.wait_list')
-    for _ in range(_n137):
-        _it138, p = d_ChannelWait(b, p, end, rg)
-        v_wait_list.append(_it138)
-    return {'wait_count': v_wait_count, 'wait_list': v_wait_list}, p
-
-def d_BaseChannel_disconnecting_3(b, p, end, rg):
-    if p + 12 > end: raise _rt.short(p, 12, end, 'BaseChannel.disconnecting.time_stamp')
-    v_time_stamp, v_reason = _S23.unpack_from(b, p)
-    p += 12
-    return {'time_stamp': v_time_stamp, 'reason': v_reason}, p
-
-def d_BaseChannel_notify_2(b, p, end, rg):
-    if p + 24 > end: raise _rt.short(p, 24, end, 'BaseChannel.notify.time_stamp')
-    v_time_stamp, v_severity, v_visibilty, v_what, v_message_len = _S24.unpack_from(b, p)
-    p += 24
-    _n140 = v_message_len
-    if _n140 < 0: raise _rt.bad_count(p, _n140, 'BaseChannel.notify.message')
-    if p + _n140 > end: raise _rt.bad_count(p, _n140, 'BaseChannel.notify.message')
-    v_message = b[p:p + _n140]
-    p += _n140
-    _n141 = (end - p) // 1
-    if p + _n141 > end: raise _rt.bad_count(p, _n141, 'BaseChannel.notify.nul_terminator')
-    v_nul_terminator = b[p:p + _n141]
-    p += _n141
-    return {'time_stamp': v_time_stamp, 'severity': v_severity, 'visibilty': v_visibilty, 'what': v_what, 'message_len': v_message_len, 'message': v_message, 'nul_terminator': v_nul_terminator}, p
-
 def d_DisplayChannel_mode(b, p, end, rg):
     if p + 12 > end: raise _rt.short(p, 12, end, 'DisplayChannel.mode.x_res')
     v_x_res, v_y_res, v_bits = _S21.unpack_from(b, p)
@@ -915,26 +859,26 @@ def d_DisplayChannel_inval_list(b, p, end, rg):
     if p + 2 > end: raise _rt.short(p, 2, end, 'DisplayChannel.inval_list.count')
     v_count, = _S20.unpack_from(b, p)
     p += 2
-    _n144 = v_count
-    if _n144 < 0: raise _rt.bad_count(p, _n144, 'DisplayChannel.inval_list.resources')
+    _n135 = v_count
+    if _n135 < 0: raise _rt.bad_count(p, _n135, 'DisplayChannel.inval_list.resources')
     v_resources = []
-    if p + _n144 * 9 > end: raise _rt.bad_count(p, _n144, 'DisplayChannel.inval_list.resources')
-    for _ in range(_n144):
-        _it145, p = d_ResourceID(b, p, end, rg)
-        v_resources.append(_it145)
+    if p + _n135 * 9 > end: raise _rt.bad_count(p, _n135, 'DisplayChannel.inval_list.resources')
+    for _ in range(_n135):
+        _it136, p = d_ResourceID(b, p, end, rg)
+        v_resources.append(_it136)
     return {'count': v_count, 'resources': v_resources}, p
 
 def d_DisplayChannel_inval_all_pixmaps(b, p, end, rg):
     if p + 1 > end: raise _rt.short(p, 1, end, 'DisplayChannel.inval_all_pixmaps.wait_count')
     v_wait_count, = _S4.unpack_from(b, p)
     p += 1
-    _n147 = v_wait_count
-    if _n147 < 0: raise _rt.bad_count(p, _n147, 'DisplayChannel.inval_all_pixmaps.wait_list')
+    _n138 = v_wait_count
+    if _n138 < 0: raise _rt.bad_count(p, _n138, 'DisplayChannel.inval_all_pixmaps.wait_list')
     v_wait_list = []
-    if p + _n147 * 10 > end: raise _rt.bad_count(p, _n147, 'DisplayChannel.inval_all_pixmaps.wait_list')
-    for _ in range(_n147):
-        _it148, p = d_WaitForChannel(b, p, end, rg)
-        v_wait_list.append(_it148)
+    if p + _n138 * 10 > end: raise _rt.bad_count(p, _n138, 'DisplayChannel.inval_all_pixmaps.wait_list')
+    for _ in range(_n138):
+        _it139, p = d_WaitForChannel(b, p, end, rg)
+        v_wait_list.append(_it139)
     return {'wait_count': v_wait_count, 'wait_list': v_wait_list}, p
 
 def d_DisplayChannel_inval_palette(b, p, end, rg):
@@ -956,11 +900,11 @@ def d_DisplayChannel_stream_data(b, p, end, rg):
     if p + 4 > end: raise _rt.short(p, 4, end, 'DisplayChannel.stream_data.data_size')
     v_data_size, = _S5.unpack_from(b, p)
     p += 4
-    _n150 = v_data_size
-    if _n150 < 0: raise _rt.bad_count(p, _n150, 'DisplayChannel.stream_data.data')
-    if p + _n150 > end: raise _rt.bad_count(p, _n150, 'DisplayChannel.stream_data.data')
-    v_data = b[p:p + _n150]
-    p += _n150
+    _n141 = v_data_size
+    if _n141 < 0: raise _rt.bad_count(p, _n141, 'DisplayChannel.stream_data.data')
+    if p + _n141 > end: raise _rt.bad_count(p, _n141, 'DisplayChannel.stream_data.data')
+    v_data = b[p:p + _n141]
+    p += _n141
     return {'base': v_base, 'data_size': v_data_size, 'data': v_data}, p
 
 def d_DisplayChannel_stream_clip(b, p, end, rg):
@@ -1057,24 +1001,24 @@ def d_DisplayChannel_stream_data_sized(b, p, end, rg):
     if p + 4 > end: raise _rt.short(p, 4, end, 'DisplayChannel.stream_data_sized.data_size')
     v_data_size, = _S5.unpack_from(b, p)
     p += 4
-    _n152 = v_data_size
-    if _n152 < 0: raise _rt.bad_count(p, _n152, 'DisplayChannel.stream_data_sized.data')
-    if p + _n152 > end: raise _rt.bad_count(p, _n152, 'DisplayChannel.stream_data_sized.data')
-    v_data = b[p:p + _n152]
-    p += _n152
+    _n143 = v_data_size
+    if _n143 < 0: raise _rt.bad_count(p, _n143, 'DisplayChannel.stream_data_sized.data')
+    if p + _n143 > end: raise _rt.bad_count(p, _n143, 'DisplayChannel.stream_data_sized.data')
+    v_data = b[p:p + _n143]
+    p += _n143
     return {'base': v_base, 'width': v_width, 'height': v_height, 'dest': v_dest, 'data_size': v_data_size, 'data': v_data}, p
 
 def d_DisplayChannel_monitors_config(b, p, end, rg):
     if p + 4 > end: raise _rt.short(p, 4, end, 'DisplayChannel.monitors_config.count')
     v_count, v_max_allowed = _S16.unpack_from(b, p)
     p += 4
-    _n154 = v_count
-    if _n154 < 0: raise _rt.bad_count(p, _n154, 'DisplayChannel.monitors_config.heads')
+    _n145 = v_count
+    if _n145 < 0: raise _rt.bad_count(p, _n145, 'DisplayChannel.monitors_config.heads')
     v_heads = []
-    if p + _n154 * 28 > end: raise _rt.bad_count(p, _n154, 'DisplayChannel.monitors_config.heads')
-    for _ in range(_n154):
-        _it155, p = d_Head(b, p, end, rg)
-        v_heads.append(_it155)
+    if p + _n145 * 28 > end: raise _rt.bad_count(p, _n145, 'DisplayChannel.monitors_config.heads')
+    for _ in range(_n145):
+        _it146, p = d_Head(b, p, end, rg)
+        v_heads.append(_it146)
     return {'count': v_count, 'max_allowed': v_max_allowed, 'heads': v_heads}, p
 
 def d_DisplayChannel_draw_composite(b, p, end, rg):
@@ -1099,24 +1043,6 @@ def d_DisplayChannel_gl_draw(b, p, end, rg):
     v_x, v_y, v_w, v_h = _S29.unpack_from(b, p)
     p += 16
     return {'x': v_x, 'y': v_y, 'w': v_w, 'h': v_h}, p
-
-def d_BaseChannel_ack_sync_2(b, p, end, rg):
-    if p + 4 > end: raise _rt.short(p, 4, end, 'BaseChannel.ack_sync.generation')
-    v_generation, = _S5.unpack_from(b, p)
-    p += 4
-    return {'generation': v_generation}, p
-
-def d_BaseChannel_pong_2(b, p, end, rg):
-    if p + 12 > end: raise _rt.short(p, 12, end, 'BaseChannel.pong.id')
-    v_id, v_timestamp = _S22.unpack_from(b, p)
-    p += 12
-    return {'id': v_id, 'timestamp': v_timestamp}, p
-
-def d_BaseChannel_disconnecting_4(b, p, end, rg):
-    if p + 12 > end: raise _rt.short(p, 12, end, 'BaseChannel.disconnecting.time_stamp')
-    v_time_stamp, v_reason = _S23.unpack_from(b, p)
-    p += 12
-    return {'time_stamp': v_time_stamp, 'reason': v_reason}, p
 
 def d_DisplayChannel_init(b, p, end, rg):
     if p + 14 > end: raise _rt.short(p, 14, end, 'DisplayChannel.init.pixmap_cache_id')
@@ -1143,68 +1069,12 @@ def d_DisplayChannel_preferred_video_codec_type(b, p, end, rg):
     if p + 1 > end: raise _rt.short(p, 1, end, 'DisplayChannel.preferred_video_codec_type.num_of_codecs')
     v_num_of_codecs, = _S4.unpack_from(b, p)
     p += 1
-    _n157 = v_num_of_codecs
-    if _n157 < 0: raise _rt.bad_count(p, _n157, 'DisplayChannel.preferred_video_codec_type.codecs')
-    if p + _n157 > end: raise _rt.bad_count(p, _n157, 'DisplayChannel.preferred_video_codec_type.codecs')
-    v_codecs = list(_st.unpack_from('<%dB' % _n157, b, p))
-    p += _n157
+    _n148 = v_num_of_codecs
+    if _n148 < 0: raise _rt.bad_count(p, _n148, 'DisplayChannel.preferred_video_codec_type.codecs')
+    if p + _n148 > end: raise _rt.bad_count(p, _n148, 'DisplayChannel.preferred_video_codec_type.codecs')
+    v_codecs = list(_st.unpack_from('<%dB' % _n148, b, p))
+    p += _n148
     return {'num_of_codecs': v_num_of_codecs, 'codecs': v_codecs}, p
-
-def d_BaseChannel_migrate_3(b, p, end, rg):
-    if p + 4 > end: raise _rt.short(p, 4, end, 'BaseChannel.migrate.flags')
-    v_flags, = _S5.unpack_from(b, p)
-    p += 4
-    return {'flags': v_flags}, p
-
-def d_BaseChannel_set_ack_3(b, p, end, rg):
-    if p + 8 > end: raise _rt.short(p, 8, end, 'BaseChannel.set_ack.generation')
-    v_generation, v_window = _S14.unpack_from(b, p)
-    p += 8
-    return {'generation': v_generation, 'window': v_window}, p
-
-def d_BaseChannel_ping_3(b, p, end, rg):
-    if p + 12 > end: raise _rt.short(p, 12, end, 'BaseChannel.ping.id')
-    v_id, v_timestamp = _S22.unpack_from(b, p)
-    p += 12
-    _n159 = (end - p) // 1
-    if p + _n159 > end: raise _rt.bad_count(p, _n159, 'BaseChannel.ping.data')
-    v_data = b[p:p + _n159]
-    p += _n159
-    return {'id': v_id, 'timestamp': v_timestamp, 'data': v_data}, p
-
-def d_BaseChannel_wait_for_channels_3(b, p, end, rg):
-    if p + 1 > end: raise _rt.short(p, 1, end, 'BaseChannel.wait_for_channels.wait_count')
-    v_wait_count, = _S4.unpack_from(b, p)
-    p += 1
-    _n161 = v_wait_count
-    if _n161 < 0: raise _rt.bad_count(p, _n161, 'BaseChannel.wait_for_channels.wait_list')
-    v_wait_list = []
-    if p + _n161 * 10 > end: raise _rt.bad_count(p, _n161, 'BaseChannel.wait_for_channels.wait_list')
-    for _ in range(_n161):
-        _it162, p = d_ChannelWait(b, p, end, rg)
-        v_wait_list.append(_it162)
-    return {'wait_count': v_wait_count, 'wait_list': v_wait_list}, p
-
-def d_BaseChannel_disconnecting_5(b, p, end, rg):
-    if p + 12 > end: raise _rt.short(p, 12, end, 'BaseChannel.disconnecting.time_stamp')
-    v_time_stamp, v_reason = _S23.unpack_from(b, p)
-    p += 12
-    return {'time_stamp': v_time_stamp, 'reason': v_reason}, p
-
-def d_BaseChannel_notify_3(b, p, end, rg):
-    if p + 24 > end: raise _rt.short(p, 24, end, 'BaseChannel.notify.time_stamp')
-    v_time_stamp, v_severity, v_visibilty, v_what, v_message_len = _S24.unpack_from(b, p)
-    p += 24
-    _n164 = v_message_len
-    if _n164 < 0: raise _rt.bad_count(p, _n164, 'BaseChannel.notify.message')
-    if p + _n164 > end: raise _rt.bad_count(p, _n164, 'BaseChannel.notify.message')
-    v_message = b[p:p + _n164]
-    p += _n164
-    _n165 = (end - p) // 1
-    if p + _n165 > end: raise _rt.bad_count(p, _n165, 'BaseChannel.notify.nul_terminator')
-    v_nul_terminator = b[p:p + _n165]
-    p += _n165
-    return {'time_stamp': v_time_stamp, 'severity': v_severity, 'visibilty': v_visibilty, 'what': v_what, 'message_len': v_message_len, 'message': v_message, 'nul_terminator': v_nul_terminator}, p
 
 def d_InputsChannel_init(b, p, end, rg):
     if p + 2 > end: raise _rt.short(p, 2, end, 'InputsChannel.init.keyboard_modifiers')
@@ -1217,24 +1087,6 @@ def d_InputsChannel_key_modifiers(b, p, end, rg):
     v_modifiers, = _S20.unpack_from(b, p)
     p += 2
     return {'modifiers': v_modifiers}, p
-
-def d_BaseChannel_ack_sync_3(b, p, end, rg):
-    if p + 4 > end: raise _rt.short(p, 4, end, 'BaseChannel.ack_sync.generation')
-    v_generation, = _S5.unpack_from(b, p)
-    p += 4
-    return {'generation': v_generation}, p
-
-def d_BaseChannel_pong_3(b, p, end, rg):
-    if p + 12 > end: raise _rt.short(p, 12, end, 'BaseChannel.pong.id')
-    v_id, v_timestamp = _S22.unpack_from(b, p)
-    p += 12
-    return {'id': v_id, 'timestamp': v_timestamp}, p
-
-def d_BaseChannel_disconnecting_6(b, p, end, rg):
-    if p + 12 > end: raise _rt.short(p, 12, end, 'BaseChannel.disconnecting.time_stamp')
-    v_time_stamp, v_reason = _S23.unpack_from(b, p)
-    p += 12
-    return {'time_stamp': v_time_stamp, 'reason': v_reason}, p
 
 def d_InputsChannel_key_down(b, p, end, rg):
     if p + 4 > end: raise _rt.short(p, 4, end, 'InputsChannel.key_down.code')
@@ -1278,62 +1130,6 @@ def d_InputsChannel_mouse_release(b, p, end, rg):
     p += 3
     return {'button': v_button, 'buttons_state': v_buttons_state}, p
 
-def d_BaseChannel_migrate_4(b, p, end, rg):
-    if p + 4 > end: raise _rt.short(p, 4, end, 'BaseChannel.migrate.flags')
-    v_flags, = _S5.unpack_from(b, p)
-    p += 4
-    return {'flags': v_flags}, p
-
-def d_BaseChannel_set_ack_4(b, p, end, rg):
-    if p + 8 > end: raise _rt.short(p, 8, end, 'BaseChannel.set_ack.generation')
-    v_generation, v_window = _S14.unpack_from(b, p)
-    p += 8
-    return {'generation': v_generation, 'window': v_window}, p
-
-def d_BaseChannel_ping_4(b, p, end, rg):
-    if p + 12 > end: raise _rt.short(p, 12, end, 'BaseChannel.ping.id')
-    v_id, v_timestamp = _S22.unpack_from(b, p)
-    p += 12
-    _n168 = (end - p) // 1
-    if p + _n168 > end: raise _rt.bad_count(p, _n168, 'BaseChannel.ping.data')
-    v_data = b[p:p + _n168]
-    p += _n168
-    return {'id': v_id, 'timestamp': v_timestamp, 'data': v_data}, p
-
-def d_BaseChannel_wait_for_channels_4(b, p, end, rg):
-    if p + 1 > end: raise _rt.short(p, 1, end, 'BaseChannel.wait_for_channels.wait_count')
-    v_wait_count, = _S4.unpack_from(b, p)
-    p += 1
-    _n170 = v_wait_count
-    if _n170 < 0: raise _rt.bad_count(p, _n170, 'BaseChannel.wait_for_channels.wait_list')
-    v_wait_list = []
-    if p + _n170 * 10 > end: raise _rt.bad_count(p, _n170, 'BaseChannel.wait_for_channels.wait_list')
-    for _ in range(_n170):
-        _it171, p = d_ChannelWait(b, p, end, rg)
-        v_wait_list.append(_it171)
-    return {'wait_count': v_wait_count, 'wait_list': v_wait_list}, p
-
-def d_BaseChannel_disconnecting_7(b, p, end, rg):
-    if p + 12 > end: raise _rt.short(p, 12, end, 'BaseChannel.disconnecting.time_stamp')
-    v_time_stamp, v_reason = _S23.unpack_from(b, p)
-    p += 12
-    return {'time_stamp': v_time_stamp, 'reason': v_reason}, p
-
-def d_BaseChannel_notify_4(b, p, end, rg):
-    if p + 24 > end: raise _rt.short(p, 24, end, 'BaseChannel.notify.time_stamp')
-    v_time_stamp, v_severity, v_visibilty, v_what, v_message_len = _S24.unpack_from(b, p)
-    p += 24
-    _n173 = v_message_len
-    if _n173 < 0: raise _rt.bad_count(p, _n173, 'BaseChannel.notify.message')
-    if p + _n173 > end: raise _rt.bad_count(p, _n173, 'BaseChannel.notify.message')
-    v_message = b[p:p + _n173]
-    p += _n173
-    _n174 = (end - p) // 1
-    if p + _n174 > end: raise _rt.bad_count(p, _n174, 'BaseChannel.notify.nul_terminator')
-    v_nul_terminator = b[p:p + _n174]
-    p += _n174
-    return {'time_stamp': v_time_stamp, 'severity': v_severity, 'visibilty': v_visibilty, 'what': v_what, 'message_len': v_message_len, 'message': v_message, 'nul_terminator': v_nul_terminator}, p
-
 def d_CursorChannel_init(b, p, end, rg):
     v_position, p = d_Point16(b, p, end, rg)
     if p + 5 > end: raise _rt.short(p, 5, end, 'CursorChannel.init.trail_length')
@@ -1366,98 +1162,24 @@ def d_CursorChannel_inval_one(b, p, end, rg):
     p += 8
     return {'id': v_id}, p
 
-def d_BaseChannel_ack_sync_4(b, p, end, rg):
-    if p + 4 > end: raise _rt.short(p, 4, end, 'BaseChannel.ack_sync.generation')
-    v_generation, = _S5.unpack_from(b, p)
-    p += 4
-    return {'generation': v_generation}, p
-
-def d_BaseChannel_pong_4(b, p, end, rg):
-    if p + 12 > end: raise _rt.short(p, 12, end, 'BaseChannel.pong.id')
-    v_id, v_timestamp = _S22.unpack_from(b, p)
-    p += 12
-    return {'id': v_id, 'timestamp': v_timestamp}, p
-
-def d_BaseChannel_disconnecting_8(b, p, end, rg):
-    if p + 12 > end: raise _rt.short(p, 12, end, 'BaseChannel.disconnecting.time_stamp')
-    v_time_stamp, v_reason = _S23.unpack_from(b, p)
-    p += 12
-    return {'time_stamp': v_time_stamp, 'reason': v_reason}, p
-
-def d_BaseChannel_migrate_5(b, p, end, rg):
-    if p + 4 > end: raise _rt.short(p, 4, end, 'BaseChannel.migrate.flags')
-    v_flags, = _S5.unpack_from(b, p)
-    p += 4
-    return {'flags': v_flags}, p
-
-def d_BaseChannel_set_ack_5(b, p, end, rg):
-    if p + 8 > end: raise _rt.short(p, 8, end, 'BaseChannel.set_ack.generation')
-    v_generation, v_window = _S14.unpack_from(b, p)
-    p += 8
-    return {'generation': v_generation, 'window': v_window}, p
-
-def d_BaseChannel_ping_5(b, p, end, rg):
-    if p + 12 > end: raise _rt.short(p, 12, end, 'BaseChannel.ping.id')
-    v_id, v_timestamp = _S22.unpack_from(b, p)
-    p += 12
-    _n177 = (end - p) // 1
-    if p + _n177 > end: raise _rt.bad_count(p, _n177, 'BaseChannel.ping.data')
-    v_data = b[p:p + _n177]
-    p += _n177
-    return {'id': v_id, 'timestamp': v_timestamp, 'data': v_data}, p
-
-def d_BaseChannel_wait_for_channels_5(b, p, end, rg):
-    if p + 1 > end: raise _rt.short(p, 1, end, 'BaseChannel.wait_for_channels.wait_count')
-    v_wait_count, = _S4.unpack_from(b, p)
-    p += 1
-    _n179 = v_wait_count
-    if _n179 < 0: raise _rt.bad_count(p, _n179, 'BaseChannel.wait_for_channels.wait_list')
-    v_wait_list = []
-    if p + _n179 * 10 > end: raise _rt.bad_count(p, _n179, 'BaseChannel.wait_for_channels.wait_list')
-    for _ in range(_n179):
-        _it180, p = d_ChannelWait(b, p, end, rg)
-        v_wait_list.append(_it180)
-    return {'wait_count': v_wait_count, 'wait_list': v_wait_list}, p
-
-def d_BaseChannel_disconnecting_9(b, p, end, rg):
-    if p + 12 > end: raise _rt.short(p, 12, end, 'BaseChannel.disconnecting.time_stamp')
-    v_time_stamp, v_reason = _S23.unpack_from(b, p)
-    p += 12
-    return {'time_stamp': v_time_stamp, 'reason': v_reason}, p
-
-def d_BaseChannel_notify_5(b, p, end, rg):
-    if p + 24 > end: raise _rt.short(p, 24, end, 'BaseChannel.notify.time_stamp')
-    v_time_stamp, v_severity, v_visibilty, v_what, v_message_len = _S24.unpack_from(b, p)
-    p += 24
-    _n182 = v_message_len
-    if _n182 < 0: raise _rt.bad_count(p, _n182, 'BaseChannel.notify.message')
-    if p + _n182 > end: raise _rt.bad_count(p, _n182, 'BaseChannel.notify.message')
-    v_message = b[p:p + _n182]
-    p += _n182
-    _n183 = (end - p) // 1
-    if p + _n183 > end: raise _rt.bad_count(p, _n183, 'BaseChannel.notify.nul_terminator')
-    v_nul_terminator = b[p:p + _n183]
-    p += _n183
-    return {'time_stamp': v_time_stamp, 'severity': v_severity, 'visibilty': v_visibilty, 'what': v_what, 'message_len': v_message_len, 'message': v_message, 'nul_terminator': v_nul_terminator}, p
-
 def d_PlaybackChannel_data(b, p, end, rg):
     if p + 4 > end: raise _rt.short(p, 4, end, 'PlaybackChannel.data.time')
     v_time, = _S5.unpack_from(b, p)
     p += 4
-    _n186 = (end - p) // 1
-    if p + _n186 > end: raise _rt.bad_count(p, _n186, 'PlaybackChannel.data.data')
-    v_data = b[p:p + _n186]
-    p += _n186
+    _n150 = (end - p) // 1
+    if p + _n150 > end: raise _rt.bad_count(p, _n150, 'PlaybackChannel.data.data')
+    v_data = b[p:p + _n150]
+    p += _n150
     return {'time': v_time, 'data': v_data}, p
 
 def d_PlaybackChannel_mode(b, p, end, rg):
     if p + 6 > end: raise _rt.short(p, 6, end, 'PlaybackChannel.mode.time')
     v_time, v_mode = _S37.unpack_from(b, p)
     p += 6
-    _n188 = (end - p) // 1
-    if p + _n188 > end: raise _rt.bad_count(p, _n188, 'PlaybackChannel.mode.data')
-    v_data = b[p:p + _n188]
-    p += _n188
+    _n152 = (end - p) // 1
+    if p + _n152 > end: raise _rt.bad_count(p, _n152, 'PlaybackChannel.mode.data')
+    v_data = b[p:p + _n152]
+    p += _n152
     return {'time': v_time, 'mode': v_mode, 'data': v_data}, p
 
 def d_PlaybackChannel_start(b, p, end, rg):
@@ -1472,122 +1194,30 @@ def d_PlaybackChannel_latency(b, p, end, rg):
     p += 4
     return {'latency_ms': v_latency_ms}, p
 
-def d_BaseChannel_ack_sync_5(b, p, end, rg):
-    if p + 4 > end: raise _rt.short(p, 4, end, 'BaseChannel.ack_sync.generation')
-    v_generation, = _S5.unpack_from(b, p)
-    p += 4
-    return {'generation': v_generation}, p
-
-def d_BaseChannel_pong_5(b, p, end, rg):
-    if p + 12 > end: raise _rt.short(p, 12, end, 'BaseChannel.pong.id')
-    v_id, v_timestamp = _S22.unpack_from(b, p)
-    p += 12
-    return {'id': v_id, 'timestamp': v_timestamp}, p
-
-def d_BaseChannel_disconnecting_10(b, p, end, rg):
-    if p + 12 > end: raise _rt.short(p, 12, end, 'BaseChannel.disconnecting.time_stamp')
-    v_time_stamp, v_reason = _S23.unpack_from(b, p)
-    p += 12
-    return {'time_stamp': v_time_stamp, 'reason': v_reason}, p
-
-def d_BaseChannel_migrate_6(b, p, end, rg):
-    if p + 4 > end: raise _rt.short(p, 4, end, 'BaseChannel.migrate.flags')
-    v_flags, = _S5.unpack_from(b, p)
-    p += 4
-    return {'flags': v_flags}, p
-
-def d_BaseChannel_set_ack_6(b, p, end, rg):
-    if p + 8 > end: raise _rt.short(p, 8, end, 'BaseChannel.set_ack.generation')
-    v_generation, v_window = _S14.unpack_from(b, p)
-    p += 8
-    return {'generation': v_generation, 'window': v_window}, p
-
-def d_BaseChannel_ping_6(b, p, end, rg):
-    if p + 12 > end: raise _rt.short(p, 12, end, 'BaseChannel.ping.id')
-    v_id, v_timestamp = _S22.unpack_from(b, p)
-    p += 12
-    _n190 = (end - p) // 1
-    if p + _n190 > end: raise _rt.bad_count(p, _n190, 'BaseChannel.ping.data')
-    v_data = b[p:p + _n190]
-    p += _n190
-    return {'id': v_id, 'timestamp': v_timestamp, 'data': v_data}, p
-
-def d_BaseChannel_wait_for_channels_6(b, p, end, rg):
-    if p + 1 > end: raise _rt.short(p, 1, end, 'BaseChannel.wait_for_channels.wait_count')
-    v_wait_count, = _S4.unpack_from(b, p)
-    p += 1
-    _n192 = v_wait_count
-    if _n192 < 0: raise _rt.bad_count(p, _n192, 'BaseChannel.wait_for_channels.wait_list')
-    v_wait_list = []
-    if p + _n192 * 10 > end: raise _rt.bad_count(p, _n192, 'BaseChannel.wait_for_channels.wait_list')
-    for _ in range(_n192):
-        _it193, p = d_ChannelWait(b, p, end, rg)
-        v_wait_list.append(_it193)
-    return {'wait_count': v_wait_count, 'wait_list': v_wait_list}, p
-
-def d_BaseChannel_disconnecting_11(b, p, end, rg):
-    if p + 12 > end: raise _rt.short(p, 12, end, 'BaseChannel.disconnecting.time_stamp')
-    v_time_stamp, v_reason = _S23.unpack_from(b, p)
-    p += 12
-    return {'time_stamp': v_time_stamp, 'reason': v_reason}, p
-
-def d_BaseChannel_notify_6(b, p, end, rg):
-    if p + 24 > end: raise _rt.short(p, 24, end, 'BaseChannel.notify.time_stamp')
-    v_time_stamp, v_severity, v_visibilty, v_what, v_message_len = _S24.unpack_from(b, p)
-    p += 24
-    _n195 = v_message_len
-    if _n195 < 0: raise _rt.bad_count(p, _n195, 'BaseChannel.notify.message')
-    if p + _n195 > end: raise _rt.bad_count(p, _n195, 'BaseChannel.notify.message')
-    v_message = b[p:p + _n195]
-    p += _n195
-    _n196 = (end - p) // 1
-    if p + _n196 > end: raise _rt.bad_count(p, _n196, 'BaseChannel.notify.nul_terminator')
-    v_nul_terminator = b[p:p + _n196]
-    p += _n196
-    return {'time_stamp': v_time_stamp, 'severity': v_severity, 'visibilty': v_visibilty, 'what': v_what, 'message_len': v_message_len, 'message': v_message, 'nul_terminator': v_nul_terminator}, p
-
 def d_RecordChannel_start(b, p, end, rg):
     if p + 10 > end: raise _rt.short(p, 10, end, 'RecordChannel.start.channels')
     v_channels, v_format, v_frequency = _S39.unpack_from(b, p)
     p += 10
     return {'channels': v_channels, 'format': v_format, 'frequency': v_frequency}, p
 
-def d_BaseChannel_ack_sync_6(b, p, end, rg):
-    if p + 4 > end: raise _rt.short(p, 4, end, 'BaseChannel.ack_sync.generation')
-    v_generation, = _S5.unpack_from(b, p)
-    p += 4
-    return {'generation': v_generation}, p
-
-def d_BaseChannel_pong_6(b, p, end, rg):
-    if p + 12 > end: raise _rt.short(p, 12, end, 'BaseChannel.pong.id')
-    v_id, v_timestamp = _S22.unpack_from(b, p)
-    p += 12
-    return {'id': v_id, 'timestamp': v_timestamp}, p
-
-def d_BaseChannel_disconnecting_12(b, p, end, rg):
-    if p + 12 > end: raise _rt.short(p, 12, end, 'BaseChannel.disconnecting.time_stamp')
-    v_time_stamp, v_reason = _S23.unpack_from(b, p)
-    p += 12
-    return {'time_stamp': v_time_stamp, 'reason': v_reason}, p
-
 def d_RecordChannel_data(b, p, end, rg):
     if p + 4 > end: raise _rt.short(p, 4, end, 'RecordChannel.data.time')
     v_time, = _S5.unpack_from(b, p)
     p += 4
-    _n199 = (end - p) // 1
-    if p + _n199 > end: raise _rt.bad_count(p, _n199, 'RecordChannel.data.data')
-    v_data = b[p:p + _n199]
-    p += _n199
+    _n154 = (end - p) // 1
+    if p + _n154 > end: raise _rt.bad_count(p, _n154, 'RecordChannel.data.data')
+    v_data = b[p:p + _n154]
+    p += _n154
     return {'time': v_time, 'data': v_data}, p
 
 def d_RecordChannel_mode(b, p, end, rg):
     if p + 6 > end: raise _rt.short(p, 6, end, 'RecordChannel.mode.time')
     v_time, v_mode = _S37.unpack_from(b, p)
     p += 6
-    _n201 = (end - p) // 1
-    if p + _n201 > end: raise _rt.bad_count(p, _n201, 'RecordChannel.mode.data')
-    v_data = b[p:p + _n201]
-    p += _n201
+    _n156 = (end - p) // 1
+    if p + _n156 > end: raise _rt.bad_count(p, _n156, 'RecordChannel.mode.data')
+    v_data = b[p:p + _n156]
+    p += _n156
     return {'time': v_time, 'mode': v_mode, 'data': v_data}, p
 
 def d_RecordChannel_start_mark(b, p, end, rg):
@@ -1596,247 +1226,43 @@ def d_RecordChannel_start_mark(b, p, end, rg):
     p += 4
     return {'time': v_time}, p
 
-def d_BaseChannel_migrate_7(b, p, end, rg):
-    if p + 4 > end: raise _rt.short(p, 4, end, 'BaseChannel.migrate.flags')
-    v_flags, = _S5.unpack_from(b, p)
-    p += 4
-    return {'flags': v_flags}, p
-
-def d_BaseChannel_set_ack_7(b, p, end, rg):
-    if p + 8 > end: raise _rt.short(p, 8, end, 'BaseChannel.set_ack.generation')
-    v_generation, v_window = _S14.unpack_from(b, p)
-    p += 8
-    return {'generation': v_generation, 'window': v_window}, p
-
-def d_BaseChannel_ping_7(b, p, end, rg):
-    if p + 12 > end: raise _rt.short(p, 12, end, 'BaseChannel.ping.id')
-    v_id, v_timestamp = _S22.unpack_from(b, p)
-    p += 12
-    _n203 = (end - p) // 1
-    if p + _n203 > end: raise _rt.bad_count(p, _n203, 'BaseChannel.ping.data')
-    v_data = b[p:p + _n203]
-    p += _n203
-    return {'id': v_id, 'timestamp': v_timestamp, 'data': v_data}, p
-
-def d_BaseChannel_wait_for_channels_7(b, p, end, rg):
-    if p + 1 > end: raise _rt.short(p, 1, end, 'BaseChannel.wait_for_channels.wait_count')
-    v_wait_count, = _S4.unpack_from(b, p)
-    p += 1
-    _n205 = v_wait_count
-    if _n205 < 0: raise _rt.bad_count(p, _n205, 'BaseChannel.wait_for_channels.wait_list')
-    v_wait_list = []
-    if p + _n205 * 10 > end: raise _rt.bad_count(p, _n205, 'BaseChannel.wait_for_channels.wait_list')
-    for _ in range(_n205):
-        _it206, p = d_ChannelWait(b, p, end, rg)
-        v_wait_list.append(_it206)
-    return {'wait_count': v_wait_count, 'wait_list': v_wait_list}, p
-
-def d_BaseChannel_disconnecting_13(b, p, end, rg):
-    if p + 12 > end: raise _rt.short(p, 12, end, 'BaseChannel.disconnecting.time_stamp')
-    v_time_stamp, v_reason = _S23.unpack_from(b, p)
-    p += 12
-    return {'time_stamp': v_time_stamp, 'reason': v_reason}, p
-
-def d_BaseChannel_notify_7(b, p, end, rg):
-    if p + 24 > end: raise _rt.short(p, 24, end, 'BaseChannel.notify.time_stamp')
-    v_time_stamp, v_severity, v_visibilty, v_what, v_message_len = _S24.unpack_from(b, p)
-    p += 24
-    _n208 = v_message_len
-    if _n208 < 0: raise _rt.bad_count(p, _n208, 'BaseChannel.notify.message')
-    if p + _n208 > end: raise _rt.bad_count(p, _n208, 'BaseChannel.notify.message')
-    v_message = b[p:p + _n208]
-    p += _n208
-    _n209 = (end - p) // 1
-    if p + _n209 > end: raise _rt.bad_count(p, _n209, 'BaseChannel.notify.nul_terminator')
-    v_nul_terminator = b[p:p + _n209]
-    p += _n209
-    return {'time_stamp': v_time_stamp, 'severity': v_severity, 'visibilty': v_visibilty, 'what': v_what, 'message_len': v_message_len, 'message': v_message, 'nul_terminator': v_nul_terminator}, p
-
 def d_SmartcardChannel_data(b, p, end, rg):
     if p + 12 > end: raise _rt.short(p, 12, end, 'SmartcardChannel.data.type')
     v_type, v_reader_id, v_length = _S21.unpack_from(b, p)
     p += 12
-    _n212 = v_length
-    if _n212 < 0: raise _rt.bad_count(p, _n212, 'SmartcardChannel.data.data')
-    if p + _n212 > end: raise _rt.bad_count(p, _n212, 'SmartcardChannel.data.data')
-    v_data = b[p:p + _n212]
-    p += _n212
+    _n158 = v_length
+    if _n158 < 0: raise _rt.bad_count(p, _n158, 'SmartcardChannel.data.data')
+    if p + _n158 > end: raise _rt.bad_count(p, _n158, 'SmartcardChannel.data.data')
+    v_data = b[p:p + _n158]
+    p += _n158
     return {'type': v_type, 'reader_id': v_reader_id, 'length': v_length, 'data': v_data}, p
-
-def d_BaseChannel_ack_sync_7(b, p, end, rg):
-    if p + 4 > end: raise _rt.short(p, 4, end, 'BaseChannel.ack_sync.generation')
-    v_generation, = _S5.unpack_from(b, p)
-    p += 4
-    return {'generation': v_generation}, p
-
-def d_BaseChannel_pong_7(b, p, end, rg):
-    if p + 12 > end: raise _rt.short(p, 12, end, 'BaseChannel.pong.id')
-    v_id, v_timestamp = _S22.unpack_from(b, p)
-    p += 12
-    return {'id': v_id, 'timestamp': v_timestamp}, p
-
-def d_BaseChannel_disconnecting_14(b, p, end, rg):
-    if p + 12 > end: raise _rt.short(p, 12, end, 'BaseChannel.disconnecting.time_stamp')
-    v_time_stamp, v_reason = _S23.unpack_from(b, p)
-    p += 12
-    return {'time_stamp': v_time_stamp, 'reason': v_reason}, p
 
 def d_SmartcardChannel_data_2(b, p, end, rg):
     if p + 12 > end: raise _rt.short(p, 12, end, 'SmartcardChannel.data.type')
     v_type, v_reader_id, v_length = _S21.unpack_from(b, p)
     p += 12
-    _n214 = v_length
-    if _n214 < 0: raise _rt.bad_count(p, _n214, 'SmartcardChannel.data.data')
-    if p + _n214 > end: raise _rt.bad_count(p, _n214, 'SmartcardChannel.data.data')
-    v_data = b[p:p + _n214]
-    p += _n214
+    _n160 = v_length
+    if _n160 < 0: raise _rt.bad_count(p, _n160, 'SmartcardChannel.data.data')
+    if p + _n160 > end: raise _rt.bad_count(p, _n160, 'SmartcardChannel.data.data')
+    v_data = b[p:p + _n160]
+    p += _n160
     return {'type': v_type, 'reader_id': v_reader_id, 'length': v_length, 'data': v_data}, p
-
-def d_BaseChannel_migrate_8(b, p, end, rg):
-    if p + 4 > end: raise _rt.short(p, 4, end, 'BaseChannel.migrate.flags')
-    v_flags, = _S5.unpack_from(b, p)
-    p += 4
-    return {'flags': v_flags}, p
-
-def d_BaseChannel_set_ack_8(b, p, end, rg):
-    if p + 8 > end: raise _rt.short(p, 8, end, 'BaseChannel.set_ack.generation')
-    v_generation, v_window = _S14.unpack_from(b, p)
-    p += 8
-    return {'generation': v_generation, 'window': v_window}, p
-
-def d_BaseChannel_ping_8(b, p, end, rg):
-    if p + 12 > end: raise _rt.short(p, 12, end, 'BaseChannel.ping.id')
-    v_id, v_timestamp = _S22.unpack_from(b, p)
-    p += 12
-    _n216 = (end - p) // 1
-    if p + _n216 > end: raise _rt.bad_count(p, _n216, 'BaseChannel.ping.data')
-    v_data = b[p:p + _n216]
-    p += _n216
-    return {'id': v_id, 'timestamp': v_timestamp, 'data': v_data}, p
-
-def d_BaseChannel_wait_for_channels_8(b, p, end, rg):
-    if p + 1 > end: raise _rt.short(p, 1, end, 'BaseChannel.wait_for_channels.wait_count')
-    v_wait_count, = _S4.unpack_from(b, p)
-    p += 1
-    _n218 = v_wait_count
-    if _n218 < 0: raise _rt.bad_count(p, _n218, 'BaseChannel.wait_for_channels.wait_list')
-    v_wait_list = []
-    if p + _n218 * 10 > end: raise _rt.bad_count(p, _n218, 'BaseChannel.wait_for_channels.wait_list')
-    for _ in range(_n218):
-        _it219, p = d_ChannelWait(b, p, end, rg)
-        v_wait_list.append(_it219)
-    return {'wait_count': v_wait_count, 'wait_list': v_wait_list}, p
-
-def d_BaseChannel_disconnecting_15(b, p, end, rg):
-    if p + 12 > end: raise _rt.short(p, 12, end, 'BaseChannel.disconnecting.time_stamp')
-    v_time_stamp, v_reason = _S23.unpack_from(b, p)
-    p += 12
-    return {'time_stamp': v_time_stamp, 'reason': v_reason}, p
-
-def d_BaseChannel_notify_8(b, p, end, rg):
-    if p + 24 > end: raise _rt.short(p, 24, end, 'BaseChannel.notify.time_stamp')
-    v_time_stamp, v_severity, v_visibilty, v_what, v_message_len = _S24.unpack_from(b, p)
-    p += 24
-    _n221 = v_message_len
-    if _n221 < 0: raise _rt.bad_count(p, _n221, 'BaseChannel.notify.message')
-    if p + _n221 > end: raise _rt.bad_count(p, _n221, 'BaseChannel.notify.message')
-    v_message = b[p:p + _n221]
-    p += _n221
-    _n222 = (end - p) // 1
-    if p + _n222 > end: raise _rt.bad_count(p, _n222, 'BaseChannel.notify.nul_terminator')
-    v_nul_terminator = b[p:p + _n222]
-    p += _n222
-    return {'time_stamp': v_time_stamp, 'severity': v_severity, 'visibilty': v_visibilty, 'what': v_what, 'message_len': v_message_len, 'message': v_message, 'nul_terminator': v_nul_terminator}, p
-
-def d_BaseChannel_ack_sync_8(b, p, end, rg):
-    if p + 4 > end: raise _rt.short(p, 4, end, 'BaseChannel.ack_sync.generation')
-    v_generation, = _S5.unpack_from(b, p)
-    p += 4
-    return {'generation': v_generation}, p
-
-def d_BaseChannel_pong_8(b, p, end, rg):
-    if p + 12 > end: raise _rt.short(p, 12, end, 'BaseChannel.pong.id')
-    v_id, v_timestamp = _S22.unpack_from(b, p)
-    p += 12
-    return {'id': v_id, 'timestamp': v_timestamp}, p
-
-def d_BaseChannel_disconnecting_16(b, p, end, rg):
-    if p + 12 > end: raise _rt.short(p, 12, end, 'BaseChannel.disconnecting.time_stamp')
-    v_time_stamp, v_reason = _S23.unpack_from(b, p)
-    p += 12
-    return {'time_stamp': v_time_stamp, 'reason': v_reason}, p
-
-def d_BaseChannel_migrate_9(b, p, end, rg):
-    if p + 4 > end: raise _rt.short(p, 4, end, 'BaseChannel.migrate.flags')
-    v_flags, = _S5.unpack_from(b, p)
-    p += 4
-    return {'flags': v_flags}, p
-
-def d_BaseChannel_set_ack_9(b, p, end, rg):
-    if p + 8 > end: raise _rt.short(p, 8, end, 'BaseChannel.set_ack.generation')
-    v_generation, v_window = _S14.unpack_from(b, p)
-    p += 8
-    return {'generation': v_generation, 'window': v_window}, p
-
-def d_BaseChannel_ping_9(b, p, end, rg):
-    if p + 12 > end: raise _rt.short(p, 12, end, 'BaseChannel.ping.id')
-    v_id, v_timestamp = _S22.unpack_from(b, p)
-    p += 12
-    _n225 = (end - p) // 1
-    if p + _n225 > end: raise _rt.bad_count(p, _n225, 'BaseChannel.ping.data')
-    v_data = b[p:p + _n225]
-    p += _n225
-    return {'id': v_id, 'timestamp': v_timestamp, 'data': v_data}, p
-
-def d_BaseChannel_wait_for_channels_9(b, p, end, rg):
-    if p + 1 > end: raise _rt.short(p, 1, end, 'BaseChannel.wait_for_channels.wait_count')
-    v_wait_count, = _S4.unpack_from(b, p)
-    p += 1
-    _n227 = v_wait_count
-    if _n227 < 0: raise _rt.bad_count(p, _n227, 'BaseChannel.wait_for_channels.wait_list')
-    v_wait_list = []
-    if p + _n227 * 10 > end: raise _rt.bad_count(p, _n227, 'BaseChannel.wait_for_channels.wait_list')
-    for _ in range(_n227):
-        _it228, p = d_ChannelWait(b, p, end, rg)
-        v_wait_list.append(_it228)
-    return {'wait_count': v_wait_count, 'wait_list': v_wait_list}, p
-
-def d_BaseChannel_disconnecting_17(b, p, end, rg):
-    if p + 12 > end: raise _rt.short(p, 12, end, 'BaseChannel.disconnecting.time_stamp')
-    v_time_stamp, v_reason = _S23.unpack_from(b, p)
-    p += 12
-    return {'time_stamp': v_time_stamp, 'reason': v_reason}, p
-
-def d_BaseChannel_notify_9(b, p, end, rg):
-    if p + 24 > end: raise _rt.short(p, 24, end, 'BaseChannel.notify.time_stamp')
-    v_time_stamp, v_severity, v_visibilty, v_what, v_message_len = _S24.unpack_from(b, p)
-    p += 24
-    _n230 = v_message_len
-    if _n230 < 0: raise _rt.bad_count(p, _n230, 'BaseChannel.notify.message')
-    if p + _n230 > end: raise _rt.bad_count(p, _n230, 'BaseChannel.notify.message')
-    v_message = b[p:p + _n230]
-    p += _n230
-    _n231 = (end - p) // 1
-    if p + _n231 > end: raise _rt.bad_count(p, _n231, 'BaseChannel.notify.nul_terminator')
-    v_nul_terminator = b[p:p + _n231]
-    p += _n231
-    return {'time_stamp': v_time_stamp, 'severity': v_severity, 'visibilty': v_visibilty, 'what': v_what, 'message_len': v_message_len, 'message': v_message, 'nul_terminator': v_nul_terminator}, p
 
 def d_PortChannel_init(b, p, end, rg):
     if p + 4 > end: raise _rt.short(p, 4, end, 'PortChannel.init.name_size')
     v_name_size, = _S5.unpack_from(b, p)
     p += 4
     if p + 4 > end: raise _rt.short(p, 4, end, 'PortChannel.init.name')
-    _off234, = _U32.unpack_from(b, p)
+    _off162, = _U32.unpack_from(b, p)
     p += 4
-    if _off234 == 0 or _off234 >= end: raise _rt.bad_pointer(p - 4, _off234, end, 'PortChannel.init.name')
-    _q235 = _off234
-    _n236 = v_name_size
-    if _n236 < 0: raise _rt.bad_count(_q235, _n236, 'PortChannel.init.name')
-    if _q235 + _n236 > end: raise _rt.bad_count(_q235, _n236, 'PortChannel.init.name')
-    v_name = b[_q235:_q235 + _n236]
-    _q235 += _n236
-    rg.append((_off234, _q235))
+    if _off162 == 0 or _off162 > end: raise _rt.bad_pointer(p - 4, _off162, end, 'PortChannel.init.name')
+    _q163 = _off162
+    _n164 = v_name_size
+    if _n164 < 0: raise _rt.bad_count(_q163, _n164, 'PortChannel.init.name')
+    if _q163 + _n164 > end: raise _rt.bad_count(_q163, _n164, 'PortChannel.init.name')
+    v_name = b[_q163:_q163 + _n164]
+    _q163 += _n164
+    rg.append((_off162, _q163))
     if p + 1 > end: raise _rt.short(p, 1, end, 'PortChannel.init.opened')
     v_opened, = _S4.unpack_from(b, p)
     p += 1
@@ -1848,131 +1274,7 @@ def d_PortChannel_event(b, p, end, rg):
     p += 1
     return {'event': v_event}, p
 
-def d_BaseChannel_ack_sync_9(b, p, end, rg):
-    if p + 4 > end: raise _rt.short(p, 4, end, 'BaseChannel.ack_sync.generation')
-    v_generation, = _S5.unpack_from(b, p)
-    p += 4
-    return {'generation': v_generation}, p
-
-def d_BaseChannel_pong_9(b, p, end, rg):
-    if p + 12 > end: raise _rt.short(p, 12, end, 'BaseChannel.pong.id')
-    v_id, v_timestamp = _S22.unpack_from(b, p)
-    p += 12
-    return {'id': v_id, 'timestamp': v_timestamp}, p
-
-def d_BaseChannel_disconnecting_18(b, p, end, rg):
-    if p + 12 > end: raise _rt.short(p, 12, end, 'BaseChannel.disconnecting.time_stamp')
-    v_time_stamp, v_reason = _S23.unpack_from(b, p)
-    p += 12
-    return {'time_stamp': v_time_stamp, 'reason': v_reason}, p
-
 def d_PortChannel_event_2(b, p, end, rg):
-    if p + 1 > end: raise _rt.short(p, 1, end, 'PortChannel.event.event')
-    v_event, = _S4.unpack_from(b, p)
-    p += 1
-    return {'event': v_event}, p
-
-def d_BaseChannel_migrate_10(b, p, end, rg):
-    if p + 4 > end: raise _rt.short(p, 4, end, 'BaseChannel.migrate.flags')
-    v_flags, = _S5.unpack_from(b, p)
-    p += 4
-    return {'flags': v_flags}, p
-
-def d_BaseChannel_set_ack_10(b, p, end, rg):
-    if p + 8 > end: raise _rt.short(p, 8, end, 'BaseChannel.set_ack.generation')
-    v_generation, v_window = _S14.unpack_from(b, p)
-    p += 8
-    return {'generation': v_generation, 'window': v_window}, p
-
-def d_BaseChannel_ping_10(b, p, end, rg):
-    if p + 12 > end: raise _rt.short(p, 12, end, 'BaseChannel.ping.id')
-    v_id, v_timestamp = _S22.unpack_from(b, p)
-    p += 12
-    _n240 = (end - p) // 1
-    if p + _n240 > end: raise _rt.bad_count(p, _n240, 'BaseChannel.ping.data')
-    v_data = b[p:p + _n240]
-    p += _n240
-    return {'id': v_id, 'timestamp': v_timestamp, 'data': v_data}, p
-
-def d_BaseChannel_wait_for_channels_10(b, p, end, rg):
-    if p + 1 > end: raise _rt.short(p, 1, end, 'BaseChannel.wait_for_channels.wait_count')
-    v_wait_count, = _S4.unpack_from(b, p)
-    p += 1
-    _n242 = v_wait_count
-    if _n242 < 0: raise _rt.bad_count(p, _n242, 'BaseChannel.wait_for_channels.wait_list')
-    v_wait_list = []
-    if p + _n242 * 10 > end: raise _rt.bad_count(p, _n242, 'BaseChannel.wait_for_channels.wait_list')
-    for _ in range(_n242):
-        _it243, p = d_ChannelWait(b, p, end, rg)
-        v_wait_list.append(_it243)
-    return {'wait_count': v_wait_count, 'wait_list': v_wait_list}, p
-
-def d_BaseChannel_disconnecting_19(b, p, end, rg):
-    if p + 12 > end: raise _rt.short(p, 12, end, 'BaseChannel.disconnecting.time_stamp')
-    v_time_stamp, v_reason = _S23.unpack_from(b, p)
-    p += 12
-    return {'time_stamp': v_time_stamp, 'reason': v_reason}, p
-
-def d_BaseChannel_notify_10(b, p, end, rg):
-    if p + 24 > end: raise _rt.short(p, 24, end, 'BaseChannel.notify.time_stamp')
-    v_time_stamp, v_severity, v_visibilty, v_what, v_message_len = _S24.unpack_from(b, p)
-    p += 24
-    _n245 = v_message_len
-    if _n245 < 0: raise _rt.bad_count(p, _n245, 'BaseChannel.notify.message')
-    if p + _n245 > end: raise _rt.bad_count(p, _n245, 'BaseChannel.notify.message')
-    v_message = b[p:p + _n245]
-    p += _n245
-    _n246 = (end - p) // 1
-    if p + _n246 > end: raise _rt.bad_count(p, _n246, 'BaseChannel.notify.nul_terminator')
-    v_nul_terminator = b[p:p + _n246]
-    p += _n246
-    return {'time_stamp': v_time_stamp, 'severity': v_severity, 'visibilty': v_visibilty, 'what': v_what, 'message_len': v_message_len, 'message': v_message, 'nul_terminator': v_nul_terminator}, p
-
-def d_PortChannel_init_2(b, p, end, rg):
-    if p + 4 > end: raise _rt.short(p, 4, end, 'PortChannel.init.name_size')
-    v_name_size, = _S5.unpack_from(b, p)
-    p += 4
-    if p + 4 > end: raise _rt.short(p, 4, end, 'PortChannel.init.name')
-    _off249, = _U32.unpack_from(b, p)
-    p += 4
-    if _off249 == 0 or _off249 >= end: raise _rt.bad_pointer(p - 4, _off249, end, 'PortChannel.init.name')
-    _q250 = _off249
-    _n251 = v_name_size
-    if _n251 < 0: raise _rt.bad_count(_q250, _n251, 'PortChannel.init.name')
-    if _q250 + _n251 > end: raise _rt.bad_count(_q250, _n251, 'PortChannel.init.name')
-    v_name = b[_q250:_q250 + _n251]
-    _q250 += _n251
-    rg.append((_off249, _q250))
-    if p + 1 > end: raise _rt.short(p, 1, end, 'PortChannel.init.opened')
-    v_opened, = _S4.unpack_from(b, p)
-    p += 1
-    return {'name_size': v_name_size, 'name': v_name, 'opened': v_opened}, p
-
-def d_PortChannel_event_3(b, p, end, rg):
-    if p + 1 > end: raise _rt.short(p, 1, end, 'PortChannel.event.event')
-    v_event, = _S4.unpack_from(b, p)
-    p += 1
-    return {'event': v_event}, p
-
-def d_BaseChannel_ack_sync_10(b, p, end, rg):
-    if p + 4 > end: raise _rt.short(p, 4, end, 'BaseChannel.ack_sync.generation')
-    v_generation, = _S5.unpack_from(b, p)
-    p += 4
-    return {'generation': v_generation}, p
-
-def d_BaseChannel_pong_10(b, p, end, rg):
-    if p + 12 > end: raise _rt.short(p, 12, end, 'BaseChannel.pong.id')
-    v_id, v_timestamp = _S22.unpack_from(b, p)
-    p += 12
-    return {'id': v_id, 'timestamp': v_timestamp}, p
-
-def d_BaseChannel_disconnecting_20(b, p, end, rg):
-    if p + 12 > end: raise _rt.short(p, 12, end, 'BaseChannel.disconnecting.time_stamp')
-    v_time_stamp, v_reason = _S23.unpack_from(b, p)
-    p += 12
-    return {'time_stamp': v_time_stamp, 'reason': v_reason}, p
-
-def d_PortChannel_event_4(b, p, end, rg):
     if p + 1 > end: raise _rt.short(p, 1, end, 'PortChannel.event.event')
     v_event, = _S4.unpack_from(b, p)
     p += 1
@@ -1994,15 +1296,15 @@ def d_Fill(b, p, end, rg):
 
 def d_Opaque(b, p, end, rg):
     if p + 4 > end: raise _rt.short(p, 4, end, 'Opaque.src_bitmap')
-    _off255, = _U32.unpack_from(b, p)
+    _off168, = _U32.unpack_from(b, p)
     p += 4
-    if _off255 >= end: raise _rt.bad_pointer(p - 4, _off255, end, 'Opaque.src_bitmap')
-    if _off255 == 0:
+    if _off168 > end: raise _rt.bad_pointer(p - 4, _off168, end, 'Opaque.src_bitmap')
+    if _off168 == 0:
         v_src_bitmap = None
     else:
-        _q256 = _off255
-        v_src_bitmap, _q256 = d_Image(b, _q256, end, rg)
-        rg.append((_off255, _q256))
+        _q169 = _off168
+        v_src_bitmap, _q169 = d_Image(b, _q169, end, rg)
+        rg.append((_off168, _q169))
     v_src_area, p = d_Rect(b, p, end, rg)
     v_brush, p = d_Brush(b, p, end, rg)
     if p + 3 > end: raise _rt.short(p, 3, end, 'Opaque.rop_descriptor')
@@ -2013,15 +1315,15 @@ def d_Opaque(b, p, end, rg):
 
 def d_Copy(b, p, end, rg):
     if p + 4 > end: raise _rt.short(p, 4, end, 'Copy.src_bitmap')
-    _off259, = _U32.unpack_from(b, p)
+    _off172, = _U32.unpack_from(b, p)
     p += 4
-    if _off259 >= end: raise _rt.bad_pointer(p - 4, _off259, end, 'Copy.src_bitmap')
-    if _off259 == 0:
+    if _off172 > end: raise _rt.bad_pointer(p - 4, _off172, end, 'Copy.src_bitmap')
+    if _off172 == 0:
         v_src_bitmap = None
     else:
-        _q260 = _off259
-        v_src_bitmap, _q260 = d_Image(b, _q260, end, rg)
-        rg.append((_off259, _q260))
+        _q173 = _off172
+        v_src_bitmap, _q173 = d_Image(b, _q173, end, rg)
+        rg.append((_off172, _q173))
     v_src_area, p = d_Rect(b, p, end, rg)
     if p + 3 > end: raise _rt.short(p, 3, end, 'Copy.rop_descriptor')
     v_rop_descriptor, v_scale_mode = _S17.unpack_from(b, p)
@@ -2031,15 +1333,15 @@ def d_Copy(b, p, end, rg):
 
 def d_Blend(b, p, end, rg):
     if p + 4 > end: raise _rt.short(p, 4, end, 'Blend.src_bitmap')
-    _off263, = _U32.unpack_from(b, p)
+    _off176, = _U32.unpack_from(b, p)
     p += 4
-    if _off263 >= end: raise _rt.bad_pointer(p - 4, _off263, end, 'Blend.src_bitmap')
-    if _off263 == 0:
+    if _off176 > end: raise _rt.bad_pointer(p - 4, _off176, end, 'Blend.src_bitmap')
+    if _off176 == 0:
         v_src_bitmap = None
     else:
-        _q264 = _off263
-        v_src_bitmap, _q264 = d_Image(b, _q264, end, rg)
-        rg.append((_off263, _q264))
+        _q177 = _off176
+        v_src_bitmap, _q177 = d_Image(b, _q177, end, rg)
+        rg.append((_off176, _q177))
     v_src_area, p = d_Rect(b, p, end, rg)
     if p + 3 > end: raise _rt.short(p, 3, end, 'Blend.rop_descriptor')
     v_rop_descriptor, v_scale_mode = _S17.unpack_from(b, p)
@@ -2061,15 +1363,15 @@ def d_Invers(b, p, end, rg):
 
 def d_Rop3(b, p, end, rg):
     if p + 4 > end: raise _rt.short(p, 4, end, 'Rop3.src_bitmap')
-    _off267, = _U32.unpack_from(b, p)
+    _off180, = _U32.unpack_from(b, p)
     p += 4
-    if _off267 >= end: raise _rt.bad_pointer(p - 4, _off267, end, 'Rop3.src_bitmap')
-    if _off267 == 0:
+    if _off180 > end: raise _rt.bad_pointer(p - 4, _off180, end, 'Rop3.src_bitmap')
+    if _off180 == 0:
         v_src_bitmap = None
     else:
-        _q268 = _off267
-        v_src_bitmap, _q268 = d_Image(b, _q268, end, rg)
-        rg.append((_off267, _q268))
+        _q181 = _off180
+        v_src_bitmap, _q181 = d_Image(b, _q181, end, rg)
+        rg.append((_off180, _q181))
     v_src_area, p = d_Rect(b, p, end, rg)
     v_brush, p = d_Brush(b, p, end, rg)
     if p + 2 > end: raise _rt.short(p, 2, end, 'Rop3.rop3')
@@ -2080,12 +1382,12 @@ def d_Rop3(b, p, end, rg):
 
 def d_Stroke(b, p, end, rg):
     if p + 4 > end: raise _rt.short(p, 4, end, 'Stroke.path')
-    _off271, = _U32.unpack_from(b, p)
+    _off184, = _U32.unpack_from(b, p)
     p += 4
-    if _off271 == 0 or _off271 >= end: raise _rt.bad_pointer(p - 4, _off271, end, 'Stroke.path')
-    _q272 = _off271
-    v_path, _q272 = d_Path(b, _q272, end, rg)
-    rg.append((_off271, _q272))
+    if _off184 == 0 or _off184 > end: raise _rt.bad_pointer(p - 4, _off184, end, 'Stroke.path')
+    _q185 = _off184
+    v_path, _q185 = d_Path(b, _q185, end, rg)
+    rg.append((_off184, _q185))
     v_attr, p = d_LineAttr(b, p, end, rg)
     v_brush, p = d_Brush(b, p, end, rg)
     if p + 4 > end: raise _rt.short(p, 4, end, 'Stroke.fore_mode')
@@ -2095,12 +1397,12 @@ def d_Stroke(b, p, end, rg):
 
 def d_Text(b, p, end, rg):
     if p + 4 > end: raise _rt.short(p, 4, end, 'Text.str')
-    _off275, = _U32.unpack_from(b, p)
+    _off188, = _U32.unpack_from(b, p)
     p += 4
-    if _off275 == 0 or _off275 >= end: raise _rt.bad_pointer(p - 4, _off275, end, 'Text.str')
-    _q276 = _off275
-    v_str, _q276 = d_String(b, _q276, end, rg)
-    rg.append((_off275, _q276))
+    if _off188 == 0 or _off188 > end: raise _rt.bad_pointer(p - 4, _off188, end, 'Text.str')
+    _q189 = _off188
+    v_str, _q189 = d_String(b, _q189, end, rg)
+    rg.append((_off188, _q189))
     v_back_area, p = d_Rect(b, p, end, rg)
     v_fore_brush, p = d_Brush(b, p, end, rg)
     v_back_brush, p = d_Brush(b, p, end, rg)
@@ -2111,15 +1413,15 @@ def d_Text(b, p, end, rg):
 
 def d_Transparent(b, p, end, rg):
     if p + 4 > end: raise _rt.short(p, 4, end, 'Transparent.src_bitmap')
-    _off279, = _U32.unpack_from(b, p)
+    _off192, = _U32.unpack_from(b, p)
     p += 4
-    if _off279 >= end: raise _rt.bad_pointer(p - 4, _off279, end, 'Transparent.src_bitmap')
-    if _off279 == 0:
+    if _off192 > end: raise _rt.bad_pointer(p - 4, _off192, end, 'Transparent.src_bitmap')
+    if _off192 == 0:
         v_src_bitmap = None
     else:
-        _q280 = _off279
-        v_src_bitmap, _q280 = d_Image(b, _q280, end, rg)
-        rg.append((_off279, _q280))
+        _q193 = _off192
+        v_src_bitmap, _q193 = d_Image(b, _q193, end, rg)
+        rg.append((_off192, _q193))
     v_src_area, p = d_Rect(b, p, end, rg)
     if p + 8 > end: raise _rt.short(p, 8, end, 'Transparent.src_color')
     v_src_color, v_true_color = _S14.unpack_from(b, p)
@@ -2131,15 +1433,15 @@ def d_AlphaBlend(b, p, end, rg):
     v_alpha_flags, v_alpha = _S7.unpack_from(b, p)
     p += 2
     if p + 4 > end: raise _rt.short(p, 4, end, 'AlphaBlend.src_bitmap')
-    _off283, = _U32.unpack_from(b, p)
+    _off196, = _U32.unpack_from(b, p)
     p += 4
-    if _off283 >= end: raise _rt.bad_pointer(p - 4, _off283, end, 'AlphaBlend.src_bitmap')
-    if _off283 == 0:
+    if _off196 > end: raise _rt.bad_pointer(p - 4, _off196, end, 'AlphaBlend.src_bitmap')
+    if _off196 == 0:
         v_src_bitmap = None
     else:
-        _q284 = _off283
-        v_src_bitmap, _q284 = d_Image(b, _q284, end, rg)
-        rg.append((_off283, _q284))
+        _q197 = _off196
+        v_src_bitmap, _q197 = d_Image(b, _q197, end, rg)
+        rg.append((_off196, _q197))
     v_src_area, p = d_Rect(b, p, end, rg)
     return {'alpha_flags': v_alpha_flags, 'alpha': v_alpha, 'src_bitmap': v_src_bitmap, 'src_area': v_src_area}, p
 
@@ -2150,35 +1452,35 @@ def d_Composite(b, p, end, rg):
     p += 4
     o['flags'] = v_flags
     if p + 4 > end: raise _rt.short(p, 4, end, 'Composite.src_bitmap')
-    _off287, = _U32.unpack_from(b, p)
+    _off200, = _U32.unpack_from(b, p)
     p += 4
-    if _off287 >= end: raise _rt.bad_pointer(p - 4, _off287, end, 'Composite.src_bitmap')
-    if _off287 == 0:
+    if _off200 > end: raise _rt.bad_pointer(p - 4, _off200, end, 'Composite.src_bitmap')
+    if _off200 == 0:
         v_src_bitmap = None
     else:
-        _q288 = _off287
-        v_src_bitmap, _q288 = d_Image(b, _q288, end, rg)
-        rg.append((_off287, _q288))
+        _q201 = _off200
+        v_src_bitmap, _q201 = d_Image(b, _q201, end, rg)
+        rg.append((_off200, _q201))
     o['src_bitmap'] = v_src_bitmap
-    _sel289 = v_flags
-    if (_sel289 & 524288):
+    _sel202 = v_flags
+    if (_sel202 & 524288):
         if p + 4 > end: raise _rt.short(p, 4, end, 'Composite.a.mask_bitmap')
-        _off290, = _U32.unpack_from(b, p)
+        _off203, = _U32.unpack_from(b, p)
         p += 4
-        if _off290 >= end: raise _rt.bad_pointer(p - 4, _off290, end, 'Composite.a.mask_bitmap')
-        if _off290 == 0:
+        if _off203 > end: raise _rt.bad_pointer(p - 4, _off203, end, 'Composite.a.mask_bitmap')
+        if _off203 == 0:
             v_mask_bitmap = None
         else:
-            _q291 = _off290
-            v_mask_bitmap, _q291 = d_Image(b, _q291, end, rg)
-            rg.append((_off290, _q291))
+            _q204 = _off203
+            v_mask_bitmap, _q204 = d_Image(b, _q204, end, rg)
+            rg.append((_off203, _q204))
         o['mask_bitmap'] = v_mask_bitmap
-    _sel292 = v_flags
-    if (_sel292 & 1048576):
+    _sel205 = v_flags
+    if (_sel205 & 1048576):
         v_src_transform, p = d_Transform(b, p, end, rg)
         o['src_transform'] = v_src_transform
-    _sel293 = v_flags
-    if (_sel293 & 2097152):
+    _sel206 = v_flags
+    if (_sel206 & 2097152):
         v_mask_transform, p = d_Transform(b, p, end, rg)
         o['mask_transform'] = v_mask_transform
     v_src_origin, p = d_Point16(b, p, end, rg)
@@ -2229,44 +1531,39 @@ def _ep130(w, x):
     if isinstance(_a131, (bytes, bytearray, memoryview)): w.out += _a131
     else: w.out += _st.pack('<%dB' % len(_a131), *_a131)
 
-def _ep237(w, x):
-    _a238 = x
-    if isinstance(_a238, (bytes, bytearray, memoryview)): w.out += _a238
-    else: w.out += _st.pack('<%dB' % len(_a238), *_a238)
+def _ep165(w, x):
+    _a166 = x
+    if isinstance(_a166, (bytes, bytearray, memoryview)): w.out += _a166
+    else: w.out += _st.pack('<%dB' % len(_a166), *_a166)
 
-def _ep252(w, x):
-    _a253 = x
-    if isinstance(_a253, (bytes, bytearray, memoryview)): w.out += _a253
-    else: w.out += _st.pack('<%dB' % len(_a253), *_a253)
-
-def _ep257(w, x):
+def _ep170(w, x):
     e_Image(w, x)
 
-def _ep261(w, x):
+def _ep174(w, x):
     e_Image(w, x)
 
-def _ep265(w, x):
+def _ep178(w, x):
     e_Image(w, x)
 
-def _ep269(w, x):
+def _ep182(w, x):
     e_Image(w, x)
 
-def _ep273(w, x):
+def _ep186(w, x):
     e_Path(w, x)
 
-def _ep277(w, x):
+def _ep190(w, x):
     e_String(w, x)
 
-def _ep281(w, x):
+def _ep194(w, x):
     e_Image(w, x)
 
-def _ep285(w, x):
+def _ep198(w, x):
     e_Image(w, x)
 
-def _ep294(w, x):
+def _ep207(w, x):
     e_Image(w, x)
 
-def _ep297(w, x):
+def _ep210(w, x):
     e_Image(w, x)
 
 def e_Point(w, v):
@@ -2640,34 +1937,6 @@ def e_MainChannel_agent_token_2(w, v):
 def e_MainChannel_migrate_dst_do_seamless(w, v):
     w.out += _S5.pack(v['src_version'])
 
-def e_BaseChannel_migrate_2(w, v):
-    w.out += _S5.pack(v['flags'])
-
-def e_BaseChannel_set_ack_2(w, v):
-    w.out += _S14.pack(v['generation'], v['window'])
-
-def e_BaseChannel_ping_2(w, v):
-    w.out += _S22.pack(v['id'], v['timestamp'])
-    _a136 = v['data']
-    if isinstance(_a136, (bytes, bytearray, memoryview)): w.out += _a136
-    else: w.out += _st.pack('<%dB' % len(_a136), *_a136)
-
-def e_BaseChannel_wait_for_channels_2(w, v):
-    w.out += _S4.pack(v['wait_count'])
-    for _it139 in v['wait_list']: e_ChannelWait(w, _it139)
-
-def e_BaseChannel_disconnecting_3(w, v):
-    w.out += _S23.pack(v['time_stamp'], v['reason'])
-
-def e_BaseChannel_notify_2(w, v):
-    w.out += _S24.pack(v['time_stamp'], v['severity'], v['visibilty'], v['what'], v['message_len'])
-    _a142 = v['message']
-    if isinstance(_a142, (bytes, bytearray, memoryview)): w.out += _a142
-    else: w.out += _st.pack('<%dB' % len(_a142), *_a142)
-    _a143 = v['nul_terminator']
-    if isinstance(_a143, (bytes, bytearray, memoryview)): w.out += _a143
-    else: w.out += _st.pack('<%dB' % len(_a143), *_a143)
-
 def e_DisplayChannel_mode(w, v):
     w.out += _S21.pack(v['x_res'], v['y_res'], v['bits'])
 
@@ -2677,11 +1946,11 @@ def e_DisplayChannel_copy_bits(w, v):
 
 def e_DisplayChannel_inval_list(w, v):
     w.out += _S20.pack(v['count'])
-    for _it146 in v['resources']: e_ResourceID(w, _it146)
+    for _it137 in v['resources']: e_ResourceID(w, _it137)
 
 def e_DisplayChannel_inval_all_pixmaps(w, v):
     w.out += _S4.pack(v['wait_count'])
-    for _it149 in v['wait_list']: e_WaitForChannel(w, _it149)
+    for _it140 in v['wait_list']: e_WaitForChannel(w, _it140)
 
 def e_DisplayChannel_inval_palette(w, v):
     w.out += _S13.pack(v['id'])
@@ -2694,9 +1963,9 @@ def e_DisplayChannel_stream_create(w, v):
 def e_DisplayChannel_stream_data(w, v):
     e_StreamDataHeader(w, v['base'])
     w.out += _S5.pack(v['data_size'])
-    _a151 = v['data']
-    if isinstance(_a151, (bytes, bytearray, memoryview)): w.out += _a151
-    else: w.out += _st.pack('<%dB' % len(_a151), *_a151)
+    _a142 = v['data']
+    if isinstance(_a142, (bytes, bytearray, memoryview)): w.out += _a142
+    else: w.out += _st.pack('<%dB' % len(_a142), *_a142)
 
 def e_DisplayChannel_stream_clip(w, v):
     w.out += _S5.pack(v['id'])
@@ -2764,13 +2033,13 @@ def e_DisplayChannel_stream_data_sized(w, v):
     w.out += _S14.pack(v['width'], v['height'])
     e_Rect(w, v['dest'])
     w.out += _S5.pack(v['data_size'])
-    _a153 = v['data']
-    if isinstance(_a153, (bytes, bytearray, memoryview)): w.out += _a153
-    else: w.out += _st.pack('<%dB' % len(_a153), *_a153)
+    _a144 = v['data']
+    if isinstance(_a144, (bytes, bytearray, memoryview)): w.out += _a144
+    else: w.out += _st.pack('<%dB' % len(_a144), *_a144)
 
 def e_DisplayChannel_monitors_config(w, v):
     w.out += _S16.pack(v['count'], v['max_allowed'])
-    for _it156 in v['heads']: e_Head(w, _it156)
+    for _it147 in v['heads']: e_Head(w, _it147)
 
 def e_DisplayChannel_draw_composite(w, v):
     e_DisplayBase(w, v['base'])
@@ -2784,15 +2053,6 @@ def e_DisplayChannel_gl_scanout_unix(w, v):
 
 def e_DisplayChannel_gl_draw(w, v):
     w.out += _S29.pack(v['x'], v['y'], v['w'], v['h'])
-
-def e_BaseChannel_ack_sync_2(w, v):
-    w.out += _S5.pack(v['generation'])
-
-def e_BaseChannel_pong_2(w, v):
-    w.out += _S22.pack(v['id'], v['timestamp'])
-
-def e_BaseChannel_disconnecting_4(w, v):
-    w.out += _S23.pack(v['time_stamp'], v['reason'])
 
 def e_DisplayChannel_init(w, v):
     w.out += _S31.pack(v['pixmap_cache_id'], v['pixmap_cache_size'], v['glz_dictionary_id'], v['glz_dictionary_window_size'])
@@ -2808,52 +2068,15 @@ def e_DisplayChannel_gl_draw_done(w, v):
 
 def e_DisplayChannel_preferred_video_codec_type(w, v):
     w.out += _S4.pack(v['num_of_codecs'])
-    _a158 = v['codecs']
-    if isinstance(_a158, (bytes, bytearray, memoryview)): w.out += _a158
-    else: w.out += _st.pack('<%dB' % len(_a158), *_a158)
-
-def e_BaseChannel_migrate_3(w, v):
-    w.out += _S5.pack(v['flags'])
-
-def e_BaseChannel_set_ack_3(w, v):
-    w.out += _S14.pack(v['generation'], v['window'])
-
-def e_BaseChannel_ping_3(w, v):
-    w.out += _S22.pack(v['id'], v['timestamp'])
-    _a160 = v['data']
-    if isinstance(_a160, (bytes, bytearray, memoryview)): w.out += _a160
-    else: w.out += _st.pack('<%dB' % len(_a160), *_a160)
-
-def e_BaseChannel_wait_for_channels_3(w, v):
-    w.out += _S4.pack(v['wait_count'])
-    for _it163 in v['wait_list']: e_ChannelWait(w, _it163)
-
-def e_BaseChannel_disconnecting_5(w, v):
-    w.out += _S23.pack(v['time_stamp'], v['reason'])
-
-def e_BaseChannel_notify_3(w, v):
-    w.out += _S24.pack(v['time_stamp'], v['severity'], v['visibilty'], v['what'], v['message_len'])
-    _a166 = v['message']
-    if isinstance(_a166, (bytes, bytearray, memoryview)): w.out += _a166
-    else: w.out += _st.pack('<%dB' % len(_a166), *_a166)
-    _a167 = v['nul_terminator']
-    if isinstance(_a167, (bytes, bytearray, memoryview)): w.out += _a167
-    else: w.out += _st.pack('<%dB' % len(_a167), *_a167)
+    _a149 = v['codecs']
+    if isinstance(_a149, (bytes, bytearray, memoryview)): w.out += _a149
+    else: w.out += _st.pack('<%dB' % len(_a149), *_a149)
 
 def e_InputsChannel_init(w, v):
     w.out += _S20.pack(v['keyboard_modifiers'])
 
 def e_InputsChannel_key_modifiers(w, v):
     w.out += _S20.pack(v['modifiers'])
-
-def e_BaseChannel_ack_sync_3(w, v):
-    w.out += _S5.pack(v['generation'])
-
-def e_BaseChannel_pong_3(w, v):
-    w.out += _S22.pack(v['id'], v['timestamp'])
-
-def e_BaseChannel_disconnecting_6(w, v):
-    w.out += _S23.pack(v['time_stamp'], v['reason'])
 
 def e_InputsChannel_key_down(w, v):
     w.out += _S5.pack(v['code'])
@@ -2876,34 +2099,6 @@ def e_InputsChannel_mouse_press(w, v):
 def e_InputsChannel_mouse_release(w, v):
     w.out += _S35.pack(v['button'], v['buttons_state'])
 
-def e_BaseChannel_migrate_4(w, v):
-    w.out += _S5.pack(v['flags'])
-
-def e_BaseChannel_set_ack_4(w, v):
-    w.out += _S14.pack(v['generation'], v['window'])
-
-def e_BaseChannel_ping_4(w, v):
-    w.out += _S22.pack(v['id'], v['timestamp'])
-    _a169 = v['data']
-    if isinstance(_a169, (bytes, bytearray, memoryview)): w.out += _a169
-    else: w.out += _st.pack('<%dB' % len(_a169), *_a169)
-
-def e_BaseChannel_wait_for_channels_4(w, v):
-    w.out += _S4.pack(v['wait_count'])
-    for _it172 in v['wait_list']: e_ChannelWait(w, _it172)
-
-def e_BaseChannel_disconnecting_7(w, v):
-    w.out += _S23.pack(v['time_stamp'], v['reason'])
-
-def e_BaseChannel_notify_4(w, v):
-    w.out += _S24.pack(v['time_stamp'], v['severity'], v['visibilty'], v['what'], v['message_len'])
-    _a175 = v['message']
-    if isinstance(_a175, (bytes, bytearray, memoryview)): w.out += _a175
-    else: w.out += _st.pack('<%dB' % len(_a175), *_a175)
-    _a176 = v['nul_terminator']
-    if isinstance(_a176, (bytes, bytearray, memoryview)): w.out += _a176
-    else: w.out += _st.pack('<%dB' % len(_a176), *_a176)
-
 def e_CursorChannel_init(w, v):
     e_Point16(w, v['position'])
     w.out += _S36.pack(v['trail_length'], v['trail_frequency'], v['visible'])
@@ -2923,54 +2118,17 @@ def e_CursorChannel_trail(w, v):
 def e_CursorChannel_inval_one(w, v):
     w.out += _S13.pack(v['id'])
 
-def e_BaseChannel_ack_sync_4(w, v):
-    w.out += _S5.pack(v['generation'])
-
-def e_BaseChannel_pong_4(w, v):
-    w.out += _S22.pack(v['id'], v['timestamp'])
-
-def e_BaseChannel_disconnecting_8(w, v):
-    w.out += _S23.pack(v['time_stamp'], v['reason'])
-
-def e_BaseChannel_migrate_5(w, v):
-    w.out += _S5.pack(v['flags'])
-
-def e_BaseChannel_set_ack_5(w, v):
-    w.out += _S14.pack(v['generation'], v['window'])
-
-def e_BaseChannel_ping_5(w, v):
-    w.out += _S22.pack(v['id'], v['timestamp'])
-    _a178 = v['data']
-    if isinstance(_a178, (bytes, bytearray, memoryview)): w.out += _a178
-    else: w.out += _st.pack('<%dB' % len(_a178), *_a178)
-
-def e_BaseChannel_wait_for_channels_5(w, v):
-    w.out += _S4.pack(v['wait_count'])
-    for _it181 in v['wait_list']: e_ChannelWait(w, _it181)
-
-def e_BaseChannel_disconnecting_9(w, v):
-    w.out += _S23.pack(v['time_stamp'], v['reason'])
-
-def e_BaseChannel_notify_5(w, v):
-    w.out += _S24.pack(v['time_stamp'], v['severity'], v['visibilty'], v['what'], v['message_len'])
-    _a184 = v['message']
-    if isinstance(_a184, (bytes, bytearray, memoryview)): w.out += _a184
-    else: w.out += _st.pack('<%dB' % len(_a184), *_a184)
-    _a185 = v['nul_terminator']
-    if isinstance(_a185, (bytes, bytearray, memoryview)): w.out += _a185
-    else: w.out += _st.pack('<%dB' % len(_a185), *_a185)
-
 def e_PlaybackChannel_data(w, v):
     w.out += _S5.pack(v['time'])
-    _a187 = v['data']
-    if isinstance(_a187, (bytes, bytearray, memoryview)): w.out += _a187
-    else: w.out += _st.pack('<%dB' % len(_a187), *_a187)
+    _a151 = v['data']
+    if isinstance(_a151, (bytes, bytearray, memoryview)): w.out += _a151
+    else: w.out += _st.pack('<%dB' % len(_a151), *_a151)
 
 def e_PlaybackChannel_mode(w, v):
     w.out += _S37.pack(v['time'], v['mode'])
-    _a189 = v['data']
-    if isinstance(_a189, (bytes, bytearray, memoryview)): w.out += _a189
-    else: w.out += _st.pack('<%dB' % len(_a189), *_a189)
+    _a153 = v['data']
+    if isinstance(_a153, (bytes, bytearray, memoryview)): w.out += _a153
+    else: w.out += _st.pack('<%dB' % len(_a153), *_a153)
 
 def e_PlaybackChannel_start(w, v):
     w.out += _S38.pack(v['channels'], v['format'], v['frequency'], v['time'])
@@ -2978,254 +2136,47 @@ def e_PlaybackChannel_start(w, v):
 def e_PlaybackChannel_latency(w, v):
     w.out += _S5.pack(v['latency_ms'])
 
-def e_BaseChannel_ack_sync_5(w, v):
-    w.out += _S5.pack(v['generation'])
-
-def e_BaseChannel_pong_5(w, v):
-    w.out += _S22.pack(v['id'], v['timestamp'])
-
-def e_BaseChannel_disconnecting_10(w, v):
-    w.out += _S23.pack(v['time_stamp'], v['reason'])
-
-def e_BaseChannel_migrate_6(w, v):
-    w.out += _S5.pack(v['flags'])
-
-def e_BaseChannel_set_ack_6(w, v):
-    w.out += _S14.pack(v['generation'], v['window'])
-
-def e_BaseChannel_ping_6(w, v):
-    w.out += _S22.pack(v['id'], v['timestamp'])
-    _a191 = v['data']
-    if isinstance(_a191, (bytes, bytearray, memoryview)): w.out += _a191
-    else: w.out += _st.pack('<%dB' % len(_a191), *_a191)
-
-def e_BaseChannel_wait_for_channels_6(w, v):
-    w.out += _S4.pack(v['wait_count'])
-    for _it194 in v['wait_list']: e_ChannelWait(w, _it194)
-
-def e_BaseChannel_disconnecting_11(w, v):
-    w.out += _S23.pack(v['time_stamp'], v['reason'])
-
-def e_BaseChannel_notify_6(w, v):
-    w.out += _S24.pack(v['time_stamp'], v['severity'], v['visibilty'], v['what'], v['message_len'])
-    _a197 = v['message']
-    if isinstance(_a197, (bytes, bytearray, memoryview)): w.out += _a197
-    else: w.out += _st.pack('<%dB' % len(_a197), *_a197)
-    _a198 = v['nul_terminator']
-    if isinstance(_a198, (bytes, bytearray, memoryview)): w.out += _a198
-    else: w.out += _st.pack('<%dB' % len(_a198), *_a198)
-
 def e_RecordChannel_start(w, v):
     w.out += _S39.pack(v['channels'], v['format'], v['frequency'])
 
-def e_BaseChannel_ack_sync_6(w, v):
-    w.out += _S5.pack(v['generation'])
-
-def e_BaseChannel_pong_6(w, v):
-    w.out += _S22.pack(v['id'], v['timestamp'])
-
-def e_BaseChannel_disconnecting_12(w, v):
-    w.out += _S23.pack(v['time_stamp'], v['reason'])
-
 def e_RecordChannel_data(w, v):
     w.out += _S5.pack(v['time'])
-    _a200 = v['data']
-    if isinstance(_a200, (bytes, bytearray, memoryview)): w.out += _a200
-    else: w.out += _st.pack('<%dB' % len(_a200), *_a200)
+    _a155 = v['data']
+    if isinstance(_a155, (bytes, bytearray, memoryview)): w.out += _a155
+    else: w.out += _st.pack('<%dB' % len(_a155), *_a155)
 
 def e_RecordChannel_mode(w, v):
     w.out += _S37.pack(v['time'], v['mode'])
-    _a202 = v['data']
-    if isinstance(_a202, (bytes, bytearray, memoryview)): w.out += _a202
-    else: w.out += _st.pack('<%dB' % len(_a202), *_a202)
+    _a157 = v['data']
+    if isinstance(_a157, (bytes, bytearray, memoryview)): w.out += _a157
+    else: w.out += _st.pack('<%dB' % len(_a157), *_a157)
 
 def e_RecordChannel_start_mark(w, v):
     w.out += _S5.pack(v['time'])
 
-def e_BaseChannel_migrate_7(w, v):
-    w.out += _S5.pack(v['flags'])
-
-def e_BaseChannel_set_ack_7(w, v):
-    w.out += _S14.pack(v['generation'], v['window'])
-
-def e_BaseChannel_ping_7(w, v):
-    w.out += _S22.pack(v['id'], v['timestamp'])
-    _a204 = v['data']
-    if isinstance(_a204, (bytes, bytearray, memoryview)): w.out += _a204
-    else: w.out += _st.pack('<%dB' % len(_a204), *_a204)
-
-def e_BaseChannel_wait_for_channels_7(w, v):
-    w.out += _S4.pack(v['wait_count'])
-    for _it207 in v['wait_list']: e_ChannelWait(w, _it207)
-
-def e_BaseChannel_disconnecting_13(w, v):
-    w.out += _S23.pack(v['time_stamp'], v['reason'])
-
-def e_BaseChannel_notify_7(w, v):
-    w.out += _S24.pack(v['time_stamp'], v['severity'], v['visibilty'], v['what'], v['message_len'])
-    _a210 = v['message']
-    if isinstance(_a210, (bytes, bytearray, memoryview)): w.out += _a210
-    else: w.out += _st.pack('<%dB' % len(_a210), *_a210)
-    _a211 = v['nul_terminator']
-    if isinstance(_a211, (bytes, bytearray, memoryview)): w.out += _a211
-    else: w.out += _st.pack('<%dB' % len(_a211), *_a211)
-
 def e_SmartcardChannel_data(w, v):
     w.out += _S21.pack(v['type'], v['reader_id'], v['length'])
-    _a213 = v['data']
-    if isinstance(_a213, (bytes, bytearray, memoryview)): w.out += _a213
-    else: w.out += _st.pack('<%dB' % len(_a213), *_a213)
-
-def e_BaseChannel_ack_sync_7(w, v):
-    w.out += _S5.pack(v['generation'])
-
-def e_BaseChannel_pong_7(w, v):
-    w.out += _S22.pack(v['id'], v['timestamp'])
-
-def e_BaseChannel_disconnecting_14(w, v):
-    w.out += _S23.pack(v['time_stamp'], v['reason'])
+    _a159 = v['data']
+    if isinstance(_a159, (bytes, bytearray, memoryview)): w.out += _a159
+    else: w.out += _st.pack('<%dB' % len(_a159), *_a159)
 
 def e_SmartcardChannel_data_2(w, v):
     w.out += _S21.pack(v['type'], v['reader_id'], v['length'])
-    _a215 = v['data']
-    if isinstance(_a215, (bytes, bytearray, memoryview)): w.out += _a215
-    else: w.out += _st.pack('<%dB' % len(_a215), *_a215)
-
-def e_BaseChannel_migrate_8(w, v):
-    w.out += _S5.pack(v['flags'])
-
-def e_BaseChannel_set_ack_8(w, v):
-    w.out += _S14.pack(v['generation'], v['window'])
-
-def e_BaseChannel_ping_8(w, v):
-    w.out += _S22.pack(v['id'], v['timestamp'])
-    _a217 = v['data']
-    if isinstance(_a217, (bytes, bytearray, memoryview)): w.out += _a217
-    else: w.out += _st.pack('<%dB' % len(_a217), *_a217)
-
-def e_BaseChannel_wait_for_channels_8(w, v):
-    w.out += _S4.pack(v['wait_count'])
-    for _it220 in v['wait_list']: e_ChannelWait(w, _it220)
-
-def e_BaseChannel_disconnecting_15(w, v):
-    w.out += _S23.pack(v['time_stamp'], v['reason'])
-
-def e_BaseChannel_notify_8(w, v):
-    w.out += _S24.pack(v['time_stamp'], v['severity'], v['visibilty'], v['what'], v['message_len'])
-    _a223 = v['message']
-    if isinstance(_a223, (bytes, bytearray, memoryview)): w.out += _a223
-    else: w.out += _st.pack('<%dB' % len(_a223), *_a223)
-    _a224 = v['nul_terminator']
-    if isinstance(_a224, (bytes, bytearray, memoryview)): w.out += _a224
-    else: w.out += _st.pack('<%dB' % len(_a224), *_a224)
-
-def e_BaseChannel_ack_sync_8(w, v):
-    w.out += _S5.pack(v['generation'])
-
-def e_BaseChannel_pong_8(w, v):
-    w.out += _S22.pack(v['id'], v['timestamp'])
-
-def e_BaseChannel_disconnecting_16(w, v):
-    w.out += _S23.pack(v['time_stamp'], v['reason'])
-
-def e_BaseChannel_migrate_9(w, v):
-    w.out += _S5.pack(v['flags'])
-
-def e_BaseChannel_set_ack_9(w, v):
-    w.out += _S14.pack(v['generation'], v['window'])
-
-def e_BaseChannel_ping_9(w, v):
-    w.out += _S22.pack(v['id'], v['timestamp'])
-    _a226 = v['data']
-    if isinstance(_a226, (bytes, bytearray, memoryview)): w.out += _a226
-    else: w.out += _st.pack('<%dB' % len(_a226), *_a226)
-
-def e_BaseChannel_wait_for_channels_9(w, v):
-    w.out += _S4.pack(v['wait_count'])
-    for _it229 in v['wait_list']: e_ChannelWait(w, _it229)
-
-def e_BaseChannel_disconnecting_17(w, v):
-    w.out += _S23.pack(v['time_stamp'], v['reason'])
-
-def e_BaseChannel_notify_9(w, v):
-    w.out += _S24.pack(v['time_stamp'], v['severity'], v['visibilty'], v['what'], v['message_len'])
-    _a232 = v['message']
-    if isinstance(_a232, (bytes, bytearray, memoryview)): w.out += _a232
-    else: w.out += _st.pack('<%dB' % len(_a232), *_a232)
-    _a233 = v['nul_terminator']
-    if isinstance(_a233, (bytes, bytearray, memoryview)): w.out += _a233
-    else: w.out += _st.pack('<%dB' % len(_a233), *_a233)
+    _a161 = v['data']
+    if isinstance(_a161, (bytes, bytearray, memoryview)): w.out += _a161
+    else: w.out += _st.pack('<%dB' % len(_a161), *_a161)
 
 def e_PortChannel_init(w, v):
     w.out += _S5.pack(v['name_size'])
-    _x239 = v['name']
-    if _x239 is None: raise _EncodeError('name must not be NULL')
-    w.pointer(_ep237, _x239)
+    _x167 = v['name']
+    if _x167 is None: raise _EncodeError('name must not be NULL')
+    w.pointer(_ep165, _x167)
     w.out += _S4.pack(v['opened'])
 
 def e_PortChannel_event(w, v):
     w.out += _S4.pack(v['event'])
 
-def e_BaseChannel_ack_sync_9(w, v):
-    w.out += _S5.pack(v['generation'])
-
-def e_BaseChannel_pong_9(w, v):
-    w.out += _S22.pack(v['id'], v['timestamp'])
-
-def e_BaseChannel_disconnecting_18(w, v):
-    w.out += _S23.pack(v['time_stamp'], v['reason'])
-
 def e_PortChannel_event_2(w, v):
-    w.out += _S4.pack(v['event'])
-
-def e_BaseChannel_migrate_10(w, v):
-    w.out += _S5.pack(v['flags'])
-
-def e_BaseChannel_set_ack_10(w, v):
-    w.out += _S14.pack(v['generation'], v['window'])
-
-def e_BaseChannel_ping_10(w, v):
-    w.out += _S22.pack(v['id'], v['timestamp'])
-    _a241 = v['data']
-    if isinstance(_a241, (bytes, bytearray, memoryview)): w.out += _a241
-    else: w.out += _st.pack('<%dB' % len(_a241), *_a241)
-
-def e_BaseChannel_wait_for_channels_10(w, v):
-    w.out += _S4.pack(v['wait_count'])
-    for _it244 in v['wait_list']: e_ChannelWait(w, _it244)
-
-def e_BaseChannel_disconnecting_19(w, v):
-    w.out += _S23.pack(v['time_stamp'], v['reason'])
-
-def e_BaseChannel_notify_10(w, v):
-    w.out += _S24.pack(v['time_stamp'], v['severity'], v['visibilty'], v['what'], v['message_len'])
-    _a247 = v['message']
-    if isinstance(_a247, (bytes, bytearray, memoryview)): w.out += _a247
-    else: w.out += _st.pack('<%dB' % len(_a247), *_a247)
-    _a248 = v['nul_terminator']
-    if isinstance(_a248, (bytes, bytearray, memoryview)): w.out += _a248
-    else: w.out += _st.pack('<%dB' % len(_a248), *_a248)
-
-def e_PortChannel_init_2(w, v):
-    w.out += _S5.pack(v['name_size'])
-    _x254 = v['name']
-    if _x254 is None: raise _EncodeError('name must not be NULL')
-    w.pointer(_ep252, _x254)
-    w.out += _S4.pack(v['opened'])
-
-def e_PortChannel_event_3(w, v):
-    w.out += _S4.pack(v['event'])
-
-def e_BaseChannel_ack_sync_10(w, v):
-    w.out += _S5.pack(v['generation'])
-
-def e_BaseChannel_pong_10(w, v):
-    w.out += _S22.pack(v['id'], v['timestamp'])
-
-def e_BaseChannel_disconnecting_20(w, v):
-    w.out += _S23.pack(v['time_stamp'], v['reason'])
-
-def e_PortChannel_event_4(w, v):
     w.out += _S4.pack(v['event'])
 
 def e_ImageDescriptor(w, v):
@@ -3237,26 +2188,26 @@ def e_Fill(w, v):
     e_QMask(w, v['mask'])
 
 def e_Opaque(w, v):
-    _x258 = v['src_bitmap']
-    if _x258 is None: w.out += b'\0\0\0\0'
-    else: w.pointer(_ep257, _x258)
+    _x171 = v['src_bitmap']
+    if _x171 is None: w.out += b'\0\0\0\0'
+    else: w.pointer(_ep170, _x171)
     e_Rect(w, v['src_area'])
     e_Brush(w, v['brush'])
     w.out += _S17.pack(v['rop_descriptor'], v['scale_mode'])
     e_QMask(w, v['mask'])
 
 def e_Copy(w, v):
-    _x262 = v['src_bitmap']
-    if _x262 is None: w.out += b'\0\0\0\0'
-    else: w.pointer(_ep261, _x262)
+    _x175 = v['src_bitmap']
+    if _x175 is None: w.out += b'\0\0\0\0'
+    else: w.pointer(_ep174, _x175)
     e_Rect(w, v['src_area'])
     w.out += _S17.pack(v['rop_descriptor'], v['scale_mode'])
     e_QMask(w, v['mask'])
 
 def e_Blend(w, v):
-    _x266 = v['src_bitmap']
-    if _x266 is None: w.out += b'\0\0\0\0'
-    else: w.pointer(_ep265, _x266)
+    _x179 = v['src_bitmap']
+    if _x179 is None: w.out += b'\0\0\0\0'
+    else: w.pointer(_ep178, _x179)
     e_Rect(w, v['src_area'])
     w.out += _S17.pack(v['rop_descriptor'], v['scale_mode'])
     e_QMask(w, v['mask'])
@@ -3271,60 +2222,60 @@ def e_Invers(w, v):
     e_QMask(w, v['mask'])
 
 def e_Rop3(w, v):
-    _x270 = v['src_bitmap']
-    if _x270 is None: w.out += b'\0\0\0\0'
-    else: w.pointer(_ep269, _x270)
+    _x183 = v['src_bitmap']
+    if _x183 is None: w.out += b'\0\0\0\0'
+    else: w.pointer(_ep182, _x183)
     e_Rect(w, v['src_area'])
     e_Brush(w, v['brush'])
     w.out += _S7.pack(v['rop3'], v['scale_mode'])
     e_QMask(w, v['mask'])
 
 def e_Stroke(w, v):
-    _x274 = v['path']
-    if _x274 is None: raise _EncodeError('path must not be NULL')
-    w.pointer(_ep273, _x274)
+    _x187 = v['path']
+    if _x187 is None: raise _EncodeError('path must not be NULL')
+    w.pointer(_ep186, _x187)
     e_LineAttr(w, v['attr'])
     e_Brush(w, v['brush'])
     w.out += _S16.pack(v['fore_mode'], v['back_mode'])
 
 def e_Text(w, v):
-    _x278 = v['str']
-    if _x278 is None: raise _EncodeError('str must not be NULL')
-    w.pointer(_ep277, _x278)
+    _x191 = v['str']
+    if _x191 is None: raise _EncodeError('str must not be NULL')
+    w.pointer(_ep190, _x191)
     e_Rect(w, v['back_area'])
     e_Brush(w, v['fore_brush'])
     e_Brush(w, v['back_brush'])
     w.out += _S16.pack(v['fore_mode'], v['back_mode'])
 
 def e_Transparent(w, v):
-    _x282 = v['src_bitmap']
-    if _x282 is None: w.out += b'\0\0\0\0'
-    else: w.pointer(_ep281, _x282)
+    _x195 = v['src_bitmap']
+    if _x195 is None: w.out += b'\0\0\0\0'
+    else: w.pointer(_ep194, _x195)
     e_Rect(w, v['src_area'])
     w.out += _S14.pack(v['src_color'], v['true_color'])
 
 def e_AlphaBlend(w, v):
     w.out += _S7.pack(v['alpha_flags'], v['alpha'])
-    _x286 = v['src_bitmap']
-    if _x286 is None: w.out += b'\0\0\0\0'
-    else: w.pointer(_ep285, _x286)
+    _x199 = v['src_bitmap']
+    if _x199 is None: w.out += b'\0\0\0\0'
+    else: w.pointer(_ep198, _x199)
     e_Rect(w, v['src_area'])
 
 def e_Composite(w, v):
     w.out += _S5.pack(v['flags'])
-    _x295 = v['src_bitmap']
-    if _x295 is None: w.out += b'\0\0\0\0'
-    else: w.pointer(_ep294, _x295)
-    _sel296 = v['flags']
-    if (_sel296 & 524288):
-        _x298 = v['mask_bitmap']
-        if _x298 is None: w.out += b'\0\0\0\0'
-        else: w.pointer(_ep297, _x298)
-    _sel299 = v['flags']
-    if (_sel299 & 1048576):
+    _x208 = v['src_bitmap']
+    if _x208 is None: w.out += b'\0\0\0\0'
+    else: w.pointer(_ep207, _x208)
+    _sel209 = v['flags']
+    if (_sel209 & 524288):
+        _x211 = v['mask_bitmap']
+        if _x211 is None: w.out += b'\0\0\0\0'
+        else: w.pointer(_ep210, _x211)
+    _sel212 = v['flags']
+    if (_sel212 & 1048576):
         e_Transform(w, v['src_transform'])
-    _sel300 = v['flags']
-    if (_sel300 & 2097152):
+    _sel213 = v['flags']
+    if (_sel213 & 2097152):
         e_Transform(w, v['mask_transform'])
     e_Point16(w, v['src_origin'])
     e_Point16(w, v['mask_origin'])
@@ -3394,13 +2345,13 @@ MESSAGES = {
     (1, 'c2s', 110): ('migrate_dst_do_seamless', 'MainChannel_migrate_dst_do_seamless'),
     (1, 'c2s', 111): ('migrate_connected_seamless', 'Empty'),
     (1, 'c2s', 112): ('quality_indicator', 'Data'),
-    (2, 's2c', 1): ('migrate', 'BaseChannel_migrate_2'),
+    (2, 's2c', 1): ('migrate', 'BaseChannel_migrate'),
     (2, 's2c', 2): ('migrate_data', 'Data'),
-    (2, 's2c', 3): ('set_ack', 'BaseChannel_set_ack_2'),
-    (2, 's2c', 4): ('ping', 'BaseChannel_ping_2'),
-    (2, 's2c', 5): ('wait_for_channels', 'BaseChannel_wait_for_channels_2'),
-    (2, 's2c', 6): ('disconnecting', 'BaseChannel_disconnecting_3'),
-    (2, 's2c', 7): ('notify', 'BaseChannel_notify_2'),
+    (2, 's2c', 3): ('set_ack', 'BaseChannel_set_ack'),
+    (2, 's2c', 4): ('ping', 'BaseChannel_ping'),
+    (2, 's2c', 5): ('wait_for_channels', 'BaseChannel_wait_for_channels'),
+    (2, 's2c', 6): ('disconnecting', 'BaseChannel_disconnecting'),
+    (2, 's2c', 7): ('notify', 'BaseChannel_notify'),
     (2, 's2c', 8): ('list', 'Data'),
     (2, 's2c', 100): ('base_last', 'Empty'),
     (2, 's2c', 101): ('mode', 'DisplayChannel_mode'),
@@ -3437,35 +2388,35 @@ MESSAGES = {
     (2, 's2c', 320): ('gl_scanout_unix', 'DisplayChannel_gl_scanout_unix'),
     (2, 's2c', 321): ('gl_draw', 'DisplayChannel_gl_draw'),
     (2, 's2c', 322): ('quality_indicator', 'Data'),
-    (2, 'c2s', 1): ('ack_sync', 'BaseChannel_ack_sync_2'),
+    (2, 'c2s', 1): ('ack_sync', 'BaseChannel_ack_sync'),
     (2, 'c2s', 2): ('ack', 'Empty'),
-    (2, 'c2s', 3): ('pong', 'BaseChannel_pong_2'),
+    (2, 'c2s', 3): ('pong', 'BaseChannel_pong'),
     (2, 'c2s', 4): ('migrate_flush_mark', 'Empty'),
     (2, 'c2s', 5): ('migrate_data', 'Data'),
-    (2, 'c2s', 6): ('disconnecting', 'BaseChannel_disconnecting_4'),
+    (2, 'c2s', 6): ('disconnecting', 'BaseChannel_disconnecting_2'),
     (2, 'c2s', 101): ('init', 'DisplayChannel_init'),
     (2, 'c2s', 102): ('stream_report', 'DisplayChannel_stream_report'),
     (2, 'c2s', 103): ('preferred_compression', 'DisplayChannel_preferred_compression'),
     (2, 'c2s', 104): ('gl_draw_done', 'DisplayChannel_gl_draw_done'),
     (2, 'c2s', 105): ('preferred_video_codec_type', 'DisplayChannel_preferred_video_codec_type'),
-    (3, 's2c', 1): ('migrate', 'BaseChannel_migrate_3'),
+    (3, 's2c', 1): ('migrate', 'BaseChannel_migrate'),
     (3, 's2c', 2): ('migrate_data', 'Data'),
-    (3, 's2c', 3): ('set_ack', 'BaseChannel_set_ack_3'),
-    (3, 's2c', 4): ('ping', 'BaseChannel_ping_3'),
-    (3, 's2c', 5): ('wait_for_channels', 'BaseChannel_wait_for_channels_3'),
-    (3, 's2c', 6): ('disconnecting', 'BaseChannel_disconnecting_5'),
-    (3, 's2c', 7): ('notify', 'BaseChannel_notify_3'),
+    (3, 's2c', 3): ('set_ack', 'BaseChannel_set_ack'),
+    (3, 's2c', 4): ('ping', 'BaseChannel_ping'),
+    (3, 's2c', 5): ('wait_for_channels', 'BaseChannel_wait_for_channels'),
+    (3, 's2c', 6): ('disconnecting', 'BaseChannel_disconnecting'),
+    (3, 's2c', 7): ('notify', 'BaseChannel_notify'),
     (3, 's2c', 8): ('list', 'Data'),
     (3, 's2c', 100): ('base_last', 'Empty'),
     (3, 's2c', 101): ('init', 'InputsChannel_init'),
     (3, 's2c', 102): ('key_modifiers', 'InputsChannel_key_modifiers'),
     (3, 's2c', 111): ('mouse_motion_ack', 'Empty'),
-    (3, 'c2s', 1): ('ack_sync', 'BaseChannel_ack_sync_3'),
+    (3, 'c2s', 1): ('ack_sync', 'BaseChannel_ack_sync'),
     (3, 'c2s', 2): ('ack', 'Empty'),
-    (3, 'c2s', 3): ('pong', 'BaseChannel_pong_3'),
+    (3, 'c2s', 3): ('pong', 'BaseChannel_pong'),
     (3, 'c2s', 4): ('migrate_flush_mark', 'Empty'),
     (3, 'c2s', 5): ('migrate_data', 'Data'),
-    (3, 'c2s', 6): ('disconnecting', 'BaseChannel_disconnecting_6'),
+    (3, 'c2s', 6): ('disconnecting', 'BaseChannel_disconnecting_2'),
     (3, 'c2s', 101): ('key_down', 'InputsChannel_key_down'),
     (3, 'c2s', 102): ('key_up', 'InputsChannel_key_up'),
     (3, 'c2s', 103): ('key_modifiers', 'InputsChannel_key_modifiers_2'),
@@ -3474,13 +2425,13 @@ MESSAGES = {
     (3, 'c2s', 112): ('mouse_position', 'InputsChannel_mouse_position'),
     (3, 'c2s', 113): ('mouse_press', 'InputsChannel_mouse_press'),
     (3, 'c2s', 114): ('mouse_release', 'InputsChannel_mouse_release'),
-    (4, 's2c', 1): ('migrate', 'BaseChannel_migrate_4'),
+    (4, 's2c', 1): ('migrate', 'BaseChannel_migrate'),
     (4, 's2c', 2): ('migrate_data', 'Data'),
-    (4, 's2c', 3): ('set_ack', 'BaseChannel_set_ack_4'),
-    (4, 's2c', 4): ('ping', 'BaseChannel_ping_4'),
-    (4, 's2c', 5): ('wait_for_channels', 'BaseChannel_wait_for_channels_4'),
-    (4, 's2c', 6): ('disconnecting', 'BaseChannel_disconnecting_7'),
-    (4, 's2c', 7): ('notify', 'BaseChannel_notify_4'),
+    (4, 's2c', 3): ('set_ack', 'BaseChannel_set_ack'),
+    (4, 's2c', 4): ('ping', 'BaseChannel_ping'),
+    (4, 's2c', 5): ('wait_for_channels', 'BaseChannel_wait_for_channels'),
+    (4, 's2c', 6): ('disconnecting', 'BaseChannel_disconnecting'),
+    (4, 's2c', 7): ('notify', 'BaseChannel_notify'),
     (4, 's2c', 8): ('list', 'Data'),
     (4, 's2c', 100): ('base_last', 'Empty'),
     (4, 's2c', 101): ('init', 'CursorChannel_init'),
@@ -3491,19 +2442,19 @@ MESSAGES = {
     (4, 's2c', 106): ('trail', 'CursorChannel_trail'),
     (4, 's2c', 107): ('inval_one', 'CursorChannel_inval_one'),
     (4, 's2c', 108): ('inval_all', 'Empty'),
-    (4, 'c2s', 1): ('ack_sync', 'BaseChannel_ack_sync_4'),
+    (4, 'c2s', 1): ('ack_sync', 'BaseChannel_ack_sync'),
     (4, 'c2s', 2): ('ack', 'Empty'),
-    (4, 'c2s', 3): ('pong', 'BaseChannel_pong_4'),
+    (4, 'c2s', 3): ('pong', 'BaseChannel_pong'),
     (4, 'c2s', 4): ('migrate_flush_mark', 'Empty'),
     (4, 'c2s', 5): ('migrate_data', 'Data'),
-    (4, 'c2s', 6): ('disconnecting', 'BaseChannel_disconnecting_8'),
-    (5, 's2c', 1): ('migrate', 'BaseChannel_migrate_5'),
+    (4, 'c2s', 6): ('disconnecting', 'BaseChannel_disconnecting_2'),
+    (5, 's2c', 1): ('migrate', 'BaseChannel_migrate'),
     (5, 's2c', 2): ('migrate_data', 'Data'),
-    (5, 's2c', 3): ('set_ack', 'BaseChannel_set_ack_5'),
-    (5, 's2c', 4): ('ping', 'BaseChannel_ping_5'),
-    (5, 's2c', 5): ('wait_for_channels', 'BaseChannel_wait_for_channels_5'),
-    (5, 's2c', 6): ('disconnecting', 'BaseChannel_disconnecting_9'),
-    (5, 's2c', 7): ('notify', 'BaseChannel_notify_5'),
+    (5, 's2c', 3): ('set_ack', 'BaseChannel_set_ack'),
+    (5, 's2c', 4): ('ping', 'BaseChannel_ping'),
+    (5, 's2c', 5): ('wait_for_channels', 'BaseChannel_wait_for_channels'),
+    (5, 's2c', 6): ('disconnecting', 'BaseChannel_disconnecting'),
+    (5, 's2c', 7): ('notify', 'BaseChannel_notify'),
     (5, 's2c', 8): ('list', 'Data'),
     (5, 's2c', 100): ('base_last', 'Empty'),
     (5, 's2c', 101): ('data', 'PlaybackChannel_data'),
@@ -3513,114 +2464,114 @@ MESSAGES = {
     (5, 's2c', 105): ('volume', 'AudioVolume'),
     (5, 's2c', 106): ('mute', 'AudioMute'),
     (5, 's2c', 107): ('latency', 'PlaybackChannel_latency'),
-    (5, 'c2s', 1): ('ack_sync', 'BaseChannel_ack_sync_5'),
+    (5, 'c2s', 1): ('ack_sync', 'BaseChannel_ack_sync'),
     (5, 'c2s', 2): ('ack', 'Empty'),
-    (5, 'c2s', 3): ('pong', 'BaseChannel_pong_5'),
+    (5, 'c2s', 3): ('pong', 'BaseChannel_pong'),
     (5, 'c2s', 4): ('migrate_flush_mark', 'Empty'),
     (5, 'c2s', 5): ('migrate_data', 'Data'),
-    (5, 'c2s', 6): ('disconnecting', 'BaseChannel_disconnecting_10'),
-    (6, 's2c', 1): ('migrate', 'BaseChannel_migrate_6'),
+    (5, 'c2s', 6): ('disconnecting', 'BaseChannel_disconnecting_2'),
+    (6, 's2c', 1): ('migrate', 'BaseChannel_migrate'),
     (6, 's2c', 2): ('migrate_data', 'Data'),
-    (6, 's2c', 3): ('set_ack', 'BaseChannel_set_ack_6'),
-    (6, 's2c', 4): ('ping', 'BaseChannel_ping_6'),
-    (6, 's2c', 5): ('wait_for_channels', 'BaseChannel_wait_for_channels_6'),
-    (6, 's2c', 6): ('disconnecting', 'BaseChannel_disconnecting_11'),
-    (6, 's2c', 7): ('notify', 'BaseChannel_notify_6'),
+    (6, 's2c', 3): ('set_ack', 'BaseChannel_set_ack'),
+    (6, 's2c', 4): ('ping', 'BaseChannel_ping'),
+    (6, 's2c', 5): ('wait_for_channels', 'BaseChannel_wait_for_channels'),
+    (6, 's2c', 6): ('disconnecting', 'BaseChannel_disconnecting'),
+    (6, 's2c', 7): ('notify', 'BaseChannel_notify'),
     (6, 's2c', 8): ('list', 'Data'),
     (6, 's2c', 100): ('base_last', 'Empty'),
     (6, 's2c', 101): ('start', 'RecordChannel_start'),
     (6, 's2c', 102): ('stop', 'Empty'),
     (6, 's2c', 103): ('volume', 'AudioVolume'),
     (6, 's2c', 104): ('mute', 'AudioMute'),
-    (6, 'c2s', 1): ('ack_sync', 'BaseChannel_ack_sync_6'),
+    (6, 'c2s', 1): ('ack_sync', 'BaseChannel_ack_sync'),
     (6, 'c2s', 2): ('ack', 'Empty'),
-    (6, 'c2s', 3): ('pong', 'BaseChannel_pong_6'),
+    (6, 'c2s', 3): ('pong', 'BaseChannel_pong'),
     (6, 'c2s', 4): ('migrate_flush_mark', 'Empty'),
     (6, 'c2s', 5): ('migrate_data', 'Data'),
-    (6, 'c2s', 6): ('disconnecting', 'BaseChannel_disconnecting_12'),
+    (6, 'c2s', 6): ('disconnecting', 'BaseChannel_disconnecting_2'),
     (6, 'c2s', 101): ('data', 'RecordChannel_data'),
     (6, 'c2s', 102): ('mode', 'RecordChannel_mode'),
     (6, 'c2s', 103): ('start_mark', 'RecordChannel_start_mark'),
-    (8, 's2c', 1): ('migrate', 'BaseChannel_migrate_7'),
+    (8, 's2c', 1): ('migrate', 'BaseChannel_migrate'),
     (8, 's2c', 2): ('migrate_data', 'Data'),
-    (8, 's2c', 3): ('set_ack', 'BaseChannel_set_ack_7'),
-    (8, 's2c', 4): ('ping', 'BaseChannel_ping_7'),
-    (8, 's2c', 5): ('wait_for_channels', 'BaseChannel_wait_for_channels_7'),
-    (8, 's2c', 6): ('disconnecting', 'BaseChannel_disconnecting_13'),
-    (8, 's2c', 7): ('notify', 'BaseChannel_notify_7'),
+    (8, 's2c', 3): ('set_ack', 'BaseChannel_set_ack'),
+    (8, 's2c', 4): ('ping', 'BaseChannel_ping'),
+    (8, 's2c', 5): ('wait_for_channels', 'BaseChannel_wait_for_channels'),
+    (8, 's2c', 6): ('disconnecting', 'BaseChannel_disconnecting'),
+    (8, 's2c', 7): ('notify', 'BaseChannel_notify'),
     (8, 's2c', 8): ('list', 'Data'),
     (8, 's2c', 100): ('base_last', 'Empty'),
     (8, 's2c', 101): ('data', 'SmartcardChannel_data'),
-    (8, 'c2s', 1): ('ack_sync', 'BaseChannel_ack_sync_7'),
+    (8, 'c2s', 1): ('ack_sync', 'BaseChannel_ack_sync'),
     (8, 'c2s', 2): ('ack', 'Empty'),
-    (8, 'c2s', 3): ('pong', 'BaseChannel_pong_7'),
+    (8, 'c2s', 3): ('pong', 'BaseChannel_pong'),
     (8, 'c2s', 4): ('migrate_flush_mark', 'Empty'),
     (8, 'c2s', 5): ('migrate_data', 'Data'),
-    (8, 'c2s', 6): ('disconnecting', 'BaseChannel_disconnecting_14'),
+    (8, 'c2s', 6): ('disconnecting', 'BaseChannel_disconnecting_2'),
     (8, 'c2s', 101): ('data', 'SmartcardChannel_data_2'),
-    (9, 's2c', 1): ('migrate', 'BaseChannel_migrate_8'),
+    (9, 's2c', 1): ('migrate', 'BaseChannel_migrate'),
     (9, 's2c', 2): ('migrate_data', 'Data'),
-    (9, 's2c', 3): ('set_ack', 'BaseChannel_set_ack_8'),
-    (9, 's2c', 4): ('ping', 'BaseChannel_ping_8'),
-    (9, 's2c', 5): ('wait_for_channels', 'BaseChannel_wait_for_channels_8'),
-    (9, 's2c', 6): ('disconnecting', 'BaseChannel_disconnecting_15'),
-    (9, 's2c', 7): ('notify', 'BaseChannel_notify_8'),
+    (9, 's2c', 3): ('set_ack', 'BaseChannel_set_ack'),
+    (9, 's2c', 4): ('ping', 'BaseChannel_ping'),
+    (9, 's2c', 5): ('wait_for_channels', 'BaseChannel_wait_for_channels'),
+    (9, 's2c', 6): ('disconnecting', 'BaseChannel_disconnecting'),
+    (9, 's2c', 7): ('notify', 'BaseChannel_notify'),
     (9, 's2c', 8): ('list', 'Data'),
     (9, 's2c', 100): ('base_last', 'Empty'),
     (9, 's2c', 101): ('data', 'Data'),
     (9, 's2c', 102): ('compressed_data', 'CompressedData'),
-    (9, 'c2s', 1): ('ack_sync', 'BaseChannel_ack_sync_8'),
+    (9, 'c2s', 1): ('ack_sync', 'BaseChannel_ack_sync'),
     (9, 'c2s', 2): ('ack', 'Empty'),
-    (9, 'c2s', 3): ('pong', 'BaseChannel_pong_8'),
+    (9, 'c2s', 3): ('pong', 'BaseChannel_pong'),
     (9, 'c2s', 4): ('migrate_flush_mark', 'Empty'),
     (9, 'c2s', 5): ('migrate_data', 'Data'),
-    (9, 'c2s', 6): ('disconnecting', 'BaseChannel_disconnecting_16'),
+    (9, 'c2s', 6): ('disconnecting', 'BaseChannel_disconnecting_2'),
     (9, 'c2s', 101): ('data', 'Data'),
     (9, 'c2s', 102): ('compressed_data', 'CompressedData'),
-    (10, 's2c', 1): ('migrate', 'BaseChannel_migrate_9'),
+    (10, 's2c', 1): ('migrate', 'BaseChannel_migrate'),
     (10, 's2c', 2): ('migrate_data', 'Data'),
-    (10, 's2c', 3): ('set_ack', 'BaseChannel_set_ack_9'),
-    (10, 's2c', 4): ('ping', 'BaseChannel_ping_9'),
-    (10, 's2c', 5): ('wait_for_channels', 'BaseChannel_wait_for_channels_9'),
-    (10, 's2c', 6): ('disconnecting', 'BaseChannel_disconnecting_17'),
-    (10, 's2c', 7): ('notify', 'BaseChannel_notify_9'),
+    (10, 's2c', 3): ('set_ack', 'BaseChannel_set_ack'),
+    (10, 's2c', 4): ('ping', 'BaseChannel_ping'),
+    (10, 's2c', 5): ('wait_for_channels', 'BaseChannel_wait_for_channels'),
+    (10, 's2c', 6): ('disconnecting', 'BaseChannel_disconnecting'),
+    (10, 's2c', 7): ('notify', 'BaseChannel_notify'),
     (10, 's2c', 8): ('list', 'Data'),
     (10, 's2c', 100): ('base_last', 'Empty'),
     (10, 's2c', 101): ('data', 'Data'),
     (10, 's2c', 102): ('compressed_data', 'CompressedData'),
     (10, 's2c', 201): ('init', 'PortChannel_init'),
     (10, 's2c', 202): ('event', 'PortChannel_event'),
-    (10, 'c2s', 1): ('ack_sync', 'BaseChannel_ack_sync_9'),
+    (10, 'c2s', 1): ('ack_sync', 'BaseChannel_ack_sync'),
     (10, 'c2s', 2): ('ack', 'Empty'),
-    (10, 'c2s', 3): ('pong', 'BaseChannel_pong_9'),
+    (10, 'c2s', 3): ('pong', 'BaseChannel_pong'),
     (10, 'c2s', 4): ('migrate_flush_mark', 'Empty'),
     (10, 'c2s', 5): ('migrate_data', 'Data'),
-    (10, 'c2s', 6): ('disconnecting', 'BaseChannel_disconnecting_18'),
+    (10, 'c2s', 6): ('disconnecting', 'BaseChannel_disconnecting_2'),
     (10, 'c2s', 101): ('data', 'Data'),
     (10, 'c2s', 102): ('compressed_data', 'CompressedData'),
     (10, 'c2s', 201): ('event', 'PortChannel_event_2'),
-    (11, 's2c', 1): ('migrate', 'BaseChannel_migrate_10'),
+    (11, 's2c', 1): ('migrate', 'BaseChannel_migrate'),
     (11, 's2c', 2): ('migrate_data', 'Data'),
-    (11, 's2c', 3): ('set_ack', 'BaseChannel_set_ack_10'),
-    (11, 's2c', 4): ('ping', 'BaseChannel_ping_10'),
-    (11, 's2c', 5): ('wait_for_channels', 'BaseChannel_wait_for_channels_10'),
-    (11, 's2c', 6): ('disconnecting', 'BaseChannel_disconnecting_19'),
-    (11, 's2c', 7): ('notify', 'BaseChannel_notify_10'),
+    (11, 's2c', 3): ('set_ack', 'BaseChannel_set_ack'),
+    (11, 's2c', 4): ('ping', 'BaseChannel_ping'),
+    (11, 's2c', 5): ('wait_for_channels', 'BaseChannel_wait_for_channels'),
+    (11, 's2c', 6): ('disconnecting', 'BaseChannel_disconnecting'),
+    (11, 's2c', 7): ('notify', 'BaseChannel_notify'),
     (11, 's2c', 8): ('list', 'Data'),
     (11, 's2c', 100): ('base_last', 'Empty'),
     (11, 's2c', 101): ('data', 'Data'),
     (11, 's2c', 102): ('compressed_data', 'CompressedData'),
-    (11, 's2c', 201): ('init', 'PortChannel_init_2'),
-    (11, 's2c', 202): ('event', 'PortChannel_event_3'),
-    (11, 'c2s', 1): ('ack_sync', 'BaseChannel_ack_sync_10'),
+    (11, 's2c', 201): ('init', 'PortChannel_init'),
+    (11, 's2c', 202): ('event', 'PortChannel_event'),
+    (11, 'c2s', 1): ('ack_sync', 'BaseChannel_ack_sync'),
     (11, 'c2s', 2): ('ack', 'Empty'),
-    (11, 'c2s', 3): ('pong', 'BaseChannel_pong_10'),
+    (11, 'c2s', 3): ('pong', 'BaseChannel_pong'),
     (11, 'c2s', 4): ('migrate_flush_mark', 'Empty'),
     (11, 'c2s', 5): ('migrate_data', 'Data'),
-    (11, 'c2s', 6): ('disconnecting', 'BaseChannel_disconnecting_20'),
+    (11, 'c2s', 6): ('disconnecting', 'BaseChannel_disconnecting_2'),
     (11, 'c2s', 101): ('data', 'Data'),
     (11, 'c2s', 102): ('compressed_data', 'CompressedData'),
-    (11, 'c2s', 201): ('event', 'PortChannel_event_4'),
+    (11, 'c2s', 201): ('event', 'PortChannel_event_2'),
 }
 
 # struct name -> (decoder, encoder)
@@ -3697,12 +2648,6 @@ CODECS = {
     'MainChannel_agent_start': (d_MainChannel_agent_start, e_MainChannel_agent_start),
     'MainChannel_agent_token_2': (d_MainChannel_agent_token_2, e_MainChannel_agent_token_2),
     'MainChannel_migrate_dst_do_seamless': (d_MainChannel_migrate_dst_do_seamless, e_MainChannel_migrate_dst_do_seamless),
-    'BaseChannel_migrate_2': (d_BaseChannel_migrate_2, e_BaseChannel_migrate_2),
-    'BaseChannel_set_ack_2': (d_BaseChannel_set_ack_2, e_BaseChannel_set_ack_2),
-    'BaseChannel_ping_2': (d_BaseChannel_ping_2, e_BaseChannel_ping_2),
-    'BaseChannel_wait_for_channels_2': (d_BaseChannel_wait_for_channels_2, e_BaseChannel_wait_for_channels_2),
-    'BaseChannel_disconnecting_3': (d_BaseChannel_disconnecting_3, e_BaseChannel_disconnecting_3),
-    'BaseChannel_notify_2': (d_BaseChannel_notify_2, e_BaseChannel_notify_2),
     'DisplayChannel_mode': (d_DisplayChannel_mode, e_DisplayChannel_mode),
     'DisplayChannel_copy_bits': (d_DisplayChannel_copy_bits, e_DisplayChannel_copy_bits),
     'DisplayChannel_inval_list': (d_DisplayChannel_inval_list, e_DisplayChannel_inval_list),
@@ -3732,25 +2677,13 @@ CODECS = {
     'DisplayChannel_stream_activate_report': (d_DisplayChannel_stream_activate_report, e_DisplayChannel_stream_activate_report),
     'DisplayChannel_gl_scanout_unix': (d_DisplayChannel_gl_scanout_unix, e_DisplayChannel_gl_scanout_unix),
     'DisplayChannel_gl_draw': (d_DisplayChannel_gl_draw, e_DisplayChannel_gl_draw),
-    'BaseChannel_ack_sync_2': (d_BaseChannel_ack_sync_2, e_BaseChannel_ack_sync_2),
-    'BaseChannel_pong_2': (d_BaseChannel_pong_2, e_BaseChannel_pong_2),
-    'BaseChannel_disconnecting_4': (d_BaseChannel_disconnecting_4, e_BaseChannel_disconnecting_4),
     'DisplayChannel_init': (d_DisplayChannel_init, e_DisplayChannel_init),
     'DisplayChannel_stream_report': (d_DisplayChannel_stream_report, e_DisplayChannel_stream_report),
     'DisplayChannel_preferred_compression': (d_DisplayChannel_preferred_compression, e_DisplayChannel_preferred_compression),
     'DisplayChannel_gl_draw_done': (d_DisplayChannel_gl_draw_done, e_DisplayChannel_gl_draw_done),
     'DisplayChannel_preferred_video_codec_type': (d_DisplayChannel_preferred_video_codec_type, e_DisplayChannel_preferred_video_codec_type),
-    'BaseChannel_migrate_3': (d_BaseChannel_migrate_3, e_BaseChannel_migrate_3),
-    'BaseChannel_set_ack_3': (d_BaseChannel_set_ack_3, e_BaseChannel_set_ack_3),
-    'BaseChannel_ping_3': (d_BaseChannel_ping_3, e_BaseChannel_ping_3),
-    'BaseChannel_wait_for_channels_3': (d_BaseChannel_wait_for_channels_3, e_BaseChannel_wait_for_channels_3),
-    'BaseChannel_disconnecting_5': (d_BaseChannel_disconnecting_5, e_BaseChannel_disconnecting_5),
-    'BaseChannel_notify_3': (d_BaseChannel_notify_3, e_BaseChannel_notify_3),
     'InputsChannel_init': (d_InputsChannel_init, e_InputsChannel_init),
     'InputsChannel_key_modifiers': (d_InputsChannel_key_modifiers, e_InputsChannel_key_modifiers),
-    'BaseChannel_ack_sync_3': (d_BaseChannel_ack_sync_3, e_BaseChannel_ack_sync_3),
-    'BaseChannel_pong_3': (d_BaseChannel_pong_3, e_BaseChannel_pong_3),
-    'BaseChannel_disconnecting_6': (d_BaseChannel_disconnecting_6, e_BaseChannel_disconnecting_6),
     'InputsChannel_key_down': (d_InputsChannel_key_down, e_InputsChannel_key_down),
     'InputsChannel_key_up': (d_InputsChannel_key_up, e_InputsChannel_key_up),
     'InputsChannel_key_modifiers_2': (d_InputsChannel_key_modifiers_2, e_InputsChannel_key_modifiers_2),
@@ -3758,90 +2691,24 @@ CODECS = {
     'InputsChannel_mouse_position': (d_InputsChannel_mouse_position, e_InputsChannel_mouse_position),
     'InputsChannel_mouse_press': (d_InputsChannel_mouse_press, e_InputsChannel_mouse_press),
     'InputsChannel_mouse_release': (d_InputsChannel_mouse_release, e_InputsChannel_mouse_release),
-    'BaseChannel_migrate_4': (d_BaseChannel_migrate_4, e_BaseChannel_migrate_4),
-    'BaseChannel_set_ack_4': (d_BaseChannel_set_ack_4, e_BaseChannel_set_ack_4),
-    'BaseChannel_ping_4': (d_BaseChannel_ping_4, e_BaseChannel_ping_4),
-    'BaseChannel_wait_for_channels_4': (d_BaseChannel_wait_for_channels_4, e_BaseChannel_wait_for_channels_4),
-    'BaseChannel_disconnecting_7': (d_BaseChannel_disconnecting_7, e_BaseChannel_disconnecting_7),
-    'BaseChannel_notify_4': (d_BaseChannel_notify_4, e_BaseChannel_notify_4),
     'CursorChannel_init': (d_CursorChannel_init, e_CursorChannel_init),
     'CursorChannel_set': (d_CursorChannel_set, e_CursorChannel_set),
     'CursorChannel_move': (d_CursorChannel_move, e_CursorChannel_move),
     'CursorChannel_trail': (d_CursorChannel_trail, e_CursorChannel_trail),
     'CursorChannel_inval_one': (d_CursorChannel_inval_one, e_CursorChannel_inval_one),
-    'BaseChannel_ack_sync_4': (d_BaseChannel_ack_sync_4, e_BaseChannel_ack_sync_4),
-    'BaseChannel_pong_4': (d_BaseChannel_pong_4, e_BaseChannel_pong_4),
-    'BaseChannel_disconnecting_8': (d_BaseChannel_disconnecting_8, e_BaseChannel_disconnecting_8),
-    'BaseChannel_migrate_5': (d_BaseChannel_migrate_5, e_BaseChannel_migrate_5),
-    'BaseChannel_set_ack_5': (d_BaseChannel_set_ack_5, e_BaseChannel_set_ack_5),
-    'BaseChannel_ping_5': (d_BaseChannel_ping_5, e_BaseChannel_ping_5),
-    'BaseChannel_wait_for_channels_5': (d_BaseChannel_wait_for_channels_5, e_BaseChannel_wait_for_channels_5),
-    'BaseChannel_disconnecting_9': (d_BaseChannel_disconnecting_9, e_BaseChannel_disconnecting_9),
-    'BaseChannel_notify_5': (d_BaseChannel_notify_5, e_BaseChannel_notify_5),
     'PlaybackChannel_data': (d_PlaybackChannel_data, e_PlaybackChannel_data),
     'PlaybackChannel_mode': (d_PlaybackChannel_mode, e_PlaybackChannel_mode),
     'PlaybackChannel_start': (d_PlaybackChannel_start, e_PlaybackChannel_start),
     'PlaybackChannel_latency': (d_PlaybackChannel_latency, e_PlaybackChannel_latency),
-    'BaseChannel_ack_sync_5': (d_BaseChannel_ack_sync_5, e_BaseChannel_ack_sync_5),
-    'BaseChannel_pong_5': (d_BaseChannel_pong_5, e_BaseChannel_pong_5),
-    'BaseChannel_disconnecting_10': (d_BaseChannel_disconnecting_10, e_BaseChannel_disconnecting_10),
-    'BaseChannel_migrate_6': (d_BaseChannel_migrate_6, e_BaseChannel_migrate_6),
-    'BaseChannel_set_ack_6': (d_BaseChannel_set_ack_6, e_BaseChannel_set_ack_6),
-    'BaseChannel_ping_6': (d_BaseChannel_ping_6, e_BaseChannel_ping_6),
-    'BaseChannel_wait_for_channels_6': (d_BaseChannel_wait_for_channels_6, e_BaseChannel_wait_for_channels_6),
-    'BaseChannel_disconnecting_11': (d_BaseChannel_disconnecting_11, e_BaseChannel_disconnecting_11),
-    'BaseChannel_notify_6': (d_BaseChannel_notify_6, e_BaseChannel_notify_6),
     'RecordChannel_start': (d_RecordChannel_start, e_RecordChannel_start),
-    'BaseChannel_ack_sync_6': (d_BaseChannel_ack_sync_6, e_BaseChannel_ack_sync_6),
-    'BaseChannel_pong_6': (d_BaseChannel_pong_6, e_BaseChannel_pong_6),
-    'BaseChannel_disconnecting_12': (d_BaseChannel_disconnecting_12, e_BaseChannel_disconnecting_12),
     'RecordChannel_data': (d_RecordChannel_data, e_RecordChannel_data),
     'RecordChannel_mode': (d_RecordChannel_mode, e_RecordChannel_mode),
     'RecordChannel_start_mark': (d_RecordChannel_start_mark, e_RecordChannel_start_mark),
-    'BaseChannel_migrate_7': (d_BaseChannel_migrate_7, e_BaseChannel_migrate_7),
-    'BaseChannel_set_ack_7': (d_BaseChannel_set_ack_7, e_BaseChannel_set_ack_7),
-    'BaseChannel_ping_7': (d_BaseChannel_ping_7, e_BaseChannel_ping_7),
-    'BaseChannel_wait_for_channels_7': (d_BaseChannel_wait_for_channels_7, e_BaseChannel_wait_for_channels_7),
-    'BaseChannel_disconnecting_13': (d_BaseChannel_disconnecting_13, e_BaseChannel_disconnecting_13),
-    'BaseChannel_notify_7': (d_BaseChannel_notify_7, e_BaseChannel_notify_7),
     'SmartcardChannel_data': (d_SmartcardChannel_data, e_SmartcardChannel_data),
-    'BaseChannel_ack_sync_7': (d_BaseChannel_ack_sync_7, e_BaseChannel_ack_sync_7),
-    'BaseChannel_pong_7': (d_BaseChannel_pong_7, e_BaseChannel_pong_7),
-    'BaseChannel_disconnecting_14': (d_BaseChannel_disconnecting_14, e_BaseChannel_disconnecting_14),
     'SmartcardChannel_data_2': (d_SmartcardChannel_data_2, e_SmartcardChannel_data_2),
-    'BaseChannel_migrate_8': (d_BaseChannel_migrate_8, e_BaseChannel_migrate_8),
-    'BaseChannel_set_ack_8': (d_BaseChannel_set_ack_8, e_BaseChannel_set_ack_8),
-    'BaseChannel_ping_8': (d_BaseChannel_ping_8, e_BaseChannel_ping_8),
-    'BaseChannel_wait_for_channels_8': (d_BaseChannel_wait_for_channels_8, e_BaseChannel_wait_for_channels_8),
-    'BaseChannel_disconnecting_15': (d_BaseChannel_disconnecting_15, e_BaseChannel_disconnecting_15),
-    'BaseChannel_notify_8': (d_BaseChannel_notify_8, e_BaseChannel_notify_8),
-    'BaseChannel_ack_sync_8': (d_BaseChannel_ack_sync_8, e_BaseChannel_ack_sync_8),
-    'BaseChannel_pong_8': (d_BaseChannel_pong_8, e_BaseChannel_pong_8),
-    'BaseChannel_disconnecting_16': (d_BaseChannel_disconnecting_16, e_BaseChannel_disconnecting_16),
-    'BaseChannel_migrate_9': (d_BaseChannel_migrate_9, e_BaseChannel_migrate_9),
-    'BaseChannel_set_ack_9': (d_BaseChannel_set_ack_9, e_BaseChannel_set_ack_9),
-    'BaseChannel_ping_9': (d_BaseChannel_ping_9, e_BaseChannel_ping_9),
-    'BaseChannel_wait_for_channels_9': (d_BaseChannel_wait_for_channels_9, e_BaseChannel_wait_for_channels_9),
-    'BaseChannel_disconnecting_17': (d_BaseChannel_disconnecting_17, e_BaseChannel_disconnecting_17),
-    'BaseChannel_notify_9': (d_BaseChannel_notify_9, e_BaseChannel_notify_9),
     'PortChannel_init': (d_PortChannel_init, e_PortChannel_init),
     'PortChannel_event': (d_PortChannel_event, e_PortChannel_event),
-    'BaseChannel_ack_sync_9': (d_BaseChannel_ack_sync_9, e_BaseChannel_ack_sync_9),
-    'BaseChannel_pong_9': (d_BaseChannel_pong_9, e_BaseChannel_pong_9),
-    'BaseChannel_disconnecting_18': (d_BaseChannel_disconnecting_18, e_BaseChannel_disconnecting_18),
     'PortChannel_event_2': (d_PortChannel_event_2, e_PortChannel_event_2),
-    'BaseChannel_migrate_10': (d_BaseChannel_migrate_10, e_BaseChannel_migrate_10),
-    'BaseChannel_set_ack_10': (d_BaseChannel_set_ack_10, e_BaseChannel_set_ack_10),
-    'BaseChannel_ping_10': (d_BaseChannel_ping_10, e_BaseChannel_ping_10),
-    'BaseChannel_wait_for_channels_10': (d_BaseChannel_wait_for_channels_10, e_BaseChannel_wait_for_channels_10),
-    'BaseChannel_disconnecting_19': (d_BaseChannel_disconnecting_19, e_BaseChannel_disconnecting_19),
-    'BaseChannel_notify_10': (d_BaseChannel_notify_10, e_BaseChannel_notify_10),
-    'PortChannel_init_2': (d_PortChannel_init_2, e_PortChannel_init_2),
-    'PortChannel_event_3': (d_PortChannel_event_3, e_PortChannel_event_3),
-    'BaseChannel_ack_sync_10': (d_BaseChannel_ack_sync_10, e_BaseChannel_ack_sync_10),
-    'BaseChannel_pong_10': (d_BaseChannel_pong_10, e_BaseChannel_pong_10),
-    'BaseChannel_disconnecting_20': (d_BaseChannel_disconnecting_20, e_BaseChannel_disconnecting_20),
-    'PortChannel_event_4': (d_PortChannel_event_4, e_PortChannel_event_4),
     'ImageDescriptor': (d_ImageDescriptor, e_ImageDescriptor),
     'Fill': (d_Fill, e_Fill),
     'Opaque': (d_Opaque, e_Opaque),
@@ -3982,12 +2849,6 @@ SCHEMA = {
     'MainChannel_agent_start': (('field', 'num_tokens', 'uint32', False, False),),
     'MainChannel_agent_token_2': (('field', 'num_tokens', 'uint32', False, False),),
     'MainChannel_migrate_dst_do_seamless': (('field', 'src_version', 'uint32', False, False),),
-    'BaseChannel_migrate_2': (('field', 'flags', 'flags:migrate_flags', False, False),),
-    'BaseChannel_set_ack_2': (('field', 'generation', 'uint32', False, False), ('field', 'window', 'uint32', False, False)),
-    'BaseChannel_ping_2': (('field', 'id', 'uint32', False, False), ('field', 'timestamp', 'uint64', False, False), ('field', 'data', 'uint8', True, False)),
-    'BaseChannel_wait_for_channels_2': (('field', 'wait_count', 'uint8', False, False), ('field', 'wait_list', 'struct:ChannelWait', True, False)),
-    'BaseChannel_disconnecting_3': (('field', 'time_stamp', 'uint64', False, False), ('field', 'reason', 'enum:link_err', False, False)),
-    'BaseChannel_notify_2': (('field', 'time_stamp', 'uint64', False, False), ('field', 'severity', 'enum:notify_severity', False, False), ('field', 'visibilty', 'enum:notify_visibility', False, False), ('field', 'what', 'uint32', False, False), ('field', 'message_len', 'uint32', False, False), ('field', 'message', 'uint8', True, False), ('field', 'nul_terminator', 'uint8', True, False)),
     'DisplayChannel_mode': (('field', 'x_res', 'uint32', False, False), ('field', 'y_res', 'uint32', False, False), ('field', 'bits', 'uint32', False, False)),
     'DisplayChannel_copy_bits': (('field', 'base', 'struct:DisplayBase', False, False), ('field', 'src_pos', 'struct:Point', False, False)),
     'DisplayChannel_inval_list': (('field', 'count', 'uint16', False, False), ('field', 'resources', 'struct:ResourceID', True, False)),
@@ -4017,25 +2878,13 @@ SCHEMA = {
     'DisplayChannel_stream_activate_report': (('field', 'stream_id', 'uint32', False, False), ('field', 'unique_id', 'uint32', False, False), ('field', 'max_window_size', 'uint32', False, False), ('field', 'timeout_ms', 'uint32', False, False)),
     'DisplayChannel_gl_scanout_unix': (('field', 'drm_dma_buf_fd', 'unix_fd', False, False), ('field', 'width', 'uint32', False, False), ('field', 'height', 'uint32', False, False), ('field', 'stride', 'uint32', False, False), ('field', 'drm_fourcc_format', 'uint32', False, False), ('field', 'flags', 'flags:gl_scanout_flags', False, False)),
     'DisplayChannel_gl_draw': (('field', 'x', 'uint32', False, False), ('field', 'y', 'uint32', False, False), ('field', 'w', 'uint32', False, False), ('field', 'h', 'uint32', False, False)),
-    'BaseChannel_ack_sync_2': (('field', 'generation', 'uint32', False, False),),
-    'BaseChannel_pong_2': (('field', 'id', 'uint32', False, False), ('field', 'timestamp', 'uint64', False, False)),
-    'BaseChannel_disconnecting_4': (('field', 'time_stamp', 'uint64', False, False), ('field', 'reason', 'enum:link_err', False, False)),
     'DisplayChannel_init': (('field', 'pixmap_cache_id', 'uint8', False, False), ('field', 'pixmap_cache_size', 'int64', False, False), ('field', 'glz_dictionary_id', 'uint8', False, False), ('field', 'glz_dictionary_window_size', 'int32', False, False)),
     'DisplayChannel_stream_report': (('field', 'stream_id', 'uint32', False, False), ('field', 'unique_id', 'uint32', False, False), ('field', 'start_frame_mm_time', 'uint32', False, False), ('field', 'end_frame_mm_time', 'uint32', False, False), ('field', 'num_frames', 'uint32', False, False), ('field', 'num_drops', 'uint32', False, False), ('field', 'last_frame_delay', 'int32', False, False), ('field', 'audio_delay', 'uint32', False, False)),
     'DisplayChannel_preferred_compression': (('field', 'image_compression', 'enum:image_compression', False, False),),
     'DisplayChannel_gl_draw_done': (),
     'DisplayChannel_preferred_video_codec_type': (('field', 'num_of_codecs', 'uint8', False, False), ('field', 'codecs', 'enum:video_codec_type', True, False)),
-    'BaseChannel_migrate_3': (('field', 'flags', 'flags:migrate_flags', False, False),),
-    'BaseChannel_set_ack_3': (('field', 'generation', 'uint32', False, False), ('field', 'window', 'uint32', False, False)),
-    'BaseChannel_ping_3': (('field', 'id', 'uint32', False, False), ('field', 'timestamp', 'uint64', False, False), ('field', 'data', 'uint8', True, False)),
-    'BaseChannel_wait_for_channels_3': (('field', 'wait_count', 'uint8', False, False), ('field', 'wait_list', 'struct:ChannelWait', True, False)),
-    'BaseChannel_disconnecting_5': (('field', 'time_stamp', 'uint64', False, False), ('field', 'reason', 'enum:link_err', False, False)),
-    'BaseChannel_notify_3': (('field', 'time_stamp', 'uint64', False, False), ('field', 'severity', 'enum:notify_severity', False, False), ('field', 'visibilty', 'enum:notify_visibility', False, False), ('field', 'what', 'uint32', False, False), ('field', 'message_len', 'uint32', False, False), ('field', 'message', 'uint8', True, False), ('field', 'nul_terminator', 'uint8', True, False)),
     'InputsChannel_init': (('field', 'keyboard_modifiers', 'flags:keyboard_modifier_flags', False, False),),
     'InputsChannel_key_modifiers': (('field', 'modifiers', 'flags:keyboard_modifier_flags', False, False),),
-    'BaseChannel_ack_sync_3': (('field', 'generation', 'uint32', False, False),),
-    'BaseChannel_pong_3': (('field', 'id', 'uint32', False, False), ('field', 'timestamp', 'uint64', False, False)),
-    'BaseChannel_disconnecting_6': (('field', 'time_stamp', 'uint64', False, False), ('field', 'reason', 'enum:link_err', False, False)),
     'InputsChannel_key_down': (('field', 'code', 'uint32', False, False),),
     'InputsChannel_key_up': (('field', 'code', 'uint32', False, False),),
     'InputsChannel_key_modifiers_2': (('field', 'modifiers', 'flags:keyboard_modifier_flags', False, False),),
@@ -4043,90 +2892,24 @@ SCHEMA = {
     'InputsChannel_mouse_position': (('field', 'x', 'uint32', False, False), ('field', 'y', 'uint32', False, False), ('field', 'buttons_state', 'flags:mouse_button_mask', False, False), ('field', 'display_id', 'uint8', False, False)),
     'InputsChannel_mouse_press': (('field', 'button', 'enum:mouse_button', False, False), ('field', 'buttons_state', 'flags:mouse_button_mask', False, False)),
     'InputsChannel_mouse_release': (('field', 'button', 'enum:mouse_button', False, False), ('field', 'buttons_state', 'flags:mouse_button_mask', False, False)),
-    'BaseChannel_migrate_4': (('field', 'flags', 'flags:migrate_flags', False, False),),
-    'BaseChannel_set_ack_4': (('field', 'generation', 'uint32', False, False), ('field', 'window', 'uint32', False, False)),
-    'BaseChannel_ping_4': (('field', 'id', 'uint32', False, False), ('field', 'timestamp', 'uint64', False, False), ('field', 'data', 'uint8', True, False)),
-    'BaseChannel_wait_for_channels_4': (('field', 'wait_count', 'uint8', False, False), ('field', 'wait_list', 'struct:ChannelWait', True, False)),
-    'BaseChannel_disconnecting_7': (('field', 'time_stamp', 'uint64', False, False), ('field', 'reason', 'enum:link_err', False, False)),
-    'BaseChannel_notify_4': (('field', 'time_stamp', 'uint64', False, False), ('field', 'severity', 'enum:notify_severity', False, False), ('field', 'visibilty', 'enum:notify_visibility', False, False), ('field', 'what', 'uint32', False, False), ('field', 'message_len', 'uint32', False, False), ('field', 'message', 'uint8', True, False), ('field', 'nul_terminator', 'uint8', True, False)),
     'CursorChannel_init': (('field', 'position', 'struct:Point16', False, False), ('field', 'trail_length', 'uint16', False, False), ('field', 'trail_frequency', 'uint16', False, False), ('field', 'visible', 'uint8', False, False), ('field', 'cursor', 'struct:Cursor', False, False)),
     'CursorChannel_set': (('field', 'position', 'struct:Point16', False, False), ('field', 'visible', 'uint8', False, False), ('field', 'cursor', 'struct:Cursor', False, False)),
     'CursorChannel_move': (('field', 'position', 'struct:Point16', False, False),),
     'CursorChannel_trail': (('field', 'length', 'uint16', False, False), ('field', 'frequency', 'uint16', False, False)),
     'CursorChannel_inval_one': (('field', 'id', 'uint64', False, False),),
-    'BaseChannel_ack_sync_4': (('field', 'generation', 'uint32', False, False),),
-    'BaseChannel_pong_4': (('field', 'id', 'uint32', False, False), ('field', 'timestamp', 'uint64', False, False)),
-    'BaseChannel_disconnecting_8': (('field', 'time_stamp', 'uint64', False, False), ('field', 'reason', 'enum:link_err', False, False)),
-    'BaseChannel_migrate_5': (('field', 'flags', 'flags:migrate_flags', False, False),),
-    'BaseChannel_set_ack_5': (('field', 'generation', 'uint32', False, False), ('field', 'window', 'uint32', False, False)),
-    'BaseChannel_ping_5': (('field', 'id', 'uint32', False, False), ('field', 'timestamp', 'uint64', False, False), ('field', 'data', 'uint8', True, False)),
-    'BaseChannel_wait_for_channels_5': (('field', 'wait_count', 'uint8', False, False), ('field', 'wait_list', 'struct:ChannelWait', True, False)),
-    'BaseChannel_disconnecting_9': (('field', 'time_stamp', 'uint64', False, False), ('field', 'reason', 'enum:link_err', False, False)),
-    'BaseChannel_notify_5': (('field', 'time_stamp', 'uint64', False, False), ('field', 'severity', 'enum:notify_severity', False, False), ('field', 'visibilty', 'enum:notify_visibility', False, False), ('field', 'what', 'uint32', False, False), ('field', 'message_len', 'uint32', False, False), ('field', 'message', 'uint8', True, False), ('field', 'nul_terminator', 'uint8', True, False)),
     'PlaybackChannel_data': (('field', 'time', 'uint32', False, False), ('field', 'data', 'uint8', True, False)),
     'PlaybackChannel_mode': (('field', 'time', 'uint32', False, False), ('field', 'mode', 'enum:audio_data_mode', False, False), ('field', 'data', 'uint8', True, False)),
     'PlaybackChannel_start': (('field', 'channels', 'uint32', False, False), ('field', 'format', 'enum:audio_fmt', False, False), ('field', 'frequency', 'uint32', False, False), ('field', 'time', 'uint32', False, False)),
     'PlaybackChannel_latency': (('field', 'latency_ms', 'uint32', False, False),),
-    'BaseChannel_ack_sync_5': (('field', 'generation', 'uint32', False, False),),
-    'BaseChannel_pong_5': (('field', 'id', 'uint32', False, False), ('field', 'timestamp', 'uint64', False, False)),
-    'BaseChannel_disconnecting_10': (('field', 'time_stamp', 'uint64', False, False), ('field', 'reason', 'enum:link_err', False, False)),
-    'BaseChannel_migrate_6': (('field', 'flags', 'flags:migrate_flags', False, False),),
-    'BaseChannel_set_ack_6': (('field', 'generation', 'uint32', False, False), ('field', 'window', 'uint32', False, False)),
-    'BaseChannel_ping_6': (('field', 'id', 'uint32', False, False), ('field', 'timestamp', 'uint64', False, False), ('field', 'data', 'uint8', True, False)),
-    'BaseChannel_wait_for_channels_6': (('field', 'wait_count', 'uint8', False, False), ('field', 'wait_list', 'struct:ChannelWait', True, False)),
-    'BaseChannel_disconnecting_11': (('field', 'time_stamp', 'uint64', False, False), ('field', 'reason', 'enum:link_err', False, False)),
-    'BaseChannel_notify_6': (('field', 'time_stamp', 'uint64', False, False), ('field', 'severity', 'enum:notify_severity', False, False), ('field', 'visibilty', 'enum:notify_visibility', False, False), ('field', 'what', 'uint32', False, False), ('field', 'message_len', 'uint32', False, False), ('field', 'message', 'uint8', True, False), ('field', 'nul_terminator', 'uint8', True, False)),
     'RecordChannel_start': (('field', 'channels', 'uint32', False, False), ('field', 'format', 'enum:audio_fmt', False, False), ('field', 'frequency', 'uint32', False, False)),
-    'BaseChannel_ack_sync_6': (('field', 'generation', 'uint32', False, False),),
-    'BaseChannel_pong_6': (('field', 'id', 'uint32', False, False), ('field', 'timestamp', 'uint64', False, False)),
-    'BaseChannel_disconnecting_12': (('field', 'time_stamp', 'uint64', False, False), ('field', 'reason', 'enum:link_err', False, False)),
     'RecordChannel_data': (('field', 'time', 'uint32', False, False), ('field', 'data', 'uint8', True, False)),
     'RecordChannel_mode': (('field', 'time', 'uint32', False, False), ('field', 'mode', 'enum:audio_data_mode', False, False), ('field', 'data', 'uint8', True, False)),
     'RecordChannel_start_mark': (('field', 'time', 'uint32', False, False),),
-    'BaseChannel_migrate_7': (('field', 'flags', 'flags:migrate_flags', False, False),),
-    'BaseChannel_set_ack_7': (('field', 'generation', 'uint32', False, False), ('field', 'window', 'uint32', False, False)),
-    'BaseChannel_ping_7': (('field', 'id', 'uint32', False, False), ('field', 'timestamp', 'uint64', False, False), ('field', 'data', 'uint8', True, False)),
-    'BaseChannel_wait_for_channels_7': (('field', 'wait_count', 'uint8', False, False), ('field', 'wait_list', 'struct:ChannelWait', True, False)),
-    'BaseChannel_disconnecting_13': (('field', 'time_stamp', 'uint64', False, False), ('field', 'reason', 'enum:link_err', False, False)),
-    'BaseChannel_notify_7': (('field', 'time_stamp', 'uint64', False, False), ('field', 'severity', 'enum:notify_severity', False, False), ('field', 'visibilty', 'enum:notify_visibility', False, False), ('field', 'what', 'uint32', False, False), ('field', 'message_len', 'uint32', False, False), ('field', 'message', 'uint8', True, False), ('field', 'nul_terminator', 'uint8', True, False)),
     'SmartcardChannel_data': (('field', 'type', 'enum:vsc_message_type', False, False), ('field', 'reader_id', 'uint32', False, False), ('field', 'length', 'uint32', False, False), ('field', 'data', 'uint8', True, False)),
-    'BaseChannel_ack_sync_7': (('field', 'generation', 'uint32', False, False),),
-    'BaseChannel_pong_7': (('field', 'id', 'uint32', False, False), ('field', 'timestamp', 'uint64', False, False)),
-    'BaseChannel_disconnecting_14': (('field', 'time_stamp', 'uint64', False, False), ('field', 'reason', 'enum:link_err', False, False)),
     'SmartcardChannel_data_2': (('field', 'type', 'enum:vsc_message_type', False, False), ('field', 'reader_id', 'uint32', False, False), ('field', 'length', 'uint32', False, False), ('field', 'data', 'uint8', True, False)),
-    'BaseChannel_migrate_8': (('field', 'flags', 'flags:migrate_flags', False, False),),
-    'BaseChannel_set_ack_8': (('field', 'generation', 'uint32', False, False), ('field', 'window', 'uint32', False, False)),
-    'BaseChannel_ping_8': (('field', 'id', 'uint32', False, False), ('field', 'timestamp', 'uint64', False, False), ('field', 'data', 'uint8', True, False)),
-    'BaseChannel_wait_for_channels_8': (('field', 'wait_count', 'uint8', False, False), ('field', 'wait_list', 'struct:ChannelWait', True, False)),
-    'BaseChannel_disconnecting_15': (('field', 'time_stamp', 'uint64', False, False), ('field', 'reason', 'enum:link_err', False, False)),
-    'BaseChannel_notify_8': (('field', 'time_stamp', 'uint64', False, False), ('field', 'severity', 'enum:notify_severity', False, False), ('field', 'visibilty', 'enum:notify_visibility', False, False), ('field', 'what', 'uint32', False, False), ('field', 'message_len', 'uint32', False, False), ('field', 'message', 'uint8', True, False), ('field', 'nul_terminator', 'uint8', True, False)),
-    'BaseChannel_ack_sync_8': (('field', 'generation', 'uint32', False, False),),
-    'BaseChannel_pong_8': (('field', 'id', 'uint32', False, False), ('field', 'timestamp', 'uint64', False, False)),
-    'BaseChannel_disconnecting_16': (('field', 'time_stamp', 'uint64', False, False), ('field', 'reason', 'enum:link_err', False, False)),
-    'BaseChannel_migrate_9': (('field', 'flags', 'flags:migrate_flags', False, False),),
-    'BaseChannel_set_ack_9': (('field', 'generation', 'uint32', False, False), ('field', 'window', 'uint32', False, False)),
-    'BaseChannel_ping_9': (('field', 'id', 'uint32', False, False), ('field', 'timestamp', 'uint64', False, False), ('field', 'data', 'uint8', True, False)),
-    'BaseChannel_wait_for_channels_9': (('field', 'wait_count', 'uint8', False, False), ('field', 'wait_list', 'struct:ChannelWait', True, False)),
-    'BaseChannel_disconnecting_17': (('field', 'time_stamp', 'uint64', False, False), ('field', 'reason', 'enum:link_err', False, False)),
-    'BaseChannel_notify_9': (('field', 'time_stamp', 'uint64', False, False), ('field', 'severity', 'enum:notify_severity', False, False), ('field', 'visibilty', 'enum:notify_visibility', False, False), ('field', 'what', 'uint32', False, False), ('field', 'message_len', 'uint32', False, False), ('field', 'message', 'uint8', True, False), ('field', 'nul_terminator', 'uint8', True, False)),
     'PortChannel_init': (('field', 'name_size', 'uint32', False, False), ('field', 'name', 'uint8', True, True), ('field', 'opened', 'uint8', False, False)),
     'PortChannel_event': (('field', 'event', 'uint8', False, False),),
-    'BaseChannel_ack_sync_9': (('field', 'generation', 'uint32', False, False),),
-    'BaseChannel_pong_9': (('field', 'id', 'uint32', False, False), ('field', 'timestamp', 'uint64', False, False)),
-    'BaseChannel_disconnecting_18': (('field', 'time_stamp', 'uint64', False, False), ('field', 'reason', 'enum:link_err', False, False)),
     'PortChannel_event_2': (('field', 'event', 'uint8', False, False),),
-    'BaseChannel_migrate_10': (('field', 'flags', 'flags:migrate_flags', False, False),),
-    'BaseChannel_set_ack_10': (('field', 'generation', 'uint32', False, False), ('field', 'window', 'uint32', False, False)),
-    'BaseChannel_ping_10': (('field', 'id', 'uint32', False, False), ('field', 'timestamp', 'uint64', False, False), ('field', 'data', 'uint8', True, False)),
-    'BaseChannel_wait_for_channels_10': (('field', 'wait_count', 'uint8', False, False), ('field', 'wait_list', 'struct:ChannelWait', True, False)),
-    'BaseChannel_disconnecting_19': (('field', 'time_stamp', 'uint64', False, False), ('field', 'reason', 'enum:link_err', False, False)),
-    'BaseChannel_notify_10': (('field', 'time_stamp', 'uint64', False, False), ('field', 'severity', 'enum:notify_severity', False, False), ('field', 'visibilty', 'enum:notify_visibility', False, False), ('field', 'what', 'uint32', False, False), ('field', 'message_len', 'uint32', False, False), ('field', 'message', 'uint8', True, False), ('field', 'nul_terminator', 'uint8', True, False)),
-    'PortChannel_init_2': (('field', 'name_size', 'uint32', False, False), ('field', 'name', 'uint8', True, True), ('field', 'opened', 'uint8', False, False)),
-    'PortChannel_event_3': (('field', 'event', 'uint8', False, False),),
-    'BaseChannel_ack_sync_10': (('field', 'generation', 'uint32', False, False),),
-    'BaseChannel_pong_10': (('field', 'id', 'uint32', False, False), ('field', 'timestamp', 'uint64', False, False)),
-    'BaseChannel_disconnecting_20': (('field', 'time_stamp', 'uint64', False, False), ('field', 'reason', 'enum:link_err', False, False)),
-    'PortChannel_event_4': (('field', 'event', 'uint8', False, False),),
     'ImageDescriptor': (('field', 'id', 'uint64', False, False), ('field', 'type', 'enum:image_type', False, False), ('field', 'flags', 'flags:image_flags', False, False), ('field', 'width', 'uint32', False, False), ('field', 'height', 'uint32', False, False)),
     'Fill': (('field', 'brush', 'struct:Brush', False, False), ('field', 'rop_descriptor', 'flags:ropd', False, False), ('field', 'mask', 'struct:QMask', False, False)),
     'Opaque': (('field', 'src_bitmap', 'struct:Image', False, True), ('field', 'src_area', 'struct:Rect', False, False), ('field', 'brush', 'struct:Brush', False, False), ('field', 'rop_descriptor', 'flags:ropd', False, False), ('field', 'scale_mode', 'enum:image_scale_mode', False, False), ('field', 'mask', 'struct:QMask', False, False)),

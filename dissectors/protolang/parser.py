@@ -210,7 +210,9 @@ class _Parser:
         elif self.tok.kind == "ident":
             size = ast.FieldSize(self.path())
         else:
-            raise self.fail("an array size (integer, field name, image_size(...), cstring() or ']')")
+            raise self.fail(
+                "an array size (integer, field name, image_size(...), cstring() or ']')"
+            )
         self.expect("]")
         return size
 
@@ -280,9 +282,9 @@ class _Parser:
             messages.append(
                 ast.ChannelMessage(direction, body, mname.text, number, tuple(attrs), mstart.pos)
             )
-        attrs = self.attributes()
+        channel_attrs = self.attributes()
         self.expect(";")
-        return ast.ChannelDef(name.text, parent, tuple(messages), attrs, start.pos)
+        return ast.ChannelDef(name.text, parent, tuple(messages), channel_attrs, start.pos)
 
     def protocol(self) -> ast.ProtocolDef:
         start = self.expect("protocol")

@@ -32,6 +32,7 @@ class _Resolver:
         self.structs: dict[str, ir.Struct] = {}
         self.channel_defs: dict[str, ast.ChannelDef] = {}
         self.in_progress: set[str] = set()
+        self.channel_cache: dict[str, dict[str, dict[int, ir.Message]]] = {}
 
     def declare(self, name: str, pos: ast.Pos) -> None:
         taken = (
@@ -190,17 +191,29 @@ class _Resolver:
                     value = stype.value_of(label.value)
                     if value is None:
                         raise ProtoError(
-                            label.pos, f"{label.value!r} is not an item of {stype.kind} {stype.name}"
+                            label.pos,
+                            f"{label.value!r} is not an item of {stype.kind} {stype.name}",
                         )
                 else:
                     raise ProtoError(label.pos, f"case {label.value!r} needs an enum selector")
                 tests.append(ir.CaseTest(value, label.negated))
             cases.append(ir.SwitchCase(tuple(tests), self.member(case.field, scope)))
-        return ir.Switch(s.name, s.selector, stype, tuple(cases), _attr(s.attrs, "anon") is not None)
+        return ir.Switch(
+            s.name, s.selector, stype, tuple(cases), _attr(s.attrs, "anon") is not None
+        )
 
     # -- channels --------------------------------------------------------------------------
     def channel_messages(
         self, name: str, pos: ast.Pos, chain: tuple[str, ...] = ()
+    ) -> dict[str, dict[int, ir.Message]]:
+        # Cached so a message inherited by several channels is one Struct, decoded by one
+        # generated function.
+        if name not in self.channel_cache:
+            self.channel_cache[name] = self._channel_messages(name, pos, chain)
+        return {k: dict(v) for k, v in self.channel_cache[name].items()}
+
+    def _channel_messages(
+        self, name: str, pos: ast.Pos, chain: tuple[str, ...]
     ) -> dict[str, dict[int, ir.Message]]:
         d = self.channel_defs.get(name)
         if d is None:

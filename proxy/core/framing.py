@@ -74,9 +74,9 @@ class ChannelError:
 Event = LinkUnit | Message | ChannelError
 
 
-def _caps(data: bytes, fixed: struct.Struct, n_common: int, n_channel: int, offset: int) -> tuple[
-    tuple[int, ...], tuple[int, ...]
-]:
+def _caps(
+    data: bytes, fixed: struct.Struct, n_common: int, n_channel: int, offset: int
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
     count = n_common + n_channel
     if offset < fixed.size or offset + 4 * count > len(data):
         raise ValueError("capability words lie outside the link message")

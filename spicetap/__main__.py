@@ -1,0 +1,5 @@
+import sys
+
+from spicetap.cli import main
+
+sys.exit(main())

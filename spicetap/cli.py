@@ -1,0 +1,105 @@
+"""The `spicetap` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from spicetap import __version__
+
+
+class UserError(Exception):
+    """Bad input from the user: printed as one line, exit status 2."""
+
+
+def _regen(args: argparse.Namespace) -> int:
+    from dissectors import regen
+    from dissectors.protolang.lexer import ProtoError
+
+    proto = Path(args.proto) if args.proto else regen.default_proto()
+    if proto is None:
+        raise UserError("no spice.proto found: give --proto PATH (or set SPICETAP_PROTO)")
+    if not proto.is_file():
+        raise UserError(f"{proto}: no such file")
+    try:
+        if args.check:
+            stale = regen.stale(proto)
+            for path in stale:
+                print(f"stale: {path} (run `spicetap regen --proto {proto}`)", file=sys.stderr)
+            if not stale:
+                print(f"generated dissectors are current with {proto}")
+            return 1 if stale else 0
+        written = regen.write(proto)
+    except ProtoError as exc:
+        raise UserError(str(exc)) from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{proto}: not a text file ({exc.reason})") from None
+    for path in written:
+        print(f"wrote {path}")
+    if not written:
+        print("generated dissectors were already current")
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    from spicetap.capture import CaptureError
+    from spicetap.render import line, to_json, tree
+    from spicetap.show import iter_capture
+
+    out = sys.stdout
+    t0: float | None = None
+    try:
+        for rec in iter_capture(Path(args.capture)):
+            if t0 is None:
+                t0 = rec.time
+            if args.json:
+                out.write(to_json(rec) + "\n")
+            elif args.verbose:
+                out.write("\n".join(tree(rec, t0)) + "\n")
+            else:
+                out.write(line(rec, t0) + "\n")
+    except CaptureError as exc:
+        raise UserError(str(exc)) from None
+    except BrokenPipeError:  # `spicetap show x | head`
+        sys.stderr.close()
+        return 0
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spicetap", description="Recording and inspecting proxy for SPICE."
+    )
+    parser.add_argument("--version", action="version", version=f"spicetap {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("regen", help="regenerate the dissectors from spice.proto")
+    p.add_argument("--proto", help="path of spice.proto (default: the reference copy)")
+    p.add_argument("--check", action="store_true", help="fail if the committed output is stale")
+    p.set_defaults(func=_regen)
+
+    p = sub.add_parser("show", help="print the SPICE messages of a pcap/pcapng capture")
+    p.add_argument("capture", help="a .pcap or .pcapng file")
+    p.add_argument("-V", "--verbose", action="store_true", help="full field tree per message")
+    p.add_argument("--json", action="store_true", help="one JSON object per message")
+    p.set_defaults(func=_show)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result: int = args.func(args)
+        return result
+    except UserError as exc:
+        print(f"spicetap: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""Turn reassembled channel byte streams into SPICE records: link units, messages, agent
+messages, errors and gaps, with the decoded view beside the raw bytes.
+
+No I/O: stream events in, records out. Sessions are told apart by the connection id that
+every non-main channel links with, which the main channel's INIT message announces.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from dissectors.agent import AgentMessage, AgentReassembler
+from dissectors.api import LINK, SPICE, Decoded, decode, message_type, named_value
+from dissectors.errors import DecodeError, Malformed
+from proxy.core.framing import C2S, ChannelError, ChannelFramer, LinkUnit, Message
+
+MAIN = 1
+MAIN_INIT = message_type(MAIN, "s2c", "init")
+AGENT_DATA = {d: message_type(MAIN, d, "agent_data") for d in (C2S, "s2c")}
+
+# Link units that are secrets: their bytes never leave this module.
+SECRET_UNITS = {"ticket"}
+_LINK_STRUCTS = {
+    "header": "LinkHeader",
+    "link_mess": "LinkMess",
+    "link_reply": "LinkReply",
+    "auth_mechanism": "LinkAuthMechanism",
+    "link_result": "LinkResult",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    time: float
+    session: int | None  # connection id from the main channel's INIT
+    connection: int
+    channel: str
+    channel_id: int
+    direction: str
+    kind: str  # "link" | "message" | "agent" | "error" | "gap" | "close"
+    msg_type: int | None
+    name: str | None
+    raw: bytes  # plaintext bytes (secrets replaced by nothing)
+    decoded: Decoded | None = None
+    error: str | None = None
+    fields: dict[str, Any] | None = None  # link units: decoded values by name
+
+    @property
+    def not_fully_dissected(self) -> bool:
+        return self.decoded is not None and not self.decoded.fully_dissected
+
+
+@dataclass
+class _Conn:
+    number: int
+    framer: ChannelFramer = field(default_factory=ChannelFramer)
+    agent: AgentReassembler | None = None
+
+
+def _link_fields(kind: str, data: bytes) -> tuple[dict[str, Any] | None, str | None]:
+    struct = _LINK_STRUCTS.get(kind)
+    if struct is None:
+        return None, None
+    try:
+        value, _covered = LINK.decode_struct(struct, data)
+    except Malformed as exc:
+        return None, str(exc.error)
+    return named_value(LINK, ("struct:" + struct, False), value), None
+
+
+class RecordBuilder:
+    """Per capture (or proxy run): feeds channel bytes, returns records."""
+
+    def __init__(self) -> None:
+        self.conns: dict[int, _Conn] = {}
+        self.main_session: dict[int, int] = {}  # main connection -> session id
+
+    def opened(self, conn: int) -> None:
+        self.conns[conn] = _Conn(conn)
+
+    def _session(self, c: _Conn) -> int | None:
+        fr = c.framer
+        if fr.channel_type == MAIN:
+            return self.main_session.get(c.number)
+        return fr.connection_id or None
+
+    def _base(self, c: _Conn, ts: float, direction: str) -> dict[str, Any]:
+        fr = c.framer
+        return {
+            "time": ts,
+            "session": self._session(c),
+            "connection": c.number,
+            "channel": SPICE.channel_name(fr.channel_type) if fr.channel_type else "unknown",
+            "channel_id": fr.channel_id,
+            "direction": direction,
+        }
+
+    def data(self, conn: int, ts: float, direction: str, data: bytes) -> list[Record]:
+        c = self.conns.get(conn)
+        if c is None:
+            self.opened(conn)
+            c = self.conns[conn]
+        out: list[Record] = []
+        for ev in c.framer.feed(direction, data):
+            out += self._event(c, ts, ev)
+        return out
+
+    def _event(self, c: _Conn, ts: float, ev: LinkUnit | Message | ChannelError) -> list[Record]:
+        if isinstance(ev, ChannelError):
+            return [
+                Record(
+                    **self._base(c, ts, ev.direction),
+                    kind="error",
+                    msg_type=None,
+                    name=None,
+                    raw=b"",
+                    error=ev.reason,
+                )
+            ]
+        if isinstance(ev, LinkUnit):
+            secret = ev.kind in SECRET_UNITS
+            fields, err = (None, None) if secret else _link_fields(ev.kind, ev.data)
+            return [
+                Record(
+                    **self._base(c, ts, ev.direction),
+                    kind="link",
+                    msg_type=None,
+                    name=ev.kind,
+                    raw=b"" if secret else ev.data,
+                    error=err,
+                    fields=fields,
+                )
+            ]
+        fr = c.framer
+        ctype = fr.channel_type or 0
+        dec = decode(ctype, ev.direction, ev.msg_type, ev.body)
+        if ctype == MAIN and ev.direction != C2S and ev.msg_type == MAIN_INIT and dec.fields:
+            self.main_session[c.number] = int(dec.fields["session_id"])
+        out = [
+            Record(
+                **self._base(c, ts, ev.direction),
+                kind="message",
+                msg_type=ev.msg_type,
+                name=dec.name,
+                raw=ev.header + ev.body,
+                decoded=dec,
+                error=str(dec.error) if dec.error else None,
+            )
+        ]
+        if ctype == MAIN and ev.msg_type == AGENT_DATA[ev.direction] and dec.fields is not None:
+            if c.agent is None:
+                c.agent = AgentReassembler()
+            for am in c.agent.feed(ev.direction, dec.fields["data"]):
+                base = self._base(c, ts, ev.direction)
+                if isinstance(am, AgentMessage):
+                    out.append(
+                        Record(
+                            **base,
+                            kind="agent",
+                            msg_type=am.msg_type,
+                            name=am.decoded.name,
+                            raw=am.raw,
+                            decoded=am.decoded,
+                            error=str(am.decoded.error) if am.decoded.error else None,
+                        )
+                    )
+                else:
+                    out.append(
+                        Record(
+                            **base,
+                            kind="error",
+                            msg_type=None,
+                            name="agent",
+                            raw=b"",
+                            error=am.reason,
+                        )
+                    )
+        return out
+
+    def gap(self, conn: int, ts: float, direction: str, missing: int) -> list[Record]:
+        c = self.conns.setdefault(conn, _Conn(conn))
+        rec = Record(
+            **self._base(c, ts, direction),
+            kind="gap",
+            msg_type=None,
+            name=None,
+            raw=b"",
+            error=f"{missing} bytes missing from the capture",
+        )
+        # Framing cannot resume after lost bytes: the rest of this direction is opaque.
+        c.framer.state[direction] = "dead"
+        return [rec]
+
+    def closed(self, conn: int, ts: float, reason: str) -> list[Record]:
+        c = self.conns.get(conn)
+        if c is None:
+            return []
+        out: list[Record] = []
+        for direction in (C2S, "s2c"):
+            left = c.framer.pending(direction)
+            if left:
+                out.append(
+                    Record(
+                        **self._base(c, ts, direction),
+                        kind="error",
+                        msg_type=None,
+                        name=None,
+                        raw=b"",
+                        error=f"connection ended ({reason}) inside a unit: "
+                        f"{left} bytes of a truncated message",
+                    )
+                )
+        out.append(
+            Record(**self._base(c, ts, C2S), kind="close", msg_type=None, name=reason, raw=b"")
+        )
+        return out
+
+
+__all__ = ["DecodeError", "Record", "RecordBuilder"]

@@ -1,0 +1,135 @@
+"""Render records for people (one line, a tree) and for programs (JSON lines).
+
+JSON schema (one object per record, keys always present, version 1):
+  time (float, capture epoch seconds), session (int or null: the session's connection id),
+  connection (int), channel (str), channel_id (int), direction ("c2s" | "s2c"),
+  kind ("link" | "message" | "agent" | "error" | "gap" | "close"), type (int or null),
+  name (str or null), size (int, raw bytes), fields (object or null),
+  flags: {"error": str or null, "not_fully_dissected": bool}.
+Inside fields: enum values are item names (the number when unknown); flags are lists of
+bit names (plus the number of unknown bits); byte strings are {"len": N, "hex": "..."} with
+at most the first 64 bytes in hex; a NULL pointer is null.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from spicetap.records import Record
+
+JSON_VERSION = 1
+_HEX_LIMIT = 64
+
+
+def fields_of(rec: Record) -> dict[str, Any] | None:
+    if rec.fields is not None:
+        return rec.fields
+    if rec.decoded is not None:
+        named = rec.decoded.named_fields()
+        return named if isinstance(named, dict) else None
+    return None
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, bytes | bytearray | memoryview):
+        data = bytes(value)
+        return {"len": len(data), "hex": data[:_HEX_LIMIT].hex()}
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def to_json(rec: Record) -> str:
+    fields = fields_of(rec)
+    obj = {
+        "time": rec.time,
+        "session": rec.session,
+        "connection": rec.connection,
+        "channel": rec.channel,
+        "channel_id": rec.channel_id,
+        "direction": rec.direction,
+        "kind": rec.kind,
+        "type": rec.msg_type,
+        "name": rec.name,
+        "size": len(rec.raw),
+        "fields": _jsonable(fields) if fields is not None else None,
+        "flags": {"error": rec.error, "not_fully_dissected": rec.not_fully_dissected},
+    }
+    return json.dumps(obj, separators=(",", ":"))
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, bytes | bytearray | memoryview):
+        data = bytes(value)
+        if len(data) <= 24 and all(32 <= c < 127 for c in data.rstrip(b"\0")):
+            return repr(data.rstrip(b"\0").decode("ascii"))
+        return f"<{len(data)} bytes>"
+    if isinstance(value, dict):
+        return "{…}"
+    if isinstance(value, list):
+        if value and all(isinstance(v, str) for v in value):
+            return "|".join(value)
+        return f"[{len(value)}]"
+    return str(value)
+
+
+def summary(rec: Record, width: int = 90) -> str:
+    if rec.error and rec.kind in ("error", "gap"):
+        return rec.error
+    fields = fields_of(rec)
+    parts: list[str] = []
+    for key, value in (fields or {}).items():
+        if isinstance(value, dict):
+            for k2, v2 in value.items():
+                if not isinstance(v2, dict | list):
+                    parts.append(f"{key}.{k2}={_short(v2)}")
+            continue
+        parts.append(f"{key}={_short(value)}")
+    text = " ".join(parts)
+    if rec.error:
+        text = f"[error: {rec.error}] " + text
+    elif rec.not_fully_dissected:
+        text = "[not fully dissected] " + text
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def line(rec: Record, t0: float) -> str:
+    name = rec.name or (f"type {rec.msg_type}" if rec.msg_type is not None else rec.kind)
+    if rec.kind == "agent":
+        name = f"agent:{name}"
+    elif rec.kind == "link":
+        name = f"link:{name}"
+    chan = f"{rec.channel}:{rec.channel_id}"
+    return (
+        f"{rec.time - t0:10.6f} #{rec.connection:<3} {chan:<12} {rec.direction} "
+        f"{name:<26} {summary(rec)}"
+    )
+
+
+def tree(rec: Record, t0: float) -> list[str]:
+    out = [line(rec, t0)]
+    fields = fields_of(rec)
+    if fields is not None:
+        _tree(fields, "    ", out)
+    return out
+
+
+def _tree(value: dict[str, Any], indent: str, out: list[str]) -> None:
+    for key, v in value.items():
+        if isinstance(v, dict):
+            out.append(f"{indent}{key}:")
+            _tree(v, indent + "    ", out)
+        elif isinstance(v, list) and v and isinstance(v[0], dict):
+            out.append(f"{indent}{key}: [{len(v)}]")
+            for i, item in enumerate(v):
+                out.append(f"{indent}    [{i}]:")
+                _tree(item, indent + "        ", out)
+        elif isinstance(v, bytes | bytearray | memoryview):
+            data = bytes(v)
+            more = "…" if len(data) > 32 else ""
+            out.append(f"{indent}{key}: <{len(data)} bytes> {data[:32].hex()}{more}")
+        else:
+            out.append(f"{indent}{key}: {v}")

@@ -249,7 +249,8 @@ class _Resolver:
                 body = self.struct(cm.body, f"{name}.{cm.name}")
             table[number] = ir.Message(cm.name, number, direction, body)
             own[direction].add(number)
-            last[direction] = number
+            if cm.number is not None or number > last[direction]:
+                last[direction] = number  # an override keeping its parent's number does not
         return out
 
     def run(self, source: str, sha256: str) -> ir.Protocol:
@@ -315,6 +316,10 @@ def overlay(base: ast.ProtoFile, extra: ast.ProtoFile) -> ast.ProtoFile:
     return ast.ProtoFile(base.path, tuple(merged), extra.protocol or base.protocol)
 
 
+def resolve(tree: ast.ProtoFile, sha256: str = "") -> ir.Protocol:
+    return _Resolver(tree).run(Path(tree.path).name, sha256)
+
+
 def load(path: Path, overlays: tuple[Path, ...] = ()) -> ir.Protocol:
     """Parse and resolve a .proto file (plus overlays); raises ProtoError naming file:line:col.
 
@@ -328,4 +333,4 @@ def load(path: Path, overlays: tuple[Path, ...] = ()) -> ir.Protocol:
         parsed = parse(data.decode("utf-8"), str(p))
         tree = parsed if tree is None else overlay(tree, parsed)
     assert tree is not None
-    return _Resolver(tree).run(Path(path).name, digest.hexdigest())
+    return resolve(tree, digest.hexdigest())

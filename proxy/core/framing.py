@@ -113,9 +113,10 @@ class ChannelFramer:
             return []
         self.buf[direction] += data
         events: list[Event] = []
+        client_waiting = direction == S2C and self.state[C2S] == "wait_reply"
         self._drain(direction, events)
-        if direction == S2C and self.buf[C2S] and self.state[C2S] == "wait_reply":
-            self._drain(C2S, events)  # the reply may unblock the client's ticket
+        if client_waiting and self.buf[C2S]:
+            self._drain(C2S, events)  # the reply unblocked the client's auth bytes
         return events
 
     def pending(self, direction: str) -> int:

@@ -1,0 +1,209 @@
+"""The sans-I/O channel framer: link stage variants, both data headers, hostile input."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dissectors.api import LINK
+from proxy.core.framing import (
+    C2S,
+    S2C,
+    ChannelError,
+    ChannelFramer,
+    Event,
+    LinkUnit,
+    Message,
+)
+
+
+def caps_word(*bits: int) -> int:
+    return sum(1 << b for b in bits)
+
+
+def link_mess(common: int, channel_type: int = 2, conn: int = 0x1234) -> bytes:
+    body = LINK.encode_struct(
+        "LinkMess",
+        {
+            "connection_id": conn,
+            "channel_type": channel_type,
+            "channel_id": 0,
+            "num_common_caps": 1,
+            "num_channel_caps": 1,
+            "caps_offset": 18,
+            "common_caps": [common],
+            "channel_caps": [0],
+        },
+    )
+    return header(len(body)) + body
+
+
+def link_reply(common: int, error: int = 0) -> bytes:
+    body = LINK.encode_struct(
+        "LinkReply",
+        {
+            "error": error,
+            "pub_key": bytes(162),
+            "num_common_caps": 1,
+            "num_channel_caps": 0,
+            "caps_offset": 178,
+            "common_caps": [common],
+            "channel_caps": [],
+        },
+    )
+    return header(len(body)) + body
+
+
+def header(size: int, magic: bytes = b"REDQ") -> bytes:
+    return LINK.encode_struct(
+        "LinkHeader",
+        {
+            "magic": int.from_bytes(magic, "little"),
+            "major_version": 2,
+            "minor_version": 2,
+            "size": size,
+        },
+    )
+
+
+def mini(msg_type: int, body: bytes) -> bytes:
+    return struct.pack("<HI", msg_type, len(body)) + body
+
+
+def full(serial: int, msg_type: int, body: bytes) -> bytes:
+    return struct.pack("<QHII", serial, msg_type, len(body), 0) + body
+
+
+TICKET = bytes(range(128))
+OK = struct.pack("<I", 0)
+
+
+def session(auth_selection: bool, mini_header: bool) -> list[tuple[str, bytes]]:
+    bits = [1] + ([0] if auth_selection else []) + ([3] if mini_header else [])
+    frame = (lambda t, b: mini(t, b)) if mini_header else (lambda t, b: full(7, t, b))
+    c2s_auth = struct.pack("<I", 1) if auth_selection else b""
+    return [
+        (C2S, link_mess(caps_word(*bits))),
+        (S2C, link_reply(caps_word(*bits))),
+        (C2S, c2s_auth + TICKET),
+        (S2C, OK + frame(103, b"\x01" * 32) + frame(4, b"ping")),
+        (C2S, frame(3, b"pong!")),
+    ]
+
+
+def run(chunks: list[tuple[str, bytes]]) -> tuple[ChannelFramer, list[Event]]:
+    f = ChannelFramer()
+    events: list[Event] = []
+    for d, data in chunks:
+        events += f.feed(d, data)
+    return f, events
+
+
+@pytest.mark.parametrize("auth_selection", [False, True])
+@pytest.mark.parametrize("mini_header", [False, True])
+def test_link_stage_then_messages(auth_selection: bool, mini_header: bool) -> None:
+    f, events = run(session(auth_selection, mini_header))
+    kinds = [e.kind for e in events if isinstance(e, LinkUnit)]
+    expected = ["header", "link_mess", "header", "link_reply"]
+    expected += ["auth_mechanism"] if auth_selection else []
+    expected += ["ticket", "link_result"]
+    assert kinds == expected
+    msgs = [e for e in events if isinstance(e, Message)]
+    assert [(m.direction, m.msg_type, m.body) for m in msgs] == [
+        (S2C, 103, b"\x01" * 32),
+        (S2C, 4, b"ping"),
+        (C2S, 3, b"pong!"),
+    ]
+    assert f.mini_header is mini_header
+    assert all(m.serial == (None if mini_header else 7) for m in msgs)
+    assert (f.channel_type, f.connection_id, f.auth) == (2, 0x1234, "spice")
+    ticket = next(e for e in events if isinstance(e, LinkUnit) and e.kind == "ticket")
+    assert ticket.data == TICKET
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), auth_selection=st.booleans(), mini_header=st.booleans())
+def test_any_split_gives_the_same_events(
+    data: st.DataObject, auth_selection: bool, mini_header: bool
+) -> None:
+    whole = session(auth_selection, mini_header)
+    _f, expected = run(whole)
+    pieces: list[tuple[str, bytes]] = []
+    for d, chunk in whole:
+        cuts = sorted(data.draw(st.lists(st.integers(0, len(chunk)), max_size=6)))
+        bounds = [0, *cuts, len(chunk)]
+        pieces += [(d, chunk[a:b]) for a, b in zip(bounds, bounds[1:], strict=False)]
+    _f, got = run(pieces)
+    assert got == expected
+
+
+def test_client_ticket_waits_for_the_reply() -> None:
+    f = ChannelFramer()
+    both = caps_word(0, 1, 3)
+    early = f.feed(C2S, link_mess(both) + struct.pack("<I", 1) + TICKET)
+    assert [e.kind for e in early if isinstance(e, LinkUnit)] == ["header", "link_mess"]
+    later = f.feed(S2C, link_reply(both))
+    kinds = [e.kind for e in later if isinstance(e, LinkUnit)]
+    assert kinds == ["header", "link_reply", "auth_mechanism", "ticket"]
+
+
+def test_sasl_is_opaque_after_selection() -> None:
+    both = caps_word(0, 2, 3)
+    _f, events = run(
+        [
+            (C2S, link_mess(both)),
+            (S2C, link_reply(both)),
+            (C2S, struct.pack("<I", 2) + b"\x05\0\0\0mechs"),
+            (S2C, b"\x0b\0\0\0DIGEST-MD5"),
+        ]
+    )
+    units = [(e.direction, e.kind) for e in events if isinstance(e, LinkUnit)]
+    assert units[-3:] == [(C2S, "auth_mechanism"), (C2S, "sasl"), (S2C, "sasl")]
+
+
+def test_bad_magic_is_one_error_and_the_rest_ignored() -> None:
+    f = ChannelFramer()
+    events = f.feed(C2S, header(18, magic=b"HTTP") + b"x" * 18)
+    errors = [e for e in events if isinstance(e, ChannelError)]
+    assert len(errors) == 1 and "bad link magic" in errors[0].reason
+    assert f.feed(C2S, b"more") == []
+    assert f.ignored[C2S] == 22
+
+
+def test_oversized_message_is_refused_before_buffering() -> None:
+    f = ChannelFramer(max_message=1000)
+    bits = caps_word(1, 3)
+    f.feed(C2S, link_mess(bits))
+    f.feed(S2C, link_reply(bits) + OK)
+    events = f.feed(S2C, struct.pack("<HI", 101, 5000) + b"\0" * 10)
+    (err,) = events
+    assert isinstance(err, ChannelError) and "5000 bytes exceeds" in err.reason
+    assert f.pending(S2C) == 0
+
+
+def test_link_error_ends_parsing() -> None:
+    bits = caps_word(1, 3)
+    f, events = run([(C2S, link_mess(bits)), (S2C, link_reply(bits, error=5))])
+    assert f.link_error == 5
+    assert f.feed(S2C, b"anything") == []
+
+
+def test_huge_link_size_and_bad_caps_are_errors() -> None:
+    f = ChannelFramer()
+    (hdr, err) = f.feed(C2S, header(1 << 30))
+    assert isinstance(err, ChannelError) and "exceeds" in err.reason
+    f2 = ChannelFramer()
+    body = bytearray(link_mess(caps_word(1))[16:])
+    body[10:14] = struct.pack("<I", 1000)  # num_common_caps far beyond the message
+    events = f2.feed(C2S, header(len(body)) + bytes(body))
+    assert any(isinstance(e, ChannelError) and "capability" in e.reason for e in events)
+
+
+def test_truncated_message_stays_pending() -> None:
+    bits = caps_word(1, 3)
+    f, _ = run([(C2S, link_mess(bits)), (S2C, link_reply(bits) + OK)])
+    assert f.feed(S2C, mini(101, b"abcdef")[:-2]) == []
+    assert f.pending(S2C) == 10

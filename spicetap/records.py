@@ -7,7 +7,7 @@ every non-main channel links with, which the main channel's INIT message announc
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from dissectors.agent import AgentMessage, AgentReassembler
@@ -19,6 +19,7 @@ MAIN = 1
 MAIN_INIT = message_type(MAIN, "s2c", "init")
 AGENT_DATA = {d: message_type(MAIN, d, "agent_data") for d in (C2S, "s2c")}
 
+MAX_HELD = 64  # a main channel that never sends INIT is not held back for long
 # Link units that are secrets: their bytes never leave this module.
 SECRET_UNITS = {"ticket"}
 _LINK_STRUCTS = {
@@ -56,6 +57,8 @@ class _Conn:
     number: int
     framer: ChannelFramer = field(default_factory=ChannelFramer)
     agent: AgentReassembler | None = None
+    # A main channel's records wait for its INIT, which names the session.
+    held: list[Record] | None = None
 
 
 def _link_fields(kind: str, data: bytes) -> tuple[dict[str, Any] | None, str | None]:
@@ -104,6 +107,19 @@ class RecordBuilder:
         out: list[Record] = []
         for ev in c.framer.feed(direction, data):
             out += self._event(c, ts, ev)
+        return self._release(c, out)
+
+    def _release(self, c: _Conn, records: list[Record], force: bool = False) -> list[Record]:
+        if c.framer.channel_type != MAIN and c.held is None:
+            return records
+        if c.held is None:
+            c.held = []
+        c.held += records
+        session = self.main_session.get(c.number)
+        if session is None and not force and len(c.held) < MAX_HELD:
+            return []
+        out = [r if r.session is not None else replace(r, session=session) for r in c.held]
+        c.held = []
         return out
 
     def _event(self, c: _Conn, ts: float, ev: LinkUnit | Message | ChannelError) -> list[Record]:
@@ -190,7 +206,7 @@ class RecordBuilder:
         )
         # Framing cannot resume after lost bytes: the rest of this direction is opaque.
         c.framer.state[direction] = "dead"
-        return [rec]
+        return self._release(c, [rec])
 
     def closed(self, conn: int, ts: float, reason: str) -> list[Record]:
         c = self.conns.get(conn)
@@ -214,7 +230,7 @@ class RecordBuilder:
         out.append(
             Record(**self._base(c, ts, C2S), kind="close", msg_type=None, name=reason, raw=b"")
         )
-        return out
+        return self._release(c, out, force=True)
 
 
 __all__ = ["DecodeError", "Record", "RecordBuilder"]

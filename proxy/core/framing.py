@@ -166,7 +166,9 @@ class ChannelFramer:
         if state == "header":
             magic, major, _minor, size = LINK_HEADER.unpack(data)
             events.append(LinkUnit(d, "header", data))
-            if magic != LINK_MAGIC:
+            if magic[0] == 0x16 and magic[1] == 0x03:  # a TLS record: handshake, TLS 1.x
+                self._fail(d, "TLS-encrypted stream: no plaintext to dissect here", events)
+            elif magic != LINK_MAGIC:
                 self._fail(d, f"bad link magic {magic!r} (expected b'REDQ')", events)
             elif major != 2:
                 self._fail(d, f"unsupported protocol major version {major}", events)

@@ -71,23 +71,33 @@ def _short(value: Any) -> str:
         return "{…}"
     if isinstance(value, list):
         if value and all(isinstance(v, str) for v in value):
-            return "|".join(value)
-        return f"[{len(value)}]"
+            return "|".join(value)  # flag names
+        if len(value) <= 4 and all(isinstance(v, int | str) for v in value):
+            return "[" + ",".join(map(str, value)) + "]"
+        return f"[{len(value)} items]"
     return str(value)
+
+
+def _flatten(prefix: str, value: dict[str, Any], parts: list[str], depth: int) -> None:
+    for key, v in value.items():
+        name = f"{prefix}{key}"
+        if isinstance(v, dict):
+            if v.keys() >= _RECT:
+                parts.append(f"{name}=({v['left']},{v['top']})-({v['right']},{v['bottom']})")
+            elif v and depth < 3:
+                _flatten(f"{key}.", v, parts, depth + 1)  # keep names short: last level only
+        else:
+            parts.append(f"{name}={_short(v)}")
+
+
+_RECT = {"top", "left", "bottom", "right"}
 
 
 def summary(rec: Record, width: int = 90) -> str:
     if rec.error and rec.kind in ("error", "gap"):
         return rec.error
-    fields = fields_of(rec)
     parts: list[str] = []
-    for key, value in (fields or {}).items():
-        if isinstance(value, dict):
-            for k2, v2 in value.items():
-                if not isinstance(v2, dict | list):
-                    parts.append(f"{key}.{k2}={_short(v2)}")
-            continue
-        parts.append(f"{key}={_short(value)}")
+    _flatten("", fields_of(rec) or {}, parts, 0)
     text = " ".join(parts)
     if rec.error:
         text = f"[error: {rec.error}] " + text

@@ -63,7 +63,7 @@ def test_sample_resolves() -> None:
     assert {n: m.name for n, m in base.server.items()} == {1: "first", 10: "second"}
     # the child's `first` overrides the parent's under the same number; numbering goes on
     assert {n: m.name for n, m in child.server.items()} == {1: "first", 10: "second", 11: "third"}
-    assert child.server[1].body.members[0].name == "y"  # type: ignore[union-attr]
+    assert child.server[1].body.members[0].name == "y"
     assert {n: m.name for n, m in child.client.items()} == {1: "ack", 101: "moved"}
     assert child.attrs == ("ifdef",)
     level = p.enums["level"]
@@ -73,7 +73,8 @@ def test_sample_resolves() -> None:
     assert p.enums["fmt"].items == (("INVALID", 0), ("1BIT_LE", 1), ("16_555", 16))
     point = p.structs["Point"]
     assert point.fixed_size() == 8
-    assert point.members[0].type_name == "coord"  # type: ignore[union-attr]
+    x = point.members[0]
+    assert isinstance(x, ir.Member) and x.type_name == "coord"
 
 
 def test_sample_encodes_every_construct() -> None:
@@ -159,7 +160,7 @@ def test_overlay_replaces_messages_and_structs() -> None:
     p = resolve(overlay(base, extra))
     (ch,) = p.channels
     assert ch.number == 3
-    assert ch.server[2].body.members[0].name == "z"  # type: ignore[union-attr]
+    assert ch.server[2].body.members[0].name == "z"
     s = p.structs["S"].members[0]
     assert isinstance(s, ir.Member) and s.type == ir.PRIMITIVES["uint16"]
 

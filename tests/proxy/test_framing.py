@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import struct
 
 import pytest
@@ -83,7 +84,7 @@ OK = struct.pack("<I", 0)
 
 def session(auth_selection: bool, mini_header: bool) -> list[tuple[str, bytes]]:
     bits = [1] + ([0] if auth_selection else []) + ([3] if mini_header else [])
-    frame = (lambda t, b: mini(t, b)) if mini_header else (lambda t, b: full(7, t, b))
+    frame = mini if mini_header else (lambda t, b: full(7, t, b))
     c2s_auth = struct.pack("<I", 1) if auth_selection else b""
     return [
         (C2S, link_mess(caps_word(*bits))),
@@ -135,7 +136,7 @@ def test_any_split_gives_the_same_events(
     for d, chunk in whole:
         cuts = sorted(data.draw(st.lists(st.integers(0, len(chunk)), max_size=6)))
         bounds = [0, *cuts, len(chunk)]
-        pieces += [(d, chunk[a:b]) for a, b in zip(bounds, bounds[1:], strict=False)]
+        pieces += [(d, chunk[a:b]) for a, b in itertools.pairwise(bounds)]
     _f, got = run(pieces)
     assert got == expected
 
@@ -186,14 +187,14 @@ def test_oversized_message_is_refused_before_buffering() -> None:
 
 def test_link_error_ends_parsing() -> None:
     bits = caps_word(1, 3)
-    f, events = run([(C2S, link_mess(bits)), (S2C, link_reply(bits, error=5))])
+    f, _events = run([(C2S, link_mess(bits)), (S2C, link_reply(bits, error=5))])
     assert f.link_error == 5
     assert f.feed(S2C, b"anything") == []
 
 
 def test_huge_link_size_and_bad_caps_are_errors() -> None:
     f = ChannelFramer()
-    (hdr, err) = f.feed(C2S, header(1 << 30))
+    (_hdr, err) = f.feed(C2S, header(1 << 30))
     assert isinstance(err, ChannelError) and "exceeds" in err.reason
     f2 = ChannelFramer()
     body = bytearray(link_mess(caps_word(1))[16:])

@@ -6,9 +6,8 @@ Decoded whose `error` says where (offset, field path) and why.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
 from dissectors.errors import DecodeError, EncodeError, Malformed, covered_bytes
 from dissectors.generated import agent as _agent_mod
@@ -36,6 +35,11 @@ class Dialect:
         self.enum_names = {name: dict(items) for name, (_k, items) in self.enums.items()}
         self.enum_by_value = {
             name: {v: n for n, v in reversed(items)} for name, (_k, items) in self.enums.items()
+        }
+        # (channel, direction, type) -> (channel name, message name, struct, decoder)
+        self.entries: dict[tuple[int, str, int], tuple[str, str, str, Any]] = {
+            key: (self.channel_name(key[0]), name, struct, self.codecs[struct][0])
+            for key, (name, struct) in self.messages.items()
         }
 
     def channel_name(self, number: int) -> str:
@@ -73,8 +77,9 @@ CAPS = Dialect(_caps_mod)
 AGENT = Dialect(_agent_mod)
 
 
-@dataclass(frozen=True, slots=True)
-class Decoded:
+class Decoded(NamedTuple):
+    """One decoded body (a NamedTuple: built per message, so cheap to create)."""
+
     channel: str
     channel_type: int
     direction: str
@@ -101,16 +106,18 @@ class Decoded:
 def decode(
     channel_type: int, direction: str, msg_type: int, body: bytes, dialect: Dialect = SPICE
 ) -> Decoded:
-    channel = dialect.channel_name(channel_type)
-    entry = dialect.messages.get((channel_type, direction, msg_type))
+    size = len(body)
+    entry = dialect.entries.get((channel_type, direction, msg_type))
     if entry is None:
+        channel = dialect.channel_name(channel_type)
         err = DecodeError(0, "", f"no {direction} message {msg_type} in channel {channel}")
         return Decoded(
-            channel, channel_type, direction, msg_type, None, None, len(body), 0, err, None, dialect
+            channel, channel_type, direction, msg_type, None, None, size, 0, err, None, dialect
         )
-    name, struct = entry
+    channel, name, struct, decoder = entry
+    regions: list[tuple[int, int]] = []
     try:
-        fields, covered = dialect.decode_struct(struct, body)
+        fields, stop = decoder(body, 0, size, regions)
     except Malformed as exc:
         return Decoded(
             channel,
@@ -119,24 +126,22 @@ def decode(
             msg_type,
             name,
             None,
-            len(body),
+            size,
             0,
             exc.error,
             struct,
             dialect,
         )
+    except (UnboundLocalError, KeyError) as exc:  # a size field in a case not chosen
+        err = DecodeError(0, struct, f"field {exc} is absent")
+        return Decoded(
+            channel, channel_type, direction, msg_type, name, None, size, 0, err, struct, dialect
+        )
+    if regions:  # pointers were followed: count the union of what was read
+        regions.append((0, stop))
+        stop = covered_bytes(regions)
     return Decoded(
-        channel,
-        channel_type,
-        direction,
-        msg_type,
-        name,
-        fields,
-        len(body),
-        covered,
-        None,
-        struct,
-        dialect,
+        channel, channel_type, direction, msg_type, name, fields, size, stop, None, struct, dialect
     )
 
 

@@ -7,8 +7,8 @@ every non-main channel links with, which the main channel's INIT message announc
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 from dissectors.agent import AgentMessage, AgentReassembler
 from dissectors.api import LINK, SPICE, Decoded, decode, message_type, named_value
@@ -31,8 +31,7 @@ _LINK_STRUCTS = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
+class Record(NamedTuple):  # one per message: a tuple is the cheapest immutable record
     time: float
     session: int | None  # connection id from the main channel's INIT
     connection: int
@@ -58,6 +57,7 @@ class _Conn:
     framer: ChannelFramer = field(default_factory=ChannelFramer)
     agent: AgentReassembler | None = None
     # A main channel's records wait for its INIT, which names the session.
+    ident: tuple[int | None, int, str, int] | None = None  # session, number, channel, id
     held: list[Record] | None = None
 
 
@@ -87,6 +87,17 @@ class RecordBuilder:
         if fr.channel_type == MAIN:
             return self.main_session.get(c.number)
         return fr.connection_id or None
+
+    def _ident(self, c: _Conn) -> tuple[int | None, int, str, int]:
+        """session, connection, channel name, channel id: fixed once the session is known."""
+        if c.ident is not None:
+            return c.ident
+        fr = c.framer
+        name = SPICE.channel_name(fr.channel_type) if fr.channel_type else "unknown"
+        ident = (self._session(c), c.number, name, fr.channel_id)
+        if ident[0] is not None:
+            c.ident = ident
+        return ident
 
     def _base(self, c: _Conn, ts: float, direction: str) -> dict[str, Any]:
         fr = c.framer
@@ -118,50 +129,35 @@ class RecordBuilder:
         session = self.main_session.get(c.number)
         if session is None and not force and len(c.held) < MAX_HELD:
             return []
-        out = [r if r.session is not None else replace(r, session=session) for r in c.held]
+        out = [r if r.session is not None else r._replace(session=session) for r in c.held]
         c.held = []
         return out
 
     def _event(self, c: _Conn, ts: float, ev: LinkUnit | Message | ChannelError) -> list[Record]:
-        if isinstance(ev, ChannelError):
-            return [
-                Record(
-                    **self._base(c, ts, ev.direction),
-                    kind="error",
-                    msg_type=None,
-                    name=None,
-                    raw=b"",
-                    error=ev.reason,
-                )
-            ]
-        if isinstance(ev, LinkUnit):
-            secret = ev.kind in SECRET_UNITS
-            fields, err = (None, None) if secret else _link_fields(ev.kind, ev.data)
-            return [
-                Record(
-                    **self._base(c, ts, ev.direction),
-                    kind="link",
-                    msg_type=None,
-                    name=ev.kind,
-                    raw=b"" if secret else ev.data,
-                    error=err,
-                    fields=fields,
-                )
-            ]
+        if not isinstance(ev, Message):  # link units and errors are rare: keep them aside
+            return self._link_or_error(c, ts, ev)
         fr = c.framer
         ctype = fr.channel_type or 0
         dec = decode(ctype, ev.direction, ev.msg_type, ev.body)
         if ctype == MAIN and ev.direction != C2S and ev.msg_type == MAIN_INIT and dec.fields:
             self.main_session[c.number] = int(dec.fields["session_id"])
+        session, number, channel, channel_id = self._ident(c)
+        error = str(dec.error) if dec.error else None
         out = [
             Record(
-                **self._base(c, ts, ev.direction),
-                kind="message",
-                msg_type=ev.msg_type,
-                name=dec.name,
-                raw=ev.header + ev.body,
-                decoded=dec,
-                error=str(dec.error) if dec.error else None,
+                ts,
+                session,
+                number,
+                channel,
+                channel_id,
+                ev.direction,
+                "message",
+                ev.msg_type,
+                dec.name,
+                ev.header + ev.body,
+                dec,
+                error,
+                None,
             )
         ]
         if ctype == MAIN and ev.msg_type == AGENT_DATA[ev.direction] and dec.fields is not None:
@@ -193,6 +189,34 @@ class RecordBuilder:
                         )
                     )
         return out
+
+    def _link_or_error(self, c: _Conn, ts: float, ev: LinkUnit | ChannelError) -> list[Record]:
+        if isinstance(ev, ChannelError):
+            return [
+                Record(
+                    **self._base(c, ts, ev.direction),
+                    kind="error",
+                    msg_type=None,
+                    name=None,
+                    raw=b"",
+                    error=ev.reason,
+                )
+            ]
+        if isinstance(ev, LinkUnit):
+            secret = ev.kind in SECRET_UNITS
+            fields, err = (None, None) if secret else _link_fields(ev.kind, ev.data)
+            return [
+                Record(
+                    **self._base(c, ts, ev.direction),
+                    kind="link",
+                    msg_type=None,
+                    name=ev.kind,
+                    raw=b"" if secret else ev.data,
+                    error=err,
+                    fields=fields,
+                )
+            ]
+        raise AssertionError(ev)
 
     def gap(self, conn: int, ts: float, direction: str, missing: int) -> list[Record]:
         c = self.conns.setdefault(conn, _Conn(conn))

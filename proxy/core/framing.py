@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 C2S = "c2s"
 S2C = "s2c"
@@ -54,8 +55,7 @@ class LinkUnit:
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
+class Message(NamedTuple):  # one per message: a tuple is the cheapest immutable event
     direction: str
     msg_type: int
     body: bytes
@@ -142,9 +142,8 @@ class ChannelFramer:
         while True:
             state = self.state[d]
             if state == "messages":
-                if not self._message(d, events):
-                    return
-                continue
+                self._messages(d, events)
+                return
             if state in ("dead", "wait_reply", "done"):
                 return
             if state == "sasl":
@@ -235,21 +234,34 @@ class ChannelFramer:
             else:
                 self.auth, self.state[C2S] = "spice", "ticket"
 
-    def _message(self, d: str, events: list[Event]) -> bool:
+    def _messages(self, d: str, events: list[Event]) -> None:
+        """Frame every complete message in the buffer, then drop them in one cut."""
         buf = self.buf[d]
         hdr = MINI_HEADER if self.mini_header else FULL_HEADER
-        if len(buf) < hdr.size:
-            return False
-        if self.mini_header:
-            msg_type, size = MINI_HEADER.unpack_from(buf)
-            serial, sub_list = None, 0
-        else:
-            serial, msg_type, size, sub_list = FULL_HEADER.unpack_from(buf)
-        if size > self.max_message:
-            self._fail(d, f"message type {msg_type} of {size} bytes exceeds the limit", events)
-            return False
-        if len(buf) < hdr.size + size:
-            return False
-        header = self._take(d, hdr.size)
-        events.append(Message(d, msg_type, self._take(d, size), header, serial, sub_list))
-        return True
+        hsize, mini, limit = hdr.size, self.mini_header, self.max_message
+        unpack = hdr.unpack_from
+        n, pos = len(buf), 0
+        too_big: str | None = None
+        with memoryview(buf) as view:
+            while n - pos >= hsize:
+                if mini:
+                    msg_type, size = unpack(buf, pos)
+                    serial, sub_list = None, 0
+                else:
+                    serial, msg_type, size, sub_list = unpack(buf, pos)
+                if size > limit:
+                    too_big = f"message type {msg_type} of {size} bytes exceeds the limit"
+                    break
+                end = pos + hsize + size
+                if end > n:
+                    break
+                body = bytes(view[pos + hsize : end])
+                events.append(
+                    Message(d, msg_type, body, bytes(view[pos : pos + hsize]), serial, sub_list)
+                )
+                pos = end
+        if pos:
+            del buf[:pos]
+            self.offset[d] += pos
+        if too_big is not None:
+            self._fail(d, too_big, events)

@@ -11,8 +11,8 @@ The common case on a loopback or LAN capture, IPv4 without options in Ethernet (
 cooked, or null/loopback), costs one ``struct.unpack_from`` over the link type field, the
 IPv4 header and the fixed part of the TCP header together. IPv4 with options, IPv6 and
 raw IP take a few more header reads, still by hand. Anything rarer (VLAN, QinQ, MPLS and
-PPPoE on Ethernet, IPv6 extension headers) goes through dpkt, which is also the whole of
-``decode_with_dpkt``: the slow, general decoder that the tests hold the fast paths to.
+PPPoE on Ethernet, IPv6 extension headers) goes through dpkt: general.py, the slow,
+general decoder (``decode_with_dpkt``) that the tests hold the fast paths to.
 
 The IP length fields bound the payload (so Ethernet padding never becomes data); a total
 length of 0 (TCP segmentation offload) means "to the end of the frame". When the capture
@@ -27,8 +27,6 @@ import struct
 from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address
 from typing import Final
-
-import dpkt
 
 from .segment import Buffer, TcpSegment
 
@@ -86,7 +84,6 @@ _AF_INET: Final = 2
 _AF_INET6: Final = (10, 24, 28, 30)
 # IPv6 next-header values that are extension headers (left to dpkt).
 _IPV6_EXT: Final = frozenset({0, 43, 44, 50, 51, 60, 135, 139, 140, 253, 254})
-_IPV6_FRAGMENT: Final = 44
 
 _MASK_FLAGS: Final = 0x1FF
 _IP4: Final = struct.Struct("!BxH2xHxB2x4s4s")  # vihl, total length, frag, proto, src, dst
@@ -105,7 +102,8 @@ _names6: dict[bytes, str] = {}
 _pairs4: dict[bytes, tuple[str, str]] = {}
 
 
-def _name4(raw: bytes) -> str:
+def name4(raw: bytes) -> str:
+    """An IPv4 address as text, cached."""
     if len(_names4) >= _CACHE_MAX:
         _names4.clear()
     name = _names4[raw] = str(IPv4Address(raw))
@@ -116,11 +114,12 @@ def _pair4(raw: bytes) -> tuple[str, str]:
     """Source and destination IPv4 addresses, 8 bytes, as text."""
     if len(_pairs4) >= _CACHE_MAX:
         _pairs4.clear()
-    names = _pairs4[raw] = (_name4(raw[:4]), _name4(raw[4:]))
+    names = _pairs4[raw] = (name4(raw[:4]), name4(raw[4:]))
     return names
 
 
-def _name6(raw: bytes) -> str:
+def name6(raw: bytes) -> str:
+    """An IPv6 address as text, cached."""
     if len(_names6) >= _CACHE_MAX:
         _names6.clear()
     name = _names6[raw] = str(IPv6Address(raw))
@@ -172,8 +171,8 @@ def _ipv4(buf: Buffer, ip: int, capend: int, ts: float) -> TcpSegment | None:
         end = ip + total
     else:  # TCP segmentation offload: the length is left to the frame
         end = capend
-    name_s = _names4.get(src) or _name4(src)
-    name_d = _names4.get(dst) or _name4(dst)
+    name_s = _names4.get(src) or name4(src)
+    name_d = _names4.get(dst) or name4(dst)
     return _segment(buf, ip + ihl, end, capend, ts, name_s, name_d)
 
 
@@ -187,8 +186,8 @@ def _ipv6(buf: Buffer, ip: int, capend: int, ts: float) -> TcpSegment | None:
             return _dpkt_ip6(buf[ip:capend], ts)
         return None
     end = ip + _IP6_HDR + plen if plen else capend
-    name_s = _names6.get(src) or _name6(src)
-    name_d = _names6.get(dst) or _name6(dst)
+    name_s = _names6.get(src) or name6(src)
+    name_d = _names6.get(dst) or name6(dst)
     return _segment(buf, ip + _IP6_HDR, end, capend, ts, name_s, name_d)
 
 
@@ -293,6 +292,13 @@ def _swapped(values: tuple[int, ...]) -> frozenset[int]:
     return frozenset(values) | {int.from_bytes(v.to_bytes(4, "big"), "little") for v in values}
 
 
+# The address families of a null/loopback header, read big-endian: (IPv4, IPv6). The
+# null header is in the capturing host's byte order, so both orders are accepted.
+NULL_FAMILIES: Final = (_swapped((_AF_INET,)), _swapped(_AF_INET6))
+LOOP_FAMILIES: Final = (frozenset({_AF_INET}), frozenset(_AF_INET6))
+RAW_LINKTYPES: Final = (LINKTYPE_RAW, LINKTYPE_IPV4, LINKTYPE_IPV6, *_DLT_RAW_BSD)
+
+
 def make_decoder(linktype: int) -> Decoder | None:
     """The frame decoder for a link type, or None if the link type is not supported."""
     ether_v4 = frozenset({_ETHERTYPE_IPV4})
@@ -305,9 +311,9 @@ def make_decoder(linktype: int) -> Decoder | None:
     if linktype == LINKTYPE_LINUX_SLL2:
         return _typed(linktype, 20, 0, "H", ether_v4, ether_v6, _ETHERTYPE_DPKT)
     if linktype == LINKTYPE_NULL:  # the family is in the capturing host's byte order
-        return _typed(linktype, 4, 0, "I", _swapped((_AF_INET,)), _swapped(_AF_INET6), none)
+        return _typed(linktype, 4, 0, "I", *NULL_FAMILIES, none)
     if linktype == LINKTYPE_LOOP:
-        return _typed(linktype, 4, 0, "I", frozenset({_AF_INET}), frozenset(_AF_INET6), none)
+        return _typed(linktype, 4, 0, "I", *LOOP_FAMILIES, none)
     if linktype == LINKTYPE_RAW or linktype in _DLT_RAW_BSD:
         return _raw
     if linktype == LINKTYPE_IPV4:
@@ -318,100 +324,18 @@ def make_decoder(linktype: int) -> Decoder | None:
 
 
 # ---------------------------------------------------------------------------------------
-# The general decoder: dpkt from the link layer up.
-
-
-def _dpkt_tcp(tcp: object, wire: int, ts: float, src: str, dst: str) -> TcpSegment | None:
-    """``wire``: the length of the TCP segment (header and payload) on the wire."""
-    if not isinstance(tcp, dpkt.tcp.TCP):
-        return None
-    payload = bytes(tcp.data)
-    hdr: int = tcp.off * 4
-    snapped = max(0, wire - hdr - len(payload))
-    return TcpSegment(
-        ts, src, tcp.sport, dst, tcp.dport, tcp.seq, tcp.ack, tcp.flags, payload, snapped
-    )
-
-
-def _dpkt_ip4(ip: dpkt.ip.IP, ts: float) -> TcpSegment | None:
-    if ip.v != 4 or ip.p != _TCP or ip.mf or ip.offset:
-        return None
-    tcp = ip.data
-    if not isinstance(tcp, dpkt.tcp.TCP):
-        return None
-    wire: int = ip.len - ip.hl * 4 if ip.len else len(bytes(tcp))
-    return _dpkt_tcp(tcp, wire, ts, _name4(ip.src), _name4(ip.dst))
-
-
-def _dpkt_ip6(frame: bytes, ts: float) -> TcpSegment | None:
-    try:
-        return _dpkt_ip6_parsed(dpkt.ip6.IP6(frame), ts)
-    except Exception:  # dpkt raises many kinds on malformed frames
-        return None
-
-
-def _dpkt_ip6_parsed(ip6: dpkt.ip6.IP6, ts: float) -> TcpSegment | None:
-    if getattr(ip6, "p", ip6.nxt) != _TCP or _IPV6_FRAGMENT in ip6.extension_hdrs:
-        return None
-    ext: int = sum(hdr.length for hdr in ip6.all_extension_headers)
-    wire: int = ip6.plen - ext if ip6.plen else len(bytes(ip6.data))
-    return _dpkt_tcp(ip6.data, wire, ts, _name6(ip6.src), _name6(ip6.dst))
-
-
-def _dpkt_ip(ip: object, ts: float) -> TcpSegment | None:
-    if isinstance(ip, dpkt.ip.IP):
-        return _dpkt_ip4(ip, ts)
-    if isinstance(ip, dpkt.ip6.IP6):
-        return _dpkt_ip6_parsed(ip, ts)
-    return None
-
-
-def _dpkt_parse_ip(data: bytes) -> object:
-    if not data:
-        return None
-    version = data[0] >> 4
-    try:
-        if version == 4:
-            return dpkt.ip.IP(data)
-        if version == 6:
-            return dpkt.ip6.IP6(data)
-    except dpkt.UnpackError:
-        return None
-    return None
-
-
-def _dpkt_link(linktype: int, frame: bytes) -> object:
-    """The network layer packet in a frame, parsed by dpkt (or None)."""
-    try:
-        if linktype == LINKTYPE_ETHERNET:
-            eth = dpkt.ethernet.Ethernet(frame)
-            # dpkt leaves an 802.1Q-tagged payload as bytes for some inner types.
-            return eth.data
-        if linktype == LINKTYPE_LINUX_SLL:
-            return dpkt.sll.SLL(frame).data
-        if linktype == LINKTYPE_LINUX_SLL2:
-            return dpkt.sll2.SLL2(frame).data
-    except dpkt.UnpackError:
-        return None
-    if linktype in (LINKTYPE_NULL, LINKTYPE_LOOP):
-        if len(frame) < 4:
-            return None
-        family = int.from_bytes(frame[:4], "big" if linktype == LINKTYPE_LOOP else "little")
-        families = _swapped((_AF_INET,)) if linktype == LINKTYPE_NULL else frozenset({_AF_INET})
-        families6 = _swapped(_AF_INET6) if linktype == LINKTYPE_NULL else frozenset(_AF_INET6)
-        if family in families and frame[4:5] and frame[4] >> 4 == 4:
-            return _dpkt_parse_ip(frame[4:])
-        if family in families6 and frame[4:5] and frame[4] >> 4 == 6:
-            return _dpkt_parse_ip(frame[4:])
-        return None
-    if linktype in (LINKTYPE_RAW, LINKTYPE_IPV4, LINKTYPE_IPV6, *_DLT_RAW_BSD):
-        return _dpkt_parse_ip(frame)
-    return None
+# The general decoder, in general.py: imported when first needed, as dpkt takes 45 ms to
+# import and most captures never need it.
 
 
 def decode_with_dpkt(linktype: int, frame: bytes, ts: float) -> TcpSegment | None:
     """Decode one whole frame with dpkt alone: the general (and slow) path."""
-    try:
-        return _dpkt_ip(_dpkt_link(linktype, frame), ts)
-    except Exception:  # dpkt raises many kinds on malformed frames
-        return None
+    from . import general  # noqa: PLC0415
+
+    return general.decode(linktype, frame, ts)
+
+
+def _dpkt_ip6(frame: bytes, ts: float) -> TcpSegment | None:
+    from . import general  # noqa: PLC0415
+
+    return general.decode_ipv6(frame, ts)

@@ -52,14 +52,14 @@ def read_pcap(buf: Buffer, read: Read, name: str, stats: ReadStats) -> Iterator[
     if decode is None:
         msg = f"{name}: {linktype_name(linktype)} captures are not supported"
         raise CaptureError(msg)
-    return _records(buf, read, endian, units, rec_size, decode, name, stats)
+    return _records(buf, read, endian, float(units), rec_size, decode, name, stats)
 
 
 def _records(
     buf: Buffer,
     read: Read,
     endian: str,
-    units: int,
+    units: float,
     rec_size: int,
     decode: Decoder,
     name: str,

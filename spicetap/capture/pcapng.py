@@ -47,8 +47,9 @@ _OPT_TSRESOL: Final = 9
 _OPT_TSOFFSET: Final = 14
 _DEFAULT_UNITS: Final = 1_000_000
 
-_Interface = tuple["Decoder | None", int, int, int]
-"""decoder (None: link type not supported), units per second, offset (s), snap length"""
+_Interface = tuple["Decoder | None", float, float, int, int]
+"""decoder (None: link type not supported), seconds per 2**32 units, units per second,
+offset (seconds), snap length"""
 
 
 class _Damage(Exception):
@@ -106,7 +107,9 @@ def _interface(buf: Buffer, pos: int, blen: int, order: str, stats: ReadStats) -
     decode = make_decoder(linktype)
     if decode is None:
         stats.unsupported.add(linktype)
-    return (decode, units, offset, snaplen)
+    # ts = (high * 2**32 + low) / units, in floats: the sum is exact to the float's own
+    # precision (0.24 us near 2024), and twice as fast as dividing a 64-bit int.
+    return (decode, 2**32 / units, float(units), offset, snaplen)
 
 
 def read_pcapng(buf: Buffer, read: Read, name: str, stats: ReadStats) -> Iterator[TcpSegment]:
@@ -154,12 +157,12 @@ def _blocks(buf: Buffer, read: Read, name: str, stats: ReadStats) -> Iterator[Tc
                     and u32(buf, end - 4)[0] == blen
                 ):
                     try:
-                        decode, units, offset, _snaplen = interfaces[iface]
+                        decode, per_high, units, offset, _snaplen = interfaces[iface]
                     except IndexError:
                         msg = f"packet on undeclared interface {iface}"
                         raise _Damage(msg) from None
                     frames += 1
-                    ts = ((high << 32) | low) / units + offset
+                    ts = high * per_high + low / units + offset
                     data = pos + 28
                     pos = end
                     if decode is not None:
@@ -214,12 +217,12 @@ def _blocks(buf: Buffer, read: Read, name: str, stats: ReadStats) -> Iterator[Tc
                     msg = f"packet length {caplen} past its block"
                     raise _Damage(msg)
                 try:
-                    decode, units, offset, _snaplen = interfaces[iface]
+                    decode, per_high, units, offset, _snaplen = interfaces[iface]
                 except IndexError:
                     msg = f"packet on undeclared interface {iface}"
                     raise _Damage(msg) from None
                 frames += 1
-                ts = ((high << 32) | low) / units + offset
+                ts = high * per_high + low / units + offset
                 if decode is not None:
                     segment = decode(buf, pos + 28, caplen, ts)
                     if segment is not None:
@@ -239,7 +242,7 @@ def _blocks(buf: Buffer, read: Read, name: str, stats: ReadStats) -> Iterator[Tc
                 if not interfaces:
                     msg = "simple packet block before any interface"
                     raise _Damage(msg)
-                decode, _units, _offset, snaplen = interfaces[0]
+                decode, _per_high, _units, _offset, snaplen = interfaces[0]
                 caplen = min(u32(buf, pos + 8)[0], blen - _SPB_MIN)
                 if snaplen:
                     caplen = min(caplen, snaplen)
@@ -260,12 +263,12 @@ def _blocks(buf: Buffer, read: Read, name: str, stats: ReadStats) -> Iterator[Tc
                     msg = f"packet length {caplen} past its block"
                     raise _Damage(msg)
                 try:
-                    decode, units, offset, _snaplen = interfaces[iface]
+                    decode, per_high, units, offset, _snaplen = interfaces[iface]
                 except IndexError:
                     msg = f"packet on undeclared interface {iface}"
                     raise _Damage(msg) from None
                 frames += 1
-                ts = ((high << 32) | low) / units + offset
+                ts = high * per_high + low / units + offset
                 if decode is not None:
                     segment = decode(buf, pos + 28, caplen, ts)
                     if segment is not None:

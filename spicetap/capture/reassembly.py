@@ -13,11 +13,12 @@ The common case, a segment with no SYN/FIN/RST that starts exactly at ``nxt`` wh
 nothing is buffered, becomes one StreamData with no copy. Otherwise:
 
 - bytes before ``nxt`` (retransmissions, overlaps) are dropped: the first copy wins;
-- a segment past ``nxt`` is buffered by stream offset until the hole before it fills;
-  when a half buffers more than ``max_buffer`` bytes, the hole is declared lost
-  (StreamGap) and delivery resumes at the first buffered byte. Holes still open when a
-  connection closes or the capture ends are declared too, so no captured byte is
-  dropped and every lost byte is counted;
+- a segment past ``nxt`` is buffered by stream offset until the hole before it fills.
+  The hole is declared lost (StreamGap), and delivery resumes at the first buffered
+  byte, as soon as the other side acknowledges the whole hole (the receiver had those
+  bytes: the capture missed them, and nobody will send them again); failing that, when
+  the half buffers more than ``max_buffer`` bytes, or when the connection closes or the
+  capture ends. So no captured byte is dropped and every lost byte is counted;
 - a segment cut by the capture's snap length delivers what was captured and declares
   the rest lost.
 
@@ -38,9 +39,14 @@ Where a half starts. From the SYN (its sequence number + 1); else from the ACK n
 a segment from the other side (exact when only the SYN+ACK was lost); else from the
 first segment of its own.
 
-Closing. Once both halves have delivered everything up to their FIN: StreamClosed
+Closing. Once both halves have delivered everything up to their FIN (or the FIN was
+acknowledged, the bytes before it that the capture lacks declared lost): StreamClosed
 "fin". A RST closes at once: "rst". ``finish()`` closes the rest: "eof". Segments on a
 closed connection (the last ACK, late retransmissions) are ignored.
+
+The fast path is taken only while both halves are "quiet" (started, nothing buffered, no
+FIN yet), so that the other side's ACKs, which may declare a hole lost, take the slow
+path whenever there is a hole to watch.
 """
 
 from __future__ import annotations

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import gzip
 import random
+import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from spicetap.capture import (
     ACK,
@@ -419,3 +422,80 @@ def test_close_early(tmp_path: Path) -> None:
     assert next(reader).payload == b"hello"
     reader.close()
     assert list(reader) == []
+
+
+# -- fuzz: damage anywhere is a CaptureError or a problem, never a traceback ------------------
+
+
+def _sample(kind: str) -> bytes:
+    stream = stream_frames(CHUNKS)
+    if kind == "pcapng-by-hand":
+        file = Pcapng(">").section().interface(1, tsresol=9)
+        for ts, frame in stream:
+            file.epb(frame, int(ts * 1e9))
+        return file.spb(stream[3][1]).bytes()
+    with tempfile.TemporaryDirectory() as tmp:
+        writer = write_pcap if kind == "pcap" else write_pcapng
+        return writer(Path(tmp) / "x", stream).read_bytes()
+
+
+SAMPLES = {kind: _sample(kind) for kind in ("pcap", "pcapng", "pcapng-by-hand")}
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    kind=st.sampled_from(sorted(SAMPLES)),
+    edits=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=8),
+    cut=st.integers(0, 10**6),
+    compress=st.booleans(),
+)
+def test_damage_never_raises_past_the_api(
+    tmp_path: Path, kind: str, edits: list[tuple[int, int]], cut: int, compress: bool
+) -> None:
+    data = bytearray(SAMPLES[kind])
+    for where, value in edits:
+        data[where % len(data)] = value
+    content = bytes(data[: len(data) - cut % len(data)])
+    if compress:
+        content = gzip.compress(content)
+    path = tmp_path / "fuzz"
+    path.write_bytes(content)
+    try:
+        reader = read_packets(path)
+    except CaptureError as exc:
+        assert "\n" not in str(exc)
+        return
+    reassembler = TcpReassembler()
+    with reader:
+        for segment in reader:
+            reassembler.feed(segment)
+    reassembler.finish()
+    assert reader.problem is None or "\n" not in reader.problem
+
+
+# -- the chunked path: files that cannot be mapped, in tiny chunks ----------------------------
+
+
+@pytest.mark.parametrize("chunk", [5, 13, 4096])
+@pytest.mark.parametrize("writer", [write_pcap, write_pcapng])
+def test_chunked_reading_gives_the_same_segments(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: int, writer: object
+) -> None:
+    assert callable(writer)
+    path = writer(tmp_path / "a.cap", stream_frames(CHUNKS))
+    mapped = read_all(path)
+
+    def no_map(*args: object, **kwargs: object) -> object:
+        raise OSError("cannot map")
+
+    monkeypatch.setattr("spicetap.capture.reader.mmap.mmap", no_map)
+    monkeypatch.setattr("spicetap.capture.reader.CHUNK", chunk)
+    monkeypatch.setattr("spicetap.capture.source.CHUNK", chunk)
+    assert read_all(path) == mapped
+    path.write_bytes(path.read_bytes()[:-3])
+    with read_packets(path) as reader:
+        assert list(reader) == mapped[:-1]
+    assert reader.problem is not None
+    assert reader.problem.startswith(f"{path}: truncated at byte ")

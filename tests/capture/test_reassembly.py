@@ -410,3 +410,57 @@ def test_random_segmentation(
         for offset, piece in kept:
             expected[offset : offset + len(piece)] = piece
         assert bytes(got) == bytes(expected)
+
+
+# -- property: any segments at all keep the event stream well formed ---------------------
+
+ENDPOINTS = [(CLIENT, SERVER), (("10.0.0.1", 40001), SERVER), ((SERVER[0], 5901), CLIENT)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, len(ENDPOINTS) - 1),
+            st.booleans(),
+            st.sampled_from([0, 1, 2, 1000, 2**31, 2**32 - 1]),
+            st.integers(0, 40),
+            st.integers(0, 0x1F),
+            st.binary(max_size=12),
+            st.integers(0, 3),
+        ),
+        max_size=60,
+    )
+)
+def test_any_segments_give_well_formed_events(
+    specs: list[tuple[int, bool, int, int, int, bytes, int]],
+) -> None:
+    segments = [
+        segment(
+            base + offset,
+            payload,
+            flags,
+            ack=base + offset,
+            c2s=c2s,
+            ts=float(i),
+            snapped=snapped,
+            endpoints=ENDPOINTS[which],
+        )
+        for i, (which, c2s, base, offset, flags, payload, snapped) in enumerate(specs)
+    ]
+    events = run(segments)
+    state: dict[int, str] = {}
+    for event in events:
+        if isinstance(event, StreamOpened):
+            assert event.conn == len(state)
+            state[event.conn] = "open"
+            continue
+        assert state[event.conn] == "open"
+        if isinstance(event, StreamClosed):
+            state[event.conn] = "closed"
+        elif isinstance(event, StreamData):
+            assert event.data
+        else:
+            assert isinstance(event, StreamGap)
+            assert event.missing > 0
+    assert set(state.values()) <= {"closed"}

@@ -10,8 +10,8 @@ import pytest
 
 from dissectors import api, interp
 from dissectors.errors import Malformed
-from spicetap.cli import main
 from spicetap.capture import StreamData, TcpReassembler, read_packets
+from spicetap.cli import main
 from spicetap.records import Record, RecordBuilder
 from spicetap.show import iter_capture
 

@@ -19,14 +19,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keys", type=int, default=20000)
     args = parser.parse_args(argv)
     keys = tuple(0x1E + i % 10 for i in range(args.keys))  # a, s, d, ... : harmless keys
-    with tempfile.TemporaryDirectory() as tmp, QemuServer(guest="boot") as srv:
-        with LoopbackCapture(args.out, ports=srv.ports):
-            result = run_gi_client(
-                srv.endpoint(),
-                ClientOptions(duration=120, min_duration=2, keys=keys, mouse=True,
-                              expect_display=True),
-                Path(tmp) / "client",
-            )
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        QemuServer(guest="boot") as srv,
+        LoopbackCapture(args.out, ports=srv.ports),
+    ):
+        result = run_gi_client(
+            srv.endpoint(),
+            ClientOptions(duration=120, min_duration=2, keys=keys, mouse=True,
+                          expect_display=True),
+            Path(tmp) / "client",
+        )
     print(f"{args.out}: client rc {result.returncode}, {args.out.stat().st_size} bytes")
     return result.returncode
 

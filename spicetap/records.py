@@ -154,7 +154,7 @@ class RecordBuilder:
                 "message",
                 ev.msg_type,
                 dec.name,
-                ev.header + ev.body,
+                ev.raw,
                 dec,
                 error,
                 None,

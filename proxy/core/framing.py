@@ -59,7 +59,7 @@ class Message(NamedTuple):  # one per message: a tuple is the cheapest immutable
     direction: str
     msg_type: int
     body: bytes
-    header: bytes
+    raw: bytes  # data header + body, exactly as on the wire
     serial: int | None  # None with the mini header
     sub_list: int
 
@@ -239,27 +239,31 @@ class ChannelFramer:
         buf = self.buf[d]
         hdr = MINI_HEADER if self.mini_header else FULL_HEADER
         hsize, mini, limit = hdr.size, self.mini_header, self.max_message
-        unpack = hdr.unpack_from
-        n, pos = len(buf), 0
+        n = len(buf)
+        if n < hsize:
+            return
+        first_size = hdr.unpack_from(buf)[1 if mini else 2]
+        if first_size <= limit and n < hsize + first_size:
+            return  # a large message still arriving: no copy until it is whole
+        # One snapshot of the buffer; each message is then two cheap slices of it.
+        data = bytes(buf)
+        unpack, append = hdr.unpack_from, events.append
+        pos = 0
         too_big: str | None = None
-        with memoryview(buf) as view:
-            while n - pos >= hsize:
-                if mini:
-                    msg_type, size = unpack(buf, pos)
-                    serial, sub_list = None, 0
-                else:
-                    serial, msg_type, size, sub_list = unpack(buf, pos)
-                if size > limit:
-                    too_big = f"message type {msg_type} of {size} bytes exceeds the limit"
-                    break
-                end = pos + hsize + size
-                if end > n:
-                    break
-                body = bytes(view[pos + hsize : end])
-                events.append(
-                    Message(d, msg_type, body, bytes(view[pos : pos + hsize]), serial, sub_list)
-                )
-                pos = end
+        while n - pos >= hsize:
+            if mini:
+                msg_type, size = unpack(data, pos)
+                serial, sub_list = None, 0
+            else:
+                serial, msg_type, size, sub_list = unpack(data, pos)
+            if size > limit:
+                too_big = f"message type {msg_type} of {size} bytes exceeds the limit"
+                break
+            end = pos + hsize + size
+            if end > n:
+                break
+            append(Message(d, msg_type, data[pos + hsize : end], data[pos:end], serial, sub_list))
+            pos = end
         if pos:
             del buf[:pos]
             self.offset[d] += pos

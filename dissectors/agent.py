@@ -46,15 +46,21 @@ class AgentReassembler:
         self.buf = {C2S: bytearray(), S2C: bytearray()}
         self.caps: dict[str, int] = {}
         self.broken: set[str] = set()
+        self.touched: set[int] = set()
 
     def variant(self) -> int:
         both = self.caps.get(C2S, 0) & self.caps.get(S2C, 0)
         return (both >> CAP_CLIPBOARD_SELECTION & 1) | (both >> CAP_CLIPBOARD_GRAB_SERIAL & 1) << 1
 
     def feed(self, direction: str, chunk: bytes) -> list[AgentMessage | AgentStreamError]:
+        """Whole messages completed by `chunk`; `self.touched` then holds the types of every
+        agent message this chunk carried bytes of (privacy rules redact chunks by it)."""
+        self.touched = set()
         if direction in self.broken:
             return []
         buf = self.buf[direction]
+        if len(buf) >= AGENT_HEADER.size:  # the chunk continues a message begun earlier
+            self.touched.add(AGENT_HEADER.unpack_from(buf)[1])
         buf += chunk
         out: list[AgentMessage | AgentStreamError] = []
         while len(buf) >= AGENT_HEADER.size:
@@ -68,6 +74,7 @@ class AgentReassembler:
                 self.broken.add(direction)
                 buf.clear()
                 break
+            self.touched.add(msg_type)
             end = AGENT_HEADER.size + size
             if len(buf) < end:
                 break

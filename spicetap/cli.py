@@ -8,10 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from spicetap import __version__
-
-
-class UserError(Exception):
-    """Bad input from the user: printed as one line, exit status 2."""
+from spicetap.errors import UserError
 
 
 def _regen(args: argparse.Namespace) -> int:
@@ -43,31 +40,6 @@ def _regen(args: argparse.Namespace) -> int:
     return 0
 
 
-def _show(args: argparse.Namespace) -> int:
-    from spicetap.capture import CaptureError
-    from spicetap.render import line, to_json, tree
-    from spicetap.show import iter_capture
-
-    out = sys.stdout
-    t0: float | None = None
-    try:
-        for rec in iter_capture(Path(args.capture)):
-            if t0 is None:
-                t0 = rec.time
-            if args.json:
-                out.write(to_json(rec) + "\n")
-            elif args.verbose:
-                out.write("\n".join(tree(rec, t0)) + "\n")
-            else:
-                out.write(line(rec, t0) + "\n")
-    except CaptureError as exc:
-        raise UserError(str(exc)) from None
-    except BrokenPipeError:  # `spicetap show x | head`
-        sys.stderr.close()
-        return 0
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spicetap", description="Recording and inspecting proxy for SPICE."
@@ -80,11 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", help="fail if the committed output is stale")
     p.set_defaults(func=_regen)
 
-    p = sub.add_parser("show", help="print the SPICE messages of a pcap/pcapng capture")
-    p.add_argument("capture", help="a .pcap or .pcapng file")
-    p.add_argument("-V", "--verbose", action="store_true", help="full field tree per message")
-    p.add_argument("--json", action="store_true", help="one JSON object per message")
-    p.set_defaults(func=_show)
+    from spicetap.cli_inspect import add_commands
+
+    add_commands(sub)
     return parser
 
 

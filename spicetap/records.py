@@ -20,8 +20,8 @@ MAIN_INIT = message_type(MAIN, "s2c", "init")
 AGENT_DATA = {d: message_type(MAIN, d, "agent_data") for d in (C2S, "s2c")}
 
 MAX_HELD = 64  # a main channel that never sends INIT is not held back for long
-# Link units that are secrets: their bytes never leave this module.
-SECRET_UNITS = {"ticket"}
+# Link units that are secrets: never decoded or shown; archives keep only their length.
+SECRET_UNITS = {"ticket", "sasl"}
 _LINK_STRUCTS = {
     "header": "LinkHeader",
     "link_mess": "LinkMess",
@@ -41,10 +41,11 @@ class Record(NamedTuple):  # one per message: a tuple is the cheapest immutable 
     kind: str  # "link" | "message" | "agent" | "error" | "gap" | "close"
     msg_type: int | None
     name: str | None
-    raw: bytes  # plaintext bytes (secrets replaced by nothing)
+    raw: bytes  # plaintext bytes as on the wire (renderers never print secret units)
     decoded: Decoded | None = None
     error: str | None = None
     fields: dict[str, Any] | None = None  # link units: decoded values by name
+    agent_types: frozenset[int] = frozenset()  # AGENT_DATA: agent message types it carried
 
     @property
     def not_fully_dissected(self) -> bool:
@@ -58,6 +59,8 @@ class _Conn:
     agent: AgentReassembler | None = None
     # A main channel's records wait for its INIT, which names the session.
     ident: tuple[int | None, int, str, int] | None = None  # session, number, channel, id
+    open_fields: dict[str, Any] | None = None  # endpoints, until the open record is out
+    open_time: float = 0.0
     held: list[Record] | None = None
 
 
@@ -79,8 +82,23 @@ class RecordBuilder:
         self.conns: dict[int, _Conn] = {}
         self.main_session: dict[int, int] = {}  # main connection -> session id
 
-    def opened(self, conn: int) -> None:
-        self.conns[conn] = _Conn(conn)
+    def opened(
+        self,
+        conn: int,
+        ts: float = 0.0,
+        client: tuple[str, int] | None = None,
+        server: tuple[str, int] | None = None,
+    ) -> None:
+        """A new connection; its `open` record (with the endpoints) is emitted just before
+        its first other record, when the link message has named its channel."""
+        c = _Conn(conn)
+        if client is not None and server is not None:
+            c.open_fields = {
+                "client": f"{client[0]}:{client[1]}",
+                "server": f"{server[0]}:{server[1]}",
+            }
+            c.open_time = ts
+        self.conns[conn] = c
 
     def _session(self, c: _Conn) -> int | None:
         fr = c.framer
@@ -118,7 +136,20 @@ class RecordBuilder:
         out: list[Record] = []
         for ev in c.framer.feed(direction, data):
             out += self._event(c, ts, ev)
+        if c.open_fields is not None and out:
+            out.insert(0, self._open_record(c))
         return self._release(c, out)
+
+    def _open_record(self, c: _Conn) -> Record:
+        fields, c.open_fields = c.open_fields, None
+        return Record(
+            **self._base(c, c.open_time, C2S),
+            kind="open",
+            msg_type=None,
+            name=None,
+            raw=b"",
+            fields=fields,
+        )
 
     def _release(self, c: _Conn, records: list[Record], force: bool = False) -> list[Record]:
         if c.framer.channel_type != MAIN and c.held is None:
@@ -163,7 +194,9 @@ class RecordBuilder:
         if ctype == MAIN and ev.msg_type == AGENT_DATA[ev.direction] and dec.fields is not None:
             if c.agent is None:
                 c.agent = AgentReassembler()
-            for am in c.agent.feed(ev.direction, dec.fields["data"]):
+            agent_out = c.agent.feed(ev.direction, dec.fields["data"])
+            out[0] = out[0]._replace(agent_types=frozenset(c.agent.touched))
+            for am in agent_out:
                 base = self._base(c, ts, ev.direction)
                 if isinstance(am, AgentMessage):
                     out.append(
@@ -192,10 +225,11 @@ class RecordBuilder:
 
     def _link_or_error(self, c: _Conn, ts: float, ev: LinkUnit | ChannelError) -> list[Record]:
         if isinstance(ev, ChannelError):
+            tls = ev.reason.startswith("TLS-encrypted")  # undecryptable in a capture
             return [
                 Record(
                     **self._base(c, ts, ev.direction),
-                    kind="error",
+                    kind="tls" if tls else "error",
                     msg_type=None,
                     name=None,
                     raw=b"",
@@ -211,7 +245,7 @@ class RecordBuilder:
                     kind="link",
                     msg_type=None,
                     name=ev.kind,
-                    raw=b"" if secret else ev.data,
+                    raw=ev.data,
                     error=err,
                     fields=fields,
                 )

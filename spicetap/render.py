@@ -3,7 +3,8 @@
 JSON schema (one object per record, keys always present, version 1):
   time (float, capture epoch seconds), session (int or null: the session's connection id),
   connection (int), channel (str), channel_id (int), direction ("c2s" | "s2c"),
-  kind ("link" | "message" | "agent" | "error" | "gap" | "close"), type (int or null),
+  kind ("open" | "link" | "message" | "agent" | "tls" | "error" | "gap" | "close"),
+  type (int or null),
   name (str or null), size (int, raw bytes), fields (object or null),
   flags: {"error": str or null, "not_fully_dissected": bool}.
 Inside fields: enum values are item names (the number when unknown); flags are lists of
@@ -14,9 +15,45 @@ at most the first 64 bytes in hex; a NULL pointer is null.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Protocol
 
-from spicetap.records import Record
+
+class Decodable(Protocol):
+    def named_fields(self) -> Any: ...
+
+
+class Record(Protocol):
+    """What renderers need: a live record (spicetap.records) or one read from an archive."""
+
+    @property
+    def time(self) -> float: ...
+    @property
+    def session(self) -> int | None: ...
+    @property
+    def connection(self) -> int: ...
+    @property
+    def channel(self) -> str: ...
+    @property
+    def channel_id(self) -> int: ...
+    @property
+    def direction(self) -> str: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def msg_type(self) -> int | None: ...
+    @property
+    def name(self) -> str | None: ...
+    @property
+    def raw(self) -> bytes: ...
+    @property
+    def decoded(self) -> Decodable | None: ...
+    @property
+    def error(self) -> str | None: ...
+    @property
+    def fields(self) -> dict[str, Any] | None: ...
+    @property
+    def not_fully_dissected(self) -> bool: ...
+
 
 JSON_VERSION = 1
 _HEX_LIMIT = 64

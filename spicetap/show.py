@@ -21,7 +21,7 @@ def _records(builder: RecordBuilder, ev: StreamEvent) -> list[Record]:
     if isinstance(ev, StreamData):
         return builder.data(ev.conn, ev.ts, ev.direction, ev.data)
     if isinstance(ev, StreamOpened):
-        builder.opened(ev.conn)
+        builder.opened(ev.conn, ev.ts, ev.client, ev.server)
         return []
     if isinstance(ev, StreamGap):
         return builder.gap(ev.conn, ev.ts, ev.direction, ev.missing)

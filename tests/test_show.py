@@ -10,6 +10,8 @@ import pytest
 
 from dissectors import api, interp
 from dissectors.errors import Malformed
+from spicetap.archive.privacy import PrivacyPolicy
+from spicetap.archive.records import to_archive
 from spicetap.capture import StreamData, TcpReassembler, read_packets
 from spicetap.cli import main
 from spicetap.records import Record, RecordBuilder
@@ -91,9 +93,12 @@ def test_all_channels_agent_and_sessions(lab_captures: list[Path]) -> None:
     )
     assert clip.decoded is not None and clip.decoded.fields is not None
     assert clip.decoded.fields["data"] == b"client clipboard text"
-    # secrets: the ticket record carries no bytes
+    # secrets: the ticket is never decoded, and an archive keeps only its length
     tickets = [r for r in recs if r.kind == "link" and r.name == "ticket"]
-    assert tickets and all(r.raw == b"" and r.fields is None for r in tickets)
+    assert tickets and all(r.fields is None for r in tickets)
+    archived = [to_archive(r, 0.0, PrivacyPolicy()) for r in tickets]
+    assert all(a is not None and a["raw"] == b"" and a["redacted"] == {"reason": "secret",
+               "len": 128} for a in archived)
 
 
 def test_real_messages_cut_and_mutated_never_raise(lab_captures: list[Path]) -> None:

@@ -1,0 +1,49 @@
+"""The spicetap archive format, version 1 (specified in docs/archive-format.md).
+
+An archive is a stream of msgpack objects. Each is a 2-element array
+`[payload: bin, chain: bin(32)]`, where payload is the msgpack encoding of one map and
+chain = SHA-256(previous chain || payload). The first object is the header (its chain is
+SHA-256(payload)); then one record per event in arrival order; a finished archive ends with
+an `end` record carrying an Ed25519 signature over the chain. Hashing the payload bytes as
+written (not a re-encoding) lets a reader in any language verify the chain.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import msgpack
+
+MAGIC = "spicetap-archive"
+VERSION = 1
+SIGNATURE_CONTEXT = b"spicetap-archive-v1 end"
+SUFFIX = ".spta"
+ZSTD_SUFFIX = ".spta.zst"
+# zstd frame magic, little-endian 0xFD2FB528: compressed archives are told apart by content.
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+# Record kinds.
+KINDS = ("link", "message", "agent", "auth", "tls", "error", "gap", "open", "close", "end")
+
+
+def chain_next(previous: bytes, payload: bytes) -> bytes:
+    return hashlib.sha256(previous + payload).digest()
+
+
+def chain_start(header_payload: bytes) -> bytes:
+    return hashlib.sha256(header_payload).digest()
+
+
+def pack_payload(obj: dict[str, Any]) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def frame(payload: bytes, chain: bytes) -> bytes:
+    """The bytes of one archive object: [payload, chain]."""
+    return msgpack.packb([payload, chain], use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def signed_message(header_chain: bytes, last_chain: bytes, records: int) -> bytes:
+    """What the end record's signature covers."""
+    return SIGNATURE_CONTEXT + header_chain + last_chain + records.to_bytes(8, "big")

@@ -1,0 +1,94 @@
+"""`spicetap import`: a pcap/pcapng capture to an archive (TCP reassembled, channels grouped
+into sessions, TLS streams marked undecryptable)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from dissectors.api import AGENT, LINK, SPICE
+from spicetap.archive.privacy import PrivacyPolicy
+from spicetap.archive.records import to_archive
+from spicetap.archive.writer import ArchiveWriter, FlushPolicy
+from spicetap.show import iter_capture
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    path: Path
+    records: int
+    dropped: int  # records the privacy policy left out
+    sessions: list[int]
+    problems: list[str]
+
+
+def dissector_hashes() -> dict[str, str]:
+    return {
+        "spice": SPICE.module.SOURCE_SHA256,
+        "link": LINK.module.SOURCE_SHA256,
+        "agent": AGENT.module.SOURCE_SHA256,
+    }
+
+
+def import_capture(
+    capture: Path,
+    out: Path,
+    *,
+    policy: PrivacyPolicy,
+    signing_key: Ed25519PrivateKey | None,
+    compress: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> ImportResult:
+    problems: list[str] = []
+    writer: ArchiveWriter | None = None
+    t0 = 0.0
+    count = dropped = 0
+    sessions: list[int] = []
+    tls_conns: set[int] = set()
+    for rec in iter_capture(capture, problems):
+        if writer is None:
+            t0 = rec.time
+            first = rec.fields or {}
+            header: dict[str, Any] = {
+                "dissector": dissector_hashes(),
+                "session": {
+                    "viewer": first.get("client"),
+                    "server": first.get("server"),
+                    "insertion": "import",
+                    "source": capture.name,
+                    "tls": {"viewer": None, "server": None},
+                    "auth": None,
+                },
+                "policy": policy.describe(),
+                "started": t0,
+            }
+            writer = ArchiveWriter(
+                out,
+                header,
+                signing_key=signing_key,
+                compress=compress,
+                flush=FlushPolicy(interval=1.0, max_buffer=4 << 20),
+            )
+        if rec.session is not None and rec.session not in sessions:
+            sessions.append(rec.session)
+        if rec.kind == "tls":
+            tls_conns.add(rec.connection)
+        obj = to_archive(rec, t0, policy)
+        if obj is None:
+            dropped += 1
+            continue
+        writer.write(obj)
+        count += 1
+        if progress is not None and count % 512 == 0:
+            progress(count)
+    if writer is None:
+        problems.append(f"{capture}: no SPICE traffic found")
+        return ImportResult(out, 0, 0, [], problems)
+    writer.close(
+        extra={"sessions": sessions, "tls_connections": sorted(tls_conns), "problems": problems}
+    )
+    return ImportResult(out, count, dropped, sessions, problems)

@@ -1,0 +1,239 @@
+"""Read archives as streams: never all in memory; a truncated tail is reported, not fatal."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import msgpack
+import zstandard
+
+from spicetap.archive import format as fmt
+
+READ_CHUNK = 1 << 16  # small reads keep damage in a compressed frame local to it
+MAX_OBJECT = 1 << 30  # one record never exceeds this; a bigger length is damage, not data
+
+
+class ArchiveError(Exception):
+    """The file is not a readable spicetap archive (one-line message naming the file)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    payload: bytes  # exactly as written: the chain covers these bytes
+    chain: bytes
+    obj: dict[str, Any]
+    offset: int  # position of the object in the (decompressed) stream
+
+
+# Migrations: version N -> N+1, applied in order to every header and record read.
+Migration = Callable[[dict[str, Any]], dict[str, Any]]
+MIGRATIONS: dict[int, tuple[Migration, Migration]] = {}  # from version: (header, record)
+
+
+def migrate(version: int, header: dict[str, Any], record: dict[str, Any] | None) -> dict[str, Any]:
+    """Bring a header (record=None) or a record from `version` up to the current version."""
+    obj = header if record is None else record
+    v = version
+    while v < fmt.VERSION:
+        step = MIGRATIONS.get(v)
+        if step is None:
+            raise ArchiveError(f"no migration from archive format version {v}")
+        obj = step[0](obj) if record is None else step[1](obj)
+        v += 1
+    return obj
+
+
+def _open_stream(path: Path) -> IO[bytes]:
+    try:
+        f = path.open("rb")
+    except FileNotFoundError:
+        raise ArchiveError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ArchiveError(f"{path}: is a directory") from None
+    except OSError as exc:
+        raise ArchiveError(f"{path}: cannot read ({exc.strerror})") from None
+    head = f.read(4)
+    f.seek(0)
+    if head == fmt.ZSTD_MAGIC:
+        return _ZstdFrames(f)  # type: ignore[return-value]
+    return f
+
+
+class _ZstdFrames:
+    """Decompress one zstd frame after another, so a damaged frame (its checksum fails) does
+    not take the good frames before it along: each flush of the writer is one frame."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self.f = f
+        self.dctx = zstandard.ZstdDecompressor()
+        self.obj = self.dctx.decompressobj()
+        self.pending = b""
+        self.in_frame = False  # bytes of an unfinished frame were consumed
+        self.incomplete = False  # the file ended inside a frame
+
+    def read(self, _size: int) -> bytes:
+        while True:
+            chunk = self.pending or self.f.read(READ_CHUNK)
+            self.pending = b""
+            if not chunk:
+                self.incomplete = self.in_frame
+                return b""
+            self.in_frame = True
+            out = self.obj.decompress(chunk)
+            if self.obj.eof:  # frame complete: what follows starts the next frame
+                self.pending = self.obj.unused_data
+                self.obj = self.dctx.decompressobj()
+                self.in_frame = False
+            if out:
+                return out
+
+    def close(self) -> None:
+        self.f.close()
+
+
+class ArchiveReader:
+    """Iterate the entries of one archive file (header first)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.truncated = False
+        self.damaged: str | None = None  # why reading stopped early, when not a clean end
+        self.version = 0
+        self.end: dict[str, Any] | None = None  # the end record, once reached
+        self.stop_offset: int | None = None  # where an unfinished object starts
+        self._stream = _open_stream(path)
+        self.compressed = isinstance(self._stream, _ZstdFrames)
+        self._unpacker = msgpack.Unpacker(
+            raw=False, max_buffer_size=MAX_OBJECT, max_bin_len=MAX_OBJECT, strict_map_key=False
+        )
+        self._eof = False
+        try:
+            self.header = self._read_header()
+        except ArchiveError:
+            self._stream.close()
+            raise
+
+    def _read_header(self) -> dict[str, Any]:
+        first = next(self._entries(), None)
+        if first is None:
+            if self.truncated:
+                raise ArchiveError(f"{self.path}: truncated inside the archive header")
+            if self.damaged:
+                raise ArchiveError(f"{self.path}: damaged archive header ({self.damaged})")
+            raise ArchiveError(f"{self.path}: not a spicetap archive ({self.damaged or 'empty'})")
+        header = first.obj
+        if header.get("format") != fmt.MAGIC or not isinstance(header.get("version"), int):
+            raise ArchiveError(f"{self.path}: not a spicetap archive (no valid header)")
+        version = header.get("version")
+        if not isinstance(version, int) or version > fmt.VERSION:
+            raise ArchiveError(
+                f"{self.path}: archive format version {version} is newer than this spicetap "
+                f"reads ({fmt.VERSION}); upgrade spicetap"
+            )
+        self.version = version
+        self.header_entry = first
+        return migrate(version, header, None)
+
+    def _fill(self) -> bool:
+        if self._eof:
+            return False
+        try:
+            data = self._stream.read(READ_CHUNK)
+        except zstandard.ZstdError as exc:  # frames carry checksums: this is damage
+            self._eof = True
+            self.damaged = f"compressed data is damaged ({exc})"
+            return False
+        if not data:
+            self._eof = True
+            if getattr(self._stream, "incomplete", False):
+                self.truncated = True
+                self.damaged = self.damaged or "the file ends inside a compressed frame"
+            return False
+        self._unpacker.feed(data)
+        return True
+
+    def _entries(self) -> Iterator[Entry]:
+        up = self._unpacker
+        while True:
+            offset = up.tell()
+            try:
+                obj = up.unpack()
+            except msgpack.OutOfData:
+                if self._fill():
+                    continue
+                if self.damaged is None and (up.tell() != offset or self._has_leftover()):
+                    self.truncated = True
+                    self.damaged = self.damaged or f"truncated at byte {offset}"
+                    self.stop_offset = offset
+                return
+            except (
+                ValueError,
+                TypeError,
+                msgpack.ExtraData,
+                msgpack.FormatError,
+                msgpack.StackError,
+            ) as exc:
+                self.damaged = f"unreadable object at byte {offset} ({type(exc).__name__})"
+                return
+            if not (
+                isinstance(obj, list)
+                and len(obj) == 2
+                and isinstance(obj[0], bytes)
+                and isinstance(obj[1], bytes)
+            ):
+                self.damaged = f"object at byte {offset} is not [payload, chain]"
+                return
+            try:
+                inner = msgpack.unpackb(obj[0], raw=False, strict_map_key=False)
+            except (
+                ValueError,
+                TypeError,
+                msgpack.ExtraData,
+                msgpack.FormatError,
+                msgpack.StackError,
+            ):
+                self.damaged = f"payload at byte {offset} is not msgpack"
+                return
+            if not isinstance(inner, dict):
+                self.damaged = f"payload at byte {offset} is not a map"
+                return
+            yield Entry(obj[0], obj[1], inner, offset)
+
+    def _has_leftover(self) -> bool:
+        # msgpack keeps bytes of a partial object buffered: any byte left means truncation
+        try:
+            return bool(self._unpacker.read_bytes(1))
+        except ValueError:  # "an object is incomplete": bytes are left indeed
+            return True
+
+    def entries(self) -> Iterator[Entry]:
+        """Entries after the header, records migrated to the current version."""
+        for entry in self._entries():
+            if self.version != fmt.VERSION:
+                entry = Entry(
+                    entry.payload,
+                    entry.chain,
+                    migrate(self.version, self.header, entry.obj),
+                    entry.offset,
+                )
+            yield entry
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        """Data records; the end record, when present, is left in `self.end`."""
+        for entry in self.entries():
+            if entry.obj.get("kind") == "end":
+                self.end = entry.obj
+                return
+            yield entry.obj
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def __enter__(self) -> ArchiveReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,142 @@
+"""Records to archive maps (with the privacy policy applied) and back to readable records.
+
+Archive record map (docs/archive-format.md): seq, t (ns since the session's start), session,
+ch ([channel type, channel id, connection]), channel (name), dir, kind, type, name,
+raw (plaintext bytes, the source of truth; empty when redacted), view (decoded fields by
+name; long byte strings shortened: raw has them), err, nfd (not fully dissected),
+and, when the privacy policy removed content, redacted {reason, len[, sha256]}.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, NamedTuple
+
+from dissectors.api import AGENT, SPICE, decode
+from spicetap.archive.privacy import PrivacyPolicy, decide, strip
+from spicetap.records import Record
+from spicetap.render import fields_of
+
+VIEW_BYTES = 256  # byte strings longer than this appear in the view as {len, head}
+CHANNEL_TYPES = {name: number for number, (name, _t, _a) in SPICE.channels.items()}
+
+
+def compact(view: Any) -> Any:
+    if isinstance(view, bytes):
+        if len(view) <= VIEW_BYTES:
+            return view
+        return {"len": len(view), "head": view[:32]}
+    if isinstance(view, dict):
+        return {k: compact(v) for k, v in view.items()}
+    if isinstance(view, list):
+        return [compact(v) for v in view]
+    return view
+
+
+def to_archive(rec: Record, t0: float, policy: PrivacyPolicy) -> dict[str, Any] | None:
+    """The archive map for one record, or None when the policy drops it."""
+    decision = decide(policy, rec.channel, rec.direction, rec.kind, rec.name, rec.agent_types)
+    if not decision.keep:
+        return None
+    view = fields_of(rec)
+    if view is not None:
+        view = compact(view)
+        if decision.strip_view:
+            view = strip(view, decision.strip_view, decision.hash_raw)
+    out: dict[str, Any] = {
+        "t": round((rec.time - t0) * 1e9),
+        "session": rec.session,
+        "ch": [CHANNEL_TYPES.get(rec.channel), rec.channel_id, rec.connection],
+        "channel": rec.channel,
+        "dir": rec.direction,
+        "kind": rec.kind,
+        "type": rec.msg_type,
+        "name": rec.name,
+        "raw": rec.raw,
+        "view": view,
+        "err": rec.error,
+        "nfd": rec.not_fully_dissected,
+    }
+    if rec.decoded is not None and rec.kind in ("message", "agent"):
+        # what a reader needs to decode raw again with its own (maybe newer) dissector
+        out["hdr"] = len(rec.raw) - rec.decoded.size
+        if rec.kind == "agent":
+            out["variant"] = rec.decoded.channel_type
+    if decision.redact is not None:
+        redacted: dict[str, Any] = {"reason": decision.redact, "len": len(rec.raw)}
+        if decision.hash_raw and rec.raw:
+            redacted["sha256"] = hashlib.sha256(rec.raw).hexdigest()
+        out["raw"] = b""
+        out["redacted"] = redacted
+    return out
+
+
+class ArchivedRecord(NamedTuple):
+    """A record read back from an archive, shaped like spicetap.records.Record for renderers
+    and filters (`decoded` is None: the stored view is in `fields`)."""
+
+    time: float
+    session: int | None
+    connection: int
+    channel: str
+    channel_id: int
+    direction: str
+    kind: str
+    msg_type: int | None
+    name: str | None
+    raw: bytes
+    decoded: None
+    error: str | None
+    fields: dict[str, Any] | None
+    seq: int
+    nfd: bool
+    redacted: dict[str, Any] | None
+
+    @property
+    def not_fully_dissected(self) -> bool:
+        return self.nfd
+
+
+def redecode(obj: dict[str, Any]) -> tuple[dict[str, Any] | None, bool] | None:
+    """Decode a record's raw bytes with this spicetap's dissector: (named fields, not fully
+    dissected), or None when there is nothing to decode (redacted, or not a message)."""
+    raw = obj.get("raw") or b""
+    kind, hdr = obj.get("kind"), obj.get("hdr")
+    if not raw or not isinstance(hdr, int) or kind not in ("message", "agent"):
+        return None
+    msg_type, direction = obj.get("type"), obj.get("dir")
+    if not isinstance(msg_type, int) or direction not in ("c2s", "s2c"):
+        return None
+    if kind == "agent":
+        dec = decode(int(obj.get("variant") or 0), direction, msg_type, raw[hdr:], AGENT)
+    else:
+        ch = (obj.get("ch") or [None])[0]
+        if not isinstance(ch, int):
+            return None
+        dec = decode(ch, direction, msg_type, raw[hdr:])
+    named = dec.named_fields()
+    return (named if isinstance(named, dict) else None), not dec.fully_dissected
+
+
+def from_archive(obj: dict[str, Any], started: float) -> ArchivedRecord:
+    ch = obj.get("ch") or [None, 0, 0]
+    fresh = redecode(obj)
+    fields, nfd = fresh if fresh is not None else (obj.get("view"), bool(obj.get("nfd")))
+    return ArchivedRecord(
+        time=started + int(obj.get("t", 0)) / 1e9,
+        session=obj.get("session"),
+        connection=int(ch[2]),
+        channel=str(obj.get("channel", "unknown")),
+        channel_id=int(ch[1]),
+        direction=str(obj.get("dir", "c2s")),
+        kind=str(obj.get("kind", "message")),
+        msg_type=obj.get("type"),
+        name=obj.get("name"),
+        raw=bytes(obj.get("raw", b"")),
+        decoded=None,
+        error=obj.get("err"),
+        fields=fields,
+        seq=int(obj.get("seq", 0)),
+        nfd=nfd,
+        redacted=obj.get("redacted"),
+    )

@@ -1,0 +1,198 @@
+"""Streaming, append-only archive writer with a bounded loss window and rotation.
+
+Records are framed and chained as they arrive, kept in a small buffer and written out when
+the buffer reaches `max_buffer` bytes or its oldest record is `interval` seconds old (checked
+on every write and on `tick()`), so a process killed with SIGKILL loses at most that window:
+written bytes are the kernel's, and the reader stops cleanly at the last whole record.
+With compression each flush is one zstd frame, so the same holds for compressed archives.
+Nothing of the session is held beyond the buffer.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import zstandard
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from spicetap import __version__
+from spicetap.archive import format as fmt
+from spicetap.archive.keys import raw_public
+
+
+@dataclass(frozen=True)
+class FlushPolicy:
+    interval: float = 0.1  # seconds a record may wait in memory: the loss window on a crash
+    max_buffer: int = 1 << 20
+    fsync: bool = False  # also survive power loss, at a cost per flush
+
+
+@dataclass(frozen=True)
+class Rotation:
+    max_bytes: int | None = None  # start a new part past this size
+    max_seconds: float | None = None  # or past this age
+
+
+def part_path(first: Path, part: int) -> Path:
+    if part == 1:
+        return first
+    name = first.name
+    for suffix in (fmt.ZSTD_SUFFIX, fmt.SUFFIX):
+        if name.endswith(suffix):
+            return first.with_name(f"{name[: -len(suffix)]}.part{part}{suffix}")
+    return first.with_name(f"{name}.part{part}")
+
+
+class ArchiveWriter:
+    def __init__(
+        self,
+        path: Path,
+        header: dict[str, Any],
+        *,
+        signing_key: Ed25519PrivateKey | None = None,
+        flush: FlushPolicy = FlushPolicy(),
+        rotation: Rotation = Rotation(),
+        compress: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.first_path = path
+        self.base_header = dict(header)
+        self.key = signing_key
+        self.policy = flush
+        self.rotation = rotation
+        self.compressor = (
+            zstandard.ZstdCompressor(level=3, write_checksum=True) if compress else None
+        )
+        self.clock = clock
+        self.seq = 0
+        self.part = 0
+        self.paths: list[Path] = []
+        self.closed = False
+        self._fd = -1
+        self._open_part(previous=None)
+
+    # -- parts -----------------------------------------------------------------------------
+    def _open_part(self, previous: dict[str, Any] | None) -> None:
+        self.part += 1
+        path = part_path(self.first_path, self.part)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o640)
+        self.paths.append(path)
+        header = {
+            "format": fmt.MAGIC,
+            "version": fmt.VERSION,
+            "spicetap": __version__,
+            **self.base_header,
+            "part": self.part,
+            "previous": previous,
+            "compressed": self.compressor is not None,
+        }
+        payload = fmt.pack_payload(header)
+        self.header_chain = self.chain = fmt.chain_start(payload)
+        self.part_records = 0
+        self.part_bytes = 0
+        self.part_started = self.clock()
+        self._buf = bytearray(fmt.frame(payload, self.chain))
+        self._oldest: float | None = self.clock()
+        self._write_out()
+
+    def _rotate_if_due(self) -> None:
+        r = self.rotation
+        too_big = r.max_bytes is not None and self.part_bytes + len(self._buf) >= r.max_bytes
+        too_old = r.max_seconds is not None and self.clock() - self.part_started >= r.max_seconds
+        if too_big or too_old:
+            nxt = part_path(self.first_path, self.part + 1).name
+            self._finish_part("rotated", next_part=nxt)
+            prev = {"file": self.paths[-1].name, "chain": self.chain.hex(), "seq": self.seq}
+            self._open_part(previous=prev)
+
+    # -- writing ---------------------------------------------------------------------------
+    def write(self, record: dict[str, Any]) -> int:
+        """Append one record (seq is assigned here); returns its sequence number."""
+        if self.closed:
+            raise ValueError("archive is closed")
+        seq = self.seq
+        self.seq += 1
+        record["seq"] = seq
+        self._append(record)
+        self.part_records += 1
+        now = self.clock()
+        if self._oldest is None:
+            self._oldest = now
+        if len(self._buf) >= self.policy.max_buffer or now - self._oldest >= self.policy.interval:
+            self._write_out()
+            self._rotate_if_due()
+        return seq
+
+    def _append(self, record: dict[str, Any]) -> None:
+        payload = fmt.pack_payload(record)
+        self.chain = fmt.chain_next(self.chain, payload)
+        self._buf += fmt.frame(payload, self.chain)
+
+    def tick(self) -> None:
+        """Call now and then while idle: writes out records older than the flush interval."""
+        due = self._oldest is not None and self.clock() - self._oldest >= self.policy.interval
+        if self._buf and due:
+            self._write_out()
+            self._rotate_if_due()
+
+    def flush(self) -> None:
+        self._write_out()
+
+    def _write_out(self) -> None:
+        if not self._buf:
+            return
+        data = bytes(self._buf)
+        if self.compressor is not None:
+            data = self.compressor.compress(data)  # one whole zstd frame per flush
+        view = memoryview(data)
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
+        if self.policy.fsync:
+            os.fsync(self._fd)
+        self.part_bytes += len(data)
+        self._buf.clear()
+        self._oldest = None
+
+    # -- ending ----------------------------------------------------------------------------
+    def _finish_part(
+        self, status: str, next_part: str | None = None, extra: dict[str, Any] | None = None
+    ) -> None:
+        end: dict[str, Any] = {
+            "seq": self.seq,
+            "kind": "end",
+            "status": status,
+            "records": self.part_records,
+            "ended": time.time(),
+            "next": next_part,
+            **(extra or {}),
+        }
+        if self.key is not None:
+            message = fmt.signed_message(self.header_chain, self.chain, self.part_records)
+            end["signature"] = self.key.sign(message)
+            end["public_key"] = raw_public(self.key.public_key())
+        self._append(end)
+        self._write_out()
+        os.close(self._fd)
+        self._fd = -1
+
+    def close(self, status: str = "complete", extra: dict[str, Any] | None = None) -> None:
+        """Write the signed end record and close. `status` says why the session ended."""
+        if self.closed:
+            return
+        self._finish_part(status, extra=extra)
+        self.closed = True
+
+    def abandon(self) -> None:
+        """Close without an end record (tests use it to stand for a crash)."""
+        if self._fd >= 0:
+            self._write_out()
+            os.close(self._fd)
+            self._fd = -1
+        self.closed = True

@@ -1,0 +1,267 @@
+"""Inspector subcommands: show, stats, import, export, verify (archives and captures)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from spicetap.archive.keys import load_or_create_signing_key, trusted_public_key
+from spicetap.archive.privacy import PolicyError, PrivacyPolicy
+from spicetap.errors import UserError
+from spicetap.filter import FilterError, compile_filter
+from spicetap.inputs import AnyRecord, InputError, iter_records
+from spicetap.render import line, to_json, tree
+
+VERIFY_EXIT = {"intact": 0, "truncated": 1, "tampered": 3}
+
+
+@contextmanager
+def progress(what: str) -> Iterator[Callable[[int], None]]:
+    """A live counter on a terminal; silent otherwise (pipes, CI logs)."""
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        yield lambda _n: None
+        return
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TextColumn("{task.completed:,} records"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task(what, total=None)
+        yield lambda n: bar.update(task, completed=n)
+
+
+def _records(
+    args: argparse.Namespace, problems: list[str], origin: list[float] | None = None
+) -> Iterator[AnyRecord]:
+    """Records of the input that pass the filter; `origin` receives the time of the input's
+    first record, which is where the filter's `time` and show's times count from."""
+    flt = None
+    if getattr(args, "filter", None):
+        try:
+            flt = compile_filter(args.filter)
+        except FilterError as exc:
+            raise UserError(str(exc)) from None
+    t0: float | None = None
+    try:
+        for rec in iter_records(Path(args.input), problems):
+            if t0 is None:
+                t0 = rec.time
+                if origin is not None:
+                    origin.append(t0)
+            if flt is None or flt.matches(rec, t0):
+                yield rec
+    except InputError as exc:
+        raise UserError(str(exc)) from None
+
+
+def _report(problems: list[str]) -> None:
+    for p in problems:
+        print(f"spicetap: warning: {p}", file=sys.stderr)
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    out = sys.stdout
+    problems: list[str] = []
+    origin: list[float] = []
+    try:
+        for rec in _records(args, problems, origin):
+            t0 = origin[0]
+            if args.json:
+                out.write(to_json(rec) + "\n")
+            elif args.verbose:
+                out.write("\n".join(tree(rec, t0)) + "\n")
+            else:
+                out.write(line(rec, t0) + "\n")
+    except BrokenPipeError:  # `spicetap show x | head`
+        sys.stderr.close()
+        return 0
+    _report(problems)
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from spicetap.stats import Stats
+
+    problems: list[str] = []
+    stats = Stats()
+    with progress("reading") as tick:
+        for i, rec in enumerate(_records(args, problems)):
+            stats.add(rec)
+            if i % 4096 == 0:
+                tick(i)
+    _report(problems)
+    data = stats.to_dict()
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    console = Console()
+    cov = data["coverage"]
+    console.print(
+        f"[b]{args.input}[/b]: {data['duration']:.3f} s, {data['connections']} "
+        f"connections, sessions {data['sessions']}, records {data['records']}"
+    )
+    table = Table("channel", "dir", "message", "count", "bytes", "msg/s", "KB/s")
+    for channel, info in data["channels"].items():
+        for m in info["messages"]:
+            table.add_row(
+                channel,
+                m["direction"],
+                m["name"],
+                f"{m['count']:,}",
+                f"{m['bytes']:,}",
+                f"{m['per_s']:.1f}",
+                f"{m['bytes_per_s'] / 1e3:.1f}",
+            )
+    console.print(table)
+    console.print(
+        f"coverage: {cov['message_types_seen']} message types seen of "
+        f"{cov['message_types_known_in_these_channels']} known in these channels "
+        f"({cov['message_types_known']} in all); not fully dissected: "
+        f"{cov['not_fully_dissected']}; errors: {cov['errors']}"
+    )
+    return 0
+
+
+def policy_from(args: argparse.Namespace) -> PrivacyPolicy:
+    try:
+        return PrivacyPolicy(
+            keys=args.keys,
+            clipboard=args.clipboard,
+            files=args.files,
+            display=not args.no_display,
+            audio=not args.no_audio,
+        )
+    except PolicyError as exc:
+        raise UserError(str(exc)) from None
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from spicetap.archive.importer import import_capture
+    from spicetap.capture import CaptureError
+
+    out = Path(args.output)
+    try:
+        key = load_or_create_signing_key()
+    except (OSError, ValueError) as exc:
+        raise UserError(f"signing key: {exc}") from None
+    try:
+        with progress(f"importing {args.input}") as tick:
+            result = import_capture(
+                Path(args.input),
+                out,
+                policy=policy_from(args),
+                signing_key=key,
+                compress=args.compress,
+                progress=tick,
+            )
+    except CaptureError as exc:
+        raise UserError(str(exc)) from None
+    _report(result.problems)
+    if not result.records:
+        raise UserError(f"{args.input}: no SPICE traffic found")
+    print(
+        f"{out}: {result.records} records, sessions {result.sessions}"
+        + (f", {result.dropped} left out by the privacy policy" if result.dropped else "")
+    )
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    from spicetap.archive.verify import verify
+
+    trusted = None
+    if args.key:
+        try:
+            key = serialization.load_pem_public_key(Path(args.key).read_bytes())
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{args.key}: not a PEM public key ({exc})") from None
+        if not isinstance(key, Ed25519PublicKey):
+            raise UserError(f"{args.key}: not an Ed25519 public key")
+        trusted = key
+    else:
+        trusted = trusted_public_key()
+    worst = 0
+    for name in args.archives:
+        path = Path(name)
+        if not path.is_file():
+            raise UserError(f"{path}: no such file")
+        verdict = verify(path, trusted)
+        print(verdict.line(path))
+        worst = max(worst, VERIFY_EXIT[verdict.status])
+    return worst
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from spicetap.export import export_json, export_pcap
+
+    problems: list[str] = []
+    records = _records(args, problems)
+    out = Path(args.output)
+    with progress(f"exporting {args.format}") as tick:
+        if args.format == "pcap":
+            n = export_pcap(records, out, tick)
+        else:
+            n = export_json(records, out, tick)
+    _report(problems)
+    print(f"{out}: {n} records")
+    return 0
+
+
+def add_commands(sub: Any) -> None:
+    def inputs(p: argparse.ArgumentParser) -> None:
+        p.add_argument("input", help="an archive (.spta) or a pcap/pcapng capture")
+        p.add_argument("-f", "--filter", help="only records matching this filter expression")
+
+    p = sub.add_parser("show", help="print the SPICE messages of an archive or a capture")
+    inputs(p)
+    p.add_argument("-V", "--verbose", action="store_true", help="full field tree per message")
+    p.add_argument("--json", action="store_true", help="one JSON object per message")
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("stats", help="counts, bytes, rates and dissection coverage")
+    inputs(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("import", help="convert a pcap/pcapng capture into an archive")
+    p.add_argument("input", help="a .pcap or .pcapng capture")
+    p.add_argument("-o", "--output", required=True, help="the archive to write (.spta)")
+    p.add_argument("--compress", action="store_true", help="zstd-compress the archive")
+    add_privacy_options(p)
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("export", help="export an archive or capture as pcapng or JSON lines")
+    p.add_argument("format", choices=("pcap", "json"))
+    inputs(p)
+    p.add_argument("-o", "--output", required=True, help="the file to write")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("verify", help="check archives: intact, truncated, or tampered")
+    p.add_argument("archives", nargs="+")
+    p.add_argument("--key", help="trusted Ed25519 public key (PEM); default: the config dir's")
+    p.set_defaults(func=cmd_verify)
+
+
+def add_privacy_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("privacy (what the archive keeps; tickets and passwords never)")
+    g.add_argument("--keys", default="text", help="text | events | none (default text)")
+    g.add_argument("--clipboard", default="content", help="content | hash (default content)")
+    g.add_argument("--files", default="content", help="content | metadata (default content)")
+    g.add_argument("--no-display", action="store_true", help="drop display pixel data")
+    g.add_argument("--no-audio", action="store_true", help="drop audio samples")

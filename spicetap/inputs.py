@@ -1,0 +1,55 @@
+"""One entry point for inspector commands: an archive or a pcap/pcapng capture, by content."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from spicetap.archive import format as fmt
+from spicetap.archive.reader import ArchiveError, ArchiveReader
+from spicetap.archive.records import ArchivedRecord, from_archive
+from spicetap.capture import CaptureError
+from spicetap.records import Record
+from spicetap.show import iter_capture
+
+AnyRecord = Record | ArchivedRecord
+
+
+class InputError(Exception):
+    """A file given to an inspector command cannot be read (one line naming it)."""
+
+
+def is_archive(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    # [payload, chain] is a 2-element msgpack array (0x92) of bin8/16/32 (0xc4-0xc6).
+    return head == fmt.ZSTD_MAGIC or (
+        len(head) >= 2 and head[0] == 0x92 and 0xC4 <= head[1] <= 0xC6
+    )
+
+
+def iter_records(path: Path, problems: list[str]) -> Iterator[AnyRecord]:
+    """Records of an archive or a capture; a damaged or truncated tail lands in `problems`."""
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory")
+    if is_archive(path):
+        try:
+            reader = ArchiveReader(path)
+        except ArchiveError as exc:
+            raise InputError(str(exc)) from None
+        with reader:
+            started = float(reader.header.get("started", 0.0))
+            for obj in reader.records():
+                yield from_archive(obj, started)
+            if reader.truncated or reader.damaged:
+                problems.append(f"{path}: {reader.damaged or 'truncated'}")
+        return
+    try:
+        yield from iter_capture(path, problems)
+    except CaptureError as exc:
+        raise InputError(str(exc)) from None

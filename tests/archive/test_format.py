@@ -1,0 +1,248 @@
+"""Archive writer/reader/verify: round trip, tampering, truncation, crashes, rotation."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from spicetap.archive import format as fmt
+from spicetap.archive import reader as reader_mod
+from spicetap.archive.reader import ArchiveError, ArchiveReader
+from spicetap.archive.verify import verify
+from spicetap.archive.writer import ArchiveWriter, FlushPolicy, Rotation
+
+KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
+
+
+def record(i: int) -> dict[str, Any]:
+    return {
+        "t": i * 1000,
+        "kind": "message",
+        "ch": [2, 0, 1],
+        "dir": "s2c",
+        "raw": bytes([i % 251]) * (i % 97 + 1),
+        "view": {"i": i},
+    }
+
+
+def write(path: Path, n: int, *, compress: bool = False, close: bool = True) -> None:
+    w = ArchiveWriter(
+        path,
+        {"session": {"viewer": "127.0.0.1:1"}},
+        signing_key=KEY,
+        compress=compress,
+        flush=FlushPolicy(interval=0),
+    )
+    for i in range(n):
+        w.write(record(i))
+    if close:
+        w.close()
+    else:
+        w.abandon()
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_round_trip(tmp_path: Path, compress: bool) -> None:
+    path = tmp_path / ("a.spta.zst" if compress else "a.spta")
+    write(path, 300, compress=compress)
+    with ArchiveReader(path) as r:
+        assert r.header["format"] == fmt.MAGIC and r.header["version"] == fmt.VERSION
+        assert r.header["session"] == {"viewer": "127.0.0.1:1"}
+        assert r.header["compressed"] is compress
+        recs = list(r.records())
+        assert r.end is not None and r.end["status"] == "complete"
+    assert [x["seq"] for x in recs] == list(range(300))
+    assert [{k: v for k, v in x.items() if k != "seq"} for x in recs] == [
+        record(i) for i in range(300)
+    ]
+    v = verify(path)
+    assert (v.status, v.records) == ("intact", 300)
+    assert v.signed_by == KEY.public_key().public_bytes_raw().hex()
+
+
+def _object_offsets(path: Path) -> list[int]:
+    data = path.read_bytes()
+    up = msgpack.Unpacker(raw=False)
+    up.feed(data)
+    offsets = []
+    while True:
+        offsets.append(up.tell())
+        try:
+            up.unpack()
+        except msgpack.OutOfData:
+            return offsets[:-1]
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_any_flipped_byte_names_the_first_bad_record(
+    tmp_path_factory: pytest.TempPathFactory, data: st.DataObject
+) -> None:
+    folder = tmp_path_factory.mktemp("flip")
+    path = folder / "a.spta"
+    write(path, 40)
+    offsets = _object_offsets(path)  # header, 40 records, end
+    raw = bytearray(path.read_bytes())
+    pos = data.draw(st.integers(0, len(raw) - 1))
+    raw[pos] ^= data.draw(st.integers(1, 255))
+    bad = folder / "bad.spta"
+    bad.write_bytes(bytes(raw))
+    v = verify(bad)
+    assert v.status == "tampered", (pos, v)
+    obj = max(i for i, off in enumerate(offsets) if off <= pos)  # 0 = header
+    # the verdict names the object holding the flipped byte (record seq = obj - 1), or, when
+    # the flip broke msgpack framing, the position where reading stopped
+    assert v.first_bad is not None
+    assert v.first_bad <= max(obj - 1, 0)
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_truncation_keeps_a_readable_prefix(tmp_path: Path, compress: bool) -> None:
+    path = tmp_path / "a.spta"
+    write(path, 200, compress=compress)
+    data = path.read_bytes()
+    for cut in (len(data) - 1, len(data) // 2, len(data) // 5):
+        cut_path = tmp_path / f"cut{cut}.spta"
+        cut_path.write_bytes(data[:cut])
+        v = verify(cut_path)
+        assert v.status == "truncated", v
+        with ArchiveReader(cut_path) as r:
+            recs = list(r.records())
+        assert [x["seq"] for x in recs] == list(range(len(recs)))
+        assert v.records == len(recs)
+
+
+def test_unfinished_archive_is_truncated(tmp_path: Path) -> None:
+    path = tmp_path / "a.spta"
+    write(path, 10, close=False)
+    v = verify(path)
+    assert v.status == "truncated" and v.records == 10
+
+
+WRITER_SCRIPT = """
+import sys, time
+from pathlib import Path
+from spicetap.archive.writer import ArchiveWriter, FlushPolicy
+w = ArchiveWriter(Path(sys.argv[1]), {"session": {}}, flush=FlushPolicy(interval=0.02))
+i = 0
+deadline = time.monotonic() + 30
+while time.monotonic() < deadline:
+    w.write({"t": i, "kind": "message", "raw": i.to_bytes(4, "big") * 64})
+    if i == 200:
+        print("running", flush=True)
+    i += 1
+    time.sleep(0.0005)
+"""
+
+
+def test_sigkill_mid_session_leaves_a_readable_prefix(tmp_path: Path) -> None:
+    path = tmp_path / "killed.spta"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITER_SCRIPT, str(path)], stdout=subprocess.PIPE, env=env
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == b"running"
+        time.sleep(0.3)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    v = verify(path)
+    assert v.status == "truncated", v
+    with ArchiveReader(path) as r:
+        recs = list(r.records())
+    assert len(recs) > 200
+    for i, rec in enumerate(recs):  # a prefix of what was written, in order
+        assert rec["seq"] == i and rec["raw"] == i.to_bytes(4, "big") * 64
+
+
+def test_rotation_by_size_links_parts(tmp_path: Path) -> None:
+    path = tmp_path / "s.spta"
+    w = ArchiveWriter(
+        path,
+        {"session": {}},
+        signing_key=KEY,
+        flush=FlushPolicy(interval=0),
+        rotation=Rotation(max_bytes=20_000),
+    )
+    for i in range(400):
+        w.write(record(i))
+    w.close()
+    assert len(w.paths) >= 3
+    seqs: list[int] = []
+    previous_chain = None
+    for part in w.paths:
+        assert verify(part).status == "intact"
+        with ArchiveReader(part) as r:
+            prev = r.header["previous"]
+            if previous_chain is None:
+                assert prev is None
+            else:
+                assert prev["chain"] == previous_chain
+            entries = list(r.entries())
+            seqs += [e.obj["seq"] for e in entries if e.obj.get("kind") != "end"]
+            previous_chain = entries[-1].chain.hex()  # the chain through the end record
+    assert seqs == list(range(400))
+
+
+def test_migration_chain_applies_to_older_versions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    header = {"format": fmt.MAGIC, "version": 0, "spicetap": "0.0", "who": "old"}
+    payload = fmt.pack_payload(header)
+    chain = fmt.chain_start(payload)
+    blob = fmt.frame(payload, chain)
+    old_record = fmt.pack_payload({"seq": 0, "kind": "message", "bytes": b"xy"})
+    blob += fmt.frame(old_record, fmt.chain_next(chain, old_record))
+    path = tmp_path / "old.spta"
+    path.write_bytes(blob)
+    monkeypatch.setitem(
+        reader_mod.MIGRATIONS,
+        0,
+        (
+            lambda h: {**h, "session": {"viewer": h["who"]}},
+            lambda r: {**{k: v for k, v in r.items() if k != "bytes"}, "raw": r["bytes"]},
+        ),
+    )
+    with ArchiveReader(path) as r:
+        assert r.header["session"] == {"viewer": "old"}
+        assert list(r.records()) == [{"seq": 0, "kind": "message", "raw": b"xy"}]
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"", "not a spicetap archive"),
+        (b"\x92\xc4\x01x\xc4", "truncated"),
+        (fmt.frame(fmt.pack_payload({"format": "other"}), bytes(32)), "not a spicetap archive"),
+    ],
+)
+def test_foreign_or_broken_files(tmp_path: Path, content: bytes, expected: str) -> None:
+    path = tmp_path / "x.spta"
+    path.write_bytes(content)
+    with pytest.raises(ArchiveError) as info:
+        ArchiveReader(path)
+    assert expected in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_newer_version_is_refused_clearly(tmp_path: Path) -> None:
+    payload = fmt.pack_payload({"format": fmt.MAGIC, "version": 99})
+    path = tmp_path / "new.spta"
+    path.write_bytes(fmt.frame(payload, fmt.chain_start(payload)))
+    with pytest.raises(ArchiveError, match="newer than this spicetap reads"):
+        ArchiveReader(path)

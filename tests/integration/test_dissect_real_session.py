@@ -5,16 +5,23 @@ decodes fully: all 11 channel connections, zero "not fully dissected", zero erro
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
+from dissectors.api import LINK
+from spicetap.cli import main
+from spicetap.inputs import iter_records
 from spicetap.records import Record
 from spicetap.show import iter_capture
 from tests.harness import PeerMissing, SessionCapture, record_full_session
 
 pytestmark = pytest.mark.peers
 
+CHANNEL_NUMBERS = dict(LINK.enums["channel_type"][1])
 CHANNELS = {
     "main",
     "display",
@@ -83,3 +90,74 @@ def test_the_exchange_is_visible(records: list[Record]) -> None:
         ("main", "c2s", "agent", "monitors_config"),
     ]:
         assert seen[key] > 0, key
+
+
+RELIABLE = {1: "main", 2: "display", 4: "cursor", 5: "playback"}  # tshark decodes these s2c
+
+
+def _tshark_view(pcap: Path, server_ports: set[int]) -> Counter[tuple[int, tuple[int, ...]]]:
+    """(channel type, server message types) per TCP stream, as tshark's dissector sees it."""
+    cmd = ["tshark", "-n", "-r", str(pcap)]
+    for port in sorted(server_ports):
+        cmd += ["-d", f"tcp.port=={port},spice"]
+    cmd += [
+        "-T",
+        "fields",
+        "-E",
+        "separator=;",
+        "-e",
+        "tcp.stream",
+        "-e",
+        "tcp.srcport",
+        "-e",
+        "spice.channel_type",
+        "-e",
+        "spice.message_type",
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300).stdout
+    channel: dict[str, int] = {}
+    types: dict[str, list[int]] = {}
+    for line in out.splitlines():
+        stream, sport, ctype, mtypes = line.split(";")
+        if ctype:
+            channel.setdefault(stream, int(ctype.split(",")[0]))
+        if mtypes and int(sport) in server_ports:
+            types.setdefault(stream, []).extend(int(t) for t in mtypes.split(","))
+    return Counter((channel[s], tuple(types.get(s, ()))) for s in channel)
+
+
+def test_archive_exports_to_a_pcapng_tshark_agrees_with(
+    session: SessionCapture, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if shutil.which("tshark") is None:
+        if os.environ.get("CI"):
+            pytest.fail("tshark missing in CI")
+        pytest.skip("tshark missing")
+    monkeypatch.setenv("SPICETAP_CONFIG_DIR", str(tmp_path / "cfg"))
+    archive = tmp_path / "s.spta"
+    assert main(["import", str(session.pcapng), "-o", str(archive)]) == 0
+    assert main(["verify", str(archive)]) == 0
+    pcap = tmp_path / "export.pcapng"
+    assert main(["export", "pcap", str(archive), "-o", str(pcap)]) == 0
+    recs = list(iter_records(archive, []))
+    ports = {
+        int(str((r.fields or {}).get("server", ":0")).rsplit(":", 1)[1])
+        for r in recs
+        if r.kind == "open"
+    }
+    theirs = _tshark_view(pcap, ports)
+    # spicetap's view of the same archive: channel of every connection, server message types
+    channel_of: dict[int, int] = {}
+    ours_types: dict[int, list[int]] = {}
+    for r in recs:
+        if r.kind == "link" and r.name == "link_mess" and r.fields:
+            channel_of[r.connection] = CHANNEL_NUMBERS[r.fields["channel_type"]]
+        if r.kind == "message" and r.direction == "s2c" and r.msg_type is not None:
+            ours_types.setdefault(r.connection, []).append(r.msg_type)
+    ours = Counter((ch, tuple(ours_types.get(c, ()))) for c, ch in channel_of.items())
+    assert sorted(ch for ch, _ in theirs.elements()) == sorted(channel_of.values())
+    assert len(channel_of) == 11
+    reliable_ours = Counter({k: v for k, v in ours.items() if k[0] in RELIABLE})
+    reliable_theirs = Counter({k: v for k, v in theirs.items() if k[0] in RELIABLE})
+    assert reliable_theirs == reliable_ours
+    assert sum(len(k[1]) * v for k, v in reliable_ours.items()) > 100

@@ -52,9 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", help="fail if the committed output is stale")
     p.set_defaults(func=_regen)
 
+    from proxy.cli import add_proxy_command
     from spicetap.cli_inspect import add_commands
 
     add_commands(sub)
+    add_proxy_command(sub)
     return parser
 
 

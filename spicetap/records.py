@@ -252,7 +252,9 @@ class RecordBuilder:
             ]
         raise AssertionError(ev)
 
-    def gap(self, conn: int, ts: float, direction: str, missing: int) -> list[Record]:
+    def gap(
+        self, conn: int, ts: float, direction: str, missing: int, where: str = "the capture"
+    ) -> list[Record]:
         c = self.conns.setdefault(conn, _Conn(conn))
         rec = Record(
             **self._base(c, ts, direction),
@@ -260,10 +262,23 @@ class RecordBuilder:
             msg_type=None,
             name=None,
             raw=b"",
-            error=f"{missing} bytes missing from the capture",
+            error=f"{missing} bytes missing from {where}",
         )
         # Framing cannot resume after lost bytes: the rest of this direction is opaque.
         c.framer.state[direction] = "dead"
+        return self._release(c, [rec])
+
+    def error(self, conn: int, ts: float, direction: str, reason: str) -> list[Record]:
+        """A channel error found outside the framer (the proxy's limits, a vanished peer)."""
+        c = self.conns.setdefault(conn, _Conn(conn))
+        rec = Record(
+            **self._base(c, ts, direction),
+            kind="error",
+            msg_type=None,
+            name=None,
+            raw=b"",
+            error=reason,
+        )
         return self._release(c, [rec])
 
     def closed(self, conn: int, ts: float, reason: str) -> list[Record]:

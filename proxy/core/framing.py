@@ -87,8 +87,12 @@ def _caps(
 class ChannelFramer:
     """Both directions of one channel connection."""
 
-    def __init__(self, max_message: int = DEFAULT_MAX_MESSAGE) -> None:
+    def __init__(self, max_message: int = DEFAULT_MAX_MESSAGE, *, bodies: bool = True) -> None:
+        """bodies=False: only walk message headers (Message.body and raw hold the header
+        alone), skipping bodies without buffering them; the proxy's guard uses that."""
         self.max_message = max_message
+        self.bodies = bodies
+        self.skip = {C2S: 0, S2C: 0}  # body bytes still to skip (bodies=False)
         self.buf = {C2S: bytearray(), S2C: bytearray()}
         self.offset = {C2S: 0, S2C: 0}  # stream offset of buf[0]
         self.state = {C2S: "header", S2C: "header"}
@@ -111,6 +115,13 @@ class ChannelFramer:
         if self.state[direction] == "dead":
             self.ignored[direction] += len(data)
             return []
+        if self.skip[direction] and not self.buf[direction]:
+            skip = min(self.skip[direction], len(data))
+            self.skip[direction] -= skip
+            self.offset[direction] += skip
+            if skip == len(data):
+                return []
+            data = data[skip:]
         self.buf[direction] += data
         events: list[Event] = []
         client_waiting = direction == S2C and self.state[C2S] == "wait_reply"
@@ -236,6 +247,9 @@ class ChannelFramer:
 
     def _messages(self, d: str, events: list[Event]) -> None:
         """Frame every complete message in the buffer, then drop them in one cut."""
+        if not self.bodies:
+            self._headers(d, events)
+            return
         buf = self.buf[d]
         hdr = MINI_HEADER if self.mini_header else FULL_HEADER
         hsize, mini, limit = hdr.size, self.mini_header, self.max_message
@@ -269,3 +283,30 @@ class ChannelFramer:
             self.offset[d] += pos
         if too_big is not None:
             self._fail(d, too_big, events)
+
+    def _headers(self, d: str, events: list[Event]) -> None:
+        """Header-only walk: read each data header, skip the body it announces."""
+        buf = self.buf[d]
+        hdr = MINI_HEADER if self.mini_header else FULL_HEADER
+        hsize = hdr.size
+        while True:
+            if self.skip[d]:
+                skip = min(self.skip[d], len(buf))
+                del buf[:skip]
+                self.skip[d] -= skip
+                self.offset[d] += skip
+                if self.skip[d]:
+                    return
+            if len(buf) < hsize:
+                return
+            if self.mini_header:
+                msg_type, size = MINI_HEADER.unpack_from(buf)
+                serial, sub_list = None, 0
+            else:
+                serial, msg_type, size, sub_list = FULL_HEADER.unpack_from(buf)
+            if size > self.max_message:
+                self._fail(d, f"message type {msg_type} of {size} bytes exceeds the limit", events)
+                return
+            header = self._take(d, hsize)
+            self.skip[d] = size
+            events.append(Message(d, msg_type, b"", header, serial, sub_list))

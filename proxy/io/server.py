@@ -1,0 +1,179 @@
+"""The trio shell of `spicetap proxy`: accept viewer connections, connect upstream, move
+bytes. All decisions come from proxy.core (ChannelRelay commands); this module only awaits.
+
+Each viewer connection gets its own upstream connection and one nursery holding a pump per
+direction and a ticker; when either side ends, the whole channel is closed (SPICE channels
+are not half-closed, and TLS streams cannot be).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from proxy.core.relay import ChannelRelay, Close, Command, Forward, Limits, Log, RecordData
+from proxy.recorder import Recorder
+
+log = logging.getLogger("spicetap.proxy")
+
+RECEIVE_SIZE = 256 * 1024
+TICK = 0.5
+CONNECT_TIMEOUT = 10.0
+
+Opener = Callable[[], Awaitable[trio.abc.Stream]]
+
+
+@dataclass
+class ChannelStats:
+    conn: int
+    viewer: tuple[str, int]
+    upstream: str
+    started: float
+    relay: ChannelRelay
+    closed_reason: str | None = None
+
+
+@dataclass
+class ProxyState:
+    """What the management API and metrics read."""
+
+    channels: dict[int, ChannelStats] = field(default_factory=dict)
+    total_channels: int = 0
+    errors: int = 0
+
+
+def _peer(stream: trio.abc.Stream) -> tuple[str, int]:
+    sock = getattr(stream, "socket", None)
+    if sock is None:
+        inner = getattr(stream, "transport_stream", None)
+        sock = getattr(inner, "socket", None)
+    try:
+        host, port = sock.getpeername()[:2] if sock is not None else ("?", 0)
+    except OSError:
+        return ("?", 0)
+    return (str(host), int(port))
+
+
+class ChannelProxy:
+    """Serves viewer streams: one upstream stream each, opened by `open_upstream`."""
+
+    def __init__(
+        self,
+        open_upstream: Opener,
+        upstream_label: str,
+        limits: Limits,
+        recorder: Recorder | None,
+        state: ProxyState | None = None,
+    ) -> None:
+        self.open_upstream = open_upstream
+        self.upstream_label = upstream_label
+        self.limits = limits
+        self.recorder = recorder
+        self.state = state or ProxyState()
+        self._ids = itertools.count()
+
+    async def handle(self, viewer: trio.abc.Stream) -> None:
+        conn = next(self._ids)
+        now = time.monotonic()
+        client = _peer(viewer)
+        try:
+            with trio.fail_after(CONNECT_TIMEOUT):
+                upstream = await self.open_upstream()
+        except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+            self.state.errors += 1
+            log.warning(
+                "channel %d from %s:%d: cannot reach upstream %s: %s",
+                conn,
+                *client,
+                self.upstream_label,
+                exc or "timeout",
+            )
+            await trio.aclose_forcefully(viewer)
+            return
+        relay = ChannelRelay(self.limits, now)
+        stats = ChannelStats(conn, client, self.upstream_label, now, relay)
+        self.state.channels[conn] = stats
+        self.state.total_channels += 1
+        if self.recorder is not None:
+            self.recorder.opened(conn, now, client, _peer(upstream))
+        log.info("channel %d: %s:%d -> %s", conn, *client, self.upstream_label)
+        reason = "closed"
+        try:
+            async with trio.open_nursery() as nursery:
+                ends: dict[str, Any] = {"c2s": upstream, "s2c": viewer}
+                done = trio.Event()
+
+                def finish(why: str) -> None:
+                    nonlocal reason
+                    if not done.is_set():
+                        reason = why
+                        done.set()
+                        nursery.cancel_scope.cancel()
+
+                async def run(commands: list[Command]) -> None:
+                    for cmd in commands:
+                        if isinstance(cmd, Forward):
+                            await ends[cmd.direction].send_all(cmd.data)
+                        elif isinstance(cmd, RecordData):
+                            rec = self.recorder
+                            if rec is not None and not rec.data(
+                                conn, cmd.time, cmd.direction, cmd.data
+                            ):
+                                finish("recording backlog: session dropped by policy")
+                        elif isinstance(cmd, Log):
+                            log.warning("channel %d: %s", conn, cmd.message)
+                        elif isinstance(cmd, Close):
+                            if cmd.error:
+                                self.state.errors += 1
+                                if self.recorder is not None:
+                                    self.recorder.error(conn, time.monotonic(), "c2s", cmd.reason)
+                            finish(cmd.reason)
+
+                async def pump(src: trio.abc.Stream, direction: str) -> None:
+                    try:
+                        while True:
+                            data = await src.receive_some(RECEIVE_SIZE)
+                            now = time.monotonic()
+                            if not data:
+                                await run(relay.peer_closed(direction, now))
+                                return
+                            await run(relay.received(direction, bytes(data), now))
+                    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                        await run(relay.peer_closed(direction, time.monotonic()))
+                        log.debug("channel %d %s: %r", conn, direction, exc)
+
+                async def ticker() -> None:
+                    while True:
+                        await trio.sleep(TICK)
+                        await run(relay.tick(time.monotonic()))
+
+                nursery.start_soon(pump, viewer, "c2s")
+                nursery.start_soon(pump, upstream, "s2c")
+                nursery.start_soon(ticker)
+        finally:
+            stats.closed_reason = reason
+            self.state.channels.pop(conn, None)
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(upstream)
+                await trio.aclose_forcefully(viewer)
+            if self.recorder is not None:
+                self.recorder.closed(conn, time.monotonic(), reason)
+            log.info("channel %d closed: %s", conn, reason)
+
+
+async def serve_tcp(
+    proxy: ChannelProxy,
+    host: str,
+    port: int,
+    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    async with trio.open_nursery() as nursery:
+        task_status.started(listeners)
+        await trio.serve_listeners(proxy.handle, listeners, handler_nursery=nursery)

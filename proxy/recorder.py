@@ -1,0 +1,228 @@
+"""Recording for the proxy: dissection and archive writing in a worker thread.
+
+The forwarding path only puts (connection, time, direction, bytes) on a bounded queue and
+never waits: if the disk or the dissector falls behind and the queue is full, the policy
+decides: "gap" keeps forwarding and records how many bytes are missing; "close" ends the
+session's channels rather than leave a hole. Either way it is logged loudly. The worker
+turns the bytes into records (spicetap.records), applies the privacy policy, and writes one
+archive per session (sessions are told apart by connection id), closing each archive, signed,
+when the last channel of its session closes or the proxy stops.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from spicetap.archive.importer import dissector_hashes
+from spicetap.archive.privacy import PrivacyPolicy
+from spicetap.archive.records import to_archive
+from spicetap.archive.writer import ArchiveWriter, FlushPolicy, Rotation
+from spicetap.records import Record, RecordBuilder
+
+log = logging.getLogger("spicetap.recorder")
+
+BACKLOG_POLICIES = ("gap", "close")
+_STOP = ("stop",)
+
+
+@dataclass(frozen=True)
+class RecordingOptions:
+    directory: Path
+    policy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
+    flush: FlushPolicy = field(default_factory=FlushPolicy)
+    rotation: Rotation = field(default_factory=Rotation)
+    compress: bool = False
+    max_queue: int = 20000  # chunks waiting for the worker
+    backlog: str = "gap"
+
+
+@dataclass
+class _Session:
+    writer: ArchiveWriter
+    t0: float
+    conns: set[int] = field(default_factory=set)
+    closed: set[int] = field(default_factory=set)
+
+
+class Recorder:
+    def __init__(
+        self, options: RecordingOptions, meta: dict[str, Any], signing_key: Ed25519PrivateKey | None
+    ) -> None:
+        self.options = options
+        self.meta = meta
+        self.key = signing_key
+        self.queue: queue.Queue[tuple[Any, ...]] = queue.Queue(options.max_queue)
+        self.builder = RecordBuilder()
+        self.sessions: dict[Any, _Session] = {}
+        self.conn_session: dict[int, Any] = {}
+        self.lost: dict[tuple[int, str], int] = defaultdict(int)
+        self.lost_total = 0
+        self.archives: list[Path] = []
+        self.failed: str | None = None  # the worker died: recording stopped (logged)
+        self._thread = threading.Thread(target=self._run, name="spicetap-recorder", daemon=True)
+        self._last_warning = 0.0
+
+    # -- called from the forwarding side (any thread): never blocks ---------------------------
+    def start(self) -> None:
+        self.options.directory.mkdir(parents=True, exist_ok=True)
+        self._thread.start()
+
+    def opened(self, conn: int, t: float, client: tuple[str, int], server: tuple[str, int]) -> None:
+        self._put(("open", conn, t, client, server))
+
+    def data(self, conn: int, t: float, direction: str, data: bytes) -> bool:
+        """False when the bytes could not be queued and the policy is to close."""
+        key = (conn, direction)
+        if self.lost.get(key):
+            if not self._put(("gap", conn, t, direction, self.lost[key])):
+                self.lost[key] += len(data)
+                return self.options.backlog != "close"
+            self.lost[key] = 0
+        if self._put(("data", conn, t, direction, data)):
+            return True
+        self.lost[key] += len(data)
+        self.lost_total += len(data)
+        now = time.monotonic()
+        if now - self._last_warning > 1.0:
+            self._last_warning = now
+            log.error(
+                "recording cannot keep up: %d bytes not recorded so far (policy: %s)",
+                self.lost_total,
+                self.options.backlog,
+            )
+        return self.options.backlog != "close"
+
+    def error(self, conn: int, t: float, direction: str, reason: str) -> None:
+        self._put(("error", conn, t, direction, reason), wait=True)
+
+    def closed(self, conn: int, t: float, reason: str) -> None:
+        self._put(("close", conn, t, reason), wait=True)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Drain the queue, close every archive (signed), stop the worker."""
+        if self._thread.is_alive():
+            self._put(_STOP, wait=True, timeout=timeout)
+            self._thread.join(timeout)
+
+    def _put(self, item: tuple[Any, ...], wait: bool = False, timeout: float = 5.0) -> bool:
+        if self.failed is not None:
+            return True  # nothing more to record; forwarding goes on
+        try:
+            if wait:  # rare control items: worth a short wait, never an unbounded one
+                self.queue.put(item, timeout=timeout)
+            else:
+                self.queue.put_nowait(item)
+        except queue.Full:
+            return False
+        return True
+
+    # -- the worker --------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                try:
+                    item = self.queue.get(timeout=0.05)
+                except queue.Empty:
+                    for s in self.sessions.values():
+                        s.writer.tick()
+                    continue
+                if item is _STOP:
+                    break
+                self._handle(item)
+        except Exception as exc:  # a disk error must not take the proxy down
+            self.failed = f"{type(exc).__name__}: {exc}"
+            log.exception("recording failed; forwarding goes on without it")
+        finally:
+            self._close_all("proxy stopped" if self.failed is None else "recording failed")
+
+    def _handle(self, item: tuple[Any, ...]) -> None:
+        kind, conn, t = item[0], item[1], item[2]
+        b = self.builder
+        if kind == "data":
+            records = b.data(conn, t, item[3], item[4])
+        elif kind == "open":
+            b.opened(conn, t, item[3], item[4])
+            records = []
+        elif kind == "gap":
+            records = b.gap(conn, t, item[3], item[4], where="the recording (backlog)")
+        elif kind == "error":
+            records = b.error(conn, t, item[3], item[4])
+        else:
+            records = b.closed(conn, t, item[3])
+        for rec in records:
+            self._write(rec)
+        if kind == "close":
+            self._connection_closed(conn)
+
+    def _session_key(self, rec: Record) -> Any:
+        if rec.session is not None:
+            return rec.session
+        return ("unassigned", rec.connection)  # e.g. a link refused before any INIT
+
+    def _write(self, rec: Record) -> None:
+        key = self._session_key(rec)
+        session = self.sessions.get(key)
+        if session is None:
+            session = self._open_session(key, rec)
+        session.conns.add(rec.connection)
+        self.conn_session[rec.connection] = key
+        obj = to_archive(rec, session.t0, self.options.policy)
+        if obj is not None:
+            session.writer.write(obj)
+
+    def _open_session(self, key: Any, rec: Record) -> _Session:
+        wall = time.time() - (time.monotonic() - rec.time)
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(wall))
+        label = f"{key:08x}" if isinstance(key, int) else f"unassigned-{key[1]}"
+        name = f"{stamp}-{label}"
+        path = self.options.directory / f"{name}{'.spta.zst' if self.options.compress else '.spta'}"
+        n = 1
+        while path.exists():
+            n += 1
+            path = path.with_name(f"{name}-{n}{path.name[len(name) :]}")
+        header = {
+            "dissector": dissector_hashes(),
+            "session": {**self.meta, "id": key if isinstance(key, int) else None},
+            "policy": self.options.policy.describe(),
+            "started": wall,
+        }
+        writer = ArchiveWriter(
+            path,
+            header,
+            signing_key=self.key,
+            flush=self.options.flush,
+            rotation=self.options.rotation,
+            compress=self.options.compress,
+        )
+        self.archives.append(path)
+        log.info("recording session %s to %s", label, path)
+        session = _Session(writer, rec.time)
+        self.sessions[key] = session
+        return session
+
+    def _connection_closed(self, conn: int) -> None:
+        key = self.conn_session.get(conn)
+        session = self.sessions.get(key) if key is not None else None
+        if session is None:
+            return
+        session.closed.add(conn)
+        if session.closed >= session.conns:
+            session.writer.close("complete")
+            del self.sessions[key]
+
+    def _close_all(self, status: str) -> None:
+        for session in self.sessions.values():
+            try:
+                session.writer.close(status)
+            except OSError:
+                log.exception("closing an archive failed")
+        self.sessions.clear()

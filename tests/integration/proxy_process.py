@@ -1,0 +1,90 @@
+"""Run `spicetap proxy` as a real subprocess on loopback, stopped by its own PID."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from types import TracebackType
+
+REPO = Path(__file__).resolve().parents[2]
+START_TIMEOUT = 20.0
+
+
+class ProxyProcess:
+    def __init__(
+        self, upstream_port: int, record: Path | None, work: Path, extra: tuple[str, ...] = ()
+    ) -> None:
+        self.work = work
+        work.mkdir(parents=True, exist_ok=True)
+        self.log_path = work / "proxy.log"
+        self.record = record
+        argv = [
+            sys.executable,
+            "-m",
+            "spicetap",
+            "proxy",
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            f"127.0.0.1:{upstream_port}",
+            *extra,
+        ]
+        if record is not None:
+            argv += ["--record", str(record)]
+        env = {**os.environ, "SPICETAP_CONFIG_DIR": str(work / "config"), "PYTHONPATH": str(REPO)}
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=self._log, env=env, text=True
+        )
+        self.port = self._read_port()
+
+    def _read_port(self) -> int:
+        assert self.proc.stdout is not None
+        # bounded: the proxy prints this line once it listens, or exits
+        line = self.proc.stdout.readline()
+        if "listening on" not in line:
+            self.kill()
+            raise RuntimeError(f"proxy did not start: {line!r}\n{self.log()}")
+        return int(line.rsplit(":", 1)[1])
+
+    def log(self) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGINT: the proxy drains and closes its archives."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._close()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        self._close()
+
+    def _close(self) -> None:
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        self._log.close()
+
+    def archives(self) -> list[Path]:
+        assert self.record is not None
+        return sorted(self.record.glob("*.spta"))
+
+    def __enter__(self) -> ProxyProcess:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()

@@ -1,0 +1,209 @@
+"""`spicetap proxy` between real viewers and QEMU's spice-server (reverse mode, plain)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from spicetap.archive.reader import ArchiveReader
+from spicetap.archive.verify import verify
+from spicetap.inputs import iter_records
+from spicetap.show import iter_capture
+from tests.harness import (
+    ALL_CHANNELS,
+    ClientOptions,
+    LoopbackCapture,
+    PeerMissing,
+    QemuServer,
+    SpiceEndpoint,
+    full_exchange_options,
+    run_gi_client,
+    spicy_screenshot,
+)
+from tests.harness.client import ClientResult
+from tests.integration.proxy_process import ProxyProcess
+
+pytestmark = pytest.mark.peers
+
+
+@contextmanager
+def peers() -> Iterator[None]:
+    try:
+        yield
+    except PeerMissing as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"peer missing in CI: {exc}")
+        pytest.skip(f"peer missing: {exc}")
+
+
+def test_screenshot_through_proxy_equals_direct(tmp_path: Path) -> None:
+    with peers(), QemuServer(guest="none") as srv:  # a still screen: SeaBIOS text
+        assert srv.port is not None
+        with ProxyProcess(srv.port, tmp_path / "rec", tmp_path / "proxy") as proxy:
+            via = spicy_screenshot(SpiceEndpoint(port=proxy.port), tmp_path / "via.ppm")
+            direct = spicy_screenshot(srv.endpoint(), tmp_path / "direct.ppm")
+    assert via.read_bytes() == direct.read_bytes()
+    (archive,) = proxy.archives()
+    assert verify(archive).status == "intact"
+
+
+def test_full_exchange_through_proxy_is_recorded(tmp_path: Path) -> None:
+    with peers(), QemuServer(guest="linux") as srv:
+        assert srv.port is not None
+        with ProxyProcess(srv.port, tmp_path / "rec", tmp_path / "proxy") as proxy:
+            result = run_gi_client(
+                SpiceEndpoint(port=proxy.port),
+                full_exchange_options(tmp_path / "client"),
+                tmp_path / "client",
+            )
+    assert result.returncode == 0, (result.summary, proxy.log()[-2000:])
+    assert len(result.opened) == ALL_CHANNELS
+    (archive,) = proxy.archives()
+    assert verify(archive).status == "intact"
+    with ArchiveReader(archive) as reader:
+        assert reader.header["session"]["insertion"] == "reverse"
+    recs = list(iter_records(archive, []))
+    assert len({r.connection for r in recs}) == ALL_CHANNELS
+    assert len({r.session for r in recs}) == 1
+    assert not [r for r in recs if r.not_fully_dissected or r.kind in ("error", "gap")]
+    seen = {(r.channel, r.direction, r.kind, r.name) for r in recs}
+    for expected in [
+        ("inputs", "c2s", "message", "key_down"),
+        ("main", "c2s", "agent", "clipboard"),
+        ("main", "s2c", "agent", "clipboard"),
+        ("main", "c2s", "agent", "file_xfer_data"),
+        ("playback", "s2c", "message", "data"),
+        ("record", "c2s", "message", "data"),
+        ("usbredir", "c2s", "message", "data"),
+        ("port", "s2c", "message", "data"),
+    ]:
+        assert expected in seen, expected
+
+
+def _client_in_background(
+    endpoint: SpiceEndpoint, options: ClientOptions, work: Path
+) -> tuple[threading.Thread, list[ClientResult]]:
+    out: list[ClientResult] = []
+    thread = threading.Thread(target=lambda: out.append(run_gi_client(endpoint, options, work)))
+    thread.start()
+    return thread, out
+
+
+def test_qemu_killed_mid_session_leaves_a_complete_archive(tmp_path: Path) -> None:
+    with peers(), QemuServer(guest="boot") as srv:
+        assert srv.port is not None and srv.pid is not None
+        with ProxyProcess(srv.port, tmp_path / "rec", tmp_path / "proxy") as proxy:
+            thread, _ = _client_in_background(
+                SpiceEndpoint(port=proxy.port),
+                ClientOptions(duration=20, min_duration=15, expect_display=True),
+                tmp_path / "client",
+            )
+            time.sleep(3)
+            os.kill(srv.pid, signal.SIGKILL)
+            thread.join(60)
+            time.sleep(1)
+            assert proxy.proc.poll() is None  # the proxy itself goes on
+    (archive,) = proxy.archives()
+    assert verify(archive).status == "intact", proxy.log()[-2000:]
+    recs = list(iter_records(archive, []))
+    closes = [r for r in recs if r.kind == "close"]
+    assert closes and len(closes) == len({r.connection for r in recs})
+    assert any("server" in (r.name or "") for r in closes)
+
+
+def test_proxy_sigkill_leaves_a_prefix_of_what_was_forwarded(tmp_path: Path) -> None:
+    with peers(), QemuServer(guest="boot", spice_options={"streaming-video": "all"}) as srv:
+        assert srv.port is not None
+        proxy = ProxyProcess(
+            srv.port, tmp_path / "rec", tmp_path / "proxy", extra=("--flush-interval", "0.05")
+        )
+        try:
+            with LoopbackCapture(tmp_path / "viewer.pcapng", ports=[proxy.port]):
+                thread, _ = _client_in_background(
+                    SpiceEndpoint(port=proxy.port),
+                    ClientOptions(duration=15, min_duration=10, expect_display=True),
+                    tmp_path / "client",
+                )
+                time.sleep(4)
+                proxy.kill()  # SIGKILL mid-stream
+                thread.join(60)
+        finally:
+            proxy.kill()
+    (archive,) = proxy.archives()
+    verdict = verify(archive)
+    assert verdict.status == "truncated", verdict
+    recorded = list(iter_records(archive, []))
+    assert any(r.name == "stream_data" for r in recorded)  # display streaming was on
+    forwarded: dict[tuple[int, str], bytes] = {}
+    for seen in iter_capture(tmp_path / "viewer.pcapng"):
+        if seen.kind in ("link", "message") and seen.name != "ticket":
+            key = (seen.connection, seen.direction)
+            forwarded[key] = forwarded.get(key, b"") + seen.raw
+    # the proxy numbers connections in accept order, as the capture does
+    archived: dict[tuple[int, str], bytes] = {}
+    for r in recorded:
+        if r.kind in ("link", "message") and r.name != "ticket":
+            key = (r.connection, r.direction)
+            archived[key] = archived.get(key, b"") + r.raw
+    assert archived
+    for key, data in archived.items():
+        assert forwarded[key].startswith(data), key
+
+
+def test_hostile_upstream_closes_only_that_channel(tmp_path: Path) -> None:
+    """A server answering garbage: the channel is closed with a clear error, recorded."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+    port = server.getsockname()[1]
+    stop = threading.Event()
+
+    def serve() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                conn.recv(1024)
+                conn.sendall(b"HTTP/1.0 400 Bad Request\r\n\r\n" + bytes(64))
+                time.sleep(0.5)
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        with ProxyProcess(port, tmp_path / "rec", tmp_path / "proxy") as proxy:
+            for _ in range(2):
+                with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as c:
+                    link_mess = struct.pack("<IBBIII", 0, 1, 0, 0, 0, 18)  # main, no caps
+                    c.sendall(struct.pack("<4sIII", b"REDQ", 2, 2, 18) + link_mess)
+                    c.settimeout(5)
+                    data = b""
+                    while len(data) < 20:
+                        chunk = c.recv(4096)
+                        if not chunk:
+                            break
+                        data += chunk
+                    assert data.startswith(b"HTTP/1.0 400")  # forwarded unchanged first
+            time.sleep(0.5)
+            assert proxy.proc.poll() is None
+    finally:
+        stop.set()
+        thread.join(5)
+        server.close()
+    log = proxy.log()
+    assert "bad link magic" in log
+    archives = proxy.archives()
+    errors = [r for a in archives for r in iter_records(a, []) if r.kind == "error"]
+    assert len(errors) >= 2 and all("bad link magic" in (r.error or "") for r in errors)

@@ -1,0 +1,89 @@
+"""The relay core without I/O: forwarding order, limits, vanished peers; the recorder's
+backlog policy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from proxy.core.relay import ChannelRelay, Close, Forward, Limits, Log, RecordData
+from proxy.recorder import Recorder, RecordingOptions
+from tests.proxy.test_framing import OK, TICKET, caps_word, link_mess, link_reply, mini
+
+
+def linked(relay: ChannelRelay, now: float = 0.0) -> None:
+    bits = caps_word(1, 3)
+    relay.received("c2s", link_mess(bits), now)
+    relay.received("s2c", link_reply(bits), now)
+    relay.received("c2s", TICKET, now)
+    relay.received("s2c", OK, now)
+
+
+def test_bytes_are_forwarded_unchanged_before_anything_else() -> None:
+    relay = ChannelRelay(Limits(), 0.0)
+    data = link_mess(caps_word(1, 3))[:7]
+    cmds = relay.received("c2s", data, 1.0)
+    assert cmds[0] == Forward("c2s", data)
+    assert cmds[1] == RecordData("c2s", data, 1.0)
+
+
+def test_whole_session_passes_and_counts_messages() -> None:
+    relay = ChannelRelay(Limits(), 0.0)
+    linked(relay)
+    assert relay.linked
+    cmds = relay.received("s2c", mini(101, b"x" * 1000) + mini(4, b"ping"), 1.0)
+    assert [type(c) for c in cmds] == [Forward, RecordData]
+    assert relay.messages["s2c"] == 2
+    assert relay.tick(100.0) == []  # linked: no link timeout any more
+
+
+def test_oversized_message_closes_the_channel() -> None:
+    relay = ChannelRelay(Limits(max_message=1000), 0.0)
+    linked(relay)
+    cmds = relay.received("s2c", mini(101, b"")[:2] + (5000).to_bytes(4, "little"), 1.0)
+    assert isinstance(cmds[0], Forward)
+    close = [c for c in cmds if isinstance(c, Close)]
+    assert close and close[0].error and "5000 bytes exceeds" in close[0].reason
+    assert any(isinstance(c, Log) for c in cmds)
+    assert relay.received("s2c", b"more", 2.0) == []
+
+
+def test_link_stage_timeout_and_idle_timeout() -> None:
+    relay = ChannelRelay(Limits(link_timeout=5.0), 0.0)
+    relay.received("c2s", link_mess(caps_word(1))[:10], 1.0)
+    assert relay.tick(4.0) == []
+    (_log, close) = relay.tick(6.0)
+    assert isinstance(close, Close) and "link stage not finished after 5 s" in close.reason
+    idle = ChannelRelay(Limits(idle_timeout=30.0), 0.0)
+    linked(idle)
+    assert idle.tick(20.0) == []
+    assert any(isinstance(c, Close) and "idle" in c.reason for c in idle.tick(31.0))
+
+
+def test_peer_vanishing_mid_message_is_an_error_not_a_crash() -> None:
+    relay = ChannelRelay(Limits(), 0.0)
+    linked(relay)
+    relay.received("s2c", mini(101, b"y" * 100)[:50], 1.0)
+    (_log, close) = relay.peer_closed("s2c", 2.0)
+    assert isinstance(close, Close) and close.error
+    assert "server vanished in the middle of a message" in close.reason
+    clean = ChannelRelay(Limits(), 0.0)
+    linked(clean)
+    assert clean.peer_closed("c2s", 1.0) == [Close("viewer closed", error=False)]
+
+
+def test_full_recording_queue_marks_a_gap_and_keeps_forwarding(tmp_path: Path) -> None:
+    rec = Recorder(RecordingOptions(tmp_path, max_queue=2, backlog="gap"), {}, None)
+    # the worker is not started: the queue fills up
+    assert rec.data(0, 0.0, "c2s", b"a")
+    assert rec.data(0, 0.0, "c2s", b"b")
+    assert rec.data(0, 0.0, "c2s", b"ccc")  # not queued, but forwarding goes on
+    assert rec.lost[(0, "c2s")] == 3
+    closing = Recorder(RecordingOptions(tmp_path, max_queue=1, backlog="close"), {}, None)
+    assert closing.data(0, 0.0, "c2s", b"a")
+    assert not closing.data(0, 0.0, "c2s", b"b")  # the policy says: close the session
+    # once the worker drains the queue, the lost bytes become a gap record
+    rec.start()
+    rec.data(0, 1.0, "c2s", b"d")
+    rec.closed(0, 2.0, "viewer closed")
+    rec.stop()
+    assert rec.lost[(0, "c2s")] == 0

@@ -9,6 +9,7 @@ With --interactive it keeps running after that and prints how to connect your ow
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
 import time
@@ -29,24 +30,31 @@ def main() -> int:
         assert srv.port is not None
         print(f"QEMU spice-server on 127.0.0.1:{srv.port} (boot-sector test guest)", flush=True)
         with ProxyProcess(srv.port, recordings, Path(tmp) / "proxy") as proxy:
-            print(f"spicetap proxy on 127.0.0.1:{proxy.port}, recording to {recordings}",
-                  flush=True)
+            print(
+                f"spicetap proxy on 127.0.0.1:{proxy.port}, recording to {recordings}", flush=True
+            )
             result = run_gi_client(
                 SpiceEndpoint(port=proxy.port),
-                ClientOptions(duration=10, min_duration=3, expect_channels=ALL_CHANNELS,
-                              expect_display=True, keys=(0x23, 0x17), mouse=True,
-                              smartcard=True),
+                ClientOptions(
+                    duration=10,
+                    min_duration=3,
+                    expect_channels=ALL_CHANNELS,
+                    expect_display=True,
+                    keys=(0x23, 0x17),
+                    mouse=True,
+                    smartcard=True,
+                ),
                 Path(tmp) / "client",
             )
-            print(f"a spice-gtk client opened {len(result.opened)} channels through it",
-                  flush=True)
+            print(f"a spice-gtk client opened {len(result.opened)} channels through it", flush=True)
             if args.interactive:
-                print(f"connect a viewer: remote-viewer spice://127.0.0.1:{proxy.port}  "
-                      "(Ctrl-C to stop)", flush=True)
-                try:
+                print(
+                    f"connect a viewer: remote-viewer spice://127.0.0.1:{proxy.port}  "
+                    "(Ctrl-C to stop)",
+                    flush=True,
+                )
+                with contextlib.suppress(KeyboardInterrupt):
                     time.sleep(args.minutes * 60)
-                except KeyboardInterrupt:
-                    pass
         archives = sorted(recordings.glob("*.spta"), key=lambda p: p.stat().st_mtime)
     if not archives:
         print("no archive was recorded", file=sys.stderr)

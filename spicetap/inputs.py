@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from spicetap.archive import format as fmt
+from spicetap.archive.importer import dissector_hashes
 from spicetap.archive.reader import ArchiveError, ArchiveReader
 from spicetap.archive.records import ArchivedRecord, from_archive
 from spicetap.capture import CaptureError
@@ -44,8 +45,9 @@ def iter_records(path: Path, problems: list[str]) -> Iterator[AnyRecord]:
             raise InputError(str(exc)) from None
         with reader:
             started = float(reader.header.get("started", 0.0))
+            same = reader.header.get("dissector") == dissector_hashes()
             for obj in reader.records():
-                yield from_archive(obj, started)
+                yield from_archive(obj, started, same)
             if reader.truncated or reader.damaged:
                 problems.append(f"{path}: {reader.damaged or 'truncated'}")
         return

@@ -35,13 +35,20 @@ def chain_start(header_payload: bytes) -> bytes:
     return hashlib.sha256(header_payload).digest()
 
 
-def pack_payload(obj: dict[str, Any]) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
+def packer() -> Any:
+    """A reusable msgpack Packer (one per writer: a Packer is not thread-safe)."""
+    return msgpack.Packer(use_bin_type=True)
 
 
-def frame(payload: bytes, chain: bytes) -> bytes:
+def pack_payload(obj: dict[str, Any], with_packer: Any = None) -> bytes:
+    data: bytes = (with_packer or packer()).pack(obj)
+    return data
+
+
+def frame(payload: bytes, chain: bytes, with_packer: Any = None) -> bytes:
     """The bytes of one archive object: [payload, chain]."""
-    return msgpack.packb([payload, chain], use_bin_type=True)  # type: ignore[no-any-return]
+    data: bytes = (with_packer or packer()).pack([payload, chain])
+    return data
 
 
 def signed_message(header_chain: bytes, last_chain: bytes, records: int) -> bytes:

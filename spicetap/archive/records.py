@@ -10,7 +10,7 @@ and, when the privacy policy removed content, redacted {reason, len[, sha256]}.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, NamedTuple
+from typing import Any
 
 from dissectors.api import AGENT, SPICE, decode
 from spicetap.archive.privacy import PrivacyPolicy, decide, strip
@@ -71,32 +71,6 @@ def to_archive(rec: Record, t0: float, policy: PrivacyPolicy) -> dict[str, Any] 
     return out
 
 
-class ArchivedRecord(NamedTuple):
-    """A record read back from an archive, shaped like spicetap.records.Record for renderers
-    and filters (`decoded` is None: the stored view is in `fields`)."""
-
-    time: float
-    session: int | None
-    connection: int
-    channel: str
-    channel_id: int
-    direction: str
-    kind: str
-    msg_type: int | None
-    name: str | None
-    raw: bytes
-    decoded: None
-    error: str | None
-    fields: dict[str, Any] | None
-    seq: int
-    nfd: bool
-    redacted: dict[str, Any] | None
-
-    @property
-    def not_fully_dissected(self) -> bool:
-        return self.nfd
-
-
 def redecode(obj: dict[str, Any]) -> tuple[dict[str, Any] | None, bool] | None:
     """Decode a record's raw bytes with this spicetap's dissector: (named fields, not fully
     dissected), or None when there is nothing to decode (redacted, or not a message)."""
@@ -118,25 +92,82 @@ def redecode(obj: dict[str, Any]) -> tuple[dict[str, Any] | None, bool] | None:
     return (named if isinstance(named, dict) else None), not dec.fully_dissected
 
 
-def from_archive(obj: dict[str, Any], started: float) -> ArchivedRecord:
-    ch = obj.get("ch") or [None, 0, 0]
-    fresh = redecode(obj)
-    fields, nfd = fresh if fresh is not None else (obj.get("view"), bool(obj.get("nfd")))
-    return ArchivedRecord(
-        time=started + int(obj.get("t", 0)) / 1e9,
-        session=obj.get("session"),
-        connection=int(ch[2]),
-        channel=str(obj.get("channel", "unknown")),
-        channel_id=int(ch[1]),
-        direction=str(obj.get("dir", "c2s")),
-        kind=str(obj.get("kind", "message")),
-        msg_type=obj.get("type"),
-        name=obj.get("name"),
-        raw=bytes(obj.get("raw", b"")),
-        decoded=None,
-        error=obj.get("err"),
-        fields=fields,
-        seq=int(obj.get("seq", 0)),
-        nfd=nfd,
-        redacted=obj.get("redacted"),
+class ArchivedRecord:
+    """A record read back from an archive, shaped like spicetap.records.Record for renderers
+    and filters. Its fields are decoded again from `raw` (the source of truth) only when
+    asked for; for redacted records, and when nothing can be decoded, the stored view."""
+
+    __slots__ = (
+        "_fields",
+        "_nfd",
+        "_obj",
+        "channel",
+        "channel_id",
+        "connection",
+        "direction",
+        "error",
+        "kind",
+        "msg_type",
+        "name",
+        "raw",
+        "redacted",
+        "same_dissector",
+        "seq",
+        "session",
+        "time",
     )
+
+    decoded = None  # no live Decoded: `fields` holds the named view
+
+    def __init__(self, obj: dict[str, Any], started: float, same_dissector: bool) -> None:
+        ch = obj.get("ch") or [None, 0, 0]
+        self._obj = obj
+        self.time = started + int(obj.get("t", 0)) / 1e9
+        self.session: int | None = obj.get("session")
+        self.connection = int(ch[2])
+        self.channel = str(obj.get("channel", "unknown"))
+        self.channel_id = int(ch[1])
+        self.direction = str(obj.get("dir", "c2s"))
+        self.kind = str(obj.get("kind", "message"))
+        self.msg_type: int | None = obj.get("type")
+        self.name: str | None = obj.get("name")
+        self.raw = bytes(obj.get("raw", b""))
+        self.error: str | None = obj.get("err")
+        self.seq = int(obj.get("seq", 0))
+        self.redacted: dict[str, Any] | None = obj.get("redacted")
+        self.same_dissector = same_dissector
+        self._fields: Any = _UNSET
+        self._nfd: bool | None = bool(obj.get("nfd")) if same_dissector else None
+
+    def _decode(self) -> None:
+        fresh = redecode(self._obj)
+        if fresh is None:
+            self._fields, nfd = self._obj.get("view"), bool(self._obj.get("nfd"))
+        else:
+            self._fields, nfd = fresh
+        if self._nfd is None:
+            self._nfd = nfd
+
+    @property
+    def fields(self) -> dict[str, Any] | None:
+        if self._fields is _UNSET:
+            self._decode()
+        result: dict[str, Any] | None = self._fields
+        return result
+
+    @property
+    def not_fully_dissected(self) -> bool:
+        if self._nfd is None:
+            self._decode()
+        return bool(self._nfd)
+
+
+_UNSET: Any = object()
+
+
+def from_archive(
+    obj: dict[str, Any], started: float, same_dissector: bool = False
+) -> ArchivedRecord:
+    """`same_dissector`: the archive was written by this very dissector, so its stored
+    "not fully dissected" flags hold and nothing needs decoding unless fields are read."""
+    return ArchivedRecord(obj, started, same_dissector)

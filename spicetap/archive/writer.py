@@ -69,6 +69,7 @@ class ArchiveWriter:
             zstandard.ZstdCompressor(level=3, write_checksum=True) if compress else None
         )
         self.clock = clock
+        self.packer = fmt.packer()
         self.seq = 0
         self.part = 0
         self.paths: list[Path] = []
@@ -130,9 +131,9 @@ class ArchiveWriter:
         return seq
 
     def _append(self, record: dict[str, Any]) -> None:
-        payload = fmt.pack_payload(record)
+        payload = fmt.pack_payload(record, self.packer)
         self.chain = fmt.chain_next(self.chain, payload)
-        self._buf += fmt.frame(payload, self.chain)
+        self._buf += fmt.frame(payload, self.chain, self.packer)
 
     def tick(self) -> None:
         """Call now and then while idle: writes out records older than the flush interval."""

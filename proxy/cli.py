@@ -15,7 +15,8 @@ from proxy.core.relay import Limits
 from proxy.io.server import ChannelProxy, ProxyState, serve_tcp
 from proxy.recorder import BACKLOG_POLICIES, Recorder, RecordingOptions
 from spicetap.archive.keys import load_or_create_signing_key
-from spicetap.archive.writer import FlushPolicy
+from spicetap.archive.writer import FlushPolicy, Rotation
+from spicetap.config import Config, ConfigError, load_config
 from spicetap.errors import UserError
 
 
@@ -31,28 +32,32 @@ def add_proxy_command(sub: Any) -> None:
     from spicetap.cli_inspect import add_privacy_options
 
     p = sub.add_parser("proxy", help="run the recording proxy in front of a SPICE server")
-    p.add_argument("--listen", default="127.0.0.1:5900", help="HOST:PORT viewers connect to")
-    p.add_argument("--upstream", required=True, help="HOST:PORT of the SPICE server")
+    p.add_argument("--config", help="TOML file (see config/spicetap.example.toml)")
+    p.add_argument("--listen", help="HOST:PORT viewers connect to (default 127.0.0.1:5900)")
+    p.add_argument("--upstream", help="HOST:PORT of the SPICE server")
     p.add_argument("--record", metavar="DIR", help="write one archive per session into DIR")
-    p.add_argument("--compress", action="store_true", help="zstd-compress archives")
+    p.add_argument("--compress", action="store_true", default=None, help="zstd-compress archives")
     p.add_argument(
         "--flush-interval",
         type=float,
-        default=0.1,
         help="seconds a record may wait before reaching the disk (loss window)",
     )
     p.add_argument(
         "--backlog",
         choices=BACKLOG_POLICIES,
-        default="gap",
-        help="when recording falls behind: mark a gap and keep forwarding, or close the session",
+        help="when recording falls behind: mark a gap and keep forwarding (gap), "
+        "or close the session (close)",
     )
-    p.add_argument("--link-timeout", type=float, default=10.0)
-    p.add_argument("--idle-timeout", type=float, default=None)
-    p.add_argument("--max-message", type=int, default=64 << 20, help="bytes")
+    p.add_argument("--link-timeout", type=float)
+    p.add_argument("--idle-timeout", type=float)
+    p.add_argument("--max-message", type=int, help="bytes")
     p.add_argument("-v", "--verbose", action="store_true")
     add_privacy_options(p)
     p.set_defaults(func=cmd_proxy)
+
+
+def _pick(flag: Any, configured: Any) -> Any:
+    return configured if flag is None else flag
 
 
 def cmd_proxy(args: argparse.Namespace) -> int:
@@ -63,19 +68,35 @@ def cmd_proxy(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    listen = host_port(args.listen, "--listen", any_port=True)
-    upstream = host_port(args.upstream, "--upstream")
+    try:
+        config = load_config(Path(args.config)) if args.config else Config()
+    except ConfigError as exc:
+        raise UserError(str(exc)) from None
+    cp, cr = config.proxy, config.recording
+    listen = host_port(_pick(args.listen, cp.listen), "--listen", any_port=True)
+    upstream_text = _pick(args.upstream, cp.upstream)
+    if upstream_text is None:
+        raise UserError("no upstream: give --upstream HOST:PORT or [proxy] upstream")
+    upstream = host_port(upstream_text, "--upstream")
     limits = Limits(
-        link_timeout=args.link_timeout, idle_timeout=args.idle_timeout, max_message=args.max_message
+        link_timeout=_pick(args.link_timeout, cp.link_timeout),
+        idle_timeout=_pick(args.idle_timeout, cp.idle_timeout),
+        max_message=_pick(args.max_message, cp.max_message),
     )
     recorder = None
-    if args.record:
+    directory = _pick(args.record, cr.directory)
+    if directory:
         options = RecordingOptions(
-            Path(args.record),
-            policy=policy_from(args),
-            flush=FlushPolicy(interval=args.flush_interval),
-            compress=args.compress,
-            backlog=args.backlog,
+            Path(directory),
+            policy=policy_from(args, cr.privacy),
+            flush=FlushPolicy(
+                interval=_pick(args.flush_interval, cr.flush_interval),
+                max_buffer=cr.max_buffer,
+                fsync=cr.fsync,
+            ),
+            rotation=Rotation(max_bytes=cr.rotate_bytes, max_seconds=cr.rotate_seconds),
+            compress=bool(_pick(args.compress, cr.compress)),
+            backlog=_pick(args.backlog, cr.backlog),
         )
         meta = {
             "viewer": None,

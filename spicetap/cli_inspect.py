@@ -135,14 +135,16 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def policy_from(args: argparse.Namespace) -> PrivacyPolicy:
+def policy_from(args: argparse.Namespace, base: PrivacyPolicy | None = None) -> PrivacyPolicy:
+    """The privacy switches given on the command line, over `base` (e.g. a config file)."""
+    base = base or PrivacyPolicy()
     try:
         return PrivacyPolicy(
-            keys=args.keys,
-            clipboard=args.clipboard,
-            files=args.files,
-            display=not args.no_display,
-            audio=not args.no_audio,
+            keys=args.keys or base.keys,
+            clipboard=args.clipboard or base.clipboard,
+            files=args.files or base.files,
+            display=base.display and not args.no_display,
+            audio=base.audio and not args.no_audio,
         )
     except PolicyError as exc:
         raise UserError(str(exc)) from None
@@ -260,8 +262,8 @@ def add_commands(sub: Any) -> None:
 
 def add_privacy_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("privacy (what the archive keeps; tickets and passwords never)")
-    g.add_argument("--keys", default="text", help="text | events | none (default text)")
-    g.add_argument("--clipboard", default="content", help="content | hash (default content)")
-    g.add_argument("--files", default="content", help="content | metadata (default content)")
+    g.add_argument("--keys", help="text | events | none (default text)")
+    g.add_argument("--clipboard", help="content | hash (default content)")
+    g.add_argument("--files", help="content | metadata (default content)")
     g.add_argument("--no-display", action="store_true", help="drop display pixel data")
     g.add_argument("--no-audio", action="store_true", help="drop audio samples")

@@ -97,8 +97,10 @@ def test_all_channels_agent_and_sessions(lab_captures: list[Path]) -> None:
     tickets = [r for r in recs if r.kind == "link" and r.name == "ticket"]
     assert tickets and all(r.fields is None for r in tickets)
     archived = [to_archive(r, 0.0, PrivacyPolicy()) for r in tickets]
-    assert all(a is not None and a["raw"] == b"" and a["redacted"] == {"reason": "secret",
-               "len": 128} for a in archived)
+    assert all(
+        a is not None and a["raw"] == b"" and a["redacted"] == {"reason": "secret", "len": 128}
+        for a in archived
+    )
 
 
 def test_real_messages_cut_and_mutated_never_raise(lab_captures: list[Path]) -> None:

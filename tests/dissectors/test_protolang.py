@@ -81,8 +81,13 @@ def test_sample_encodes_every_construct() -> None:
     p = resolve(parse(SAMPLE, "sample.proto"))
     named = p.structs["Named"]
     value = {
-        "len": 2, "name": b"ab", "text": b"hi", "img": b"\x01\x02",
-        "pad": 0, "fake": 7, "fixed": b"xyz",
+        "len": 2,
+        "name": b"ab",
+        "text": b"hi",
+        "img": b"\x01\x02",
+        "pad": 0,
+        "fake": 7,
+        "fixed": b"xyz",
     }
     raw = interp.encode(named, value)
     # len, name, text + NUL, image (4 bits x 2 wide = 1 byte per row, 2 rows), pad, fixed;
@@ -92,8 +97,14 @@ def test_sample_encodes_every_construct() -> None:
 
     sw = p.structs["Sw"]
     value2 = {
-        "flags": 1, "lvl": 0x101, "a": 5, "v": {"p": {"x": -1, "y": 2}},
-        "ptr": {"x": 3, "y": 4}, "opt": b"xy", "len2": 2, "last": 33,
+        "flags": 1,
+        "lvl": 0x101,
+        "a": 5,
+        "v": {"p": {"x": -1, "y": 2}},
+        "ptr": {"x": 3, "y": 4},
+        "opt": b"xy",
+        "len2": 2,
+        "last": 33,
     }
     raw2 = interp.encode(sw, value2)
     # flags has bit A, so `a` (case A) is chosen: the first matching case wins
@@ -137,12 +148,18 @@ def test_syntax_errors_name_file_line_col(text: str, where: str, expected: str) 
         ("struct A { Nope x; };", "1:12", "unknown type 'Nope'"),
         ("struct A { uint8 x; };\nstruct A { uint8 y; };", "2:1", "defined twice"),
         ("struct A { uint8 d[n]; uint8 n; };", "1:12", "'n' is not a field defined before"),
-        ("enum8 e { X, Y }; struct A { e k; switch (k) { case Z: uint8 z; } u; };", "1:48",
-         "'Z' is not an item of enum e"),
+        (
+            "enum8 e { X, Y }; struct A { e k; switch (k) { case Z: uint8 z; } u; };",
+            "1:48",
+            "'Z' is not an item of enum e",
+        ),
         ("enum8 e { X = 300 };", "1:11", "does not fit enum8"),
         ("channel A : B {};\nprotocol P { A a; };", "1:13", "unknown channel 'B'"),
-        ("channel A { Empty x = 1; Empty y = 1; };\nmessage Empty {};\nprotocol P { A a; };",
-         "1:26", "message number 1 is used twice"),
+        (
+            "channel A { Empty x = 1; Empty y = 1; };\nmessage Empty {};\nprotocol P { A a; };",
+            "1:26",
+            "message number 1 is used twice",
+        ),
         ("struct A { A inner; };", "1:1", "contains itself"),
     ],
 )
@@ -154,8 +171,11 @@ def test_resolve_errors_name_file_line_col(text: str, where: str, expected: str)
 
 
 def test_overlay_replaces_messages_and_structs() -> None:
-    base = parse("struct S { uint8 a; }; channel C { message { S s; } one; Empty two; };"
-                 "message Empty {}; protocol P { C c = 3; };", "base.proto")
+    base = parse(
+        "struct S { uint8 a; }; channel C { message { S s; } one; Empty two; };"
+        "message Empty {}; protocol P { C c = 3; };",
+        "base.proto",
+    )
     extra = parse("struct S { uint16 a; }; channel C { message { uint32 z; } two; };", "x.proto")
     p = resolve(overlay(base, extra))
     (ch,) = p.channels

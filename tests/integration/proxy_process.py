@@ -21,17 +21,9 @@ class ProxyProcess:
         work.mkdir(parents=True, exist_ok=True)
         self.log_path = work / "proxy.log"
         self.record = record
-        argv = [
-            sys.executable,
-            "-m",
-            "spicetap",
-            "proxy",
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream",
-            f"127.0.0.1:{upstream_port}",
-            *extra,
-        ]
+        argv = [sys.executable, "-m", "spicetap", "proxy", "--listen", "127.0.0.1:0", *extra]
+        if upstream_port:  # 0: the upstream comes from a --config file in `extra`
+            argv += ["--upstream", f"127.0.0.1:{upstream_port}"]
         if record is not None:
             argv += ["--record", str(record)]
         env = {**os.environ, "SPICETAP_CONFIG_DIR": str(work / "config"), "PYTHONPATH": str(REPO)}

@@ -207,3 +207,22 @@ def test_hostile_upstream_closes_only_that_channel(tmp_path: Path) -> None:
     archives = proxy.archives()
     errors = [r for a in archives for r in iter_records(a, []) if r.kind == "error"]
     assert len(errors) >= 2 and all("bad link magic" in (r.error or "") for r in errors)
+
+
+def test_config_file_drives_the_proxy(tmp_path: Path) -> None:
+    with peers(), QemuServer(guest="none") as srv:
+        assert srv.port is not None
+        config = tmp_path / "spicetap.toml"
+        config.write_text(
+            f'[proxy]\nupstream = "127.0.0.1:{srv.port}"\n'
+            f'[recording]\ndirectory = "{tmp_path / "rec"}"\ncompress = true\n'
+            '[recording.privacy]\nkeys = "events"\n'
+        )
+        proxy = ProxyProcess(0, None, tmp_path / "proxy", extra=("--config", str(config)))
+        with proxy:
+            spicy_screenshot(SpiceEndpoint(port=proxy.port), tmp_path / "via.ppm")
+    (archive,) = sorted((tmp_path / "rec").glob("*.spta.zst"))
+    assert verify(archive).status == "intact"
+    with ArchiveReader(archive) as reader:
+        assert reader.header["policy"]["keys"] == "events"
+        assert reader.header["compressed"] is True

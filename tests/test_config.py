@@ -1,0 +1,55 @@
+"""The TOML configuration: the example loads; mistakes are one-line errors naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from spicetap.cli import main
+from spicetap.config import ConfigError, load_config
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "config" / "spicetap.example.toml"
+
+
+def test_example_config_loads() -> None:
+    config = load_config(EXAMPLE)
+    assert config.proxy.upstream == "127.0.0.1:5930"
+    assert config.recording.flush_interval == 0.1
+    assert config.recording.privacy.keys == "text"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[proxy]\nlisten = 5\n", "[proxy] listen = 5: expected a string"),
+        ("[proxy]\nlisen = '1:2'\n", "[proxy] unknown key 'lisen'"),
+        ("[recordings]\n", "unknown section [recordings]"),
+        ("[recording]\nflush_interval = 'soon'\n", "flush_interval = 'soon': expected a number"),
+        ("[recording]\nbacklog = 'drop'\n", "backlog = 'drop': expected 'gap' or 'close'"),
+        ("[recording.privacy]\nkeys = 'all'\n", "privacy.keys = 'all'"),
+        ("[recording.privacy]\ndisplay = 'no'\n", "display = 'no': expected true or false"),
+        ("[proxy\n", "not valid TOML"),
+    ],
+)
+def test_mistakes_name_file_and_key(tmp_path: Path, text: str, expected: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith(str(path)) and expected in message
+    assert "\n" not in message
+
+
+def test_proxy_refuses_a_bad_config_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[proxy]\nupstream = 'nowhere'\n")
+    assert main(["proxy", "--config", str(path)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "spicetap: error: --upstream 'nowhere': expected HOST:PORT"
+    )
+    assert main(["proxy", "--config", str(tmp_path / "missing.toml")]) == 2
+    assert "no such file" in capsys.readouterr().err

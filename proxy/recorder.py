@@ -67,6 +67,7 @@ class Recorder:
         self.lost: dict[tuple[int, str], int] = defaultdict(int)
         self.lost_total = 0
         self.archives: list[Path] = []
+        self.viewers: dict[int, str] = {}  # connection -> the viewer's address
         self.failed: str | None = None  # the worker died: recording stopped (logged)
         self._thread = threading.Thread(target=self._run, name="spicetap-recorder", daemon=True)
         self._last_warning = 0.0
@@ -151,6 +152,7 @@ class Recorder:
             records = b.data(conn, t, item[3], item[4])
         elif kind == "open":
             b.opened(conn, t, item[3], item[4])
+            self.viewers[conn] = f"{item[3][0]}:{item[3][1]}"
             records = []
         elif kind == "gap":
             records = b.gap(conn, t, item[3], item[4], where="the recording (backlog)")
@@ -191,7 +193,8 @@ class Recorder:
             path = path.with_name(f"{name}-{n}{path.name[len(name) :]}")
         header = {
             "dissector": dissector_hashes(),
-            "session": {**self.meta, "id": key if isinstance(key, int) else None},
+            "session": {**self.meta, "viewer": self.viewers.get(rec.connection),
+                        "id": key if isinstance(key, int) else None},
             "policy": self.options.policy.describe(),
             "started": wall,
         }

@@ -70,7 +70,10 @@ def test_full_exchange_through_proxy_is_recorded(tmp_path: Path) -> None:
     (archive,) = proxy.archives()
     assert verify(archive).status == "intact"
     with ArchiveReader(archive) as reader:
-        assert reader.header["session"]["insertion"] == "reverse"
+        session = reader.header["session"]
+    assert session["insertion"] == "reverse" and session["auth"] == "pass-through"
+    assert session["viewer"].startswith("127.0.0.1:")
+    assert session["server"] == f"127.0.0.1:{srv.port}"
     recs = list(iter_records(archive, []))
     assert len({r.connection for r in recs}) == ALL_CHANNELS
     assert len({r.session for r in recs}) == 1

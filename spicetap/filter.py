@@ -72,9 +72,9 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
-from typing import Any, NamedTuple, NoReturn, Protocol
+from typing import Any, NamedTuple, NoReturn
 
-from spicetap.render import fields_of
+from spicetap.render import Record, fields_of
 
 __all__ = ["Filter", "FilterError", "FilterRecord", "compile_filter", "decoded_fields"]
 
@@ -89,41 +89,8 @@ class FilterError(ValueError):
         self.column = column
 
 
-class _NamedFields(Protocol):
-    def named_fields(self) -> Any: ...
-
-
-class FilterRecord(Protocol):
-    """What a filter reads from a record (spicetap.records.Record has it all)."""
-
-    @property
-    def time(self) -> float: ...
-    @property
-    def session(self) -> int | None: ...
-    @property
-    def connection(self) -> int: ...
-    @property
-    def channel(self) -> str: ...
-    @property
-    def channel_id(self) -> int: ...
-    @property
-    def direction(self) -> str: ...
-    @property
-    def kind(self) -> str: ...
-    @property
-    def msg_type(self) -> int | None: ...
-    @property
-    def name(self) -> str | None: ...
-    @property
-    def raw(self) -> bytes: ...
-    @property
-    def error(self) -> str | None: ...
-    @property
-    def not_fully_dissected(self) -> bool: ...
-    @property
-    def decoded(self) -> _NamedFields | None: ...
-    @property
-    def fields(self) -> dict[str, Any] | None: ...  # link units: decoded values by name
+# What a filter reads from a record: the same as what renderers read.
+FilterRecord = Record
 
 
 def decoded_fields(rec: FilterRecord) -> dict[str, Any] | None:

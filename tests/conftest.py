@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,33 @@ from dissectors.regen import DEFS_DIR, REFERENCE_PROTO
 
 LAB_CAPTURES = REFERENCE_PROTO.parent.parent / "lab" / "captures"
 IN_CI = bool(os.environ.get("CI"))
+
+
+ELEVEN_CHANNELS = {
+    "main",
+    "display",
+    "inputs",
+    "cursor",
+    "playback",
+    "record",
+    "usbredir",
+    "smartcard",
+    "port",
+    "webdav",
+}  # usbredir twice: 11 connections
+
+
+@contextmanager
+def peers() -> Iterator[None]:
+    """Run real peers: a missing one skips locally, fails in CI."""
+    from tests.harness import PeerMissing
+
+    try:
+        yield
+    except PeerMissing as exc:
+        if IN_CI:
+            pytest.fail(f"peer missing in CI: {exc}")
+        pytest.skip(f"peer missing: {exc}")
 
 
 def require(condition: bool, what: str) -> None:

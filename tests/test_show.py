@@ -16,6 +16,7 @@ from spicetap.capture import StreamData, TcpReassembler, read_packets
 from spicetap.cli import main
 from spicetap.records import Record, RecordBuilder
 from spicetap.show import iter_capture
+from tests.conftest import ELEVEN_CHANNELS
 
 JSON_KEYS = {
     "time",
@@ -31,18 +32,7 @@ JSON_KEYS = {
     "fields",
     "flags",
 }
-ELEVEN = {
-    "main",
-    "display",
-    "inputs",
-    "cursor",
-    "playback",
-    "record",
-    "usbredir",
-    "smartcard",
-    "port",
-    "webdav",
-}
+ELEVEN = ELEVEN_CHANNELS
 
 
 def records(path: Path) -> list[Record]:

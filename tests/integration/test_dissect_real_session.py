@@ -17,23 +17,13 @@ from spicetap.cli import main
 from spicetap.inputs import iter_records
 from spicetap.records import Record
 from spicetap.show import iter_capture
+from tests.conftest import ELEVEN_CHANNELS
 from tests.harness import PeerMissing, SessionCapture, record_full_session
 
 pytestmark = pytest.mark.peers
 
 CHANNEL_NUMBERS = dict(LINK.enums["channel_type"][1])
-CHANNELS = {
-    "main",
-    "display",
-    "inputs",
-    "cursor",
-    "playback",
-    "record",
-    "usbredir",
-    "smartcard",
-    "port",
-    "webdav",
-}
+CHANNELS = ELEVEN_CHANNELS
 
 
 @pytest.fixture(scope="module")

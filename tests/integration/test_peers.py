@@ -7,18 +7,15 @@ so a CI machine without the packages cannot pass by skipping.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import peers
 from tests.harness import (
     ALL_CHANNELS,
     ClientOptions,
     LoopbackCapture,
-    PeerMissing,
     QemuServer,
     SessionCapture,
     channel_counts,
@@ -32,16 +29,6 @@ from tests.harness.images import distinct_colours, read_ppm
 from tests.harness.spice_flows import ALL_CHANNELS as ALL_CHANNEL_COUNTS
 
 pytestmark = pytest.mark.peers
-
-
-@contextmanager
-def peers() -> Iterator[None]:
-    try:
-        yield
-    except PeerMissing as e:
-        if os.environ.get("CI"):
-            pytest.fail(f"peer missing in CI: {e}")
-        pytest.skip(f"peer missing: {e}")
 
 
 def test_boot_guest_spicy_screenshot(tmp_path: Path) -> None:

@@ -8,8 +8,6 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -18,11 +16,11 @@ from spicetap.archive.reader import ArchiveReader
 from spicetap.archive.verify import verify
 from spicetap.inputs import iter_records
 from spicetap.show import iter_capture
+from tests.conftest import peers
 from tests.harness import (
     ALL_CHANNELS,
     ClientOptions,
     LoopbackCapture,
-    PeerMissing,
     QemuServer,
     SpiceEndpoint,
     full_exchange_options,
@@ -33,16 +31,6 @@ from tests.harness.client import ClientResult
 from tests.integration.proxy_process import ProxyProcess
 
 pytestmark = pytest.mark.peers
-
-
-@contextmanager
-def peers() -> Iterator[None]:
-    try:
-        yield
-    except PeerMissing as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"peer missing in CI: {exc}")
-        pytest.skip(f"peer missing: {exc}")
 
 
 def test_screenshot_through_proxy_equals_direct(tmp_path: Path) -> None:

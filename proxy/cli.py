@@ -5,18 +5,27 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import ssl
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import trio
 
 from proxy.core.relay import Limits
-from proxy.io.server import ChannelProxy, ProxyState, serve_tcp
+from proxy.io.server import ChannelProxy, Opener, ProxyState, serve_tcp, tcp_opener, tls_opener
 from proxy.recorder import BACKLOG_POLICIES, Recorder, RecordingOptions
-from spicetap.archive.keys import load_or_create_signing_key
+from proxy.tls import (
+    TlsSetupError,
+    client_context,
+    issue_server_cert,
+    load_or_create_ca,
+    server_context,
+)
+from spicetap.archive.keys import config_dir, load_or_create_signing_key
 from spicetap.archive.writer import FlushPolicy, Rotation
-from spicetap.config import Config, ConfigError, load_config
+from spicetap.config import Config, ConfigError, ProxySection, load_config
 from spicetap.errors import UserError
 
 
@@ -48,6 +57,30 @@ def add_proxy_command(sub: Any) -> None:
         help="when recording falls behind: mark a gap and keep forwarding (gap), "
         "or close the session (close)",
     )
+    t = p.add_argument_group("TLS (either leg may be plain or TLS)")
+    t.add_argument("--tls-listen", help="HOST:PORT where viewers connect with TLS")
+    t.add_argument("--upstream-tls", help="HOST:PORT of the server's TLS port")
+    t.add_argument(
+        "--tls-subject",
+        help="subject of the certificate spicetap presents, e.g. "
+        "'C=XX,O=Example,CN=host' (default: O=spicetap,CN=<listen host>)",
+    )
+    t.add_argument(
+        "--tls-cert",
+        help="PEM certificate chain to present instead of one issued by spicetap's own CA",
+    )
+    t.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    t.add_argument("--upstream-ca", help="CA file that signed the server's certificate")
+    t.add_argument("--upstream-host-subject", help="subject the server's certificate must have")
+    t.add_argument(
+        "--upstream-insecure",
+        action="store_true",
+        help="do not check the server's certificate at all",
+    )
+    t.add_argument(
+        "--keylog",
+        help="append TLS secrets of both legs here (SSLKEYLOGFILE format, for Wireshark)",
+    )
     p.add_argument("--link-timeout", type=float)
     p.add_argument("--idle-timeout", type=float)
     p.add_argument("--max-message", type=int, help="bytes")
@@ -73,11 +106,7 @@ def cmd_proxy(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         raise UserError(str(exc)) from None
     cp, cr = config.proxy, config.recording
-    listen = host_port(_pick(args.listen, cp.listen), "--listen", any_port=True)
-    upstream_text = _pick(args.upstream, cp.upstream)
-    if upstream_text is None:
-        raise UserError("no upstream: give --upstream HOST:PORT or [proxy] upstream")
-    upstream = host_port(upstream_text, "--upstream")
+    routes = _routes(args, cp)
     limits = Limits(
         link_timeout=_pick(args.link_timeout, cp.link_timeout),
         idle_timeout=_pick(args.idle_timeout, cp.idle_timeout),
@@ -98,11 +127,13 @@ def cmd_proxy(args: argparse.Namespace) -> int:
             compress=bool(_pick(args.compress, cr.compress)),
             backlog=_pick(args.backlog, cr.backlog),
         )
+        first = routes[0]
         meta = {
             "viewer": None,
-            "server": f"{upstream[0]}:{upstream[1]}",
+            "server": first.label,
             "insertion": "reverse",
-            "tls": {"viewer": False, "server": False},
+            # per connection, each open record says which legs were TLS
+            "tls": {"viewer": first.viewer_tls is not None, "server": first.server_tls},
             "auth": "pass-through",
         }
         try:
@@ -112,7 +143,7 @@ def cmd_proxy(args: argparse.Namespace) -> int:
         recorder = Recorder(options, meta, key)
         recorder.start()
     try:
-        trio.run(_serve, listen, upstream, limits, recorder)
+        trio.run(_serve, routes, limits, recorder)
     except OSError as exc:
         raise UserError(f"cannot listen on {args.listen}: {exc.strerror or exc}") from None
     except KeyboardInterrupt:
@@ -125,24 +156,93 @@ def cmd_proxy(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _serve(
-    listen: tuple[str, int], upstream: tuple[str, int], limits: Limits, recorder: Recorder | None
-) -> None:
-    async def open_upstream() -> trio.abc.Stream:
-        return await trio.open_tcp_stream(*upstream)
+@dataclass(frozen=True)
+class Route:
+    """One listener and where its viewers go."""
 
-    proxy = ChannelProxy(
-        open_upstream, f"{upstream[0]}:{upstream[1]}", limits, recorder, ProxyState()
-    )
-    async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(serve_tcp, proxy, *listen)
-        bound = listeners[0].socket.getsockname()
-        logging.getLogger("spicetap.proxy").info(
-            "listening on %s:%d, forwarding to %s:%d", bound[0], bound[1], *upstream
+    listen: tuple[str, int]
+    viewer_tls: ssl.SSLContext | None
+    opener: Opener
+    label: str
+    server_tls: bool
+
+
+def _routes(args: argparse.Namespace, cp: ProxySection) -> list[Route]:
+    plain_up = _pick(args.upstream, cp.upstream)
+    tls_up = args.upstream_tls
+    if plain_up is None and tls_up is None:
+        raise UserError(
+            "no upstream: give --upstream HOST:PORT, --upstream-tls HOST:PORT or [proxy] upstream"
         )
-        print(f"spicetap proxy listening on {bound[0]}:{bound[1]}", flush=True)
+    keylog = Path(args.keylog) if args.keylog else None
+    openers: dict[bool, tuple[Opener, str]] = {}
+    if plain_up is not None:
+        host, port = host_port(plain_up, "--upstream")
+        openers[False] = (tcp_opener(host, port), f"{host}:{port}")
+    if tls_up is not None:
+        host, port = host_port(tls_up, "--upstream-tls")
+        try:
+            ctx = client_context(
+                Path(args.upstream_ca) if args.upstream_ca else None, args.upstream_insecure, keylog
+            )
+        except TlsSetupError as exc:
+            raise UserError(str(exc)) from None
+        openers[True] = (
+            tls_opener(host, port, ctx, args.upstream_host_subject),
+            f"{host}:{port} (tls)",
+        )
+    routes: list[Route] = []
+    if args.listen or (cp.listen and not args.tls_listen):
+        listen = host_port(_pick(args.listen, cp.listen), "--listen", any_port=True)
+        opener, label = openers[False] if False in openers else openers[True]
+        routes.append(Route(listen, None, opener, label, server_tls=False not in openers))
+    if args.tls_listen:
+        listen = host_port(args.tls_listen, "--tls-listen", any_port=True)
+        opener, label = openers[True] if True in openers else openers[False]
+        routes.append(
+            Route(
+                listen,
+                _viewer_context(args, listen, keylog),
+                opener,
+                label,
+                server_tls=True in openers,
+            )
+        )
+    return routes
+
+
+def _viewer_context(
+    args: argparse.Namespace, listen: tuple[str, int], keylog: Path | None
+) -> ssl.SSLContext:
+    try:
+        if args.tls_cert or args.tls_key:
+            if not (args.tls_cert and args.tls_key):
+                raise UserError("--tls-cert and --tls-key go together")
+            return server_context(Path(args.tls_cert), Path(args.tls_key), keylog)
+        ca = load_or_create_ca()
+        host = listen[0] if listen[0] not in ("", "0.0.0.0", "::") else "127.0.0.1"
+        subject = args.tls_subject or f"O=spicetap,CN={host}"
+        cert, key = issue_server_cert(ca, subject, [host, "localhost"], config_dir() / "issued")
+        return server_context(cert, key, keylog)
+    except TlsSetupError as exc:
+        raise UserError(str(exc)) from None
+
+
+async def _serve(routes: list[Route], limits: Limits, recorder: Recorder | None) -> None:
+    state = ProxyState()
+    logger = logging.getLogger("spicetap.proxy")
+    async with trio.open_nursery() as nursery:
+        for route in routes:
+            proxy = ChannelProxy(route.opener, route.label, limits, recorder, state)
+            listeners = await nursery.start(serve_tcp, proxy, *route.listen, route.viewer_tls)
+            bound = listeners[0].socket.getsockname()
+            kind = " (tls)" if route.viewer_tls is not None else ""
+            logger.info(
+                "listening%s on %s:%d, forwarding to %s", kind, bound[0], bound[1], route.label
+            )
+            print(f"spicetap proxy listening{kind} on {bound[0]}:{bound[1]}", flush=True)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for _sig in signals:
-                logging.getLogger("spicetap.proxy").info("stopping: draining archives")
+                logger.info("stopping: draining archives")
                 nursery.cancel_scope.cancel()
                 break

@@ -77,8 +77,15 @@ class Recorder:
         self.options.directory.mkdir(parents=True, exist_ok=True)
         self._thread.start()
 
-    def opened(self, conn: int, t: float, client: tuple[str, int], server: tuple[str, int]) -> None:
-        self._put(("open", conn, t, client, server))
+    def opened(
+        self,
+        conn: int,
+        t: float,
+        client: tuple[str, int],
+        server: tuple[str, int],
+        tls: dict[str, bool] | None = None,
+    ) -> None:
+        self._put(("open", conn, t, client, server, tls))
 
     def data(self, conn: int, t: float, direction: str, data: bytes) -> bool:
         """False when the bytes could not be queued and the policy is to close."""
@@ -151,7 +158,7 @@ class Recorder:
         if kind == "data":
             records = b.data(conn, t, item[3], item[4])
         elif kind == "open":
-            b.opened(conn, t, item[3], item[4])
+            b.opened(conn, t, item[3], item[4], {"tls": item[5]} if item[5] else None)
             self.viewers[conn] = f"{item[3][0]}:{item[3][1]}"
             records = []
         elif kind == "gap":
@@ -193,8 +200,11 @@ class Recorder:
             path = path.with_name(f"{name}-{n}{path.name[len(name) :]}")
         header = {
             "dissector": dissector_hashes(),
-            "session": {**self.meta, "viewer": self.viewers.get(rec.connection),
-                        "id": key if isinstance(key, int) else None},
+            "session": {
+                **self.meta,
+                "viewer": self.viewers.get(rec.connection),
+                "id": key if isinstance(key, int) else None,
+            },
             "policy": self.options.policy.describe(),
             "started": wall,
         }

@@ -88,6 +88,7 @@ class RecordBuilder:
         ts: float = 0.0,
         client: tuple[str, int] | None = None,
         server: tuple[str, int] | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> None:
         """A new connection; its `open` record (with the endpoints) is emitted just before
         its first other record, when the link message has named its channel."""
@@ -96,6 +97,7 @@ class RecordBuilder:
             c.open_fields = {
                 "client": f"{client[0]}:{client[1]}",
                 "server": f"{server[0]}:{server[1]}",
+                **(extra or {}),
             }
             c.open_time = ts
         self.conns[conn] = c

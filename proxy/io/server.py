@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ import trio
 
 from proxy.core.relay import ChannelRelay, Close, Command, Forward, Limits, Log, RecordData
 from proxy.recorder import Recorder
+from proxy.tls import check_subject
 
 log = logging.getLogger("spicetap.proxy")
 
@@ -78,7 +80,7 @@ class ChannelProxy:
         self.state = state or ProxyState()
         self._ids = itertools.count()
 
-    async def handle(self, viewer: trio.abc.Stream) -> None:
+    async def handle(self, viewer: trio.abc.Stream, viewer_tls: bool = False) -> None:
         conn = next(self._ids)
         now = time.monotonic()
         client = _peer(viewer)
@@ -101,7 +103,8 @@ class ChannelProxy:
         self.state.channels[conn] = stats
         self.state.total_channels += 1
         if self.recorder is not None:
-            self.recorder.opened(conn, now, client, _peer(upstream))
+            tls = {"viewer": viewer_tls, "server": isinstance(upstream, trio.SSLStream)}
+            self.recorder.opened(conn, now, client, _peer(upstream), tls)
         log.info("channel %d: %s:%d -> %s", conn, *client, self.upstream_label)
         reason = "closed"
         try:
@@ -171,9 +174,62 @@ async def serve_tcp(
     proxy: ChannelProxy,
     host: str,
     port: int,
+    tls: ssl.SSLContext | None = None,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    """Accept viewers on host:port; with `tls`, terminate TLS first (spicetap's certificate)."""
     listeners = await trio.open_tcp_listeners(port, host=host)
+
+    async def handle(stream: trio.SocketStream) -> None:
+        if tls is None:
+            await proxy.handle(stream)
+            return
+        wrapped = trio.SSLStream(stream, tls, server_side=True)
+        try:
+            with trio.fail_after(proxy.limits.link_timeout):
+                await wrapped.do_handshake()
+        except (trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
+            proxy.state.errors += 1
+            log.warning(
+                "viewer %s:%d: TLS handshake failed: %s",
+                *_peer(stream),
+                exc.__cause__ or exc or "timeout",
+            )
+            await trio.aclose_forcefully(stream)
+            return
+        await proxy.handle(wrapped, viewer_tls=True)
+
     async with trio.open_nursery() as nursery:
         task_status.started(listeners)
-        await trio.serve_listeners(proxy.handle, listeners, handler_nursery=nursery)
+        await trio.serve_listeners(handle, listeners, handler_nursery=nursery)
+
+
+def tcp_opener(host: str, port: int) -> Opener:
+    async def open_upstream() -> trio.abc.Stream:
+        return await trio.open_tcp_stream(host, port)
+
+    return open_upstream
+
+
+class UpstreamTlsError(OSError):
+    """The real server's TLS does not check out."""
+
+
+def tls_opener(host: str, port: int, context: ssl.SSLContext, subject: str | None) -> Opener:
+    """Re-originate TLS to the real server, checking its CA and, SPICE-style, its subject."""
+
+    async def open_upstream() -> trio.abc.Stream:
+        tcp = await trio.open_tcp_stream(host, port)
+        stream = trio.SSLStream(tcp, context, server_hostname=host)
+        try:
+            await stream.do_handshake()
+        except trio.BrokenResourceError as exc:
+            await trio.aclose_forcefully(tcp)
+            raise UpstreamTlsError(f"TLS handshake failed: {exc.__cause__ or exc}") from None
+        problem = check_subject(stream.getpeercert(), subject)
+        if problem is not None:
+            await trio.aclose_forcefully(stream)
+            raise UpstreamTlsError(problem)
+        return stream
+
+    return open_upstream

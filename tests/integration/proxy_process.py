@@ -21,7 +21,9 @@ class ProxyProcess:
         work.mkdir(parents=True, exist_ok=True)
         self.log_path = work / "proxy.log"
         self.record = record
-        argv = [sys.executable, "-m", "spicetap", "proxy", "--listen", "127.0.0.1:0", *extra]
+        argv = [sys.executable, "-m", "spicetap", "proxy", *extra]
+        if "--tls-listen" not in extra:
+            argv += ["--listen", "127.0.0.1:0"]
         if upstream_port:  # 0: the upstream comes from a --config file in `extra`
             argv += ["--upstream", f"127.0.0.1:{upstream_port}"]
         if record is not None:
@@ -37,7 +39,7 @@ class ProxyProcess:
         assert self.proc.stdout is not None
         # bounded: the proxy prints this line once it listens, or exits
         line = self.proc.stdout.readline()
-        if "listening on" not in line:
+        if "spicetap proxy listening" not in line:
             self.kill()
             raise RuntimeError(f"proxy did not start: {line!r}\n{self.log()}")
         return int(line.rsplit(":", 1)[1])

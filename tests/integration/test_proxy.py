@@ -217,3 +217,86 @@ def test_config_file_drives_the_proxy(tmp_path: Path) -> None:
     with ArchiveReader(archive) as reader:
         assert reader.header["policy"]["keys"] == "events"
         assert reader.header["compressed"] is True
+
+
+SUBJECT = "C=XX,O=spicetap-test,CN=127.0.0.1"
+
+
+def test_tls_on_both_legs_with_spicetaps_ca(tmp_path: Path) -> None:
+    with peers(), QemuServer(guest="boot", plain=False, tls=True, password="s3cret") as srv:
+        assert srv.tls_port is not None and srv.tls_material is not None
+        tlsm = srv.tls_material
+        keylog = tmp_path / "keys.log"
+        extra = (
+            "--tls-listen",
+            "127.0.0.1:0",
+            "--upstream-tls",
+            f"127.0.0.1:{srv.tls_port}",
+            "--upstream-ca",
+            str(tlsm.ca_file),
+            "--upstream-host-subject",
+            tlsm.host_subject,
+            "--tls-subject",
+            SUBJECT,
+            "--keylog",
+            str(keylog),
+        )
+        with ProxyProcess(0, tmp_path / "rec", tmp_path / "proxy", extra=extra) as proxy:
+            ca = tmp_path / "proxy" / "config" / "ca-cert.pem"
+            assert ca.is_file()  # spicetap's own CA, created on first use
+            endpoint = SpiceEndpoint(
+                tls_port=proxy.port, ca_file=ca, host_subject=SUBJECT, password="s3cret"
+            )
+            result = run_gi_client(
+                endpoint,
+                ClientOptions(
+                    duration=15,
+                    expect_channels=ALL_CHANNELS,
+                    expect_display=True,
+                    keys=(0x1E,),
+                    smartcard=True,
+                ),
+                tmp_path / "client",
+            )
+            shot = spicy_screenshot(endpoint, tmp_path / "tls.ppm")
+    assert result.returncode == 0, (result.summary, proxy.log()[-2000:])
+    assert len(result.opened) == ALL_CHANNELS
+    assert shot.stat().st_size > 1000
+    assert "CLIENT_" in keylog.read_text()  # secrets of both legs, for Wireshark
+    archives = proxy.archives()
+    assert archives and all(verify(a).status == "intact" for a in archives)
+    sessions = [list(iter_records(a, [])) for a in archives]
+    # the spice-gtk client's session (spicy-screenshot's hangs up mid-message: recorded too)
+    recs = next(s for s in sessions if len({r.connection for r in s}) == ALL_CHANNELS)
+    opens = [r for r in recs if r.kind == "open"]
+    assert len(opens) == ALL_CHANNELS
+    assert all((r.fields or {}).get("tls") == {"viewer": True, "server": True} for r in opens)
+    # TLS on both legs, yet the archive holds the plaintext, fully dissected
+    assert any(r.name == "draw_copy" for r in recs)
+    assert not [r for r in recs if r.not_fully_dissected or r.kind in ("error", "tls")]
+
+
+def test_wrong_upstream_subject_fails_cleanly(tmp_path: Path) -> None:
+    with peers(), QemuServer(guest="none", plain=False, tls=True) as srv:
+        assert srv.tls_port is not None and srv.tls_material is not None
+        extra = (
+            "--tls-listen",
+            "127.0.0.1:0",
+            "--upstream-tls",
+            f"127.0.0.1:{srv.tls_port}",
+            "--upstream-ca",
+            str(srv.tls_material.ca_file),
+            "--upstream-host-subject",
+            "C=XX,O=someone-else,CN=127.0.0.1",
+            "--tls-subject",
+            SUBJECT,
+        )
+        with ProxyProcess(0, None, tmp_path / "proxy", extra=extra) as proxy:
+            ca = tmp_path / "proxy" / "config" / "ca-cert.pem"
+            endpoint = SpiceEndpoint(tls_port=proxy.port, ca_file=ca, host_subject=SUBJECT)
+            result = run_gi_client(
+                endpoint, ClientOptions(duration=8, expect_channels=1), tmp_path / "client"
+            )
+            assert proxy.proc.poll() is None
+    assert result.returncode != 0
+    assert "is not the expected 'C=XX,O=someone-else,CN=127.0.0.1'" in proxy.log()

@@ -1,0 +1,221 @@
+"""TLS for both legs: spicetap's own CA (created on first use in the config directory), the
+certificate it presents to viewers, and the checks it makes of the real server.
+
+SPICE viewers check the server either by host name (OpenSSL's usual check, as
+spicy-screenshot does) or by comparing the certificate's subject with a given
+"host subject" string such as "C=XX,O=Example,CN=host" (spice-gtk, remote-viewer
+--spice-host-subject). So the certificate spicetap presents carries the subject the
+operator asks for and the listen address as an IP or DNS subjectAltName.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
+
+from spicetap.archive.keys import config_dir
+
+CA_CERT = "ca-cert.pem"
+CA_KEY = "ca-key.pem"
+_ATTRS = {
+    "C": NameOID.COUNTRY_NAME,
+    "ST": NameOID.STATE_OR_PROVINCE_NAME,
+    "L": NameOID.LOCALITY_NAME,
+    "O": NameOID.ORGANIZATION_NAME,
+    "OU": NameOID.ORGANIZATIONAL_UNIT_NAME,
+    "CN": NameOID.COMMON_NAME,
+}
+
+
+class TlsSetupError(ValueError):
+    """A TLS option is unusable (one line naming it)."""
+
+
+def parse_subject(text: str) -> x509.Name:
+    """ "C=XX,O=Example,CN=host" (spice-gtk's host-subject syntax) as an X.509 name."""
+    parts = []
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = item.partition("=")
+        oid = _ATTRS.get(key.strip().upper())
+        if not sep or oid is None or not value:
+            raise TlsSetupError(f"subject {text!r}: cannot read {item!r} (use C=..,O=..,CN=..)")
+        parts.append(x509.NameAttribute(oid, value.strip()))
+    if not parts:
+        raise TlsSetupError(f"subject {text!r} is empty")
+    return x509.Name(parts)
+
+
+def subject_string(name: list[tuple[tuple[str, str], ...]]) -> str:
+    """getpeercert()'s subject as "C=..,O=..,CN=.." to compare with a host subject."""
+    short = {
+        "countryName": "C",
+        "stateOrProvinceName": "ST",
+        "localityName": "L",
+        "organizationName": "O",
+        "organizationalUnitName": "OU",
+        "commonName": "CN",
+    }
+    return ",".join(f"{short.get(k, k)}={v}" for rdn in name for k, v in rdn)
+
+
+def _norm(subject: str) -> str:
+    return ",".join(p.strip().replace(" = ", "=") for p in subject.split(",") if p.strip())
+
+
+@dataclass(frozen=True)
+class Ca:
+    cert: x509.Certificate
+    key: rsa.RSAPrivateKey
+    cert_path: Path
+
+
+def load_or_create_ca(directory: Path | None = None) -> Ca:
+    folder = directory or config_dir()
+    cert_path, key_path = folder / CA_CERT, folder / CA_KEY
+    if cert_path.is_file() and key_path.is_file():
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        if not isinstance(key, rsa.RSAPrivateKey):
+            raise TlsSetupError(f"{key_path}: not an RSA private key")
+        return Ca(cert, key, cert_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "spicetap"),
+            x509.NameAttribute(NameOID.COMMON_NAME, "spicetap local CA"),
+        ]
+    )
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=3650))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return Ca(cert, key, cert_path)
+
+
+def issue_server_cert(ca: Ca, subject: str, names: list[str], folder: Path) -> tuple[Path, Path]:
+    """A server certificate for `subject` with `names` (IPs or DNS) as subjectAltNames;
+    returns (cert chain path, key path) written to `folder` (key mode 0600)."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    sans: list[x509.GeneralName] = []
+    for n in names:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(n)))
+        except ValueError:
+            sans.append(x509.DNSName(n))
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(parse_subject(subject))
+        .issuer_name(ca.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=825))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(
+            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+        )
+        .sign(ca.key, hashes.SHA256())
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path = folder / "spicetap-server-cert.pem", folder / "spicetap-server-key.pem"
+    cert_path.write_bytes(
+        cert.public_bytes(serialization.Encoding.PEM)
+        + ca.cert.public_bytes(serialization.Encoding.PEM)
+    )
+    key_path.touch(mode=0o600)
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+def server_context(cert: Path, key: Path, keylog: Path | None) -> ssl.SSLContext:
+    """What spicetap presents to viewers."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise TlsSetupError(f"certificate {cert} / key {key}: {exc}") from None
+    if keylog is not None:
+        ctx.keylog_filename = str(keylog)
+    return ctx
+
+
+def client_context(ca_file: Path | None, insecure: bool, keylog: Path | None) -> ssl.SSLContext:
+    """How spicetap checks the real server: its CA, and the host subject after the handshake
+    (SPICE names servers by subject, so the hostname check is off)."""
+    if insecure:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    else:
+        try:
+            ctx = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+        except (OSError, ssl.SSLError) as exc:
+            raise TlsSetupError(f"upstream CA {ca_file}: {exc}") from None
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    if keylog is not None:
+        ctx.keylog_filename = str(keylog)
+    return ctx
+
+
+def check_subject(peer: dict[str, object] | None, expected: str | None) -> str | None:
+    """None when the peer's subject is the expected one (or none is expected), else why."""
+    if expected is None:
+        return None
+    subject = peer.get("subject") if peer else None
+    if not isinstance(subject, tuple):
+        return "the server presented no certificate subject"
+    got = subject_string(list(subject))
+    if _norm(got) != _norm(expected):
+        return f"server subject {got!r} is not the expected {expected!r}"
+    return None

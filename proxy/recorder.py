@@ -1,7 +1,7 @@
 """Recording for the proxy: dissection and archive writing in a worker thread.
 
 The forwarding path only puts (connection, time, direction, bytes) on a bounded queue and
-never waits: if the disk or the dissector falls behind and the queue is full, the policy
+never waits: if the disk or the dissector falls behind and max_queue chunks wait, the policy
 decides: "gap" keeps forwarding and records how many bytes are missing; "close" ends the
 session's channels rather than leave a hole. Either way it is logged loudly. The worker
 turns the bytes into records (spicetap.records), applies the privacy policy, and writes one
@@ -60,7 +60,10 @@ class Recorder:
         self.options = options
         self.meta = meta
         self.key = signing_key
-        self.queue: queue.Queue[tuple[Any, ...]] = queue.Queue(options.max_queue)
+        # One FIFO, so each connection's events stay in order. Only byte chunks are bounded
+        # (by max_queue, checked in data()); control items, a few per connection, always go
+        # in without waiting: the forwarding thread must never block here.
+        self.queue: queue.Queue[tuple[Any, ...]] = queue.Queue()
         self.builder = RecordBuilder()
         self.sessions: dict[Any, _Session] = {}
         self.conn_session: dict[int, Any] = {}
@@ -90,12 +93,11 @@ class Recorder:
     def data(self, conn: int, t: float, direction: str, data: bytes) -> bool:
         """False when the bytes could not be queued and the policy is to close."""
         key = (conn, direction)
-        if self.lost.get(key):
-            if not self._put(("gap", conn, t, direction, self.lost[key])):
-                self.lost[key] += len(data)
-                return self.options.backlog != "close"
-            self.lost[key] = 0
-        if self._put(("data", conn, t, direction, data)):
+        if self.queue.qsize() < self.options.max_queue:
+            if self.lost.get(key):  # the worker caught up: say how much is missing first
+                self._put(("gap", conn, t, direction, self.lost[key]))
+                self.lost[key] = 0
+            self._put(("data", conn, t, direction, data))
             return True
         self.lost[key] += len(data)
         self.lost_total += len(data)
@@ -110,28 +112,20 @@ class Recorder:
         return self.options.backlog != "close"
 
     def error(self, conn: int, t: float, direction: str, reason: str) -> None:
-        self._put(("error", conn, t, direction, reason), wait=True)
+        self._put(("error", conn, t, direction, reason))
 
     def closed(self, conn: int, t: float, reason: str) -> None:
-        self._put(("close", conn, t, reason), wait=True)
+        self._put(("close", conn, t, reason))
 
     def stop(self, timeout: float = 30.0) -> None:
         """Drain the queue, close every archive (signed), stop the worker."""
         if self._thread.is_alive():
-            self._put(_STOP, wait=True, timeout=timeout)
+            self._put(_STOP)
             self._thread.join(timeout)
 
-    def _put(self, item: tuple[Any, ...], wait: bool = False, timeout: float = 5.0) -> bool:
-        if self.failed is not None:
-            return True  # nothing more to record; forwarding goes on
-        try:
-            if wait:  # rare control items: worth a short wait, never an unbounded one
-                self.queue.put(item, timeout=timeout)
-            else:
-                self.queue.put_nowait(item)
-        except queue.Full:
-            return False
-        return True
+    def _put(self, item: tuple[Any, ...]) -> None:
+        if self.failed is None:  # after a failure nothing more is recorded; forwarding goes on
+            self.queue.put_nowait(item)  # unbounded: never raises Full, never waits
 
     # -- the worker --------------------------------------------------------------------------
     def _run(self) -> None:

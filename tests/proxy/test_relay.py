@@ -7,6 +7,7 @@ from pathlib import Path
 
 from proxy.core.relay import ChannelRelay, Close, Forward, Limits, Log, RecordData
 from proxy.recorder import Recorder, RecordingOptions
+from spicetap.inputs import iter_records
 from tests.proxy.test_framing import OK, TICKET, caps_word, link_mess, link_reply, mini
 
 
@@ -78,6 +79,10 @@ def test_full_recording_queue_marks_a_gap_and_keeps_forwarding(tmp_path: Path) -
     assert rec.data(0, 0.0, "c2s", b"b")
     assert rec.data(0, 0.0, "c2s", b"ccc")  # not queued, but forwarding goes on
     assert rec.lost[(0, "c2s")] == 3
+    # control items never wait and are never dropped, even with the data bound reached
+    before = rec.queue.qsize()
+    rec.error(0, 0.5, "c2s", "test error")
+    assert rec.queue.qsize() == before + 1
     closing = Recorder(RecordingOptions(tmp_path, max_queue=1, backlog="close"), {}, None)
     assert closing.data(0, 0.0, "c2s", b"a")
     assert not closing.data(0, 0.0, "c2s", b"b")  # the policy says: close the session
@@ -87,3 +92,9 @@ def test_full_recording_queue_marks_a_gap_and_keeps_forwarding(tmp_path: Path) -
     rec.closed(0, 2.0, "viewer closed")
     rec.stop()
     assert rec.lost[(0, "c2s")] == 0
+    (archive,) = rec.archives
+    recs = list(iter_records(archive, []))
+    assert [r.error for r in recs if r.kind == "gap"] == [
+        "3 bytes missing from the recording (backlog)"
+    ]
+    assert [r.error for r in recs if r.kind == "error" and r.error == "test error"]

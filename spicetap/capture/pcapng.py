@@ -138,6 +138,7 @@ def _blocks(buf: Buffer, read: Read, name: str, stats: ReadStats) -> Iterator[Tc
     order = "<"
     header = struct.Struct("<II").unpack_from
     epb = struct.Struct("<IIII").unpack_from
+    pb = struct.Struct("<H2xIII").unpack_from  # interface (16 bits), drops, ts, ts, caplen
     epb_head = struct.Struct("<IIIIII").unpack_from
     u32 = struct.Struct("<I").unpack_from
     interfaces: list[_Interface] = []
@@ -188,6 +189,7 @@ def _blocks(buf: Buffer, read: Read, name: str, stats: ReadStats) -> Iterator[Tc
                 order = _shb_order(buf, pos)
                 header = struct.Struct(order + "II").unpack_from
                 epb = struct.Struct(order + "IIII").unpack_from
+                pb = struct.Struct(order + "H2xIII").unpack_from
                 epb_head = struct.Struct(order + "IIIIII").unpack_from
                 u32 = struct.Struct(order + "I").unpack_from
                 btype, blen = header(buf, pos)
@@ -208,11 +210,11 @@ def _blocks(buf: Buffer, read: Read, name: str, stats: ReadStats) -> Iterator[Tc
                 msg = f"block length {blen} disagrees with its trailer"
                 raise _Damage(msg)
 
-            if btype == _EPB:
+            if btype in (_EPB, _PB):  # the obsolete Packet Block differs only in its header
                 if blen < _EPB_MIN:
                     msg = f"packet block too short ({blen} bytes)"
                     raise _Damage(msg)
-                iface, high, low, caplen = epb(buf, pos + 8)
+                iface, high, low, caplen = (epb if btype == _EPB else pb)(buf, pos + 8)
                 if caplen > blen - _EPB_MIN:
                     msg = f"packet length {caplen} past its block"
                     raise _Damage(msg)
@@ -249,28 +251,6 @@ def _blocks(buf: Buffer, read: Read, name: str, stats: ReadStats) -> Iterator[Tc
                 frames += 1
                 if decode is not None:
                     segment = decode(buf, pos + 12, caplen, ts)
-                    if segment is not None:
-                        segments += 1
-                        pos += blen
-                        yield segment
-                        continue
-            elif btype == _PB:
-                if blen < _EPB_MIN:
-                    msg = f"packet block too short ({blen} bytes)"
-                    raise _Damage(msg)
-                iface, high, low, caplen = struct.unpack_from(order + "H2xIII", buf, pos + 8)
-                if caplen > blen - _EPB_MIN:
-                    msg = f"packet length {caplen} past its block"
-                    raise _Damage(msg)
-                try:
-                    decode, per_high, units, offset, _snaplen = interfaces[iface]
-                except IndexError:
-                    msg = f"packet on undeclared interface {iface}"
-                    raise _Damage(msg) from None
-                frames += 1
-                ts = high * per_high + low / units + offset
-                if decode is not None:
-                    segment = decode(buf, pos + 28, caplen, ts)
                     if segment is not None:
                         segments += 1
                         pos += blen

@@ -14,7 +14,14 @@ from typing import Any
 import trio
 
 from proxy.core.relay import Limits
-from proxy.io.server import ChannelProxy, Opener, ProxyState, serve_tcp, tcp_opener, tls_opener
+from proxy.io.server import (
+    ChannelProxy,
+    ProxyState,
+    Upstream,
+    serve_tcp,
+    tcp_opener,
+    tls_opener,
+)
 from proxy.recorder import BACKLOG_POLICIES, Recorder, RecordingOptions
 from proxy.tls import (
     TlsSetupError,
@@ -127,15 +134,9 @@ def cmd_proxy(args: argparse.Namespace) -> int:
             compress=bool(_pick(args.compress, cr.compress)),
             backlog=_pick(args.backlog, cr.backlog),
         )
-        first = routes[0]
-        meta = {
-            "viewer": None,
-            "server": first.label,
-            "insertion": "reverse",
-            # per connection, each open record says which legs were TLS
-            "tls": {"viewer": first.viewer_tls is not None, "server": first.server_tls},
-            "auth": "pass-through",
-        }
+        # each session adds how it came in (insertion, upstream, target); each connection's
+        # open record says which legs were TLS
+        meta = {"viewer": None, "auth": "pass-through"}
         try:
             key = load_or_create_signing_key()
         except (OSError, ValueError) as exc:
@@ -162,9 +163,7 @@ class Route:
 
     listen: tuple[str, int]
     viewer_tls: ssl.SSLContext | None
-    opener: Opener
-    label: str
-    server_tls: bool
+    upstream: Upstream
 
 
 def _routes(args: argparse.Namespace, cp: ProxySection) -> list[Route]:
@@ -175,10 +174,10 @@ def _routes(args: argparse.Namespace, cp: ProxySection) -> list[Route]:
             "no upstream: give --upstream HOST:PORT, --upstream-tls HOST:PORT or [proxy] upstream"
         )
     keylog = Path(args.keylog) if args.keylog else None
-    openers: dict[bool, tuple[Opener, str]] = {}
+    openers: dict[bool, Upstream] = {}
     if plain_up is not None:
         host, port = host_port(plain_up, "--upstream")
-        openers[False] = (tcp_opener(host, port), f"{host}:{port}")
+        openers[False] = Upstream(tcp_opener(host, port), f"{host}:{port}")
     if tls_up is not None:
         host, port = host_port(tls_up, "--upstream-tls")
         try:
@@ -187,27 +186,17 @@ def _routes(args: argparse.Namespace, cp: ProxySection) -> list[Route]:
             )
         except TlsSetupError as exc:
             raise UserError(str(exc)) from None
-        openers[True] = (
-            tls_opener(host, port, ctx, args.upstream_host_subject),
-            f"{host}:{port} (tls)",
+        openers[True] = Upstream(
+            tls_opener(host, port, ctx, args.upstream_host_subject), f"{host}:{port} (tls)"
         )
     routes: list[Route] = []
     if args.listen or (cp.listen and not args.tls_listen):
         listen = host_port(_pick(args.listen, cp.listen), "--listen", any_port=True)
-        opener, label = openers[False] if False in openers else openers[True]
-        routes.append(Route(listen, None, opener, label, server_tls=False not in openers))
+        routes.append(Route(listen, None, openers.get(False) or openers[True]))
     if args.tls_listen:
         listen = host_port(args.tls_listen, "--tls-listen", any_port=True)
-        opener, label = openers[True] if True in openers else openers[False]
-        routes.append(
-            Route(
-                listen,
-                _viewer_context(args, listen, keylog),
-                opener,
-                label,
-                server_tls=True in openers,
-            )
-        )
+        context = _viewer_context(args, listen, keylog)
+        routes.append(Route(listen, context, openers.get(True) or openers[False]))
     return routes
 
 
@@ -228,19 +217,26 @@ def _viewer_context(
         raise UserError(str(exc)) from None
 
 
+def announce(kind: str, listeners: list[trio.SocketListener], what: str) -> None:
+    """One log line, and one stdout line scripts and tests read: the bound port (port 0 in
+    --listen lets the system pick one). "spicetap proxy ready" follows the last of them."""
+    host, port = listeners[0].socket.getsockname()[:2]
+    logging.getLogger("spicetap.proxy").info("listening (%s) on %s:%d, %s", kind, host, port, what)
+    print(f"spicetap proxy listening ({kind}) on {host}:{port}", flush=True)
+
+
 async def _serve(routes: list[Route], limits: Limits, recorder: Recorder | None) -> None:
     state = ProxyState()
     logger = logging.getLogger("spicetap.proxy")
+    proxy = ChannelProxy(limits, recorder, state)
     async with trio.open_nursery() as nursery:
         for route in routes:
-            proxy = ChannelProxy(route.opener, route.label, limits, recorder, state)
-            listeners = await nursery.start(serve_tcp, proxy, *route.listen, route.viewer_tls)
-            bound = listeners[0].socket.getsockname()
-            kind = " (tls)" if route.viewer_tls is not None else ""
-            logger.info(
-                "listening%s on %s:%d, forwarding to %s", kind, bound[0], bound[1], route.label
+            listeners = await nursery.start(
+                serve_tcp, proxy, route.upstream, *route.listen, route.viewer_tls
             )
-            print(f"spicetap proxy listening{kind} on {bound[0]}:{bound[1]}", flush=True)
+            kind = "tls" if route.viewer_tls is not None else "plain"
+            announce(kind, listeners, f"forwarding to {route.upstream.label}")
+        print("spicetap proxy ready", flush=True)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for _sig in signals:
                 logger.info("stopping: draining archives")

@@ -71,6 +71,7 @@ class Recorder:
         self.lost_total = 0
         self.archives: list[Path] = []
         self.viewers: dict[int, str] = {}  # connection -> the viewer's address
+        self.routes: dict[int, dict[str, Any]] = {}  # connection -> insertion, upstream...
         self.failed: str | None = None  # the worker died: recording stopped (logged)
         self._thread = threading.Thread(target=self._run, name="spicetap-recorder", daemon=True)
         self._last_warning = 0.0
@@ -87,8 +88,11 @@ class Recorder:
         client: tuple[str, int],
         server: tuple[str, int],
         tls: dict[str, bool] | None = None,
+        route: dict[str, Any] | None = None,
     ) -> None:
-        self._put(("open", conn, t, client, server, tls))
+        """A viewer connection was relayed; `route` says how it came in and where it went
+        (insertion mode, upstream, target name): it heads its session's archive."""
+        self._put(("open", conn, t, client, server, tls, route))
 
     def data(self, conn: int, t: float, direction: str, data: bytes) -> bool:
         """False when the bytes could not be queued and the policy is to close."""
@@ -154,6 +158,7 @@ class Recorder:
         elif kind == "open":
             b.opened(conn, t, item[3], item[4], {"tls": item[5]} if item[5] else None)
             self.viewers[conn] = f"{item[3][0]}:{item[3][1]}"
+            self.routes[conn] = item[6] or {}
             records = []
         elif kind == "gap":
             records = b.gap(conn, t, item[3], item[4], where="the recording (backlog)")
@@ -165,6 +170,8 @@ class Recorder:
             self._write(rec)
         if kind == "close":
             self._connection_closed(conn)
+            self.viewers.pop(conn, None)
+            self.routes.pop(conn, None)
 
     def _session_key(self, rec: Record) -> Any:
         if rec.session is not None:
@@ -196,6 +203,7 @@ class Recorder:
             "dissector": dissector_hashes(),
             "session": {
                 **self.meta,
+                **self.routes.get(rec.connection, {}),
                 "viewer": self.viewers.get(rec.connection),
                 "id": key if isinstance(key, int) else None,
             },

@@ -31,6 +31,15 @@ CONNECT_TIMEOUT = 10.0
 Opener = Callable[[], Awaitable[trio.abc.Stream]]
 
 
+@dataclass(frozen=True)
+class Upstream:
+    """Where one viewer connection goes: how to open the server side, and what to call it."""
+
+    open: Opener
+    label: str  # host:port, with " (tls)" when re-originated over TLS
+    target: str | None = None  # the configured target's name, if any
+
+
 @dataclass
 class ChannelStats:
     conn: int
@@ -63,49 +72,60 @@ def _peer(stream: trio.abc.Stream) -> tuple[str, int]:
 
 
 class ChannelProxy:
-    """Serves viewer streams: one upstream stream each, opened by `open_upstream`."""
+    """Serves viewer streams: one upstream stream each. Connection numbers are unique across
+    every front end sharing this object (reverse, TLS, CONNECT, WebSocket)."""
 
     def __init__(
         self,
-        open_upstream: Opener,
-        upstream_label: str,
         limits: Limits,
         recorder: Recorder | None,
         state: ProxyState | None = None,
     ) -> None:
-        self.open_upstream = open_upstream
-        self.upstream_label = upstream_label
         self.limits = limits
         self.recorder = recorder
         self.state = state or ProxyState()
         self._ids = itertools.count()
 
-    async def handle(self, viewer: trio.abc.Stream, viewer_tls: bool = False) -> None:
+    async def handle(
+        self,
+        viewer: trio.abc.Stream,
+        upstream_to: Upstream,
+        *,
+        viewer_tls: bool = False,
+        insertion: str = "reverse",
+        client: tuple[str, int] | None = None,
+    ) -> None:
+        """Relay one viewer channel connection to `upstream_to` until either side ends.
+        `client` overrides the viewer's address (e.g. the browser behind a WebSocket)."""
         conn = next(self._ids)
         now = time.monotonic()
-        client = _peer(viewer)
+        client = client or _peer(viewer)
+        label = upstream_to.label
         try:
             with trio.fail_after(CONNECT_TIMEOUT):
-                upstream = await self.open_upstream()
+                upstream = await upstream_to.open()
         except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
             self.state.errors += 1
             log.warning(
                 "channel %d from %s:%d: cannot reach upstream %s: %s",
                 conn,
                 *client,
-                self.upstream_label,
+                label,
                 exc or "timeout",
             )
             await trio.aclose_forcefully(viewer)
             return
         relay = ChannelRelay(self.limits, now)
-        stats = ChannelStats(conn, client, self.upstream_label, now, relay)
+        stats = ChannelStats(conn, client, label, now, relay)
         self.state.channels[conn] = stats
         self.state.total_channels += 1
         if self.recorder is not None:
             tls = {"viewer": viewer_tls, "server": isinstance(upstream, trio.SSLStream)}
-            self.recorder.opened(conn, now, client, _peer(upstream), tls)
-        log.info("channel %d: %s:%d -> %s", conn, *client, self.upstream_label)
+            route: dict[str, Any] = {"insertion": insertion, "server": label}
+            route["target"] = upstream_to.target
+            route["tls"] = tls
+            self.recorder.opened(conn, now, client, _peer(upstream), tls, route)
+        log.info("channel %d: %s:%d -> %s (%s)", conn, *client, label, insertion)
         reason = "closed"
         try:
             async with trio.open_nursery() as nursery:
@@ -170,34 +190,45 @@ class ChannelProxy:
             log.info("channel %d closed: %s", conn, reason)
 
 
+async def accept_tls(
+    proxy: ChannelProxy, stream: trio.abc.Stream, tls: ssl.SSLContext
+) -> trio.SSLStream[trio.abc.Stream] | None:
+    """Terminate a viewer's TLS with spicetap's certificate; None (logged) when it fails."""
+    wrapped = trio.SSLStream(stream, tls, server_side=True)
+    try:
+        with trio.fail_after(proxy.limits.link_timeout):
+            await wrapped.do_handshake()
+    except (trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
+        proxy.state.errors += 1
+        log.warning(
+            "viewer %s:%d: TLS handshake failed: %s",
+            *_peer(stream),
+            exc.__cause__ or exc or "timeout",
+        )
+        await trio.aclose_forcefully(stream)
+        return None
+    return wrapped
+
+
 async def serve_tcp(
     proxy: ChannelProxy,
+    upstream: Upstream,
     host: str,
     port: int,
     tls: ssl.SSLContext | None = None,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Accept viewers on host:port; with `tls`, terminate TLS first (spicetap's certificate)."""
+    """Reverse mode: accept viewers on host:port and relay each to `upstream`; with `tls`,
+    terminate TLS first (spicetap's certificate)."""
     listeners = await trio.open_tcp_listeners(port, host=host)
 
     async def handle(stream: trio.SocketStream) -> None:
         if tls is None:
-            await proxy.handle(stream)
+            await proxy.handle(stream, upstream)
             return
-        wrapped = trio.SSLStream(stream, tls, server_side=True)
-        try:
-            with trio.fail_after(proxy.limits.link_timeout):
-                await wrapped.do_handshake()
-        except (trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
-            proxy.state.errors += 1
-            log.warning(
-                "viewer %s:%d: TLS handshake failed: %s",
-                *_peer(stream),
-                exc.__cause__ or exc or "timeout",
-            )
-            await trio.aclose_forcefully(stream)
-            return
-        await proxy.handle(wrapped, viewer_tls=True)
+        wrapped = await accept_tls(proxy, stream, tls)
+        if wrapped is not None:
+            await proxy.handle(wrapped, upstream, viewer_tls=True)
 
     async with trio.open_nursery() as nursery:
         task_status.started(listeners)

@@ -33,16 +33,26 @@ class ProxyProcess:
         self.proc = subprocess.Popen(
             argv, stdout=subprocess.PIPE, stderr=self._log, env=env, text=True
         )
-        self.port = self._read_port()
+        self.ports = self._read_ports()
+        # the reverse-mode port: plain if there is one, else TLS
+        self.port = self.ports.get("plain") or self.ports.get("tls") or 0
 
-    def _read_port(self) -> int:
+    def _read_ports(self) -> dict[str, int]:
+        """kind -> port from "spicetap proxy listening (KIND) on HOST:PORT" lines, up to
+        "spicetap proxy ready" (bounded: one line per listener, or the proxy exits)."""
         assert self.proc.stdout is not None
-        # bounded: the proxy prints this line once it listens, or exits
-        line = self.proc.stdout.readline()
-        if "spicetap proxy listening" not in line:
-            self.kill()
-            raise RuntimeError(f"proxy did not start: {line!r}\n{self.log()}")
-        return int(line.rsplit(":", 1)[1])
+        ports: dict[str, int] = {}
+        for _ in range(16):
+            line = self.proc.stdout.readline()
+            if line.startswith("spicetap proxy listening ("):
+                kind = line.split("(", 1)[1].split(")", 1)[0]
+                ports[kind] = int(line.rsplit(":", 1)[1])
+            elif line.startswith("spicetap proxy ready"):
+                return ports
+            else:
+                break
+        self.kill()
+        raise RuntimeError(f"proxy did not start: {line!r}\n{self.log()}")
 
     def log(self) -> str:
         if not self._log.closed:

@@ -7,26 +7,27 @@ import logging
 import signal
 import ssl
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from proxy.core.relay import Limits
-from proxy.io.server import (
-    ChannelProxy,
-    ProxyState,
-    Upstream,
-    serve_tcp,
-    tcp_opener,
-    tls_opener,
-)
+from proxy.core.relay import Limits, LinkPolicy
+from proxy.io.connect import ConnectFront, serve_connect
+from proxy.io.management import ManagementOptions, serve_management
+from proxy.io.server import ChannelProxy, ProxyState, Upstream, serve_tcp
+from proxy.io.websocket import serve_websocket
+from proxy.linksetup import add_link_options, link_policy_from
 from proxy.recorder import BACKLOG_POLICIES, Recorder, RecordingOptions
+from proxy.targets import ConnectRouter, Target, host_port
 from proxy.tls import (
+    HostCertificates,
     TlsSetupError,
     client_context,
+    default_subject,
     issue_server_cert,
+    listen_host,
     load_or_create_ca,
     server_context,
 )
@@ -34,14 +35,6 @@ from spicetap.archive.keys import config_dir, load_or_create_signing_key
 from spicetap.archive.writer import FlushPolicy, Rotation
 from spicetap.config import Config, ConfigError, ProxySection, load_config
 from spicetap.errors import UserError
-
-
-def host_port(text: str, what: str, *, any_port: bool = False) -> tuple[str, int]:
-    """HOST:PORT; with any_port, port 0 (the system picks one) is allowed."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not (0 if any_port else 1) <= int(port) < 65536:
-        raise UserError(f"{what} {text!r}: expected HOST:PORT")
-    return host.strip("[]") or "127.0.0.1", int(port)
 
 
 def add_proxy_command(sub: Any) -> None:
@@ -84,6 +77,26 @@ def add_proxy_command(sub: Any) -> None:
         action="store_true",
         help="do not check the server's certificate at all",
     )
+    c = p.add_argument_group("HTTP CONNECT front (remote-viewer --spice-proxy=http://HOST:PORT)")
+    c.add_argument("--connect-listen", help="HOST:PORT of the CONNECT front")
+    c.add_argument(
+        "--allow",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="a target viewers may CONNECT to (repeatable): HOST a name, IP or CIDR; "
+        "PORT a number, N-M or *; configured targets are always allowed",
+    )
+    w = p.add_argument_group("WebSocket front (spice-html5 in a browser, no websockify)")
+    w.add_argument(
+        "--ws-listen",
+        help="HOST:PORT serving spice-html5's page and one WebSocket per SPICE channel",
+    )
+    w.add_argument(
+        "--ws-tls",
+        action="store_true",
+        help="wss:// and https:// on --ws-listen, with the certificate --tls-listen would use",
+    )
     t.add_argument(
         "--keylog",
         help="append TLS secrets of both legs here (SSLKEYLOGFILE format, for Wireshark)",
@@ -91,7 +104,14 @@ def add_proxy_command(sub: Any) -> None:
     p.add_argument("--link-timeout", type=float)
     p.add_argument("--idle-timeout", type=float)
     p.add_argument("--max-message", type=int, help="bytes")
+    p.add_argument(
+        "--management",
+        metavar="HOST:PORT",
+        help="serve the management HTTP API (sessions, probes, /metrics) here; it has no "
+        "authentication: keep it on loopback",
+    )
     p.add_argument("-v", "--verbose", action="store_true")
+    add_link_options(p)
     add_privacy_options(p)
     p.set_defaults(func=cmd_proxy)
 
@@ -113,12 +133,23 @@ def cmd_proxy(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         raise UserError(str(exc)) from None
     cp, cr = config.proxy, config.recording
-    routes = _routes(args, cp)
+    keylog = Path(args.keylog) if args.keylog else None
+    targets = {name: Target.from_section(name, t) for name, t in config.targets.items()}
+    routes = _routes(args, config, targets, keylog)
+    connect = _connect_front(args, config, targets, keylog)
+    websocket = _websocket_front(args, cp, keylog)
+    if not routes and connect is None and websocket is None:
+        raise UserError(
+            "nothing to serve: give --upstream HOST:PORT (or --upstream-tls), "
+            "--connect-listen with --allow, or targets in --config"
+        )
     limits = Limits(
         link_timeout=_pick(args.link_timeout, cp.link_timeout),
         idle_timeout=_pick(args.idle_timeout, cp.idle_timeout),
         max_message=_pick(args.max_message, cp.max_message),
     )
+    link_policy = link_policy_from(args, cp)  # caps to clear, auth mode (secrets never logged)
+    management = _management(args, cp)
     recorder = None
     directory = _pick(args.record, cr.directory)
     if directory:
@@ -136,7 +167,7 @@ def cmd_proxy(args: argparse.Namespace) -> int:
         )
         # each session adds how it came in (insertion, upstream, target); each connection's
         # open record says which legs were TLS
-        meta = {"viewer": None, "auth": "pass-through"}
+        meta = {"viewer": None, **link_policy.describe()}  # auth mode, masked caps
         try:
             key = load_or_create_signing_key()
         except (OSError, ValueError) as exc:
@@ -144,7 +175,7 @@ def cmd_proxy(args: argparse.Namespace) -> int:
         recorder = Recorder(options, meta, key)
         recorder.start()
     try:
-        trio.run(_serve, routes, limits, recorder)
+        trio.run(_serve, routes, connect, limits, recorder, websocket, link_policy, management)
     except OSError as exc:
         raise UserError(f"cannot listen on {args.listen}: {exc.strerror or exc}") from None
     except KeyboardInterrupt:
@@ -159,45 +190,103 @@ def cmd_proxy(args: argparse.Namespace) -> int:
 
 @dataclass(frozen=True)
 class Route:
-    """One listener and where its viewers go."""
+    """One reverse listener and where its viewers go."""
 
     listen: tuple[str, int]
     viewer_tls: ssl.SSLContext | None
     upstream: Upstream
 
 
-def _routes(args: argparse.Namespace, cp: ProxySection) -> list[Route]:
+def _cli_target(args: argparse.Namespace, cp: ProxySection) -> Target | None:
+    """The target named on the command line (--upstream/--upstream-tls) or in [proxy]."""
     plain_up = _pick(args.upstream, cp.upstream)
-    tls_up = args.upstream_tls
-    if plain_up is None and tls_up is None:
-        raise UserError(
-            "no upstream: give --upstream HOST:PORT, --upstream-tls HOST:PORT or [proxy] upstream"
-        )
-    keylog = Path(args.keylog) if args.keylog else None
-    openers: dict[bool, Upstream] = {}
-    if plain_up is not None:
-        host, port = host_port(plain_up, "--upstream")
-        openers[False] = Upstream(tcp_opener(host, port), f"{host}:{port}")
-    if tls_up is not None:
-        host, port = host_port(tls_up, "--upstream-tls")
-        try:
-            ctx = client_context(
-                Path(args.upstream_ca) if args.upstream_ca else None, args.upstream_insecure, keylog
-            )
-        except TlsSetupError as exc:
-            raise UserError(str(exc)) from None
-        openers[True] = Upstream(
-            tls_opener(host, port, ctx, args.upstream_host_subject), f"{host}:{port} (tls)"
-        )
+    if plain_up is None and args.upstream_tls is None:
+        return None
+    return Target(
+        None,
+        host_port(plain_up, "--upstream") if plain_up else None,
+        host_port(args.upstream_tls, "--upstream-tls") if args.upstream_tls else None,
+        Path(args.upstream_ca) if args.upstream_ca else None,
+        args.upstream_host_subject,
+        args.upstream_insecure,
+    )
+
+
+def _routes(
+    args: argparse.Namespace, config: Config, targets: dict[str, Target], keylog: Path | None
+) -> list[Route]:
+    cp = config.proxy
     routes: list[Route] = []
-    if args.listen or (cp.listen and not args.tls_listen):
-        listen = host_port(_pick(args.listen, cp.listen), "--listen", any_port=True)
-        routes.append(Route(listen, None, openers.get(False) or openers[True]))
-    if args.tls_listen:
-        listen = host_port(args.tls_listen, "--tls-listen", any_port=True)
-        context = _viewer_context(args, listen, keylog)
-        routes.append(Route(listen, context, openers.get(True) or openers[False]))
+    main = _cli_target(args, cp)
+    if main is None and (args.listen or args.tls_listen):
+        raise UserError("--listen and --tls-listen need --upstream or --upstream-tls")
+    if main is not None:
+        if args.listen or (cp.listen and not args.tls_listen and not args.ws_listen):
+            listen = host_port(_pick(args.listen, cp.listen), "--listen", any_port=True)
+            routes.append(Route(listen, None, main.upstream(False, keylog)))
+        if args.tls_listen:
+            listen = host_port(args.tls_listen, "--tls-listen", any_port=True)
+            context = _viewer_context(args, listen, keylog)
+            routes.append(Route(listen, context, main.upstream(True, keylog)))
+    for name, section in config.targets.items():
+        target = targets[name]
+        if section.listen:
+            listen = host_port(section.listen, f"[targets.{name}] listen", any_port=True)
+            routes.append(Route(listen, None, target.upstream(False, keylog)))
+        if section.tls_listen:
+            listen = host_port(section.tls_listen, f"[targets.{name}] tls_listen", any_port=True)
+            context = _viewer_context(args, listen, keylog)
+            routes.append(Route(listen, context, target.upstream(True, keylog)))
     return routes
+
+
+def _connect_front(
+    args: argparse.Namespace, config: Config, targets: dict[str, Target], keylog: Path | None
+) -> tuple[tuple[str, int], ConnectFront] | None:
+    listen_text = _pick(args.connect_listen, config.connect.listen)
+    if listen_text is None:
+        if args.allow:
+            raise UserError("--allow needs --connect-listen (or [connect] listen)")
+        return None
+    listen = host_port(listen_text, "--connect-listen", any_port=True)
+    section = config.connect
+    if args.allow:
+        section = replace(section, allow=(*section.allow, *args.allow))
+    if args.upstream_ca and not section.upstream_ca:
+        section = replace(section, upstream_ca=args.upstream_ca)
+    if args.upstream_insecure:
+        section = replace(section, upstream_insecure=True)
+    router = ConnectRouter.from_config(section, targets)
+    if not router.allow.patterns and not targets:
+        raise UserError(
+            "the CONNECT front allows nothing: give --allow HOST:PORT patterns, "
+            "[connect] allow, or [targets.NAME] sections"
+        )
+    try:
+        certificates = HostCertificates(
+            load_or_create_ca(), args.tls_subject, keylog, config_dir() / "issued" / "hosts"
+        )
+    except TlsSetupError as exc:
+        raise UserError(str(exc)) from None
+    return listen, ConnectFront(router, certificates, keylog)
+
+
+def _websocket_front(
+    args: argparse.Namespace, cp: ProxySection, keylog: Path | None
+) -> Route | None:
+    """--ws-listen (or [proxy] ws_listen): browsers reach the main upstream, plain if
+    there is one, over WebSocket; --ws-tls adds TLS with the viewer certificate."""
+    listen_text = _pick(args.ws_listen, cp.ws_listen)
+    if listen_text is None:
+        if args.ws_tls:
+            raise UserError("--ws-tls needs --ws-listen (or [proxy] ws_listen)")
+        return None
+    main = _cli_target(args, cp)
+    if main is None:
+        raise UserError("--ws-listen needs --upstream or --upstream-tls")
+    listen = host_port(listen_text, "--ws-listen", any_port=True)
+    context = _viewer_context(args, listen, keylog) if args.ws_tls else None
+    return Route(listen, context, main.upstream(False, keylog))
 
 
 def _viewer_context(
@@ -209,10 +298,24 @@ def _viewer_context(
                 raise UserError("--tls-cert and --tls-key go together")
             return server_context(Path(args.tls_cert), Path(args.tls_key), keylog)
         ca = load_or_create_ca()
-        host = listen[0] if listen[0] not in ("", "0.0.0.0", "::") else "127.0.0.1"
-        subject = args.tls_subject or f"O=spicetap,CN={host}"
+        host = listen_host(listen[0])
+        subject = args.tls_subject or default_subject(host)
         cert, key = issue_server_cert(ca, subject, [host, "localhost"], config_dir() / "issued")
         return server_context(cert, key, keylog)
+    except TlsSetupError as exc:
+        raise UserError(str(exc)) from None
+
+
+def _management(args: argparse.Namespace, cp: ProxySection) -> ManagementOptions | None:
+    """--management (or [proxy] management); probes with "tls": true check servers as the
+    TLS upstream is checked (--upstream-ca, --upstream-insecure)."""
+    listen_text = _pick(args.management, cp.management)
+    if listen_text is None:
+        return None
+    listen = host_port(listen_text, "--management", any_port=True)
+    ca = Path(args.upstream_ca) if args.upstream_ca else None
+    try:
+        return ManagementOptions(listen, client_context(ca, args.upstream_insecure, None))
     except TlsSetupError as exc:
         raise UserError(str(exc)) from None
 
@@ -225,17 +328,39 @@ def announce(kind: str, listeners: list[trio.SocketListener], what: str) -> None
     print(f"spicetap proxy listening ({kind}) on {host}:{port}", flush=True)
 
 
-async def _serve(routes: list[Route], limits: Limits, recorder: Recorder | None) -> None:
+async def _serve(
+    routes: list[Route],
+    connect: tuple[tuple[str, int], ConnectFront] | None,
+    limits: Limits,
+    recorder: Recorder | None,
+    websocket: Route | None = None,
+    link_policy: LinkPolicy | None = None,
+    management: ManagementOptions | None = None,
+) -> None:
     state = ProxyState()
     logger = logging.getLogger("spicetap.proxy")
-    proxy = ChannelProxy(limits, recorder, state)
+    proxy = ChannelProxy(limits, recorder, state, link_policy)
     async with trio.open_nursery() as nursery:
         for route in routes:
             listeners = await nursery.start(
                 serve_tcp, proxy, route.upstream, *route.listen, route.viewer_tls
             )
             kind = "tls" if route.viewer_tls is not None else "plain"
+            if route.upstream.target is not None:
+                kind += f":{route.upstream.target}"
             announce(kind, listeners, f"forwarding to {route.upstream.label}")
+        if connect is not None:
+            (host, port), front = connect
+            listeners = await nursery.start(serve_connect, proxy, front, host, port)
+            announce("connect", listeners, "HTTP CONNECT front")
+        if websocket is not None:
+            listeners = await nursery.start(
+                serve_websocket, proxy, websocket.upstream, *websocket.listen, websocket.viewer_tls
+            )
+            announce("websocket", listeners, f"forwarding to {websocket.upstream.label}")
+        if management is not None:
+            listeners = await nursery.start(serve_management, management, state, recorder)
+            announce("management", listeners, "HTTP API: /api/sessions /api/spice/connect /metrics")
         print("spicetap proxy ready", flush=True)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for _sig in signals:

@@ -115,6 +115,19 @@ class Recorder:
             )
         return self.options.backlog != "close"
 
+    def event(
+        self,
+        conn: int,
+        t: float,
+        direction: str,
+        kind: str,
+        name: str,
+        fields: dict[str, Any],
+        raw: bytes = b"",
+    ) -> None:
+        """What the proxy did to a link stage (rewrite) or how authentication went (auth)."""
+        self._put(("event", conn, t, direction, kind, name, fields, raw))
+
     def error(self, conn: int, t: float, direction: str, reason: str) -> None:
         self._put(("error", conn, t, direction, reason))
 
@@ -164,6 +177,8 @@ class Recorder:
             records = b.gap(conn, t, item[3], item[4], where="the recording (backlog)")
         elif kind == "error":
             records = b.error(conn, t, item[3], item[4])
+        elif kind == "event":
+            records = b.event(conn, t, *item[3:])
         else:
             records = b.closed(conn, t, item[3])
         for rec in records:

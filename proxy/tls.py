@@ -36,6 +36,17 @@ _ATTRS = {
 }
 
 
+def default_subject(host: str) -> str:
+    """The subject of certificates spicetap issues when the operator names none; `spicetap vv`
+    writes the same string as the viewer's host-subject."""
+    return f"O=spicetap,CN={host}"
+
+
+def listen_host(host: str) -> str:
+    """The address viewers use for a listener: a wildcard bind is reached on loopback."""
+    return host if host not in ("", "0.0.0.0", "::") else "127.0.0.1"
+
+
 class TlsSetupError(ValueError):
     """A TLS option is unusable (one line naming it)."""
 
@@ -189,9 +200,11 @@ def server_context(cert: Path, key: Path, keylog: Path | None) -> ssl.SSLContext
     return ctx
 
 
-def client_context(ca_file: Path | None, insecure: bool, keylog: Path | None) -> ssl.SSLContext:
-    """How spicetap checks the real server: its CA, and the host subject after the handshake
-    (SPICE names servers by subject, so the hostname check is off)."""
+def client_context(
+    ca_file: Path | None, insecure: bool, keylog: Path | None, *, check_hostname: bool = False
+) -> ssl.SSLContext:
+    """How spicetap checks the real server: its CA, then either the SPICE host subject after
+    the handshake (check_hostname False) or, as viewers do without one, the host name."""
     if insecure:
         ctx = ssl.create_default_context()
         ctx.check_hostname = False
@@ -201,8 +214,8 @@ def client_context(ca_file: Path | None, insecure: bool, keylog: Path | None) ->
             ctx = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
         except (OSError, ssl.SSLError) as exc:
             raise TlsSetupError(f"upstream CA {ca_file}: {exc}") from None
-        ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.check_hostname = check_hostname
     if keylog is not None:
         ctx.keylog_filename = str(keylog)
     return ctx
@@ -219,3 +232,29 @@ def check_subject(peer: dict[str, object] | None, expected: str | None) -> str |
     if _norm(got) != _norm(expected):
         return f"server subject {got!r} is not the expected {expected!r}"
     return None
+
+
+class HostCertificates:
+    """Server contexts for whatever host name a viewer asked for (the CONNECT front): viewers
+    check the certificate against the host they CONNECTed to, or against a host subject.
+    Issued once per host and kept (bounded; the oldest is forgotten first)."""
+
+    def __init__(
+        self, ca: Ca, subject: str | None, keylog: Path | None, folder: Path, limit: int = 256
+    ) -> None:
+        self.ca, self.subject, self.keylog, self.folder = ca, subject, keylog, folder
+        self.limit = limit
+        self._contexts: dict[str, ssl.SSLContext] = {}
+
+    def context_for(self, host: str) -> ssl.SSLContext:
+        """Blocking (RSA key generation on first use of a host): run it in a thread."""
+        ctx = self._contexts.get(host)
+        if ctx is None:
+            subject = self.subject or default_subject(host)
+            safe = "".join(c if c.isalnum() or c in ".-" else "_" for c in host)
+            cert, key = issue_server_cert(self.ca, subject, [host], self.folder / safe)
+            ctx = server_context(cert, key, self.keylog)
+            if len(self._contexts) >= self.limit:
+                self._contexts.pop(next(iter(self._contexts)))
+            self._contexts[host] = ctx
+        return ctx

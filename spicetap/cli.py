@@ -53,10 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_regen)
 
     from proxy.cli import add_proxy_command
+    from proxy.probe_cli import add_probe_command
+    from proxy.vv import add_vv_command
     from spicetap.cli_inspect import add_commands
 
     add_commands(sub)
     add_proxy_command(sub)
+    add_probe_command(sub)
+    add_vv_command(sub)
     return parser
 
 

@@ -6,7 +6,9 @@ ConfigError whose one-line message names the file, the key and what was expected
 
 from __future__ import annotations
 
+import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -25,6 +27,43 @@ class ProxySection:
     link_timeout: float = 10.0
     idle_timeout: float | None = None
     max_message: int = 64 << 20
+    # link-stage rewrites (proxy/core/linkrewrite.py): caps to clear, authentication mode
+    mask_caps: tuple[str, ...] = ()  # "display:codec_h264", "common:mini_header", ...
+    auth: str = "pass-through"  # or "intercept", "inject"
+    viewer_password: str | None = None  # inject: what viewers must give spicetap
+    viewer_password_file: str | None = None
+    viewer_tokens_file: str | None = None  # inject: lines "TOKEN [EXPIRY]", one session each
+    server_password: str | None = None  # inject: the real one, never shown to viewers
+    server_password_file: str | None = None
+    ws_listen: str | None = None  # WebSocket front for spice-html5 (--ws-listen)
+    management: str | None = None  # HOST:PORT of the management HTTP API (--management)
+
+
+@dataclass(frozen=True)
+class TargetSection:
+    """[targets.NAME]: one SPICE server behind a gateway. Viewers reach it through its own
+    reverse listeners (listen, tls_listen), or by NAME through the CONNECT front."""
+
+    upstream: str | None = None
+    upstream_tls: str | None = None
+    upstream_ca: str | None = None
+    upstream_host_subject: str | None = None
+    upstream_insecure: bool = False
+    listen: str | None = None
+    tls_listen: str | None = None
+
+
+@dataclass(frozen=True)
+class ConnectSection:
+    """[connect]: an HTTP CONNECT front (remote-viewer --spice-proxy, SPICE_PROXY)."""
+
+    listen: str | None = None
+    # HOST:PORT patterns viewers may reach besides the named targets; HOST may be a name,
+    # an IP or a CIDR block, PORT a number, a range (5900-5999) or *
+    allow: tuple[str, ...] = ()
+    # how TLS upstreams reached by address (not by a target's name) are checked
+    upstream_ca: str | None = None
+    upstream_insecure: bool = False
 
 
 @dataclass(frozen=True)
@@ -44,15 +83,22 @@ class RecordingSection:
 class Config:
     proxy: ProxySection = field(default_factory=ProxySection)
     recording: RecordingSection = field(default_factory=RecordingSection)
+    connect: ConnectSection = field(default_factory=ConnectSection)
+    targets: dict[str, TargetSection] = field(default_factory=dict)
 
 
 _TYPES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+TARGET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 
 
 def _check(where: str, name: str, hint: Any, value: Any) -> Any:
     allowed = [t for t in getattr(hint, "__args__", (hint,)) if t is not type(None)]
     if value is None and type(None) in getattr(hint, "__args__", ()):
         return None
+    if getattr(hint, "__origin__", None) is tuple:  # tuple[str, ...]: a TOML array of strings
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise ConfigError(f"{where}{name} = {value!r}: expected a list of strings")
     for t in allowed:
         if t is float and isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
@@ -87,6 +133,22 @@ def _privacy(data: dict[str, Any], where: str) -> PrivacyPolicy:
         raise ConfigError(f"{where.removesuffix('privacy.')}{exc}") from None
 
 
+def _targets(data: dict[str, Any], where: str) -> dict[str, TargetSection]:
+    targets: dict[str, TargetSection] = {}
+    for name, value in data.items():
+        if not TARGET_NAME.fullmatch(name):
+            raise ConfigError(
+                f"{where}[targets.{name}]: a target name is letters, digits, '.', '_', '-'"
+            )
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}targets.{name} must be a table")
+        target = _section(TargetSection, value, f"{where}[targets.{name}] ", {})
+        if target.upstream is None and target.upstream_tls is None:
+            raise ConfigError(f"{where}[targets.{name}] needs upstream or upstream_tls")
+        targets[name] = target
+    return targets
+
+
 def load_config(path: Path) -> Config:
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -97,14 +159,17 @@ def load_config(path: Path) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
     where = f"{path}: "
-    sections = {
+    sections: dict[str, Callable[[dict[str, Any], str], Any]] = {
         "proxy": lambda d, w: _section(ProxySection, d, w, {}),
         "recording": lambda d, w: _section(RecordingSection, d, w, {"privacy": _privacy}),
+        "connect": lambda d, w: _section(ConnectSection, d, w, {}),
+        "targets": lambda d, w: _targets(d, where),
     }
     values: dict[str, Any] = {}
     for key, value in data.items():
         if key not in sections:
-            raise ConfigError(f"{where}unknown section [{key}] (known: proxy, recording)")
+            known = ", ".join(sections)
+            raise ConfigError(f"{where}unknown section [{key}] (known: {known})")
         if not isinstance(value, dict):
             raise ConfigError(f"{where}{key} must be a table")
         values[key] = sections[key](value, f"{where}[{key}] ")
@@ -112,5 +177,10 @@ def load_config(path: Path) -> Config:
     if config.recording.backlog not in ("gap", "close"):
         raise ConfigError(
             f"{where}[recording] backlog = {config.recording.backlog!r}: expected 'gap' or 'close'"
+        )
+    if config.proxy.auth not in ("pass-through", "intercept", "inject"):
+        raise ConfigError(
+            f"{where}[proxy] auth = {config.proxy.auth!r}: "
+            "expected 'pass-through', 'intercept' or 'inject'"
         )
     return config

@@ -22,6 +22,13 @@ AGENT_DATA = {d: message_type(MAIN, d, "agent_data") for d in (C2S, "s2c")}
 MAX_HELD = 64  # a main channel that never sends INIT is not held back for long
 # Link units that are secrets: never decoded or shown; archives keep only their length.
 SECRET_UNITS = {"ticket", "sasl"}
+# What an archive says when a channel chose SASL: the exchange, and whatever security layer
+# it negotiates, is kept only as lengths; spicetap cannot read the channel from then on.
+SASL_NOTE = {
+    "mechanism": "sasl",
+    "may_be_encrypted": True,
+    "note": "SASL chosen: the rest of this channel may be SASL-encrypted and is not dissected",
+}
 _LINK_STRUCTS = {
     "header": "LinkHeader",
     "link_mess": "LinkMess",
@@ -241,7 +248,7 @@ class RecordBuilder:
         if isinstance(ev, LinkUnit):
             secret = ev.kind in SECRET_UNITS
             fields, err = (None, None) if secret else _link_fields(ev.kind, ev.data)
-            return [
+            out = [
                 Record(
                     **self._base(c, ts, ev.direction),
                     kind="link",
@@ -252,7 +259,45 @@ class RecordBuilder:
                     fields=fields,
                 )
             ]
+            if ev.kind == "auth_mechanism" and c.framer.auth == "sasl":
+                out.append(
+                    Record(
+                        **self._base(c, ts, ev.direction),
+                        kind="auth",
+                        msg_type=None,
+                        name="sasl",
+                        raw=b"",
+                        fields=dict(SASL_NOTE),
+                    )
+                )
+            return out
         raise AssertionError(ev)
+
+    def event(
+        self,
+        conn: int,
+        ts: float,
+        direction: str,
+        kind: str,
+        name: str,
+        fields: dict[str, Any],
+        raw: bytes = b"",
+    ) -> list[Record]:
+        """Something the proxy did rather than bytes that crossed: "rewrite" (raw = the
+        link unit as its sender sent it) or "auth" (how authentication went)."""
+        c = self.conns.setdefault(conn, _Conn(conn))
+        rec = Record(
+            **self._base(c, ts, direction),
+            kind=kind,
+            msg_type=None,
+            name=name,
+            raw=raw,
+            fields=fields,
+        )
+        out = [rec]
+        if c.open_fields is not None:
+            out.insert(0, self._open_record(c))
+        return self._release(c, out)
 
     def gap(
         self, conn: int, ts: float, direction: str, missing: int, where: str = "the capture"

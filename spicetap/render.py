@@ -3,7 +3,8 @@
 JSON schema (one object per record, keys always present, version 1):
   time (float, capture epoch seconds), session (int or null: the session's connection id),
   connection (int), channel (str), channel_id (int), direction ("c2s" | "s2c"),
-  kind ("open" | "link" | "message" | "agent" | "tls" | "error" | "gap" | "close"),
+  kind ("open" | "link" | "message" | "agent" | "auth" | "rewrite" | "tls" | "error" | "gap"
+  | "close"),
   type (int or null),
   name (str or null), size (int, raw bytes), fields (object or null),
   flags: {"error": str or null, "not_fully_dissected": bool}.
@@ -147,8 +148,8 @@ def line(rec: Record, t0: float) -> str:
     name = rec.name or (f"type {rec.msg_type}" if rec.msg_type is not None else rec.kind)
     if rec.kind == "agent":
         name = f"agent:{name}"
-    elif rec.kind == "link":
-        name = f"link:{name}"
+    elif rec.kind in ("link", "rewrite", "auth"):
+        name = f"{rec.kind}:{name}"
     chan = f"{rec.channel}:{rec.channel_id}"
     return (
         f"{rec.time - t0:10.6f} #{rec.connection:<3} {chan:<12} {rec.direction} "

@@ -17,6 +17,8 @@ def test_example_config_loads() -> None:
     assert config.proxy.upstream == "127.0.0.1:5930"
     assert config.recording.flush_interval == 0.1
     assert config.recording.privacy.keys == "text"
+    assert config.connect.allow == ("127.0.0.1:5930-5939",)
+    assert config.targets["lab"].upstream_tls == "127.0.0.1:5931"
 
 
 @pytest.mark.parametrize(
@@ -30,6 +32,13 @@ def test_example_config_loads() -> None:
         ("[recording.privacy]\nkeys = 'all'\n", "privacy.keys = 'all'"),
         ("[recording.privacy]\ndisplay = 'no'\n", "display = 'no': expected true or false"),
         ("[proxy\n", "not valid TOML"),
+        ("[connect]\nallow = '1.2.3.4:5'\n", "allow = '1.2.3.4:5': expected a list of strings"),
+        ("[connect]\nallow = [5]\n", "allow = [5]: expected a list of strings"),
+        ("[targets.vm1]\nlisten = '1:2'\n", "[targets.vm1] needs upstream or upstream_tls"),
+        ("[targets.vm1]\nupstream = 1\n", "[targets.vm1] upstream = 1: expected a string"),
+        ("[targets.vm1]\nupstrem = 'h:1'\n", "[targets.vm1] unknown key 'upstrem'"),
+        ("[targets.'a b']\nupstream = 'h:1'\n", "[targets.a b]: a target name is"),
+        ("[targets]\nvm1 = 'h:1'\n", "targets.vm1 must be a table"),
     ],
 )
 def test_mistakes_name_file_and_key(tmp_path: Path, text: str, expected: str) -> None:

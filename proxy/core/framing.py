@@ -26,6 +26,8 @@ LINK_MAGIC = b"REDQ"
 LINK_HEADER = struct.Struct("<4sIII")  # magic, major, minor, size
 LINK_MESS_FIXED = struct.Struct("<IBBIII")  # conn id, type, id, n common, n channel, caps off
 LINK_REPLY_FIXED = struct.Struct("<I162sIII")  # error, RSA-1024 pub key (DER), caps...
+PUB_KEY_OFFSET = 4  # in LinkReply, right after the u32 error
+PUB_KEY_SIZE = 162
 TICKET_SIZE = 128  # RSA-1024 encrypted password
 U32 = struct.Struct("<I")
 MINI_HEADER = struct.Struct("<HI")  # type, size
@@ -87,11 +89,20 @@ def _caps(
 class ChannelFramer:
     """Both directions of one channel connection."""
 
-    def __init__(self, max_message: int = DEFAULT_MAX_MESSAGE, *, bodies: bool = True) -> None:
+    def __init__(
+        self,
+        max_message: int = DEFAULT_MAX_MESSAGE,
+        *,
+        bodies: bool = True,
+        link_only: bool = False,
+    ) -> None:
         """bodies=False: only walk message headers (Message.body and raw hold the header
-        alone), skipping bodies without buffering them; the proxy's guard uses that."""
+        alone), skipping bodies without buffering them; the proxy's guard uses that.
+        link_only=True: stop at the end of the link stage (messages or SASL), leaving what
+        follows in `buf` for the caller; the link rewriter uses that."""
         self.max_message = max_message
         self.bodies = bodies
+        self.link_only = link_only
         self.skip = {C2S: 0, S2C: 0}  # body bytes still to skip (bodies=False)
         self.buf = {C2S: bytearray(), S2C: bytearray()}
         self.offset = {C2S: 0, S2C: 0}  # stream offset of buf[0]
@@ -153,12 +164,13 @@ class ChannelFramer:
         while True:
             state = self.state[d]
             if state == "messages":
-                self._messages(d, events)
+                if not self.link_only:
+                    self._messages(d, events)
                 return
             if state in ("dead", "wait_reply", "done"):
                 return
             if state == "sasl":
-                if buf:
+                if buf and not self.link_only:
                     events.append(LinkUnit(d, "sasl", self._take(d, len(buf))))
                 return
             size = {

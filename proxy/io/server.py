@@ -18,7 +18,17 @@ from typing import Any
 
 import trio
 
-from proxy.core.relay import ChannelRelay, Close, Command, Forward, Limits, Log, RecordData
+from proxy.core.relay import (
+    ChannelRelay,
+    Close,
+    Command,
+    Forward,
+    Limits,
+    LinkPolicy,
+    Log,
+    RecordData,
+    RecordEvent,
+)
 from proxy.recorder import Recorder
 from proxy.tls import check_subject
 
@@ -57,18 +67,24 @@ class ProxyState:
     channels: dict[int, ChannelStats] = field(default_factory=dict)
     total_channels: int = 0
     errors: int = 0
+    # bytes and messages of channels already closed, so the metrics' totals only grow
+    closed_bytes: dict[str, int] = field(default_factory=lambda: {"c2s": 0, "s2c": 0})
+    closed_messages: dict[str, int] = field(default_factory=lambda: {"c2s": 0, "s2c": 0})
 
 
-def _peer(stream: trio.abc.Stream) -> tuple[str, int]:
-    sock = getattr(stream, "socket", None)
-    if sock is None:
-        inner = getattr(stream, "transport_stream", None)
-        sock = getattr(inner, "socket", None)
-    try:
-        host, port = sock.getpeername()[:2] if sock is not None else ("?", 0)
-    except OSError:
-        return ("?", 0)
-    return (str(host), int(port))
+def peer_address(stream: trio.abc.Stream) -> tuple[str, int]:
+    """The remote address under any stack of wrappers (TLS, prefixed, ...)."""
+    layer: Any = stream
+    for _ in range(4):  # wrappers reach their transport through .transport_stream
+        sock = getattr(layer, "socket", None)
+        if sock is not None:
+            try:
+                host, port = sock.getpeername()[:2]
+            except OSError:
+                return ("?", 0)
+            return (str(host), int(port))
+        layer = getattr(layer, "transport_stream", None)
+    return ("?", 0)
 
 
 class ChannelProxy:
@@ -80,10 +96,12 @@ class ChannelProxy:
         limits: Limits,
         recorder: Recorder | None,
         state: ProxyState | None = None,
+        link_policy: LinkPolicy | None = None,
     ) -> None:
         self.limits = limits
         self.recorder = recorder
         self.state = state or ProxyState()
+        self.link_policy = link_policy  # rewrites of the link stage (caps, auth), if any
         self._ids = itertools.count()
 
     async def handle(
@@ -99,7 +117,7 @@ class ChannelProxy:
         `client` overrides the viewer's address (e.g. the browser behind a WebSocket)."""
         conn = next(self._ids)
         now = time.monotonic()
-        client = client or _peer(viewer)
+        client = client or peer_address(viewer)
         label = upstream_to.label
         try:
             with trio.fail_after(CONNECT_TIMEOUT):
@@ -115,7 +133,7 @@ class ChannelProxy:
             )
             await trio.aclose_forcefully(viewer)
             return
-        relay = ChannelRelay(self.limits, now)
+        relay = ChannelRelay(self.limits, now, self.link_policy)
         stats = ChannelStats(conn, client, label, now, relay)
         self.state.channels[conn] = stats
         self.state.total_channels += 1
@@ -124,7 +142,7 @@ class ChannelProxy:
             route: dict[str, Any] = {"insertion": insertion, "server": label}
             route["target"] = upstream_to.target
             route["tls"] = tls
-            self.recorder.opened(conn, now, client, _peer(upstream), tls, route)
+            self.recorder.opened(conn, now, client, peer_address(upstream), tls, route)
         log.info("channel %d: %s:%d -> %s (%s)", conn, *client, label, insertion)
         reason = "closed"
         try:
@@ -149,6 +167,17 @@ class ChannelProxy:
                                 conn, cmd.time, cmd.direction, cmd.data
                             ):
                                 finish("recording backlog: session dropped by policy")
+                        elif isinstance(cmd, RecordEvent):
+                            if self.recorder is not None:
+                                self.recorder.event(
+                                    conn,
+                                    cmd.time,
+                                    cmd.direction,
+                                    cmd.kind,
+                                    cmd.name,
+                                    cmd.fields,
+                                    cmd.raw,
+                                )
                         elif isinstance(cmd, Log):
                             log.warning("channel %d: %s", conn, cmd.message)
                         elif isinstance(cmd, Close):
@@ -182,6 +211,9 @@ class ChannelProxy:
         finally:
             stats.closed_reason = reason
             self.state.channels.pop(conn, None)
+            for direction in ("c2s", "s2c"):
+                self.state.closed_bytes[direction] += relay.bytes[direction]
+                self.state.closed_messages[direction] += relay.messages[direction]
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(upstream)
                 await trio.aclose_forcefully(viewer)
@@ -202,7 +234,7 @@ async def accept_tls(
         proxy.state.errors += 1
         log.warning(
             "viewer %s:%d: TLS handshake failed: %s",
-            *_peer(stream),
+            *peer_address(stream),
             exc.__cause__ or exc or "timeout",
         )
         await trio.aclose_forcefully(stream)
@@ -246,21 +278,26 @@ class UpstreamTlsError(OSError):
     """The real server's TLS does not check out."""
 
 
-def tls_opener(host: str, port: int, context: ssl.SSLContext, subject: str | None) -> Opener:
-    """Re-originate TLS to the real server, checking its CA and, SPICE-style, its subject."""
+async def start_tls(
+    tcp: trio.abc.Stream, host: str, context: ssl.SSLContext, subject: str | None
+) -> trio.SSLStream[trio.abc.Stream]:
+    """Re-originate TLS to the real server over `tcp`, checking its CA and, SPICE-style, its
+    subject (or its host name, per `context`)."""
+    stream = trio.SSLStream(tcp, context, server_hostname=host)
+    try:
+        await stream.do_handshake()
+    except trio.BrokenResourceError as exc:
+        await trio.aclose_forcefully(tcp)
+        raise UpstreamTlsError(f"TLS handshake failed: {exc.__cause__ or exc}") from None
+    problem = check_subject(stream.getpeercert(), subject)
+    if problem is not None:
+        await trio.aclose_forcefully(stream)
+        raise UpstreamTlsError(problem)
+    return stream
 
+
+def tls_opener(host: str, port: int, context: ssl.SSLContext, subject: str | None) -> Opener:
     async def open_upstream() -> trio.abc.Stream:
-        tcp = await trio.open_tcp_stream(host, port)
-        stream = trio.SSLStream(tcp, context, server_hostname=host)
-        try:
-            await stream.do_handshake()
-        except trio.BrokenResourceError as exc:
-            await trio.aclose_forcefully(tcp)
-            raise UpstreamTlsError(f"TLS handshake failed: {exc.__cause__ or exc}") from None
-        problem = check_subject(stream.getpeercert(), subject)
-        if problem is not None:
-            await trio.aclose_forcefully(stream)
-            raise UpstreamTlsError(problem)
-        return stream
+        return await start_tls(await trio.open_tcp_stream(host, port), host, context, subject)
 
     return open_upstream

@@ -12,7 +12,8 @@ Debian packages needed: scripts/apt-test-packages.txt.
 
 Modules: qemu (server), guest_boot / guest_linux (guests, cached by source
 hash in cache), client + gi_client (scripted spice-gtk client, system python),
-screenshot (spicy-screenshot), capture (dumpcap), pcapng + spice_flows (an
+screenshot (spicy-screenshot), html5 + cdp (spice-html5 in headless
+Chromium over DevTools), capture (dumpcap), pcapng + spice_flows (an
 independent capture oracle), session (the full recorded scenario).
 """
 
@@ -29,6 +30,7 @@ from tests.harness.client import (
 from tests.harness.endpoint import SpiceEndpoint
 from tests.harness.guest_boot import build_boot_guest
 from tests.harness.guest_linux import LinuxGuest, build_linux_guest
+from tests.harness.html5 import HeadlessChromium, PageResult, need_spice_html5
 from tests.harness.procs import LOOPBACK, PeerFailed, PeerMissing
 from tests.harness.qemu import PORT_NAME, QemuServer
 from tests.harness.screenshot import spicy_screenshot
@@ -42,8 +44,10 @@ __all__ = [
     "PORT_NAME",
     "ClientOptions",
     "ClientResult",
+    "HeadlessChromium",
     "LinuxGuest",
     "LoopbackCapture",
+    "PageResult",
     "PeerFailed",
     "PeerMissing",
     "QemuServer",
@@ -60,6 +64,7 @@ __all__ = [
     "full_session_problems",
     "make_cd_image",
     "make_tls_material",
+    "need_spice_html5",
     "record_full_session",
     "run_gi_client",
     "spice_flows",

@@ -121,6 +121,8 @@ def client_argv(endpoint: SpiceEndpoint, options: ClientOptions, work: Path) -> 
         argv += ["--ca-file", str(endpoint.ca_file)]
     if endpoint.host_subject is not None:
         argv += ["--host-subject", endpoint.host_subject]
+    if endpoint.proxy is not None:
+        argv += ["--proxy", endpoint.proxy]
     if o.expect_channels:
         argv += ["--expect-channels", str(o.expect_channels)]
     argv += ["--expect-display"] if o.expect_display else []

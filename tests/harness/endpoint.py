@@ -16,6 +16,7 @@ class SpiceEndpoint:
     password: str | None = None
     ca_file: Path | None = None  # needed with tls_port
     host_subject: str | None = None  # optional with tls_port (else hostname check)
+    proxy: str | None = None  # "http://HOST:PORT": reach `host` through an HTTP CONNECT proxy
 
     def __post_init__(self) -> None:
         if self.port is None and self.tls_port is None:

@@ -118,6 +118,8 @@ class Client:
             s.props.ca_file = a.ca_file
         if a.host_subject:
             s.props.cert_subject = a.host_subject
+        if a.proxy:
+            s.props.proxy = a.proxy
         s.props.enable_audio = True
         s.props.enable_usbredir = True
         if a.smartcard_db:
@@ -465,6 +467,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tls-port", type=int, default=0)
     p.add_argument("--password")
     p.add_argument("--ca-file")
+    p.add_argument("--proxy", help="http://HOST:PORT, an HTTP CONNECT proxy (spice-gtk's)")
     p.add_argument("--host-subject")
     p.add_argument("--duration", type=float, default=10.0, help="hard limit, seconds")
     p.add_argument("--min-duration", type=float, default=0.0, help="stay at least this long")

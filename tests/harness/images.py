@@ -77,3 +77,16 @@ def ppm_to_png(ppm: Path, png: Path) -> Path:
 def distinct_colours(rgb: bytes, sample_step: int = 97) -> int:
     """Rough count of distinct colours: a blank screen has 1, content has many."""
     return len({rgb[i : i + 3] for i in range(0, len(rgb) - 2, 3 * sample_step)})
+
+
+def differing_pixels(a: Path, b: Path) -> int:
+    """How many pixels two same-sized PPM screenshots disagree on (all of them if the sizes
+    differ). A blinking text cursor (SeaBIOS) changes at most one 9x16 cell."""
+    wa, ha, pa = read_ppm(a)
+    wb, hb, pb = read_ppm(b)
+    if (wa, ha) != (wb, hb):
+        return max(wa * ha, wb * hb)
+    return sum(pa[i : i + 3] != pb[i : i + 3] for i in range(0, len(pa), 3))
+
+
+CURSOR_CELL = 9 * 16

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 from tests.harness.endpoint import SpiceEndpoint
-from tests.harness.images import ppm_to_png
+from tests.harness.images import CURSOR_CELL, differing_pixels, ppm_to_png
 from tests.harness.procs import PeerFailed, need_program, stop_process
 
 
@@ -31,6 +32,8 @@ def spicy_screenshot(
             env["SSL_CERT_FILE"] = str(endpoint.ca_file)
     if endpoint.password is not None:
         argv += ["-w", endpoint.password]
+    if endpoint.proxy is not None:
+        env["SPICE_PROXY"] = endpoint.proxy  # spice-gtk's own variable; no CLI option here
     out.unlink(missing_ok=True)
     proc = subprocess.Popen(
         argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
@@ -48,3 +51,20 @@ def spicy_screenshot(
     if png:
         return ppm_to_png(out, out.with_suffix(".png"))
     return out
+
+
+
+def settled_screenshot(
+    endpoint: SpiceEndpoint, out: Path, *, interval: float = 1.0, attempts: int = 30
+) -> Path:
+    """A screenshot once the guest stopped drawing (SeaBIOS prints for a few seconds): two
+    taken `interval` apart agree but for a blinking cursor."""
+    previous = out.with_suffix(".previous.ppm")
+    spicy_screenshot(endpoint, previous)
+    for _ in range(attempts):
+        time.sleep(interval)
+        spicy_screenshot(endpoint, out)
+        if differing_pixels(previous, out) <= CURSOR_CELL:
+            return out
+        out.replace(previous)
+    raise PeerFailed(f"the guest's screen kept changing for {attempts * interval:g} s")

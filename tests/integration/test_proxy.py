@@ -28,6 +28,7 @@ from tests.harness import (
     spicy_screenshot,
 )
 from tests.harness.client import ClientResult
+from tests.harness.images import CURSOR_CELL, differing_pixels
 from tests.integration.proxy_process import ProxyProcess
 
 pytestmark = pytest.mark.peers
@@ -39,7 +40,7 @@ def test_screenshot_through_proxy_equals_direct(tmp_path: Path) -> None:
         with ProxyProcess(srv.port, tmp_path / "rec", tmp_path / "proxy") as proxy:
             via = spicy_screenshot(SpiceEndpoint(port=proxy.port), tmp_path / "via.ppm")
             direct = spicy_screenshot(srv.endpoint(), tmp_path / "direct.ppm")
-    assert via.read_bytes() == direct.read_bytes()
+    assert differing_pixels(via, direct) <= CURSOR_CELL  # SeaBIOS' cursor may blink between
     (archive,) = proxy.archives()
     assert verify(archive).status == "intact"
 

@@ -1,0 +1,332 @@
+"""The pure parts of the management API: routing, request validation, the sessions JSON and
+the Prometheus text. No I/O, no clock: the shell (proxy/io/management.py) takes a snapshot
+of the proxy's state, with wall-clock times already converted, and passes it in.
+
+Sessions: SPICE groups a viewer's channel connections by connection id, but the main
+channel links with connection id 0 and only learns the id from the server's MAIN INIT,
+which the proxy's header-only guard does not decode. So a main channel joins its session
+through the recorder's map (exact, from the INIT it dissected) when there is one, else by
+a guess: the latest main channel from the same viewer host opened before the session's
+first other channel (spice-gtk opens main, reads INIT, then opens the rest).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+
+from dissectors.api import LINK, SPICE
+from proxy.core.probe import check_password
+
+DIRECTIONS = ("c2s", "s2c")
+MAIN = LINK.enum_names["channel_type"]["MAIN"]
+MAX_PROBE_TIMEOUT = 30.0  # seconds: an API request must stay short
+DEFAULT_PROBE_TIMEOUT = 5.0
+
+# path -> allowed methods
+ROUTES = {
+    "/api/sessions": ("GET",),
+    "/api/spice/connect": ("POST",),
+    "/metrics": ("GET",),
+}
+
+
+class HttpError(Exception):
+    """A request we answer with an error status and a JSON {"error": message}."""
+
+    def __init__(self, status: int, message: str, allow: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.allow = allow  # for 405: the methods the path takes
+
+
+def route(method: str, target: str) -> str:
+    """The path a request goes to; HttpError 404/405 when there is none."""
+    path = target.split("?", 1)[0]
+    methods = ROUTES.get(path)
+    if methods is None:
+        raise HttpError(HTTPStatus.NOT_FOUND, f"no such path: {path}")
+    if method not in methods:
+        raise HttpError(
+            HTTPStatus.METHOD_NOT_ALLOWED, f"{path} takes {', '.join(methods)}", methods
+        )
+    return path
+
+
+def error_body(message: str) -> bytes:
+    return json.dumps({"error": message}).encode()
+
+
+# -- POST /api/spice/connect -----------------------------------------------------------------
+@dataclass(frozen=True)
+class ConnectRequest:
+    host: str
+    port: int
+    timeout: float = DEFAULT_PROBE_TIMEOUT
+    tls: bool = False
+    host_subject: str | None = None
+    password: str | None = None
+
+
+_CONNECT_KEYS = {"host", "port", "timeout", "tls", "hostSubject", "password"}
+
+
+def parse_connect(body: bytes) -> ConnectRequest:
+    """Validate a connect request's JSON body; HttpError 400 naming the problem. Unknown
+    keys are refused: a misspelt "password" must not silently probe without one."""
+
+    def bad(message: str) -> HttpError:
+        return HttpError(HTTPStatus.BAD_REQUEST, message)
+
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise bad("the body is not JSON") from None
+    if not isinstance(data, dict):
+        raise bad("the body must be a JSON object")
+    unknown = sorted(set(data) - _CONNECT_KEYS)
+    if unknown:
+        raise bad(f"unknown key {unknown[0]!r} (known: {', '.join(sorted(_CONNECT_KEYS))})")
+    host, port = data.get("host"), data.get("port")
+    if not isinstance(host, str) or not host or len(host) > 253:
+        raise bad('"host" must be a host name or address')
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port < 65536:
+        raise bad('"port" must be an integer from 1 to 65535')
+    timeout = data.get("timeout", DEFAULT_PROBE_TIMEOUT)
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not 0 < timeout <= MAX_PROBE_TIMEOUT
+    ):
+        raise bad(
+            f'"timeout" must be a number of seconds, above 0 and at most {MAX_PROBE_TIMEOUT:g}'
+        )
+    tls = data.get("tls", False)
+    if not isinstance(tls, bool):
+        raise bad('"tls" must be true or false')
+    subject = data.get("hostSubject")
+    if subject is not None and (not isinstance(subject, str) or not tls):
+        raise bad('"hostSubject" must be a string, and needs "tls": true')
+    password = data.get("password")
+    if password is not None and not isinstance(password, str):
+        raise bad('"password" must be a string')
+    problem = check_password(password)
+    if problem is not None:
+        raise bad(problem)
+    return ConnectRequest(host.strip("[]"), port, float(timeout), tls, subject, password)
+
+
+# -- snapshots of the proxy's state ----------------------------------------------------------
+@dataclass(frozen=True)
+class ChannelView:
+    conn: int  # the proxy's connection number
+    connection_id: int | None  # from the link message; None while it has not arrived
+    channel_type: int | None
+    channel_id: int
+    viewer: tuple[str, int]
+    upstream: str
+    started: float  # wall clock, epoch seconds
+    linked: bool
+    bytes: Mapping[str, int]
+    messages: Mapping[str, int]
+
+
+@dataclass(frozen=True)
+class Totals:
+    channels_open: int
+    channels_total: int
+    errors: int
+    bytes: Mapping[str, int]  # every channel so far, open or closed
+    messages: Mapping[str, int]
+
+
+@dataclass(frozen=True)
+class RecorderView:
+    backlog: int  # chunks waiting for the recorder's worker
+    lost_bytes: int  # bytes not recorded because the worker fell behind
+    failed: bool
+
+
+def channel_name(channel_type: int | None) -> str | None:
+    return None if channel_type is None else SPICE.channel_name(channel_type)
+
+
+def group_sessions(
+    channels: Iterable[ChannelView], known: Mapping[int, int] | None = None
+) -> list[tuple[int | None, list[ChannelView]]]:
+    """(connection id or None, channels) per session, oldest first. `known` maps a proxy
+    connection number to its session id where that is known for sure (the recorder)."""
+    known = known or {}
+    by_id: dict[int, list[ChannelView]] = {}
+    mains: list[ChannelView] = []
+    alone: list[ChannelView] = []
+    for ch in sorted(channels, key=lambda c: (c.started, c.conn)):
+        sid = known.get(ch.conn) or ch.connection_id or None
+        if sid is not None:
+            by_id.setdefault(sid, []).append(ch)
+        elif ch.channel_type == MAIN:
+            mains.append(ch)
+        else:
+            alone.append(ch)  # still linking: nothing says where it belongs yet
+    for members in sorted(by_id.values(), key=lambda group: group[0].started):
+        if any(c.channel_type == MAIN for c in members):
+            continue
+        first = members[0]
+        candidates = [
+            m for m in mains if m.viewer[0] == first.viewer[0] and m.started <= first.started
+        ]
+        if candidates:
+            main = candidates[-1]
+            mains.remove(main)
+            members.insert(0, main)
+    groups: list[tuple[int | None, list[ChannelView]]] = list(by_id.items())
+    groups += [(None, [ch]) for ch in mains + alone]
+    groups.sort(key=lambda g: (g[1][0].started, g[1][0].conn))
+    return groups
+
+
+def _iso(t: float) -> str:
+    return datetime.datetime.fromtimestamp(t, datetime.UTC).isoformat(timespec="milliseconds")
+
+
+def _both(values: Iterable[Mapping[str, int]]) -> dict[str, int]:
+    out = dict.fromkeys(DIRECTIONS, 0)
+    for v in values:
+        for d in DIRECTIONS:
+            out[d] += v.get(d, 0)
+    return out
+
+
+def _channel_json(ch: ChannelView) -> dict[str, Any]:
+    return {
+        "conn": ch.conn,
+        "channel": channel_name(ch.channel_type),
+        "channelType": ch.channel_type,
+        "channelId": ch.channel_id,
+        "viewer": f"{ch.viewer[0]}:{ch.viewer[1]}",
+        "upstream": ch.upstream,
+        "started": _iso(ch.started),
+        "linked": ch.linked,
+        "bytes": dict(ch.bytes),
+        "messages": dict(ch.messages),
+    }
+
+
+def sessions_json(
+    channels: list[ChannelView], totals: Totals, known: Mapping[int, int] | None = None
+) -> dict[str, Any]:
+    """GET /api/sessions: live sessions with their channels and counters, plus totals.
+    Directions: c2s is viewer to server, s2c server to viewer."""
+    sessions = []
+    for sid, members in group_sessions(channels, known):
+        first = members[0]
+        sessions.append(
+            {
+                "connectionId": sid,
+                "viewer": f"{first.viewer[0]}:{first.viewer[1]}",
+                "upstream": first.upstream,
+                "started": _iso(first.started),
+                "bytes": _both(c.bytes for c in members),
+                "messages": _both(c.messages for c in members),
+                "channels": [_channel_json(c) for c in members],
+            }
+        )
+    return {
+        "sessions": sessions,
+        "totals": {
+            "sessions": len(sessions),
+            "channelsOpen": totals.channels_open,
+            "channelsTotal": totals.channels_total,
+            "channelErrors": totals.errors,
+            "bytes": dict(totals.bytes),
+            "messages": dict(totals.messages),
+        },
+    }
+
+
+# -- GET /metrics ----------------------------------------------------------------------------
+def _number(value: float) -> str:
+    if isinstance(value, int) or (math.isfinite(value) and value == int(value)):
+        return str(int(value))
+    return repr(float(value))
+
+
+class _Metrics:
+    """Prometheus text exposition format 0.0.4: HELP and TYPE once per family."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def family(self, name: str, kind: str, help_text: str) -> None:
+        self.lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+
+    def sample(self, name: str, value: float, **labels: str) -> None:
+        if labels:
+            inner = ",".join(f'{k}="{_label(v)}"' for k, v in labels.items())
+            name = f"{name}{{{inner}}}"
+        self.lines.append(f"{name} {_number(value)}")
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def metrics_text(
+    channels: list[ChannelView],
+    totals: Totals,
+    recorder: RecorderView | None,
+    rss_bytes: int | None,
+) -> str:
+    m = _Metrics()
+    m.family("spicetap_channels_open", "gauge", "Channel connections being relayed now.")
+    m.sample("spicetap_channels_open", totals.channels_open)
+    m.family("spicetap_channels_total", "counter", "Channel connections relayed since start.")
+    m.sample("spicetap_channels_total", totals.channels_total)
+    m.family(
+        "spicetap_channel_errors_total",
+        "counter",
+        "Channels that failed: upstream unreachable, TLS, protocol errors, limits.",
+    )
+    m.sample("spicetap_channel_errors_total", totals.errors)
+    m.family("spicetap_bytes_total", "counter", "Bytes relayed; c2s is viewer to server.")
+    for d in DIRECTIONS:
+        m.sample("spicetap_bytes_total", totals.bytes.get(d, 0), direction=d)
+    m.family("spicetap_messages_total", "counter", "SPICE messages relayed after the link stage.")
+    for d in DIRECTIONS:
+        m.sample("spicetap_messages_total", totals.messages.get(d, 0), direction=d)
+    m.family(
+        "spicetap_channels_open_by_type",
+        "gauge",
+        "Open channel connections per channel type (linking: type not known yet).",
+    )
+    counts = dict.fromkeys([name for name, *_ in SPICE.channels.values()], 0)
+    counts["linking"] = 0
+    for ch in channels:
+        key = channel_name(ch.channel_type) or "linking"
+        counts[key] = counts.get(key, 0) + 1
+    for name, count in counts.items():
+        m.sample("spicetap_channels_open_by_type", count, channel=name)
+    if recorder is not None:
+        m.family("spicetap_recorder_backlog", "gauge", "Chunks waiting for the recorder's worker.")
+        m.sample("spicetap_recorder_backlog", recorder.backlog)
+        m.family(
+            "spicetap_recorder_lost_bytes_total",
+            "counter",
+            "Bytes relayed but not recorded because recording fell behind.",
+        )
+        m.sample("spicetap_recorder_lost_bytes_total", recorder.lost_bytes)
+        m.family("spicetap_recorder_failed", "gauge", "1 when recording stopped on an error.")
+        m.sample("spicetap_recorder_failed", int(recorder.failed))
+    if rss_bytes is not None:
+        m.family("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.")
+        m.sample("process_resident_memory_bytes", rss_bytes)
+    return m.text()

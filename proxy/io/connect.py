@@ -1,0 +1,153 @@
+"""The HTTP CONNECT front (trio shell): remote-viewer --spice-proxy=http://HOST:PORT.
+
+Per proxy connection: read the CONNECT request (proxy.core.connect), ask the router whether
+that target may be reached, answer, then sniff the tunnel's first byte. A viewer that speaks
+TLS (it CONNECTed to a tls-port) gets spicetap's certificate for the host it named, and the
+server side is TLS again; plain SPICE stays plain. Then the channel is relayed like any
+other, through the shared ChannelProxy.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from proxy.core.connect import ConnectHandshake, ConnectRequest, Refusal, tunnel_kind
+from proxy.io.server import ChannelProxy, accept_tls, peer_address
+from proxy.io.streams import PrefixedStream
+from proxy.targets import ConnectRouter, Target
+from proxy.tls import HostCertificates, TlsSetupError
+from spicetap.errors import UserError
+
+log = logging.getLogger("spicetap.connect")
+
+RECEIVE = 16 * 1024
+
+
+@dataclass(frozen=True)
+class ConnectFront:
+    router: ConnectRouter
+    certificates: HostCertificates
+    keylog: Path | None
+
+
+async def _read_request(
+    stream: trio.abc.Stream, handshake: ConnectHandshake
+) -> ConnectRequest | Refusal:
+    while True:  # bounded by MAX_HEAD (h11 refuses more) and the caller's deadline
+        data = await stream.receive_some(RECEIVE)
+        if not data:
+            return handshake.eof()
+        result = handshake.feed(bytes(data))
+        if result is not None:
+            return result
+
+
+async def _first_bytes(stream: trio.abc.Stream, already: bytes) -> bytes:
+    data = already
+    while not data:  # one read is enough: any byte tells TLS from SPICE
+        chunk = await stream.receive_some(RECEIVE)
+        if not chunk:
+            return b""
+        data = bytes(chunk)
+    return data
+
+
+async def handle_connect(proxy: ChannelProxy, front: ConnectFront, stream: trio.abc.Stream) -> None:
+    viewer = peer_address(stream)
+    handshake = ConnectHandshake()
+    target: Target | None = None
+    try:
+        with trio.fail_after(proxy.limits.link_timeout):
+            request = await _read_request(stream, handshake)
+            if isinstance(request, ConnectRequest):
+                target = front.router.route(request.host, request.port)
+                if target is None:
+                    request = Refusal(403, f"{request.host}:{request.port} is not allowed")
+            if isinstance(request, Refusal):
+                log.warning("viewer %s:%d: CONNECT refused (%d): %s", *viewer, *_status(request))
+                proxy.state.errors += 1
+                await stream.send_all(handshake.refuse(request))
+                await trio.aclose_forcefully(stream)
+                return
+            await stream.send_all(handshake.accept())
+            first = await _first_bytes(stream, handshake.tunnel_data)
+    except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        log.warning("viewer %s:%d: CONNECT failed: %s", *viewer, exc or "timeout")
+        await trio.aclose_forcefully(stream)
+        return
+    assert target is not None
+    kind = tunnel_kind(first)
+    if kind is None:
+        log.warning(
+            "viewer %s:%d: tunnel to %s:%d carries neither TLS nor SPICE (starts %r)",
+            *viewer,
+            request.host,
+            request.port,
+            first[:8],
+        )
+        proxy.state.errors += 1
+        await trio.aclose_forcefully(stream)
+        return
+    tunnel: trio.abc.Stream = PrefixedStream(stream, first)
+    try:
+        upstream = target.upstream(kind == "tls", front.keylog)
+    except UserError as exc:
+        log.warning("viewer %s:%d: %s", *viewer, exc)
+        await trio.aclose_forcefully(stream)
+        return
+    if kind == "tls":
+        wrapped = await _terminate_tls(proxy, front, tunnel, request.host)
+        if wrapped is None:
+            return
+        tunnel = wrapped
+    log.info(
+        "viewer %s:%d: CONNECT %s:%d (%s) -> %s", *viewer, request.host, request.port, kind,
+        upstream.label,
+    )
+    await proxy.handle(
+        tunnel,
+        upstream,
+        viewer_tls=kind == "tls",
+        insertion="connect",
+        client=viewer,
+    )
+
+
+async def _terminate_tls(
+    proxy: ChannelProxy, front: ConnectFront, tunnel: trio.abc.Stream, host: str
+) -> trio.abc.Stream | None:
+    started = time.monotonic()
+    try:
+        ctx = await trio.to_thread.run_sync(front.certificates.context_for, host)
+    except (TlsSetupError, OSError) as exc:
+        log.error("cannot issue a certificate for %s: %s", host, exc)
+        await trio.aclose_forcefully(tunnel)
+        return None
+    log.debug("certificate for %s ready in %.3f s", host, time.monotonic() - started)
+    return await accept_tls(proxy, tunnel, ctx)
+
+
+def _status(refusal: Refusal) -> tuple[int, str]:
+    return refusal.status, refusal.reason
+
+
+async def serve_connect(
+    proxy: ChannelProxy,
+    front: ConnectFront,
+    host: str,
+    port: int,
+    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    listeners = await trio.open_tcp_listeners(port, host=host)
+
+    async def handle(stream: trio.SocketStream) -> None:
+        await handle_connect(proxy, front, stream)
+
+    async with trio.open_nursery() as nursery:
+        task_status.started(listeners)
+        await trio.serve_listeners(handle, listeners, handler_nursery=nursery)

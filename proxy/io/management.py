@@ -1,0 +1,257 @@
+"""The management HTTP API of `spicetap proxy` (h11 on trio; the pure parts live in
+proxy/core/management.py):
+
+    GET  /api/sessions        live sessions, their channels and counters, totals
+    POST /api/spice/connect   probe a SPICE server, as `spicetap probe --json` answers
+    GET  /metrics             Prometheus text
+
+One request per connection (answered with "Connection: close"): the API is small and
+rarely called, and it keeps every connection's life bounded by one request timeout. The
+API has no authentication: bind it to loopback or put it behind something that has.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import ssl
+import time
+from dataclasses import dataclass
+from http import HTTPStatus
+from pathlib import Path
+
+import h11
+import trio
+
+from proxy.core.framing import C2S, S2C
+from proxy.core.management import (
+    ChannelView,
+    HttpError,
+    RecorderView,
+    Totals,
+    error_body,
+    metrics_text,
+    parse_connect,
+    route,
+    sessions_json,
+)
+from proxy.core.probe import to_json
+from proxy.io.probe import ProbeTarget, probe
+from proxy.io.server import ProxyState
+from proxy.recorder import Recorder
+from proxy.tls import client_context
+
+log = logging.getLogger("spicetap.management")
+
+MAX_HEAD = 16 * 1024  # request line and headers
+MAX_BODY = 64 * 1024
+REQUEST_TIMEOUT = 10.0  # to receive a whole request
+SEND_TIMEOUT = 10.0  # to hand over a response
+MAX_PROBES = 4  # probes running at once; more wait their turn (within their timeout)
+RECEIVE_SIZE = 16 * 1024
+JSON = "application/json"
+PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
+
+
+@dataclass(frozen=True)
+class ManagementOptions:
+    listen: tuple[str, int]
+    tls: ssl.SSLContext | None = None  # how probes with "tls": true check the server
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    body: bytes
+    content_type: str = JSON
+    allow: tuple[str, ...] = ()
+
+
+class ManagementApi:
+    def __init__(
+        self, options: ManagementOptions, state: ProxyState, recorder: Recorder | None
+    ) -> None:
+        self.options = options
+        self.state = state
+        self.recorder = recorder
+        self.probes = trio.CapacityLimiter(MAX_PROBES)
+
+    # -- snapshots -------------------------------------------------------------------------
+    def channels(self) -> list[ChannelView]:
+        offset = time.time() - time.monotonic()  # ChannelStats times are monotonic
+        views = []
+        for stats in list(self.state.channels.values()):
+            relay, guard = stats.relay, stats.relay.guard
+            views.append(
+                ChannelView(
+                    conn=stats.conn,
+                    connection_id=guard.connection_id if guard.channel_type is not None else None,
+                    channel_type=guard.channel_type,
+                    channel_id=guard.channel_id,
+                    viewer=stats.viewer,
+                    upstream=stats.upstream,
+                    started=stats.started + offset,
+                    linked=relay.linked,
+                    bytes=dict(relay.bytes),
+                    messages=dict(relay.messages),
+                )
+            )
+        return views
+
+    def totals(self, channels: list[ChannelView]) -> Totals:
+        s = self.state
+        return Totals(
+            channels_open=len(channels),
+            channels_total=s.total_channels,
+            errors=s.errors,
+            bytes={d: s.closed_bytes[d] + sum(c.bytes[d] for c in channels) for d in (C2S, S2C)},
+            messages={
+                d: s.closed_messages[d] + sum(c.messages[d] for c in channels) for d in (C2S, S2C)
+            },
+        )
+
+    def known_sessions(self) -> dict[int, int]:
+        """Connection -> session id, as the recorder learnt it from MAIN INIT."""
+        if self.recorder is None:
+            return {}
+        mapping = dict(self.recorder.conn_session)  # one C-level copy: safe across threads
+        return {conn: key for conn, key in mapping.items() if isinstance(key, int)}
+
+    def recorder_view(self) -> RecorderView | None:
+        rec = self.recorder
+        if rec is None:
+            return None
+        return RecorderView(rec.queue.qsize(), rec.lost_total, rec.failed is not None)
+
+    # -- requests --------------------------------------------------------------------------
+    async def answer(self, method: str, target: str, body: bytes) -> Reply:
+        path = route(method, target)
+        if path == "/api/sessions":
+            channels = self.channels()
+            data = sessions_json(channels, self.totals(channels), self.known_sessions())
+            return Reply(HTTPStatus.OK, json.dumps(data).encode())
+        if path == "/metrics":
+            channels = self.channels()
+            text = metrics_text(channels, self.totals(channels), self.recorder_view(), _rss_bytes())
+            return Reply(HTTPStatus.OK, text.encode(), PROMETHEUS)
+        request = parse_connect(body)
+        tls = None
+        if request.tls:
+            tls = self.options.tls or client_context(None, insecure=False, keylog=None)
+        target_ = ProbeTarget(
+            request.host,
+            request.port,
+            password=request.password,
+            tls=tls,
+            host_subject=request.host_subject,
+            timeout=request.timeout,
+        )
+        with trio.move_on_after(request.timeout) as waited:
+            await self.probes.acquire()
+        if waited.cancelled_caught:
+            raise HttpError(HTTPStatus.SERVICE_UNAVAILABLE, "too many probes running")
+        try:
+            outcome = await probe(target_)
+        finally:
+            self.probes.release()
+        log.info("probe %s:%d: %s", request.host, request.port, outcome.error or "link ok")
+        return Reply(
+            HTTPStatus.OK, json.dumps(to_json(request.host, request.port, outcome)).encode()
+        )
+
+    async def handle(self, stream: trio.abc.Stream) -> None:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        try:
+            try:
+                with trio.fail_after(REQUEST_TIMEOUT):
+                    method, target, body = await _read_request(stream, conn)
+                reply = await self.answer(method, target, body)
+            except HttpError as exc:
+                reply = Reply(exc.status, error_body(exc.message), allow=exc.allow)
+            except h11.RemoteProtocolError as exc:
+                reply = Reply(exc.error_status_hint, error_body(f"bad request: {exc}"))
+            except trio.TooSlowError:
+                reply = Reply(HTTPStatus.REQUEST_TIMEOUT, error_body("request too slow"))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                raise  # the client went away: nothing to answer (below)
+            except Exception:  # a bug here must cost one request, never the proxy
+                log.exception("management request failed")
+                reply = Reply(HTTPStatus.INTERNAL_SERVER_ERROR, error_body("internal error"))
+            with trio.fail_after(SEND_TIMEOUT):
+                await _send_reply(stream, conn, reply)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+            pass  # the client went away or stopped reading: nothing left to tell it
+        finally:
+            await trio.aclose_forcefully(stream)
+
+
+async def _read_request(stream: trio.abc.Stream, conn: h11.Connection) -> tuple[str, str, bytes]:
+    """One whole request (method, target, body); the body bounded by MAX_BODY."""
+    request: h11.Request | None = None
+    body = bytearray()
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            data = await stream.receive_some(RECEIVE_SIZE)
+            conn.receive_data(bytes(data))  # b"" is EOF: h11 then says what is missing
+            continue
+        if isinstance(event, h11.Request):
+            request = event
+            length = dict(event.headers).get(b"content-length")
+            if length is not None and int(length) > MAX_BODY:  # h11 checked it is a number
+                raise HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {MAX_BODY} bytes")
+        elif isinstance(event, h11.Data):
+            body += event.data
+            if len(body) > MAX_BODY:
+                raise HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {MAX_BODY} bytes")
+        elif isinstance(event, h11.EndOfMessage) and request is not None:
+            return request.method.decode(), request.target.decode("ascii", "replace"), bytes(body)
+        elif isinstance(event, h11.ConnectionClosed):
+            raise trio.BrokenResourceError("the client closed before a whole request")
+
+
+async def _send_reply(stream: trio.abc.Stream, conn: h11.Connection, reply: Reply) -> None:
+    headers = [
+        ("content-type", reply.content_type),
+        ("content-length", str(len(reply.body))),
+        ("connection", "close"),
+        ("cache-control", "no-store"),
+    ]
+    if reply.allow:
+        headers.append(("allow", ", ".join(reply.allow)))
+    try:
+        phrase = HTTPStatus(reply.status).phrase.encode()
+        data = conn.send(h11.Response(status_code=reply.status, headers=headers, reason=phrase))
+        data = (data or b"") + (conn.send(h11.Data(data=reply.body)) or b"")
+        data += conn.send(h11.EndOfMessage()) or b""
+    except h11.LocalProtocolError:
+        return  # h11 cannot answer in this state (e.g. a response already began)
+    await stream.send_all(data)
+
+
+def _rss_bytes() -> int | None:
+    """Resident set size now (Linux /proc; None elsewhere)."""
+    try:
+        resident_pages = int(Path("/proc/self/statm").read_bytes().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return resident_pages * os.sysconf("SC_PAGE_SIZE")
+
+
+async def serve_management(
+    options: ManagementOptions,
+    state: ProxyState,
+    recorder: Recorder | None,
+    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Listen on options.listen and answer API requests until cancelled."""
+    api = ManagementApi(options, state, recorder)
+    host, port = options.listen
+    try:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        raise OSError(exc.errno, f"management API {host}:{port}: {exc.strerror}") from None
+    async with trio.open_nursery() as nursery:
+        task_status.started(listeners)
+        await trio.serve_listeners(api.handle, listeners, handler_nursery=nursery)

@@ -1,0 +1,32 @@
+"""Small trio stream adapters the front ends need."""
+
+from __future__ import annotations
+
+import trio
+
+
+class PrefixedStream(trio.abc.Stream):
+    """A stream whose first bytes were already read (to sniff TLS from plain SPICE, or
+    because they followed an HTTP request): receive_some returns them first."""
+
+    def __init__(self, stream: trio.abc.Stream, prefix: bytes) -> None:
+        self.stream = stream
+        self.prefix = prefix
+        # reach the socket the way proxy.io.server.peer_address looks for it
+        self.transport_stream = stream
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self.prefix:
+            n = len(self.prefix) if max_bytes is None else max_bytes
+            data, self.prefix = self.prefix[:n], self.prefix[n:]
+            return data
+        return bytes(await self.stream.receive_some(max_bytes))
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()

@@ -1,0 +1,108 @@
+"""Where viewers go: SPICE servers as configured targets, turned into upstream openers.
+
+A target has a plain address, a TLS address, or both (QEMU's port and tls-port), and the
+checks its TLS must pass. The reverse listeners use one target each; the CONNECT front picks
+a target per tunnel: by name, by one of a target's addresses, or by the allow-list.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+from proxy.core.allow import AllowList, AllowListError
+from proxy.io.server import Upstream, tcp_opener, tls_opener
+from proxy.tls import TlsSetupError, client_context
+from spicetap.config import ConnectSection, TargetSection
+from spicetap.errors import UserError
+
+Address = tuple[str, int]
+
+
+def host_port(text: str, what: str, *, any_port: bool = False) -> Address:
+    """HOST:PORT; with any_port, port 0 (the system picks one) is allowed."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not (0 if any_port else 1) <= int(port) < 65536:
+        raise UserError(f"{what} {text!r}: expected HOST:PORT")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str | None  # None: reached by an address the allow-list permits
+    plain: Address | None
+    tls: Address | None
+    ca: Path | None = None
+    host_subject: str | None = None
+    insecure: bool = False
+
+    @classmethod
+    def from_section(cls, name: str, section: TargetSection) -> Target:
+        where = f"[targets.{name}]"
+        return cls(
+            name,
+            host_port(section.upstream, f"{where} upstream") if section.upstream else None,
+            host_port(section.upstream_tls, f"{where} upstream_tls")
+            if section.upstream_tls
+            else None,
+            Path(section.upstream_ca) if section.upstream_ca else None,
+            section.upstream_host_subject,
+            section.upstream_insecure,
+        )
+
+    def upstream(self, tls: bool, keylog: Path | None) -> Upstream:
+        """The server side for a viewer that speaks TLS (tls) or not: the matching port when
+        the target has it, else the other one (TLS is then terminated or added here)."""
+        use_tls = self.tls is not None if tls else self.plain is None
+        if not use_tls:
+            assert self.plain is not None
+            host, port = self.plain
+            return Upstream(tcp_opener(host, port), f"{host}:{port}", self.name)
+        assert self.tls is not None
+        host, port = self.tls
+        ctx = _client_context(self.ca, self.insecure, keylog, self.host_subject is None)
+        opener = tls_opener(host, port, ctx, self.host_subject)
+        return Upstream(opener, f"{host}:{port} (tls)", self.name)
+
+
+@cache  # one context per distinct check: CONNECT opens one upstream per channel
+def _client_context(
+    ca: Path | None, insecure: bool, keylog: Path | None, check_hostname: bool
+) -> ssl.SSLContext:
+    try:
+        return client_context(ca, insecure, keylog, check_hostname=check_hostname)
+    except TlsSetupError as exc:
+        raise UserError(str(exc)) from None
+
+
+@dataclass(frozen=True)
+class ConnectRouter:
+    """Decides which target a CONNECT host:port reaches, or None: refused."""
+
+    targets: dict[str, Target]
+    allow: AllowList
+    ca: Path | None = None
+    insecure: bool = False
+
+    @classmethod
+    def from_config(cls, section: ConnectSection, targets: dict[str, Target]) -> ConnectRouter:
+        try:
+            allow = AllowList.parse(section.allow)
+        except AllowListError as exc:
+            raise UserError(f"[connect] {exc}") from None
+        ca = Path(section.upstream_ca) if section.upstream_ca else None
+        return cls(targets, allow, ca, section.upstream_insecure)
+
+    def route(self, host: str, port: int) -> Target | None:
+        by_name = self.targets.get(host) or self.targets.get(host.lower())
+        if by_name is not None:
+            return by_name
+        for target in self.targets.values():
+            if (host, port) in (target.plain, target.tls):
+                return target
+        if self.allow.allows(host, port):
+            # the viewer picked the port; whether it is TLS shows in the tunnel's first byte
+            return Target(None, (host, port), (host, port), self.ca, None, self.insecure)
+        return None

@@ -1,0 +1,184 @@
+"""`spicetap vv TARGET`: a virt-viewer connection file that points remote-viewer at spicetap.
+
+The file carries spicetap's CA inline (`ca=`, the PEM with newlines written as "\\n") and the
+host subject of the certificate spicetap presents, so the viewer checks spicetap's TLS with
+nothing installed. TARGET is the address of spicetap's listener (HOST:PORT), or the name of a
+configured target: its own listeners, else the CONNECT front with the name as host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+
+from proxy.targets import host_port
+from proxy.tls import TlsSetupError, default_subject, listen_host, load_or_create_ca
+from spicetap.config import Config, ConfigError, load_config
+from spicetap.errors import UserError
+
+
+@dataclass(frozen=True)
+class ViewerFile:
+    host: str
+    port: int | None
+    tls_port: int | None
+    ca_pem: str | None  # needed when tls_port is set
+    host_subject: str | None
+    proxy: str | None = None
+    password: str | None = None
+    title: str | None = None
+    fullscreen: bool = False
+    delete_this_file: bool = False
+
+    def render(self) -> str:
+        lines = ["[virt-viewer]", "type=spice", f"host={self.host}"]
+        if self.port is not None:
+            lines.append(f"port={self.port}")
+        if self.tls_port is not None:
+            lines.append(f"tls-port={self.tls_port}")
+            if self.ca_pem is not None:
+                # virt-viewer reads "\n" in ca= as a newline (the PEM must stay one line)
+                lines.append("ca=" + self.ca_pem.strip().replace("\n", "\\n"))
+            if self.host_subject:
+                lines.append(f"host-subject={self.host_subject}")
+            if self.port is None:
+                lines.append("secure-channels=all")
+        if self.proxy:
+            lines.append(f"proxy={self.proxy}")
+        if self.password is not None:
+            lines.append(f"password={self.password}")
+        if self.title:
+            lines.append(f"title={self.title}")
+        if self.fullscreen:
+            lines.append("fullscreen=1")
+        if self.delete_this_file:
+            lines.append("delete-this-file=1")
+        return "\n".join(lines) + "\n"
+
+
+def _ca_pem(folder: Path | None = None) -> str:
+    try:
+        ca = load_or_create_ca(folder)
+    except (TlsSetupError, OSError, ValueError) as exc:
+        raise UserError(f"spicetap's CA: {exc}") from None
+    return ca.cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def viewer_file(args: argparse.Namespace, config: Config) -> ViewerFile:
+    extras: dict[str, Any] = {
+        "password": args.password,
+        "title": args.title,
+        "fullscreen": args.fullscreen,
+        "delete_this_file": args.delete_this_file,
+    }
+    target = config.targets.get(args.target)
+    if target is not None:
+        return _named(args, config, args.target, extras)
+    if ":" not in args.target:
+        known = ", ".join(sorted(config.targets)) or "none configured"
+        raise UserError(f"{args.target!r} is neither HOST:PORT nor a target name ({known})")
+    host, port = host_port(args.target, "TARGET")
+    host = listen_host(host)
+    tls_port = port if args.tls_only else args.tls_port
+    plain = None if args.tls_only else port
+    subject = args.host_subject or default_subject(host)
+    ca = _ca_pem() if tls_port is not None else None
+    return ViewerFile(host, plain, tls_port, ca, subject if tls_port else None, **extras)
+
+
+def _named(
+    args: argparse.Namespace, config: Config, name: str, extras: dict[str, Any]
+) -> ViewerFile:
+    section = config.targets[name]
+    where = f"[targets.{name}]"
+    if section.listen or section.tls_listen:  # its own reverse listeners
+        plain = host_port(section.listen, f"{where} listen") if section.listen else None
+        tls = host_port(section.tls_listen, f"{where} tls_listen") if section.tls_listen else None
+        host = listen_host((plain or tls or ("", 0))[0])
+        subject = args.host_subject or default_subject(host)
+        return ViewerFile(
+            host,
+            plain[1] if plain else None,
+            tls[1] if tls else None,
+            _ca_pem() if tls else None,
+            subject if tls else None,
+            **extras,
+        )
+    front = args.proxy
+    if front is None and config.connect.listen:
+        front_host, front_port = host_port(config.connect.listen, "[connect] listen", any_port=True)
+        if front_port:  # port 0 is picked when the proxy starts: only --proxy can say it
+            front = f"http://{listen_host(front_host)}:{front_port}"
+    if front is None:
+        raise UserError(
+            f"{where} has no listen/tls_listen, and there is no CONNECT front to reach it "
+            "by name: give --proxy or [connect] listen"
+        )
+    # Through the CONNECT front the viewer names the target; spicetap picks the address.
+    # The ports only tell the viewer which channels to open plain or with TLS.
+    plain_port = host_port(section.upstream, f"{where} upstream")[1] if section.upstream else None
+    tls_port = (
+        host_port(section.upstream_tls, f"{where} upstream_tls")[1]
+        if section.upstream_tls
+        else None
+    )
+    return ViewerFile(
+        name,
+        plain_port,
+        tls_port,
+        _ca_pem() if tls_port else None,
+        (args.host_subject or default_subject(name)) if tls_port else None,
+        proxy=front,
+        **extras,
+    )
+
+
+def add_vv_command(sub: Any) -> None:
+    p = sub.add_parser(
+        "vv", help="write a remote-viewer .vv file that connects through spicetap (CA inline)"
+    )
+    p.add_argument("target", help="HOST:PORT of spicetap's listener, or a configured target name")
+    p.add_argument("--config", help="TOML file with [targets.NAME] and [connect]")
+    p.add_argument("--tls-port", type=int, help="spicetap's TLS listener on the same host")
+    p.add_argument("--tls-only", action="store_true", help="PORT in TARGET is a TLS listener")
+    p.add_argument(
+        "--host-subject",
+        help="subject of spicetap's certificate if --tls-subject was given to the proxy",
+    )
+    p.add_argument(
+        "--proxy", help="http://HOST:PORT of spicetap's CONNECT front (default: [connect] listen)"
+    )
+    p.add_argument("--password", help="what the viewer sends (spicetap's, in inject mode)")
+    p.add_argument("--title")
+    p.add_argument("--fullscreen", action="store_true")
+    p.add_argument("--delete-this-file", action="store_true", help="the viewer deletes it")
+    p.add_argument("-o", "--output", help="file to write (default: standard output)")
+    p.set_defaults(func=cmd_vv)
+
+
+def cmd_vv(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(Path(args.config)) if args.config else Config()
+    except ConfigError as exc:
+        raise UserError(str(exc)) from None
+    if args.tls_port is not None and not 0 < args.tls_port < 65536:
+        raise UserError(f"--tls-port {args.tls_port}: expected 1-65535")
+    text = viewer_file(args, config).render()
+    if args.output is None:
+        sys.stdout.write(text)
+        return 0
+    out = Path(args.output)
+    try:  # it may hold a password: readable by its owner only
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as exc:
+        raise UserError(f"cannot write {out}: {exc.strerror or exc}") from None
+    print(f"wrote {out}: remote-viewer {out}", file=sys.stderr)
+    return 0

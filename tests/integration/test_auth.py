@@ -1,0 +1,214 @@
+"""Authentication modes and capability masking through a real `spicetap proxy`, between
+QEMU's spice-server (with a password) and real spice-gtk clients."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from spicetap.archive.reader import ArchiveReader
+from spicetap.archive.verify import verify
+from spicetap.inputs import iter_records
+from tests.conftest import peers
+from tests.harness import (
+    ALL_CHANNELS,
+    ClientOptions,
+    PeerFailed,
+    QemuServer,
+    SpiceEndpoint,
+    run_gi_client,
+    spicy_screenshot,
+)
+from tests.integration.proxy_process import ProxyProcess
+
+pytestmark = pytest.mark.peers
+
+PASSWORD = "s3cret-pw"  # the server's
+VIEWER_PASSWORD = "viewer-pw"  # what viewers give spicetap in inject mode
+AUTH_ERROR = "main channel event: 23"  # SPICE_CHANNEL_ERROR_AUTH, as spicy-screenshot says it
+MINI_HEADER = 3  # SPICE_COMMON_CAP_MINI_HEADER
+
+
+def shot(port: int, password: str, out: Path) -> Path:
+    return spicy_screenshot(SpiceEndpoint(port=port, password=password), out)
+
+
+def same_screen(via: SpiceEndpoint, direct: SpiceEndpoint, work: Path) -> bool:
+    """Screenshots through the proxy and straight from QEMU agree. SeaBIOS's text cursor
+    blinks, so a pair taken across a blink may differ by it: up to 4 pairs."""
+    for n in range(4):
+        a = spicy_screenshot(via, work / f"via-{n}.ppm").read_bytes()
+        if a == spicy_screenshot(direct, work / f"direct-{n}.ppm").read_bytes():
+            return True
+    return False
+
+
+def refused(port: int, password: str, out: Path) -> str:
+    """spicy-screenshot with a wrong password: the client's own error text."""
+    with pytest.raises(PeerFailed) as exc:
+        shot(port, password, out)
+    return str(exc.value)
+
+
+def records(proxy: ProxyProcess) -> list[Any]:
+    archives = proxy.archives()
+    assert archives and all(verify(a).status == "intact" for a in archives)
+    return [r for a in archives for r in iter_records(a, [])]
+
+
+def header_session(proxy: ProxyProcess) -> dict[str, Any]:
+    with ArchiveReader(proxy.archives()[0]) as reader:
+        session: dict[str, Any] = reader.header["session"]
+    return session
+
+
+def assert_secrets_absent(proxy: ProxyProcess, *secrets: str) -> None:
+    blobs = [a.read_bytes() for a in proxy.archives()] + [proxy.log().encode()]
+    for secret in secrets:
+        assert all(secret.encode() not in blob for blob in blobs), "a secret was recorded"
+
+
+def results(recs: list[Any]) -> list[str | None]:
+    return [(r.fields or {}).get("error") for r in recs if r.name == "link_result"]
+
+
+def test_pass_through_relays_right_and_wrong_passwords(tmp_path: Path) -> None:
+    with peers(), QemuServer(guest="none", password=PASSWORD) as srv:
+        assert srv.port is not None
+        with ProxyProcess(srv.port, tmp_path / "rec", tmp_path / "proxy") as proxy:
+            shot(proxy.port, PASSWORD, tmp_path / "ok.ppm")
+            error = refused(proxy.port, "wrong", tmp_path / "bad.ppm")
+            shot(proxy.port, PASSWORD, tmp_path / "again.ppm")  # the proxy serves on
+            assert proxy.proc.poll() is None
+    assert AUTH_ERROR in error
+    recs = records(proxy)
+    assert "PERMISSION_DENIED" in results(recs) and "OK" in results(recs)
+    assert not [r for r in recs if r.kind == "rewrite"]  # nothing rewritten
+    assert header_session(proxy)["auth"] == "pass-through"
+    assert_secrets_absent(proxy, PASSWORD, "wrong")
+
+
+def test_intercept_swaps_the_key_and_the_server_still_accepts(tmp_path: Path) -> None:
+    with peers(), QemuServer(guest="none", password=PASSWORD) as srv:
+        assert srv.port is not None
+        extra = ("--auth", "intercept")
+        with ProxyProcess(srv.port, tmp_path / "rec", tmp_path / "proxy", extra=extra) as proxy:
+            assert same_screen(
+                SpiceEndpoint(port=proxy.port, password=PASSWORD), srv.endpoint(), tmp_path
+            )
+            error = refused(proxy.port, "wrong", tmp_path / "bad.ppm")
+            shot(proxy.port, PASSWORD, tmp_path / "again.ppm")
+            assert proxy.proc.poll() is None
+    assert AUTH_ERROR in error
+    recs = records(proxy)
+    auth = [r.fields for r in recs if r.kind == "auth"]
+    assert {"mode": "intercept", "result": "PERMISSION_DENIED", "by": "server"} in auth
+    assert {"mode": "intercept", "result": "OK", "by": "server"} in auth
+    # the viewer got spicetap's key; the rewrite record keeps the one the server sent
+    rewrites = [r for r in recs if r.kind == "rewrite" and r.name == "link_reply"]
+    replies = [r for r in recs if r.kind == "link" and r.name == "link_reply"]
+    assert rewrites and len(rewrites) == len(replies)
+    for rewrite, reply in zip(rewrites, replies, strict=True):
+        assert rewrite.connection == reply.connection
+        assert reply.raw[4:166] != rewrite.raw[4:166]
+        assert reply.raw[166:] == rewrite.raw[166:] or "cleared" in rewrite.fields
+    assert header_session(proxy)["auth"] == "intercept"
+    assert_secrets_absent(proxy, PASSWORD, "wrong")
+
+
+def write_config(tmp_path: Path, **proxy: str) -> Path:
+    server_pw = tmp_path / "server-password"
+    server_pw.write_text(PASSWORD + "\n")
+    server_pw.chmod(0o600)
+    lines = ["[proxy]", 'auth = "inject"', f'server_password_file = "{server_pw}"']
+    lines += [f'{key} = "{value}"' for key, value in proxy.items()]
+    config = tmp_path / "spicetap.toml"
+    config.write_text("\n".join(lines) + "\n")
+    return config
+
+
+def test_inject_viewers_never_learn_the_server_password(tmp_path: Path) -> None:
+    config = write_config(tmp_path, viewer_password=VIEWER_PASSWORD)
+    with peers(), QemuServer(guest="none", password=PASSWORD) as srv:
+        assert srv.port is not None
+        extra = ("--config", str(config))
+        with ProxyProcess(srv.port, tmp_path / "rec", tmp_path / "proxy", extra=extra) as proxy:
+            assert same_screen(
+                SpiceEndpoint(port=proxy.port, password=VIEWER_PASSWORD), srv.endpoint(), tmp_path
+            )
+            # the server's own password is not what viewers give: spicetap refuses it
+            error = refused(proxy.port, PASSWORD, tmp_path / "bad.ppm")
+            shot(proxy.port, VIEWER_PASSWORD, tmp_path / "again.ppm")
+            assert proxy.proc.poll() is None
+    assert AUTH_ERROR in error
+    recs = records(proxy)
+    denied = [r for r in recs if r.kind == "auth" and r.fields["by"] == "spicetap"]
+    assert len(denied) == 1 and denied[0].fields["result"] == "PERMISSION_DENIED"
+    refused_conn = denied[0].connection
+    # the refused viewer's ticket never went upstream: its c2s stream ends before it
+    assert not [r for r in recs if r.connection == refused_conn and r.name == "ticket"]
+    assert "viewer authentication refused by spicetap" in proxy.log()
+    ok = [r.fields for r in recs if r.kind == "auth" and r.fields["by"] == "server"]
+    assert ok and all(f["result"] == "OK" and f["credential"] == "password" for f in ok)
+    assert header_session(proxy)["auth"] == "inject"
+    assert_secrets_absent(proxy, PASSWORD, VIEWER_PASSWORD)
+
+
+def test_inject_token_opens_one_whole_session(tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("tok-7f3a9c 2099-01-01T00:00:00Z\ntok-old 2000-01-01T00:00:00Z\n")
+    config = write_config(tmp_path, viewer_tokens_file=str(tokens))
+    with peers(), QemuServer(guest="boot", password=PASSWORD) as srv:
+        assert srv.port is not None
+        extra = ("--config", str(config))
+        with ProxyProcess(srv.port, tmp_path / "rec", tmp_path / "proxy", extra=extra) as proxy:
+            result = run_gi_client(
+                SpiceEndpoint(port=proxy.port, password="tok-7f3a9c"),
+                ClientOptions(
+                    duration=10, expect_channels=ALL_CHANNELS, expect_display=True, smartcard=True
+                ),
+                tmp_path / "client",
+            )
+            used = refused(proxy.port, "tok-7f3a9c", tmp_path / "used.ppm")
+            expired = refused(proxy.port, "tok-old", tmp_path / "expired.ppm")
+            assert proxy.proc.poll() is None
+    assert result.returncode == 0, (result.summary, proxy.log()[-2000:])
+    assert len(result.opened) == ALL_CHANNELS  # every channel presented the token
+    assert AUTH_ERROR in used and AUTH_ERROR in expired
+    reasons = [r.fields.get("reason") for r in records(proxy) if r.kind == "auth"]
+    assert "token already used by another session" in reasons
+    assert "token expired" in reasons
+    assert_secrets_absent(proxy, PASSWORD, "tok-7f3a9c", "tok-old")
+
+
+def caps(rec: Any) -> int:
+    return int((rec.fields or {})["common_caps"][0])
+
+
+def test_masked_caps_reach_the_other_side_cleared(tmp_path: Path) -> None:
+    masked = "common:mini_header,display:lz4_compression"
+    with peers(), QemuServer(guest="none") as srv:
+        assert srv.port is not None
+        extra = ("--mask-caps", masked)
+        with ProxyProcess(srv.port, tmp_path / "rec", tmp_path / "proxy", extra=extra) as proxy:
+            # the session still works: the same screen as without the proxy
+            assert same_screen(SpiceEndpoint(port=proxy.port), srv.endpoint(), tmp_path)
+    recs = records(proxy)
+    assert header_session(proxy)["mask_caps"] == masked.split(",")
+    for name, fixed in (("link_mess", 18), ("link_reply", 178)):
+        received = [r for r in recs if r.kind == "link" and r.name == name]
+        originals = {r.connection: r for r in recs if r.kind == "rewrite" and r.name == name}
+        assert received and len(originals) == len(received)
+        for rec in received:
+            # the peer on the other side got the bit cleared; the sender had set it
+            assert not caps(rec) >> MINI_HEADER & 1
+            original = originals[rec.connection]
+            assert int.from_bytes(original.raw[fixed : fixed + 4], "little") >> MINI_HEADER & 1
+            assert "common:mini_header" in original.fields["cleared"]
+    display = [r for r in recs if r.kind == "rewrite" and r.channel == "display"]
+    assert any("display:lz4_compression" in r.fields["cleared"] for r in display)
+    # both sides then used the full header: every message is framed and dissected
+    assert not [r for r in recs if r.kind in ("error", "gap") or r.not_fully_dissected]
+    assert any(r.kind == "message" and r.name == "surface_create" for r in recs)

@@ -1,0 +1,155 @@
+"""The HTTP CONNECT front and named targets, with real spice-gtk viewers (SPICE_PROXY /
+the session's proxy property, as remote-viewer --spice-proxy sets it) and QEMU."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from spicetap.archive.reader import ArchiveReader
+from spicetap.archive.verify import verify
+from spicetap.inputs import iter_records
+from tests.conftest import peers
+from tests.harness import (
+    ALL_CHANNELS,
+    ClientOptions,
+    QemuServer,
+    SpiceEndpoint,
+    run_gi_client,
+    spicy_screenshot,
+)
+from tests.harness.images import CURSOR_CELL, differing_pixels, distinct_colours, read_ppm
+from tests.harness.procs import PeerFailed
+from tests.integration.proxy_process import ProxyProcess
+
+pytestmark = pytest.mark.peers
+
+
+def _connect_status(port: int, target: str) -> bytes:
+    """The status line the CONNECT front answers for `target`."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(f"CONNECT {target} HTTP/1.0\r\nHost: {target}\r\n\r\n".encode())
+        return s.recv(4096).split(b"\r\n", 1)[0]
+
+
+def _session_header(archive: Path) -> dict[str, object]:
+    with ArchiveReader(archive) as reader:
+        session = reader.header["session"]
+    assert isinstance(session, dict)
+    return session
+
+
+def test_connect_front_relays_allowed_targets_and_refuses_others(tmp_path: Path) -> None:
+    with peers(), QemuServer(guest="none") as srv:  # a still screen: SeaBIOS text
+        assert srv.port is not None
+        extra = ("--connect-listen", "127.0.0.1:0", "--allow", f"127.0.0.1:{srv.port}")
+        with ProxyProcess(0, tmp_path / "rec", tmp_path / "proxy", extra) as proxy:
+            front = f"http://127.0.0.1:{proxy.ports['connect']}"
+            direct = spicy_screenshot(srv.endpoint(), tmp_path / "direct.ppm")
+            via = spicy_screenshot(SpiceEndpoint(port=srv.port, proxy=front), tmp_path / "v.ppm")
+            assert _connect_status(proxy.ports["connect"], f"127.0.0.1:{srv.port}").startswith(
+                b"HTTP/1.1 200"
+            )
+            refused = _connect_status(proxy.ports["connect"], f"127.0.0.1:{srv.port + 1}")
+            assert refused == b"HTTP/1.1 403 Forbidden"
+            with pytest.raises(PeerFailed):  # the viewer is refused, the proxy goes on
+                spicy_screenshot(
+                    SpiceEndpoint(port=srv.port + 1, proxy=front), tmp_path / "no.ppm", timeout=15
+                )
+            assert proxy.proc.poll() is None
+    assert differing_pixels(via, direct) <= CURSOR_CELL
+    assert distinct_colours(read_ppm(via)[2]) > 1  # SeaBIOS' text, not a blank screen
+    assert "CONNECT refused (403)" in proxy.log()
+    archives = proxy.archives()
+    assert archives and all(verify(a).status == "intact" for a in archives)
+    session = _session_header(archives[0])
+    assert session["insertion"] == "connect"
+    assert session["server"] == f"127.0.0.1:{srv.port}"
+
+
+def test_connect_front_terminates_tls_for_the_channels_that_use_it(tmp_path: Path) -> None:
+    """A mixed server (main must be TLS, the rest plain): the viewer CONNECTs to the plain
+    port, is told NEED_SECURED for main, and CONNECTs again to the TLS port; spicetap
+    terminates that TLS with a certificate for the host the viewer named."""
+    options = {"tls-channel": "main"}
+    with (
+        peers(),
+        QemuServer(guest="boot", tls=True, password="s3cret", spice_options=options) as srv,
+    ):
+        assert srv.port is not None and srv.tls_port is not None
+        assert srv.tls_material is not None
+        extra = (
+            "--connect-listen",
+            "127.0.0.1:0",
+            "--allow",
+            f"127.0.0.1:{srv.port}",
+            "--allow",
+            f"127.0.0.1:{srv.tls_port}",
+            "--upstream-ca",
+            str(srv.tls_material.ca_file),
+        )
+        with ProxyProcess(0, tmp_path / "rec", tmp_path / "proxy", extra) as proxy:
+            endpoint = SpiceEndpoint(
+                port=srv.port,
+                tls_port=srv.tls_port,
+                password="s3cret",
+                ca_file=tmp_path / "proxy" / "config" / "ca-cert.pem",  # spicetap's CA
+                proxy=f"http://127.0.0.1:{proxy.ports['connect']}",
+            )
+            result = run_gi_client(
+                endpoint,
+                ClientOptions(
+                    duration=10, expect_channels=ALL_CHANNELS, expect_display=True, smartcard=True
+                ),
+                tmp_path / "client",
+            )
+    assert result.returncode == 0, (result.summary, proxy.log()[-3000:])
+    assert len(result.opened) == ALL_CHANNELS
+    archives = proxy.archives()
+    assert archives and all(verify(a).status == "intact" for a in archives)
+    recs = [r for a in archives for r in iter_records(a, [])]
+    tls_of: dict[str | None, list[object]] = {}
+    for r in recs:
+        if r.kind == "open":
+            tls_of.setdefault(r.channel, []).append((r.fields or {}).get("tls"))
+    plain, tls = {"viewer": False, "server": False}, {"viewer": True, "server": True}
+    # refused in plain (recorded on its own: no session id yet), then over TLS
+    assert len(tls_of["main"]) == 2 and plain in tls_of["main"] and tls in tls_of["main"]
+    assert tls_of["display"] == [plain]
+    replies = [r for r in recs if r.name == "link_reply" and r.channel == "main"]
+    assert any((r.fields or {}).get("error") == "NEED_SECURED" for r in replies), replies
+    # the TLS main channel's plaintext is recorded and fully dissected
+    assert any(r.channel == "main" and r.name == "init" for r in recs)
+    assert any(r.name == "draw_copy" for r in recs)
+    assert not [r for r in recs if r.not_fully_dissected or r.kind == "tls"]
+    assert "s3cret" not in proxy.log()
+
+
+def test_named_target_by_connect_and_by_its_own_listener(tmp_path: Path) -> None:
+    with peers(), QemuServer(guest="none") as srv:
+        assert srv.port is not None
+        config = tmp_path / "gateway.toml"
+        config.write_text(
+            f'[connect]\nlisten = "127.0.0.1:0"\n\n'
+            f'[targets.vm1]\nupstream = "127.0.0.1:{srv.port}"\nlisten = "127.0.0.1:0"\n'
+        )
+        extra = ("--config", str(config))
+        with ProxyProcess(0, tmp_path / "rec", tmp_path / "proxy", extra) as proxy:
+            front = f"http://127.0.0.1:{proxy.ports['connect']}"
+            direct = spicy_screenshot(srv.endpoint(), tmp_path / "direct.ppm")
+            # the viewer names the target; the port it gives does not matter
+            by_name = spicy_screenshot(SpiceEndpoint(host="vm1", port=5900, proxy=front),
+                                       tmp_path / "name.ppm")
+            own = spicy_screenshot(SpiceEndpoint(port=proxy.ports["plain:vm1"]),
+                                   tmp_path / "own.ppm")
+            # nothing else is reachable: the allow-list is empty
+            assert _connect_status(proxy.ports["connect"], "127.0.0.1:22") == (
+                b"HTTP/1.1 403 Forbidden"
+            )
+    assert differing_pixels(by_name, direct) <= CURSOR_CELL
+    assert differing_pixels(own, direct) <= CURSOR_CELL
+    headers = [_session_header(a) for a in proxy.archives()]
+    assert sorted(str(h["insertion"]) for h in headers) == ["connect", "reverse"]
+    assert all(h["target"] == "vm1" for h in headers)

@@ -1,0 +1,111 @@
+"""remote-viewer (virt-viewer) under Xvfb renders through spicetap: over TLS on both legs
+from a `spicetap vv` file with spicetap's CA inline, and through the CONNECT front."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from spicetap.archive.verify import verify
+from spicetap.inputs import iter_records
+from tests.conftest import peers
+from tests.harness import QemuServer
+from tests.harness.images import read_ppm
+from tests.harness.screenshot import settled_screenshot
+from tests.harness.xvfb import RemoteViewer, Rgb, Xvfb, wait_for_image
+from tests.integration.proxy_process import REPO, ProxyProcess
+
+pytestmark = pytest.mark.peers
+
+
+def _guest_screen(srv: QemuServer, out: Path) -> Rgb:
+    width, height, rgb = read_ppm(settled_screenshot(srv.endpoint(), out))
+    return np.frombuffer(rgb, np.uint8).reshape(height, width, 3)
+
+
+def _spicetap(work: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "SPICETAP_CONFIG_DIR": str(work / "config"), "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "spicetap", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_remote_viewer_over_tls_on_both_legs_from_a_vv_file(tmp_path: Path) -> None:
+    with (
+        peers(),
+        QemuServer(guest="none", plain=False, tls=True, password="s3cret") as srv,
+        Xvfb() as xvfb,
+    ):
+        assert srv.tls_port is not None and srv.tls_material is not None
+        guest = _guest_screen(srv, tmp_path / "direct.ppm")
+        extra = (
+            "--tls-listen",
+            "127.0.0.1:0",
+            "--upstream-tls",
+            f"127.0.0.1:{srv.tls_port}",
+            "--upstream-ca",
+            str(srv.tls_material.ca_file),
+            "--upstream-host-subject",
+            srv.tls_material.host_subject,
+        )
+        work = tmp_path / "proxy"
+        with ProxyProcess(0, tmp_path / "rec", work, extra) as proxy:
+            vv = tmp_path / "session.vv"
+            made = _spicetap(
+                work, "vv", f"127.0.0.1:{proxy.port}", "--tls-only", "--password", "s3cret",
+                "-o", str(vv),
+            )
+            assert made.returncode == 0, made.stderr
+            text = vv.read_text()
+            assert "ca=-----BEGIN CERTIFICATE-----\\n" in text and "secure-channels=all" in text
+            assert vv.stat().st_mode & 0o077 == 0  # it holds a password
+            with RemoteViewer(xvfb, [str(vv)], tmp_path / "rv.log") as viewer:
+                wait_for_image(xvfb, guest, viewer)
+    archives = proxy.archives()
+    assert archives and all(verify(a).status == "intact" for a in archives)
+    recs = [r for a in archives for r in iter_records(a, [])]
+    opens = [r for r in recs if r.kind == "open"]
+    assert {r.channel for r in opens} >= {"main", "display", "inputs", "cursor"}
+    assert all((r.fields or {}).get("tls") == {"viewer": True, "server": True} for r in opens)
+    assert any(r.channel == "display" and r.name == "draw_copy" for r in recs)
+    assert not [r for r in recs if r.not_fully_dissected or r.kind == "tls"]
+    for archive in archives:
+        assert b"s3cret" not in archive.read_bytes()
+
+
+def test_remote_viewer_by_target_name_through_the_connect_front(tmp_path: Path) -> None:
+    """A gateway: the .vv file names the target and the CONNECT front (proxy=); the viewer
+    never learns the server's address."""
+    with peers(), QemuServer(guest="none") as srv, Xvfb() as xvfb:
+        assert srv.port is not None
+        guest = _guest_screen(srv, tmp_path / "direct.ppm")
+        config = tmp_path / "gateway.toml"
+        config.write_text(
+            '[connect]\nlisten = "127.0.0.1:0"\n\n'
+            f'[targets.vm1]\nupstream = "127.0.0.1:{srv.port}"\n'
+        )
+        work = tmp_path / "proxy"
+        with ProxyProcess(0, tmp_path / "rec", work, ("--config", str(config))) as proxy:
+            vv = tmp_path / "vm1.vv"
+            front = f"http://127.0.0.1:{proxy.ports['connect']}"
+            made = _spicetap(work, "vv", "vm1", "--config", str(config), "--proxy", front,
+                             "-o", str(vv))
+            assert made.returncode == 0, made.stderr
+            assert "host=vm1\n" in vv.read_text() and f"proxy={front}\n" in vv.read_text()
+            with RemoteViewer(xvfb, [str(vv)], tmp_path / "rv.log") as viewer:
+                wait_for_image(xvfb, guest, viewer)
+    archives = proxy.archives()
+    assert archives and all(verify(a).status == "intact" for a in archives)
+    recs = [r for a in archives for r in iter_records(a, [])]
+    assert any(r.channel == "display" and r.name == "draw_copy" for r in recs)
+    assert f"CONNECT vm1:{srv.port} (spice)" in proxy.log()

@@ -1,0 +1,85 @@
+"""spice-html5 in real headless Chromium through `spicetap proxy --ws-listen`, in front of
+QEMU's spice-server: spicetap serves the page and carries every channel over WebSocket,
+and records the session like any other."""
+
+from __future__ import annotations
+
+import http.client
+import ssl
+import time
+from pathlib import Path
+
+import pytest
+
+from spicetap.archive.reader import ArchiveReader
+from spicetap.archive.verify import verify
+from spicetap.inputs import iter_records
+from tests.conftest import peers
+from tests.harness import HeadlessChromium, QemuServer, need_spice_html5
+from tests.integration.proxy_process import ProxyProcess
+
+pytestmark = pytest.mark.peers
+
+
+def _get(port: int, path: str, ca: Path | None) -> tuple[int, bytes]:
+    """GET over http, or https checked against spicetap's CA."""
+    conn = (
+        http.client.HTTPSConnection(
+            "127.0.0.1", port, timeout=10, context=ssl.create_default_context(cafile=ca)
+        )
+        if ca
+        else http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    )
+    try:
+        conn.request("GET", path)
+        answer = conn.getresponse()
+        return answer.status, answer.read()
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["ws", "wss"])
+def test_spice_html5_in_chromium_is_drawn_and_recorded(tmp_path: Path, tls: bool) -> None:
+    started = time.monotonic()
+    front = ("--ws-listen", "127.0.0.1:0", *(["--ws-tls"] if tls else []))
+    scheme = "https" if tls else "http"
+    with peers():
+        need_spice_html5()
+        with QemuServer(guest="boot") as srv:  # the boot guest animates the screen
+            assert srv.port is not None
+            with ProxyProcess(srv.port, tmp_path / "rec", tmp_path / "proxy", front) as proxy:
+                port = proxy.ports["websocket"]
+                ca = tmp_path / "proxy" / "config" / "ca-cert.pem" if tls else None
+                # the same port serves spice-html5's files, and nothing outside them
+                status, body = _get(port, "/spice_auto.html", ca)
+                assert status == 200 and b"spice" in body
+                status, body = _get(port, "/%2e%2e/%2e%2e/etc/passwd", ca)
+                assert status == 403 and b"root:" not in body
+                with HeadlessChromium(tmp_path / "chromium", ignore_tls_errors=tls) as browser:
+                    page = browser.open_spice_html5(
+                        f"{scheme}://127.0.0.1:{port}/spice_auto.html", min_nonblank=5000
+                    )
+                    time.sleep(1)  # a little more drawing on the record
+    elapsed = time.monotonic() - started
+    print(f"timings: {page.timings}, whole test {elapsed:.1f} s")
+    assert page.canvases and max(w * h for w, h in page.canvases) >= 640 * 400, page
+    assert page.nonblank >= 5000 and page.colours >= 2, page
+    assert page.screenshot_nonblank >= 5000, page.screenshot
+    assert not page.dialogs, page.dialogs
+
+    (archive,) = proxy.archives()
+    assert verify(archive).status == "intact", proxy.log()[-2000:]
+    with ArchiveReader(archive) as reader:
+        session = reader.header["session"]
+    assert session["insertion"] == "websocket", session
+    assert session["viewer"].startswith("127.0.0.1:")
+    assert session["server"] == f"127.0.0.1:{srv.port}"
+    assert session["tls"] == {"viewer": tls, "server": False}
+    recs = list(iter_records(archive, []))
+    channels = {r.channel for r in recs}
+    assert {"main", "display", "inputs", "cursor"} <= channels, channels
+    assert len({r.session for r in recs}) == 1
+    assert not [r for r in recs if r.kind in ("error", "gap")], proxy.log()[-2000:]
+    draws = [r for r in recs if r.channel == "display" and (r.name or "").startswith("draw_")]
+    assert len(draws) >= 1 and all(r.direction == "s2c" for r in draws)
+    assert any(r.channel == "display" and r.name == "init" and r.direction == "c2s" for r in recs)

@@ -1,0 +1,77 @@
+"""`spicetap proxy` link options: names checked, secrets read from files and never echoed."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from proxy.linksetup import add_link_options, link_policy_from
+from spicetap.cli import main
+from spicetap.config import ProxySection
+from spicetap.errors import UserError
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    add_link_options(p)
+    return p.parse_args(list(argv))
+
+
+def test_default_is_pass_through_and_inactive() -> None:
+    policy = link_policy_from(parse(), ProxySection())
+    assert policy.auth == "pass-through" and not policy.active
+
+
+def test_cli_names_override_the_config() -> None:
+    section = ProxySection(mask_caps=("display:codec_vp8",))
+    assert link_policy_from(parse(), section).mask.names == ("display:codec_vp8",)
+    args = parse(
+        "--mask-caps", "display:codec_h264,common:mini_header", "--mask-caps", "main:name_and_uuid"
+    )
+    names = link_policy_from(args, section).mask.names
+    assert names == ("display:codec_h264", "common:mini_header", "main:name_and_uuid")
+
+
+def test_unknown_cap_is_a_one_line_error(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["proxy", "--upstream", "127.0.0.1:1", "--mask-caps", "display:stream_codec_h264"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "--mask-caps: unknown capability 'display:stream_codec_h264'" in err
+    assert "display:codec_h264" in err
+
+
+def test_inject_needs_both_sides_and_reads_secret_files(tmp_path: Path) -> None:
+    server = tmp_path / "server"
+    server.write_text("real-password\n")
+    with pytest.raises(UserError, match="server password"):
+        link_policy_from(parse("--auth", "inject"), ProxySection(viewer_password="v"))
+    with pytest.raises(UserError, match="viewer password or tokens"):
+        link_policy_from(
+            parse("--auth", "inject", "--server-password-file", str(server)), ProxySection()
+        )
+    policy = link_policy_from(
+        parse("--auth", "inject", "--server-password-file", str(server)),
+        ProxySection(viewer_password="viewer-pw"),
+    )
+    assert policy.server_password == b"real-password" and policy.key is not None
+    assert "real-password" not in repr(policy) and "viewer-pw" not in repr(policy)
+
+
+def test_secrets_belong_to_inject_only_and_bad_files_name_no_content(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="inject only"):
+        link_policy_from(parse("--auth", "intercept"), ProxySection(server_password="x"))
+    tokens = tmp_path / "tokens"
+    tokens.write_text("very-secret-token next-week\n")
+    with pytest.raises(UserError) as exc:
+        link_policy_from(
+            parse("--auth", "inject", "--viewer-tokens-file", str(tokens)),
+            ProxySection(server_password="x"),
+        )
+    assert "line 1" in str(exc.value) and "very-secret-token" not in str(exc.value)
+    with pytest.raises(UserError, match="cannot read"):
+        link_policy_from(
+            parse("--auth", "inject", "--server-password-file", str(tmp_path / "missing")),
+            ProxySection(viewer_password="v"),
+        )

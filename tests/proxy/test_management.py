@@ -1,0 +1,383 @@
+"""The management API: routing, request validation, session grouping, the Prometheus text,
+and the h11 shell over in-memory streams (bad requests, limits, timeouts)."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from proxy.core import management as core
+from proxy.core.management import (
+    ChannelView,
+    ConnectRequest,
+    HttpError,
+    RecorderView,
+    Totals,
+    group_sessions,
+    metrics_text,
+    parse_connect,
+    route,
+    sessions_json,
+)
+from proxy.core.relay import ChannelRelay, Limits
+from proxy.io import management as shell
+from proxy.io.management import ManagementApi, ManagementOptions
+from proxy.io.server import ChannelStats, ProxyState
+from tests.proxy.test_framing import OK, TICKET, caps_word, link_mess, link_reply, mini
+
+MAIN, DISPLAY = 1, 2
+
+
+def view(
+    conn: int,
+    ctype: int | None,
+    cid: int | None,
+    started: float,
+    viewer: str = "10.0.0.1",
+    sent: int = 10,
+) -> ChannelView:
+    return ChannelView(
+        conn=conn,
+        connection_id=cid,
+        channel_type=ctype,
+        channel_id=0,
+        viewer=(viewer, 40000 + conn),
+        upstream="127.0.0.1:5930",
+        started=started,
+        linked=ctype is not None,
+        bytes={"c2s": sent, "s2c": 2 * sent},
+        messages={"c2s": 1, "s2c": 2},
+    )
+
+
+TOTALS = Totals(2, 7, 1, {"c2s": 1000, "s2c": 5000}, {"c2s": 10, "s2c": 50})
+
+
+# -- routing and validation ----------------------------------------------------------------
+def test_routes_and_their_errors() -> None:
+    assert route("GET", "/metrics") == "/metrics"
+    assert route("GET", "/api/sessions?pretty=1") == "/api/sessions"
+    with pytest.raises(HttpError) as nf:
+        route("GET", "/nope")
+    assert nf.value.status == 404
+    with pytest.raises(HttpError) as na:
+        route("GET", "/api/spice/connect")
+    assert na.value.status == 405 and na.value.allow == ("POST",)
+
+
+def test_connect_request_minimal_and_full() -> None:
+    assert parse_connect(b'{"host": "127.0.0.1", "port": 5900}') == ConnectRequest(
+        "127.0.0.1", 5900
+    )
+    full = json.dumps(
+        {
+            "host": "[::1]",
+            "port": 5901,
+            "timeout": 2,
+            "tls": True,
+            "hostSubject": "C=XX,CN=x",
+            "password": "pw",
+        }
+    )
+    assert parse_connect(full.encode()) == ConnectRequest("::1", 5901, 2.0, True, "C=XX,CN=x", "pw")
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        (b"not json", "not JSON"),
+        (b"\xff\xfe", "not JSON"),
+        (b"[1, 2]", "JSON object"),
+        (b'{"port": 5900}', '"host"'),
+        (b'{"host": "", "port": 5900}', '"host"'),
+        (b'{"host": "h", "port": "5900"}', '"port"'),
+        (b'{"host": "h", "port": 0}', '"port"'),
+        (b'{"host": "h", "port": true}', '"port"'),
+        (b'{"host": "h", "port": 70000}', '"port"'),
+        (b'{"host": "h", "port": 1, "timeout": 0}', '"timeout"'),
+        (b'{"host": "h", "port": 1, "timeout": 1000}', '"timeout"'),
+        (b'{"host": "h", "port": 1, "timeout": "5"}', '"timeout"'),
+        (b'{"host": "h", "port": 1, "tls": "yes"}', '"tls"'),
+        (b'{"host": "h", "port": 1, "hostSubject": "CN=x"}', "needs"),
+        (b'{"host": "h", "port": 1, "password": 5}', '"password"'),
+        (b'{"host": "h", "port": 1, "password": "' + b"x" * 61 + b'"}', "at most 60"),
+        (b'{"host": "h", "port": 1, "pasword": "x"}', "unknown key 'pasword'"),
+    ],
+)
+def test_bad_connect_requests_are_400_naming_the_problem(body: bytes, says: str) -> None:
+    with pytest.raises(HttpError) as err:
+        parse_connect(body)
+    assert err.value.status == 400 and says in err.value.message
+
+
+# -- sessions --------------------------------------------------------------------------------
+def test_main_channel_joins_its_session_by_viewer_host_and_order() -> None:
+    channels = [
+        view(0, MAIN, 0, 100.0),  # a main links with connection id 0
+        view(1, DISPLAY, 0xABC, 100.5),
+        view(2, MAIN, 0, 101.0, viewer="10.0.0.2"),  # another viewer, main only so far
+        view(3, None, None, 102.0),  # still linking
+        view(4, DISPLAY, 0xABC, 100.6),
+    ]
+    groups = group_sessions(channels)
+    assert [(sid, [c.conn for c in members]) for sid, members in groups] == [
+        (0xABC, [0, 1, 4]),
+        (None, [2]),
+        (None, [3]),
+    ]
+
+
+def test_the_recorders_knowledge_beats_the_guess() -> None:
+    channels = [
+        view(0, MAIN, 0, 100.0),
+        view(1, MAIN, 0, 100.2),
+        view(2, DISPLAY, 0x77, 100.5),
+    ]
+    guessed = dict(group_sessions(channels))
+    assert [c.conn for c in guessed[0x77]] == [1, 2]  # the latest main before it
+    known = group_sessions(channels, {0: 0x77})
+    assert [(sid, [c.conn for c in m]) for sid, m in known] == [(0x77, [0, 2]), (None, [1])]
+    assert [sid for sid, _ in guessed.items()] == [None, 0x77]  # oldest first
+
+
+def test_sessions_json() -> None:
+    data = sessions_json([view(0, MAIN, 0, 0.0), view(1, DISPLAY, 5, 1.5)], TOTALS)
+    (session,) = data["sessions"]
+    assert session["connectionId"] == 5
+    assert session["viewer"] == "10.0.0.1:40000"
+    assert session["started"] == "1970-01-01T00:00:00.000+00:00"
+    assert session["bytes"] == {"c2s": 20, "s2c": 40}
+    assert [c["channel"] for c in session["channels"]] == ["main", "display"]
+    assert session["channels"][1] == {
+        "conn": 1,
+        "channel": "display",
+        "channelType": 2,
+        "channelId": 0,
+        "viewer": "10.0.0.1:40001",
+        "upstream": "127.0.0.1:5930",
+        "started": "1970-01-01T00:00:01.500+00:00",
+        "linked": True,
+        "bytes": {"c2s": 10, "s2c": 20},
+        "messages": {"c2s": 1, "s2c": 2},
+    }
+    assert data["totals"] == {
+        "sessions": 1,
+        "channelsOpen": 2,
+        "channelsTotal": 7,
+        "channelErrors": 1,
+        "bytes": {"c2s": 1000, "s2c": 5000},
+        "messages": {"c2s": 10, "s2c": 50},
+    }
+    json.dumps(data)  # JSON-ready as it is
+
+
+# -- metrics ---------------------------------------------------------------------------------
+SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[a-z_]+="[^"\\]*",?)*\})? (-?[0-9.e+]+)$')
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Strict enough for Prometheus' text format 0.0.4: every sample's family has HELP and
+    TYPE first, once; counters end in _total; no sample twice."""
+    assert text.endswith("\n")
+    families: dict[str, str] = {}
+    samples: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            name = line.split()[2]
+            assert name not in families
+            families[name] = ""
+        elif line.startswith("# TYPE "):
+            _, _, name, kind = line.split()
+            assert families.get(name) == "" and kind in ("counter", "gauge")
+            families[name] = kind
+        else:
+            match = SAMPLE.match(line)
+            assert match, line
+            name = match.group(1)
+            assert families.get(name), f"{name} has no HELP/TYPE before it"
+            if families[name] == "counter":
+                assert name.endswith("_total")
+            key = name + (match.group(2) or "")
+            assert key not in samples
+            samples[key] = float(match.group(3))
+    return samples
+
+
+def test_metrics_text() -> None:
+    channels = [view(0, MAIN, 0, 0.0), view(1, DISPLAY, 5, 1.0), view(2, None, None, 2.0)]
+    text = metrics_text(channels, TOTALS, RecorderView(3, 4096, False), 50_000_000)
+    m = parse_metrics(text)
+    assert m["spicetap_channels_open"] == 2
+    assert m["spicetap_channels_total"] == 7
+    assert m["spicetap_channel_errors_total"] == 1
+    assert m['spicetap_bytes_total{direction="c2s"}'] == 1000
+    assert m['spicetap_bytes_total{direction="s2c"}'] == 5000
+    assert m['spicetap_messages_total{direction="s2c"}'] == 50
+    assert m['spicetap_channels_open_by_type{channel="main"}'] == 1
+    assert m['spicetap_channels_open_by_type{channel="display"}'] == 1
+    assert m['spicetap_channels_open_by_type{channel="linking"}'] == 1
+    assert m['spicetap_channels_open_by_type{channel="webdav"}'] == 0  # every type, always
+    assert m["spicetap_recorder_backlog"] == 3
+    assert m["spicetap_recorder_lost_bytes_total"] == 4096
+    assert m["spicetap_recorder_failed"] == 0
+    assert m["process_resident_memory_bytes"] == 50_000_000
+
+
+def test_metrics_without_recorder_or_rss() -> None:
+    m = parse_metrics(metrics_text([], TOTALS, None, None))
+    assert not [k for k in m if "recorder" in k or "process" in k]
+
+
+def test_label_values_are_escaped() -> None:
+    out = core._Metrics()
+    out.family("x", "gauge", "help")
+    out.sample("x", 1, label='a"b\\c\nd')
+    assert out.text().splitlines()[-1] == 'x{label="a\\"b\\\\c\\nd"} 1'
+
+
+# -- the h11 shell over memory streams -------------------------------------------------------
+def live_state() -> ProxyState:
+    """One relayed main channel that has linked and carried two messages."""
+    state = ProxyState(total_channels=3, errors=1)
+    relay = ChannelRelay(Limits(), time.monotonic())
+    relay.received("c2s", link_mess(caps_word(1, 3), channel_type=MAIN, conn=0), 0.0)
+    relay.received("s2c", link_reply(caps_word(1, 3)), 0.0)
+    relay.received("c2s", TICKET, 0.0)
+    relay.received("s2c", OK + mini(103, b"init") + mini(4, b"ping"), 0.0)
+    state.channels[7] = ChannelStats(7, ("127.0.0.1", 41000), "up:5930", time.monotonic(), relay)
+    state.closed_bytes["c2s"] = 100
+    return state
+
+
+async def exchange(api: ManagementApi, raw: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send raw request bytes, read the whole response (the server closes)."""
+    client, server = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(api.handle, server)
+        await client.send_all(raw)
+        response = b""
+        with trio.fail_after(10):
+            while chunk := await client.receive_some(65536):
+                response += chunk
+    head, _, body = response.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode().split("\r\n")
+    headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines)}
+    return int(status_line.split()[1]), headers, body
+
+
+def request(method: str, path: str, body: bytes = b"", extra: str = "") -> bytes:
+    head = f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n{extra}\r\n"
+    return head.encode() + body
+
+
+def api(state: ProxyState | None = None) -> ManagementApi:
+    return ManagementApi(ManagementOptions(("127.0.0.1", 0)), state or ProxyState(), None)
+
+
+async def test_sessions_over_http() -> None:
+    status, headers, body = await exchange(api(live_state()), request("GET", "/api/sessions"))
+    assert status == 200 and headers["content-type"] == "application/json"
+    assert headers["connection"] == "close"
+    data = json.loads(body)
+    (session,) = data["sessions"]
+    (channel,) = session["channels"]
+    assert channel["channel"] == "main" and channel["linked"]
+    assert channel["messages"] == {"c2s": 0, "s2c": 2}
+    assert data["totals"]["bytes"]["c2s"] == 100 + channel["bytes"]["c2s"]
+
+
+async def test_metrics_over_http() -> None:
+    status, headers, body = await exchange(api(live_state()), request("GET", "/metrics"))
+    assert status == 200 and headers["content-type"].startswith("text/plain; version=0.0.4")
+    m = parse_metrics(body.decode())
+    assert m['spicetap_messages_total{direction="s2c"}'] == 2
+    assert m["process_resident_memory_bytes"] > 1_000_000
+
+
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [
+        (b"GARBAGE\r\n\r\n", 400),
+        (request("GET", "/nothing"), 404),
+        (request("DELETE", "/api/sessions"), 405),
+        (request("POST", "/api/spice/connect", b"{}"), 400),
+        (request("POST", "/api/spice/connect", b"x" * 70_000), 413),
+        (b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X-Pad: y\r\n" * 3000, 431),  # never ends
+    ],
+)
+async def test_bad_requests_get_an_error_status_and_json(raw: bytes, status: int) -> None:
+    got, headers, body = await exchange(api(), raw)
+    assert got == status
+    assert "error" in json.loads(body)
+    if status == 405:
+        assert headers["allow"] == "GET"
+
+
+async def test_chunked_body_over_the_limit_is_413() -> None:
+    chunk = b"%x\r\n%s\r\n" % (40_000, b"x" * 40_000)
+    raw = b"POST /api/spice/connect HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    got, _, _ = await exchange(api(), raw + chunk * 2 + b"0\r\n\r\n")
+    assert got == 413
+
+
+async def test_a_request_that_never_completes_gets_408(monkeypatch: Any) -> None:
+    monkeypatch.setattr(shell, "REQUEST_TIMEOUT", 0.2)
+    got, _, _ = await exchange(api(), b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # no blank line
+    assert got == 408
+
+
+async def test_a_bug_costs_one_request_not_the_server(monkeypatch: Any) -> None:
+    def broken(*_args: Any) -> str:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(shell, "metrics_text", broken)
+    got, _, body = await exchange(api(), request("GET", "/metrics"))
+    assert got == 500 and json.loads(body) == {"error": "internal error"}
+
+
+@pytest.mark.parametrize("sent", [b"", b"GET /metr"])
+async def test_client_vanishing_mid_request_is_quiet(caplog: Any, sent: bytes) -> None:
+    client, server = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(api().handle, server)
+        await client.send_all(sent)
+        await client.aclose()
+    assert not caplog.records  # nothing to report, least of all an "internal error"
+
+
+async def test_connect_probe_of_a_closed_port_over_http() -> None:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    await listeners[0].aclose()  # nothing listens there now
+    body = json.dumps({"host": "127.0.0.1", "port": port, "timeout": 5}).encode()
+    status, _, answer = await exchange(api(), request("POST", "/api/spice/connect", body))
+    assert status == 200
+    assert json.loads(answer) == {
+        "success": False,
+        "host": "127.0.0.1",
+        "port": port,
+        "error": "Connection refused",
+    }
+
+
+def test_management_from_the_config_file(tmp_path: Any) -> None:
+    from proxy.cli import _management
+    from spicetap.cli import build_parser
+    from spicetap.config import load_config
+
+    path = tmp_path / "spicetap.toml"
+    path.write_text('[proxy]\nupstream = "127.0.0.1:5930"\nmanagement = "127.0.0.1:0"\n')
+    config = load_config(path)
+    args = build_parser().parse_args(["proxy", "--config", str(path)])
+    options = _management(args, config.proxy)
+    assert options is not None and options.listen == ("127.0.0.1", 0)
+    assert options.tls is not None  # probes with "tls": true have a context to check with
+    flag = build_parser().parse_args(["proxy", "--management", "[::1]:9000"])
+    from_flag = _management(flag, config.proxy)  # the option wins over the file
+    assert from_flag is not None and from_flag.listen == ("::1", 9000)

@@ -1,0 +1,96 @@
+"""`spicetap vv`: the connection file remote-viewer reads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from spicetap.cli import main
+
+
+def _vv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *args: str) -> dict[str, str]:
+    monkeypatch.setenv("SPICETAP_CONFIG_DIR", str(tmp_path / "cfg"))
+    out = tmp_path / "out.vv"
+    assert main(["vv", *args, "-o", str(out)]) == 0
+    lines = out.read_text().splitlines()
+    assert lines[0] == "[virt-viewer]"
+    return dict(line.split("=", 1) for line in lines[1:])
+
+
+def test_tls_only_listener_carries_spicetaps_ca_inline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    vv = _vv(tmp_path, monkeypatch, "0.0.0.0:5901", "--tls-only", "--password", "pw")
+    assert vv["type"] == "spice" and vv["host"] == "127.0.0.1" and vv["tls-port"] == "5901"
+    assert "port" not in vv and vv["secure-channels"] == "all"
+    assert vv["host-subject"] == "O=spicetap,CN=127.0.0.1"  # what the proxy issues by default
+    ca = x509.load_pem_x509_certificate(vv["ca"].replace("\\n", "\n").encode())
+    on_disk = (tmp_path / "cfg" / "ca-cert.pem").read_bytes()
+    assert ca == x509.load_pem_x509_certificate(on_disk)  # the CA the proxy signs with
+    assert vv["password"] == "pw"
+    assert (tmp_path / "out.vv").stat().st_mode & 0o777 == 0o600
+
+
+def test_plain_listener_needs_no_ca(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    vv = _vv(tmp_path, monkeypatch, "10.1.2.3:5900", "--title", "VM 1")
+    assert vv == {"type": "spice", "host": "10.1.2.3", "port": "5900", "title": "VM 1"}
+
+
+def test_named_target_with_its_own_listeners(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(
+        '[targets.vm1]\nupstream = "10.0.0.5:5900"\nlisten = "127.0.0.1:5910"\n'
+        'tls_listen = "127.0.0.1:5911"\n'
+    )
+    vv = _vv(tmp_path, monkeypatch, "vm1", "--config", str(config))
+    assert (vv["host"], vv["port"], vv["tls-port"]) == ("127.0.0.1", "5910", "5911")
+    assert "secure-channels" not in vv and "proxy" not in vv
+
+
+def test_named_target_through_the_connect_front(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(
+        '[connect]\nlisten = "0.0.0.0:3128"\n\n'
+        '[targets.vm1]\nupstream = "10.0.0.5:5900"\nupstream_tls = "10.0.0.5:5901"\n'
+    )
+    vv = _vv(tmp_path, monkeypatch, "vm1", "--config", str(config))
+    assert vv["host"] == "vm1" and vv["proxy"] == "http://127.0.0.1:3128"
+    assert (vv["port"], vv["tls-port"]) == ("5900", "5901")
+    assert vv["host-subject"] == "O=spicetap,CN=vm1"  # issued per CONNECTed host name
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["nosuch"], "'nosuch' is neither HOST:PORT nor a target name"),
+        (["h:70000"], "TARGET 'h:70000': expected HOST:PORT"),
+        (["h:1", "--tls-port", "0"], "--tls-port 0: expected 1-65535"),
+    ],
+)
+def test_bad_targets_are_one_line_errors(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    args: list[str],
+    message: str,
+) -> None:
+    monkeypatch.setenv("SPICETAP_CONFIG_DIR", str(tmp_path / "cfg"))
+    assert main(["vv", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_named_target_without_any_way_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('[targets.vm1]\nupstream = "10.0.0.5:5900"\n')
+    monkeypatch.setenv("SPICETAP_CONFIG_DIR", str(tmp_path / "cfg"))
+    assert main(["vv", "vm1", "--config", str(config)]) == 2
+    assert "no CONNECT front" in capsys.readouterr().err

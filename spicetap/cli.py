@@ -56,11 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     from proxy.probe_cli import add_probe_command
     from proxy.vv import add_vv_command
     from spicetap.cli_inspect import add_commands
+    from spicetap.demo.cli import add_demo_command
 
     add_commands(sub)
     add_proxy_command(sub)
     add_probe_command(sub)
     add_vv_command(sub)
+    add_demo_command(sub)
     return parser
 
 

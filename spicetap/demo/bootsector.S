@@ -1,5 +1,5 @@
 /*
- * spicetap test guest "boot": a 512-byte MBR that keeps the VGA screen moving.
+ * spicetap's demo and test guest: a 512-byte MBR that keeps the VGA screen moving.
  *
  * Mode 13h (320x200, 256 colours). Every BIOS timer tick (18.2 Hz) it redraws
  * the whole screen with colour = (column - frame) XOR (row + frame): two
@@ -10,6 +10,8 @@
  *
  * Build: as --32 -o b.o bootsector.S
  *        ld -m elf_i386 -Ttext=0x7c00 --oformat binary -o b.bin b.o
+ * The assembled bytes are committed in guest.py (so `spicetap demo` needs no
+ * assembler); tests/test_demo.py checks they are current with this source.
  */
         .code16
         .text

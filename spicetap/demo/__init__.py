@@ -1,0 +1,1 @@
+"""`spicetap demo`: a local test VM behind a recording proxy (see cli.py)."""

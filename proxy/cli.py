@@ -176,8 +176,11 @@ def cmd_proxy(args: argparse.Namespace) -> int:
         recorder.start()
     try:
         trio.run(_serve, routes, connect, limits, recorder, websocket, link_policy, management)
-    except OSError as exc:
-        raise UserError(f"cannot listen on {args.listen}: {exc.strerror or exc}") from None
+    except BaseExceptionGroup as group:  # trio's nursery wraps what its tasks raise
+        cannot = group.subgroup(ListenError)
+        if cannot is None:
+            raise
+        raise UserError(str(cannot.exceptions[0])) from None
     except KeyboardInterrupt:
         pass
     finally:
@@ -320,6 +323,10 @@ def _management(args: argparse.Namespace, cp: ProxySection) -> ManagementOptions
         raise UserError(str(exc)) from None
 
 
+class ListenError(Exception):
+    """A listener could not be opened (the message names it and why)."""
+
+
 def announce(kind: str, listeners: list[trio.SocketListener], what: str) -> None:
     """One log line, and one stdout line scripts and tests read: the bound port (port 0 in
     --listen lets the system pick one). "spicetap proxy ready" follows the last of them."""
@@ -341,26 +348,44 @@ async def _serve(
     logger = logging.getLogger("spicetap.proxy")
     proxy = ChannelProxy(limits, recorder, state, link_policy)
     async with trio.open_nursery() as nursery:
+
+        async def start(
+            kind: str, where: tuple[str, int], what: str, serve: Any, *args: Any
+        ) -> None:
+            try:
+                listeners = await nursery.start(serve, *args)
+            except OSError as exc:
+                reason = exc.strerror or str(exc)
+                message = f"cannot listen ({kind}) on {where[0]}:{where[1]}: {reason}"
+                raise ListenError(message) from None
+            announce(kind, listeners, what)
+
         for route in routes:
-            listeners = await nursery.start(
-                serve_tcp, proxy, route.upstream, *route.listen, route.viewer_tls
-            )
             kind = "tls" if route.viewer_tls is not None else "plain"
             if route.upstream.target is not None:
                 kind += f":{route.upstream.target}"
-            announce(kind, listeners, f"forwarding to {route.upstream.label}")
+            await start(
+                kind, route.listen, f"forwarding to {route.upstream.label}",
+                serve_tcp, proxy, route.upstream, *route.listen, route.viewer_tls,
+            )  # fmt: skip
         if connect is not None:
             (host, port), front = connect
-            listeners = await nursery.start(serve_connect, proxy, front, host, port)
-            announce("connect", listeners, "HTTP CONNECT front")
+            await start(
+                "connect", (host, port), "HTTP CONNECT front",
+                serve_connect, proxy, front, host, port,
+            )  # fmt: skip
         if websocket is not None:
-            listeners = await nursery.start(
-                serve_websocket, proxy, websocket.upstream, *websocket.listen, websocket.viewer_tls
-            )
-            announce("websocket", listeners, f"forwarding to {websocket.upstream.label}")
+            await start(
+                "websocket", websocket.listen, f"forwarding to {websocket.upstream.label}",
+                serve_websocket, proxy, websocket.upstream, *websocket.listen,
+                websocket.viewer_tls,
+            )  # fmt: skip
         if management is not None:
-            listeners = await nursery.start(serve_management, management, state, recorder)
-            announce("management", listeners, "HTTP API: /api/sessions /api/spice/connect /metrics")
+            await start(
+                "management", management.listen,
+                "HTTP API: /api/sessions /api/spice/connect /metrics",
+                serve_management, management, state, recorder,
+            )  # fmt: skip
         print("spicetap proxy ready", flush=True)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for _sig in signals:

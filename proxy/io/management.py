@@ -248,10 +248,7 @@ async def serve_management(
     """Listen on options.listen and answer API requests until cancelled."""
     api = ManagementApi(options, state, recorder)
     host, port = options.listen
-    try:
-        listeners = await trio.open_tcp_listeners(port, host=host)
-    except OSError as exc:
-        raise OSError(exc.errno, f"management API {host}:{port}: {exc.strerror}") from None
+    listeners = await trio.open_tcp_listeners(port, host=host)
     async with trio.open_nursery() as nursery:
         task_status.started(listeners)
         await trio.serve_listeners(api.handle, listeners, handler_nursery=nursery)

@@ -289,6 +289,9 @@ async def start_tls(
     except trio.BrokenResourceError as exc:
         await trio.aclose_forcefully(tcp)
         raise UpstreamTlsError(f"TLS handshake failed: {exc.__cause__ or exc}") from None
+    except BaseException:  # cancelled (a timeout) mid-handshake: the socket is ours to close
+        await trio.aclose_forcefully(tcp)
+        raise
     problem = check_subject(stream.getpeercert(), subject)
     if problem is not None:
         await trio.aclose_forcefully(stream)

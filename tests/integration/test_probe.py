@@ -278,7 +278,8 @@ def test_probe_leaves_the_connected_viewer_alone_unless_full_link(
         assert main(["probe", "127.0.0.1", str(plain_qemu.port)]) == 0
         time.sleep(1)
         now = plain_qemu.qmp("query-spice")["channels"]
-        assert len([c for c in now if c["connection-id"] == session]) == before
+        # still all there (a late usbredir may even have joined); dropped, it would be 0
+        assert len([c for c in now if c["connection-id"] == session]) >= before
         assert main(["probe", "127.0.0.1", str(plain_qemu.port), "--full-link"]) == 0
         wait_for(lambda: session not in viewer_channels(), "the full link to drop the viewer")
     finally:
@@ -411,7 +412,7 @@ def test_sessions_and_metrics_follow_a_real_viewer(
         assert connect(proxy, host="127.0.0.1", port=plain_qemu.port)["success"]
         time.sleep(1)
         _, again = api_call(proxy, "GET", "/api/sessions")
-        assert len(again["sessions"][0]["channels"]) == len(session["channels"])
+        assert len(again["sessions"][0]["channels"]) >= len(session["channels"])
     finally:
         thread.join(60)
     assert result and result[0].returncode == 0, result[0].summary if result else None

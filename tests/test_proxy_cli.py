@@ -1,0 +1,55 @@
+"""`spicetap proxy` refuses what it cannot do in one line, naming it."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from spicetap.cli import main
+
+
+@pytest.mark.parametrize("kind", ["plain", "connect", "management"])
+def test_a_taken_port_is_a_one_line_error_naming_the_listener(
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("SPICETAP_CONFIG_DIR", str(tmp_path))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        option = {"plain": "--listen", "connect": "--connect-listen", "management": "--management"}
+        argv = ["proxy", "--upstream", "127.0.0.1:1", "--allow", "127.0.0.1:1"]
+        if kind != "plain":
+            argv += ["--listen", "127.0.0.1:0"]
+        if kind != "connect":
+            argv += ["--connect-listen", "127.0.0.1:0"]
+        assert main([*argv, option[kind], f"127.0.0.1:{port}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    expected = f"cannot listen ({kind}) on 127.0.0.1:{port}: Address already in use"
+    assert err == f"spicetap: error: {expected}"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--listen", "127.0.0.1:0"], "--listen and --tls-listen need --upstream"),
+        ([], "nothing to serve"),
+        (["--connect-listen", "127.0.0.1:0"], "the CONNECT front allows nothing"),
+        (["--upstream", "h:1", "--allow", "h:1"], "--allow needs --connect-listen"),
+        (["--connect-listen", "x", "--allow", "h:1"], "--connect-listen 'x': expected HOST:PORT"),
+        (["--connect-listen", "127.0.0.1:0", "--allow", "h"], "[connect] allow 'h'"),
+    ],
+)
+def test_bad_fronts_are_one_line_errors(
+    argv: list[str],
+    message: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("SPICETAP_CONFIG_DIR", str(tmp_path))
+    assert main(["proxy", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1

@@ -188,15 +188,18 @@ def caps(rec: Any) -> int:
 
 
 def test_masked_caps_reach_the_other_side_cleared(tmp_path: Path) -> None:
+    """Masking, combined with intercept on a server without a password (spice-server
+    still decrypts the ticket then: spicetap must re-encrypt it all the same)."""
     masked = "common:mini_header,display:lz4_compression"
     with peers(), QemuServer(guest="none") as srv:
         assert srv.port is not None
-        extra = ("--mask-caps", masked)
+        extra = ("--mask-caps", masked, "--auth", "intercept")
         with ProxyProcess(srv.port, tmp_path / "rec", tmp_path / "proxy", extra=extra) as proxy:
             # the session still works: the same screen as without the proxy
             assert same_screen(SpiceEndpoint(port=proxy.port), srv.endpoint(), tmp_path)
     recs = records(proxy)
     assert header_session(proxy)["mask_caps"] == masked.split(",")
+    assert header_session(proxy)["auth"] == "intercept"
     for name, fixed in (("link_mess", 18), ("link_reply", 178)):
         received = [r for r in recs if r.kind == "link" and r.name == name]
         originals = {r.connection: r for r in recs if r.kind == "rewrite" and r.name == name}

@@ -390,3 +390,15 @@ def test_messages_after_a_masked_mini_header_use_the_full_header() -> None:
     msgs = [e for e in events if isinstance(e, Message)]
     assert not framer.mini_header and [m.msg_type for m in msgs] == [103, 3]
     assert mini(1, b"") != full(1, 1, b"")  # the two headers really differ
+
+
+def test_a_hostile_peer_under_a_policy_is_a_clear_error() -> None:
+    w = wire(LinkPolicy(MASK))
+    w.send(C2S, link_mess(VIEWER_COMMON, VIEWER_DISPLAY))
+    cmds = w.send(S2C, b"HTTP/1.0 400 Bad Request\r\n\r\n" + bytes(64))
+    (close,) = [c for c in cmds if isinstance(c, Close)]
+    assert close.error and "bad link magic" in close.reason
+    assert w.relay.received(S2C, b"more", 2.0) == []
+    viewer = wire(LinkPolicy(MASK))
+    (close,) = [c for c in viewer.send(C2S, header(1 << 30)) if isinstance(c, Close)]
+    assert close.error and "exceeds" in close.reason

@@ -16,6 +16,7 @@ import trio
 from proxy.core.relay import Limits, LinkPolicy
 from proxy.io.connect import ConnectFront, serve_connect
 from proxy.io.management import ManagementOptions, serve_management
+from proxy.io.migration import MigrationListeners
 from proxy.io.server import ChannelProxy, ProxyState, Upstream, serve_tcp
 from proxy.io.websocket import serve_websocket
 from proxy.linksetup import add_link_options, link_policy_from
@@ -101,6 +102,14 @@ def add_proxy_command(sub: Any) -> None:
         "--keylog",
         help="append TLS secrets of both legs here (SSLKEYLOGFILE format, for Wireshark)",
     )
+    p.add_argument(
+        "--no-follow-migration",
+        dest="follow_migration",
+        action="store_false",
+        default=None,
+        help="let viewers follow a live migration straight to the new host (unrecorded); "
+        "by default spicetap rewrites the migration messages and follows the server itself",
+    )
     p.add_argument("--link-timeout", type=float)
     p.add_argument("--idle-timeout", type=float)
     p.add_argument("--max-message", type=int, help="bytes")
@@ -175,7 +184,11 @@ def cmd_proxy(args: argparse.Namespace) -> int:
         recorder = Recorder(options, meta, key)
         recorder.start()
     try:
-        trio.run(_serve, routes, connect, limits, recorder, websocket, link_policy, management)
+        follow = bool(_pick(args.follow_migration, cp.follow_migration))
+        trio.run(
+            _serve, routes, connect, limits, recorder, websocket, link_policy, management,
+            follow, keylog,
+        )  # fmt: skip
     except BaseExceptionGroup as group:  # trio's nursery wraps what its tasks raise
         cannot = group.subgroup(ListenError)
         if cannot is None:
@@ -198,6 +211,8 @@ class Route:
     listen: tuple[str, int]
     viewer_tls: ssl.SSLContext | None
     upstream: Upstream
+    target: Target | None = None  # how a migration's destination is checked (its CA)
+    subject: str | None = None  # of the certificate viewer_tls presents
 
 
 def _cli_target(args: argparse.Namespace, cp: ProxySection) -> Target | None:
@@ -226,20 +241,22 @@ def _routes(
     if main is not None:
         if args.listen or (cp.listen and not args.tls_listen and not args.ws_listen):
             listen = host_port(_pick(args.listen, cp.listen), "--listen", any_port=True)
-            routes.append(Route(listen, None, main.upstream(False, keylog)))
+            routes.append(Route(listen, None, main.upstream(False, keylog), main))
         if args.tls_listen:
             listen = host_port(args.tls_listen, "--tls-listen", any_port=True)
             context = _viewer_context(args, listen, keylog)
-            routes.append(Route(listen, context, main.upstream(True, keylog)))
+            subject = _subject(args, listen)
+            routes.append(Route(listen, context, main.upstream(True, keylog), main, subject))
     for name, section in config.targets.items():
         target = targets[name]
         if section.listen:
             listen = host_port(section.listen, f"[targets.{name}] listen", any_port=True)
-            routes.append(Route(listen, None, target.upstream(False, keylog)))
+            routes.append(Route(listen, None, target.upstream(False, keylog), target))
         if section.tls_listen:
             listen = host_port(section.tls_listen, f"[targets.{name}] tls_listen", any_port=True)
             context = _viewer_context(args, listen, keylog)
-            routes.append(Route(listen, context, target.upstream(True, keylog)))
+            subject = _subject(args, listen)
+            routes.append(Route(listen, context, target.upstream(True, keylog), target, subject))
     return routes
 
 
@@ -292,6 +309,13 @@ def _websocket_front(
     return Route(listen, context, main.upstream(False, keylog))
 
 
+def _subject(args: argparse.Namespace, listen: tuple[str, int]) -> str | None:
+    """The subject of the certificate a TLS listener presents (None: the user's own)."""
+    if args.tls_cert:
+        return None  # the viewer then checks the host name, as with any certificate
+    return str(args.tls_subject or default_subject(listen_host(listen[0])))
+
+
 def _viewer_context(
     args: argparse.Namespace, listen: tuple[str, int], keylog: Path | None
 ) -> ssl.SSLContext:
@@ -302,7 +326,7 @@ def _viewer_context(
             return server_context(Path(args.tls_cert), Path(args.tls_key), keylog)
         ca = load_or_create_ca()
         host = listen_host(listen[0])
-        subject = args.tls_subject or default_subject(host)
+        subject = _subject(args, listen) or default_subject(host)
         cert, key = issue_server_cert(ca, subject, [host, "localhost"], config_dir() / "issued")
         return server_context(cert, key, keylog)
     except TlsSetupError as exc:
@@ -343,7 +367,10 @@ async def _serve(
     websocket: Route | None = None,
     link_policy: LinkPolicy | None = None,
     management: ManagementOptions | None = None,
+    follow_migration: bool = True,
+    keylog: Path | None = None,
 ) -> None:
+    """Serve every front until SIGINT/SIGTERM."""
     state = ProxyState()
     logger = logging.getLogger("spicetap.proxy")
     proxy = ChannelProxy(limits, recorder, state, link_policy)
@@ -364,9 +391,20 @@ async def _serve(
             kind = "tls" if route.viewer_tls is not None else "plain"
             if route.upstream.target is not None:
                 kind += f":{route.upstream.target}"
+            migration = None
+            if follow_migration and route.target is not None:
+                migration = MigrationListeners(
+                    proxy,
+                    nursery,
+                    ca=route.target.ca,
+                    insecure=route.target.insecure,
+                    keylog=keylog,
+                    viewer_tls=route.viewer_tls,
+                    tls_subject=route.subject,
+                )
             await start(
                 kind, route.listen, f"forwarding to {route.upstream.label}",
-                serve_tcp, proxy, route.upstream, *route.listen, route.viewer_tls,
+                serve_tcp, proxy, route.upstream, *route.listen, route.viewer_tls, migration,
             )  # fmt: skip
         if connect is not None:
             (host, port), front = connect

@@ -89,10 +89,12 @@ class Recorder:
         server: tuple[str, int],
         tls: dict[str, bool] | None = None,
         route: dict[str, Any] | None = None,
+        via: tuple[str, int] | None = None,
     ) -> None:
         """A viewer connection was relayed; `route` says how it came in and where it went
-        (insertion mode, upstream, target name): it heads its session's archive."""
-        self._put(("open", conn, t, client, server, tls, route))
+        (insertion mode, upstream, target name): it heads its session's archive. `via` is
+        spicetap's own end of the server connection, the client address the server logs."""
+        self._put(("open", conn, t, client, server, tls, route, via))
 
     def data(self, conn: int, t: float, direction: str, data: bytes) -> bool:
         """False when the bytes could not be queued and the policy is to close."""
@@ -169,7 +171,10 @@ class Recorder:
         if kind == "data":
             records = b.data(conn, t, item[3], item[4])
         elif kind == "open":
-            b.opened(conn, t, item[3], item[4], {"tls": item[5]} if item[5] else None)
+            extra: dict[str, Any] = {"tls": item[5]} if item[5] else {}
+            if item[7] is not None:
+                extra["via"] = f"{item[7][0]}:{item[7][1]}"
+            b.opened(conn, t, item[3], item[4], extra or None)
             self.viewers[conn] = f"{item[3][0]}:{item[3][1]}"
             self.routes[conn] = item[6] or {}
             records = []

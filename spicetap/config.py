@@ -35,6 +35,7 @@ class ProxySection:
     viewer_tokens_file: str | None = None  # inject: lines "TOKEN [EXPIRY]", one session each
     server_password: str | None = None  # inject: the real one, never shown to viewers
     server_password_file: str | None = None
+    follow_migration: bool = True  # keep viewers on spicetap through a live migration
     ws_listen: str | None = None  # WebSocket front for spice-html5 (--ws-listen)
     management: str | None = None  # HOST:PORT of the management HTTP API (--management)
 

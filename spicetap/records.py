@@ -112,7 +112,9 @@ class RecordBuilder:
     def _session(self, c: _Conn) -> int | None:
         fr = c.framer
         if fr.channel_type == MAIN:
-            return self.main_session.get(c.number)
+            # a new session's main channel links with id 0 and learns it from INIT; a main
+            # channel joining a migration's destination links with the session it continues
+            return self.main_session.get(c.number) or fr.connection_id or None
         return fr.connection_id or None
 
     def _ident(self, c: _Conn) -> tuple[int | None, int, str, int]:

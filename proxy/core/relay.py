@@ -19,6 +19,18 @@ from typing import Any
 
 from proxy.core.framing import C2S, S2C, ChannelError, ChannelFramer, LinkUnit
 from proxy.core.linkrewrite import Deliver, LinkPolicy, LinkRewriter, Note, Refuse
+from proxy.core.migration import (
+    MIGRATION_MESSAGES,
+    Destination,
+    Held,
+    MigrationError,
+    MigrationScanner,
+    Pass,
+    destination,
+    rewrite,
+)
+
+MAIN = 1
 
 
 @dataclass(frozen=True)
@@ -65,12 +77,37 @@ class Log:
     message: str
 
 
-Command = Forward | RecordData | RecordEvent | Close | Log
+@dataclass(frozen=True, slots=True)
+class Redirect:
+    """The server sends the viewer to `destination` (a live migration): serve it, then call
+    ChannelRelay.redirected with where viewers reach it through spicetap (or
+    redirect_failed). Until then the server's later bytes on this channel wait, in order."""
+
+    destination: Destination
+    message: str  # migrate_begin, migrate_begin_seamless or migrate_switch_host
+
+
+Command = Forward | RecordData | RecordEvent | Close | Log | Redirect
 
 
 class ChannelRelay:
-    def __init__(self, limits: Limits, now: float, policy: LinkPolicy | None = None) -> None:
+    def __init__(
+        self,
+        limits: Limits,
+        now: float,
+        policy: LinkPolicy | None = None,
+        *,
+        follow_migration: bool = False,
+    ) -> None:
         self.limits = limits
+        # Following migration: the main channel's server stream is scanned once linked
+        self.follow_migration = follow_migration
+        self.scanner: MigrationScanner | None = None
+        self.s2c_fed = 0  # server bytes the guard has seen
+        self.s2c_link = 0  # ...of which the link stage
+        self.waiting: Held | None = None  # a migration message held for Redirect
+        self.backlog: list[Pass | Held] = []  # server bytes behind it
+        self.backlog_size = 0
         self.guard = ChannelFramer(limits.max_message, bodies=False)
         self.rewriter = (
             LinkRewriter(policy, limits.max_message)
@@ -100,8 +137,12 @@ class ChannelRelay:
         return commands
 
     def _forward(self, direction: str, data: bytes, now: float, commands: list[Command]) -> None:
-        commands += (Forward(direction, data), RecordData(direction, data, now))
-        for ev in self.guard.feed(direction, data):
+        events = self.guard.feed(direction, data)
+        if direction == S2C and self.follow_migration:
+            self._forward_following(data, events, now, commands)
+        else:
+            commands += (Forward(direction, data), RecordData(direction, data, now))
+        for ev in events:
             if isinstance(ev, ChannelError):
                 self._broken(ev, commands)
                 return
@@ -112,6 +153,99 @@ class ChannelRelay:
                     self.linked = True
             else:
                 self.messages[ev.direction] += 1
+
+    def _forward_following(
+        self, data: bytes, events: list[Any], now: float, commands: list[Command]
+    ) -> None:
+        """The server's side of a channel whose migration messages are followed: the link
+        stage passes as it is; on the main channel, messages go through the scanner."""
+        before = self.s2c_fed
+        self.s2c_fed += len(data)
+        cut = 0 if self.scanner is not None else len(data)
+        if self.scanner is None:
+            for ev in events:
+                if isinstance(ev, LinkUnit) and ev.direction == S2C:
+                    self.s2c_link += len(ev.data)
+                    if ev.kind == "link_result":
+                        if self.guard.channel_type == MAIN and not self.guard.result:
+                            self.scanner = MigrationScanner(
+                                self.guard.mini_header, self.limits.max_message
+                            )
+                            cut = self.s2c_link - before
+                        else:
+                            self.follow_migration = False  # nothing to follow here
+        if any(isinstance(ev, ChannelError) for ev in events):
+            cut = len(data)  # the channel closes: pass everything as it came
+        if cut:
+            commands += (Forward(S2C, data[:cut]), RecordData(S2C, data[:cut], now))
+        if cut < len(data):
+            self._scan(self.scanner.feed(data[cut:]) if self.scanner else [], now, commands)
+
+    def _scan(self, parts: list[Pass | Held], now: float, commands: list[Command]) -> None:
+        for i, part in enumerate(parts):
+            if self.waiting is not None:  # keep the order: everything waits behind it
+                for later in parts[i:]:
+                    self.backlog.append(later)
+                    self.backlog_size += len(later.data if isinstance(later, Pass) else later.body)
+                if self.backlog_size > self.limits.max_message:
+                    self.closed = True
+                    reason = "server kept sending while a migration redirect was pending"
+                    commands += (Log(reason), Close(reason, error=True))
+                return
+            if isinstance(part, Pass):
+                commands += (Forward(S2C, part.data), RecordData(S2C, part.data, now))
+                continue
+            name = MIGRATION_MESSAGES[part.msg_type]
+            try:
+                dest = destination(part.msg_type, part.body)
+            except MigrationError as exc:
+                raw = part.header + part.body
+                commands += (Log(f"{exc}: forwarded unchanged"),)
+                commands += (Forward(S2C, raw), RecordData(S2C, raw, now))
+                continue
+            self.waiting = part
+            commands.append(Redirect(dest, name))
+
+    def redirected(
+        self,
+        host: str,
+        port: int | None,
+        tls_port: int | None,
+        cert_subject: str | None,
+        now: float,
+    ) -> list[Command]:
+        """The destination of the pending Redirect is served at host:port/tls_port."""
+        held = self.waiting
+        commands: list[Command] = []
+        if held is None or self.closed or self.scanner is None:
+            return []
+        body = rewrite(held.msg_type, held.body, host, port, tls_port, cert_subject)
+        framed = self.scanner.reframe(held, body)
+        original = destination(held.msg_type, held.body)
+        name = MIGRATION_MESSAGES[held.msg_type]
+        to = {"host": host, "port": port, "tls_port": tls_port, "cert_subject": cert_subject}
+        fields = {"message": name, "from": _dest_fields(original), "to": to}
+        commands += (Forward(S2C, framed), RecordData(S2C, framed, now))
+        commands.append(RecordEvent(S2C, "rewrite", name, fields, held.header + held.body, now))
+        return commands + self._release(now)
+
+    def redirect_failed(self, reason: str, now: float) -> list[Command]:
+        """No way to serve the destination: the viewer gets the message unchanged (and will
+        leave spicetap), which is said loudly."""
+        held = self.waiting
+        if held is None or self.closed:
+            return []
+        raw = held.header + held.body
+        message = f"cannot follow the migration ({reason}): the viewer will leave spicetap"
+        commands: list[Command] = [Log(message), Forward(S2C, raw), RecordData(S2C, raw, now)]
+        return commands + self._release(now)
+
+    def _release(self, now: float) -> list[Command]:
+        self.waiting = None
+        parts, self.backlog, self.backlog_size = self.backlog, [], 0
+        commands: list[Command] = []
+        self._scan(parts, now, commands)
+        return commands
 
     def _broken(self, ev: ChannelError, commands: list[Command]) -> None:
         self.closed = True
@@ -170,6 +304,15 @@ class ChannelRelay:
         return []
 
 
+def _dest_fields(dest: Destination) -> dict[str, Any]:
+    return {
+        "host": dest.host,
+        "port": dest.port,
+        "tls_port": dest.tls_port,
+        "cert_subject": dest.cert_subject,
+    }
+
+
 __all__ = [
     "S2C",
     "ChannelRelay",
@@ -181,4 +324,5 @@ __all__ = [
     "Log",
     "RecordData",
     "RecordEvent",
+    "Redirect",
 ]

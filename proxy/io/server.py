@@ -14,10 +14,11 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
+from proxy.core.migration import MigrationUnavailable
 from proxy.core.relay import (
     ChannelRelay,
     Close,
@@ -28,9 +29,13 @@ from proxy.core.relay import (
     Log,
     RecordData,
     RecordEvent,
+    Redirect,
 )
 from proxy.recorder import Recorder
 from proxy.tls import check_subject
+
+if TYPE_CHECKING:
+    from proxy.io.migration import MigrationListeners
 
 log = logging.getLogger("spicetap.proxy")
 
@@ -72,19 +77,28 @@ class ProxyState:
     closed_messages: dict[str, int] = field(default_factory=lambda: {"c2s": 0, "s2c": 0})
 
 
-def peer_address(stream: trio.abc.Stream) -> tuple[str, int]:
-    """The remote address under any stack of wrappers (TLS, prefixed, ...)."""
+def _address(stream: trio.abc.Stream, *, local: bool) -> tuple[str, int]:
     layer: Any = stream
     for _ in range(4):  # wrappers reach their transport through .transport_stream
         sock = getattr(layer, "socket", None)
         if sock is not None:
             try:
-                host, port = sock.getpeername()[:2]
+                host, port = (sock.getsockname() if local else sock.getpeername())[:2]
             except OSError:
                 return ("?", 0)
             return (str(host), int(port))
         layer = getattr(layer, "transport_stream", None)
     return ("?", 0)
+
+
+def peer_address(stream: trio.abc.Stream) -> tuple[str, int]:
+    """The remote address under any stack of wrappers (TLS, prefixed, ...)."""
+    return _address(stream, local=False)
+
+
+def local_address(stream: trio.abc.Stream) -> tuple[str, int]:
+    """Our side's address: the one the viewer used to reach spicetap."""
+    return _address(stream, local=True)
 
 
 class ChannelProxy:
@@ -112,9 +126,11 @@ class ChannelProxy:
         viewer_tls: bool = False,
         insertion: str = "reverse",
         client: tuple[str, int] | None = None,
+        migration: MigrationListeners | None = None,
     ) -> None:
         """Relay one viewer channel connection to `upstream_to` until either side ends.
-        `client` overrides the viewer's address (e.g. the browser behind a WebSocket)."""
+        `client` overrides the viewer's address (e.g. the browser behind a WebSocket); with
+        `migration`, a live migration's destination is served there so the viewer stays."""
         conn = next(self._ids)
         now = time.monotonic()
         client = client or peer_address(viewer)
@@ -133,7 +149,9 @@ class ChannelProxy:
             )
             await trio.aclose_forcefully(viewer)
             return
-        relay = ChannelRelay(self.limits, now, self.link_policy)
+        relay = ChannelRelay(
+            self.limits, now, self.link_policy, follow_migration=migration is not None
+        )
         stats = ChannelStats(conn, client, label, now, relay)
         self.state.channels[conn] = stats
         self.state.total_channels += 1
@@ -142,7 +160,9 @@ class ChannelProxy:
             route: dict[str, Any] = {"insertion": insertion, "server": label}
             route["target"] = upstream_to.target
             route["tls"] = tls
-            self.recorder.opened(conn, now, client, peer_address(upstream), tls, route)
+            self.recorder.opened(
+                conn, now, client, peer_address(upstream), tls, route, local_address(upstream)
+            )
         log.info("channel %d: %s:%d -> %s (%s)", conn, *client, label, insertion)
         reason = "closed"
         try:
@@ -178,6 +198,8 @@ class ChannelProxy:
                                     cmd.fields,
                                     cmd.raw,
                                 )
+                        elif isinstance(cmd, Redirect):
+                            await run(await self._redirect(relay, cmd, viewer, migration))
                         elif isinstance(cmd, Log):
                             log.warning("channel %d: %s", conn, cmd.message)
                         elif isinstance(cmd, Close):
@@ -222,6 +244,24 @@ class ChannelProxy:
             log.info("channel %d closed: %s", conn, reason)
 
 
+    async def _redirect(
+        self,
+        relay: ChannelRelay,
+        cmd: Redirect,
+        viewer: trio.abc.Stream,
+        migration: MigrationListeners | None,
+    ) -> list[Command]:
+        """Serve the migration's destination where this viewer reaches us, then let the
+        relay rewrite the message to point there."""
+        if migration is None:
+            return relay.redirect_failed("not following migrations here", time.monotonic())
+        try:
+            at = await migration.serve(cmd.destination, local_address(viewer)[0])
+        except MigrationUnavailable as exc:
+            return relay.redirect_failed(str(exc), time.monotonic())
+        return relay.redirected(at.host, at.port, at.tls_port, at.cert_subject, time.monotonic())
+
+
 async def accept_tls(
     proxy: ChannelProxy, stream: trio.abc.Stream, tls: ssl.SSLContext
 ) -> trio.SSLStream[trio.abc.Stream] | None:
@@ -248,19 +288,20 @@ async def serve_tcp(
     host: str,
     port: int,
     tls: ssl.SSLContext | None = None,
+    migration: MigrationListeners | None = None,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Reverse mode: accept viewers on host:port and relay each to `upstream`; with `tls`,
-    terminate TLS first (spicetap's certificate)."""
+    terminate TLS first (spicetap's certificate); with `migration`, follow migrations."""
     listeners = await trio.open_tcp_listeners(port, host=host)
 
     async def handle(stream: trio.SocketStream) -> None:
         if tls is None:
-            await proxy.handle(stream, upstream)
+            await proxy.handle(stream, upstream, migration=migration)
             return
         wrapped = await accept_tls(proxy, stream, tls)
         if wrapped is not None:
-            await proxy.handle(wrapped, upstream, viewer_tls=True)
+            await proxy.handle(wrapped, upstream, viewer_tls=True, migration=migration)
 
     async with trio.open_nursery() as nursery:
         task_status.started(listeners)

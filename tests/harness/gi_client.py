@@ -131,7 +131,14 @@ class Client:
         hook(self.usb, "device-added", self.on_usb_device_added)
         hook(self.usb, "device-error", self.on_usb_device_error)
         hook(s, "channel-new", self.on_channel_new)
+        hook(s, "notify::migration-state", self.on_migration_state)
         return s
+
+    def on_migration_state(self, session: Any, _pspec: Any) -> None:
+        """A live migration's progress (connecting, migrating, none), as events."""
+        state = str(session.props.migration_state.value_nick)
+        self.summary.setdefault("migration", []).append([self.now(), state])
+        self.event(f"migration {state}")
 
     def _declare_goals(self) -> None:
         a = self.args

@@ -13,6 +13,21 @@ REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 20.0
 
 
+def run_spicetap(
+    config_dir: Path, *args: str, timeout: float = 120.0
+) -> subprocess.CompletedProcess[str]:
+    """One `spicetap` command as a subprocess, its config (CA, keys) in config_dir."""
+    env = {**os.environ, "SPICETAP_CONFIG_DIR": str(config_dir), "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "spicetap", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 class ProxyProcess:
     def __init__(
         self, upstream_port: int, record: Path | None, work: Path, extra: tuple[str, ...] = ()

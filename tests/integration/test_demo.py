@@ -3,9 +3,7 @@ screenshot through the proxy; or proxies a given upstream."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,7 @@ from spicetap.inputs import iter_records
 from tests.conftest import peers
 from tests.harness import QemuServer
 from tests.harness.procs import need_program
-from tests.integration.proxy_process import REPO
+from tests.integration.proxy_process import run_spicetap
 
 pytestmark = pytest.mark.peers
 
@@ -24,15 +22,10 @@ pytestmark = pytest.mark.peers
 def _demo(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     need_program("qemu-system-x86_64", "qemu-system-x86")
     need_program("spicy-screenshot", "spice-client-gtk")
-    env = {**os.environ, "SPICETAP_CONFIG_DIR": str(tmp_path / "cfg"), "PYTHONPATH": str(REPO)}
-    argv = [sys.executable, "-m", "spicetap", "demo", "--listen", "127.0.0.1:0"]
-    return subprocess.run(
-        [*argv, "--record", str(tmp_path / "rec"), "--check", "--minutes", "0.02", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+    return run_spicetap(
+        tmp_path / "cfg",
+        *("demo", "--listen", "127.0.0.1:0", "--record", str(tmp_path / "rec")),
+        *("--check", "--minutes", "0.02", *args),
     )
 
 

@@ -3,9 +3,7 @@ from a `spicetap vv` file with spicetap's CA inline, and through the CONNECT fro
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +16,7 @@ from tests.harness import QemuServer
 from tests.harness.images import read_ppm
 from tests.harness.screenshot import settled_screenshot
 from tests.harness.xvfb import RemoteViewer, Rgb, Xvfb, wait_for_image
-from tests.integration.proxy_process import REPO, ProxyProcess
+from tests.integration.proxy_process import ProxyProcess, run_spicetap
 
 pytestmark = pytest.mark.peers
 
@@ -29,15 +27,7 @@ def _guest_screen(srv: QemuServer, out: Path) -> Rgb:
 
 
 def _spicetap(work: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "SPICETAP_CONFIG_DIR": str(work / "config"), "PYTHONPATH": str(REPO)}
-    return subprocess.run(
-        [sys.executable, "-m", "spicetap", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return run_spicetap(work / "config", *args, timeout=60)
 
 
 def test_remote_viewer_over_tls_on_both_legs_from_a_vv_file(tmp_path: Path) -> None:

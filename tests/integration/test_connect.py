@@ -22,6 +22,7 @@ from tests.harness import (
 )
 from tests.harness.images import CURSOR_CELL, differing_pixels, distinct_colours, read_ppm
 from tests.harness.procs import PeerFailed
+from tests.harness.screenshot import settled_screenshot
 from tests.integration.proxy_process import ProxyProcess
 
 pytestmark = pytest.mark.peers
@@ -47,7 +48,7 @@ def test_connect_front_relays_allowed_targets_and_refuses_others(tmp_path: Path)
         extra = ("--connect-listen", "127.0.0.1:0", "--allow", f"127.0.0.1:{srv.port}")
         with ProxyProcess(0, tmp_path / "rec", tmp_path / "proxy", extra) as proxy:
             front = f"http://127.0.0.1:{proxy.ports['connect']}"
-            direct = spicy_screenshot(srv.endpoint(), tmp_path / "direct.ppm")
+            direct = settled_screenshot(srv.endpoint(), tmp_path / "direct.ppm")
             via = spicy_screenshot(SpiceEndpoint(port=srv.port, proxy=front), tmp_path / "v.ppm")
             assert _connect_status(proxy.ports["connect"], f"127.0.0.1:{srv.port}").startswith(
                 b"HTTP/1.1 200"
@@ -138,7 +139,7 @@ def test_named_target_by_connect_and_by_its_own_listener(tmp_path: Path) -> None
         extra = ("--config", str(config))
         with ProxyProcess(0, tmp_path / "rec", tmp_path / "proxy", extra) as proxy:
             front = f"http://127.0.0.1:{proxy.ports['connect']}"
-            direct = spicy_screenshot(srv.endpoint(), tmp_path / "direct.ppm")
+            direct = settled_screenshot(srv.endpoint(), tmp_path / "direct.ppm")
             # the viewer names the target; the port it gives does not matter
             by_name = spicy_screenshot(SpiceEndpoint(host="vm1", port=5900, proxy=front),
                                        tmp_path / "name.ppm")

@@ -29,6 +29,7 @@ from tests.harness import (
 )
 from tests.harness.client import ClientResult
 from tests.harness.images import CURSOR_CELL, differing_pixels
+from tests.harness.screenshot import settled_screenshot
 from tests.integration.proxy_process import ProxyProcess
 
 pytestmark = pytest.mark.peers
@@ -38,8 +39,8 @@ def test_screenshot_through_proxy_equals_direct(tmp_path: Path) -> None:
     with peers(), QemuServer(guest="none") as srv:  # a still screen: SeaBIOS text
         assert srv.port is not None
         with ProxyProcess(srv.port, tmp_path / "rec", tmp_path / "proxy") as proxy:
+            direct = settled_screenshot(srv.endpoint(), tmp_path / "direct.ppm")
             via = spicy_screenshot(SpiceEndpoint(port=proxy.port), tmp_path / "via.ppm")
-            direct = spicy_screenshot(srv.endpoint(), tmp_path / "direct.ppm")
     assert differing_pixels(via, direct) <= CURSOR_CELL  # SeaBIOS' cursor may blink between
     (archive,) = proxy.archives()
     assert verify(archive).status == "intact"
@@ -274,7 +275,11 @@ def test_tls_on_both_legs_with_spicetaps_ca(tmp_path: Path) -> None:
     assert all((r.fields or {}).get("tls") == {"viewer": True, "server": True} for r in opens)
     # TLS on both legs, yet the archive holds the plaintext, fully dissected
     assert any(r.name == "draw_copy" for r in recs)
-    assert not [r for r in recs if r.not_fully_dissected or r.kind in ("error", "tls")]
+    bad = [r for r in recs if r.not_fully_dissected or r.kind in ("error", "tls")]
+    # the client hangs up whenever its script ends: a message the server was sending then is
+    # cut, and recorded as such; anything else is a real problem
+    bad = [r for r in bad if "connection ended (viewer closed)" not in str(r.error)]
+    assert not bad, [(r.kind, r.channel, r.direction, r.name, r.error) for r in bad]
 
 
 def test_wrong_upstream_subject_fails_cleanly(tmp_path: Path) -> None:

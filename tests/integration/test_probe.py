@@ -388,7 +388,12 @@ def test_sessions_and_metrics_follow_a_real_viewer(
 
         def live_session() -> Any:
             _, data = api_call(proxy, "GET", "/api/sessions")
-            full = [s for s in data["sessions"] if len(s["channels"]) >= 5]
+            wanted = {"main", "display", "inputs"}  # the viewer opens them in any order
+            full = [
+                s
+                for s in data["sessions"]
+                if len(s["channels"]) >= 5 and wanted <= {c["channel"] for c in s["channels"]}
+            ]
             return full and data
 
         data = wait_for(live_session, "a session with its channels in /api/sessions")

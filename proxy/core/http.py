@@ -1,22 +1,20 @@
 """Just enough HTTP/1.1 for the WebSocket front: read one request head, write one response.
 
-No I/O. `HeadReader.feed(bytes)` buffers until the blank line that ends a request head
-(RFC 9112 §2.1) and returns the parsed `Request`, `None` while more bytes are needed, or an
-`HttpError` (status and reason) when the head is malformed or too big. Nothing here raises
-on peer input. The head is bounded (MAX_HEAD bytes, MAX_HEADERS fields), so a client can
-never make us buffer more than that.
+No I/O. `HeadReader.feed(bytes)` returns the parsed `Request` once the head is complete,
+`None` while more bytes are needed, or an `HttpError` (status and reason) when the head is
+malformed or too big. Nothing here raises on peer input. The head is bounded (MAX_HEAD
+bytes, MAX_HEADERS fields), so a client can never make us buffer more than that.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
+
+import h11
 
 MAX_HEAD = 16 * 1024  # request line + fields; browsers send well under 2 KiB
 MAX_HEADERS = 64
 
-# RFC 9110 §5.6.2: a field name is a token
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _REASONS = {
     101: "Switching Protocols",
     200: "OK",
@@ -49,63 +47,47 @@ class HttpError:
 
 
 class HeadReader:
-    """Collects one request head. After a result, `rest` holds the bytes that followed it."""
+    """Collects one request head. After a result, `rest` holds the bytes that followed it.
+    h11 (as for the CONNECT front and the management API) does the parsing, so framing,
+    field syntax and the size bound follow RFC 9112 in one place."""
 
     def __init__(self) -> None:
-        self._buffer = bytearray()
+        self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         self.rest = b""
         self.done = False
 
     def feed(self, data: bytes) -> Request | HttpError | None:
         if self.done:
             return HttpError(400, "request already read")
-        self._buffer += data
-        end = self._buffer.find(b"\r\n\r\n")
-        if end < 0:
-            if len(self._buffer) > MAX_HEAD:
-                self.done = True
+        self._conn.receive_data(data)  # b"": the peer closed
+        try:
+            event = self._conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            self.done = True
+            if exc.error_status_hint == 431:
                 return HttpError(431, f"request head over {MAX_HEAD} bytes")
-            if not data:
-                self.done = True
-                return HttpError(400, "connection closed inside the request head")
+            return HttpError(exc.error_status_hint, f"malformed request ({exc})")
+        if event is h11.NEED_DATA:
             return None
         self.done = True
-        if end > MAX_HEAD:
-            return HttpError(431, f"request head over {MAX_HEAD} bytes")
-        head = bytes(self._buffer[:end])
-        self.rest = bytes(self._buffer[end + 4 :])
-        self._buffer.clear()
-        return parse_head(head)
+        if not isinstance(event, h11.Request):
+            return HttpError(400, "connection closed inside the request head")
+        self.rest = self._conn.trailing_data[0]
+        return _request(event)
 
 
-def parse_head(head: bytes) -> Request | HttpError:
-    """Request line and fields, CRLF-separated, without the final blank line."""
-    lines = head.split(b"\r\n")
-    parts = lines[0].split(b" ")
-    if len(parts) != 3 or not parts[1] or not _TOKEN.fullmatch(parts[0]):
-        return HttpError(400, "malformed request line")
-    method, target, version = parts
-    if not re.fullmatch(rb"HTTP/1\.[0-9]", version):
-        return HttpError(400, "not an HTTP/1.x request")
-    if len(lines) - 1 > MAX_HEADERS:
+def _request(event: h11.Request) -> Request | HttpError:
+    if len(event.headers) > MAX_HEADERS:
         return HttpError(431, f"more than {MAX_HEADERS} header fields")
     headers: dict[str, str] = {}
-    for line in lines[1:]:
-        name, colon, value = line.partition(b":")
-        # no obsolete line folding (RFC 9112 §5.2), no space before the colon (§5.1)
-        if not colon or not _TOKEN.fullmatch(name):
-            return HttpError(400, "malformed header field")
-        try:
-            text = value.strip(b" \t").decode("ascii")
-        except UnicodeDecodeError:
-            return HttpError(400, "header field is not ASCII")
-        key = name.decode("ascii").lower()
-        headers[key] = f"{headers[key]}, {text}" if key in headers else text
     try:
-        target_text = target.decode("ascii")
+        for name, value in event.headers:
+            key, text = name.decode("ascii"), value.decode("ascii")
+            headers[key] = f"{headers[key]}, {text}" if key in headers else text
+        target = event.target.decode("ascii")
     except UnicodeDecodeError:
-        return HttpError(400, "request target is not ASCII")
-    return Request(method.decode("ascii"), target_text, version[5:].decode("ascii"), headers)
+        return HttpError(400, "request is not ASCII")
+    return Request(event.method.decode("ascii"), target, event.http_version.decode(), headers)
 
 
 def response(

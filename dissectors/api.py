@@ -103,6 +103,9 @@ class Decoded(NamedTuple):
         return named_value(self.dialect, ("struct:" + self.struct, False), self.fields)
 
 
+_new = tuple.__new__
+
+
 def decode(
     channel_type: int, direction: str, msg_type: int, body: bytes, dialect: Dialect = SPICE
 ) -> Decoded:
@@ -140,9 +143,12 @@ def decode(
     if regions:  # pointers were followed: count the union of what was read
         regions.append((0, stop))
         stop = covered_bytes(regions)
-    return Decoded(
-        channel, channel_type, direction, msg_type, name, fields, size, stop, None, struct, dialect
-    )
+    # built per message: tuple.__new__ skips the NamedTuple's Python-level __new__
+    return _new(
+        Decoded,
+        (channel, channel_type, direction, msg_type, name, fields, size, stop, None, struct,
+         dialect),
+    )  # fmt: skip
 
 
 def encode(

@@ -82,6 +82,10 @@ def _link_fields(kind: str, data: bytes) -> tuple[dict[str, Any] | None, str | N
     return named_value(LINK, ("struct:" + struct, False), value), None
 
 
+_new = tuple.__new__
+_NO_AGENT_TYPES: frozenset[int] = frozenset()
+
+
 class RecordBuilder:
     """Per capture (or proxy run): feeds channel bytes, returns records."""
 
@@ -145,11 +149,43 @@ class RecordBuilder:
             self.opened(conn)
             c = self.conns[conn]
         out: list[Record] = []
-        for ev in c.framer.feed(direction, data):
-            out += self._event(c, ts, ev)
+        events = c.framer.feed(direction, data)
+        ident = c.ident if c.framer.channel_type != MAIN else None
+        if ident is None:
+            for ev in events:
+                out += self._event(c, ts, ev)
+        else:
+            self._messages(c, ts, ident, events, out)
         if c.open_fields is not None and out:
             out.insert(0, self._open_record(c))
         return self._release(c, out)
+
+    def _messages(
+        self,
+        c: _Conn,
+        ts: float,
+        ident: tuple[int | None, int, str, int],
+        events: list[LinkUnit | Message | ChannelError],
+        out: list[Record],
+    ) -> None:
+        """The hot loop (a linked channel other than main, its session known): what _event
+        does for a message, without a call and a list per message. The rest goes there."""
+        session, number, channel, channel_id = ident
+        ctype = c.framer.channel_type or 0
+        append = out.append
+        for ev in events:
+            if ev.__class__ is not Message:
+                out += self._event(c, ts, ev)
+                continue
+            dec = decode(ctype, ev.direction, ev.msg_type, ev.body)
+            error = str(dec.error) if dec.error else None
+            append(
+                _new(
+                    Record,
+                    (ts, session, number, channel, channel_id, ev.direction, "message",
+                     ev.msg_type, dec.name, ev.raw, dec, error, None, _NO_AGENT_TYPES),
+                )
+            )  # fmt: skip
 
     def _open_record(self, c: _Conn) -> Record:
         fields, c.open_fields = c.open_fields, None
@@ -185,23 +221,14 @@ class RecordBuilder:
             self.main_session[c.number] = int(dec.fields["session_id"])
         session, number, channel, channel_id = self._ident(c)
         error = str(dec.error) if dec.error else None
+        # one per message: tuple.__new__ skips the NamedTuple's Python-level __new__
         out = [
-            Record(
-                ts,
-                session,
-                number,
-                channel,
-                channel_id,
-                ev.direction,
-                "message",
-                ev.msg_type,
-                dec.name,
-                ev.raw,
-                dec,
-                error,
-                None,
+            _new(
+                Record,
+                (ts, session, number, channel, channel_id, ev.direction, "message",
+                 ev.msg_type, dec.name, ev.raw, dec, error, None, _NO_AGENT_TYPES),
             )
-        ]
+        ]  # fmt: skip
         if ctype == MAIN and ev.msg_type == AGENT_DATA[ev.direction] and dec.fields is not None:
             if c.agent is None:
                 c.agent = AgentReassembler()

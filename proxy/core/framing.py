@@ -273,7 +273,7 @@ class ChannelFramer:
             return  # a large message still arriving: no copy until it is whole
         # One snapshot of the buffer; each message is then two cheap slices of it.
         data = bytes(buf)
-        unpack, append = hdr.unpack_from, events.append
+        unpack, append, new = hdr.unpack_from, events.append, tuple.__new__
         pos = 0
         too_big: str | None = None
         while n - pos >= hsize:
@@ -288,7 +288,9 @@ class ChannelFramer:
             end = pos + hsize + size
             if end > n:
                 break
-            append(Message(d, msg_type, data[pos + hsize : end], data[pos:end], serial, sub_list))
+            # tuple.__new__ skips the NamedTuple's Python-level __new__: a third of the cost
+            body, raw = data[pos + hsize : end], data[pos:end]
+            append(new(Message, (d, msg_type, body, raw, serial, sub_list)))
             pos = end
         if pos:
             del buf[:pos]

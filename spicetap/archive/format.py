@@ -28,7 +28,10 @@ KINDS = ("link", "message", "agent", "auth", "tls", "error", "gap", "open", "clo
 
 
 def chain_next(previous: bytes, payload: bytes) -> bytes:
-    return hashlib.sha256(previous + payload).digest()
+    # SHA-256(previous || payload), fed in two parts: no copy of a megabyte payload
+    digest = hashlib.sha256(previous)
+    digest.update(payload)
+    return digest.digest()
 
 
 def chain_start(header_payload: bytes) -> bytes:

@@ -25,7 +25,9 @@ def caps_word(*bits: int) -> int:
     return sum(1 << b for b in bits)
 
 
-def link_mess(common: int, channel_type: int = 2, conn: int = 0x1234) -> bytes:
+def link_mess(
+    common: int, channel_type: int = 2, conn: int = 0x1234, *, channel_caps: int = 0
+) -> bytes:
     body = LINK.encode_struct(
         "LinkMess",
         {
@@ -36,23 +38,26 @@ def link_mess(common: int, channel_type: int = 2, conn: int = 0x1234) -> bytes:
             "num_channel_caps": 1,
             "caps_offset": 18,
             "common_caps": [common],
-            "channel_caps": [0],
+            "channel_caps": [channel_caps],
         },
     )
     return header(len(body)) + body
 
 
-def link_reply(common: int, error: int = 0) -> bytes:
+def link_reply(
+    common: int, error: int = 0, *, channel_caps: int | None = None, key: bytes = bytes(162)
+) -> bytes:
+    channel = [] if channel_caps is None else [channel_caps]
     body = LINK.encode_struct(
         "LinkReply",
         {
             "error": error,
-            "pub_key": bytes(162),
+            "pub_key": key,
             "num_common_caps": 1,
-            "num_channel_caps": 0,
+            "num_channel_caps": len(channel),
             "caps_offset": 178,
             "common_caps": [common],
-            "channel_caps": [],
+            "channel_caps": channel,
         },
     )
     return header(len(body)) + body

@@ -12,7 +12,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dissectors.api import LINK
 from proxy.core.capmask import CapMask, UnknownCap
 from proxy.core.credentials import Token, ViewerCredentials, parse_tokens
 from proxy.core.framing import C2S, S2C, ChannelFramer, LinkUnit, Message
@@ -29,6 +28,8 @@ from proxy.core.relay import (
 from proxy.core.ticket import TicketError, TicketKey, encrypt_ticket
 from spicetap.records import RecordBuilder
 from tests.proxy.test_framing import caps_word, full, header, mini
+from tests.proxy.test_framing import link_mess as framing_link_mess
+from tests.proxy.test_framing import link_reply as framing_link_reply
 
 DISPLAY, MAIN = 2, 1
 AUTH_SEL, AUTH_SPICE, AUTH_SASL, MINI = 0, 1, 2, 3
@@ -39,38 +40,13 @@ OK, DENIED = struct.pack("<I", 0), struct.pack("<I", 7)
 
 
 def link_mess(common: int, channel: int, channel_type: int = DISPLAY, conn: int = 0) -> bytes:
-    body = LINK.encode_struct(
-        "LinkMess",
-        {
-            "connection_id": conn,
-            "channel_type": channel_type,
-            "channel_id": 0,
-            "num_common_caps": 1,
-            "num_channel_caps": 1,
-            "caps_offset": 18,
-            "common_caps": [common],
-            "channel_caps": [channel],
-        },
-    )
-    return header(len(body)) + body
+    return framing_link_mess(common, channel_type, conn, channel_caps=channel)
 
 
 def link_reply(
     common: int, channel: int, key: bytes = SERVER_KEY.public_der, error: int = 0
 ) -> bytes:
-    body = LINK.encode_struct(
-        "LinkReply",
-        {
-            "error": error,
-            "pub_key": key,
-            "num_common_caps": 1,
-            "num_channel_caps": 1,
-            "caps_offset": 178,
-            "common_caps": [common],
-            "channel_caps": [channel],
-        },
-    )
-    return header(len(body)) + body
+    return framing_link_reply(common, error, channel_caps=channel, key=key)
 
 
 def caps_of(unit: bytes | bytearray, fixed: int) -> tuple[int, int]:

@@ -148,13 +148,15 @@ class ArchiveWriter:
     def _write_out(self) -> None:
         if not self._buf:
             return
-        data = bytes(self._buf)
+        data: bytes | bytearray = self._buf  # written as it is: no copy of the buffer
         if self.compressor is not None:
             data = self.compressor.compress(data)  # one whole zstd frame per flush
-        view = memoryview(data)
-        while view:
-            written = os.write(self._fd, view)
-            view = view[written:]
+        with memoryview(data) as whole:  # released before the buffer is cleared below
+            view = whole
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+            view.release()
         if self.policy.fsync:
             os.fsync(self._fd)
         self.part_bytes += len(data)

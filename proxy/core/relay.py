@@ -279,6 +279,7 @@ class ChannelRelay:
         """The side that sends `direction` closed (c2s: the viewer)."""
         if self.closed:
             return []
+        commands = self._held_back(now)  # what migration following still held: sent, recorded
         self.closed = True
         who = "viewer" if direction == C2S else "server"
         pending = self.guard.pending(direction) + self.guard.skip[direction]
@@ -286,8 +287,22 @@ class ChannelRelay:
             pending += self.rewriter.pending(direction)
         if pending:
             reason = f"{who} vanished in the middle of a message ({pending} bytes missing)"
-            return [Log(reason), Close(reason, error=True)]
-        return [Close(f"{who} closed", error=False)]
+            return [*commands, Log(reason), Close(reason, error=True)]
+        return [*commands, Close(f"{who} closed", error=False)]
+
+    def _held_back(self, now: float) -> list[Command]:
+        """The server's bytes migration following holds (a message awaiting its redirect and
+        what queued behind it, a cut header), unchanged: the archive loses nothing."""
+        parts: list[bytes] = []
+        if self.waiting is not None:
+            parts.append(self.waiting.header + self.waiting.body)
+        parts += [p.data if isinstance(p, Pass) else p.header + p.body for p in self.backlog]
+        if self.scanner is not None and self.scanner.pending:
+            parts.append(bytes(self.scanner.pending))
+            self.scanner.pending.clear()
+        self.waiting, self.backlog, self.backlog_size = None, [], 0
+        data = b"".join(parts)
+        return [Forward(S2C, data), RecordData(S2C, data, now)] if data else []
 
     def tick(self, now: float) -> list[Command]:
         if self.closed:

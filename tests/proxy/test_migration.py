@@ -22,7 +22,15 @@ from proxy.core.migration import (
     destination,
     rewrite,
 )
-from proxy.core.relay import ChannelRelay, Forward, Limits, RecordData, RecordEvent, Redirect
+from proxy.core.relay import (
+    ChannelRelay,
+    Close,
+    Forward,
+    Limits,
+    RecordData,
+    RecordEvent,
+    Redirect,
+)
 from tests.proxy.test_framing import OK, TICKET, caps_word, link_mess, link_reply
 
 MAIN = 1
@@ -176,3 +184,12 @@ def test_a_failed_redirect_forwards_the_original_loudly() -> None:
     out = relay.redirect_failed("no listener", 1.0)
     assert _forwarded(out) == _mini(MIGRATE_BEGIN_SEAMLESS, SEAMLESS) + _mini(4, b"x")
     assert any("cannot follow the migration" in getattr(c, "message", "") for c in out)
+
+
+def test_a_server_closing_mid_message_loses_no_recorded_byte() -> None:
+    relay = ChannelRelay(Limits(), 0.0, follow_migration=True)
+    cut = _mini(MIGRATE_BEGIN_SEAMLESS, SEAMLESS)[:20]
+    assert _forwarded(_linked_main(relay, cut)) == OK  # held: the message is incomplete
+    out = relay.peer_closed("s2c", 1.0)
+    assert b"".join(c.data for c in out if isinstance(c, RecordData)) == cut
+    assert any(isinstance(c, Close) and c.error for c in out)

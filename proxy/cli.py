@@ -309,11 +309,16 @@ def _websocket_front(
     return Route(listen, context, main.upstream(False, keylog))
 
 
+def _issued_subject(args: argparse.Namespace, listen: tuple[str, int]) -> str:
+    """The subject of the certificate spicetap issues for a TLS listener."""
+    return str(args.tls_subject or default_subject(listen_host(listen[0])))
+
+
 def _subject(args: argparse.Namespace, listen: tuple[str, int]) -> str | None:
     """The subject of the certificate a TLS listener presents (None: the user's own)."""
     if args.tls_cert:
         return None  # the viewer then checks the host name, as with any certificate
-    return str(args.tls_subject or default_subject(listen_host(listen[0])))
+    return _issued_subject(args, listen)
 
 
 def _viewer_context(
@@ -326,7 +331,7 @@ def _viewer_context(
             return server_context(Path(args.tls_cert), Path(args.tls_key), keylog)
         ca = load_or_create_ca()
         host = listen_host(listen[0])
-        subject = _subject(args, listen) or default_subject(host)
+        subject = _issued_subject(args, listen)
         cert, key = issue_server_cert(ca, subject, [host, "localhost"], config_dir() / "issued")
         return server_context(cert, key, keylog)
     except TlsSetupError as exc:

@@ -69,7 +69,8 @@ async def handle_connect(proxy: ChannelProxy, front: ConnectFront, stream: trio.
                 if target is None:
                     request = Refusal(403, f"{request.host}:{request.port} is not allowed")
             if isinstance(request, Refusal):
-                log.warning("viewer %s:%d: CONNECT refused (%d): %s", *viewer, *_status(request))
+                status, reason = request.status, request.reason
+                log.warning("viewer %s:%d: CONNECT refused (%d): %s", *viewer, status, reason)
                 proxy.state.errors += 1
                 await stream.send_all(handshake.refuse(request))
                 await trio.aclose_forcefully(stream)
@@ -130,10 +131,6 @@ async def _terminate_tls(
         return None
     log.debug("certificate for %s ready in %.3f s", host, time.monotonic() - started)
     return await accept_tls(proxy, tunnel, ctx)
-
-
-def _status(refusal: Refusal) -> tuple[int, str]:
-    return refusal.status, refusal.reason
 
 
 async def serve_connect(

@@ -13,6 +13,21 @@ REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 20.0
 
 
+def tls_both_legs(tls_port: int, ca_file: Path, host_subject: str) -> tuple[str, ...]:
+    """`spicetap proxy` arguments for TLS on both legs: a TLS listener on a free port, the
+    server's TLS port checked against its CA and host subject."""
+    return (
+        "--tls-listen",
+        "127.0.0.1:0",
+        "--upstream-tls",
+        f"127.0.0.1:{tls_port}",
+        "--upstream-ca",
+        str(ca_file),
+        "--upstream-host-subject",
+        host_subject,
+    )
+
+
 def run_spicetap(
     config_dir: Path, *args: str, timeout: float = 120.0
 ) -> subprocess.CompletedProcess[str]:

@@ -30,7 +30,7 @@ from tests.harness import (
 from tests.harness.client import ClientResult
 from tests.harness.images import CURSOR_CELL, differing_pixels
 from tests.harness.screenshot import settled_screenshot
-from tests.integration.proxy_process import ProxyProcess
+from tests.integration.proxy_process import ProxyProcess, tls_both_legs
 
 pytestmark = pytest.mark.peers
 
@@ -230,14 +230,7 @@ def test_tls_on_both_legs_with_spicetaps_ca(tmp_path: Path) -> None:
         tlsm = srv.tls_material
         keylog = tmp_path / "keys.log"
         extra = (
-            "--tls-listen",
-            "127.0.0.1:0",
-            "--upstream-tls",
-            f"127.0.0.1:{srv.tls_port}",
-            "--upstream-ca",
-            str(tlsm.ca_file),
-            "--upstream-host-subject",
-            tlsm.host_subject,
+            *tls_both_legs(srv.tls_port, tlsm.ca_file, tlsm.host_subject),
             "--tls-subject",
             SUBJECT,
             "--keylog",
@@ -286,14 +279,9 @@ def test_wrong_upstream_subject_fails_cleanly(tmp_path: Path) -> None:
     with peers(), QemuServer(guest="none", plain=False, tls=True) as srv:
         assert srv.tls_port is not None and srv.tls_material is not None
         extra = (
-            "--tls-listen",
-            "127.0.0.1:0",
-            "--upstream-tls",
-            f"127.0.0.1:{srv.tls_port}",
-            "--upstream-ca",
-            str(srv.tls_material.ca_file),
-            "--upstream-host-subject",
-            "C=XX,O=someone-else,CN=127.0.0.1",
+            *tls_both_legs(
+                srv.tls_port, srv.tls_material.ca_file, "C=XX,O=someone-else,CN=127.0.0.1"
+            ),
             "--tls-subject",
             SUBJECT,
         )

@@ -16,7 +16,7 @@ from tests.harness import QemuServer
 from tests.harness.images import read_ppm
 from tests.harness.screenshot import settled_screenshot
 from tests.harness.xvfb import RemoteViewer, Rgb, Xvfb, wait_for_image
-from tests.integration.proxy_process import ProxyProcess, run_spicetap
+from tests.integration.proxy_process import ProxyProcess, run_spicetap, tls_both_legs
 
 pytestmark = pytest.mark.peers
 
@@ -38,16 +38,8 @@ def test_remote_viewer_over_tls_on_both_legs_from_a_vv_file(tmp_path: Path) -> N
     ):
         assert srv.tls_port is not None and srv.tls_material is not None
         guest = _guest_screen(srv, tmp_path / "direct.ppm")
-        extra = (
-            "--tls-listen",
-            "127.0.0.1:0",
-            "--upstream-tls",
-            f"127.0.0.1:{srv.tls_port}",
-            "--upstream-ca",
-            str(srv.tls_material.ca_file),
-            "--upstream-host-subject",
-            srv.tls_material.host_subject,
-        )
+        tlsm = srv.tls_material
+        extra = tls_both_legs(srv.tls_port, tlsm.ca_file, tlsm.host_subject)
         work = tmp_path / "proxy"
         with ProxyProcess(0, tmp_path / "rec", work, extra) as proxy:
             vv = tmp_path / "session.vv"

@@ -37,6 +37,8 @@ from spicetap.archive.writer import FlushPolicy, Rotation
 from spicetap.config import Config, ConfigError, ProxySection, load_config
 from spicetap.errors import UserError
 
+GIL_SWITCH_INTERVAL = 100e-6  # seconds
+
 
 def add_proxy_command(sub: Any) -> None:
     from spicetap.cli_inspect import add_privacy_options
@@ -183,6 +185,9 @@ def cmd_proxy(args: argparse.Namespace) -> int:
             raise UserError(f"signing key: {exc}") from None
         recorder = Recorder(options, meta, key)
         recorder.start()
+    # A pump thread waiting for the GIL held by the recorder gets it after this long (the
+    # default 5 ms would be each forwarded message's worst case): see proxy/io/pumps.py.
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     try:
         follow = bool(_pick(args.follow_migration, cp.follow_migration))
         trio.run(

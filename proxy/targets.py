@@ -13,7 +13,7 @@ from functools import cache
 from pathlib import Path
 
 from proxy.core.allow import AllowList, AllowListError
-from proxy.io.server import Upstream, tcp_opener, tls_opener
+from proxy.io.server import Upstream, tcp_end_opener, tcp_opener, tls_end_opener, tls_opener
 from proxy.tls import TlsSetupError, client_context
 from spicetap.config import ConnectSection, TargetSection
 from spicetap.errors import UserError
@@ -59,12 +59,14 @@ class Target:
         if not use_tls:
             assert self.plain is not None
             host, port = self.plain
-            return Upstream(tcp_opener(host, port), f"{host}:{port}", self.name)
+            opener, end_opener = tcp_opener(host, port), tcp_end_opener(host, port)
+            return Upstream(opener, f"{host}:{port}", self.name, end_opener)
         assert self.tls is not None
         host, port = self.tls
         ctx = _client_context(self.ca, self.insecure, keylog, self.host_subject is None)
         opener = tls_opener(host, port, ctx, self.host_subject)
-        return Upstream(opener, f"{host}:{port} (tls)", self.name)
+        end_opener = tls_end_opener(host, port, ctx, self.host_subject)
+        return Upstream(opener, f"{host}:{port} (tls)", self.name, end_opener)
 
 
 @cache  # one context per distinct check: CONNECT opens one upstream per channel

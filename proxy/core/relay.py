@@ -122,23 +122,48 @@ class ChannelRelay:
         self.messages = {C2S: 0, S2C: 0}
 
     @property
+    def passing(self) -> bool:
+        """Past any link-stage rewriting: each direction's input only makes output in that
+        same direction (plus, on the server's side, migration redirects)."""
+        return self.rewriter is None
+
+    def unchanged(self, direction: str) -> bool:
+        """Whatever arrives in `direction` now is forwarded as it is, first: a shell may send
+        it before calling received(..., sent=True), which then leaves the Forward out. Not
+        during the link stage: the guard must see each side's link unit before the other
+        side's answer to it (e.g. the link message before the reply), as the peers did."""
+        return (
+            self.linked
+            and self.rewriter is None
+            and not (direction == S2C and self.follow_migration)
+        )
+
+    @property
     def channel_type(self) -> int | None:
         return self.guard.channel_type
 
-    def received(self, direction: str, data: bytes, now: float) -> list[Command]:
-        if self.closed:
+    def received(
+        self, direction: str, data: bytes, now: float, *, sent: bool = False
+    ) -> list[Command]:
+        """`data` came from the side sending `direction`; `sent`: the shell already
+        forwarded it, as unchanged() allowed."""
+        if self.closed and not sent:  # what crossed as the other side closed still counts
             return []
         self.last_activity = now
         self.bytes[direction] += len(data)
         if self.rewriter is not None and not self.rewriter.through[direction]:
             return self._rewrite(direction, data, now)
         commands: list[Command] = []
-        self._forward(direction, data, now, commands)
+        self._forward(direction, data, now, commands, sent)
         return commands
 
-    def _forward(self, direction: str, data: bytes, now: float, commands: list[Command]) -> None:
+    def _forward(
+        self, direction: str, data: bytes, now: float, commands: list[Command], sent: bool = False
+    ) -> None:
         events = self.guard.feed(direction, data)
-        if direction == S2C and self.follow_migration:
+        if sent:
+            commands.append(RecordData(direction, data, now))
+        elif direction == S2C and self.follow_migration:
             self._forward_following(data, events, now, commands)
         else:
             commands += (Forward(direction, data), RecordData(direction, data, now))

@@ -19,7 +19,7 @@ from pathlib import Path
 import trio
 
 from proxy.core.migration import Destination, MigrationUnavailable
-from proxy.io.server import ChannelProxy, Upstream, accept_tls
+from proxy.io.server import ChannelProxy, Upstream
 from proxy.targets import Target
 
 log = logging.getLogger("spicetap.migration")
@@ -111,16 +111,9 @@ class MigrationListeners:
 
         async def handle(stream: trio.SocketStream) -> None:
             entry.last_accept = time.monotonic()
-            viewer: trio.abc.Stream = stream
-            if tls is not None:
-                wrapped = await accept_tls(self.proxy, stream, tls)
-                if wrapped is None:
-                    return
-                viewer = wrapped
-            await self.proxy.handle(
-                viewer, upstream, viewer_tls=tls is not None, insertion=self.insertion,
-                migration=self,
-            )  # fmt: skip
+            await self.proxy.handle_socket(
+                stream, upstream, tls=tls, insertion=self.insertion, migration=self
+            )
 
         async def run() -> None:
             with entry.scope:

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
+import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from functools import partial
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
@@ -31,11 +34,13 @@ from proxy.core.relay import (
     RecordEvent,
     Redirect,
 )
+from proxy.io.ends import End, PlainEnd, tls_end
+from proxy.io.pumps import ThreadedChannel
 from proxy.recorder import Recorder
 from proxy.tls import check_subject
 
 if TYPE_CHECKING:
-    from proxy.io.migration import MigrationListeners
+    from proxy.io.migration import MigrationListeners, ServedAt
 
 log = logging.getLogger("spicetap.proxy")
 
@@ -44,6 +49,8 @@ TICK = 0.5
 CONNECT_TIMEOUT = 10.0
 
 Opener = Callable[[], Awaitable[trio.abc.Stream]]
+EndOpener = Callable[[], Awaitable[End]]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,8 @@ class Upstream:
     open: Opener
     label: str  # host:port, with " (tls)" when re-originated over TLS
     target: str | None = None  # the configured target's name, if any
+    # the same server as a blocking end for the threaded pumps (reverse mode), if it can
+    open_end: EndOpener | None = None
 
 
 @dataclass
@@ -117,6 +126,7 @@ class ChannelProxy:
         self.state = state or ProxyState()
         self.link_policy = link_policy  # rewrites of the link stage (caps, auth), if any
         self._ids = itertools.count()
+        self._threads = trio.CapacityLimiter(math.inf)
 
     async def handle(
         self,
@@ -128,46 +138,25 @@ class ChannelProxy:
         client: tuple[str, int] | None = None,
         migration: MigrationListeners | None = None,
     ) -> None:
-        """Relay one viewer channel connection to `upstream_to` until either side ends.
-        `client` overrides the viewer's address (e.g. the browser behind a WebSocket); with
+        """Relay one viewer channel connection to `upstream_to` until either side ends, in
+        trio (the shell for fronts that hand over a stream: CONNECT, WebSocket). `client`
+        overrides the viewer's address (e.g. the browser behind a WebSocket); with
         `migration`, a live migration's destination is served there so the viewer stays."""
         conn = next(self._ids)
         now = time.monotonic()
         client = client or peer_address(viewer)
-        label = upstream_to.label
-        try:
-            with trio.fail_after(CONNECT_TIMEOUT):
-                upstream = await upstream_to.open()
-        except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
-            self.state.errors += 1
-            log.warning(
-                "channel %d from %s:%d: cannot reach upstream %s: %s",
-                conn,
-                *client,
-                label,
-                exc or "timeout",
-            )
+        upstream = await self._connect(conn, client, upstream_to.label, upstream_to.open)
+        if upstream is None:
             await trio.aclose_forcefully(viewer)
             return
-        relay = ChannelRelay(
-            self.limits, now, self.link_policy, follow_migration=migration is not None
-        )
-        stats = ChannelStats(conn, client, label, now, relay)
-        self.state.channels[conn] = stats
-        self.state.total_channels += 1
-        if self.recorder is not None:
-            tls = {"viewer": viewer_tls, "server": isinstance(upstream, trio.SSLStream)}
-            route: dict[str, Any] = {"insertion": insertion, "server": label}
-            route["target"] = upstream_to.target
-            route["tls"] = tls
-            self.recorder.opened(
-                conn, now, client, peer_address(upstream), tls, route, local_address(upstream)
-            )
-        log.info("channel %d: %s:%d -> %s (%s)", conn, *client, label, insertion)
+        tls = {"viewer": viewer_tls, "server": isinstance(upstream, trio.SSLStream)}
+        ends = (peer_address(upstream), local_address(upstream))
+        stats = self._begin(conn, now, client, upstream_to, insertion, migration, tls, ends)
+        relay = stats.relay
         reason = "closed"
         try:
             async with trio.open_nursery() as nursery:
-                ends: dict[str, Any] = {"c2s": upstream, "s2c": viewer}
+                sinks: dict[str, Any] = {"c2s": upstream, "s2c": viewer}
                 done = trio.Event()
 
                 def finish(why: str) -> None:
@@ -180,34 +169,15 @@ class ChannelProxy:
                 async def run(commands: list[Command]) -> None:
                     for cmd in commands:
                         if isinstance(cmd, Forward):
-                            await ends[cmd.direction].send_all(cmd.data)
-                        elif isinstance(cmd, RecordData):
-                            rec = self.recorder
-                            if rec is not None and not rec.data(
-                                conn, cmd.time, cmd.direction, cmd.data
-                            ):
-                                finish("recording backlog: session dropped by policy")
-                        elif isinstance(cmd, RecordEvent):
-                            if self.recorder is not None:
-                                self.recorder.event(
-                                    conn,
-                                    cmd.time,
-                                    cmd.direction,
-                                    cmd.kind,
-                                    cmd.name,
-                                    cmd.fields,
-                                    cmd.raw,
-                                )
+                            await sinks[cmd.direction].send_all(cmd.data)
                         elif isinstance(cmd, Redirect):
-                            await run(await self._redirect(relay, cmd, viewer, migration))
-                        elif isinstance(cmd, Log):
-                            log.warning("channel %d: %s", conn, cmd.message)
-                        elif isinstance(cmd, Close):
-                            if cmd.error:
-                                self.state.errors += 1
-                                if self.recorder is not None:
-                                    self.recorder.error(conn, time.monotonic(), "c2s", cmd.reason)
-                            finish(cmd.reason)
+                            host = local_address(viewer)[0]
+                            at = await self._serve_destination(cmd, host, migration)
+                            await run(_redirected(relay, at))
+                        else:
+                            why = self._effect(conn, cmd)
+                            if why is not None:
+                                finish(why)
 
                 async def pump(src: trio.abc.Stream, direction: str) -> None:
                     try:
@@ -231,35 +201,191 @@ class ChannelProxy:
                 nursery.start_soon(pump, upstream, "s2c")
                 nursery.start_soon(ticker)
         finally:
-            stats.closed_reason = reason
-            self.state.channels.pop(conn, None)
-            for direction in ("c2s", "s2c"):
-                self.state.closed_bytes[direction] += relay.bytes[direction]
-                self.state.closed_messages[direction] += relay.messages[direction]
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(upstream)
                 await trio.aclose_forcefully(viewer)
-            if self.recorder is not None:
-                self.recorder.closed(conn, time.monotonic(), reason)
-            log.info("channel %d closed: %s", conn, reason)
+            self._end(stats, reason)
 
-
-    async def _redirect(
+    async def handle_socket(
         self,
-        relay: ChannelRelay,
-        cmd: Redirect,
-        viewer: trio.abc.Stream,
-        migration: MigrationListeners | None,
-    ) -> list[Command]:
-        """Serve the migration's destination where this viewer reaches us, then let the
-        relay rewrite the message to point there."""
-        if migration is None:
-            return relay.redirect_failed("not following migrations here", time.monotonic())
+        stream: trio.SocketStream,
+        upstream_to: Upstream,
+        *,
+        tls: ssl.SSLContext | None = None,
+        insertion: str = "reverse",
+        migration: MigrationListeners | None = None,
+    ) -> None:
+        """A viewer on a TCP socket (TLS terminated here with `tls`): relayed by a blocking
+        pump thread per direction (proxy/io/pumps.py) when the upstream opens that way too,
+        else by handle()."""
+        if upstream_to.open_end is None:
+            if tls is None:
+                await self.handle(stream, upstream_to, insertion=insertion, migration=migration)
+                return
+            wrapped = await accept_tls(self, stream, tls)
+            if wrapped is not None:
+                await self.handle(
+                    wrapped, upstream_to, viewer_tls=True, insertion=insertion,
+                    migration=migration,
+                )  # fmt: skip
+            return
+        sock = detach(stream)
+        viewer: End = PlainEnd(sock)
+        client = viewer.peer()
+        if tls is not None:
+            viewer = tls_end(sock, tls, server_side=True)
+            try:
+                await self._in_thread(viewer.handshake, self.limits.link_timeout)
+            except OSError as exc:
+                self.state.errors += 1
+                log.warning("viewer %s:%d: TLS handshake failed: %s", *client, exc or "timeout")
+                viewer.close()
+                return
+        conn = next(self._ids)
+        now = time.monotonic()
+        upstream = await self._connect(conn, client, upstream_to.label, upstream_to.open_end)
+        if upstream is None:
+            viewer.close()
+            return
+        tls_used = {"viewer": viewer.tls, "server": upstream.tls}
+        ends = (upstream.peer(), upstream.local())
+        stats = self._begin(conn, now, client, upstream_to, insertion, migration, tls_used, ends)
+        relay = stats.relay
+        reached_at = viewer.local()[0]
+
+        def redirector(cmd: Redirect) -> list[Command]:
+            at = trio.from_thread.run(self._serve_destination, cmd, reached_at, migration)
+            with channel.lock:
+                return _redirected(relay, at)
+
+        channel = ThreadedChannel(
+            conn, relay, viewer, upstream, partial(self._effect, conn), redirector
+        )
         try:
-            at = await migration.serve(cmd.destination, local_address(viewer)[0])
+            async with trio.open_nursery() as nursery:
+
+                async def ticker() -> None:
+                    try:
+                        while True:
+                            await trio.sleep(TICK)
+                            channel.tick(time.monotonic())
+                    finally:  # cancelled from outside (the proxy stops): wake the pumps
+                        channel.finish("proxy stopped")
+
+                nursery.start_soon(ticker)
+                async with trio.open_nursery() as pumps:
+                    pumps.start_soon(self._in_thread, channel.pump, "c2s")
+                    pumps.start_soon(self._in_thread, channel.pump, "s2c")
+                nursery.cancel_scope.cancel()
+        finally:
+            upstream.close()
+            viewer.close()
+            self._end(stats, channel.reason or "closed")
+
+    async def _in_thread(self, fn: Callable[..., None], *args: Any) -> None:
+        # Pumps live as long as their channel: trio's default limit (40 threads) would
+        # make the 21st channel wait for another to end.
+        await trio.to_thread.run_sync(fn, *args, limiter=self._threads)
+
+    async def _connect(
+        self, conn: int, client: tuple[str, int], label: str, opener: Callable[[], Awaitable[T]]
+    ) -> T | None:
+        try:
+            with trio.fail_after(CONNECT_TIMEOUT):
+                return await opener()
+        except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+            self.state.errors += 1
+            log.warning(
+                "channel %d from %s:%d: cannot reach upstream %s: %s",
+                conn,
+                *client,
+                label,
+                exc or "timeout",
+            )
+            return None
+
+    def _begin(
+        self,
+        conn: int,
+        now: float,
+        client: tuple[str, int],
+        upstream_to: Upstream,
+        insertion: str,
+        migration: MigrationListeners | None,
+        tls: dict[str, bool],
+        ends: tuple[tuple[str, int], tuple[str, int]],
+    ) -> ChannelStats:
+        """A channel is relayed: counted, announced to the recorder, logged."""
+        relay = ChannelRelay(
+            self.limits, now, self.link_policy, follow_migration=migration is not None
+        )
+        stats = ChannelStats(conn, client, upstream_to.label, now, relay)
+        self.state.channels[conn] = stats
+        self.state.total_channels += 1
+        if self.recorder is not None:
+            route: dict[str, Any] = {"insertion": insertion, "server": upstream_to.label}
+            route["target"] = upstream_to.target
+            route["tls"] = tls
+            self.recorder.opened(conn, now, client, ends[0], tls, route, ends[1])
+        log.info("channel %d: %s:%d -> %s (%s)", conn, *client, upstream_to.label, insertion)
+        return stats
+
+    def _end(self, stats: ChannelStats, reason: str) -> None:
+        relay = stats.relay
+        stats.closed_reason = reason
+        self.state.channels.pop(stats.conn, None)
+        for direction in ("c2s", "s2c"):
+            self.state.closed_bytes[direction] += relay.bytes[direction]
+            self.state.closed_messages[direction] += relay.messages[direction]
+        if self.recorder is not None:
+            self.recorder.closed(stats.conn, time.monotonic(), reason)
+        log.info("channel %d closed: %s", stats.conn, reason)
+
+    def _effect(self, conn: int, cmd: Command) -> str | None:
+        """What both shells do the same way: record, log, account for a close. Returns a
+        reason to end the channel, or None."""
+        rec = self.recorder
+        if isinstance(cmd, RecordData):
+            if rec is not None and not rec.data(conn, cmd.time, cmd.direction, cmd.data):
+                return "recording backlog: session dropped by policy"
+        elif isinstance(cmd, RecordEvent):
+            if rec is not None:
+                rec.event(conn, cmd.time, cmd.direction, cmd.kind, cmd.name, cmd.fields, cmd.raw)
+        elif isinstance(cmd, Log):
+            log.warning("channel %d: %s", conn, cmd.message)
+        elif isinstance(cmd, Close):
+            if cmd.error:
+                self.state.errors += 1
+                if rec is not None:
+                    rec.error(conn, time.monotonic(), "c2s", cmd.reason)
+            return cmd.reason
+        return None
+
+    async def _serve_destination(
+        self, cmd: Redirect, reached_at: str, migration: MigrationListeners | None
+    ) -> ServedAt | str:
+        """Serve the migration's destination where this viewer reaches us (`reached_at`, our
+        local address), or say why not."""
+        if migration is None:
+            return "not following migrations here"
+        try:
+            return await migration.serve(cmd.destination, reached_at)
         except MigrationUnavailable as exc:
-            return relay.redirect_failed(str(exc), time.monotonic())
-        return relay.redirected(at.host, at.port, at.tls_port, at.cert_subject, time.monotonic())
+            return str(exc)
+
+
+def _redirected(relay: ChannelRelay, at: ServedAt | str) -> list[Command]:
+    """Let the relay rewrite the held migration message to point at `at` (or pass it on
+    unchanged, loudly, when `at` says why it cannot be served)."""
+    if isinstance(at, str):
+        return relay.redirect_failed(at, time.monotonic())
+    return relay.redirected(at.host, at.port, at.tls_port, at.cert_subject, time.monotonic())
+
+
+def detach(stream: trio.SocketStream) -> socket.socket:
+    """Take the socket out of trio (which then never touches it again) for a pump thread."""
+    sock = stream.socket
+    return socket.socket(sock.family, sock.type, sock.proto, fileno=sock.detach())
 
 
 async def accept_tls(
@@ -296,12 +422,7 @@ async def serve_tcp(
     listeners = await trio.open_tcp_listeners(port, host=host)
 
     async def handle(stream: trio.SocketStream) -> None:
-        if tls is None:
-            await proxy.handle(stream, upstream, migration=migration)
-            return
-        wrapped = await accept_tls(proxy, stream, tls)
-        if wrapped is not None:
-            await proxy.handle(wrapped, upstream, viewer_tls=True, migration=migration)
+        await proxy.handle_socket(stream, upstream, tls=tls, migration=migration)
 
     async with trio.open_nursery() as nursery:
         task_status.started(listeners)
@@ -311,6 +432,13 @@ async def serve_tcp(
 def tcp_opener(host: str, port: int) -> Opener:
     async def open_upstream() -> trio.abc.Stream:
         return await trio.open_tcp_stream(host, port)
+
+    return open_upstream
+
+
+def tcp_end_opener(host: str, port: int) -> EndOpener:
+    async def open_upstream() -> End:
+        return PlainEnd(detach(await trio.open_tcp_stream(host, port)))
 
     return open_upstream
 
@@ -343,5 +471,28 @@ async def start_tls(
 def tls_opener(host: str, port: int, context: ssl.SSLContext, subject: str | None) -> Opener:
     async def open_upstream() -> trio.abc.Stream:
         return await start_tls(await trio.open_tcp_stream(host, port), host, context, subject)
+
+    return open_upstream
+
+
+def tls_end_opener(host: str, port: int, context: ssl.SSLContext, subject: str | None) -> EndOpener:
+    """As tls_opener, for the threaded pumps: the handshake runs in a worker thread."""
+
+    async def open_upstream() -> End:
+        sock = detach(await trio.open_tcp_stream(host, port))
+        end = tls_end(sock, context, server_side=False, server_hostname=host)
+        try:
+            await trio.to_thread.run_sync(end.handshake, CONNECT_TIMEOUT)
+            problem = check_subject(end.getpeercert(), subject)
+        except ssl.SSLError as exc:
+            end.close()
+            raise UpstreamTlsError(f"TLS handshake failed: {exc}") from None
+        except BaseException:
+            end.close()
+            raise
+        if problem is not None:
+            end.close()
+            raise UpstreamTlsError(problem)
+        return end
 
     return open_upstream

@@ -80,9 +80,9 @@ def test_full_recording_queue_marks_a_gap_and_keeps_forwarding(tmp_path: Path) -
     assert rec.data(0, 0.0, "c2s", b"ccc")  # not queued, but forwarding goes on
     assert rec.lost[(0, "c2s")] == 3
     # control items never wait and are never dropped, even with the data bound reached
-    before = rec.queue.qsize()
+    before = len(rec.queue)
     rec.error(0, 0.5, "c2s", "test error")
-    assert rec.queue.qsize() == before + 1
+    assert len(rec.queue) == before + 1
     closing = Recorder(RecordingOptions(tmp_path, max_queue=1, backlog="close"), {}, None)
     assert closing.data(0, 0.0, "c2s", b"a")
     assert not closing.data(0, 0.0, "c2s", b"b")  # the policy says: close the session
@@ -98,3 +98,17 @@ def test_full_recording_queue_marks_a_gap_and_keeps_forwarding(tmp_path: Path) -
         "3 bytes missing from the recording (backlog)"
     ]
     assert [r.error for r in recs if r.kind == "error" and r.error == "test error"]
+
+
+def test_a_shell_may_forward_first_when_the_relay_passes_bytes_unchanged() -> None:
+    relay = ChannelRelay(Limits(), 0.0, follow_migration=True)
+    assert not relay.unchanged("c2s")  # the link stage: the guard sees units before they go
+    linked(relay)
+    assert relay.unchanged("c2s") and relay.unchanged("s2c")  # not main: nothing to follow
+    data = mini(101, b"x" * 10)
+    assert relay.received("s2c", data, 1.0, sent=True) == [RecordData("s2c", data, 1.0)]
+    relay.peer_closed("c2s", 2.0)
+    # the bytes crossed as the viewer left: recorded and counted all the same
+    assert relay.received("s2c", data, 2.0, sent=True) == [RecordData("s2c", data, 2.0)]
+    assert relay.received("s2c", data, 2.0) == []
+    assert relay.messages["s2c"] == 2

@@ -1,0 +1,182 @@
+"""Blocking ends of a channel for the threaded pumps (proxy/io/pumps.py): a TCP socket, plain
+or with TLS done by an ssl.SSLObject over memory buffers.
+
+Why not ssl.SSLSocket: one OpenSSL connection must not be used by two threads at once, and a
+channel reads an end in one thread while the other direction writes to it in another. So
+each TLS end keeps its SSLObject behind a lock held only for the in-memory crypto (OpenSSL
+releases the GIL there), never while waiting on the network; the raw socket is read by one
+thread and written under a send lock, taken before the crypto lock is let go so ciphertext
+reaches the wire in the order it was made.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import ssl
+import threading
+import time
+
+RECEIVE_SIZE = 256 * 1024
+
+
+class PlainEnd:
+    """A connected TCP socket in blocking mode."""
+
+    tls = False
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(True)
+        self.sock = sock
+        self.send_lock = threading.Lock()
+
+    def receive(self) -> bytes:
+        """The next bytes; b"" at the peer's end of stream. OSError when the socket broke."""
+        return self.sock.recv(RECEIVE_SIZE)
+
+    def send(self, data: bytes) -> None:
+        with self.send_lock:
+            self.sock.sendall(data)
+
+    def abort(self) -> None:
+        """Wake the thread blocked in receive() (it sees the end of stream); any thread."""
+        _shutdown(self.sock)
+
+    def close(self) -> None:
+        _shutdown(self.sock)
+        self.sock.close()
+
+    def peer(self) -> tuple[str, int]:
+        return _address(self.sock, local=False)
+
+    def local(self) -> tuple[str, int]:
+        return _address(self.sock, local=True)
+
+
+class TlsEnd(PlainEnd):
+    """TLS over a blocking TCP socket; handshake() first, then receive/send as PlainEnd."""
+
+    tls = True
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        obj: ssl.SSLObject,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+    ) -> None:
+        super().__init__(sock)
+        self.obj = obj
+        self.incoming = incoming
+        self.outgoing = outgoing
+        self.lock = threading.Lock()  # the SSLObject and both BIOs
+        self.eof = False
+
+    def handshake(self, timeout: float) -> None:
+        """Run the TLS handshake to the end within `timeout` seconds (TimeoutError)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.obj.do_handshake()
+            except ssl.SSLWantReadError:
+                self._flush()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("TLS handshake timed out") from None
+                self.sock.settimeout(left)
+                try:
+                    data = self.sock.recv(RECEIVE_SIZE)
+                finally:
+                    self.sock.settimeout(None)
+                if not data:
+                    raise ConnectionResetError("peer closed during the TLS handshake") from None
+                self.incoming.write(data)
+                continue
+            self._flush()
+            return
+
+    def _flush(self) -> None:
+        data = self.outgoing.read()
+        if data:
+            self.sock.sendall(data)
+
+    def receive(self) -> bytes:
+        while not self.eof:
+            chunks: list[bytes] = []
+            filled = 0
+            self.lock.acquire()
+            try:
+                # One read returns at most one TLS record: gather what is already decrypted
+                while filled < RECEIVE_SIZE:
+                    chunks.append(self.obj.read(RECEIVE_SIZE - filled))
+                    filled += len(chunks[-1])
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLZeroReturnError:  # close_notify: a clean end
+                self.eof = True
+            finally:
+                pending = self.outgoing.read()  # e.g. an answer to a key update
+                if pending:
+                    self.send_lock.acquire()
+                self.lock.release()
+            if pending:
+                try:
+                    self.sock.sendall(pending)
+                finally:
+                    self.send_lock.release()
+            if filled:
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            if self.eof:
+                break
+            data = self.sock.recv(RECEIVE_SIZE)
+            if not data:
+                break  # cut without close_notify: the same end for a SPICE channel
+            with self.lock:
+                self.incoming.write(data)
+        return b""
+
+    def send(self, data: bytes) -> None:
+        self.lock.acquire()
+        try:
+            self.obj.write(data)
+            out = self.outgoing.read()
+            self.send_lock.acquire()
+        finally:
+            self.lock.release()
+        try:
+            self.sock.sendall(out)
+        finally:
+            self.send_lock.release()
+
+    def getpeercert(self) -> dict[str, object] | None:
+        return self.obj.getpeercert()  # type: ignore[return-value]
+
+
+def tls_end(
+    sock: socket.socket,
+    context: ssl.SSLContext,
+    *,
+    server_side: bool,
+    server_hostname: str | None = None,
+) -> TlsEnd:
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = context.wrap_bio(
+        incoming, outgoing, server_side=server_side, server_hostname=server_hostname
+    )
+    return TlsEnd(sock, obj, incoming, outgoing)
+
+
+def _shutdown(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):  # not connected any more: nothing to wake
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+def _address(sock: socket.socket, *, local: bool) -> tuple[str, int]:
+    try:
+        host, port = (sock.getsockname() if local else sock.getpeername())[:2]
+    except OSError:
+        return ("?", 0)
+    return (str(host), int(port))
+
+
+End = PlainEnd | TlsEnd

@@ -1,0 +1,213 @@
+"""The threaded shell: blocking ends (plain and TLS over memory BIOs, used by two threads at
+once) and ThreadedChannel driving the relay core, on loopback socket pairs."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxy.core.relay import ChannelRelay, Command, Limits, RecordData
+from proxy.io.ends import PlainEnd, TlsEnd, tls_end
+from proxy.io.pumps import ThreadedChannel
+from proxy.tls import client_context, issue_server_cert, load_or_create_ca, server_context
+from tests.proxy.test_framing import OK, TICKET, caps_word, link_mess, link_reply, mini
+
+TIMEOUT = 20.0
+
+
+def in_threads(*calls: Callable[[], Any]) -> list[Any]:
+    """Run each call in its own thread; their results, or the first exception raised."""
+    results: list[Any] = [None] * len(calls)
+
+    def run(i: int, call: Callable[[], Any]) -> None:
+        try:
+            results[i] = call()
+        except BaseException as exc:  # handed to the test thread
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i, c)) for i, c in enumerate(calls)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT)
+        assert not t.is_alive(), "a pump thread did not finish"
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return results
+
+
+@pytest.fixture(scope="module")
+def tls_pair_contexts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any]:
+    folder = tmp_path_factory.mktemp("pki")
+    ca = load_or_create_ca(folder)
+    cert, key = issue_server_cert(ca, "O=spicetap,CN=test", ["127.0.0.1"], folder)
+    client = client_context(Path(folder / "ca-cert.pem"), False, None)
+    return server_context(cert, key, None), client
+
+
+def tls_pair(contexts: tuple[Any, Any]) -> tuple[TlsEnd, TlsEnd]:
+    a, b = socket.socketpair()
+    server = tls_end(a, contexts[0], server_side=True)
+    client = tls_end(b, contexts[1], server_side=False, server_hostname="127.0.0.1")
+    in_threads(lambda: server.handshake(TIMEOUT), lambda: client.handshake(TIMEOUT))
+    return server, client
+
+
+def drain(end: PlainEnd, size: int) -> bytes:
+    got = bytearray()
+    for _ in range(100_000):
+        if len(got) >= size:
+            break
+        data = end.receive()
+        if not data:
+            break
+        got += data
+    return bytes(got)
+
+
+def test_tls_end_full_duplex_from_two_threads(tls_pair_contexts: tuple[Any, Any]) -> None:
+    """Each end read in one thread while another thread writes to it: no corruption."""
+    server, client = tls_pair(tls_pair_contexts)
+    up, down = os.urandom(3 << 20), os.urandom(5 << 20)
+
+    def send(end: TlsEnd, data: bytes) -> None:
+        for i in range(0, len(data), 100_000):  # many writes, racing the reads
+            end.send(data[i : i + 100_000])
+
+    got = in_threads(
+        lambda: send(client, up),
+        lambda: send(server, down),
+        lambda: drain(server, len(up)),
+        lambda: drain(client, len(down)),
+    )
+    assert hashlib.sha256(got[2]).digest() == hashlib.sha256(up).digest()
+    assert hashlib.sha256(got[3]).digest() == hashlib.sha256(down).digest()
+    client.close()
+    assert server.receive() == b""  # a cut without close_notify is the end of the stream
+    server.close()
+
+
+
+def test_tls_handshake_times_out_and_fails_on_a_closed_peer(
+    tls_pair_contexts: tuple[Any, Any],
+) -> None:
+    a, b = socket.socketpair()
+    with pytest.raises(TimeoutError):
+        tls_end(a, tls_pair_contexts[0], server_side=True).handshake(0.2)
+    b.close()
+    with pytest.raises(ConnectionResetError):
+        tls_end(a, tls_pair_contexts[0], server_side=True).handshake(1.0)
+    a.close()
+
+
+
+def test_abort_wakes_a_blocked_receive() -> None:
+    a, b = socket.socketpair()
+    end = PlainEnd(a)
+    timer = threading.Timer(0.1, end.abort)
+    timer.start()
+    assert in_threads(end.receive) == [b""]
+    end.close()
+    b.close()
+
+
+class Wire:
+    """A ThreadedChannel between a test viewer and a test server (socket pairs)."""
+
+    def __init__(self, limits: Limits | None = None) -> None:
+        self.viewer, viewer_side = socket.socketpair()
+        self.server, server_side = socket.socketpair()
+        self.effects: list[Command] = []
+        self.relay = ChannelRelay(limits or Limits(), 0.0)
+        self.ends = (PlainEnd(viewer_side), PlainEnd(server_side))
+        self.channel = ThreadedChannel(0, self.relay, *self.ends, self.effect, self.nope)
+        self.threads = [
+            threading.Thread(target=self.channel.pump, args=(d,)) for d in ("c2s", "s2c")
+        ]
+        for t in self.threads:
+            t.start()
+
+    def effect(self, cmd: Command) -> str | None:
+        self.effects.append(cmd)
+        return None
+
+    def nope(self, cmd: Command) -> list[Command]:
+        raise AssertionError("no migration here")
+
+    def link(self) -> None:
+        bits = caps_word(1, 3)
+        self.viewer.sendall(link_mess(bits))
+        assert recv_exactly(self.server, len(link_mess(bits))) == link_mess(bits)
+        self.server.sendall(link_reply(bits))
+        assert recv_exactly(self.viewer, len(link_reply(bits))) == link_reply(bits)
+        self.viewer.sendall(TICKET)
+        assert recv_exactly(self.server, len(TICKET)) == TICKET
+        self.server.sendall(OK)
+        assert recv_exactly(self.viewer, len(OK)) == OK
+
+    def join(self) -> None:
+        for t in self.threads:
+            t.join(TIMEOUT)
+            assert not t.is_alive()
+        for end in self.ends:
+            end.close()
+        self.viewer.close()
+        self.server.close()
+
+    def recorded(self, direction: str) -> bytes:
+        return b"".join(
+            c.data for c in self.effects if isinstance(c, RecordData) and c.direction == direction
+        )
+
+
+def recv_exactly(sock: socket.socket, size: int) -> bytes:
+    sock.settimeout(TIMEOUT)
+    got = bytearray()
+    while len(got) < size:
+        data = sock.recv(size - len(got))
+        assert data, "closed early"
+        got += data
+    return bytes(got)
+
+
+def test_threaded_channel_forwards_and_records_both_ways_then_closes() -> None:
+    wire = Wire()
+    wire.link()
+    pings = b"".join(mini(4, i.to_bytes(4, "little")) for i in range(2000))
+    wire.server.sendall(pings)
+    assert recv_exactly(wire.viewer, len(pings)) == pings
+    pongs = b"".join(mini(3, i.to_bytes(4, "little")) for i in range(2000))
+    wire.viewer.sendall(pongs)
+    assert recv_exactly(wire.server, len(pongs)) == pongs
+    wire.server.shutdown(socket.SHUT_RDWR)  # the server leaves: the viewer's side ends too
+    assert wire.viewer.recv(10) == b""
+    wire.join()
+    assert wire.channel.reason == "server closed"
+    assert wire.recorded("s2c").endswith(pings) and wire.recorded("c2s").endswith(pongs)
+    assert wire.relay.messages == {"c2s": 2000, "s2c": 2000}
+
+
+def test_threaded_channel_closes_on_a_protocol_error_and_on_tick() -> None:
+    wire = Wire(Limits(max_message=1000))
+    wire.link()
+    wire.server.sendall(mini(101, b"")[:2] + (5000).to_bytes(4, "little"))
+    assert wire.viewer.recv(100)  # forwarded first (dissection never delays forwarding)
+    assert wire.viewer.recv(10) == b""  # ... then the channel was closed
+    wire.join()
+    assert wire.channel.reason is not None and "5000 bytes exceeds" in wire.channel.reason
+    idle = Wire(Limits(link_timeout=0.5))
+    idle.viewer.sendall(link_mess(caps_word(1))[:10])
+    for _ in range(100):
+        idle.channel.tick(idle.relay.started + 1.0)
+        if idle.channel.reason:
+            break
+    idle.join()
+    assert idle.channel.reason == "link stage not finished after 0.5 s"

@@ -12,10 +12,9 @@ when the last channel of its session closes or the proxy stops.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,10 @@ from spicetap.records import Record, RecordBuilder
 log = logging.getLogger("spicetap.recorder")
 
 BACKLOG_POLICIES = ("gap", "close")
+# How long the idle worker sleeps between looks at its queue: short while traffic flows,
+# up to POLL_MAX when quiet (what it adds is recording delay, never forwarding delay).
+POLL_MIN = 0.001
+POLL_MAX = 0.05
 _STOP = ("stop",)
 
 
@@ -62,8 +65,10 @@ class Recorder:
         self.key = signing_key
         # One FIFO, so each connection's events stay in order. Only byte chunks are bounded
         # (by max_queue, checked in data()); control items, a few per connection, always go
-        # in without waiting: the forwarding thread must never block here.
-        self.queue: queue.Queue[tuple[Any, ...]] = queue.Queue()
+        # in without waiting: the forwarding thread must never block here. A deque, not a
+        # queue.Queue: appending takes no lock and wakes nobody; the worker polls it (_run),
+        # so a forwarded message does not hand the GIL to the recorder there and then.
+        self.queue: deque[tuple[Any, ...]] = deque()
         self.builder = RecordBuilder()
         self.sessions: dict[Any, _Session] = {}
         self.conn_session: dict[int, Any] = {}
@@ -99,7 +104,7 @@ class Recorder:
     def data(self, conn: int, t: float, direction: str, data: bytes) -> bool:
         """False when the bytes could not be queued and the policy is to close."""
         key = (conn, direction)
-        if self.queue.qsize() < self.options.max_queue:
+        if len(self.queue) < self.options.max_queue:
             if self.lost.get(key):  # the worker caught up: say how much is missing first
                 self._put(("gap", conn, t, direction, self.lost[key]))
                 self.lost[key] = 0
@@ -144,18 +149,22 @@ class Recorder:
 
     def _put(self, item: tuple[Any, ...]) -> None:
         if self.failed is None:  # after a failure nothing more is recorded; forwarding goes on
-            self.queue.put_nowait(item)  # unbounded: never raises Full, never waits
+            self.queue.append(item)  # unbounded: never waits
 
     # -- the worker --------------------------------------------------------------------------
     def _run(self) -> None:
+        pause = POLL_MIN
         try:
             while True:
                 try:
-                    item = self.queue.get(timeout=0.05)
-                except queue.Empty:
+                    item = self.queue.popleft()
+                except IndexError:  # idle: time-based flushes, then a longer and longer nap
                     for s in self.sessions.values():
                         s.writer.tick()
+                    time.sleep(pause)
+                    pause = min(pause * 2, POLL_MAX)
                     continue
+                pause = POLL_MIN
                 if item is _STOP:
                     break
                 self._handle(item)

@@ -122,7 +122,7 @@ class ManagementApi:
         rec = self.recorder
         if rec is None:
             return None
-        return RecorderView(rec.queue.qsize(), rec.lost_total, rec.failed is not None)
+        return RecorderView(len(rec.queue), rec.lost_total, rec.failed is not None)
 
     # -- requests --------------------------------------------------------------------------
     async def answer(self, method: str, target: str, body: bytes) -> Reply:

@@ -423,6 +423,10 @@ class Mode:
         self.out[name]["error"] = str(exc)[:2000]
         running = self.running.pop(name, None)
         if running is not None:
+            if running.log is not None and running.log.exists():  # why, from the proxy's side
+                tail = running.log.read_text(errors="replace").splitlines()[-20:]
+                self.out[name]["log_tail"] = tail
+                self.console.print("\n".join(tail), markup=False, highlight=False)
             finish(running, self.expected[name], self.out[name], "recording")
         self.b.start_peers()  # the old pair may be in the middle of a command
 

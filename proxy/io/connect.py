@@ -10,6 +10,7 @@ other, through the shared ChannelProxy.
 from __future__ import annotations
 
 import logging
+import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +18,7 @@ from pathlib import Path
 import trio
 
 from proxy.core.connect import ConnectHandshake, ConnectRequest, Refusal, tunnel_kind
-from proxy.io.server import ChannelProxy, accept_tls, peer_address
-from proxy.io.streams import PrefixedStream
+from proxy.io.server import ChannelProxy, peer_address
 from proxy.targets import ConnectRouter, Target
 from proxy.tls import HostCertificates, TlsSetupError
 from spicetap.errors import UserError
@@ -57,7 +57,9 @@ async def _first_bytes(stream: trio.abc.Stream, already: bytes) -> bytes:
     return data
 
 
-async def handle_connect(proxy: ChannelProxy, front: ConnectFront, stream: trio.abc.Stream) -> None:
+async def handle_connect(
+    proxy: ChannelProxy, front: ConnectFront, stream: trio.SocketStream
+) -> None:
     viewer = peer_address(stream)
     handshake = ConnectHandshake()
     target: Target | None = None
@@ -94,43 +96,35 @@ async def handle_connect(proxy: ChannelProxy, front: ConnectFront, stream: trio.
         proxy.state.errors += 1
         await trio.aclose_forcefully(stream)
         return
-    tunnel: trio.abc.Stream = PrefixedStream(stream, first)
     try:
         upstream = target.upstream(kind == "tls", front.keylog)
     except UserError as exc:
         log.warning("viewer %s:%d: %s", *viewer, exc)
         await trio.aclose_forcefully(stream)
         return
+    tls = None
     if kind == "tls":
-        wrapped = await _terminate_tls(proxy, front, tunnel, request.host)
-        if wrapped is None:
+        tls = await _certificate_for(front, request.host)
+        if tls is None:
+            await trio.aclose_forcefully(stream)
             return
-        tunnel = wrapped
     log.info(
         "viewer %s:%d: CONNECT %s:%d (%s) -> %s", *viewer, request.host, request.port, kind,
         upstream.label,
     )
-    await proxy.handle(
-        tunnel,
-        upstream,
-        viewer_tls=kind == "tls",
-        insertion="connect",
-        client=viewer,
-    )
+    await proxy.handle_socket(stream, upstream, tls=tls, insertion="connect", prefix=first)
 
 
-async def _terminate_tls(
-    proxy: ChannelProxy, front: ConnectFront, tunnel: trio.abc.Stream, host: str
-) -> trio.abc.Stream | None:
+async def _certificate_for(front: ConnectFront, host: str) -> ssl.SSLContext | None:
+    """spicetap's certificate for the host the viewer named (issued once, then cached)."""
     started = time.monotonic()
     try:
         ctx = await trio.to_thread.run_sync(front.certificates.context_for, host)
     except (TlsSetupError, OSError) as exc:
         log.error("cannot issue a certificate for %s: %s", host, exc)
-        await trio.aclose_forcefully(tunnel)
         return None
     log.debug("certificate for %s ready in %.3f s", host, time.monotonic() - started)
-    return await accept_tls(proxy, tunnel, ctx)
+    return ctx
 
 
 async def serve_connect(

@@ -25,13 +25,17 @@ class PlainEnd:
 
     tls = False
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, prefix: bytes = b"") -> None:
         sock.setblocking(True)
         self.sock = sock
         self.send_lock = threading.Lock()
+        self.prefix = prefix  # bytes a front already read from this socket (e.g. sniffing)
 
     def receive(self) -> bytes:
         """The next bytes; b"" at the peer's end of stream. OSError when the socket broke."""
+        if self.prefix:
+            data, self.prefix = self.prefix, b""
+            return data
         return self.sock.recv(RECEIVE_SIZE)
 
     def send(self, data: bytes) -> None:
@@ -158,8 +162,11 @@ def tls_end(
     *,
     server_side: bool,
     server_hostname: str | None = None,
+    prefix: bytes = b"",
 ) -> TlsEnd:
+    """`prefix`: TLS bytes a front already read from `sock` (the start of a ClientHello)."""
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    incoming.write(prefix)
     obj = context.wrap_bio(
         incoming, outgoing, server_side=server_side, server_hostname=server_hostname
     )

@@ -36,6 +36,7 @@ from proxy.core.relay import (
 )
 from proxy.io.ends import End, PlainEnd, tls_end
 from proxy.io.pumps import ThreadedChannel
+from proxy.io.streams import PrefixedStream
 from proxy.recorder import Recorder
 from proxy.tls import check_subject
 
@@ -214,15 +215,19 @@ class ChannelProxy:
         tls: ssl.SSLContext | None = None,
         insertion: str = "reverse",
         migration: MigrationListeners | None = None,
+        prefix: bytes = b"",
     ) -> None:
         """A viewer on a TCP socket (TLS terminated here with `tls`): relayed by a blocking
         pump thread per direction (proxy/io/pumps.py) when the upstream opens that way too,
-        else by handle()."""
+        else by handle(). `prefix`: what a front already read from the viewer."""
         if upstream_to.open_end is None:
+            viewer_stream: trio.abc.Stream = PrefixedStream(stream, prefix) if prefix else stream
             if tls is None:
-                await self.handle(stream, upstream_to, insertion=insertion, migration=migration)
+                await self.handle(
+                    viewer_stream, upstream_to, insertion=insertion, migration=migration
+                )
                 return
-            wrapped = await accept_tls(self, stream, tls)
+            wrapped = await accept_tls(self, viewer_stream, tls)
             if wrapped is not None:
                 await self.handle(
                     wrapped, upstream_to, viewer_tls=True, insertion=insertion,
@@ -230,10 +235,10 @@ class ChannelProxy:
                 )  # fmt: skip
             return
         sock = detach(stream)
-        viewer: End = PlainEnd(sock)
+        viewer: End = PlainEnd(sock, prefix)
         client = viewer.peer()
         if tls is not None:
-            viewer = tls_end(sock, tls, server_side=True)
+            viewer = tls_end(sock, tls, server_side=True, prefix=prefix)
             try:
                 await self._in_thread(viewer.handshake, self.limits.link_timeout)
             except OSError as exc:

@@ -5,8 +5,8 @@ Every proxy listens on 127.0.0.1 and forwards to the fake SPICE server, plain or
 on both legs, all certificates issued by one throwaway test CA:
 - socat: one process per connection (fork), 256 KiB blocks like spicetap's receive size
   (socat's default is 8 KiB), TCP_NODELAY on both legs like the others;
-- haproxy: tcp mode, one thread (`nbthread 1`: spicetap forwards on one trio thread),
-  default buffers, generated config in the work directory;
+- haproxy: tcp mode, its default threads (one per CPU: spicetap forwards on a thread per
+  channel direction), default buffers, generated config in the work directory;
 - mitmproxy (mitmdump): reverse mode, tcp:// (or tls:// for TLS on both legs), recording
   every flow to a file with -w, -q so the terminal costs it nothing;
 - spicetap: `spicetap proxy --listen|--tls-listen ... --record DIR`, full dissection and
@@ -158,7 +158,6 @@ def _haproxy_config(tls: bool, port: int, upstream: int, pki: Pki) -> str:
     bind_tls = f" ssl crt {pki.proxy_pem}" if tls else ""
     server_tls = f" ssl verify required ca-file {pki.ca}" if tls else ""
     return f"""global
-    nbthread 1
     maxconn 4096
     log stderr format short local0 emerg
 

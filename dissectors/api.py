@@ -6,6 +6,7 @@ Decoded whose `error` says where (offset, field path) and why.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any, NamedTuple
 
@@ -19,6 +20,12 @@ from dissectors.runtime import Writer
 C2S = "c2s"
 S2C = "s2c"
 DIRECTIONS = (C2S, S2C)
+
+
+# A message's decoding entry: channel name, message name, body struct, decoder, in place.
+Entry = tuple[str, str, str, Any, bool]
+# A struct's decoded value -> its named view (see Dialect.namer).
+Namer = Callable[[dict[str, Any]], dict[str, Any]]
 
 
 class Dialect:
@@ -36,15 +43,46 @@ class Dialect:
         self.enum_by_value = {
             name: {v: n for n, v in reversed(items)} for name, (_k, items) in self.enums.items()
         }
-        # (channel, direction, type) -> (channel name, message name, struct, decoder)
-        self.entries: dict[tuple[int, str, int], tuple[str, str, str, Any]] = {
-            key: (self.channel_name(key[0]), name, struct, self.codecs[struct][0])
+        self.in_place: frozenset[str] = module.IN_PLACE
+        # (channel, direction, type) -> (channel name, message name, struct, decoder, whether
+        # it decodes in place: no pointers, so no regions to collect)
+        self.entries: dict[tuple[int, str, int], Entry] = {
+            key: (
+                self.channel_name(key[0]),
+                name,
+                struct,
+                self.codecs[struct][0],
+                struct in self.in_place,
+            )
             for key, (name, struct) in self.messages.items()
         }
+        self._tables: dict[tuple[int, str], dict[int, Entry]] = {}
+        self._namers: dict[str, Namer] = {}
+
+    def table(self, channel_type: int, direction: str) -> dict[int, Entry]:
+        """The entries of one channel's messages in one direction, by message type."""
+        key = (channel_type, direction)
+        table = self._tables.get(key)
+        if table is None:
+            table = {
+                num: entry
+                for (ch, d, num), entry in self.entries.items()
+                if ch == channel_type and d == direction
+            }
+            self._tables[key] = table
+        return table
 
     def channel_name(self, number: int) -> str:
         entry = self.channels.get(number)
         return entry[0] if entry else f"channel{number}"
+
+    def namer(self, struct: str) -> Namer:
+        """The function that gives named_value()'s view of a decoded `struct`, made once
+        from the schema: per call it only converts, without walking the schema again."""
+        namer = self._namers.get(struct)
+        if namer is None:
+            namer = self._namers[struct] = _namer(self, self.schema[struct])
+        return namer
 
     def decode_struct(self, struct: str, body: bytes) -> tuple[dict[str, Any], int]:
         """Decode with a struct's generated decoder; returns (value, bytes covered).
@@ -100,7 +138,7 @@ class Decoded(NamedTuple):
         """Fields with enum items and flag bits by name (JSON-ready except bytes)."""
         if self.fields is None or self.struct is None:
             return None
-        return named_value(self.dialect, ("struct:" + self.struct, False), self.fields)
+        return self.dialect.namer(self.struct)(self.fields)
 
 
 _new = tuple.__new__
@@ -117,8 +155,8 @@ def decode(
         return Decoded(
             channel, channel_type, direction, msg_type, None, None, size, 0, err, None, dialect
         )
-    channel, name, struct, decoder = entry
-    regions: list[tuple[int, int]] = []
+    channel, name, struct, decoder, in_place = entry
+    regions: list[tuple[int, int]] | None = None if in_place else []
     try:
         fields, stop = decoder(body, 0, size, regions)
     except Malformed as exc:
@@ -186,7 +224,10 @@ def flag_names(dialect: Dialect, enum: str, value: int) -> list[str | int]:
 
 
 def named_value(dialect: Dialect, spec: tuple[str, bool], value: Any) -> Any:
-    """Render `value` of type spec=(type ref, is_array) with names for enums and flags."""
+    """Render `value` of type spec=(type ref, is_array) with names for enums and flags.
+
+    Walks the schema for every value: the reference that Dialect.namer's views must equal.
+    """
     tref, is_array = spec
     if value is None:
         return None
@@ -225,3 +266,72 @@ def _named_entry(
         for case in cases:
             _named_entry(dialect, case, value[name], inner)
         out[name] = inner
+
+
+# -- named views made once per struct (Dialect.namer) ------------------------------------------
+Convert = Callable[[Any], Any]
+
+
+def _namer(dialect: Dialect, entries: tuple[tuple[Any, ...], ...]) -> Namer:
+    steps: list[tuple[str, Convert | None]] = []  # (member, conversion or None: as it is)
+
+    def name(value: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for member, convert in steps:
+            if member in value:
+                out[member] = value[member] if convert is None else convert(value[member])
+        return out
+
+    for entry in entries:
+        _add_steps(dialect, entry, steps)
+    return name
+
+
+def _add_steps(
+    dialect: Dialect, entry: tuple[Any, ...], steps: list[tuple[str, Convert | None]]
+) -> None:
+    if entry[0] == "field":
+        _kind, member, tref, is_array, _ptr = entry
+        steps.append((member, _converter(dialect, tref, is_array)))
+        return
+    _kind, member, anon, cases = entry
+    if anon:  # the cases' members sit in the enclosing struct
+        for case in cases:
+            _add_steps(dialect, case, steps)
+    else:
+        steps.append((member, _namer(dialect, cases)))
+
+
+def _converter(dialect: Dialect, tref: str, is_array: bool) -> Convert | None:
+    one = _converter_one(dialect, tref)
+    if not is_array:
+        return one
+    if one is None:
+        return _copy_list
+    each = one
+
+    def convert_all(value: Any) -> Any:
+        return [each(v) for v in value] if isinstance(value, list) else each(value)
+
+    return convert_all
+
+
+def _converter_one(dialect: Dialect, tref: str) -> Convert | None:
+    kind, _, target = tref.partition(":")
+    if kind == "struct":
+
+        def struct_view(value: Any) -> Any:
+            # looked up when called, not when made: a struct may contain itself
+            return None if value is None else dialect.namer(target)(value)
+
+        return struct_view
+    if kind == "enum":
+        by_value = dialect.enum_by_value[target]
+        return lambda value: by_value.get(value, value) if isinstance(value, int) else value
+    if kind == "flags":
+        return lambda value: flag_names(dialect, target, value) if isinstance(value, int) else value
+    return None
+
+
+def _copy_list(value: Any) -> Any:
+    return list(value) if isinstance(value, list) else value

@@ -55,6 +55,28 @@ def _fmt(m: ir.Member) -> str:
     return m.type.fmt
 
 
+def _in_place(st: ir.Struct, outer: frozenset[int] = frozenset()) -> bool:
+    """Whether st's decoder, and every decoder it calls, reads only [p, end) and checks
+    sizes against end - p: then a body decodes the same inside a larger buffer. Pointers
+    (offsets from the message start) and the count check of an array of items that may be
+    empty (against end itself) depend on where the body starts."""
+    if id(st) in outer:
+        return True  # a struct inside itself: the outer call looks at its members
+    inner = outer | {id(st)}
+    members = [c.member for m in st.members if isinstance(m, ir.Switch) for c in m.cases]
+    members += [m for m in st.members if isinstance(m, ir.Member)]
+    for m in members:
+        if m.pointer:
+            return False
+        if isinstance(m.type, ir.Struct):
+            arr = m.array
+            if arr is not None and arr.kind != "remaining" and not _min_size(m.type):
+                return False
+            if not _in_place(m.type, inner):
+                return False
+    return True
+
+
 def _min_size(t: ir.Type) -> int:
     if not isinstance(t, ir.Struct):
         return t.size
@@ -449,7 +471,13 @@ def generate(protocol: ir.Protocol, sources: str) -> str:
     for st in em.names.order:
         n = em.names.of(st)
         out.append(f"    {n!r}: (d_{n}, e_{n}),")
-    out += ["}", "", "# named structs and messages of the source -> struct name", "NAMED = {"]
+    out += ["}", "", "# structs whose decoders do not depend on where the body starts (no"]
+    out += ["# pointers): their bodies decode in place inside a larger buffer"]
+    out += ["IN_PLACE = frozenset({"]
+    for st in em.names.order:
+        if _in_place(st):
+            out.append(f"    {em.names.of(st)!r},")
+    out += ["})", "", "# named structs and messages of the source -> struct name", "NAMED = {"]
     for name, st in protocol.structs.items():
         out.append(f"    {name!r}: {em.names.of(st)!r},")
     out += ["}", "", "# struct name -> members, for renderers (see dissectors.runtime.SchemaEntry)"]

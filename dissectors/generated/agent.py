@@ -549,6 +549,40 @@ CODECS = {
     'VDAgent_graphics_device_info': (d_VDAgent_graphics_device_info, e_VDAgent_graphics_device_info),
 }
 
+# structs whose decoders do not depend on where the body starts (no
+# pointers): their bodies decode in place inside a larger buffer
+IN_PLACE = frozenset({
+    'VDAgentMessage',
+    'VDIChunkHeader',
+    'AgentMonConfig',
+    'AgentMonitorMM',
+    'AgentFileXferStatusError',
+    'AgentFileXferStatusNotEnoughSpace',
+    'AgentDeviceDisplayInfo',
+    'AgentAnnounceCapabilities',
+    'AgentClipboard',
+    'AgentClipboardGrab',
+    'AgentClipboardRequest',
+    'AgentClipboardRelease',
+    'AgentFileXferStatus',
+    'AgentSelectionClipboard',
+    'AgentSelectionClipboardGrab',
+    'AgentSelectionClipboardRequest',
+    'AgentSelectionClipboardRelease',
+    'AgentSerialClipboardGrab',
+    'AgentSelectionSerialClipboardGrab',
+    'VDAgent_reply',
+    'VDAgent_audio_volume_sync',
+    'VDAgent_mouse_state',
+    'VDAgent_monitors_config',
+    'VDAgent_display_config',
+    'VDAgent_file_xfer_start',
+    'VDAgent_file_xfer_data',
+    'VDAgent_client_disconnected',
+    'VDAgent_max_clipboard',
+    'VDAgent_graphics_device_info',
+})
+
 # named structs and messages of the source -> struct name
 NAMED = {
     'VDAgentMessage': 'VDAgentMessage',

@@ -25,6 +25,11 @@ MESSAGES = {
 CODECS = {
 }
 
+# structs whose decoders do not depend on where the body starts (no
+# pointers): their bodies decode in place inside a larger buffer
+IN_PLACE = frozenset({
+})
+
 # named structs and messages of the source -> struct name
 NAMED = {
 }

@@ -173,6 +173,21 @@ CODECS = {
     'SubMessage': (d_SubMessage, e_SubMessage),
 }
 
+# structs whose decoders do not depend on where the body starts (no
+# pointers): their bodies decode in place inside a larger buffer
+IN_PLACE = frozenset({
+    'LinkHeader',
+    'LinkMess',
+    'LinkReply',
+    'LinkEncryptedTicket',
+    'LinkAuthMechanism',
+    'LinkResult',
+    'DataHeader',
+    'MiniDataHeader',
+    'SubMessageList',
+    'SubMessage',
+})
+
 # named structs and messages of the source -> struct name
 NAMED = {
     'LinkHeader': 'LinkHeader',

@@ -43,6 +43,9 @@ def _agree(dialect: api.Dialect, item: tuple[int, str, int, ir.Message], raw: by
         return
     assert dec.error is None, dec.error
     assert dec.fields == oracle
+    assert dec.struct is not None
+    walked = api.named_value(dialect, ("struct:" + dec.struct, False), dec.fields)
+    assert dec.named_fields() == walked
 
 
 @pytest.mark.parametrize("item", SPICE_MESSAGES, ids=_id)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
+import re
 from pathlib import Path
 
 import pytest
 
-from dissectors import regen
+from dissectors import api, regen
 from dissectors.protolang.lexer import ProtoError
 from spicetap.cli import main
 from tests.conftest import require
@@ -55,3 +57,27 @@ def test_broken_proto_is_a_one_line_error(
     assert main(["regen", "--check", "--proto", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"spicetap: error: {bad}:2:22: expected ';', found '}}'"
+
+
+@pytest.mark.parametrize(
+    "dialect", [api.SPICE, api.LINK, api.CAPS, api.AGENT], ids=["spice", "link", "caps", "agent"]
+)
+def test_in_place_structs_read_no_pointer(dialect: api.Dialect) -> None:
+    """IN_PLACE lists exactly the structs whose decoder, and every decoder it calls, reads
+    no pointer and checks no count against `end` itself: only those may decode a body that
+    lies inside a larger buffer."""
+    calls: dict[str, set[str]] = {}
+    by_offset: dict[str, bool] = {}
+    for name, (decoder, _encoder) in dialect.codecs.items():
+        source = inspect.getsource(decoder)
+        calls[name] = set(re.findall(r"\bd_(\w+)\(b, ", source)) - {name}
+        by_offset[name] = "rg.append" in source or "> end + 1" in source
+
+    def follows(name: str, seen: frozenset[str] = frozenset()) -> bool:
+        callees = calls[name] - seen
+        return by_offset[name] or any(follows(c, seen | {name}) for c in callees)
+
+    assert dialect.in_place == {n for n in dialect.codecs if not follows(n)}
+    if dialect is api.SPICE:
+        assert "InputsChannel_key_down" in dialect.in_place
+        assert "DisplayChannel_draw_copy" not in dialect.in_place

@@ -74,6 +74,10 @@ def _check(
     oracle, _regions = interp.decode(msg.body, raw)
     assert oracle == dec.fields
     assert api.encode(ch, direction, num, dec.fields, dialect) == raw
+    # the named view made once per struct is the schema walk's
+    assert dec.struct is not None
+    walked = api.named_value(dialect, ("struct:" + dec.struct, False), dec.fields)
+    assert dec.named_fields() == walked
 
 
 @pytest.mark.parametrize("item", SPICE_MESSAGES, ids=_id)
@@ -104,5 +108,8 @@ def test_link_struct_roundtrip(name: str, data: st.DataObject) -> None:
     raw = interp.encode(body, value)
     decoded, covered = api.LINK.decode_struct(api.LINK.named[name], raw)
     assert decoded == value
+    struct = api.LINK.named[name]
+    walked = api.named_value(api.LINK, ("struct:" + struct, False), decoded)
+    assert api.LINK.namer(struct)(decoded) == walked
     assert covered == len(raw)
     assert api.LINK.encode_struct(api.LINK.named[name], decoded) == raw

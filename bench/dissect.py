@@ -4,6 +4,8 @@ Both read the same capture in the same run. spicetap reads the pcapng, reassembl
 frames every channel and decodes every field of every message (agent messages included);
 tshark runs `-d tcp.port==N,spice -T fields -e spice.message_type`. Reports messages/s and
 MB/s for each and the ratio, best of --repeat runs, and writes bench/results/dissect.json.
+The runs alternate (ours, theirs, ours, ...) so that both meet the same machine load; the
+load average at the start is recorded beside the figures.
 
     python -m bench.dissect [CAPTURE.pcapng ...] [--repeat 3]
 """
@@ -12,10 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.progress import Progress
@@ -71,37 +75,63 @@ def main(argv: list[str] | None = None) -> int:
         print("bench: tshark is not installed (Debian package tshark)")
         return 2
     console = Console()
-    results = []
+    results: list[dict[str, Any]] = []
     with Progress(console=console) as progress:
         task = progress.add_task("dissecting", total=len(captures) * args.repeat * 2)
         for path in captures:
             ports = spice_ports(path)
-            ours = min((run_spicetap(path) for _ in range(args.repeat)), key=lambda r: r[0])
-            progress.advance(task, args.repeat)
-            theirs = min((run_tshark(path, ports) for _ in range(args.repeat)),
-                         key=lambda r: r[0])
-            progress.advance(task, args.repeat)
+            load = os.getloadavg()
+            ours_runs, theirs_runs = [], []
+            for _ in range(args.repeat):
+                ours_runs.append(run_spicetap(path))
+                progress.advance(task)
+                theirs_runs.append(run_tshark(path, ports))
+                progress.advance(task)
+            ours = min(ours_runs, key=lambda r: r[0])
+            theirs = min(theirs_runs, key=lambda r: r[0])
             size = path.stat().st_size
-            results.append({
-                "capture": path.name, "bytes": size,
-                "spicetap": {"seconds": ours[0], "messages": ours[1],
-                             "msg_per_s": ours[1] / ours[0], "mb_per_s": size / ours[0] / 1e6},
-                "tshark": {"seconds": theirs[0], "messages": theirs[1],
-                           "msg_per_s": theirs[1] / theirs[0],
-                           "mb_per_s": size / theirs[0] / 1e6},
-                "ratio_msg_per_s": (ours[1] / ours[0]) / (theirs[1] / theirs[0]),
-                "ratio_time": theirs[0] / ours[0],
-            })
+            results.append(
+                {
+                    "capture": path.name,
+                    "bytes": size,
+                    "load_average": load,
+                    "spicetap": {
+                        "seconds": ours[0],
+                        "messages": ours[1],
+                        "msg_per_s": ours[1] / ours[0],
+                        "mb_per_s": size / ours[0] / 1e6,
+                    },
+                    "tshark": {
+                        "seconds": theirs[0],
+                        "messages": theirs[1],
+                        "msg_per_s": theirs[1] / theirs[0],
+                        "mb_per_s": size / theirs[0] / 1e6,
+                    },
+                    "ratio_msg_per_s": (ours[1] / ours[0]) / (theirs[1] / theirs[0]),
+                    "ratio_time": theirs[0] / ours[0],
+                }
+            )
     table = Table(title="dissection: spicetap (every field) vs tshark (message types)")
-    for col in ("capture", "spicetap msg/s", "MB/s", "tshark msg/s", "MB/s", "ratio msg/s",
-                "ratio time"):
+    for col in (
+        "capture",
+        "spicetap msg/s",
+        "MB/s",
+        "tshark msg/s",
+        "MB/s",
+        "ratio msg/s",
+        "ratio time",
+    ):
         table.add_column(col)
     for r in results:
         s, t = r["spicetap"], r["tshark"]
         table.add_row(
-            str(r["capture"]), f"{s['msg_per_s']:,.0f}", f"{s['mb_per_s']:.1f}",  # type: ignore[index]
-            f"{t['msg_per_s']:,.0f}", f"{t['mb_per_s']:.1f}",  # type: ignore[index]
-            f"{r['ratio_msg_per_s']:.2f}x", f"{r['ratio_time']:.2f}x",
+            str(r["capture"]),
+            f"{s['msg_per_s']:,.0f}",
+            f"{s['mb_per_s']:.1f}",
+            f"{t['msg_per_s']:,.0f}",
+            f"{t['mb_per_s']:.1f}",
+            f"{r['ratio_msg_per_s']:.2f}x",
+            f"{r['ratio_time']:.2f}x",
         )
     console.print(table)
     RESULTS.mkdir(exist_ok=True)

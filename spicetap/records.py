@@ -7,17 +7,26 @@ every non-main channel links with, which the main channel's INIT message announc
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from dissectors.agent import AgentMessage, AgentReassembler
-from dissectors.api import LINK, SPICE, Decoded, decode, message_type, named_value
+from dissectors.api import LINK, SPICE, Decoded, Dialect, decode, message_type
 from dissectors.errors import DecodeError, Malformed
-from proxy.core.framing import C2S, ChannelError, ChannelFramer, LinkUnit, Message
+from proxy.core.framing import (
+    C2S,
+    S2C,
+    ChannelError,
+    ChannelFramer,
+    LinkUnit,
+    Message,
+    MessageBuilder,
+)
 
 MAIN = 1
 MAIN_INIT = message_type(MAIN, "s2c", "init")
-AGENT_DATA = {d: message_type(MAIN, d, "agent_data") for d in (C2S, "s2c")}
+AGENT_DATA = {d: message_type(MAIN, d, "agent_data") for d in (C2S, S2C)}
 
 MAX_HELD = 64  # a main channel that never sends INIT is not held back for long
 # Link units that are secrets: never decoded or shown; archives keep only their length.
@@ -49,14 +58,38 @@ class Record(NamedTuple):  # one per message: a tuple is the cheapest immutable 
     msg_type: int | None
     name: str | None
     raw: bytes  # plaintext bytes as on the wire (renderers never print secret units)
-    decoded: Decoded | None = None
     error: str | None = None
     fields: dict[str, Any] | None = None  # link units: decoded values by name
     agent_types: frozenset[int] = frozenset()  # AGENT_DATA: agent message types it carried
+    # Messages and agent messages: the members of their Decoded (see `decoded`), folded in
+    # so that a message costs one object, not two.
+    decoded_fields: dict[str, Any] | None = None
+    size: int = 0  # of the body
+    covered: int = 0
+    decode_error: DecodeError | None = None
+    struct: str | None = None
+    dialect: Dialect | None = None  # None: nothing decoded (not a message)
+    channel_type: int = 0  # in the dialect (an agent message's: its variant)
+
+    @property
+    def decoded(self) -> Decoded | None:
+        """The decoded body, rebuilt from the members folded into the record."""
+        dialect = self.dialect
+        if dialect is None or self.msg_type is None:
+            return None
+        ctype = self.channel_type
+        return _new(
+            Decoded,
+            (dialect.channel_name(ctype), ctype, self.direction, self.msg_type, self.name,
+             self.decoded_fields, self.size, self.covered, self.decode_error, self.struct,
+             dialect),
+        )  # fmt: skip
 
     @property
     def not_fully_dissected(self) -> bool:
-        return self.decoded is not None and not self.decoded.fully_dissected
+        return self.dialect is not None and not (
+            self.decode_error is None and self.name is not None and self.covered == self.size
+        )
 
 
 @dataclass
@@ -69,6 +102,9 @@ class _Conn:
     open_fields: dict[str, Any] | None = None  # endpoints, until the open record is out
     open_time: float = 0.0
     held: list[Record] | None = None
+    # Once linked (not main, session known): the framer's message builder, and how to tell
+    # it the time of the bytes fed next (see RecordBuilder._builder).
+    builder: tuple[MessageBuilder, Callable[[float], None]] | None = None
 
 
 def _link_fields(kind: str, data: bytes) -> tuple[dict[str, Any] | None, str | None]:
@@ -79,11 +115,22 @@ def _link_fields(kind: str, data: bytes) -> tuple[dict[str, Any] | None, str | N
         value, _covered = LINK.decode_struct(struct, data)
     except Malformed as exc:
         return None, str(exc.error)
-    return named_value(LINK, ("struct:" + struct, False), value), None
+    return LINK.namer(struct)(value), None
 
 
 _new = tuple.__new__
 _NO_AGENT_TYPES: frozenset[int] = frozenset()
+
+
+def _message_record(head: tuple[Any, ...], raw: bytes, dec: Decoded) -> Record:
+    """head: time, session, connection, channel, channel id, direction, kind."""
+    _channel, ctype, _d, msg_type, name, fields, size, covered, error, struct, dialect = dec
+    # tuple.__new__ skips the NamedTuple's Python-level __new__
+    return _new(
+        Record,
+        (*head, msg_type, name, raw, str(error) if error else None, None, _NO_AGENT_TYPES,
+         fields, size, covered, error, struct, dialect, ctype),
+    )  # fmt: skip
 
 
 class RecordBuilder:
@@ -148,44 +195,82 @@ class RecordBuilder:
         if c is None:
             self.opened(conn)
             c = self.conns[conn]
+        fr = c.framer
+        ident = c.ident if fr.channel_type != MAIN else None
         out: list[Record] = []
-        events = c.framer.feed(direction, data)
-        ident = c.ident if c.framer.channel_type != MAIN else None
         if ident is None:
-            for ev in events:
+            for ev in fr.feed(direction, data):
                 out += self._event(c, ts, ev)
         else:
-            self._messages(c, ts, ident, events, out)
+            if c.builder is None:
+                c.builder = self._builder(fr.channel_type or 0, ident)
+            build, at = c.builder
+            at(ts)
+            linked = fr.linked
+            # messages come out of the framer as records already; link units and errors
+            # (rare) still need turning into records
+            built = fr.feed_built(direction, data, build)
+            if linked and (not built or built[-1].__class__ is Record):
+                out = built  # messages only
+            else:
+                for ev in built:
+                    if ev.__class__ is Record:
+                        out.append(ev)
+                    else:
+                        out += self._event(c, ts, ev)
         if c.open_fields is not None and out:
             out.insert(0, self._open_record(c))
         return self._release(c, out)
 
-    def _messages(
-        self,
-        c: _Conn,
-        ts: float,
-        ident: tuple[int | None, int, str, int],
-        events: list[LinkUnit | Message | ChannelError],
-        out: list[Record],
-    ) -> None:
-        """The hot loop (a linked channel other than main, its session known): what _event
-        does for a message, without a call and a list per message. The rest goes there."""
+    @staticmethod
+    def _builder(
+        ctype: int, ident: tuple[int | None, int, str, int]
+    ) -> tuple[MessageBuilder, Callable[[float], None]]:
+        """The hot path (a linked channel other than main, its session known): each message
+        framed becomes its record at once. A body whose decoder follows no pointer decodes
+        in place in the framer's snapshot: no body copy, no regions list. What _event does
+        for a message, without the Message, the call to decode() and the list per message.
+        Made once per connection; the second function sets the time of what is fed next."""
         session, number, channel, channel_id = ident
-        ctype = c.framer.channel_type or 0
-        append = out.append
-        for ev in events:
-            if ev.__class__ is not Message:
-                out += self._event(c, ts, ev)
-                continue
-            dec = decode(ctype, ev.direction, ev.msg_type, ev.body)
-            error = str(dec.error) if dec.error else None
-            append(
-                _new(
-                    Record,
-                    (ts, session, number, channel, channel_id, ev.direction, "message",
-                     ev.msg_type, dec.name, ev.raw, dec, error, None, _NO_AGENT_TYPES),
-                )
-            )  # fmt: skip
+        tables = {C2S: SPICE.table(ctype, C2S), S2C: SPICE.table(ctype, S2C)}
+        dialect = SPICE
+        ts = 0.0
+
+        def at(time: float) -> None:
+            nonlocal ts
+            ts = time
+
+        def build(
+            d: str,
+            msg_type: int,
+            data: bytes,
+            start: int,
+            body: int,
+            end: int,
+            _serial: int | None,
+            _sub_list: int,
+        ) -> Record:
+            entry = tables[d].get(msg_type)
+            if entry is not None:
+                _channel, name, struct, decoder, in_place = entry
+                if in_place:
+                    try:
+                        fields, stop = decoder(data, body, end, None)
+                    except (Malformed, UnboundLocalError, KeyError):
+                        pass  # decode() below says where and why, with offsets in the body
+                    else:
+                        return _new(
+                            Record,
+                            (ts, session, number, channel, channel_id, d, "message", msg_type,
+                             name, data[start:end], None, None, _NO_AGENT_TYPES, fields,
+                             end - body, stop - body, None, struct, dialect, ctype),
+                        )  # fmt: skip
+            dec = decode(ctype, d, msg_type, data[body:end])
+            return _message_record(
+                (ts, session, number, channel, channel_id, d, "message"), data[start:end], dec
+            )
+
+        return build, at
 
     def _open_record(self, c: _Conn) -> Record:
         fields, c.open_fields = c.open_fields, None
@@ -220,38 +305,20 @@ class RecordBuilder:
         if ctype == MAIN and ev.direction != C2S and ev.msg_type == MAIN_INIT and dec.fields:
             self.main_session[c.number] = int(dec.fields["session_id"])
         session, number, channel, channel_id = self._ident(c)
-        error = str(dec.error) if dec.error else None
-        # one per message: tuple.__new__ skips the NamedTuple's Python-level __new__
-        out = [
-            _new(
-                Record,
-                (ts, session, number, channel, channel_id, ev.direction, "message",
-                 ev.msg_type, dec.name, ev.raw, dec, error, None, _NO_AGENT_TYPES),
-            )
-        ]  # fmt: skip
+        head = (ts, session, number, channel, channel_id, ev.direction, "message")
+        out = [_message_record(head, ev.raw, dec)]
         if ctype == MAIN and ev.msg_type == AGENT_DATA[ev.direction] and dec.fields is not None:
             if c.agent is None:
                 c.agent = AgentReassembler()
             agent_out = c.agent.feed(ev.direction, dec.fields["data"])
             out[0] = out[0]._replace(agent_types=frozenset(c.agent.touched))
             for am in agent_out:
-                base = self._base(c, ts, ev.direction)
                 if isinstance(am, AgentMessage):
-                    out.append(
-                        Record(
-                            **base,
-                            kind="agent",
-                            msg_type=am.msg_type,
-                            name=am.decoded.name,
-                            raw=am.raw,
-                            decoded=am.decoded,
-                            error=str(am.decoded.error) if am.decoded.error else None,
-                        )
-                    )
+                    out.append(_message_record((*head[:6], "agent"), am.raw, am.decoded))
                 else:
                     out.append(
                         Record(
-                            **base,
+                            **self._base(c, ts, ev.direction),
                             kind="error",
                             msg_type=None,
                             name="agent",

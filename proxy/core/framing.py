@@ -15,8 +15,9 @@ bytes are counted as `ignored`, never raised.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 C2S = "c2s"
 S2C = "s2c"
@@ -75,6 +76,24 @@ class ChannelError:
 
 Event = LinkUnit | Message | ChannelError
 
+# Builds the event for one framed message: (direction, type, data, start, body start, end,
+# serial, sub_list), the message being data[start:end] (see ChannelFramer.feed_built).
+MessageBuilder = Callable[[str, int, bytes, int, int, int, int | None, int], Any]
+
+
+def build_message(
+    d: str,
+    msg_type: int,
+    data: bytes,
+    start: int,
+    body: int,
+    end: int,
+    serial: int | None,
+    sub_list: int,
+) -> Message:
+    # tuple.__new__ skips the NamedTuple's Python-level __new__: a third of the cost
+    return tuple.__new__(Message, (d, msg_type, data[body:end], data[start:end], serial, sub_list))
+
 
 def _caps(
     data: bytes, fixed: struct.Struct, n_common: int, n_channel: int, offset: int
@@ -123,9 +142,23 @@ class ChannelFramer:
 
     def feed(self, direction: str, data: bytes) -> list[Event]:
         """Add bytes received in one direction; returns the units now complete."""
-        if self.state[direction] == "dead":
+        events: list[Event] = self.feed_built(direction, data, build_message)
+        return events
+
+    def feed_built(self, direction: str, data: bytes, build: MessageBuilder) -> list[Any]:
+        """feed(), with each message's event made by `build` (bodies=True only). A caller
+        that turns messages into something else does it here, from the snapshot of the
+        stream the framer slices them from: no Message and no body copy in between."""
+        state = self.state[direction]
+        if state == "dead":
             self.ignored[direction] += len(data)
             return []
+        # The common case: nothing held back from earlier chunks, so frame this one itself.
+        messages = state == "messages" and self.bodies and not self.link_only
+        if messages and not self.buf[direction] and data.__class__ is bytes:
+            events: list[Any] = []
+            self._frame(direction, data, events, build)
+            return events
         if self.skip[direction] and not self.buf[direction]:
             skip = min(self.skip[direction], len(data))
             self.skip[direction] -= skip
@@ -134,12 +167,18 @@ class ChannelFramer:
                 return []
             data = data[skip:]
         self.buf[direction] += data
-        events: list[Event] = []
+        events = []
         client_waiting = direction == S2C and self.state[C2S] == "wait_reply"
-        self._drain(direction, events)
+        self._drain(direction, events, build)
         if client_waiting and self.buf[C2S]:
-            self._drain(C2S, events)  # the reply unblocked the client's auth bytes
+            self._drain(C2S, events, build)  # the reply unblocked the client's auth bytes
         return events
+
+    @property
+    def linked(self) -> bool:
+        """Both directions are past the link stage: a feed then gives only messages, and
+        at most one ChannelError after them."""
+        return self.state[C2S] == "messages" and self.state[S2C] == "messages"
 
     def pending(self, direction: str) -> int:
         """Bytes received but not yet part of a complete unit (a truncated tail at the end)."""
@@ -159,13 +198,13 @@ class ChannelFramer:
         self.ignored[direction] += len(self.buf[direction])
         self.buf[direction].clear()
 
-    def _drain(self, d: str, events: list[Event]) -> None:
+    def _drain(self, d: str, events: list[Any], build: MessageBuilder) -> None:
         buf = self.buf[d]
         while True:
             state = self.state[d]
             if state == "messages":
                 if not self.link_only:
-                    self._messages(d, events)
+                    self._messages(d, events, build)
                 return
             if state in ("dead", "wait_reply", "done"):
                 return
@@ -257,8 +296,8 @@ class ChannelFramer:
             else:
                 self.auth, self.state[C2S] = "spice", "ticket"
 
-    def _messages(self, d: str, events: list[Event]) -> None:
-        """Frame every complete message in the buffer, then drop them in one cut."""
+    def _messages(self, d: str, events: list[Any], build: MessageBuilder) -> None:
+        """Frame every complete message in the buffer."""
         if not self.bodies:
             self._headers(d, events)
             return
@@ -271,9 +310,17 @@ class ChannelFramer:
         first_size = hdr.unpack_from(buf)[1 if mini else 2]
         if first_size <= limit and n < hsize + first_size:
             return  # a large message still arriving: no copy until it is whole
-        # One snapshot of the buffer; each message is then two cheap slices of it.
-        data = bytes(buf)
-        unpack, append, new = hdr.unpack_from, events.append, tuple.__new__
+        data = bytes(buf)  # one snapshot of the buffer; `build` slices each message from it
+        buf.clear()
+        self._frame(d, data, events, build)
+
+    def _frame(self, d: str, data: bytes, events: list[Any], build: MessageBuilder) -> None:
+        """Build every whole message at the start of `data`, which follows what was framed
+        before (self.buf is empty); keep the rest in self.buf."""
+        hdr = MINI_HEADER if self.mini_header else FULL_HEADER
+        hsize, mini, limit = hdr.size, self.mini_header, self.max_message
+        unpack, append = hdr.unpack_from, events.append
+        n = len(data)
         pos = 0
         too_big: str | None = None
         while n - pos >= hsize:
@@ -288,13 +335,11 @@ class ChannelFramer:
             end = pos + hsize + size
             if end > n:
                 break
-            # tuple.__new__ skips the NamedTuple's Python-level __new__: a third of the cost
-            body, raw = data[pos + hsize : end], data[pos:end]
-            append(new(Message, (d, msg_type, body, raw, serial, sub_list)))
+            append(build(d, msg_type, data, pos, pos + hsize, end, serial, sub_list))
             pos = end
-        if pos:
-            del buf[:pos]
-            self.offset[d] += pos
+        self.offset[d] += pos
+        if pos < n:
+            self.buf[d] += memoryview(data)[pos:]
         if too_big is not None:
             self._fail(d, too_big, events)
 

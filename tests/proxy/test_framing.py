@@ -213,3 +213,34 @@ def test_truncated_message_stays_pending() -> None:
     f, _ = run([(C2S, link_mess(bits)), (S2C, link_reply(bits) + OK)])
     assert f.feed(S2C, mini(101, b"abcdef")[:-2]) == []
     assert f.pending(S2C) == 10
+
+
+@pytest.mark.parametrize("mini_header", [False, True])
+def test_feed_built_slices_each_message_from_the_snapshot(mini_header: bool) -> None:
+    def build(
+        d: str,
+        msg_type: int,
+        data: bytes,
+        start: int,
+        body: int,
+        end: int,
+        serial: int | None,
+        sub_list: int,
+    ) -> tuple[object, ...]:
+        return ("built", d, msg_type, data[body:end], data[start:end], serial, sub_list)
+
+    chunks = session(auth_selection=True, mini_header=mini_header)
+    _f, expected = run(chunks)
+    f = ChannelFramer()
+    built = []
+    linked = []
+    for d, data in chunks:
+        built += f.feed_built(d, data, build)
+        linked.append(f.linked)
+    assert linked == [False, False, False, True, True]  # from the server's link result on
+    assert [ev for ev in built if not isinstance(ev, tuple)] == [
+        ev for ev in expected if not isinstance(ev, Message)
+    ]
+    assert [ev[1:] for ev in built if isinstance(ev, tuple)] == [
+        tuple(ev) for ev in expected if isinstance(ev, Message)
+    ]

@@ -11,6 +11,7 @@ written (not a re-encoding) lets a reader in any language verify the chain.
 from __future__ import annotations
 
 import hashlib
+import struct
 from typing import Any
 
 import msgpack
@@ -27,7 +28,7 @@ ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 KINDS = ("link", "message", "agent", "auth", "tls", "error", "gap", "open", "close", "end")
 
 
-def chain_next(previous: bytes, payload: bytes) -> bytes:
+def chain_next(previous: bytes, payload: bytes | memoryview) -> bytes:
     # SHA-256(previous || payload), fed in two parts: no copy of a megabyte payload
     digest = hashlib.sha256(previous)
     digest.update(payload)
@@ -38,9 +39,10 @@ def chain_start(header_payload: bytes) -> bytes:
     return hashlib.sha256(header_payload).digest()
 
 
-def packer() -> Any:
-    """A reusable msgpack Packer (one per writer: a Packer is not thread-safe)."""
-    return msgpack.Packer(use_bin_type=True)
+def packer(autoreset: bool = True) -> Any:
+    """A reusable msgpack Packer (one per writer: a Packer is not thread-safe).
+    autoreset=False: pack() keeps the bytes in the packer, for getbuffer() and reset()."""
+    return msgpack.Packer(use_bin_type=True, autoreset=autoreset)
 
 
 def pack_payload(obj: dict[str, Any], with_packer: Any = None) -> bytes:
@@ -48,10 +50,27 @@ def pack_payload(obj: dict[str, Any], with_packer: Any = None) -> bytes:
     return data
 
 
-def frame(payload: bytes, chain: bytes, with_packer: Any = None) -> bytes:
+# An object's bytes, as msgpack packs [payload, chain] (use_bin_type, smallest headers):
+# fixarray of 2, the payload as bin 8/16/32, the chain as bin 8. Written by hand around
+# the payload, so that it is copied once into the output, not packed a second time.
+_HEAD8 = struct.Struct(">BBB")
+_HEAD16 = struct.Struct(">BBH")
+_HEAD32 = struct.Struct(">BBI")
+CHAIN_HEAD = b"\xc4\x20"  # bin 8, 32 bytes
+
+
+def frame_head(size: int) -> bytes:
+    """What precedes a payload of `size` bytes in its object."""
+    if size < 0x100:
+        return _HEAD8.pack(0x92, 0xC4, size)
+    if size < 0x10000:
+        return _HEAD16.pack(0x92, 0xC5, size)
+    return _HEAD32.pack(0x92, 0xC6, size)
+
+
+def frame(payload: bytes, chain: bytes) -> bytes:
     """The bytes of one archive object: [payload, chain]."""
-    data: bytes = (with_packer or packer()).pack([payload, chain])
-    return data
+    return frame_head(len(payload)) + payload + CHAIN_HEAD + chain
 
 
 def signed_message(header_chain: bytes, last_chain: bytes, records: int) -> bytes:

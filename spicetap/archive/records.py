@@ -15,22 +15,38 @@ from typing import Any
 from dissectors.api import AGENT, SPICE, decode
 from spicetap.archive.privacy import PrivacyPolicy, decide, strip
 from spicetap.records import Record
-from spicetap.render import fields_of
 
 VIEW_BYTES = 256  # byte strings longer than this appear in the view as {len, head}
 CHANNEL_TYPES = {name: number for number, (name, _t, _a) in SPICE.channels.items()}
 
 
+_AS_IS = frozenset({int, str, float, bool, type(None)})  # what compact() keeps as it is
+
+
 def compact(view: Any) -> Any:
+    """The view with byte strings over VIEW_BYTES shortened; the very same object when
+    nothing in it changes (a view is made for one record and not shared)."""
     if isinstance(view, bytes):
         if len(view) <= VIEW_BYTES:
             return view
         return {"len": len(view), "head": view[:32]}
     if isinstance(view, dict):
-        return {k: compact(v) for k, v in view.items()}
+        for value in view.values():
+            if value.__class__ not in _AS_IS:  # most views hold numbers and names only
+                return {k: compact(v) for k, v in view.items()}
+        return view
     if isinstance(view, list):
         return [compact(v) for v in view]
     return view
+
+
+def view_of(rec: Record) -> dict[str, Any] | None:
+    """render.fields_of(rec), from the record's members: no Decoded made for it."""
+    if rec.fields is not None:
+        return rec.fields
+    if rec.dialect is None or rec.decoded_fields is None or rec.struct is None:
+        return None
+    return rec.dialect.namer(rec.struct)(rec.decoded_fields)
 
 
 def to_archive(rec: Record, t0: float, policy: PrivacyPolicy) -> dict[str, Any] | None:
@@ -38,7 +54,7 @@ def to_archive(rec: Record, t0: float, policy: PrivacyPolicy) -> dict[str, Any] 
     decision = decide(policy, rec.channel, rec.direction, rec.kind, rec.name, rec.agent_types)
     if not decision.keep:
         return None
-    view = fields_of(rec)
+    view = view_of(rec)
     if view is not None:
         view = compact(view)
         if decision.strip_view:
@@ -57,11 +73,11 @@ def to_archive(rec: Record, t0: float, policy: PrivacyPolicy) -> dict[str, Any] 
         "err": rec.error,
         "nfd": rec.not_fully_dissected,
     }
-    if rec.decoded is not None and rec.kind in ("message", "agent"):
+    if rec.dialect is not None and rec.kind in ("message", "agent"):
         # what a reader needs to decode raw again with its own (maybe newer) dissector
-        out["hdr"] = len(rec.raw) - rec.decoded.size
+        out["hdr"] = len(rec.raw) - rec.size
         if rec.kind == "agent":
-            out["variant"] = rec.decoded.channel_type
+            out["variant"] = rec.channel_type
     if decision.redact is not None:
         redacted: dict[str, Any] = {"reason": decision.redact, "len": len(rec.raw)}
         if decision.hash_raw and rec.raw:

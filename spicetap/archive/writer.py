@@ -69,7 +69,7 @@ class ArchiveWriter:
             zstandard.ZstdCompressor(level=3, write_checksum=True) if compress else None
         )
         self.clock = clock
-        self.packer = fmt.packer()
+        self.packer = fmt.packer(autoreset=False)
         self.seq = 0
         self.part = 0
         self.paths: list[Path] = []
@@ -131,9 +131,21 @@ class ArchiveWriter:
         return seq
 
     def _append(self, record: dict[str, Any]) -> None:
-        payload = fmt.pack_payload(record, self.packer)
-        self.chain = fmt.chain_next(self.chain, payload)
-        self._buf += fmt.frame(payload, self.chain, self.packer)
+        # The payload stays in the packer's buffer: hashed and copied into ours from there,
+        # once (packing [payload, chain] would copy a megabyte payload twice more).
+        packer = self.packer
+        packer.pack(record)
+        payload = packer.getbuffer()
+        try:
+            self.chain = chain = fmt.chain_next(self.chain, payload)
+            buf = self._buf
+            buf += fmt.frame_head(len(payload))
+            buf += payload
+            buf += fmt.CHAIN_HEAD
+            buf += chain
+        finally:
+            payload.release()
+            packer.reset()
 
     def tick(self) -> None:
         """Call now and then while idle: writes out records older than the flush interval."""

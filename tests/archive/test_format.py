@@ -285,3 +285,24 @@ def test_flush_interval_bounds_what_a_crash_can_lose(tmp_path: Path) -> None:
     with ArchiveReader(path) as r:
         assert [x["seq"] for x in r.records()] == [0, 1]
     w.abandon()
+
+
+@pytest.mark.parametrize("size", [0, 1, 0xFF, 0x100, 0xFFFF, 0x10000, 0x10001])
+def test_frame_is_what_msgpack_packs(size: int) -> None:
+    payload, chain = bytes([size % 251]) * size, bytes(range(32))
+    assert fmt.frame(payload, chain) == msgpack.packb([payload, chain], use_bin_type=True)
+
+
+def test_written_objects_are_what_msgpack_packs(tmp_path: Path) -> None:
+    """The writer frames payloads by hand; every object must still be msgpack's own bytes."""
+    path = tmp_path / "a.spta"
+    w = ArchiveWriter(path, {"session": {}}, signing_key=KEY, flush=FlushPolicy(interval=0))
+    for i, size in enumerate([0, 200, 0xFF, 0x100, 70_000, 0xFFFF, 0x10000, 3]):
+        w.write({**record(i), "raw": bytes([i]) * size})
+    w.close()
+    data = path.read_bytes()
+    up = msgpack.Unpacker(raw=False)
+    up.feed(data)
+    again = b"".join(msgpack.packb([payload, chain], use_bin_type=True) for payload, chain in up)
+    assert again == data
+    assert verify(path).status == "intact"

@@ -115,14 +115,16 @@ class ChannelFramer:
         bodies: bool = True,
         link_only: bool = False,
     ) -> None:
-        """bodies=False: only walk message headers (Message.body and raw hold the header
-        alone), skipping bodies without buffering them; the proxy's guard uses that.
+        """bodies=False: only walk message headers, skipping bodies without buffering
+        them, and count messages in `walked` instead of making events (link units and
+        errors are still events); the proxy's guard uses that.
         link_only=True: stop at the end of the link stage (messages or SASL), leaving what
         follows in `buf` for the caller; the link rewriter uses that."""
         self.max_message = max_message
         self.bodies = bodies
         self.link_only = link_only
         self.skip = {C2S: 0, S2C: 0}  # body bytes still to skip (bodies=False)
+        self.walked = {C2S: 0, S2C: 0}  # messages seen by the header walk (bodies=False)
         self.buf = {C2S: bytearray(), S2C: bytearray()}
         self.offset = {C2S: 0, S2C: 0}  # stream offset of buf[0]
         self.state = {C2S: "header", S2C: "header"}
@@ -158,6 +160,10 @@ class ChannelFramer:
         if messages and not self.buf[direction] and data.__class__ is bytes:
             events: list[Any] = []
             self._frame(direction, data, events, build)
+            return events
+        if state == "messages" and not self.bodies and not self.link_only:
+            events = []
+            self._walk(direction, data, events)
             return events
         if self.skip[direction] and not self.buf[direction]:
             skip = min(self.skip[direction], len(data))
@@ -343,29 +349,40 @@ class ChannelFramer:
         if too_big is not None:
             self._fail(d, too_big, events)
 
-    def _headers(self, d: str, events: list[Event]) -> None:
-        """Header-only walk: read each data header, skip the body it announces."""
+    def _headers(self, d: str, events: list[Any]) -> None:
         buf = self.buf[d]
+        data = bytes(buf)
+        buf.clear()
+        self._walk(d, data, events)
+
+    def _walk(self, d: str, data: bytes, events: list[Any]) -> None:
+        """Header-only walk (bodies=False): count each message, skip the body its header
+        announces, keep only a cut header for the next chunk. No copy of the chunk."""
+        buf = self.buf[d]
+        if buf:  # a header cut by the previous chunk: at most a few bytes
+            data = bytes(buf) + data
+            buf.clear()
         hdr = MINI_HEADER if self.mini_header else FULL_HEADER
-        hsize = hdr.size
-        while True:
-            if self.skip[d]:
-                skip = min(self.skip[d], len(buf))
-                del buf[:skip]
-                self.skip[d] -= skip
-                self.offset[d] += skip
-                if self.skip[d]:
-                    return
-            if len(buf) < hsize:
-                return
-            if self.mini_header:
-                msg_type, size = MINI_HEADER.unpack_from(buf)
-                serial, sub_list = None, 0
-            else:
-                serial, msg_type, size, sub_list = FULL_HEADER.unpack_from(buf)
-            if size > self.max_message:
+        hsize, unpack, limit = hdr.size, hdr.unpack_from, self.max_message
+        size_at = 1 if self.mini_header else 2  # mini: (type, size); full: (serial, type, ...)
+        n = len(data)
+        pos = min(self.skip[d], n)
+        self.skip[d] -= pos
+        count = 0
+        while n - pos >= hsize:
+            size = unpack(data, pos)[size_at]
+            if size > limit:
+                self.offset[d] += pos
+                self.walked[d] += count
+                msg_type = unpack(data, pos)[size_at - 1]
                 self._fail(d, f"message type {msg_type} of {size} bytes exceeds the limit", events)
                 return
-            header = self._take(d, hsize)
-            self.skip[d] = size
-            events.append(Message(d, msg_type, b"", header, serial, sub_list))
+            count += 1
+            pos += hsize + size
+        if pos > n:  # the last body goes on in later chunks
+            self.skip[d] = pos - n
+            pos = n
+        elif pos < n:
+            buf += data[pos:]
+        self.offset[d] += pos
+        self.walked[d] += count

@@ -119,7 +119,7 @@ class ChannelRelay:
         self.linked = False  # the link stage finished (both sides)
         self.closed = False
         self.bytes = {C2S: 0, S2C: 0}
-        self.messages = {C2S: 0, S2C: 0}
+        self.messages = self.guard.walked  # counted by the guard's header walk
 
     @property
     def passing(self) -> bool:
@@ -176,8 +176,6 @@ class ChannelRelay:
                 refused = ev.kind == "link_reply" and bool(self.guard.link_error)
                 if ev.kind in ("link_result", "sasl") or refused:
                     self.linked = True
-            else:
-                self.messages[ev.direction] += 1
 
     def _forward_following(
         self, data: bytes, events: list[Any], now: float, commands: list[Command]

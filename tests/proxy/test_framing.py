@@ -146,6 +146,39 @@ def test_any_split_gives_the_same_events(
     assert got == expected
 
 
+@settings(max_examples=80, deadline=None)
+@given(
+    data=st.data(),
+    mini_header=st.booleans(),
+    sizes=st.lists(st.integers(0, 300), min_size=1, max_size=12),
+    limit=st.sampled_from([100, 1000]),
+)
+def test_header_walk_counts_like_framing_under_any_split(
+    data: st.DataObject, mini_header: bool, sizes: list[int], limit: int
+) -> None:
+    """The guard's walk (bodies=False) sees the messages and the size error that full
+    framing sees, however the stream is cut, without keeping bodies."""
+    frame = mini if mini_header else (lambda t, b: full(7, t, b))
+    link = session(False, mini_header)[:4]
+    stream = b"".join(frame(100 + i, bytes([i]) * n) for i, n in enumerate(sizes))
+    framer, walker = ChannelFramer(limit), ChannelFramer(limit, bodies=False)
+    for f in (framer, walker):
+        for d, chunk in link:
+            f.feed(d, chunk)
+    assert walker.walked[S2C] == 2  # the two messages behind the link result
+    events = framer.feed(S2C, stream)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=8)))
+    bounds = [0, *cuts, len(stream)]
+    walked: list[Event] = []
+    for a, b in itertools.pairwise(bounds):
+        walked += walker.feed(S2C, stream[a:b])
+        assert walker.pending(S2C) < 18  # at most a cut header is held, never a body
+    messages = [e for e in events if isinstance(e, Message)]
+    assert walker.walked[S2C] - 2 == len(messages)
+    errors = [e for e in events if isinstance(e, ChannelError)]
+    assert [e for e in walked if isinstance(e, ChannelError)] == errors
+
+
 def test_client_ticket_waits_for_the_reply() -> None:
     f = ChannelFramer()
     both = caps_word(0, 1, 3)

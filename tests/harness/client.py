@@ -128,7 +128,11 @@ def client_argv(endpoint: SpiceEndpoint, options: ClientOptions, work: Path) -> 
     argv += ["--expect-display"] if o.expect_display else []
     argv += ["--expect-playback"] if o.expect_playback else []
     if o.keys:
-        argv += ["--keys", ",".join(hex(k) for k in o.keys)]
+        keys = ",".join(hex(k) for k in o.keys)
+        if len(keys) > 4096:  # one argument may not exceed 128 KiB: a flood goes by file
+            (work / "keys.txt").write_text(keys)
+            keys = f"@{work / 'keys.txt'}"
+        argv += ["--keys", keys]
     argv += ["--mouse"] if o.mouse else []
     if o.clipboard is not None:
         argv += ["--clipboard", o.clipboard]

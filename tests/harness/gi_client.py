@@ -251,7 +251,10 @@ class Client:
     # ----------------------------------------------------------------- inputs
     def send_inputs(self) -> bool:
         sent: dict[str, Any] = {}
-        codes = [int(c, 0) for c in self.args.keys.split(",") if c]
+        keys = self.args.keys
+        if keys.startswith("@"):  # a long list, in a file
+            keys = Path(keys[1:]).read_text()
+        codes = [int(c, 0) for c in keys.split(",") if c]
         for code in codes:
             self.inputs.key_press(code)
             self.inputs.key_release(code)
@@ -483,7 +486,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--expect-channels", type=int, default=0, help="goal: this many opened")
     p.add_argument("--expect-display", action="store_true", help="goal: a display update")
     p.add_argument("--expect-playback", action="store_true", help="goal: playback data")
-    p.add_argument("--keys", default="", help="comma list of scancodes to press+release")
+    p.add_argument(
+        "--keys", default="", help="comma list of scancodes to press+release (@FILE: from FILE)"
+    )
     p.add_argument("--mouse", action="store_true", help="move the mouse and click")
     p.add_argument("--clipboard", help="text the guest gets through the agent")
     p.add_argument(

@@ -19,7 +19,7 @@ from proxy.io.management import ManagementOptions, serve_management
 from proxy.io.migration import MigrationListeners
 from proxy.io.server import ChannelProxy, ProxyState, Upstream, serve_tcp
 from proxy.io.websocket import serve_websocket
-from proxy.linksetup import add_link_options, link_policy_from
+from proxy.linksetup import add_link_options, link_policy_from, target_policy
 from proxy.recorder import BACKLOG_POLICIES, Recorder, RecordingOptions
 from proxy.targets import ConnectRouter, Target, host_port
 from proxy.tls import (
@@ -145,7 +145,11 @@ def cmd_proxy(args: argparse.Namespace) -> int:
         raise UserError(str(exc)) from None
     cp, cr = config.proxy, config.recording
     keylog = Path(args.keylog) if args.keylog else None
-    targets = {name: Target.from_section(name, t) for name, t in config.targets.items()}
+    link_policy = link_policy_from(args, cp)  # caps to clear, auth mode (secrets never logged)
+    targets = {
+        name: Target.from_section(name, t, target_policy(name, t, link_policy))
+        for name, t in config.targets.items()
+    }
     routes = _routes(args, config, targets, keylog)
     connect = _connect_front(args, config, targets, keylog)
     websocket = _websocket_front(args, cp, keylog)
@@ -159,7 +163,6 @@ def cmd_proxy(args: argparse.Namespace) -> int:
         idle_timeout=_pick(args.idle_timeout, cp.idle_timeout),
         max_message=_pick(args.max_message, cp.max_message),
     )
-    link_policy = link_policy_from(args, cp)  # caps to clear, auth mode (secrets never logged)
     management = _management(args, cp)
     recorder = None
     directory = _pick(args.record, cr.directory)

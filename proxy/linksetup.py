@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from proxy.core.capmask import CapMask, UnknownCap
 from proxy.core.credentials import Token, ViewerCredentials, parse_tokens
 from proxy.core.linkrewrite import AUTH_MODES, LinkPolicy
 from proxy.core.ticket import MAX_PASSWORD, TicketKey
-from spicetap.config import ProxySection
+from spicetap.config import ProxySection, TargetSection
 from spicetap.errors import UserError
 
 
@@ -79,22 +80,80 @@ def link_policy_from(args: argparse.Namespace, cp: ProxySection) -> LinkPolicy:
     except UnknownCap as exc:
         where = "--mask-caps" if args.mask_caps else "[proxy] mask_caps"
         raise UserError(f"{where}: {exc}") from None
-    mode = args.auth or cp.auth
-    viewer_file = args.viewer_password_file or cp.viewer_password_file
-    tokens_file = args.viewer_tokens_file or cp.viewer_tokens_file
-    server_file = args.server_password_file or cp.server_password_file
-    given = [viewer_file, tokens_file, server_file, cp.viewer_password, cp.server_password]
+    return _policy(
+        mask,
+        args.auth or cp.auth,
+        Secrets(
+            cp.viewer_password,
+            args.viewer_password_file or cp.viewer_password_file,
+            args.viewer_tokens_file or cp.viewer_tokens_file,
+            cp.server_password,
+            args.server_password_file or cp.server_password_file,
+        ),
+        "--auth",
+    )
+
+
+def target_policy(name: str, section: TargetSection, base: LinkPolicy) -> LinkPolicy | None:
+    """[targets.NAME]'s own authentication (mode, inject credentials), None when it has
+    none: the target then follows [proxy]. Capability masking stays the proxy's."""
+    if not section.own_auth:
+        return None
+    where = f"[targets.{name}] auth"
+    mode = section.auth or base.auth
+    if mode not in AUTH_MODES:
+        raise UserError(f"{where} {mode!r}: expected one of {', '.join(AUTH_MODES)}")
+    secrets = Secrets(
+        section.viewer_password,
+        section.viewer_password_file,
+        section.viewer_tokens_file,
+        section.server_password,
+        section.server_password_file,
+    )
+    return _policy(base.mask, mode, secrets, where, base.key)
+
+
+@dataclass(frozen=True)
+class Secrets:
+    """Where inject mode's credentials come from (values never printed)."""
+
+    viewer_password: str | None = field(default=None, repr=False)
+    viewer_password_file: str | None = None
+    viewer_tokens_file: str | None = None
+    server_password: str | None = field(default=None, repr=False)
+    server_password_file: str | None = None
+
+    def given(self) -> bool:
+        return any(
+            v is not None
+            for v in (
+                self.viewer_password,
+                self.viewer_password_file,
+                self.viewer_tokens_file,
+                self.server_password,
+                self.server_password_file,
+            )
+        )
+
+
+def _policy(
+    mask: CapMask, mode: str, secrets: Secrets, where: str, key: TicketKey | None = None
+) -> LinkPolicy:
     if mode != "inject":
-        if any(v is not None for v in given):
-            raise UserError("viewer and server passwords and tokens are for --auth inject only")
-        key = TicketKey.generate() if mode == "intercept" else None
+        if secrets.given():
+            raise UserError(f"{where}: viewer and server passwords and tokens are for inject only")
+        key = key or (TicketKey.generate() if mode == "intercept" else None)
         return LinkPolicy(mask, mode, key)
-    viewer_password = _secret(cp.viewer_password, viewer_file, "viewer password")
-    tokens = _tokens(tokens_file)
-    server_password = _secret(cp.server_password, server_file, "server password")
+    viewer_password = _secret(
+        secrets.viewer_password, secrets.viewer_password_file, "viewer password"
+    )
+    tokens = _tokens(secrets.viewer_tokens_file)
+    server_password = _secret(
+        secrets.server_password, secrets.server_password_file, "server password"
+    )
     if viewer_password is None and not tokens:
-        raise UserError("--auth inject needs a viewer password or tokens for viewers to give")
+        raise UserError(f"{where} inject needs a viewer password or tokens for viewers to give")
     if server_password is None:
-        raise UserError("--auth inject needs the server password (--server-password-file)")
+        raise UserError(f"{where} inject needs the server password (server_password_file)")
     viewers = ViewerCredentials(viewer_password, tokens)
-    return LinkPolicy(mask, mode, TicketKey.generate(), viewers, server_password)
+    return LinkPolicy(mask, mode, key or TicketKey.generate(), viewers, server_password)

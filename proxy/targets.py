@@ -13,6 +13,7 @@ from functools import cache
 from pathlib import Path
 
 from proxy.core.allow import AllowList, AllowListError
+from proxy.core.linkrewrite import LinkPolicy
 from proxy.io.server import Upstream, tcp_end_opener, tcp_opener, tls_end_opener, tls_opener
 from proxy.tls import TlsSetupError, client_context
 from spicetap.config import ConnectSection, TargetSection
@@ -37,9 +38,12 @@ class Target:
     ca: Path | None = None
     host_subject: str | None = None
     insecure: bool = False
+    policy: LinkPolicy | None = None  # its own authentication, else the proxy's
 
     @classmethod
-    def from_section(cls, name: str, section: TargetSection) -> Target:
+    def from_section(
+        cls, name: str, section: TargetSection, policy: LinkPolicy | None = None
+    ) -> Target:
         where = f"[targets.{name}]"
         return cls(
             name,
@@ -50,6 +54,7 @@ class Target:
             Path(section.upstream_ca) if section.upstream_ca else None,
             section.upstream_host_subject,
             section.upstream_insecure,
+            policy,
         )
 
     def upstream(self, tls: bool, keylog: Path | None) -> Upstream:
@@ -60,13 +65,13 @@ class Target:
             assert self.plain is not None
             host, port = self.plain
             opener, end_opener = tcp_opener(host, port), tcp_end_opener(host, port)
-            return Upstream(opener, f"{host}:{port}", self.name, end_opener)
+            return Upstream(opener, f"{host}:{port}", self.name, end_opener, self.policy)
         assert self.tls is not None
         host, port = self.tls
         ctx = _client_context(self.ca, self.insecure, keylog, self.host_subject is None)
         opener = tls_opener(host, port, ctx, self.host_subject)
         end_opener = tls_end_opener(host, port, ctx, self.host_subject)
-        return Upstream(opener, f"{host}:{port} (tls)", self.name, end_opener)
+        return Upstream(opener, f"{host}:{port} (tls)", self.name, end_opener, self.policy)
 
 
 @cache  # one context per distinct check: CONNECT opens one upstream per channel

@@ -52,6 +52,27 @@ class TargetSection:
     upstream_insecure: bool = False
     listen: str | None = None
     tls_listen: str | None = None
+    # this target's own authentication (else [proxy]'s): mode and inject credentials
+    auth: str | None = None
+    viewer_password: str | None = None
+    viewer_password_file: str | None = None
+    viewer_tokens_file: str | None = None
+    server_password: str | None = None
+    server_password_file: str | None = None
+
+    @property
+    def own_auth(self) -> bool:
+        return any(getattr(self, f) is not None for f in TARGET_AUTH_FIELDS)
+
+
+TARGET_AUTH_FIELDS = (
+    "auth",
+    "viewer_password",
+    "viewer_password_file",
+    "viewer_tokens_file",
+    "server_password",
+    "server_password_file",
+)
 
 
 @dataclass(frozen=True)

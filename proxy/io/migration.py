@@ -18,6 +18,7 @@ from pathlib import Path
 
 import trio
 
+from proxy.core.linkrewrite import LinkPolicy
 from proxy.core.migration import Destination, MigrationUnavailable
 from proxy.io.server import ChannelProxy, Upstream
 from proxy.targets import Target
@@ -55,11 +56,15 @@ class MigrationListeners:
     insertion: str = "reverse"
     linger: float = 120.0
     limit: int = 16
-    served: dict[tuple[Destination, str], _Served] = field(default_factory=dict)
+    # by destination, where viewers reach us, and whose authentication (a policy's id)
+    served: dict[tuple[Destination, str, int], _Served] = field(default_factory=dict)
 
-    async def serve(self, dest: Destination, local_host: str) -> ServedAt:
-        """Where viewers reach `dest` through spicetap (listening from now on)."""
-        key = (dest, local_host)
+    async def serve(
+        self, dest: Destination, local_host: str, policy: LinkPolicy | None = None
+    ) -> ServedAt:
+        """Where viewers reach `dest` through spicetap (listening from now on); `policy`:
+        the migrating target's own authentication, kept at the destination."""
+        key = (dest, local_host, id(policy))
         known = self.served.get(key)
         if known is not None:  # e.g. SWITCH_HOST after MIGRATE_BEGIN_SEAMLESS
             known.last_accept = time.monotonic()
@@ -73,6 +78,7 @@ class MigrationListeners:
             self.ca,
             dest.cert_subject,
             self.insecure,
+            policy,
         )
         if target.plain is None and target.tls is None:
             raise MigrationUnavailable(f"destination {dest.host} has no port")
@@ -122,7 +128,7 @@ class MigrationListeners:
         self.nursery.start_soon(run)
         return port
 
-    async def _expire(self, key: tuple[Destination, str], entry: _Served) -> None:
+    async def _expire(self, key: tuple[Destination, str, int], entry: _Served) -> None:
         while True:  # until no viewer came for `linger` seconds (each accept moves it on)
             remaining = entry.last_accept + self.linger - time.monotonic()
             if remaining <= 0:

@@ -63,6 +63,7 @@ class Upstream:
     target: str | None = None  # the configured target's name, if any
     # the same server as a blocking end for the threaded pumps (reverse mode), if it can
     open_end: EndOpener | None = None
+    policy: LinkPolicy | None = None  # the target's own link-stage rewrites, if any
 
 
 @dataclass
@@ -173,7 +174,9 @@ class ChannelProxy:
                             await sinks[cmd.direction].send_all(cmd.data)
                         elif isinstance(cmd, Redirect):
                             host = local_address(viewer)[0]
-                            at = await self._serve_destination(cmd, host, migration)
+                            at = await self._serve_destination(
+                                cmd, host, migration, upstream_to.policy
+                            )
                             await run(_redirected(relay, at))
                         else:
                             why = self._effect(conn, cmd)
@@ -259,7 +262,9 @@ class ChannelProxy:
         reached_at = viewer.local()[0]
 
         def redirector(cmd: Redirect) -> list[Command]:
-            at = trio.from_thread.run(self._serve_destination, cmd, reached_at, migration)
+            at = trio.from_thread.run(
+                self._serve_destination, cmd, reached_at, migration, upstream_to.policy
+            )
             with channel.lock:
                 return _redirected(relay, at)
 
@@ -321,9 +326,8 @@ class ChannelProxy:
         ends: tuple[tuple[str, int], tuple[str, int]],
     ) -> ChannelStats:
         """A channel is relayed: counted, announced to the recorder, logged."""
-        relay = ChannelRelay(
-            self.limits, now, self.link_policy, follow_migration=migration is not None
-        )
+        policy = upstream_to.policy or self.link_policy
+        relay = ChannelRelay(self.limits, now, policy, follow_migration=migration is not None)
         stats = ChannelStats(conn, client, upstream_to.label, now, relay)
         self.state.channels[conn] = stats
         self.state.total_channels += 1
@@ -331,6 +335,8 @@ class ChannelProxy:
             route: dict[str, Any] = {"insertion": insertion, "server": upstream_to.label}
             route["target"] = upstream_to.target
             route["tls"] = tls
+            if upstream_to.policy is not None:  # the target's own auth heads its archives
+                route.update(upstream_to.policy.describe())
             self.recorder.opened(conn, now, client, ends[0], tls, route, ends[1])
         log.info("channel %d: %s:%d -> %s (%s)", conn, *client, upstream_to.label, insertion)
         return stats
@@ -367,14 +373,18 @@ class ChannelProxy:
         return None
 
     async def _serve_destination(
-        self, cmd: Redirect, reached_at: str, migration: MigrationListeners | None
+        self,
+        cmd: Redirect,
+        reached_at: str,
+        migration: MigrationListeners | None,
+        policy: LinkPolicy | None,
     ) -> ServedAt | str:
         """Serve the migration's destination where this viewer reaches us (`reached_at`, our
-        local address), or say why not."""
+        local address), with the source target's own `policy` if any, or say why not."""
         if migration is None:
             return "not following migrations here"
         try:
-            return await migration.serve(cmd.destination, reached_at)
+            return await migration.serve(cmd.destination, reached_at, policy)
         except MigrationUnavailable as exc:
             return str(exc)
 

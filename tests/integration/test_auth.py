@@ -214,3 +214,50 @@ def test_masked_caps_reach_the_other_side_cleared(tmp_path: Path) -> None:
     # both sides then used the full header: every message is framed and dissected
     assert not [r for r in recs if r.kind in ("error", "gap") or r.not_fully_dissected]
     assert any(r.kind == "message" and r.name == "surface_create" for r in recs)
+
+
+def test_each_target_has_its_own_injected_credentials(tmp_path: Path) -> None:
+    """A gateway in front of two VMs with different passwords: each target's viewers give
+    that target's own viewer password; neither server password reaches a viewer."""
+    secrets = {"vm1": ("vm1-server-pw", "vm1-viewer"), "vm2": ("vm2-server-pw", "vm2-viewer")}
+    with (
+        peers(),
+        QemuServer(guest="none", password=secrets["vm1"][0]) as one,
+        QemuServer(guest="none", password=secrets["vm2"][0]) as two,
+    ):
+        assert one.port is not None and two.port is not None
+        lines = []
+        for name, srv in (("vm1", one), ("vm2", two)):
+            server_pw = tmp_path / f"{name}-server-password"
+            server_pw.write_text(secrets[name][0] + "\n")
+            lines += [
+                f"[targets.{name}]",
+                f'upstream = "127.0.0.1:{srv.port}"',
+                'listen = "127.0.0.1:0"',
+                'auth = "inject"',
+                f'viewer_password = "{secrets[name][1]}"',
+                f'server_password_file = "{server_pw}"',
+            ]
+        config = tmp_path / "gateway.toml"
+        config.write_text("\n".join(lines) + "\n")
+        extra = ("--config", str(config))
+        with ProxyProcess(0, tmp_path / "rec", tmp_path / "proxy", extra) as proxy:
+            vm1, vm2 = proxy.ports["plain:vm1"], proxy.ports["plain:vm2"]
+            shot(vm1, "vm1-viewer", tmp_path / "vm1.ppm")
+            shot(vm2, "vm2-viewer", tmp_path / "vm2.ppm")
+            crossed = refused(vm2, "vm1-viewer", tmp_path / "crossed.ppm")
+            server_pw_refused = refused(vm1, "vm1-server-pw", tmp_path / "server.ppm")
+            assert proxy.proc.poll() is None
+    assert AUTH_ERROR in crossed and AUTH_ERROR in server_pw_refused
+    recs = records(proxy)
+    by_spicetap = [r.fields for r in recs if r.kind == "auth" and r.fields["by"] == "spicetap"]
+    assert len(by_spicetap) == 2 and all(f["result"] == "PERMISSION_DENIED" for f in by_spicetap)
+    ok = [r.fields for r in recs if r.kind == "auth" and r.fields["by"] == "server"]
+    assert len(ok) >= 2 and all(f["result"] == "OK" for f in ok)
+    headers = []
+    for archive in proxy.archives():
+        with ArchiveReader(archive) as reader:
+            headers.append(reader.header["session"])
+    assert {h["target"] for h in headers} == {"vm1", "vm2"}
+    assert all(h["auth"] == "inject" for h in headers)
+    assert_secrets_absent(proxy, *secrets["vm1"], *secrets["vm2"])

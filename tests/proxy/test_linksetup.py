@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from proxy.linksetup import add_link_options, link_policy_from
+from proxy.linksetup import add_link_options, link_policy_from, target_policy
 from spicetap.cli import main
-from spicetap.config import ProxySection
+from spicetap.config import ProxySection, TargetSection
 from spicetap.errors import UserError
 
 
@@ -75,3 +75,44 @@ def test_secrets_belong_to_inject_only_and_bad_files_name_no_content(tmp_path: P
             parse("--auth", "inject", "--server-password-file", str(tmp_path / "missing")),
             ProxySection(viewer_password="v"),
         )
+
+
+def test_a_target_may_have_its_own_authentication(tmp_path: Path) -> None:
+    base = link_policy_from(parse("--mask-caps", "display:codec_vp8"), ProxySection())
+    assert target_policy("vm1", TargetSection(upstream="127.0.0.1:5930"), base) is None
+    server = tmp_path / "vm2-password"
+    server.write_text("vm2-real\n")
+    own = TargetSection(
+        upstream="127.0.0.1:5931",
+        auth="inject",
+        viewer_password="vm2-viewer",
+        server_password_file=str(server),
+    )
+    policy = target_policy("vm2", own, base)
+    assert policy is not None and policy.auth == "inject"
+    assert policy.server_password == b"vm2-real"
+    assert policy.viewers is not None
+    assert policy.viewers.check(b"vm2-viewer", 1, 0, 0.0).ok
+    assert not policy.viewers.check(b"vm2-real", 1, 0, 0.0).ok
+    assert policy.mask == base.mask  # masking stays the proxy's
+    assert "vm2-real" not in repr(policy) and "vm2-viewer" not in repr(policy)
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        (
+            TargetSection(auth="inject", viewer_password="v"),
+            "[targets.vm1] auth inject needs the server password",
+        ),
+        (
+            TargetSection(auth="intercept", server_password="s"),
+            "[targets.vm1] auth: viewer and server passwords and tokens are for inject only",
+        ),
+        (TargetSection(auth="open-sesame"), "[targets.vm1] auth 'open-sesame': expected one of"),
+    ],
+)
+def test_a_target_auth_mistake_names_the_target(section: TargetSection, message: str) -> None:
+    with pytest.raises(UserError) as exc:
+        target_policy("vm1", section, link_policy_from(parse(), ProxySection()))
+    assert message in str(exc.value)

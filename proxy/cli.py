@@ -18,6 +18,7 @@ from proxy.io.connect import ConnectFront, serve_connect
 from proxy.io.management import ManagementOptions, serve_management
 from proxy.io.migration import MigrationListeners
 from proxy.io.server import ChannelProxy, ProxyState, Upstream, serve_tcp
+from proxy.io.static import SPICE_HTML5_DIR
 from proxy.io.websocket import serve_websocket
 from proxy.linksetup import add_link_options, link_policy_from, target_policy
 from proxy.recorder import BACKLOG_POLICIES, Recorder, RecordingOptions
@@ -99,6 +100,14 @@ def add_proxy_command(sub: Any) -> None:
         "--ws-tls",
         action="store_true",
         help="wss:// and https:// on --ws-listen, with the certificate --tls-listen would use",
+    )
+    w.add_argument(
+        "--ws-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="a web page origin (https://portal.example:8443) allowed to open spicetap's "
+        "WebSockets besides spicetap's own page (repeatable; * allows any)",
     )
     t.add_argument(
         "--keylog",
@@ -221,6 +230,7 @@ class Route:
     upstream: Upstream
     target: Target | None = None  # how a migration's destination is checked (its CA)
     subject: str | None = None  # of the certificate viewer_tls presents
+    origins: tuple[str, ...] = ()  # the WebSocket front's: other pages allowed to connect
 
 
 def _cli_target(args: argparse.Namespace, cp: ProxySection) -> Target | None:
@@ -314,7 +324,8 @@ def _websocket_front(
         raise UserError("--ws-listen needs --upstream or --upstream-tls")
     listen = host_port(listen_text, "--ws-listen", any_port=True)
     context = _viewer_context(args, listen, keylog) if args.ws_tls else None
-    return Route(listen, context, main.upstream(False, keylog))
+    origins = tuple(args.ws_origin) or cp.ws_origins
+    return Route(listen, context, main.upstream(False, keylog), origins=origins)
 
 
 def _issued_subject(args: argparse.Namespace, listen: tuple[str, int]) -> str:
@@ -429,7 +440,7 @@ async def _serve(
             await start(
                 "websocket", websocket.listen, f"forwarding to {websocket.upstream.label}",
                 serve_websocket, proxy, websocket.upstream, *websocket.listen,
-                websocket.viewer_tls,
+                websocket.viewer_tls, SPICE_HTML5_DIR, websocket.origins,
             )  # fmt: skip
         if management is not None:
             await start(

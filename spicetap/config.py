@@ -37,6 +37,7 @@ class ProxySection:
     server_password_file: str | None = None
     follow_migration: bool = True  # keep viewers on spicetap through a live migration
     ws_listen: str | None = None  # WebSocket front for spice-html5 (--ws-listen)
+    ws_origins: tuple[str, ...] = ()  # other pages allowed to open its WebSockets
     management: str | None = None  # HOST:PORT of the management HTTP API (--management)
 
 

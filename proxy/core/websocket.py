@@ -51,12 +51,34 @@ def is_upgrade(request: Request) -> bool:
     return "websocket" in request.tokens("upgrade")
 
 
-def accept(request: Request) -> tuple[bytes, str | None] | HttpError:
-    """The 101 response and the chosen subprotocol, or why the upgrade is refused."""
+def origin_refusal(request: Request, tls: bool, allowed: tuple[str, ...]) -> HttpError | None:
+    """Why a browser page may not open this WebSocket (cross-site WebSocket hijacking: a page
+    from elsewhere must not drive a viewer's browser into a SPICE session), or None.
+    Browsers always send Origin (RFC 6455 §4.1); accepted are spicetap's own page (the
+    origin of the Host asked for), an origin the operator allows ("*": any), and clients
+    that send none, which are not browsers."""
+    origin = request.headers.get("origin")
+    if origin is None:
+        return None
+    origin = origin.strip().lower().rstrip("/")
+    own = f"{'https' if tls else 'http'}://{request.headers.get('host', '').strip().lower()}"
+    if origin == own or "*" in allowed or origin in {a.lower().rstrip("/") for a in allowed}:
+        return None
+    return HttpError(403, f"origin {origin} is not allowed (see --ws-origin)")
+
+
+def accept(
+    request: Request, tls: bool = False, origins: tuple[str, ...] = ()
+) -> tuple[bytes, str | None] | HttpError:
+    """The 101 response and the chosen subprotocol, or why the upgrade is refused. `tls`:
+    the page was served over https; `origins`: other pages' origins allowed to connect."""
     if request.method != "GET" or request.version < "1.1":
         return HttpError(400, "a WebSocket upgrade is a GET over HTTP/1.1")
     if "host" not in request.headers:
         return HttpError(400, "no Host header")
+    refused = origin_refusal(request, tls, origins)
+    if refused is not None:
+        return refused
     if not is_upgrade(request):
         return HttpError(400, "Upgrade header does not name websocket")
     if "upgrade" not in request.tokens("connection"):

@@ -167,6 +167,8 @@ async def open_websocket(
     limits: Limits,
     web_root: Path,
     peer: str,
+    tls: bool = False,
+    origins: tuple[str, ...] = (),
 ) -> WebSocketStream | None:
     """Answer one request on a new connection: a WebSocket (returned, upgraded) or a
     file or an error page (sent; the connection is closed and None returned)."""
@@ -188,7 +190,7 @@ async def open_websocket(
         with trio.move_on_after(limits.link_timeout):
             await _finish(transport, page)
         return None
-    accepted = accept(request)
+    accepted = accept(request, tls, origins)
     if isinstance(accepted, HttpError):
         log.warning("websocket from %s refused: %s", peer, accepted.reason)
         extra = [("Sec-WebSocket-Version", VERSION)] if accepted.status == 426 else []
@@ -212,10 +214,12 @@ async def serve_websocket(
     port: int,
     tls: ssl.SSLContext | None = None,
     web_root: Path = SPICE_HTML5_DIR,
+    origins: tuple[str, ...] = (),
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept browsers on host:port (wss:// with `tls`): spice-html5's files and one
-    WebSocket per SPICE channel, each relayed to `upstream` through `proxy`."""
+    WebSocket per SPICE channel, each relayed to `upstream` through `proxy`. Pages from
+    other `origins` than spicetap's own may open WebSockets too."""
     listeners = await trio.open_tcp_listeners(port, host=host)
 
     async def handle(stream: trio.SocketStream) -> None:
@@ -227,7 +231,9 @@ async def serve_websocket(
                 return
             transport = wrapped
         peer = f"{client[0]}:{client[1]}"
-        ws = await open_websocket(transport, proxy.limits, web_root, peer)
+        ws = await open_websocket(
+            transport, proxy.limits, web_root, peer, tls is not None, origins
+        )
         if ws is None:
             return
         await proxy.handle(

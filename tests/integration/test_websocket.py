@@ -21,7 +21,9 @@ from tests.integration.proxy_process import ProxyProcess
 pytestmark = pytest.mark.peers
 
 
-def _get(port: int, path: str, ca: Path | None) -> tuple[int, bytes]:
+def _get(
+    port: int, path: str, ca: Path | None, headers: dict[str, str] | None = None
+) -> tuple[int, bytes]:
     """GET over http, or https checked against spicetap's CA."""
     conn = (
         http.client.HTTPSConnection(
@@ -31,7 +33,7 @@ def _get(port: int, path: str, ca: Path | None) -> tuple[int, bytes]:
         else http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     )
     try:
-        conn.request("GET", path)
+        conn.request("GET", path, headers=headers or {})
         answer = conn.getresponse()
         return answer.status, answer.read()
     finally:
@@ -55,6 +57,15 @@ def test_spice_html5_in_chromium_is_drawn_and_recorded(tmp_path: Path, tls: bool
                 assert status == 200 and b"spice" in body
                 status, body = _get(port, "/%2e%2e/%2e%2e/etc/passwd", ca)
                 assert status == 403 and b"root:" not in body
+                # another site's page may not open a SPICE WebSocket through the browser
+                upgrade = {
+                    "Upgrade": "websocket",
+                    "Connection": "Upgrade",
+                    "Sec-WebSocket-Version": "13",
+                    "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+                }
+                status, body = _get(port, "/", ca, {**upgrade, "Origin": "https://evil.example"})
+                assert status == 403 and b"origin https://evil.example is not allowed" in body
                 with HeadlessChromium(tmp_path / "chromium", ignore_tls_errors=tls) as browser:
                     page = browser.open_spice_html5(
                         f"{scheme}://127.0.0.1:{port}/spice_auto.html", min_nonblank=5000

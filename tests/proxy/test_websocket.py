@@ -213,6 +213,32 @@ def test_bad_upgrades_are_refused(changes: dict[str, str | None], status: int) -
     assert isinstance(result, HttpError) and result.status == status
 
 
+@pytest.mark.parametrize(
+    ("origin", "tls", "allowed", "ok"),
+    [
+        (None, False, (), True),  # not a browser
+        ("http://x", False, (), True),  # spicetap's own page (Host: x)
+        ("HTTP://X/", False, (), True),
+        ("https://x", True, (), True),
+        ("http://x", True, (), False),  # the page over http, the socket over https: another origin
+        ("https://evil.example", False, (), False),
+        ("https://portal.example:8443", False, ("https://portal.example:8443",), True),
+        ("https://evil.example", False, ("https://portal.example:8443",), False),
+        ("https://anything.example", False, ("*",), True),
+        ("null", False, (), False),  # a sandboxed or file:// page
+    ],
+)
+def test_pages_from_other_origins_are_refused_unless_allowed(
+    origin: str | None, tls: bool, allowed: tuple[str, ...], ok: bool
+) -> None:
+    result = accept(request(_upgrade(Origin=origin)), tls, allowed)
+    if ok:
+        assert not isinstance(result, HttpError)
+    else:
+        assert isinstance(result, HttpError) and result.status == 403
+        assert "is not allowed" in result.reason
+
+
 def test_post_and_http10_are_refused() -> None:
     for raw in (_upgrade().replace(b"GET", b"POST"), _upgrade().replace(b"HTTP/1.1", b"HTTP/1.0")):
         result = accept(request(raw))

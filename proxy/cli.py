@@ -432,6 +432,7 @@ async def _serve(
             )  # fmt: skip
         if connect is not None:
             (host, port), front = connect
+            front = replace(front, follow_migration=follow_migration)
             await start(
                 "connect", (host, port), "HTTP CONNECT front",
                 serve_connect, proxy, front, host, port,

@@ -8,7 +8,8 @@ a target per tunnel: by name, by one of a target's addresses, or by the allow-li
 from __future__ import annotations
 
 import ssl
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
@@ -92,6 +93,13 @@ class ConnectRouter:
     allow: AllowList
     ca: Path | None = None
     insecure: bool = False
+    # migration destinations announced on this front's sessions, until a monotonic time
+    admitted: dict[Address, float] = field(default_factory=dict)
+
+    def admit(self, address: Address, until: float) -> None:
+        """Let viewers CONNECT to `address` until `until` (a live migration's destination,
+        where a viewer behind this front goes next)."""
+        self.admitted[address] = max(until, self.admitted.get(address, 0.0))
 
     @classmethod
     def from_config(cls, section: ConnectSection, targets: dict[str, Target]) -> ConnectRouter:
@@ -109,7 +117,8 @@ class ConnectRouter:
         for target in self.targets.values():
             if (host, port) in (target.plain, target.tls):
                 return target
-        if self.allow.allows(host, port):
+        until = self.admitted.get((host, port))
+        if self.allow.allows(host, port) or (until is not None and time.monotonic() < until):
             # the viewer picked the port; whether it is TLS shows in the tunnel's first byte
             return Target(None, (host, port), (host, port), self.ca, None, self.insecure)
         return None

@@ -263,6 +263,15 @@ class ChannelRelay:
         commands: list[Command] = [Log(message), Forward(S2C, raw), RecordData(S2C, raw, now)]
         return commands + self._release(now)
 
+    def redirect_unchanged(self, now: float) -> list[Command]:
+        """The viewer follows the migration through the same front by itself (a CONNECT
+        proxy): the message goes on as the server sent it."""
+        held = self.waiting
+        if held is None or self.closed:
+            return []
+        raw = held.header + held.body
+        return [Forward(S2C, raw), RecordData(S2C, raw, now), *self._release(now)]
+
     def _release(self, now: float) -> list[Command]:
         self.waiting = None
         parts, self.backlog, self.backlog_size = self.backlog, [], 0

@@ -18,6 +18,9 @@ from pathlib import Path
 import trio
 
 from proxy.core.connect import ConnectHandshake, ConnectRequest, Refusal, tunnel_kind
+from proxy.core.linkrewrite import LinkPolicy
+from proxy.core.migration import Destination
+from proxy.io.migration import ServedAt
 from proxy.io.server import ChannelProxy, peer_address
 from proxy.targets import ConnectRouter, Target
 from proxy.tls import HostCertificates, TlsSetupError
@@ -33,6 +36,31 @@ class ConnectFront:
     router: ConnectRouter
     certificates: HostCertificates
     keylog: Path | None
+    follow_migration: bool = True
+
+
+@dataclass(frozen=True)
+class ConnectFollower:
+    """Live migration behind the CONNECT front: a viewer set up with a proxy reaches the
+    destination through the proxy too, so the message passes unchanged and the destination
+    is admitted here for `linger` seconds, allow-list or not; its channels then come back
+    through this front as CONNECT tunnels, relayed and recorded like the rest."""
+
+    router: ConnectRouter
+    linger: float = 120.0
+
+    async def serve(
+        self, dest: Destination, local_host: str, policy: LinkPolicy | None = None
+    ) -> ServedAt | None:
+        until = time.monotonic() + self.linger
+        for port in (dest.port, dest.tls_port):
+            if port:
+                self.router.admit((dest.host, port), until)
+        log.info(
+            "migration to %s (port %s, tls-port %s): admitted on the CONNECT front for %g s",
+            dest.host, dest.port, dest.tls_port, self.linger,
+        )  # fmt: skip
+        return None
 
 
 async def _read_request(
@@ -112,7 +140,10 @@ async def handle_connect(
         "viewer %s:%d: CONNECT %s:%d (%s) -> %s", *viewer, request.host, request.port, kind,
         upstream.label,
     )
-    await proxy.handle_socket(stream, upstream, tls=tls, insertion="connect", prefix=first)
+    follower = ConnectFollower(front.router) if front.follow_migration else None
+    await proxy.handle_socket(
+        stream, upstream, tls=tls, insertion="connect", migration=follower, prefix=first
+    )
 
 
 async def _certificate_for(front: ConnectFront, host: str) -> ssl.SSLContext | None:

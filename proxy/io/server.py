@@ -17,11 +17,11 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import trio
 
-from proxy.core.migration import MigrationUnavailable
+from proxy.core.migration import Destination, MigrationUnavailable
 from proxy.core.relay import (
     ChannelRelay,
     Close,
@@ -41,7 +41,7 @@ from proxy.recorder import Recorder
 from proxy.tls import check_subject
 
 if TYPE_CHECKING:
-    from proxy.io.migration import MigrationListeners, ServedAt
+    from proxy.io.migration import ServedAt
 
 log = logging.getLogger("spicetap.proxy")
 
@@ -50,6 +50,17 @@ TICK = 0.5
 CONNECT_TIMEOUT = 10.0
 
 Opener = Callable[[], Awaitable[trio.abc.Stream]]
+
+
+class Follower(Protocol):
+    """How a front follows live migrations: serve the destination where viewers reach
+    spicetap (MigrationListeners), or None: pass the message on unchanged, the viewer
+    comes back through this front by itself (the CONNECT front)."""
+
+    async def serve(
+        self, dest: Destination, local_host: str, policy: LinkPolicy | None = None
+    ) -> ServedAt | None: ...
+
 EndOpener = Callable[[], Awaitable[End]]
 T = TypeVar("T")
 
@@ -138,7 +149,7 @@ class ChannelProxy:
         viewer_tls: bool = False,
         insertion: str = "reverse",
         client: tuple[str, int] | None = None,
-        migration: MigrationListeners | None = None,
+        migration: Follower | None = None,
     ) -> None:
         """Relay one viewer channel connection to `upstream_to` until either side ends, in
         trio (the shell for fronts that hand over a stream: CONNECT, WebSocket). `client`
@@ -217,7 +228,7 @@ class ChannelProxy:
         *,
         tls: ssl.SSLContext | None = None,
         insertion: str = "reverse",
-        migration: MigrationListeners | None = None,
+        migration: Follower | None = None,
         prefix: bytes = b"",
     ) -> None:
         """A viewer on a TCP socket (TLS terminated here with `tls`): relayed by a blocking
@@ -321,7 +332,7 @@ class ChannelProxy:
         client: tuple[str, int],
         upstream_to: Upstream,
         insertion: str,
-        migration: MigrationListeners | None,
+        migration: Follower | None,
         tls: dict[str, bool],
         ends: tuple[tuple[str, int], tuple[str, int]],
     ) -> ChannelStats:
@@ -376,11 +387,12 @@ class ChannelProxy:
         self,
         cmd: Redirect,
         reached_at: str,
-        migration: MigrationListeners | None,
+        migration: Follower | None,
         policy: LinkPolicy | None,
-    ) -> ServedAt | str:
+    ) -> ServedAt | str | None:
         """Serve the migration's destination where this viewer reaches us (`reached_at`, our
-        local address), with the source target's own `policy` if any, or say why not."""
+        local address), with the source target's own `policy` if any, or say why not (or
+        None: the front lets the message pass, see Follower)."""
         if migration is None:
             return "not following migrations here"
         try:
@@ -389,9 +401,11 @@ class ChannelProxy:
             return str(exc)
 
 
-def _redirected(relay: ChannelRelay, at: ServedAt | str) -> list[Command]:
+def _redirected(relay: ChannelRelay, at: ServedAt | str | None) -> list[Command]:
     """Let the relay rewrite the held migration message to point at `at` (or pass it on
-    unchanged, loudly, when `at` says why it cannot be served)."""
+    unchanged: loudly when `at` says why it cannot be served, quietly when None)."""
+    if at is None:
+        return relay.redirect_unchanged(time.monotonic())
     if isinstance(at, str):
         return relay.redirect_failed(at, time.monotonic())
     return relay.redirected(at.host, at.port, at.tls_port, at.cert_subject, time.monotonic())
@@ -429,7 +443,7 @@ async def serve_tcp(
     host: str,
     port: int,
     tls: ssl.SSLContext | None = None,
-    migration: MigrationListeners | None = None,
+    migration: Follower | None = None,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Reverse mode: accept viewers on host:port and relay each to `upstream`; with `tls`,

@@ -91,3 +91,51 @@ def test_live_migration_keeps_the_viewer_on_spicetap(tmp_path: Path) -> None:
     # the display goes on from the destination, recorded
     dst_conns = {r.connection for r in to_dst}
     assert any(r.connection in dst_conns and r.name == "draw_copy" for r in recs)
+
+
+def test_viewer_behind_the_connect_front_follows_a_migration_through_it(tmp_path: Path) -> None:
+    """A viewer set up with spicetap as its CONNECT proxy: the migration message passes
+    unchanged, the destination (not in the allow-list) is admitted, and the viewer's
+    channels to it come back through the CONNECT front, recorded."""
+    (incoming,) = reserve_ports(1)
+    with (
+        peers(),
+        QemuServer(guest="boot", spice_options=SEAMLESS) as src,
+        QemuServer(
+            guest="boot",
+            spice_options=SEAMLESS,
+            extra_args=["-incoming", f"tcp:127.0.0.1:{incoming}"],
+            wait_ready=False,
+        ) as dst,
+    ):
+        assert src.port is not None and dst.port is not None
+        config = tmp_path / "gateway.toml"
+        config.write_text(f'[connect]\nlisten = "127.0.0.1:0"\nallow = ["127.0.0.1:{src.port}"]\n')
+        extra = ("--config", str(config))
+        with ProxyProcess(0, tmp_path / "rec", tmp_path / "proxy", extra) as proxy:
+            front = f"http://127.0.0.1:{proxy.ports['connect']}"
+            migration = Migration(src, dst, incoming, delay=3.0)
+            migration.start()
+            result = run_gi_client(
+                SpiceEndpoint(host="127.0.0.1", port=src.port, proxy=front),
+                ClientOptions(duration=14, min_duration=14, expect_display=True),
+                tmp_path / "client",
+            )
+            migration.join(40)
+    if migration.status != "completed":
+        raise PeerFailed(f"QEMU's migration ended {migration.status!r}")
+    assert result.returncode == 0, (result.summary, proxy.log()[-3000:])
+    states = [state for _t, state in result.summary.get("migration", [])]
+    assert states and states[0] == "migrating" and states[-1] == "none", states
+    assert "admitted on the CONNECT front" in proxy.log()
+    archives = proxy.archives()
+    assert archives and all(verify(a).status == "intact" for a in archives)
+    recs = [r for a in archives for r in iter_records(a, [])]
+    assert not [r for r in recs if r.kind == "rewrite"]  # passed on as the server sent it
+    opens = [r for r in recs if r.kind == "open"]
+    to_dst = [r for r in opens if (r.fields or {}).get("server") == f"127.0.0.1:{dst.port}"]
+    assert {r.channel for r in to_dst} >= {"main", "display", "inputs"}
+    vias = {str((r.fields or {}).get("via")) for r in to_dst}
+    assert migration.dst_peers and migration.dst_peers <= vias, (migration.dst_peers, vias)
+    dst_conns = {r.connection for r in to_dst}
+    assert any(r.connection in dst_conns and r.name == "draw_copy" for r in recs)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -139,3 +141,14 @@ def test_target_side_follows_the_viewer_when_it_can() -> None:
 def test_router_with_a_bad_pattern_is_a_user_error() -> None:
     with pytest.raises(UserError, match=r"\[connect\] allow 'x'"):
         ConnectRouter.from_config(ConnectSection(allow=("x",)), {})
+
+
+def test_router_admits_a_migration_destination_for_a_while() -> None:
+    router = ConnectRouter.from_config(ConnectSection(allow=("127.0.0.1:5930",)), {})
+    assert router.route("10.0.0.9", 5901) is None
+    router.admit(("10.0.0.9", 5901), time.monotonic() + 60)
+    admitted = router.route("10.0.0.9", 5901)
+    assert admitted is not None and admitted.plain == ("10.0.0.9", 5901)
+    assert router.route("10.0.0.9", 5902) is None  # that address only
+    router.admit(("10.0.0.8", 5901), time.monotonic() - 1)  # expired
+    assert router.route("10.0.0.8", 5901) is None

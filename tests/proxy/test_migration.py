@@ -27,6 +27,7 @@ from proxy.core.relay import (
     Close,
     Forward,
     Limits,
+    Log,
     RecordData,
     RecordEvent,
     Redirect,
@@ -184,6 +185,17 @@ def test_a_failed_redirect_forwards_the_original_loudly() -> None:
     out = relay.redirect_failed("no listener", 1.0)
     assert _forwarded(out) == _mini(MIGRATE_BEGIN_SEAMLESS, SEAMLESS) + _mini(4, b"x")
     assert any("cannot follow the migration" in getattr(c, "message", "") for c in out)
+
+
+def test_an_unchanged_redirect_forwards_the_original_quietly_then_the_rest() -> None:
+    """Behind the CONNECT front the viewer follows by itself: no log, the original first."""
+    relay = ChannelRelay(Limits(), 0.0, follow_migration=True)
+    _linked_main(relay, _mini(MIGRATE_BEGIN_SEAMLESS, SEAMLESS) + _mini(4, b"x"))
+    out = relay.redirect_unchanged(1.0)
+    assert _forwarded(out) == _mini(MIGRATE_BEGIN_SEAMLESS, SEAMLESS) + _mini(4, b"x")
+    recorded = b"".join(c.data for c in out if isinstance(c, RecordData))
+    assert recorded == _forwarded(out)
+    assert not [c for c in out if isinstance(c, Log)] and relay.waiting is None
 
 
 def test_a_server_closing_mid_message_loses_no_recorded_byte() -> None:

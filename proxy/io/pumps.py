@@ -71,7 +71,8 @@ class ThreadedChannel:
                     break
                 now = time.monotonic()
                 if relay.unchanged(direction):  # the usual case: forward before anything
-                    self.send(direction, data)
+                    if not self.send(direction, data):
+                        break  # not delivered, so not recorded: the channel is ending
                     with lock:
                         commands = relay.received(direction, data, now, sent=True)
                     self.run(commands)
@@ -99,24 +100,30 @@ class ThreadedChannel:
                 self.lock.release()
             self.run(commands)
 
-    def send(self, direction: str, data: bytes) -> None:
+    def send(self, direction: str, data: bytes) -> bool:
+        """False when the receiving side is gone: the channel then ends."""
         try:
             self.sinks[direction].send(data)
-        except OSError as exc:  # the receiving side is gone: the channel ends
+        except OSError as exc:
             who = "server" if direction == C2S else "viewer"
             self.finish(f"{who} closed")
             log.debug("channel %d %s: %r", self.conn, direction, exc)
+            return False
+        return True
 
     def run(self, commands: list[Command]) -> None:
         for cmd in commands:
             if isinstance(cmd, Forward):
-                self.send(cmd.direction, cmd.data)
+                if not self.send(cmd.direction, cmd.data):
+                    return  # as in the trio shell: nothing after an undelivered Forward
             elif isinstance(cmd, Redirect):
                 self.run(self.redirector(cmd))
             else:
                 why = self.effects(cmd)
-                if why is not None or isinstance(cmd, Close):
-                    self.finish(why or cmd.reason)  # type: ignore[union-attr]
+                if isinstance(cmd, Close):
+                    why = why or cmd.reason
+                if why is not None:
+                    self.finish(why)
 
 
-__all__ = ["S2C", "ThreadedChannel"]
+__all__ = ["ThreadedChannel"]

@@ -112,11 +112,15 @@ class TlsEnd(PlainEnd):
             try:
                 # One read returns at most one TLS record: gather what is already decrypted
                 while filled < RECEIVE_SIZE:
-                    chunks.append(self.obj.read(RECEIVE_SIZE - filled))
-                    filled += len(chunks[-1])
+                    chunk = self.obj.read(RECEIVE_SIZE - filled)
+                    if not chunk:  # close_notify: the peer's clean end (read gives b"")
+                        self.eof = True
+                        break
+                    chunks.append(chunk)
+                    filled += len(chunk)
             except ssl.SSLWantReadError:
                 pass
-            except ssl.SSLZeroReturnError:  # close_notify: a clean end
+            except ssl.SSLZeroReturnError:  # close_notify, as some versions report it
                 self.eof = True
             finally:
                 pending = self.outgoing.read()  # e.g. an answer to a key update

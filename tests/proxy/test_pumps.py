@@ -3,9 +3,11 @@ once) and ThreadedChannel driving the relay core, on loopback socket pairs."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import socket
+import ssl
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -94,6 +96,23 @@ def test_tls_end_full_duplex_from_two_threads(tls_pair_contexts: tuple[Any, Any]
     assert server.receive() == b""  # a cut without close_notify is the end of the stream
     server.close()
 
+
+
+def test_tls_close_notify_ends_the_stream_after_the_data(
+    tls_pair_contexts: tuple[Any, Any],
+) -> None:
+    server, client = tls_pair(tls_pair_contexts)
+    client.send(b"last words")
+    with client.lock:  # a clean TLS close: close_notify after the data
+        # our close_notify goes out; the peer's answer is not awaited
+        with contextlib.suppress(ssl.SSLWantReadError):
+            client.obj.unwrap()
+        client.sock.sendall(client.outgoing.read())
+    got = in_threads(lambda: drain(server, 100))[0]
+    assert got == b"last words"
+    assert in_threads(server.receive) == [b""]  # and again: the end stays the end
+    client.close()
+    server.close()
 
 
 def test_tls_handshake_times_out_and_fails_on_a_closed_peer(

@@ -123,9 +123,10 @@ class ChannelRelay:
 
     @property
     def passing(self) -> bool:
-        """Past any link-stage rewriting: each direction's input only makes output in that
-        same direction (plus, on the server's side, migration redirects)."""
-        return self.rewriter is None
+        """Past the link stage and any rewriting of it: each direction's input only makes
+        output in that same direction (plus, on the server's side, migration redirects),
+        and what is recorded of one direction no longer depends on the other's order."""
+        return self.linked and self.rewriter is None
 
     def unchanged(self, direction: str) -> bool:
         """Whatever arrives in `direction` now is forwarded as it is, first: a shell may send

@@ -8,9 +8,10 @@ channel's lifetime: it opens the ends, starts the pumps through trio.to_thread, 
 relay's timers, and aborting the ends (socket shutdown) is how a pump is stopped.
 
 The relay core is the same as the trio shell's. Its calls take the channel's lock. During
-the link stage (a rewriter or not yet linked) commands run under that lock too, since one
-direction's input can then produce output in the other; once the channel passes bytes
-unchanged, each pump only sends its own direction and runs its commands unlocked.
+the link stage commands run under that lock too: one direction's input can then produce
+output in the other (a rewriter), and the recorder must get each side's link units in the
+order the relay saw them (the link reply after the link message it answers). Once linked,
+each pump only sends its own direction and runs its commands unlocked.
 """
 
 from __future__ import annotations

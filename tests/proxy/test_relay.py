@@ -103,8 +103,10 @@ def test_full_recording_queue_marks_a_gap_and_keeps_forwarding(tmp_path: Path) -
 def test_a_shell_may_forward_first_when_the_relay_passes_bytes_unchanged() -> None:
     relay = ChannelRelay(Limits(), 0.0, follow_migration=True)
     assert not relay.unchanged("c2s")  # the link stage: the guard sees units before they go
+    assert not relay.passing  # ...and a shell keeps each side's units in the relay's order
     linked(relay)
     assert relay.unchanged("c2s") and relay.unchanged("s2c")  # not main: nothing to follow
+    assert relay.passing
     data = mini(101, b"x" * 10)
     assert relay.received("s2c", data, 1.0, sent=True) == [RecordData("s2c", data, 1.0)]
     relay.peer_closed("c2s", 2.0)

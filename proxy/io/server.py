@@ -36,7 +36,6 @@ from proxy.core.relay import (
 )
 from proxy.io.ends import End, PlainEnd, tls_end
 from proxy.io.pumps import ThreadedChannel
-from proxy.io.streams import PrefixedStream
 from proxy.recorder import Recorder
 from proxy.tls import check_subject
 
@@ -231,23 +230,12 @@ class ChannelProxy:
         migration: Follower | None = None,
         prefix: bytes = b"",
     ) -> None:
-        """A viewer on a TCP socket (TLS terminated here with `tls`): relayed by a blocking
-        pump thread per direction (proxy/io/pumps.py) when the upstream opens that way too,
-        else by handle(). `prefix`: what a front already read from the viewer."""
-        if upstream_to.open_end is None:
-            viewer_stream: trio.abc.Stream = PrefixedStream(stream, prefix) if prefix else stream
-            if tls is None:
-                await self.handle(
-                    viewer_stream, upstream_to, insertion=insertion, migration=migration
-                )
-                return
-            wrapped = await accept_tls(self, viewer_stream, tls)
-            if wrapped is not None:
-                await self.handle(
-                    wrapped, upstream_to, viewer_tls=True, insertion=insertion,
-                    migration=migration,
-                )  # fmt: skip
-            return
+        """A viewer on a TCP socket (TLS terminated here with `tls`), relayed by a blocking
+        pump thread per direction (proxy/io/pumps.py) to an upstream that opens a blocking
+        end (every Target's does). `prefix`: what a front already read from the viewer."""
+        open_end = upstream_to.open_end
+        if open_end is None:  # a caller's mistake, not a peer's
+            raise ValueError(f"upstream {upstream_to.label} opens no blocking end")
         sock = detach(stream)
         viewer: End = PlainEnd(sock, prefix)
         client = viewer.peer()
@@ -262,7 +250,7 @@ class ChannelProxy:
                 return
         conn = next(self._ids)
         now = time.monotonic()
-        upstream = await self._connect(conn, client, upstream_to.label, upstream_to.open_end)
+        upstream = await self._connect(conn, client, upstream_to.label, open_end)
         if upstream is None:
             viewer.close()
             return

@@ -17,11 +17,12 @@ from proxy.core.relay import Limits, LinkPolicy
 from proxy.io.connect import ConnectFront, serve_connect
 from proxy.io.management import ManagementOptions, serve_management
 from proxy.io.migration import MigrationListeners
+from proxy.io.recording import Recorder
 from proxy.io.server import ChannelProxy, ProxyState, Upstream, serve_tcp
 from proxy.io.static import SPICE_HTML5_DIR
 from proxy.io.websocket import serve_websocket
 from proxy.linksetup import add_link_options, link_policy_from, target_policy
-from proxy.recorder import BACKLOG_POLICIES, Recorder, RecordingOptions
+from proxy.recorder import BACKLOG_POLICIES, LOG_FORMAT, RecordingOptions
 from proxy.targets import ConnectRouter, Target, host_port
 from proxy.tls import (
     HostCertificates,
@@ -60,6 +61,12 @@ def add_proxy_command(sub: Any) -> None:
         choices=BACKLOG_POLICIES,
         help="when recording falls behind: mark a gap and keep forwarding (gap), "
         "or close the session (close)",
+    )
+    p.add_argument(
+        "--max-backlog",
+        type=_positive_mb,
+        metavar="MB",
+        help="relayed MiB held for recording before the backlog policy applies (default 512)",
     )
     t = p.add_argument_group("TLS (either leg may be plain or TLS)")
     t.add_argument("--tls-listen", help="HOST:PORT where viewers connect with TLS")
@@ -136,6 +143,16 @@ def add_proxy_command(sub: Any) -> None:
     p.set_defaults(func=cmd_proxy)
 
 
+def _positive_mb(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive number of MiB")
+    return value
+
+
 def _pick(flag: Any, configured: Any) -> Any:
     return configured if flag is None else flag
 
@@ -145,7 +162,7 @@ def cmd_proxy(args: argparse.Namespace) -> int:
 
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=LOG_FORMAT,
         stream=sys.stderr,
     )
     try:
@@ -187,6 +204,7 @@ def cmd_proxy(args: argparse.Namespace) -> int:
             rotation=Rotation(max_bytes=cr.rotate_bytes, max_seconds=cr.rotate_seconds),
             compress=bool(_pick(args.compress, cr.compress)),
             backlog=_pick(args.backlog, cr.backlog),
+            max_backlog=_pick(args.max_backlog, cr.max_backlog_mb) << 20,
         )
         # each session adds how it came in (insertion, upstream, target); each connection's
         # open record says which legs were TLS

@@ -99,6 +99,7 @@ class RecordingSection:
     rotate_bytes: int | None = None
     rotate_seconds: float | None = None
     backlog: str = "gap"  # or "close"
+    max_backlog_mb: int = 512  # relayed bytes the proxy holds for a recording falling behind
     privacy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
 
 
@@ -200,6 +201,11 @@ def load_config(path: Path) -> Config:
     if config.recording.backlog not in ("gap", "close"):
         raise ConfigError(
             f"{where}[recording] backlog = {config.recording.backlog!r}: expected 'gap' or 'close'"
+        )
+    if config.recording.max_backlog_mb < 1:
+        raise ConfigError(
+            f"{where}[recording] max_backlog_mb = {config.recording.max_backlog_mb}: "
+            "expected a positive number of MiB"
         )
     if config.proxy.auth not in ("pass-through", "intercept", "inject"):
         raise ConfigError(

@@ -148,7 +148,8 @@ class Totals:
 
 @dataclass(frozen=True)
 class RecorderView:
-    backlog: int  # chunks waiting for the recorder's worker
+    backlog: int  # items waiting for the recording process
+    backlog_bytes: int  # relayed bytes among them (bounded by max_backlog)
     lost_bytes: int  # bytes not recorded because the worker fell behind
     failed: bool
 
@@ -316,8 +317,14 @@ def metrics_text(
     for name, count in counts.items():
         m.sample("spicetap_channels_open_by_type", count, channel=name)
     if recorder is not None:
-        m.family("spicetap_recorder_backlog", "gauge", "Chunks waiting for the recorder's worker.")
+        m.family("spicetap_recorder_backlog", "gauge", "Items waiting for the recording process.")
         m.sample("spicetap_recorder_backlog", recorder.backlog)
+        m.family(
+            "spicetap_recorder_backlog_bytes",
+            "gauge",
+            "Relayed bytes waiting for the recording process.",
+        )
+        m.sample("spicetap_recorder_backlog_bytes", recorder.backlog_bytes)
         m.family(
             "spicetap_recorder_lost_bytes_total",
             "counter",

@@ -38,8 +38,8 @@ from proxy.core.management import (
 )
 from proxy.core.probe import to_json
 from proxy.io.probe import ProbeTarget, probe
+from proxy.io.recording import Recorder
 from proxy.io.server import ProxyState
-from proxy.recorder import Recorder
 from proxy.tls import client_context
 
 log = logging.getLogger("spicetap.management")
@@ -122,7 +122,8 @@ class ManagementApi:
         rec = self.recorder
         if rec is None:
             return None
-        return RecorderView(len(rec.queue), rec.lost_total, rec.failed is not None)
+        backlog = len(rec.queue)
+        return RecorderView(backlog, rec.backlog_bytes, rec.lost_total, rec.failed is not None)
 
     # -- requests --------------------------------------------------------------------------
     async def answer(self, method: str, target: str, body: bytes) -> Reply:

@@ -36,7 +36,7 @@ from proxy.core.relay import (
 )
 from proxy.io.ends import End, PlainEnd, tls_end
 from proxy.io.pumps import ThreadedChannel
-from proxy.recorder import Recorder
+from proxy.io.recording import Recorder
 from proxy.tls import check_subject
 
 if TYPE_CHECKING:

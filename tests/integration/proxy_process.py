@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import TracebackType
 
@@ -101,9 +102,14 @@ class ProxyProcess:
         return self.proc.returncode
 
     def kill(self) -> None:
+        """SIGKILL the proxy, then wait (bounded) for its recording process: it reads
+        end-of-file and closes the archives by itself."""
         if self.proc.poll() is None:
+            children = _children(self.proc.pid)
             os.kill(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
+            for pid in children:
+                _wait_gone(pid, 30.0)
         self._close()
 
     def _close(self) -> None:
@@ -122,3 +128,27 @@ class ProxyProcess:
         self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            found += [int(p) for p in task.read_text().split()]
+        except OSError:
+            continue
+    return found
+
+
+def _wait_gone(pid: int, seconds: float) -> None:
+    """Until the process has exited (gone from /proc, or a zombie waiting for init)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return
+        if stat.rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"process {pid} still running after {seconds} s")

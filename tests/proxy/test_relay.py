@@ -1,13 +1,8 @@
-"""The relay core without I/O: forwarding order, limits, vanished peers; the recorder's
-backlog policy."""
+"""The relay core without I/O: forwarding order, limits, vanished peers."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from proxy.core.relay import ChannelRelay, Close, Forward, Limits, Log, RecordData
-from proxy.recorder import Recorder, RecordingOptions
-from spicetap.inputs import iter_records
 from tests.proxy.test_framing import OK, TICKET, caps_word, link_mess, link_reply, mini
 
 
@@ -70,34 +65,6 @@ def test_peer_vanishing_mid_message_is_an_error_not_a_crash() -> None:
     clean = ChannelRelay(Limits(), 0.0)
     linked(clean)
     assert clean.peer_closed("c2s", 1.0) == [Close("viewer closed", error=False)]
-
-
-def test_full_recording_queue_marks_a_gap_and_keeps_forwarding(tmp_path: Path) -> None:
-    rec = Recorder(RecordingOptions(tmp_path, max_queue=2, backlog="gap"), {}, None)
-    # the worker is not started: the queue fills up
-    assert rec.data(0, 0.0, "c2s", b"a")
-    assert rec.data(0, 0.0, "c2s", b"b")
-    assert rec.data(0, 0.0, "c2s", b"ccc")  # not queued, but forwarding goes on
-    assert rec.lost[(0, "c2s")] == 3
-    # control items never wait and are never dropped, even with the data bound reached
-    before = len(rec.queue)
-    rec.error(0, 0.5, "c2s", "test error")
-    assert len(rec.queue) == before + 1
-    closing = Recorder(RecordingOptions(tmp_path, max_queue=1, backlog="close"), {}, None)
-    assert closing.data(0, 0.0, "c2s", b"a")
-    assert not closing.data(0, 0.0, "c2s", b"b")  # the policy says: close the session
-    # once the worker drains the queue, the lost bytes become a gap record
-    rec.start()
-    rec.data(0, 1.0, "c2s", b"d")
-    rec.closed(0, 2.0, "viewer closed")
-    rec.stop()
-    assert rec.lost[(0, "c2s")] == 0
-    (archive,) = rec.archives
-    recs = list(iter_records(archive, []))
-    assert [r.error for r in recs if r.kind == "gap"] == [
-        "3 bytes missing from the recording (backlog)"
-    ]
-    assert [r.error for r in recs if r.kind == "error" and r.error == "test error"]
 
 
 def test_a_shell_may_forward_first_when_the_relay_passes_bytes_unchanged() -> None:

@@ -1,0 +1,240 @@
+"""The recording process and the proxy's handle on it: a real child process, fed as the
+pump threads feed it; the backlog bound and policy; a recording process that dies; a proxy
+that vanishes (its archives still end signed)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dissectors.api import encode
+from proxy.core import recwire
+from proxy.io.recording import Recorder
+from proxy.recorder import RecordingOptions
+from spicetap.archive.reader import ArchiveReader
+from spicetap.archive.verify import verify
+from spicetap.inputs import iter_records
+from tests.proxy.test_framing import OK, TICKET, caps_word, link_mess, link_reply, mini
+
+MAIN, MSG_MAIN_INIT = 1, 103
+SESSION_ID = 0x5EC7
+
+
+def init(session_id: int = SESSION_ID) -> bytes:
+    fields = {
+        "session_id": session_id,
+        "display_channels_hint": 1,
+        "supported_mouse_modes": 3,
+        "current_mouse_mode": 2,
+        "agent_connected": 0,
+        "agent_tokens": 0,
+        "multi_media_time": 0,
+        "ram_hint": 0,
+    }
+    return mini(MSG_MAIN_INIT, encode(MAIN, "s2c", MSG_MAIN_INIT, fields))
+
+
+def main_channel(rec: Recorder, conn: int = 0, pings: int = 3) -> None:
+    """A main channel as the pumps report it: link stage, INIT, a few unknown-to-us bytes."""
+    rec.opened(conn, 0.0, ("127.0.0.1", 40000 + conn), ("127.0.0.1", 5900))
+    bits = caps_word(1, 3)
+    rec.data(conn, 0.1, "c2s", link_mess(bits, channel_type=MAIN, conn=0))
+    rec.data(conn, 0.1, "s2c", link_reply(bits))
+    rec.data(conn, 0.2, "c2s", TICKET)
+    rec.data(conn, 0.2, "s2c", OK)
+    rec.data(conn, 0.3, "s2c", init())
+    for i in range(pings):
+        rec.data(conn, 0.4 + i, "s2c", mini(4, bytes(8)))  # PING: id, timestamp... short
+
+
+def wait_for(check: object, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_a_session_is_recorded_by_the_process_and_signed(tmp_path: Path) -> None:
+    key = Ed25519PrivateKey.generate()
+    rec = Recorder(RecordingOptions(tmp_path), {"viewer": None}, key)
+    rec.start()
+    assert rec.process is not None and rec.process.pid != os.getpid()
+    main_channel(rec)
+    wait_for(lambda: rec.conn_session.get(0) == SESSION_ID)  # learnt back from the process
+    rec.closed(0, 9.0, "viewer closed")
+    wait_for(lambda: 0 not in rec.conn_session)  # forgotten once the connection is recorded closed
+    rec.stop()
+    assert rec.process.returncode == 0
+    (archive,) = rec.archives
+    assert f"{SESSION_ID:08x}" in archive.name
+    with ArchiveReader(archive) as r:
+        records = list(r.records())
+        assert r.end is not None and r.end["status"] == "complete"
+    assert [x for x in records if x.get("name") == "init"]
+    assert verify(archive, key.public_key()).status == "intact"
+
+
+def test_the_backlog_is_bounded_in_bytes_and_marked_as_a_gap(tmp_path: Path) -> None:
+    rec = Recorder(RecordingOptions(tmp_path, max_backlog=2, backlog="gap"), {}, None)
+    # not started: nothing ships, so the backlog fills up
+    assert rec.data(0, 0.0, "c2s", b"a")
+    assert rec.data(0, 0.0, "c2s", b"b")
+    assert rec.backlog_bytes == 2
+    assert rec.data(0, 0.0, "c2s", b"ccc")  # not queued, but forwarding goes on
+    assert rec.lost[(0, "c2s")] == 3 and rec.lost_total == 3
+    before = len(rec.queue)
+    rec.error(0, 0.5, "c2s", "test error")  # control items never wait and are never dropped
+    assert len(rec.queue) == before + 1
+    closing = Recorder(RecordingOptions(tmp_path, max_backlog=1, backlog="close"), {}, None)
+    assert closing.data(0, 0.0, "c2s", b"a")
+    assert not closing.data(0, 0.0, "c2s", b"b")  # the policy says: close the session
+    rec.start()
+    wait_for(lambda: rec.backlog_bytes == 0)  # shipped: room again
+    rec.data(0, 1.0, "c2s", b"d")
+    rec.closed(0, 2.0, "viewer closed")
+    rec.stop()
+    assert rec.lost[(0, "c2s")] == 0
+    (archive,) = rec.archives
+    recs = list(iter_records(archive, []))
+    assert [r.error for r in recs if r.kind == "gap"] == [
+        "3 bytes missing from the recording (backlog)"
+    ]
+    assert [r.error for r in recs if r.kind == "error" and r.error == "test error"]
+
+
+def test_a_recording_process_that_dies_stops_recording_not_forwarding(tmp_path: Path) -> None:
+    rec = Recorder(RecordingOptions(tmp_path), {}, None)
+    rec.start()
+    assert rec.process is not None
+    main_channel(rec)
+    wait_for(lambda: rec.archives)
+    os.kill(rec.process.pid, signal.SIGKILL)  # our own child, by its PID
+    wait_for(lambda: rec.failed is not None)
+    assert "exited" in (rec.failed or "") or "gone" in (rec.failed or "")
+    for i in range(100):  # forwarding goes on: nothing raises, nothing piles up
+        assert rec.data(0, 5.0 + i, "s2c", b"x" * 1000)
+    assert len(rec.queue) == 0 and rec.backlog_bytes < 1000 * 100
+    rec.stop()  # returns: nothing left to wait for
+
+
+def test_when_the_proxy_vanishes_the_archives_still_end_signed(tmp_path: Path) -> None:
+    key = Ed25519PrivateKey.generate()
+    rec = Recorder(RecordingOptions(tmp_path), {}, key)
+    rec.start()
+    assert rec.process is not None and rec._sock is not None
+    main_channel(rec)
+    wait_for(lambda: rec.archives)
+    wait_for(lambda: rec.backlog_bytes == 0 and not rec.queue)
+    # what the recording process sees when the proxy is SIGKILLed: end-of-file, no stop
+    rec._stopping = True
+    rec._sock.shutdown(2)
+    assert rec.process.wait(10) == 0
+    rec._sock.close()
+    (archive,) = rec.archives
+    with ArchiveReader(archive) as r:
+        list(r.records())
+        assert r.end is not None and r.end["status"] == "proxy vanished"
+    assert verify(archive, key.public_key()).status == "intact"
+
+
+def test_a_recording_process_ignores_the_terminals_interrupt(tmp_path: Path) -> None:
+    rec = Recorder(RecordingOptions(tmp_path), {}, None)
+    rec.start()
+    assert rec.process is not None
+    main_channel(rec)
+    wait_for(lambda: rec.archives)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # the proxy drains first, then says stop
+        os.kill(rec.process.pid, sig)
+    time.sleep(0.3)
+    assert rec.process.poll() is None and rec.failed is None
+    rec.closed(0, 9.0, "viewer closed")
+    rec.stop()
+    with ArchiveReader(rec.archives[0]) as r:
+        list(r.records())
+        assert r.end is not None and r.end["status"] == "complete"
+
+
+# -- the byte format between the two ----------------------------------------------------------
+ITEMS = st.lists(
+    st.one_of(
+        st.tuples(
+            st.just("data"),
+            st.integers(0, 2**63),
+            st.floats(0, 1e6),
+            st.sampled_from(["c2s", "s2c"]),
+            st.binary(max_size=300),
+        ),
+        st.tuples(st.just("close"), st.integers(0, 1000), st.floats(0, 1e6), st.text()),
+        st.tuples(
+            st.just("open"),
+            st.integers(0, 1000),
+            st.floats(0, 1e6),
+            st.tuples(st.just("127.0.0.1"), st.integers(1, 65535)),
+        ),
+    ),
+    max_size=20,
+)
+
+
+def wire(items: list[tuple[object, ...]]) -> bytes:
+    out = bytearray()
+    for item in items:
+        if item[0] == "data":
+            data = item[4]
+            assert isinstance(data, bytes)
+            out += recwire.chunk_header(item[1], item[2], item[3], len(data)) + data  # type: ignore[arg-type]
+        else:
+            out += recwire.control(item)
+    return bytes(out)
+
+
+@settings(max_examples=200, deadline=None)
+@given(ITEMS, st.lists(st.integers(1, 97), min_size=1, max_size=8))
+def test_items_survive_any_split(items: list[tuple[object, ...]], cuts: list[int]) -> None:
+    stream = wire(items)
+    parser = recwire.ItemParser(size=64)  # small: the buffer must grow and compact
+    got: list[tuple[object, ...]] = []
+    pos, i = 0, 0
+    while pos < len(stream):
+        step = cuts[i % len(cuts)]
+        i += 1
+        with parser.space(step) as room:
+            n = min(step, len(stream) - pos, len(room))
+            room[:n] = stream[pos : pos + n]
+        parser.received(n)
+        pos += n
+        got.extend(parser.items())
+    assert got == items
+    assert parser.pending() == 0
+
+
+def test_reports_survive_any_split() -> None:
+    reports = [("session", 3, 77), ("archive", "/x/y.spta"), ("gone", 3)]
+    stream = b"".join(recwire.report(r) for r in reports)
+    for step in (1, 2, 5, 64):
+        parser = recwire.ReportParser()
+        got: list[tuple[object, ...]] = []
+        for pos in range(0, len(stream), step):
+            piece = stream[pos : pos + step]
+            with parser.space(len(piece)) as room:
+                room[: len(piece)] = piece
+            parser.received(len(piece))
+            got.extend(parser.reports())
+        assert got == reports
+
+
+def test_a_foreign_byte_stream_is_a_wire_error() -> None:
+    parser = recwire.ItemParser()
+    junk = b"Xjunk-junk"
+    with parser.space() as room:
+        room[: len(junk)] = junk
+    parser.received(len(junk))
+    with pytest.raises(recwire.WireError, match="unknown item tag"):
+        list(parser.items())

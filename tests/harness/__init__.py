@@ -14,7 +14,8 @@ Modules: qemu (server), guest_boot / guest_linux (guests, cached by source
 hash in cache), client + gi_client (scripted spice-gtk client, system python),
 screenshot (spicy-screenshot), html5 + cdp (spice-html5 in headless
 Chromium over DevTools), capture (dumpcap), pcapng + spice_flows (an
-independent capture oracle), session (the full recorded scenario).
+independent capture oracle), session (the full recorded scenario), sasl (a private
+Cyrus SASL config and user database for QemuServer(sasl=...)).
 """
 
 from tests.harness.capture import LoopbackCapture, capture_around
@@ -33,6 +34,7 @@ from tests.harness.guest_linux import LinuxGuest, build_linux_guest
 from tests.harness.html5 import HeadlessChromium, PageResult, need_spice_html5
 from tests.harness.procs import LOOPBACK, PeerFailed, PeerMissing
 from tests.harness.qemu import PORT_NAME, QemuServer
+from tests.harness.sasl import SaslAccount, SaslConfig, make_sasl_config
 from tests.harness.screenshot import spicy_screenshot
 from tests.harness.session import SessionCapture, record_full_session
 from tests.harness.spice_flows import SpiceFlow, channel_counts, full_session_problems, spice_flows
@@ -51,6 +53,8 @@ __all__ = [
     "PeerFailed",
     "PeerMissing",
     "QemuServer",
+    "SaslAccount",
+    "SaslConfig",
     "SessionCapture",
     "SpiceEndpoint",
     "SpiceFlow",
@@ -63,6 +67,7 @@ __all__ = [
     "full_exchange_options",
     "full_session_problems",
     "make_cd_image",
+    "make_sasl_config",
     "make_tls_material",
     "need_spice_html5",
     "record_full_session",

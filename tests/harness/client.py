@@ -117,6 +117,8 @@ def client_argv(endpoint: SpiceEndpoint, options: ClientOptions, work: Path) -> 
         argv += ["--tls-port", str(endpoint.tls_port)]
     if endpoint.password is not None:
         argv += ["--password", endpoint.password]
+    if endpoint.username is not None:
+        argv += ["--username", endpoint.username]
     if endpoint.ca_file is not None:
         argv += ["--ca-file", str(endpoint.ca_file)]
     if endpoint.host_subject is not None:

@@ -14,6 +14,7 @@ class SpiceEndpoint:
     tls_port: int | None = None
     host: str = LOOPBACK
     password: str | None = None
+    username: str | None = None  # SASL: the client then authenticates with SASL
     ca_file: Path | None = None  # needed with tls_port
     host_subject: str | None = None  # optional with tls_port (else hostname check)
     proxy: str | None = None  # "http://HOST:PORT": reach `host` through an HTTP CONNECT proxy

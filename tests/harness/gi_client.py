@@ -114,6 +114,8 @@ class Client:
             s.props.tls_port = str(a.tls_port)
         if a.password is not None:
             s.props.password = a.password
+        if a.username is not None:
+            s.props.username = a.username  # SASL (spice-gtk picks it when the server offers)
         if a.ca_file:
             s.props.ca_file = a.ca_file
         if a.host_subject:
@@ -476,6 +478,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--tls-port", type=int, default=0)
     p.add_argument("--password")
+    p.add_argument("--username", help="SASL user name (a server with sasl=on)")
     p.add_argument("--ca-file")
     p.add_argument("--proxy", help="http://HOST:PORT, an HTTP CONNECT proxy (spice-gtk's)")
     p.add_argument("--host-subject")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import os
 import shutil
 import subprocess
 import tempfile
@@ -41,6 +42,7 @@ from tests.harness.procs import (
     wait_until,
 )
 from tests.harness.qmp import qmp_command
+from tests.harness.sasl import SaslAccount, SaslConfig, make_sasl_config
 from tests.harness.tls import TlsMaterial, make_tls_material
 
 GuestKind = Literal["none", "boot", "linux"]
@@ -126,8 +128,10 @@ class QemuServer:
     guest: "boot" (animated boot sector, ready at once), "linux" (agent, audio,
     port echo, USB reads; boots in ~6-14 s), "none" (SeaBIOS screen only).
     plain/tls: which listening ports to open. password: ticket auth, else
-    disable-ticketing. wait_ready: wait for the guest's READY line on the
-    serial console (default: yes, except for "none"). spice_options: extra -spice key=values.
+    disable-ticketing (unless sasl). sasl: Cyrus SASL (DIGEST-MD5) with this one account,
+    from a private config and sasldb made in the run dir (SASL_CONF_PATH in QEMU's
+    environment). wait_ready: wait for the guest's READY line on the serial console
+    (default: yes, except for "none"). spice_options: extra -spice key=values.
     """
 
     def __init__(
@@ -137,6 +141,7 @@ class QemuServer:
         plain: bool = True,
         tls: bool = False,
         password: str | None = None,
+        sasl: SaslAccount | None = None,
         run_dir: Path | None = None,
         append: str = "",
         wait_ready: bool | None = None,
@@ -152,6 +157,8 @@ class QemuServer:
         self.plain = plain
         self.tls = tls
         self.password = password
+        self.sasl = sasl
+        self.sasl_config: SaslConfig | None = None
         self.append = append
         self.wait_ready = guest != "none" if wait_ready is None else wait_ready
         self.ready_timeout = ready_timeout
@@ -207,10 +214,12 @@ class QemuServer:
     def endpoint(self) -> SpiceEndpoint:
         """Connection details for clients (everything QEMU was started with)."""
         tls = self.tls_material
+        sasl = self.sasl
         return SpiceEndpoint(
             port=self.port,
             tls_port=self.tls_port,
-            password=self.password,
+            password=sasl.password if sasl is not None else self.password,
+            username=sasl.username if sasl is not None else None,
             ca_file=tls.ca_file if tls else None,
             host_subject=tls.host_subject if tls else None,
         )
@@ -222,6 +231,8 @@ class QemuServer:
         binary = need_program("qemu-system-x86_64", "qemu-system-x86")
         if self.tls and self.tls_material is None:
             self.tls_material = make_tls_material(self.run_dir / "tls")
+        if self.sasl is not None and self.sasl_config is None:
+            self.sasl_config = make_sasl_config(self.run_dir / "sasl", self.sasl)
         guest_args = _guest_args(self.guest, self.append)  # may build the guest first
         t0 = time.monotonic()
         for _attempt in range(BIND_RETRIES):
@@ -260,10 +271,12 @@ class QemuServer:
         if self.tls_port is not None and self.tls_material is not None:
             opts["tls-port"] = str(self.tls_port)
             opts["x509-dir"] = str(self.tls_material.x509_dir)
-        if self.password is None:
-            opts["disable-ticketing"] = "on"
-        else:
+        if self.password is not None:
             opts["password-secret"] = "spicepw0"
+        elif self.sasl is None:
+            opts["disable-ticketing"] = "on"
+        if self.sasl is not None:
+            opts["sasl"] = "on"
         opts.update(self.spice_options)
         return ",".join(f"{k}={v}" for k, v in opts.items())
 
@@ -303,9 +316,12 @@ class QemuServer:
         self.serial_log.unlink(missing_ok=True)
         self.pidfile.unlink(missing_ok=True)
         (self.run_dir / "qemu.cmdline").write_text(" ".join(argv) + "\n")
+        env = None
+        if self.sasl_config is not None:  # libsasl2 reads qemu.conf from here
+            env = {**os.environ, "SASL_CONF_PATH": str(self.sasl_config.conf_dir)}
         with self.qemu_log.open("wb") as log:
             self._proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env
             )
         _live.add(self)
 

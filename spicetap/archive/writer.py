@@ -30,6 +30,14 @@ class FlushPolicy:
     interval: float = 0.1  # seconds a record may wait in memory: the loss window on a crash
     max_buffer: int = 1 << 20
     fsync: bool = False  # also survive power loss, at a cost per flush
+    # Hand written pages back to the page cache's free pool as the archive grows (see
+    # ArchiveWriter._release_cache); False keeps them cached.
+    release_cache: bool = True
+
+
+# Archive pages are released from the page cache a window at a time, two windows behind the
+# end of the file: the newest window is left to be written back first.
+CACHE_WINDOW = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -97,6 +105,7 @@ class ArchiveWriter:
         self.header_chain = self.chain = fmt.chain_start(payload)
         self.part_records = 0
         self.part_bytes = 0
+        self._released_to = 0  # the page cache holds no page of this part below this offset
         self.part_started = self.clock()
         self._buf = bytearray(fmt.frame(payload, self.chain))
         self._oldest: float | None = self.clock()
@@ -172,8 +181,24 @@ class ArchiveWriter:
         if self.policy.fsync:
             os.fsync(self._fd)
         self.part_bytes += len(data)
+        if self.policy.release_cache:
+            self._release_cache()
         self._buf.clear()
         self._oldest = None
+
+    def _release_cache(self) -> None:
+        """An archive is written once and rarely read back soon, so its pages need not stay
+        cached. POSIX_FADV_DONTNEED starts the writeback of dirty pages (without waiting) and
+        drops the clean ones: advised on the newest window it starts writing it back; on a
+        window two behind, written back by then, it frees the pages, and the next writes
+        reuse them. Measured on this project's VM: 1.3-1.5 GB/s at 0.5 CPU s/GB this way,
+        250-630 MB/s at 1.6-4 CPU s/GB growing the cache through fresh memory. Pages still
+        dirty when advised just stay cached: nothing here waits for the disk."""
+        end = self.part_bytes
+        while end - self._released_to >= 2 * CACHE_WINDOW:
+            os.posix_fadvise(self._fd, end - CACHE_WINDOW, CACHE_WINDOW, os.POSIX_FADV_DONTNEED)
+            os.posix_fadvise(self._fd, self._released_to, CACHE_WINDOW, os.POSIX_FADV_DONTNEED)
+            self._released_to += CACHE_WINDOW
 
     # -- ending ----------------------------------------------------------------------------
     def _finish_part(

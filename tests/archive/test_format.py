@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from spicetap.archive import format as fmt
 from spicetap.archive import reader as reader_mod
+from spicetap.archive import writer as writer_mod
 from spicetap.archive.reader import ArchiveError, ArchiveReader
 from spicetap.archive.verify import verify
 from spicetap.archive.writer import ArchiveWriter, FlushPolicy, Rotation
@@ -306,3 +307,34 @@ def test_written_objects_are_what_msgpack_packs(tmp_path: Path) -> None:
     again = b"".join(msgpack.packb([payload, chain], use_bin_type=True) for payload, chain in up)
     assert again == data
     assert verify(path).status == "intact"
+
+
+@pytest.mark.parametrize("release", [True, False])
+def test_written_pages_are_released_from_the_page_cache_behind_the_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, release: bool
+) -> None:
+    advised: list[tuple[int, int]] = []
+    real = os.posix_fadvise
+
+    def spy(fd: int, offset: int, length: int, advice: int) -> None:
+        assert advice == os.POSIX_FADV_DONTNEED
+        advised.append((offset, length))
+        real(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", spy)
+    path = tmp_path / "big.spta"
+    w = ArchiveWriter(path, {}, flush=FlushPolicy(release_cache=release))
+    chunk = os.urandom(1 << 20)
+    for i in range(5 * (writer_mod.CACHE_WINDOW >> 20)):
+        w.write({"kind": "message", "raw": chunk, "i": i})
+    w.close()
+    if not release:
+        assert advised == []
+        return
+    window = writer_mod.CACHE_WINDOW
+    dropped = sorted(a for a in advised if a[0] % window == 0 and a[1] == window)
+    # every window from the start is released in turn, up to two windows from the end
+    assert [offset for offset, _ in dropped][:3] == [0, window, 2 * window]
+    covered = max(offset + length for offset, length in dropped)
+    assert path.stat().st_size - 2 * window <= covered <= path.stat().st_size - window
+    assert verify(path).status == "intact"  # nothing the reader sees changes

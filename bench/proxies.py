@@ -265,13 +265,14 @@ def process_tree(pid: int) -> list[int]:
     return pids
 
 
-def rss_bytes(pids: list[int]) -> int:
-    """VmRSS summed over the processes (a forking proxy's children included)."""
+def rss_bytes(pids: list[int], field: str = "VmRSS") -> int:
+    """VmRSS summed over the processes (a forking proxy's children included); with
+    field="VmHWM", each process's peak so far."""
     total = 0
     for pid in pids:
         try:
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
+                if line.startswith(f"{field}:"):
                     total += int(line.split()[1]) * 1024
                     break
         except OSError:

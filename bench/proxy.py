@@ -237,6 +237,8 @@ def measure_bulk(
         "busy_after_s": busy,
         "done_mb_per_s": wire / (seconds + busy) / MB,
         "proxy_cpu_s_per_gb": cpu / (wire / 1e9) if running.proc else None,
+        # what a burst costs in memory (spicetap holds what recording has not taken yet)
+        "peak_rss_mb": rss_bytes(running.pids, "VmHWM") / MB if running.proc else None,
     }
 
 

@@ -205,6 +205,7 @@ def cmd_proxy(args: argparse.Namespace) -> int:
             compress=bool(_pick(args.compress, cr.compress)),
             backlog=_pick(args.backlog, cr.backlog),
             max_backlog=_pick(args.max_backlog, cr.max_backlog_mb) << 20,
+            nice=cr.nice,
         )
         # each session adds how it came in (insertion, upstream, target); each connection's
         # open record says which legs were TLS

@@ -43,6 +43,9 @@ class RecordingOptions:
     # for it. Past this the backlog policy applies.
     max_backlog: int = 512 << 20
     backlog: str = "gap"
+    # The recording process's niceness (and SCHED_BATCH when above 0): when CPU is short,
+    # forwarding gets it first and recording catches up later, within max_backlog.
+    nice: int = 10
 
 
 @dataclass

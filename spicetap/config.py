@@ -100,6 +100,7 @@ class RecordingSection:
     rotate_seconds: float | None = None
     backlog: str = "gap"  # or "close"
     max_backlog_mb: int = 512  # relayed bytes the proxy holds for a recording falling behind
+    nice: int = 10  # the recording process's niceness: forwarding gets the CPU first
     privacy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
 
 
@@ -206,6 +207,10 @@ def load_config(path: Path) -> Config:
         raise ConfigError(
             f"{where}[recording] max_backlog_mb = {config.recording.max_backlog_mb}: "
             "expected a positive number of MiB"
+        )
+    if not 0 <= config.recording.nice <= 19:
+        raise ConfigError(
+            f"{where}[recording] nice = {config.recording.nice}: expected 0 (off) to 19"
         )
     if config.proxy.auth not in ("pass-through", "intercept", "inject"):
         raise ConfigError(

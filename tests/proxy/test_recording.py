@@ -144,6 +144,20 @@ def test_when_the_proxy_vanishes_the_archives_still_end_signed(tmp_path: Path) -
     assert verify(archive, key.public_key()).status == "intact"
 
 
+def test_the_recording_process_yields_the_cpu_to_forwarding(tmp_path: Path) -> None:
+    rec = Recorder(RecordingOptions(tmp_path, nice=7), {}, None)
+    rec.start()
+    assert rec.process is not None
+    main_channel(rec)
+    wait_for(lambda: rec.archives)  # the settings item has been applied
+    fields = Path(f"/proc/{rec.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    # after "pid (comm)": field 19 of stat(5) is nice, field 41 the scheduling policy
+    nice, policy = int(fields[16]), int(fields[38])
+    assert nice == os.nice(0) + 7
+    assert policy == os.SCHED_BATCH
+    rec.stop()
+
+
 def test_a_recording_process_ignores_the_terminals_interrupt(tmp_path: Path) -> None:
     rec = Recorder(RecordingOptions(tmp_path), {}, None)
     rec.start()

@@ -81,7 +81,9 @@ class Recorder:
 
     @property
     def backlog_bytes(self) -> int:
-        return self._queued - self._shipped
+        if self.failed is not None:
+            return 0  # dropped with the queue (_fail)
+        return max(0, self._queued - self._shipped)
 
     # -- called from the forwarding side (any thread): never blocks ---------------------------
     def start(self) -> None:

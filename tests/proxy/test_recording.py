@@ -120,7 +120,7 @@ def test_a_recording_process_that_dies_stops_recording_not_forwarding(tmp_path: 
     assert "exited" in (rec.failed or "") or "gone" in (rec.failed or "")
     for i in range(100):  # forwarding goes on: nothing raises, nothing piles up
         assert rec.data(0, 5.0 + i, "s2c", b"x" * 1000)
-    assert len(rec.queue) == 0 and rec.backlog_bytes < 1000 * 100
+    assert len(rec.queue) == 0 and rec.backlog_bytes == 0
     rec.stop()  # returns: nothing left to wait for
 
 

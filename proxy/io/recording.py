@@ -248,12 +248,7 @@ class Recorder:
         assert self._sock is not None and self.process is not None
         sock, parser = self._sock, recwire.ReportParser()
         try:
-            while True:
-                with parser.space() as room:
-                    n = sock.recv_into(room)
-                if n == 0:
-                    break
-                parser.received(n)
+            while _receive(sock, parser):
                 for report in parser.reports():
                     self._on_report(report)
         except OSError as exc:
@@ -274,6 +269,14 @@ class Recorder:
             self._fail(report[1])
 
 
+def _receive(sock: socket.socket, buffer: recwire.ReceiveBuffer) -> bool:
+    """Read what is there straight into the buffer; False at end-of-file."""
+    with buffer.space() as room:
+        n = sock.recv_into(room)
+    buffer.received(n)
+    return n > 0
+
+
 # -- the recording process ------------------------------------------------------------------
 def serve(sock: socket.socket) -> int:
     """Handle the proxy's items until it says stop (or vanishes); close every archive."""
@@ -291,11 +294,8 @@ def serve(sock: socket.socket) -> int:
                 if worker is not None:
                     worker.tick()
                 continue
-            with parser.space() as room:
-                n = sock.recv_into(room)
-            if n == 0:
+            if not _receive(sock, parser):
                 break
-            parser.received(n)
             for item in parser.items():
                 if worker is not None and item[0] not in ("config", "stop"):
                     worker.handle(item)

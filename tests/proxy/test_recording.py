@@ -124,6 +124,22 @@ def test_a_recording_process_that_dies_stops_recording_not_forwarding(tmp_path: 
     rec.stop()  # returns: nothing left to wait for
 
 
+def test_a_disk_error_in_the_recording_process_is_reported_not_fatal(tmp_path: Path) -> None:
+    where = tmp_path / "archives"
+    rec = Recorder(RecordingOptions(where), {}, None)
+    rec.start()
+    assert rec.process is not None
+    where.rmdir()
+    where.write_text("not a directory any more")  # the first archive cannot be created
+    main_channel(rec)
+    wait_for(lambda: rec.failed is not None)
+    assert "FileExistsError" in (rec.failed or "") and str(where) in (rec.failed or "")
+    assert rec.process.wait(10) == 1  # it said why, then ended
+    assert rec.data(0, 9.0, "s2c", b"x" * 100)  # forwarding goes on
+    assert rec.archives == []
+    rec.stop()
+
+
 def test_when_the_proxy_vanishes_the_archives_still_end_signed(tmp_path: Path) -> None:
     key = Ed25519PrivateKey.generate()
     rec = Recorder(RecordingOptions(tmp_path), {}, key)

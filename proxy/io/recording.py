@@ -327,10 +327,11 @@ def _worker(item: tuple[Any, ...], report: Report) -> RecorderWorker:
 
 def main(argv: list[str]) -> int:
     # The proxy decides when recording ends: Ctrl-C in a terminal (SIGINT to the whole
-    # process group) or a service manager's SIGTERM to every process must not cut the
-    # archives short; the proxy drains, then sends stop, or vanishes (end-of-file).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # process group), a closed terminal's SIGHUP, or a service manager's SIGTERM to every
+    # process must not cut the archives short; the proxy drains, then sends stop, or
+    # vanishes (end-of-file).
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
     logging.basicConfig(
         level=logging.INFO,
         format=LOG_FORMAT,

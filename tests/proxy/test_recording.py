@@ -180,7 +180,7 @@ def test_a_recording_process_ignores_the_terminals_interrupt(tmp_path: Path) -> 
     assert rec.process is not None
     main_channel(rec)
     wait_for(lambda: rec.archives)
-    for sig in (signal.SIGINT, signal.SIGTERM):  # the proxy drains first, then says stop
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # the proxy drains, then says stop
         os.kill(rec.process.pid, sig)
     time.sleep(0.3)
     assert rec.process.poll() is None and rec.failed is None

@@ -106,6 +106,7 @@ class Recorder:
         )
         theirs.close()
         self._sock = ours
+        log.info("recording to %s in process %d", self.options.directory, self.process.pid)
         key = self.key.private_bytes_raw() if self.key is not None else None
         level = logging.getLogger().getEffectiveLevel()
         self.queue.appendleft(("config", 0, 0.0, self.options, self.meta, key, level))
@@ -128,9 +129,10 @@ class Recorder:
         self._put(("open", conn, t, client, server, tls, route, via))
 
     def data(self, conn: int, t: float, direction: str, data: bytes) -> bool:
-        """False when the bytes could not be queued and the policy is to close."""
+        """False when the bytes cannot be recorded and the policy is to close: the backlog
+        is full, or recording has failed (a session must not go on unrecorded then)."""
         if self.failed is not None:
-            return True  # recording is over; forwarding goes on (it was logged)
+            return self.options.backlog != "close"  # the failure itself was logged
         key = (conn, direction)
         size = len(data)
         with self._count_lock:

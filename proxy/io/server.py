@@ -357,7 +357,8 @@ class ChannelProxy:
         rec = self.recorder
         if isinstance(cmd, RecordData):
             if rec is not None and not rec.data(conn, cmd.time, cmd.direction, cmd.data):
-                return "recording backlog: session dropped by policy"
+                why = "recording failed" if rec.failed is not None else "recording backlog"
+                return f"{why}: session dropped by policy"
         elif isinstance(cmd, RecordEvent):
             if rec is not None:
                 rec.event(conn, cmd.time, cmd.direction, cmd.kind, cmd.name, cmd.fields, cmd.raw)

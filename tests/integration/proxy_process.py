@@ -101,6 +101,10 @@ class ProxyProcess:
         self._close()
         return self.proc.returncode
 
+    def children(self) -> list[int]:
+        """PIDs of the processes the proxy started (its recording process)."""
+        return _children(self.proc.pid)
+
     def kill(self) -> None:
         """SIGKILL the proxy, then wait (bounded) for its recording process: it reads
         end-of-file and closes the archives by itself."""

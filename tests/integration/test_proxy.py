@@ -29,6 +29,7 @@ from tests.harness import (
 )
 from tests.harness.client import ClientResult
 from tests.harness.images import CURSOR_CELL, differing_pixels
+from tests.harness.procs import PeerFailed, wait_until
 from tests.harness.screenshot import settled_screenshot
 from tests.integration.proxy_process import ProxyProcess, tls_both_legs
 
@@ -154,6 +155,26 @@ def test_proxy_sigkill_leaves_a_prefix_of_what_was_forwarded(tmp_path: Path) -> 
     assert archived
     for key, data in archived.items():
         assert forwarded[key].startswith(data), key
+
+
+def test_close_policy_refuses_viewers_once_recording_is_gone(tmp_path: Path) -> None:
+    """--backlog close: no session may go on unrecorded, so when the recording process
+    dies, viewers are turned away (and the proxy itself stays up)."""
+    with peers(), QemuServer(guest="none") as srv:
+        assert srv.port is not None
+        extra = ("--backlog", "close")
+        with ProxyProcess(srv.port, tmp_path / "rec", tmp_path / "proxy", extra=extra) as proxy:
+            spicy_screenshot(SpiceEndpoint(port=proxy.port), tmp_path / "before.ppm")
+            (recording,) = proxy.children()
+            os.kill(recording, signal.SIGKILL)  # the recording process our proxy started
+            wait_until(
+                lambda: "recording stopped" in proxy.log(), timeout=10, what="the proxy noticing"
+            )
+            with pytest.raises(PeerFailed):
+                spicy_screenshot(SpiceEndpoint(port=proxy.port), tmp_path / "after.ppm")
+            assert proxy.proc.poll() is None
+            assert "recording failed: session dropped by policy" in proxy.log()
+    assert not (tmp_path / "after.ppm").exists()
 
 
 def test_hostile_upstream_closes_only_that_channel(tmp_path: Path) -> None:

@@ -124,6 +124,19 @@ def test_a_recording_process_that_dies_stops_recording_not_forwarding(tmp_path: 
     rec.stop()  # returns: nothing left to wait for
 
 
+def test_with_the_close_policy_no_session_goes_on_unrecorded(tmp_path: Path) -> None:
+    rec = Recorder(RecordingOptions(tmp_path, backlog="close"), {}, None)
+    rec.start()
+    assert rec.process is not None
+    main_channel(rec)
+    assert rec.data(0, 4.0, "s2c", b"x")
+    os.kill(rec.process.pid, signal.SIGKILL)
+    wait_for(lambda: rec.failed is not None)
+    assert not rec.data(0, 5.0, "s2c", b"x")  # the channel is to be closed
+    assert not rec.data(7, 5.0, "c2s", b"y")  # and so is any new one
+    rec.stop()
+
+
 def test_a_disk_error_in_the_recording_process_is_reported_not_fatal(tmp_path: Path) -> None:
     where = tmp_path / "archives"
     rec = Recorder(RecordingOptions(where), {}, None)

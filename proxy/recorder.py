@@ -71,7 +71,6 @@ class RecorderWorker:
         self.builder = RecordBuilder()
         self.sessions: dict[Any, _Session] = {}
         self.conn_session: dict[int, Any] = {}
-        self.archives: list[Path] = []
         self.viewers: dict[int, str] = {}  # connection -> the viewer's address
         self.routes: dict[int, dict[str, Any]] = {}  # connection -> insertion, upstream...
 
@@ -157,8 +156,7 @@ class RecorderWorker:
             rotation=self.options.rotation,
             compress=self.options.compress,
         )
-        self.archives.append(path)
-        self.report(("archive", str(path)))
+        self.report(("archive", str(path)))  # the proxy keeps the list
         log.info("recording session %s to %s", label, path)
         session = _Session(writer, rec.time)
         self.sessions[key] = session

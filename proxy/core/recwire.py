@@ -4,11 +4,11 @@ The proxy hands the recording process what its worker needs: each relayed chunk 
 time, direction, bytes) and the few control items per connection (open, close, error, link
 events). Chunks get a fixed binary header so the proxy's side does no per-byte Python work;
 control items are pickled (both ends are this program, over a private socketpair). The
-recording process answers with reports (a session learnt, an archive opened, a failure).
+recording process answers with reports (a session learnt, an archive opened, a failure),
+framed as control items.
 
     chunk:   b"D" conn:u64 time:f64 direction:u8 (0 c2s, 1 s2c) length:u32, then the bytes
     control: b"P" length:u32, then a pickle of the item tuple
-    report:  length:u32, then a pickle of the report tuple
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from typing import Any
 
 CHUNK = struct.Struct("<cQdBI")
 CONTROL = struct.Struct("<cI")
-REPORT = struct.Struct("<I")
 DIRECTIONS = ("c2s", "s2c")
 _DIRECTION_CODE = {"c2s": 0, "s2c": 1}
 _CHUNK_TAG, _CONTROL_TAG = b"D", b"P"
@@ -35,17 +34,14 @@ def chunk_header(conn: int, t: float, direction: str, length: int) -> bytes:
 
 
 def control(item: tuple[Any, ...]) -> bytes:
+    """A control item to the recording process, or a report back from it."""
     body = pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
     return CONTROL.pack(_CONTROL_TAG, len(body)) + body
 
 
-def report(item: tuple[Any, ...]) -> bytes:
-    body = pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
-    return REPORT.pack(len(body)) + body
-
-
-class ReceiveBuffer:
-    """A growable buffer that a socket reads straight into (recv_into: one copy fewer)."""
+class ItemParser:
+    """Bytes in, item tuples out (the tuples proxy.recorder handles, or reports), from a
+    growable buffer that a socket reads straight into (recv_into: one copy fewer)."""
 
     def __init__(self, size: int = 4 << 20) -> None:
         self.buf = bytearray(size)
@@ -73,10 +69,6 @@ class ReceiveBuffer:
 
     def pending(self) -> int:
         return self.end - self.start
-
-
-class ItemParser(ReceiveBuffer):
-    """Bytes from the proxy in, worker items out (the tuples proxy.recorder handles)."""
 
     def items(self) -> Iterator[tuple[Any, ...]]:
         buf, view = self.buf, memoryview(self.buf)
@@ -112,32 +104,10 @@ class ItemParser(ReceiveBuffer):
             view.release()
 
 
-class ReportParser(ReceiveBuffer):
-    """Bytes from the recording process in, report tuples out."""
-
-    def __init__(self) -> None:
-        super().__init__(64 * 1024)
-
-    def reports(self) -> Iterator[tuple[Any, ...]]:
-        while self.end - self.start >= REPORT.size:
-            (length,) = REPORT.unpack_from(self.buf, self.start)
-            begin = self.start + REPORT.size
-            if self.end - begin < length:
-                self.wanted = REPORT.size + length
-                return
-            with memoryview(self.buf) as view:
-                item = pickle.loads(view[begin : begin + length])
-            self.start = begin + length
-            yield tuple(item)
-
-
 __all__ = [
     "DIRECTIONS",
     "ItemParser",
-    "ReceiveBuffer",
-    "ReportParser",
     "WireError",
     "chunk_header",
     "control",
-    "report",
 ]

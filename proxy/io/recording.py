@@ -248,10 +248,10 @@ class Recorder:
     # -- the reports thread -------------------------------------------------------------------
     def _read(self) -> None:
         assert self._sock is not None and self.process is not None
-        sock, parser = self._sock, recwire.ReportParser()
+        sock, parser = self._sock, recwire.ItemParser(64 * 1024)
         try:
             while _receive(sock, parser):
-                for report in parser.reports():
+                for report in parser.items():
                     self._on_report(report)
         except OSError as exc:
             log.debug("recording reports: %r", exc)
@@ -271,7 +271,7 @@ class Recorder:
             self._fail(report[1])
 
 
-def _receive(sock: socket.socket, buffer: recwire.ReceiveBuffer) -> bool:
+def _receive(sock: socket.socket, buffer: recwire.ItemParser) -> bool:
     """Read what is there straight into the buffer; False at end-of-file."""
     with buffer.space() as room:
         n = sock.recv_into(room)
@@ -287,7 +287,7 @@ def serve(sock: socket.socket) -> int:
     status = "proxy vanished"  # end-of-file without a stop: the proxy died
 
     def report(item: tuple[Any, ...]) -> None:
-        sock.sendall(recwire.report(item))
+        sock.sendall(recwire.control(item))
 
     try:
         while status == "proxy vanished":

@@ -260,16 +260,16 @@ def test_items_survive_any_split(items: list[tuple[object, ...]], cuts: list[int
 
 def test_reports_survive_any_split() -> None:
     reports = [("session", 3, 77), ("archive", "/x/y.spta"), ("gone", 3)]
-    stream = b"".join(recwire.report(r) for r in reports)
+    stream = b"".join(recwire.control(r) for r in reports)  # framed as control items
     for step in (1, 2, 5, 64):
-        parser = recwire.ReportParser()
+        parser = recwire.ItemParser(64 * 1024)
         got: list[tuple[object, ...]] = []
         for pos in range(0, len(stream), step):
             piece = stream[pos : pos + step]
             with parser.space(len(piece)) as room:
                 room[: len(piece)] = piece
             parser.received(len(piece))
-            got.extend(parser.reports())
+            got.extend(parser.items())
         assert got == reports
 
 

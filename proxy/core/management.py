@@ -148,7 +148,7 @@ class Totals:
 
 @dataclass(frozen=True)
 class RecorderView:
-    backlog: int  # items waiting for the recording process
+    backlog: int  # items waiting for room in the recording ring
     backlog_bytes: int  # relayed bytes among them (bounded by max_backlog)
     lost_bytes: int  # bytes not recorded because the worker fell behind
     failed: bool
@@ -317,7 +317,9 @@ def metrics_text(
     for name, count in counts.items():
         m.sample("spicetap_channels_open_by_type", count, channel=name)
     if recorder is not None:
-        m.family("spicetap_recorder_backlog", "gauge", "Items waiting for the recording process.")
+        m.family(
+            "spicetap_recorder_backlog", "gauge", "Items waiting for room in the recording ring."
+        )
         m.sample("spicetap_recorder_backlog", recorder.backlog)
         m.family(
             "spicetap_recorder_backlog_bytes",

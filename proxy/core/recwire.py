@@ -3,9 +3,10 @@
 The proxy hands the recording process what its worker needs: each relayed chunk (connection,
 time, direction, bytes) and the few control items per connection (open, close, error, link
 events). Chunks get a fixed binary header so the proxy's side does no per-byte Python work;
-control items are pickled (both ends are this program, over a private socketpair). The
-recording process answers with reports (a session learnt, an archive opened, a failure),
-framed as control items.
+control items are pickled (both ends are this program). Items go through a ring in shared
+memory (proxy/core/ring.py, read by ring_items). The recording process answers over a
+socketpair with reports (a session learnt, an archive opened, a failure), framed as
+control items (read by ItemParser).
 
     chunk:   b"D" conn:u64 time:f64 direction:u8 (0 c2s, 1 s2c) length:u32, then the bytes
     control: b"P" length:u32, then a pickle of the item tuple
@@ -17,6 +18,8 @@ import pickle
 import struct
 from collections.abc import Iterator
 from typing import Any
+
+from proxy.core.ring import ByteRing
 
 CHUNK = struct.Struct("<cQdBI")
 CONTROL = struct.Struct("<cI")
@@ -40,10 +43,10 @@ def control(item: tuple[Any, ...]) -> bytes:
 
 
 class ItemParser:
-    """Bytes in, item tuples out (the tuples proxy.recorder handles, or reports), from a
-    growable buffer that a socket reads straight into (recv_into: one copy fewer)."""
+    """Bytes in, control items out (the recording process's reports), from a growable
+    buffer that a socket reads straight into (recv_into: one copy fewer)."""
 
-    def __init__(self, size: int = 4 << 20) -> None:
+    def __init__(self, size: int = 64 * 1024) -> None:
         self.buf = bytearray(size)
         self.start = 0  # first unparsed byte
         self.end = 0  # one past the last received byte
@@ -71,37 +74,49 @@ class ItemParser:
         return self.end - self.start
 
     def items(self) -> Iterator[tuple[Any, ...]]:
-        buf, view = self.buf, memoryview(self.buf)
-        try:
-            while True:
-                start, avail = self.start, self.end - self.start
-                if avail < CONTROL.size:
-                    return
-                tag = buf[start : start + 1]
-                if tag == _CHUNK_TAG:
-                    if avail < CHUNK.size:
-                        return
-                    _t, conn, t, code, length = CHUNK.unpack_from(buf, start)
-                    begin = start + CHUNK.size
-                    if self.end - begin < length:
-                        self.wanted = CHUNK.size + length
-                        return
-                    data = bytes(view[begin : begin + length])
-                    self.start = begin + length
-                    yield ("data", conn, t, DIRECTIONS[code], data)
-                elif tag == _CONTROL_TAG:
-                    _t, length = CONTROL.unpack_from(buf, start)
-                    begin = start + CONTROL.size
-                    if self.end - begin < length:
-                        self.wanted = CONTROL.size + length
-                        return
-                    item = pickle.loads(view[begin : begin + length])
-                    self.start = begin + length
-                    yield tuple(item)
-                else:
-                    raise WireError(f"unknown item tag {bytes(tag)!r} at byte {start}")
-        finally:
-            view.release()
+        buf = self.buf
+        while self.end - self.start >= CONTROL.size:
+            start = self.start
+            tag, length = CONTROL.unpack_from(buf, start)
+            if tag != _CONTROL_TAG:
+                raise WireError(f"unknown item tag {tag!r} at byte {start}")
+            begin = start + CONTROL.size
+            if self.end - begin < length:
+                self.wanted = CONTROL.size + length
+                return
+            with memoryview(buf) as view:
+                item = pickle.loads(view[begin : begin + length])
+            self.start = begin + length
+            yield tuple(item)
+
+
+def ring_items(ring: ByteRing) -> Iterator[tuple[Any, ...]]:
+    """The whole items readable in the ring, each taken out as it is read (the producer
+    puts items whole: a partial one means a writer that is not ours)."""
+    while True:
+        avail = ring.readable()
+        if not avail:
+            return
+        tag = ring.peek(1)
+        if tag == _CHUNK_TAG:
+            _check(avail, CHUNK.size, "chunk header")
+            _t, conn, t, code, length = CHUNK.unpack(ring.peek(CHUNK.size))
+            _check(avail, CHUNK.size + length, "chunk")
+            ring.skip(CHUNK.size)
+            yield ("data", conn, t, DIRECTIONS[code], ring.take(length))
+        elif tag == _CONTROL_TAG:
+            _check(avail, CONTROL.size, "control header")
+            _t, length = CONTROL.unpack(ring.peek(CONTROL.size))
+            _check(avail, CONTROL.size + length, "control item")
+            ring.skip(CONTROL.size)
+            yield tuple(pickle.loads(ring.take(length)))
+        else:
+            raise WireError(f"unknown item tag {tag!r} in the ring")
+
+
+def _check(avail: int, needed: int, what: str) -> None:
+    if avail < needed:
+        raise WireError(f"a partial {what} in the ring: {avail} of {needed} bytes")
 
 
 __all__ = [
@@ -110,4 +125,5 @@ __all__ = [
     "WireError",
     "chunk_header",
     "control",
+    "ring_items",
 ]

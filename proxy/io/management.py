@@ -122,8 +122,9 @@ class ManagementApi:
         rec = self.recorder
         if rec is None:
             return None
-        backlog = len(rec.queue)
-        return RecorderView(backlog, rec.backlog_bytes, rec.lost_total, rec.failed is not None)
+        return RecorderView(
+            rec.backlog_items, rec.backlog_bytes, rec.lost_total, rec.failed is not None
+        )
 
     # -- requests --------------------------------------------------------------------------
     async def answer(self, method: str, target: str, body: bytes) -> Reply:

@@ -7,16 +7,21 @@ message could wait out a GIL switch interval behind it. In a process of its own 
 beside the pumps, and it outlives the proxy: if the proxy dies, even by SIGKILL, the
 recording process reads end-of-file and closes every archive, signed ("proxy vanished").
 
-The proxy side (Recorder) is called from any forwarding thread and never blocks: it appends
-to a deque, bounded by bytes (options.max_backlog; past it the backlog policy applies). A
-shipper thread sends the items over a socketpair (proxy/core/recwire.py); a reports thread
-reads what the recording process learns (sessions, archives, a failure).
+The proxy side (Recorder) is called from any forwarding thread and never blocks: it copies
+each item into a ring in shared memory (proxy/core/ring.py, items as proxy/core/recwire.py
+frames them) and drops it. When the ring is full, items wait in a deque that a shipper
+thread moves into the ring as room comes. Both together are bounded in bytes
+(options.max_backlog; past it the backlog policy applies). A socketpair carries doorbells
+to the recording process when it sleeps, and its reports back (sessions, archives, a
+failure), read by a reports thread. Its end-of-file is how each side learns the other is
+gone.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import mmap
 import os
 import select
 import signal
@@ -33,16 +38,20 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 import proxy
 from proxy.core import recwire
+from proxy.core.ring import ByteRing
 from proxy.recorder import LOG_FORMAT, RecorderWorker, RecordingOptions, Report
 
 log = logging.getLogger("spicetap.recorder")
 
-# How long the idle shipper sleeps between looks at its deque: short while traffic flows,
-# up to POLL_MAX when quiet (what it adds is recording delay, never forwarding delay).
+# The shipper looks for room in a full ring every POLL_MIN. The recording process sleeps
+# at most POLL_MAX between looks at the ring (a doorbell wakes it sooner) and ticks its
+# worker's timers about as often.
 POLL_MIN = 0.001
 POLL_MAX = 0.05
-BATCH = 256 * 1024  # small items are gathered into one send up to this size
-SOCKET_BUFFER = 4 << 20
+# Shared memory between the proxy and the recording process. Touched pages stay resident,
+# so it is sized for a hiccup, not a burst: beyond it items wait in the proxy's spill deque.
+RING_CAPACITY = 32 << 20
+MAX_CHUNK = 1 << 20  # bigger chunks go in pieces: every item must fit the ring whole
 STOP_TIMEOUT = 60.0  # seconds the recording process gets to drain and sign on stop
 # glibc malloc for the recording process: every chunk (up to 256 KiB) and every archive
 # buffer (1 MiB) comes from the heap and is reused, instead of a fresh mmap per allocation
@@ -59,11 +68,16 @@ class Recorder:
         self.options = options
         self.meta = meta
         self.key = signing_key
-        # One FIFO, so each connection's events stay in order. Only byte chunks count
-        # against max_backlog (checked in data()); control items, a few per connection,
-        # always go in. A deque, not a queue.Queue: appending takes no lock and wakes nobody;
-        # the shipper polls it, so a forwarded message does not hand over the GIL.
-        self.queue: deque[tuple[Any, ...]] = deque()
+        # The ring is one FIFO, so each connection's items stay in order. When it is full
+        # (the recording process is behind) items wait in `spill`, and once anything waits
+        # there every new item does too. Only byte chunks count against max_backlog (checked
+        # in data()); control items, a few per connection, always go in.
+        self._memory = _shared_memory(RING_CAPACITY)
+        self.ring = ByteRing(self._memory[1])
+        self.spill: deque[tuple[tuple[bytes, ...], int]] = deque()  # (item, chunk bytes)
+        self._spilled = 0  # chunk bytes in spill
+        self._lock = threading.Lock()  # the ring's producer side, spill, _spilled
+        self._wake = threading.Event()  # something went to spill
         self.lost: dict[tuple[int, str], int] = defaultdict(int)
         self.lost_total = 0
         self.archives: list[Path] = []
@@ -71,9 +85,7 @@ class Recorder:
         self.failed: str | None = None  # recording stopped (logged); forwarding goes on
         self.process: subprocess.Popen[bytes] | None = None
         self._sock: socket.socket | None = None
-        self._queued = 0  # bytes put on the deque (under _count_lock: several pump threads)
-        self._shipped = 0  # bytes sent on (the shipper thread alone writes it)
-        self._count_lock = threading.Lock()
+        self._started = False  # until then items wait in spill, behind the config item
         self._stopping = False
         self._last_warning = 0.0
         self._shipper = threading.Thread(target=self._ship, name="spicetap-rec-ship", daemon=True)
@@ -81,26 +93,31 @@ class Recorder:
 
     @property
     def backlog_bytes(self) -> int:
+        """Bytes waiting for the recording process: in the ring (item headers included) and
+        in spill."""
         if self.failed is not None:
-            return 0  # dropped with the queue (_fail)
-        return max(0, self._queued - self._shipped)
+            return 0  # dropped with spill (_fail)
+        return self._spilled + self.ring.used()
+
+    @property
+    def backlog_items(self) -> int:
+        """Items waiting for room in the ring."""
+        return len(self.spill)
 
     # -- called from the forwarding side (any thread): never blocks ---------------------------
     def start(self) -> None:
         """Start the recording process (the directory is made here, so errors show early)."""
         self.options.directory.mkdir(parents=True, exist_ok=True)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        for s in (ours, theirs):
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+        memory_fd = self._memory[0]
         # the child imports this package from where the proxy did, installed or not
         root = str(Path(proxy.__file__).resolve().parents[1])
         path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
         tunables = ":".join(filter(None, [os.environ.get("GLIBC_TUNABLES"), MALLOC_TUNABLES]))
         env = {**os.environ, "PYTHONPATH": path, "GLIBC_TUNABLES": tunables}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "proxy.io.recording", str(theirs.fileno())],
-            pass_fds=(theirs.fileno(),),
+            [sys.executable, "-m", "proxy.io.recording", str(theirs.fileno()), str(memory_fd)],
+            pass_fds=(theirs.fileno(), memory_fd),
             stdin=subprocess.DEVNULL,
             env=env,
         )
@@ -109,7 +126,11 @@ class Recorder:
         log.info("recording to %s in process %d", self.options.directory, self.process.pid)
         key = self.key.private_bytes_raw() if self.key is not None else None
         level = logging.getLogger().getEffectiveLevel()
-        self.queue.appendleft(("config", 0, 0.0, self.options, self.meta, key, level))
+        config = ("config", 0, 0.0, self.options, self.meta, key, level)
+        with self._lock:  # first, before anything put ahead of start
+            self.spill.appendleft(((recwire.control(config),), 0))
+            self._started = True
+        self._wake.set()
         self._shipper.start()
         self._reader.start()
 
@@ -135,15 +156,21 @@ class Recorder:
             return self.options.backlog != "close"  # the failure itself was logged
         key = (conn, direction)
         size = len(data)
-        with self._count_lock:
-            room = self._queued - self._shipped + size <= self.options.max_backlog
+        with self._lock:
+            room = self._spilled + self.ring.used() + size <= self.options.max_backlog
             if room:
-                self._queued += size
+                now_in_ring = True
+                if self.lost.get(key):  # the recording caught up: say how much is missing first
+                    gap = ("gap", conn, t, direction, self.lost[key])
+                    now_in_ring = self._enqueue((recwire.control(gap),), 0)
+                    self.lost[key] = 0
+                for at in range(0, size, MAX_CHUNK):  # once, but for the rare huge chunk
+                    piece = data if size <= MAX_CHUNK else data[at : at + MAX_CHUNK]
+                    header = recwire.chunk_header(conn, t, direction, len(piece))
+                    now_in_ring = self._enqueue((header, piece), len(piece)) and now_in_ring
         if room:
-            if self.lost.get(key):  # the recording caught up: say how much is missing first
-                self._put(("gap", conn, t, direction, self.lost[key]))
-                self.lost[key] = 0
-            self.queue.append(("data", conn, t, direction, data))
+            if now_in_ring:
+                self._doorbell()
             return True
         self.lost[key] += size
         self.lost_total += size
@@ -182,9 +209,10 @@ class Recorder:
         process, sock = self.process, self._sock
         if process is None or sock is None or self._stopping:
             return
-        self._stopping = True
         deadline = time.monotonic() + timeout
-        self.queue.append(_STOP)
+        self._put(_STOP)
+        self._stopping = True  # after the stop item: the shipper ends once spill is empty
+        self._wake.set()
         self._shipper.join(timeout)
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_WR)
@@ -198,52 +226,60 @@ class Recorder:
         sock.close()
 
     def _put(self, item: tuple[Any, ...]) -> None:
-        if self.failed is None:  # after a failure nothing more is recorded
-            self.queue.append(item)
+        if self.failed is not None:  # after a failure nothing more is recorded
+            return
+        with self._lock:
+            now_in_ring = self._enqueue((recwire.control(item),), 0)
+        if now_in_ring:
+            self._doorbell()
+
+    def _enqueue(self, parts: tuple[bytes, ...], size: int) -> bool:
+        """Into the ring, or behind what already waits in spill; True if into the ring.
+        Under _lock."""
+        if self._started and not self.spill and self.ring.put(parts):
+            return True
+        self.spill.append((parts, size))
+        self._spilled += size
+        if not self._wake.is_set():
+            self._wake.set()
+        return False
+
+    def _doorbell(self) -> None:
+        """Wake the recording process if it sleeps (a byte on the socketpair)."""
+        sock = self._sock
+        if sock is not None and self.ring.consumer_waiting():
+            # a full socket means it has doorbells enough; a closed one, that it is gone
+            # (the reports thread says so)
+            with contextlib.suppress(OSError):
+                sock.send(b"!", socket.MSG_DONTWAIT)
 
     def _fail(self, reason: str) -> None:
         if self.failed is None:
             self.failed = reason
             log.error("recording stopped: %s; forwarding goes on without it", reason)
-        self.queue.clear()  # nothing will take it now: free the memory
+        with self._lock:
+            self.spill.clear()  # nothing will take it now: free the memory
+            self._spilled = 0
 
-    # -- the shipper thread -------------------------------------------------------------------
+    # -- the shipper thread: moves spill into the ring as the recording process makes room ---
     def _ship(self) -> None:
-        assert self._sock is not None
-        sock, queue, batch = self._sock, self.queue, bytearray()
-        pause = POLL_MIN
-        try:
+        while True:
+            self._wake.wait(POLL_MAX)
+            self._wake.clear()
             while True:
-                try:
-                    item = queue.popleft()
-                except IndexError:
-                    if batch:
-                        sock.sendall(batch)
-                        batch.clear()
-                    time.sleep(pause)
-                    pause = min(pause * 2, POLL_MAX)
-                    continue
-                pause = POLL_MIN
-                if item[0] == "data":
-                    data = item[4]
-                    batch += recwire.chunk_header(item[1], item[2], item[3], len(data))
-                    if len(data) >= BATCH:  # big chunks go as they are: no copy into the batch
-                        sock.sendall(batch)
-                        batch.clear()
-                        sock.sendall(data)
-                    else:
-                        batch += data
-                    self._shipped += len(data)
-                else:
-                    batch += recwire.control(item)
-                    if item is _STOP:
-                        sock.sendall(batch)
-                        return
-                if len(batch) >= BATCH:
-                    sock.sendall(batch)
-                    batch.clear()
-        except OSError as exc:
-            self._fail(f"the recording process is gone ({exc})")
+                moved = False
+                with self._lock:
+                    while self.spill and self.ring.put(self.spill[0][0]):
+                        self._spilled -= self.spill.popleft()[1]
+                        moved = True
+                    waiting = bool(self.spill)
+                if moved:
+                    self._doorbell()
+                if not waiting:
+                    break
+                time.sleep(POLL_MIN)  # the ring is full: the recording process is behind
+            if self._stopping:
+                return
 
     # -- the reports thread -------------------------------------------------------------------
     def _read(self) -> None:
@@ -279,32 +315,43 @@ def _receive(sock: socket.socket, buffer: recwire.ItemParser) -> bool:
     return n > 0
 
 
+def _shared_memory(capacity: int) -> tuple[int, mmap.mmap]:
+    """An anonymous shared file for the ring, and our mapping of it (the recording process
+    maps the same file through the inherited descriptor)."""
+    fd = os.memfd_create("spicetap-recording-ring")
+    size = ByteRing.size_for(capacity)
+    os.ftruncate(fd, size)
+    return fd, mmap.mmap(fd, size)
+
+
 # -- the recording process ------------------------------------------------------------------
-def serve(sock: socket.socket) -> int:
+def serve(sock: socket.socket, ring: ByteRing) -> int:
     """Handle the proxy's items until it says stop (or vanishes); close every archive."""
-    parser = recwire.ItemParser()
     worker: RecorderWorker | None = None
     status = "proxy vanished"  # end-of-file without a stop: the proxy died
+    proxy_gone = False
+    ticked = time.monotonic()
 
     def report(item: tuple[Any, ...]) -> None:
         sock.sendall(recwire.control(item))
 
     try:
         while status == "proxy vanished":
-            ready, _w, _x = select.select([sock], [], [], POLL_MAX)
-            if not ready:
-                if worker is not None:
-                    worker.tick()
-                continue
-            if not _receive(sock, parser):
-                break
-            for item in parser.items():
+            for item in recwire.ring_items(ring):
                 if worker is not None and item[0] not in ("config", "stop"):
                     worker.handle(item)
                 elif item[0] == "config":
                     worker = _worker(item, report)
                 elif item[0] == "stop":
                     status = "proxy stopped"
+                    break
+            if status != "proxy vanished" or proxy_gone:  # gone: what it put is handled
+                break
+            now = time.monotonic()
+            if worker is not None and now - ticked >= POLL_MAX:
+                worker.tick()
+                ticked = now
+            proxy_gone = not _wait(sock, ring)
     except Exception as exc:  # a disk error must not go unsaid
         status = "recording failed"
         log.exception("recording failed")
@@ -313,6 +360,19 @@ def serve(sock: socket.socket) -> int:
     if worker is not None:
         worker.close_all(status)
     return 1 if status == "recording failed" else 0
+
+
+def _wait(sock: socket.socket, ring: ByteRing) -> bool:
+    """Sleep until the ring has items, at most POLL_MAX; False once the proxy's end of the
+    socketpair is closed (it stopped, or died)."""
+    ring.set_waiting(True)  # from here on a producer that puts an item rings the doorbell
+    try:
+        if ring.readable():
+            return True
+        ready, _w, _x = select.select([sock], [], [], POLL_MAX)
+        return not ready or bool(sock.recv(64 * 1024))  # doorbells, or end-of-file
+    finally:
+        ring.set_waiting(False)
 
 
 def _worker(item: tuple[Any, ...], report: Report) -> RecorderWorker:
@@ -339,8 +399,12 @@ def main(argv: list[str]) -> int:
         format=LOG_FORMAT,
         stream=sys.stderr,
     )
-    with socket.socket(fileno=int(argv[1])) as sock:
-        return serve(sock)
+    with socket.socket(fileno=int(argv[1])) as sock, mmap.mmap(int(argv[2]), 0) as memory:
+        ring = ByteRing(memory)
+        try:
+            return serve(sock, ring)
+        finally:
+            ring.release()
 
 
 if __name__ == "__main__":

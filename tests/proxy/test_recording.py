@@ -11,9 +11,6 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from dissectors.api import encode
 from proxy.core import recwire
 from proxy.io.recording import Recorder
@@ -89,9 +86,9 @@ def test_the_backlog_is_bounded_in_bytes_and_marked_as_a_gap(tmp_path: Path) -> 
     assert rec.backlog_bytes == 2
     assert rec.data(0, 0.0, "c2s", b"ccc")  # not queued, but forwarding goes on
     assert rec.lost[(0, "c2s")] == 3 and rec.lost_total == 3
-    before = len(rec.queue)
+    before = rec.backlog_items
     rec.error(0, 0.5, "c2s", "test error")  # control items never wait and are never dropped
-    assert len(rec.queue) == before + 1
+    assert rec.backlog_items == before + 1
     closing = Recorder(RecordingOptions(tmp_path, max_backlog=1, backlog="close"), {}, None)
     assert closing.data(0, 0.0, "c2s", b"a")
     assert not closing.data(0, 0.0, "c2s", b"b")  # the policy says: close the session
@@ -120,7 +117,7 @@ def test_a_recording_process_that_dies_stops_recording_not_forwarding(tmp_path: 
     assert "exited" in (rec.failed or "") or "gone" in (rec.failed or "")
     for i in range(100):  # forwarding goes on: nothing raises, nothing piles up
         assert rec.data(0, 5.0 + i, "s2c", b"x" * 1000)
-    assert len(rec.queue) == 0 and rec.backlog_bytes == 0
+    assert rec.backlog_items == 0 and rec.backlog_bytes == 0
     rec.stop()  # returns: nothing left to wait for
 
 
@@ -160,7 +157,7 @@ def test_when_the_proxy_vanishes_the_archives_still_end_signed(tmp_path: Path) -
     assert rec.process is not None and rec._sock is not None
     main_channel(rec)
     wait_for(lambda: rec.archives)
-    wait_for(lambda: rec.backlog_bytes == 0 and not rec.queue)
+    wait_for(lambda: rec.backlog_bytes == 0 and not rec.backlog_items)
     # what the recording process sees when the proxy is SIGKILLed: end-of-file, no stop
     rec._stopping = True
     rec._sock.shutdown(2)
@@ -204,60 +201,7 @@ def test_a_recording_process_ignores_the_terminals_interrupt(tmp_path: Path) -> 
         assert r.end is not None and r.end["status"] == "complete"
 
 
-# -- the byte format between the two ----------------------------------------------------------
-ITEMS = st.lists(
-    st.one_of(
-        st.tuples(
-            st.just("data"),
-            st.integers(0, 2**63),
-            st.floats(0, 1e6),
-            st.sampled_from(["c2s", "s2c"]),
-            st.binary(max_size=300),
-        ),
-        st.tuples(st.just("close"), st.integers(0, 1000), st.floats(0, 1e6), st.text()),
-        st.tuples(
-            st.just("open"),
-            st.integers(0, 1000),
-            st.floats(0, 1e6),
-            st.tuples(st.just("127.0.0.1"), st.integers(1, 65535)),
-        ),
-    ),
-    max_size=20,
-)
-
-
-def wire(items: list[tuple[object, ...]]) -> bytes:
-    out = bytearray()
-    for item in items:
-        if item[0] == "data":
-            data = item[4]
-            assert isinstance(data, bytes)
-            out += recwire.chunk_header(item[1], item[2], item[3], len(data)) + data  # type: ignore[arg-type]
-        else:
-            out += recwire.control(item)
-    return bytes(out)
-
-
-@settings(max_examples=200, deadline=None)
-@given(ITEMS, st.lists(st.integers(1, 97), min_size=1, max_size=8))
-def test_items_survive_any_split(items: list[tuple[object, ...]], cuts: list[int]) -> None:
-    stream = wire(items)
-    parser = recwire.ItemParser(size=64)  # small: the buffer must grow and compact
-    got: list[tuple[object, ...]] = []
-    pos, i = 0, 0
-    while pos < len(stream):
-        step = cuts[i % len(cuts)]
-        i += 1
-        with parser.space(step) as room:
-            n = min(step, len(stream) - pos, len(room))
-            room[:n] = stream[pos : pos + n]
-        parser.received(n)
-        pos += n
-        got.extend(parser.items())
-    assert got == items
-    assert parser.pending() == 0
-
-
+# -- the reports' byte format ------------------------------------------------------------------
 def test_reports_survive_any_split() -> None:
     reports = [("session", 3, 77), ("archive", "/x/y.spta"), ("gone", 3)]
     stream = b"".join(recwire.control(r) for r in reports)  # framed as control items

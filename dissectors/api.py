@@ -329,8 +329,27 @@ def _converter_one(dialect: Dialect, tref: str) -> Convert | None:
         by_value = dialect.enum_by_value[target]
         return lambda value: by_value.get(value, value) if isinstance(value, int) else value
     if kind == "flags":
-        return lambda value: flag_names(dialect, target, value) if isinstance(value, int) else value
+        return _flags_converter(dialect, target)
     return None
+
+
+FLAG_VALUES_KEPT = 1024  # per flags type: a field takes a few distinct values
+
+
+def _flags_converter(dialect: Dialect, target: str) -> Convert:
+    known: dict[int, list[str | int]] = {}
+
+    def flags_view(value: Any) -> Any:
+        if not isinstance(value, int):
+            return value
+        names = known.get(value)
+        if names is None:
+            names = flag_names(dialect, target, value)
+            if len(known) < FLAG_VALUES_KEPT:
+                known[value] = names
+        return list(names)  # each view its own list: views are not shared
+
+    return flags_view
 
 
 def _copy_list(value: Any) -> Any:

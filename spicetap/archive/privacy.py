@@ -14,7 +14,7 @@ those records is impossible by design.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 KEYS = ("text", "events", "none")
@@ -29,6 +29,9 @@ DISPLAY_PIXELS = {"stream_data", "stream_data_sized"}  # plus every draw_* messa
 AUDIO_SAMPLES = {"data", "mode"}
 
 
+DECISIONS_KEPT = 4096
+
+
 class PolicyError(ValueError):
     """A privacy setting is not one of the allowed values."""
 
@@ -40,6 +43,10 @@ class PrivacyPolicy:
     files: str = "content"
     display: bool = True
     audio: bool = True
+    # decide()'s answers by record kind: a recording asks once per message
+    _decisions: dict[tuple[Any, ...], Decision] = field(
+        default_factory=dict, init=False, repr=False, compare=False, hash=False
+    )
 
     def __post_init__(self) -> None:
         for name, allowed in (("keys", KEYS), ("clipboard", CLIPBOARD), ("files", FILES)):
@@ -51,7 +58,21 @@ class PrivacyPolicy:
                 raise PolicyError(f"privacy.{name} must be true or false")
 
     def describe(self) -> dict[str, Any]:
-        return {**asdict(self), "tickets": "never", "passwords": "never", "sasl": "never"}
+        kept = {name: getattr(self, name) for name in ("keys", "clipboard", "files")}
+        kept.update(display=self.display, audio=self.audio)
+        return {**kept, "tickets": "never", "passwords": "never", "sasl": "never"}
+
+    def decision(
+        self, channel: str, direction: str, kind: str, name: str | None, agents: frozenset[int]
+    ) -> Decision:
+        """decide(self, ...), remembered (a few hundred kinds of record at most)."""
+        key = (channel, direction, kind, name, agents)
+        found = self._decisions.get(key)
+        if found is None:
+            found = decide(self, channel, direction, kind, name, agents)
+            if len(self._decisions) < DECISIONS_KEPT:
+                self._decisions[key] = found
+        return found
 
 
 @dataclass(frozen=True)

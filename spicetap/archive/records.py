@@ -13,7 +13,7 @@ import hashlib
 from typing import Any
 
 from dissectors.api import AGENT, SPICE, decode
-from spicetap.archive.privacy import PrivacyPolicy, decide, strip
+from spicetap.archive.privacy import PrivacyPolicy, strip
 from spicetap.records import Record
 
 VIEW_BYTES = 256  # byte strings longer than this appear in the view as {len, head}
@@ -26,17 +26,32 @@ _AS_IS = frozenset({int, str, float, bool, type(None)})  # what compact() keeps 
 def compact(view: Any) -> Any:
     """The view with byte strings over VIEW_BYTES shortened; the very same object when
     nothing in it changes (a view is made for one record and not shared)."""
+    return _shortened(view) if _has_long_bytes(view) else view
+
+
+def _has_long_bytes(view: Any) -> bool:
+    # Most views hold numbers, names and short lists: one walk, nothing built.
+    cls = view.__class__
+    if cls in _AS_IS:
+        return False
+    if cls is bytes:
+        return len(view) > VIEW_BYTES
+    if cls is dict or cls is list:
+        for value in view.values() if cls is dict else view:
+            if value.__class__ not in _AS_IS and _has_long_bytes(value):
+                return True
+    return False
+
+
+def _shortened(view: Any) -> Any:
     if isinstance(view, bytes):
         if len(view) <= VIEW_BYTES:
             return view
         return {"len": len(view), "head": view[:32]}
     if isinstance(view, dict):
-        for value in view.values():
-            if value.__class__ not in _AS_IS:  # most views hold numbers and names only
-                return {k: compact(v) for k, v in view.items()}
-        return view
+        return {k: _shortened(v) for k, v in view.items()}
     if isinstance(view, list):
-        return [compact(v) for v in view]
+        return [_shortened(v) for v in view]
     return view
 
 
@@ -51,7 +66,7 @@ def view_of(rec: Record) -> dict[str, Any] | None:
 
 def to_archive(rec: Record, t0: float, policy: PrivacyPolicy) -> dict[str, Any] | None:
     """The archive map for one record, or None when the policy drops it."""
-    decision = decide(policy, rec.channel, rec.direction, rec.kind, rec.name, rec.agent_types)
+    decision = policy.decision(rec.channel, rec.direction, rec.kind, rec.name, rec.agent_types)
     if not decision.keep:
         return None
     view = view_of(rec)

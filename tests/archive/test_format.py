@@ -338,3 +338,13 @@ def test_written_pages_are_released_from_the_page_cache_behind_the_end(
     covered = max(offset + length for offset, length in dropped)
     assert path.stat().st_size - 2 * window <= covered <= path.stat().st_size - window
     assert verify(path).status == "intact"  # nothing the reader sees changes
+
+
+@pytest.mark.parametrize("size", [0, 1, fmt.SMALL_PAYLOAD - 33, fmt.SMALL_PAYLOAD, 1 << 20])
+def test_chain_is_sha256_of_previous_and_payload(size: int) -> None:
+    import hashlib
+
+    previous, payload = os.urandom(32), os.urandom(size)
+    want = hashlib.sha256(previous + payload).digest()
+    assert fmt.chain_next(previous, payload) == want
+    assert fmt.chain_next(previous, memoryview(payload)) == want  # as the writer hands it

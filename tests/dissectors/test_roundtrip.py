@@ -78,6 +78,7 @@ def _check(
     assert dec.struct is not None
     walked = api.named_value(dialect, ("struct:" + dec.struct, False), dec.fields)
     assert dec.named_fields() == walked
+    assert dec.named_fields() == walked  # again: flag names now come from memory
 
 
 @pytest.mark.parametrize("item", SPICE_MESSAGES, ids=_id)

@@ -52,6 +52,7 @@ POLL_MAX = 0.05
 # so it is sized for a hiccup, not a burst: beyond it items wait in the proxy's spill deque.
 RING_CAPACITY = 32 << 20
 MAX_CHUNK = 1 << 20  # bigger chunks go in pieces: every item must fit the ring whole
+MIN_RING = 4 * MAX_CHUNK
 STOP_TIMEOUT = 60.0  # seconds the recording process gets to drain and sign on stop
 # glibc malloc for the recording process: every chunk (up to 256 KiB) and every archive
 # buffer (1 MiB) comes from the heap and is reused, instead of a fresh mmap per allocation
@@ -63,7 +64,11 @@ _STOP = ("stop", 0, 0.0)
 
 class Recorder:
     def __init__(
-        self, options: RecordingOptions, meta: dict[str, Any], signing_key: Ed25519PrivateKey | None
+        self,
+        options: RecordingOptions,
+        meta: dict[str, Any],
+        signing_key: Ed25519PrivateKey | None,
+        ring_capacity: int = RING_CAPACITY,
     ) -> None:
         self.options = options
         self.meta = meta
@@ -72,7 +77,9 @@ class Recorder:
         # (the recording process is behind) items wait in `spill`, and once anything waits
         # there every new item does too. Only byte chunks count against max_backlog (checked
         # in data()); control items, a few per connection, always go in.
-        self._memory = _shared_memory(RING_CAPACITY)
+        if ring_capacity < MIN_RING:
+            raise ValueError(f"a recording ring needs at least {MIN_RING} bytes")
+        self._memory = _shared_memory(ring_capacity)
         self.ring = ByteRing(self._memory[1])
         self.spill: deque[tuple[tuple[bytes, ...], int]] = deque()  # (item, chunk bytes)
         self._spilled = 0  # chunk bytes in spill

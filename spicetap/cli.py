@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from spicetap import __version__
 from spicetap.errors import UserError
@@ -40,8 +41,16 @@ def _regen(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line like every other user error (argparse prints
+    the whole usage block first); subcommands' parsers are made of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="spicetap", description="Recording and inspecting proxy for SPICE."
     )
     parser.add_argument("--version", action="version", version=f"spicetap {__version__}")

@@ -53,3 +53,23 @@ def test_bad_fronts_are_one_line_errors(
     assert main(["proxy", *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["proxy", "--max-backlog", "0"], "spicetap proxy: error: argument --max-backlog"),
+        (["proxy", "--no-such-flag"], "spicetap: error: unrecognized arguments: --no-such-flag"),
+        (["no-such-command"], "spicetap: error: argument command: invalid choice"),
+        ([], "spicetap: error: the following arguments are required: command"),
+    ],
+)
+def test_bad_flags_are_one_line_errors_too(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1, err
+    assert err.rstrip().endswith("--help)")

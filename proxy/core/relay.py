@@ -118,7 +118,7 @@ class ChannelRelay:
         self.last_activity = now
         self.linked = False  # the link stage finished (both sides)
         self.closed = False
-        self.bytes = {C2S: 0, S2C: 0}
+        self.bytes = {C2S: 0, S2C: 0}  # delivered (and so recorded): see crossed()
         self.messages = self.guard.walked  # counted by the guard's header walk
 
     @property
@@ -151,12 +151,17 @@ class ChannelRelay:
         if self.closed and not sent:  # what crossed as the other side closed still counts
             return []
         self.last_activity = now
-        self.bytes[direction] += len(data)
         if self.rewriter is not None and not self.rewriter.through[direction]:
             return self._rewrite(direction, data, now)
         commands: list[Command] = []
         self._forward(direction, data, now, commands, sent)
         return commands
+
+    def crossed(self, cmd: RecordData) -> None:
+        """The shell delivered `cmd`'s bytes and is recording them: now they count. Not on
+        arrival: bytes a shell could not deliver (the other side had gone) are neither
+        recorded nor counted, so the counters and the archive agree."""
+        self.bytes[cmd.direction] += len(cmd.data)
 
     def _forward(
         self, direction: str, data: bytes, now: float, commands: list[Command], sent: bool = False

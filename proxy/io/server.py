@@ -60,6 +60,7 @@ class Follower(Protocol):
         self, dest: Destination, local_host: str, policy: LinkPolicy | None = None
     ) -> ServedAt | None: ...
 
+
 EndOpener = Callable[[], Awaitable[End]]
 T = TypeVar("T")
 
@@ -189,7 +190,7 @@ class ChannelProxy:
                             )
                             await run(_redirected(relay, at))
                         else:
-                            why = self._effect(conn, cmd)
+                            why = self._effect(stats, cmd)
                             if why is not None:
                                 finish(why)
 
@@ -268,7 +269,7 @@ class ChannelProxy:
                 return _redirected(relay, at)
 
         channel = ThreadedChannel(
-            conn, relay, viewer, upstream, partial(self._effect, conn), redirector
+            conn, relay, viewer, upstream, partial(self._effect, stats), redirector
         )
         try:
             async with trio.open_nursery() as nursery:
@@ -351,11 +352,13 @@ class ChannelProxy:
             self.recorder.closed(stats.conn, time.monotonic(), reason)
         log.info("channel %d closed: %s", stats.conn, reason)
 
-    def _effect(self, conn: int, cmd: Command) -> str | None:
+    def _effect(self, stats: ChannelStats, cmd: Command) -> str | None:
         """What both shells do the same way: record, log, account for a close. Returns a
         reason to end the channel, or None."""
+        conn = stats.conn
         rec = self.recorder
         if isinstance(cmd, RecordData):
+            stats.relay.crossed(cmd)
             if rec is not None and not rec.data(conn, cmd.time, cmd.direction, cmd.data):
                 why = "recording failed" if rec.failed is not None else "recording backlog"
                 return f"{why}: session dropped by policy"

@@ -298,7 +298,11 @@ def metrics_text(
         "Channels that failed: upstream unreachable, TLS, protocol errors, limits.",
     )
     m.sample("spicetap_channel_errors_total", totals.errors)
-    m.family("spicetap_bytes_total", "counter", "Bytes relayed; c2s is viewer to server.")
+    m.family(
+        "spicetap_bytes_total",
+        "counter",
+        "Bytes delivered (and recorded); c2s is viewer to server.",
+    )
     for d in DIRECTIONS:
         m.sample("spicetap_bytes_total", totals.bytes.get(d, 0), direction=d)
     m.family("spicetap_messages_total", "counter", "SPICE messages relayed after the link stage.")

@@ -6,7 +6,8 @@ hold every chunk until a shipper thread sent it; measured on TLS bulk, holding t
 cost the proxy 0.4-0.9 CPU s per GB in page faults and wake-ups. Here the forwarding thread
 copies the chunk in and drops it at once.
 
-One producer (callers serialise put() with a lock) and one consumer. Layout of the buffer,
+One producer and one consumer. Each end is used by one thread at a time: the proxy's
+threads serialise theirs with a lock. Layout of the buffer,
 native byte order (both ends are this program on this machine):
 
     offset   0  head     u64  bytes ever put; only the producer stores it
@@ -29,6 +30,15 @@ _HEAD, _TAIL, _WAITING = 0, 8, 9  # indexes of the header seen as u64s
 _Buffer = bytes | bytearray | memoryview
 
 
+class _ThreadFences(threading.local):
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.lock.acquire()
+
+
+_FENCES = _ThreadFences()
+
+
 class RingError(ValueError):
     """The ring was given a buffer or an item it cannot hold."""
 
@@ -45,18 +55,19 @@ class ByteRing:
         self._data = view[HEADER:]
         self._head = self._counters[_HEAD]  # each end caches the counter it alone stores
         self._tail = self._counters[_TAIL]
-        # The counters are read and stored through a memoryview cast to "Q": CPython moves
-        # an aligned 8-byte item with one load or store, so it is never seen torn. x86-64
-        # keeps stores in order and loads in order, so a consumer that sees a new head also
-        # sees the bytes before it. Weaker CPUs (arm64) may reorder: a lock release followed
-        # by an acquire orders what comes before it against what comes after. The lock is
-        # always held; each end is used by one thread at a time.
-        self._fence = threading.Lock()
-        self._fence.acquire()
 
-    def fence(self) -> None:
-        self._fence.release()
-        self._fence.acquire()
+    @staticmethod
+    def fence() -> None:
+        """Order the memory accesses before it against those after it, for the other
+        process too. The counters are read and stored through a memoryview cast to "Q":
+        CPython moves an aligned 8-byte item with one load or store, so it is never seen
+        torn. x86-64 keeps stores in order and loads in order, so a consumer that sees a new
+        head also sees the bytes before it; weaker CPUs (arm64) may reorder. A lock release
+        followed by an acquire orders what comes before it against what comes after: each
+        thread has its own lock, always held, for that."""
+        lock = _FENCES.lock
+        lock.release()
+        lock.acquire()
 
     @staticmethod
     def size_for(capacity: int) -> int:

@@ -83,7 +83,8 @@ class Recorder:
         self.ring = ByteRing(self._memory[1])
         self.spill: deque[tuple[tuple[bytes, ...], int]] = deque()  # (item, chunk bytes)
         self._spilled = 0  # chunk bytes in spill
-        self._lock = threading.Lock()  # the ring's producer side, spill, _spilled
+        self._lock = threading.Lock()  # the ring's producer end, spill, _spilled
+        self._put_in_ring = False  # since the last look at the consumer (_bell_wanted)
         self._wake = threading.Event()  # something went to spill
         self.lost: dict[tuple[int, str], int] = defaultdict(int)
         self.lost_total = 0
@@ -166,18 +167,18 @@ class Recorder:
         with self._lock:
             room = self._spilled + self.ring.used() + size <= self.options.max_backlog
             if room:
-                now_in_ring = True
                 if self.lost.get(key):  # the recording caught up: say how much is missing first
                     gap = ("gap", conn, t, direction, self.lost[key])
-                    now_in_ring = self._enqueue((recwire.control(gap),), 0)
+                    self._enqueue((recwire.control(gap),), 0)
                     self.lost[key] = 0
                 for at in range(0, size, MAX_CHUNK):  # once, but for the rare huge chunk
                     piece = data if size <= MAX_CHUNK else data[at : at + MAX_CHUNK]
                     header = recwire.chunk_header(conn, t, direction, len(piece))
-                    now_in_ring = self._enqueue((header, piece), len(piece)) and now_in_ring
+                    self._enqueue((header, piece), len(piece))
+                bell = self._bell_wanted()
         if room:
-            if now_in_ring:
-                self._doorbell()
+            if bell:
+                self._ring_bell()
             return True
         self.lost[key] += size
         self.lost_total += size
@@ -236,27 +237,32 @@ class Recorder:
         if self.failed is not None:  # after a failure nothing more is recorded
             return
         with self._lock:
-            now_in_ring = self._enqueue((recwire.control(item),), 0)
-        if now_in_ring:
-            self._doorbell()
+            self._enqueue((recwire.control(item),), 0)
+            bell = self._bell_wanted()
+        if bell:
+            self._ring_bell()
 
-    def _enqueue(self, parts: tuple[bytes, ...], size: int) -> bool:
-        """Into the ring, or behind what already waits in spill; True if into the ring.
-        Under _lock."""
+    def _enqueue(self, parts: tuple[bytes, ...], size: int) -> None:
+        """Into the ring, or behind what already waits in spill. Under _lock."""
         if self._started and not self.spill and self.ring.put(parts):
-            return True
+            self._put_in_ring = True
+            return
         self.spill.append((parts, size))
         self._spilled += size
         if not self._wake.is_set():
             self._wake.set()
-        return False
 
-    def _doorbell(self) -> None:
-        """Wake the recording process if it sleeps (a byte on the socketpair)."""
+    def _bell_wanted(self) -> bool:
+        """Whether the recording process sleeps on items put since the last call. Under
+        _lock: the ring's producer end is used by one thread at a time."""
+        put, self._put_in_ring = self._put_in_ring, False
+        return put and self.ring.consumer_waiting()
+
+    def _ring_bell(self) -> None:
+        """Wake the recording process (a byte on the socketpair). A full socket means it has
+        doorbells enough; a closed one, that it is gone (the reports thread says so)."""
         sock = self._sock
-        if sock is not None and self.ring.consumer_waiting():
-            # a full socket means it has doorbells enough; a closed one, that it is gone
-            # (the reports thread says so)
+        if sock is not None:
             with contextlib.suppress(OSError):
                 sock.send(b"!", socket.MSG_DONTWAIT)
 
@@ -274,14 +280,14 @@ class Recorder:
             self._wake.wait(POLL_MAX)
             self._wake.clear()
             while True:
-                moved = False
                 with self._lock:
                     while self.spill and self.ring.put(self.spill[0][0]):
                         self._spilled -= self.spill.popleft()[1]
-                        moved = True
+                        self._put_in_ring = True
                     waiting = bool(self.spill)
-                if moved:
-                    self._doorbell()
+                    bell = self._bell_wanted()
+                if bell:
+                    self._ring_bell()
                 if not waiting:
                     break
                 time.sleep(POLL_MIN)  # the ring is full: the recording process is behind

@@ -259,3 +259,39 @@ def test_every_byte_arrives_in_order_when_the_ring_overflows_into_spill(tmp_path
             names.append(r.name)
     assert set(names) == {"ping"}
     assert got == fed
+
+
+def test_forwarding_threads_may_record_at_once(tmp_path: Path) -> None:
+    """Several pump threads call data() together, with the GIL handed over as often as the
+    interpreter allows: nothing raises, and every message is recorded."""
+    import sys
+    import threading
+
+    rec = Recorder(RecordingOptions(tmp_path, nice=0), {}, None)
+    rec.start()
+    main_channel(rec, pings=0)
+    errors: list[BaseException] = []
+
+    def pump(conn_offset: int) -> None:
+        try:
+            for i in range(3000):
+                rec.data(0, 2.0 + i, "s2c", mini(4, conn_offset.to_bytes(4, "little") * 3))
+        except BaseException as exc:
+            errors.append(exc)
+
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=pump, args=(n,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        sys.setswitchinterval(before)
+    rec.closed(0, 9000.0, "viewer closed")
+    rec.stop()
+    assert not errors, errors[:3]
+    (archive,) = rec.archives
+    pings = [r for r in iter_records(archive, []) if r.name == "ping"]
+    assert len(pings) == 4 * 3000

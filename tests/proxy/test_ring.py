@@ -165,3 +165,32 @@ def test_two_processes_pass_every_byte_in_order_through_a_small_ring() -> None:
         ring.release()
     os.close(fd)
     assert out.split() == [str(count), digest.hexdigest()]
+
+
+def test_fences_from_many_threads_at_once_never_raise() -> None:
+    """fence() is a release then an acquire of a lock the calling thread holds: with one
+    lock shared by all threads, a second thread would release it unheld."""
+    import sys
+    import threading
+
+    ring = ByteRing(bytearray(ByteRing.size_for(64)))
+    errors: list[BaseException] = []
+
+    def hammer() -> None:
+        try:
+            for _ in range(20_000):
+                ring.fence()
+        except BaseException as exc:
+            errors.append(exc)
+
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=hammer) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        sys.setswitchinterval(before)
+    assert not errors, errors[:2]

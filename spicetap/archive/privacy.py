@@ -14,7 +14,7 @@ those records is impossible by design.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 KEYS = ("text", "events", "none")
@@ -58,9 +58,8 @@ class PrivacyPolicy:
                 raise PolicyError(f"privacy.{name} must be true or false")
 
     def describe(self) -> dict[str, Any]:
-        kept = {name: getattr(self, name) for name in ("keys", "clipboard", "files")}
-        kept.update(display=self.display, audio=self.audio)
-        return {**kept, "tickets": "never", "passwords": "never", "sasl": "never"}
+        settings = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+        return {**settings, "tickets": "never", "passwords": "never", "sasl": "never"}
 
     def decision(
         self, channel: str, direction: str, kind: str, name: str | None, agents: frozenset[int]

@@ -21,6 +21,7 @@ from spicetap.archive.reader import ArchiveReader
 from spicetap.archive.verify import verify
 from spicetap.inputs import iter_records
 from tests.proxy.test_framing import OK, TICKET, caps_word, link_mess, link_reply, mini
+from tests.proxy.test_ring import racing
 
 MAIN, MSG_MAIN_INIT = 1, 103
 SESSION_ID = 0x5EC7
@@ -264,31 +265,15 @@ def test_every_byte_arrives_in_order_when_the_ring_overflows_into_spill(tmp_path
 def test_forwarding_threads_may_record_at_once(tmp_path: Path) -> None:
     """Several pump threads call data() together, with the GIL handed over as often as the
     interpreter allows: nothing raises, and every message is recorded."""
-    import sys
-    import threading
-
     rec = Recorder(RecordingOptions(tmp_path, nice=0), {}, None)
     rec.start()
     main_channel(rec, pings=0)
-    errors: list[BaseException] = []
 
-    def pump(conn_offset: int) -> None:
-        try:
-            for i in range(3000):
-                rec.data(0, 2.0 + i, "s2c", mini(4, conn_offset.to_bytes(4, "little") * 3))
-        except BaseException as exc:
-            errors.append(exc)
+    def pump(n: int) -> None:
+        for i in range(3000):
+            rec.data(0, 2.0 + i, "s2c", mini(4, n.to_bytes(4, "little") * 3))
 
-    before = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        threads = [threading.Thread(target=pump, args=(n,)) for n in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-    finally:
-        sys.setswitchinterval(before)
+    errors = racing(pump, 4)
     rec.closed(0, 9000.0, "viewer closed")
     rec.stop()
     assert not errors, errors[:3]

@@ -10,7 +10,9 @@ import random
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -167,30 +169,39 @@ def test_two_processes_pass_every_byte_in_order_through_a_small_ring() -> None:
     assert out.split() == [str(count), digest.hexdigest()]
 
 
-def test_fences_from_many_threads_at_once_never_raise() -> None:
-    """fence() is a release then an acquire of a lock the calling thread holds: with one
-    lock shared by all threads, a second thread would release it unheld."""
-    import sys
-    import threading
-
-    ring = ByteRing(bytearray(ByteRing.size_for(64)))
+def racing(work: Callable[[int], None], threads: int) -> list[BaseException]:
+    """Run work(0..threads-1) in as many threads at once, the GIL handed over as often as
+    the interpreter allows; what they raised."""
     errors: list[BaseException] = []
 
-    def hammer() -> None:
+    def run(n: int) -> None:
         try:
-            for _ in range(20_000):
-                ring.fence()
-        except BaseException as exc:
+            work(n)
+        except BaseException as exc:  # handed to the test thread
             errors.append(exc)
 
     before = sys.getswitchinterval()
     sys.setswitchinterval(1e-6)
     try:
-        threads = [threading.Thread(target=hammer) for _ in range(6)]
-        for t in threads:
+        started = [threading.Thread(target=run, args=(n,)) for n in range(threads)]
+        for t in started:
             t.start()
-        for t in threads:
+        for t in started:
             t.join(60)
+            assert not t.is_alive(), "a racing thread did not finish"
     finally:
         sys.setswitchinterval(before)
+    return errors
+
+
+def test_fences_from_many_threads_at_once_never_raise() -> None:
+    """fence() is a release then an acquire of a lock the calling thread holds: with one
+    lock shared by all threads, a second thread would release it unheld."""
+    ring = ByteRing(bytearray(ByteRing.size_for(64)))
+
+    def hammer(_n: int) -> None:
+        for _ in range(20_000):
+            ring.fence()
+
+    errors = racing(hammer, 6)
     assert not errors, errors[:2]

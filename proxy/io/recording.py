@@ -79,8 +79,9 @@ class Recorder:
         # in data()); control items, a few per connection, always go in.
         if ring_capacity < MIN_RING:
             raise ValueError(f"a recording ring needs at least {MIN_RING} bytes")
-        self._memory = _shared_memory(ring_capacity)
-        self.ring = ByteRing(self._memory[1])
+        # the ring's views keep the mapping alive; the file is passed on at start, then closed
+        self._memory_fd, memory = _shared_memory(ring_capacity)
+        self.ring = ByteRing(memory)
         self.spill: deque[tuple[tuple[bytes, ...], int]] = deque()  # (item, chunk bytes)
         self._spilled = 0  # chunk bytes in spill
         self._lock = threading.Lock()  # the ring's producer end, spill, _spilled
@@ -117,7 +118,7 @@ class Recorder:
         """Start the recording process (the directory is made here, so errors show early)."""
         self.options.directory.mkdir(parents=True, exist_ok=True)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        memory_fd = self._memory[0]
+        memory_fd = self._memory_fd
         # the child imports this package from where the proxy did, installed or not
         root = str(Path(proxy.__file__).resolve().parents[1])
         path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
@@ -130,6 +131,7 @@ class Recorder:
             env=env,
         )
         theirs.close()
+        os.close(memory_fd)  # the child has its own; our mapping stays
         self._sock = ours
         log.info("recording to %s in process %d", self.options.directory, self.process.pid)
         key = self.key.private_bytes_raw() if self.key is not None else None

@@ -25,13 +25,12 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from dissectors.regen import LAB_CAPTURES
 from spicetap.capture import SYN, read_packets
 from spicetap.show import iter_capture
 
 RESULTS = Path(__file__).resolve().parent / "results"
-LAB_CAPTURE = (
-    Path(__file__).resolve().parents[2] / "shared/lab/captures/plain-linux-all-channels.pcapng"
-)
+LAB_CAPTURE = LAB_CAPTURES / "plain-linux-all-channels.pcapng"
 
 
 def spice_ports(path: Path) -> set[int]:

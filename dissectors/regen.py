@@ -6,6 +6,7 @@ and our own definition files (link stage, capabilities, VD agent).
 
 from __future__ import annotations
 
+import configparser
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +17,40 @@ from dissectors.protolang.resolve import load
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEFS_DIR = PACKAGE_DIR / "defs"
 OUT_DIR = PACKAGE_DIR / "generated"
+CHECKOUT = PACKAGE_DIR.parent
+
+
+def shared_dir(checkout: Path = CHECKOUT) -> Path:
+    """The workplace's shared folder (reference spice.proto, lab captures): $SPICETAP_SHARED,
+    else `shared` beside this checkout, else beside the repository this one was cloned
+    from when that is a local path (a fresh clone in a temporary directory)."""
+    env = os.environ.get("SPICETAP_SHARED")
+    if env:
+        return Path(env)
+    beside = checkout.parent / "shared"
+    if beside.is_dir():
+        return beside
+    origin = _local_origin(checkout)
+    if origin is not None and (origin.parent / "shared").is_dir():
+        return origin.parent / "shared"
+    return beside  # absent: callers say what is missing, and where it was looked for
+
+
+def _local_origin(checkout: Path) -> Path | None:
+    config = configparser.ConfigParser()
+    try:
+        config.read(checkout / ".git" / "config", encoding="utf-8")
+        url = config.get('remote "origin"', "url", fallback="")
+    except configparser.Error:
+        return None
+    url = url.removeprefix("file://")
+    return Path(url).resolve() if url.startswith("/") else None
+
+
+SHARED = shared_dir()
 # Where a checkout of this project finds the reference copy of upstream spice.proto.
-REFERENCE_PROTO = PACKAGE_DIR.parent.parent / "shared" / "reference" / "spice.proto"
+REFERENCE_PROTO = SHARED / "reference" / "spice.proto"
+LAB_CAPTURES = SHARED / "lab" / "captures"
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,8 @@ import pytest
 
 from dissectors.protolang import ir
 from dissectors.protolang.resolve import load
-from dissectors.regen import DEFS_DIR, REFERENCE_PROTO
+from dissectors.regen import DEFS_DIR, LAB_CAPTURES, REFERENCE_PROTO
 
-LAB_CAPTURES = REFERENCE_PROTO.parent.parent / "lab" / "captures"
 IN_CI = bool(os.environ.get("CI"))
 
 

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dissectors.regen import LAB_CAPTURES
 from spicetap.filter import (
     CHANNELS,
     KINDS,
@@ -22,7 +23,7 @@ from spicetap.filter import (
 from spicetap.records import Record
 from spicetap.render import fields_of
 from spicetap.show import iter_capture
-from tests.conftest import LAB_CAPTURES, require
+from tests.conftest import require
 
 T0 = 1000.0
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import dpkt
 import pytest
 
+from dissectors.regen import LAB_CAPTURES
 from spicetap.capture import (
     Direction,
     StreamClosed,
@@ -33,7 +34,7 @@ from spicetap.pcap_export import (
     PcapngStreamWriter,
     _isn,
 )
-from tests.conftest import LAB_CAPTURES, require
+from tests.conftest import require
 
 Streams = dict[tuple[int, str], bytes]
 DIRECTIONS: tuple[Direction, Direction] = ("c2s", "s2c")

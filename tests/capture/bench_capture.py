@@ -14,17 +14,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from dissectors.regen import LAB_CAPTURES
 from spicetap.capture import TcpReassembler, read_packets
 
 from .builders import Frame, stream_frames, write_pcapng
 
-LAB_PLAIN = (
-    Path(__file__).resolve().parents[3]
-    / "shared"
-    / "lab"
-    / "captures"
-    / "plain-linux-all-channels.pcapng"
-)
+LAB_PLAIN = LAB_CAPTURES / "plain-linux-all-channels.pcapng"
 
 
 def synthetic(path: Path, connections: int = 50, messages: int = 2000) -> Path:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from dissectors.regen import LAB_CAPTURES
 from spicetap.capture import (
     StreamClosed,
     StreamData,
@@ -18,7 +19,7 @@ from spicetap.capture import (
     read_packets,
 )
 
-LAB = Path(__file__).resolve().parents[3] / "shared" / "lab" / "captures"
+LAB = LAB_CAPTURES
 CAPTURES = sorted(LAB.glob("*.pcapng")) if LAB.is_dir() else []
 SPICE_MAGIC = b"REDQ"
 TLS_HANDSHAKE = b"\x16\x03"  # a TLS channel: the SPICE link is inside, encrypted

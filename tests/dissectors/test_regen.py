@@ -81,3 +81,27 @@ def test_in_place_structs_read_no_pointer(dialect: api.Dialect) -> None:
     if dialect is api.SPICE:
         assert "InputsChannel_key_down" in dialect.in_place
         assert "DisplayChannel_draw_copy" not in dialect.in_place
+
+
+def test_the_shared_folder_is_found_beside_the_checkout_or_its_origin(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fresh clone in a temporary directory finds the reference files beside the
+    repository it was cloned from; $SPICETAP_SHARED overrides both."""
+    monkeypatch.delenv("SPICETAP_SHARED", raising=False)
+    work = tmp_path / "work"
+    (work / "shared").mkdir(parents=True)
+    (work / "main" / ".git").mkdir(parents=True)
+    assert regen.shared_dir(work / "main") == work / "shared"  # beside
+    clone = tmp_path / "tmp.x" / "c"
+    (clone / ".git").mkdir(parents=True)
+    (clone / ".git" / "config").write_text(
+        f'[core]\n\tbare = false\n[remote "origin"]\n\turl = {work / "main"}\n'
+    )
+    assert regen.shared_dir(clone) == work / "shared"  # beside the origin
+    (clone / ".git" / "config").write_text('[remote "origin"]\n\turl = https://example.org/x\n')
+    assert regen.shared_dir(clone) == clone.parent / "shared"  # not found: where it looked
+    (clone / ".git" / "config").write_text("not an ini file [")
+    assert regen.shared_dir(clone) == clone.parent / "shared"
+    monkeypatch.setenv("SPICETAP_SHARED", str(tmp_path / "elsewhere"))
+    assert regen.shared_dir(work / "main") == tmp_path / "elsewhere"

@@ -17,15 +17,26 @@ native byte order (both ends are this program on this machine):
 
 head and tail sit on separate cache lines, so each process stores only to its own. Items
 are put whole or not at all, so the consumer never sees half an item.
+
+A ring may be elastic (`hot`): big enough for a burst, but with only its first `hot` bytes
+in use while the consumer keeps up. Pages of shared memory, once touched, stay resident
+and cost nothing more; fresh ones cost a page fault each (measured on plain bulk: a 32 MiB
+ring overflowing into the proxy's heap cost it 40-110k faults and 0.3-0.5 CPU s per GB).
+So the producer goes back to the start early, once the backlog is small again: it puts a
+PAD byte where the next item would start, and the next item at the start of the next lap.
+The consumer, finding PAD where an item starts, skips to that lap. Items never start with
+PAD. After a quiet spell the producer may give the pages past `hot` back (release_cold).
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from mmap import mmap
+from mmap import MADV_REMOVE, PAGESIZE, mmap
 
 HEADER = 128
+PAGE = PAGESIZE
+PAD = 0  # at an item's start: the rest of this lap is unused
 _HEAD, _TAIL, _WAITING = 0, 8, 9  # indexes of the header seen as u64s
 _Buffer = bytes | bytearray | memoryview
 
@@ -46,15 +57,26 @@ class RingError(ValueError):
 class ByteRing:
     """Either end of the ring over `buffer` (an mmap, or a bytearray in tests)."""
 
-    def __init__(self, buffer: bytearray | mmap) -> None:
+    def __init__(self, buffer: bytearray | mmap, hot: int | None = None) -> None:
+        """`hot`: make the ring elastic (the producer's end says so; the consumer needs
+        nothing to follow)."""
         view = memoryview(buffer)
         if len(view) <= HEADER:
             raise RingError(f"a ring needs more than {HEADER} bytes, got {len(view)}")
         self.capacity = len(view) - HEADER
+        if hot is not None and not 0 < hot < self.capacity:
+            raise RingError(f"the hot part ({hot}) must be smaller than the ring")
+        self.hot = hot
+        self._buffer = buffer
         self._counters = view[:HEADER].cast("Q")
         self._data = view[HEADER:]
         self._head = self._counters[_HEAD]  # each end caches the counter it alone stores
         self._tail = self._counters[_TAIL]
+        # the producer's: the padding last put (counters, start and end), how far into a
+        # lap it may write, and how many items went past `hot`
+        self._pad = (0, 0)
+        self.reach = self.capacity
+        self.cold_puts = 0
 
     @staticmethod
     def fence() -> None:
@@ -75,26 +97,83 @@ class ByteRing:
         return HEADER + capacity
 
     def used(self) -> int:
-        """Bytes put and not yet taken (either end)."""
-        return self._counters[_HEAD] - self._counters[_TAIL]
+        """Bytes of items put and not yet taken (the producer's end: padding not counted)."""
+        return self._used(self._head, self._counters[_TAIL])
+
+    def _used(self, head: int, tail: int) -> int:
+        pad_start, pad_end = self._pad
+        # the consumer skips a padding whole, so its tail is never inside one
+        return head - tail - (pad_end - pad_start if tail < pad_end else 0)
 
     # -- the producer -------------------------------------------------------------------------
     def put(self, parts: Sequence[_Buffer]) -> bool:
         """Copy the parts in as one item and publish it; False, and nothing put, when the
         ring lacks room now. An item larger than the ring could never go in: an error."""
         size = sum(len(p) for p in parts)
-        if size > self.capacity:
-            raise RingError(f"an item of {size} bytes cannot fit a {self.capacity}-byte ring")
-        head = self._head
-        if self.capacity - (head - self._counters[_TAIL]) < size:
+        cap = self.capacity
+        if size > cap:
+            raise RingError(f"an item of {size} bytes cannot fit a {cap}-byte ring")
+        if size == 0 or len(parts[0]) == 0 or parts[0][0] == PAD:
+            raise RingError("an item must not be empty nor start with the PAD byte")
+        head, tail = self._head, self._counters[_TAIL]
+        pos = head % cap
+        at = head  # where the item goes
+        past_reach = pos + size > self.reach  # while the cold part is given back
+        if past_reach and not pos:
+            return False
+        if pos:
+            hot = self.hot
+            early = hot is not None and pos >= hot and self._used(head, tail) <= hot // 2
+            if past_reach or early:
+                at = head - pos + cap  # the next lap
+                if cap - (at - tail) < size:  # the padding still waits for the consumer
+                    if past_reach:
+                        return False
+                    at = head
+        if cap - (at + size - tail) < 0:
             return False
         self.fence()  # the consumer is done reading the bytes we now overwrite
+        if at != head:
+            self._data[pos] = PAD
+            self._pad = (head, at)
+        end = at
         for part in parts:
-            self._copy_in(head, part)
-            head += len(part)
+            self._copy_in(end, part)
+            end += len(part)
+        if self.hot is not None and (at % cap) + size > self.hot:
+            self.cold_puts += 1
         self.fence()  # the bytes are in place before the consumer can see the new head
-        self._counters[_HEAD] = self._head = head
+        self._counters[_HEAD] = self._head = end
         return True
+
+    def keep_to_hot(self) -> bool:
+        """Stop writing past `hot`, if everything not yet taken lies before it: True when
+        the cold part may now be given back (release_cold), then reopen_cold()."""
+        hot, cap = self.hot, self.capacity
+        if hot is None or self.reach != cap:
+            return False
+        head, tail = self._head, self._counters[_TAIL]
+        lap = head - head % cap
+        if tail < lap or tail < self._pad[1] or head - lap > hot:
+            return False
+        self.reach = hot
+        return True
+
+    def release_cold(self) -> None:
+        """Give the pages past `hot` back to the system (they read as zeros after). Only
+        between keep_to_hot() and reopen_cold(): nothing is read or written there then.
+        A bytearray buffer (tests) is zeroed instead."""
+        assert self.hot is not None and self.reach == self.hot
+        start = HEADER + self.hot
+        if isinstance(self._buffer, mmap):
+            start += -start % PAGE  # madvise wants whole pages
+            if start < len(self._buffer):
+                self._buffer.madvise(MADV_REMOVE, start, len(self._buffer) - start)
+        else:
+            self._data[self.hot :] = bytes(self.capacity - self.hot)
+
+    def reopen_cold(self) -> None:
+        self.reach = self.capacity
 
     def consumer_waiting(self) -> bool:
         self.fence()  # the head we stored is seen before we look (see set_waiting)
@@ -113,9 +192,15 @@ class ByteRing:
 
     # -- the consumer -------------------------------------------------------------------------
     def readable(self) -> int:
-        """Bytes published and not yet taken."""
+        """Bytes published and not yet taken (padding further on included). Call it where
+        an item starts: it skips the rest of a lap the producer left unused."""
         n = self._counters[_HEAD] - self._tail
         self.fence()  # read the bytes only after the head that covers them
+        if n:
+            pos = self._tail % self.capacity
+            if self._data[pos] == PAD:
+                self.skip(self.capacity - pos)
+                n -= self.capacity - pos
         return n
 
     def peek(self, n: int) -> bytes:
@@ -154,4 +239,4 @@ class ByteRing:
         return bytes(data[start:]) + bytes(data[: n - first])  # wraps round
 
 
-__all__ = ["HEADER", "ByteRing", "RingError"]
+__all__ = ["HEADER", "PAD", "ByteRing", "RingError"]

@@ -4,6 +4,7 @@ that vanishes (its archives still end signed)."""
 
 from __future__ import annotations
 
+import mmap
 import os
 import random
 import signal
@@ -259,6 +260,50 @@ def test_every_byte_arrives_in_order_when_the_ring_overflows_into_spill(tmp_path
             got += r.raw
             names.append(r.name)
     assert set(names) == {"ping"}
+    assert got == fed
+
+
+def test_the_ring_grows_for_a_burst_and_gives_the_memory_back_after(tmp_path: Path) -> None:
+    """The recording process stopped (SIGSTOP) while 10 MiB come: the elastic ring holds
+    them all past its hot part, nothing spills. Once it has caught up and the cold part has
+    been unused for cold_keep seconds, those pages are given back (they read as zeros).
+    The archive holds every byte in order."""
+    ring_hot = 2 << 20
+    rec = Recorder(
+        RecordingOptions(tmp_path, nice=0), {}, None,
+        ring_capacity=16 << 20, ring_hot=ring_hot, cold_keep=0.3,
+    )  # fmt: skip
+    rec.start()
+    assert rec.process is not None and rec.ring.hot == ring_hot
+    main_channel(rec, pings=0)
+    rng = random.Random(5)
+    fed = bytearray()
+    cold = rec.ring._data[ring_hot + mmap.PAGESIZE :]
+    os.kill(rec.process.pid, signal.SIGSTOP)
+    try:
+        while len(fed) < 10 << 20:
+            chunk = mini(4, rng.randbytes(rng.randrange(8, 200_000)))
+            assert rec.data(0, 1.0 + len(fed), "s2c", chunk)
+            fed += chunk
+        assert rec.backlog_items == 0, "spilled: the ring did not grow"
+        assert rec.ring.cold_puts > 0 and any(cold)
+    finally:
+        os.kill(rec.process.pid, signal.SIGCONT)
+    deadline = time.monotonic() + 30
+    while any(cold):  # small items meanwhile: the producer goes back to the hot part
+        assert time.monotonic() < deadline, "the cold part was never given back"
+        chunk = mini(4, b"small")
+        assert rec.data(0, 2e8 + len(fed), "s2c", chunk)
+        fed += chunk
+        time.sleep(0.05)
+    cold.release()
+    rec.closed(0, 3e8, "viewer closed")
+    rec.stop()
+    (archive,) = rec.archives
+    got = b"".join(
+        r.raw for r in iter_records(archive, [])
+        if r.kind == "message" and r.direction == "s2c" and r.name == "ping"
+    )  # fmt: skip
     assert got == fed
 
 

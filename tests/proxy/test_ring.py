@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.core import recwire
-from proxy.core.ring import HEADER, ByteRing, RingError
+from proxy.core.ring import HEADER, PAD, ByteRing, RingError
 
 ITEMS = st.lists(
     st.one_of(
@@ -53,16 +53,23 @@ def encoded(item: tuple[object, ...]) -> tuple[bytes, ...]:
     return (recwire.control(item),)
 
 
-@settings(max_examples=200, deadline=None)
-@given(ITEMS, st.integers(700, 1500), st.integers(0, 2000))
+@settings(max_examples=300, deadline=None)
+@given(
+    ITEMS,
+    st.integers(700, 1500),
+    st.integers(0, 2000),
+    st.one_of(st.none(), st.integers(200, 340)),
+)
 def test_items_come_out_whole_and_in_order_wherever_the_ring_wraps(
-    items: list[tuple[object, ...]], capacity: int, offset: int
+    items: list[tuple[object, ...]], capacity: int, offset: int, hot: int | None
 ) -> None:
+    """Plain or elastic (`hot`: laps cut short with padding), whatever the items' sizes."""
     producer_buffer = bytearray(ByteRing.size_for(capacity))
-    producer, consumer = ByteRing(producer_buffer), ByteRing(producer_buffer)
+    producer, consumer = ByteRing(producer_buffer, hot=hot), ByteRing(producer_buffer)
     # start anywhere in the ring, as after hours of traffic: wraps fall at every position
-    producer.put((b"\0" * (offset % capacity),))
-    consumer.skip(offset % capacity)
+    if offset % capacity:
+        producer.put((b"x" * (offset % capacity),))
+        consumer.skip(offset % capacity)
     got: list[tuple[object, ...]] = []
     for item in items:
         parts = encoded(item)
@@ -92,6 +99,102 @@ def test_an_item_larger_than_the_ring_is_an_error_not_a_wait() -> None:
         ring.put((b"x" * 65,))
     with pytest.raises(RingError, match="needs more than"):
         ByteRing(bytearray(HEADER))
+    with pytest.raises(RingError, match="PAD"):  # the consumer would take it for padding
+        ring.put((bytes([PAD]) + b"x",))
+    with pytest.raises(RingError, match="empty"):
+        ring.put((b"", b"x"))
+    with pytest.raises(RingError, match="hot part"):
+        ByteRing(bytearray(ByteRing.size_for(64)), hot=64)
+
+
+def elastic(capacity: int = 1000, hot: int = 200) -> tuple[ByteRing, ByteRing]:
+    buffer = bytearray(ByteRing.size_for(capacity))
+    return ByteRing(buffer, hot=hot), ByteRing(buffer)
+
+
+def test_an_elastic_ring_goes_back_to_the_start_once_the_backlog_is_small() -> None:
+    producer, consumer = elastic()
+    assert producer.put((b"a" * 150,)) and producer.put((b"b" * 60,))  # up to 210: past hot
+    assert producer.cold_puts == 1
+    assert consumer.take(150) == b"a" * 150  # 60 bytes left: at most hot/2
+    assert producer.put((b"c" * 30,))  # starts the next lap, not at 210
+    assert producer.used() == 90  # the padding is not backlog
+    assert producer.put((b"d" * 10,))
+    assert consumer.take(60) == b"b" * 60
+    assert consumer.readable() == 40  # the rest of the lap skipped
+    assert consumer.take(40) == b"c" * 30 + b"d" * 10
+    assert producer.used() == 0 and producer.cold_puts == 1
+    touched = producer._data  # everything since went to the first 40 bytes of the lap
+    assert bytes(touched[:40]) == b"c" * 30 + b"d" * 10 and touched[210] == PAD
+
+
+def test_an_elastic_ring_grows_into_its_cold_part_while_the_backlog_is_big() -> None:
+    producer, consumer = elastic()
+    for n in range(8):  # nothing taken: the backlog passes hot/2, so no early lap
+        assert producer.put((bytes([65 + n]) * 100,))
+    assert producer.used() == 800 and producer.cold_puts == 6  # all but the first two
+    assert not producer.put((b"z" * 201,))  # and the whole ring is still the limit
+    assert consumer.take(800) == b"".join(bytes([65 + n]) * 100 for n in range(8))
+
+
+def test_an_early_lap_that_would_not_fit_waits_for_an_ordinary_wrap() -> None:
+    producer, consumer = elastic(capacity=400, hot=150)
+    assert producer.put((b"a" * 150,)) and producer.put((b"b" * 70,))
+    consumer.skip(150)  # 70 left (<= hot/2); the next lap would leave 220 - 70 = 150 bytes
+    assert producer.put((b"c" * 160,))  # too big for that: goes on at 220, wrapping at 400
+    assert consumer.take(230) == b"b" * 70 + b"c" * 160
+
+
+def test_the_cold_part_is_given_back_only_when_nothing_lies_there() -> None:
+    producer, consumer = elastic()
+    assert producer.put((b"a" * 300,))  # reaches past hot
+    assert not producer.keep_to_hot()  # unread bytes in the cold part
+    consumer.skip(300)
+    assert not producer.keep_to_hot()  # the producer itself is past hot
+    assert producer.put((b"b" * 50,))  # an early lap: back at the start
+    assert not producer.keep_to_hot()  # the padding is not skipped yet
+    assert consumer.readable() == 50  # skips it: an item starts there
+    assert consumer.take(50) == b"b" * 50
+    assert producer.keep_to_hot()
+    producer.release_cold()
+    assert bytes(producer._data[200:]) == bytes(800)
+    assert producer.put((b"c" * 140,))  # at 50-190, before hot
+    assert not producer.put((b"d" * 60,))  # not past hot, and the next lap has 50 bytes
+    assert producer.put((b"d" * 20,))  # the next lap, not past hot
+    assert bytes(producer._data[200:]) == bytes(800)  # the cold part untouched
+    producer.reopen_cold()
+    assert consumer.readable() == 140 + 810 + 20  # c, the padding, d
+    assert consumer.take(140) == b"c" * 140
+    assert consumer.readable() == 20 and consumer.take(20) == b"d" * 20
+
+
+def test_release_cold_gives_shared_memory_pages_back() -> None:
+    """On a memfd the pages past hot go back to the system: they read as zeros after, and
+    the file's resident size shrinks."""
+    capacity, hot = 64 * mmap.PAGESIZE, 8 * mmap.PAGESIZE
+    fd = os.memfd_create("spicetap-test-ring")
+    try:
+        os.ftruncate(fd, ByteRing.size_for(capacity))
+        with mmap.mmap(fd, 0) as memory:
+            producer, consumer = ByteRing(memory, hot=hot), ByteRing(memory)
+            try:
+                chunk = b"x" * (4 * mmap.PAGESIZE - 100)
+                for _ in range(16):  # the whole ring, every page touched, the backlog big
+                    assert producer.put((chunk,))
+                consumer.skip(16 * len(chunk))
+                assert os.fstat(fd).st_blocks * 512 >= capacity - 16 * 100
+                assert producer.put((b"y" * 100,))  # an early lap
+                assert consumer.readable() == 100 and consumer.take(100) == b"y" * 100
+                assert producer.keep_to_hot()
+                producer.release_cold()
+                producer.reopen_cold()
+                assert os.fstat(fd).st_blocks * 512 <= hot + 2 * mmap.PAGESIZE
+                assert not any(memory[HEADER + hot + mmap.PAGESIZE :])
+            finally:
+                producer.release()
+                consumer.release()
+    finally:
+        os.close(fd)
 
 
 def test_a_partial_or_foreign_item_is_a_wire_error() -> None:
@@ -137,9 +240,11 @@ CONSUMER = textwrap.dedent(
 )
 
 
-def test_two_processes_pass_every_byte_in_order_through_a_small_ring() -> None:
+@pytest.mark.parametrize("hot", [None, 1500])
+def test_two_processes_pass_every_byte_in_order_through_a_small_ring(hot: int | None) -> None:
     """The real thing: the consumer in another process reads while the producer writes, the
-    ring wrapping thousands of times; what comes out hashes to what went in."""
+    ring wrapping thousands of times (elastic: laps cut short as the backlog allows); what
+    comes out hashes to what went in."""
     capacity, count = 4096 + 13, 20_000
     fd = os.memfd_create("spicetap-test-ring")
     os.ftruncate(fd, ByteRing.size_for(capacity))
@@ -154,7 +259,7 @@ def test_two_processes_pass_every_byte_in_order_through_a_small_ring() -> None:
     rng = random.Random(7)
     digest = hashlib.sha256()
     with mmap.mmap(fd, 0) as memory:
-        ring = ByteRing(memory)
+        ring = ByteRing(memory, hot=hot)
         deadline = time.monotonic() + 60
         for n in range(count):
             data = rng.randbytes(rng.randrange(0, 700))

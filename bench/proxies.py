@@ -264,7 +264,11 @@ def process_tree(pid: int) -> list[int]:
     while todo and len(pids) < 10_000:
         current = todo.pop()
         pids.append(current)
-        for task in Path(f"/proc/{current}/task").glob("*/children"):
+        try:  # a forked child (socat's) may exit while it is looked at
+            tasks = list(Path(f"/proc/{current}/task").glob("*/children"))
+        except OSError:
+            continue
+        for task in tasks:
             try:
                 todo += [int(p) for p in task.read_text().split()]
             except OSError:

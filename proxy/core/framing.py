@@ -40,6 +40,7 @@ CAP_AUTH_SASL = 2
 CAP_MINI_HEADER = 3
 
 DEFAULT_MAX_MESSAGE = 256 * 1024 * 1024
+LARGE = 64 * 1024  # a message at least this big, cut by a chunk's end, is gathered in parts
 MAX_LINK_SIZE = 64 * 1024  # a link message carries a few caps words; anything huge is hostile
 
 
@@ -126,7 +127,13 @@ class ChannelFramer:
         self.skip = {C2S: 0, S2C: 0}  # body bytes still to skip (bodies=False)
         self.walked = {C2S: 0, S2C: 0}  # messages seen by the header walk (bodies=False)
         self.buf = {C2S: bytearray(), S2C: bytearray()}
-        self.offset = {C2S: 0, S2C: 0}  # stream offset of buf[0]
+        # A large message arriving in pieces (bodies=True): the received chunks as they
+        # are, joined once it is whole, instead of growing buf (then copied out, then
+        # sliced): one copy of it instead of three. buf is empty meanwhile.
+        self.parts: dict[str, list[bytes | memoryview]] = {C2S: [], S2C: []}
+        self.parts_size = {C2S: 0, S2C: 0}
+        self.want = {C2S: 0, S2C: 0}  # the whole message's size (header included)
+        self.offset = {C2S: 0, S2C: 0}  # stream offset of buf[0] (or of parts[0])
         self.state = {C2S: "header", S2C: "header"}
         self.need_size = {C2S: 0, S2C: 0}
         self.ignored = {C2S: 0, S2C: 0}
@@ -155,6 +162,8 @@ class ChannelFramer:
         if state == "dead":
             self.ignored[direction] += len(data)
             return []
+        if self.parts[direction]:
+            return self._assemble(direction, data, build)
         # The common case: nothing held back from earlier chunks, so frame this one itself.
         messages = state == "messages" and self.bodies and not self.link_only
         if messages and not self.buf[direction] and data.__class__ is bytes:
@@ -188,7 +197,7 @@ class ChannelFramer:
 
     def pending(self, direction: str) -> int:
         """Bytes received but not yet part of a complete unit (a truncated tail at the end)."""
-        return len(self.buf[direction])
+        return len(self.buf[direction]) + self.parts_size[direction]
 
     # -- internals -------------------------------------------------------------------------
     def _take(self, direction: str, size: int) -> bytes:
@@ -329,6 +338,7 @@ class ChannelFramer:
         n = len(data)
         pos = 0
         too_big: str | None = None
+        cut = 0  # the size of a message cut by the end of data
         while n - pos >= hsize:
             if mini:
                 msg_type, size = unpack(data, pos)
@@ -340,14 +350,51 @@ class ChannelFramer:
                 break
             end = pos + hsize + size
             if end > n:
+                cut = end - pos
                 break
             append(build(d, msg_type, data, pos, pos + hsize, end, serial, sub_list))
             pos = end
         self.offset[d] += pos
-        if pos < n:
+        if cut >= LARGE:
+            self.parts[d] = [memoryview(data)[pos:] if pos else data]  # data is immutable
+            self.parts_size[d], self.want[d] = n - pos, cut
+        elif pos < n:
             self.buf[d] += memoryview(data)[pos:]
         if too_big is not None:
             self._fail(d, too_big, events)
+
+    def _assemble(self, d: str, data: bytes, build: MessageBuilder) -> list[Any]:
+        """The next piece of a large message (see parts): once it is whole, its event, then
+        whatever follows it in the last piece."""
+        parts, want = self.parts[d], self.want[d]
+        piece = data if data.__class__ is bytes else bytes(data)  # kept: must not change
+        parts.append(piece)
+        self.parts_size[d] += len(piece)
+        over = self.parts_size[d] - want  # bytes past the message, in the last piece
+        if over < 0:
+            return []
+        if over:
+            parts[-1] = memoryview(piece)[: len(piece) - over]
+        whole = b"".join(parts)
+        self.parts[d], self.parts_size[d] = [], 0
+        hdr = MINI_HEADER if self.mini_header else FULL_HEADER
+        if self.mini_header:
+            msg_type, _size = hdr.unpack_from(whole)
+            serial, sub_list = None, 0
+        else:
+            serial, msg_type, _size, sub_list = hdr.unpack_from(whole)
+        # the record's raw bytes are this object itself: whole[0:len(whole)] is no copy
+        events: list[Any] = [build(d, msg_type, whole, 0, hdr.size, want, serial, sub_list)]
+        self.offset[d] += want
+        if over:
+            rest = memoryview(piece)[len(piece) - over :]
+            size = hdr.unpack_from(rest)[1 if self.mini_header else 2] if over >= hdr.size else 0
+            cut = hdr.size + size
+            if over >= hdr.size and cut > over and cut >= LARGE and size <= self.max_message:
+                self.parts[d], self.parts_size[d], self.want[d] = [rest], over, cut
+            else:
+                self._frame(d, bytes(rest), events, build)
+        return events
 
     def _headers(self, d: str, events: list[Any]) -> None:
         buf = self.buf[d]

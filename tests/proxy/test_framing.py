@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import struct
+from typing import cast
 
 import pytest
 from hypothesis import given, settings
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 from dissectors.api import LINK
 from proxy.core.framing import (
     C2S,
+    LARGE,
     S2C,
     ChannelError,
     ChannelFramer,
@@ -239,6 +241,77 @@ def test_huge_link_size_and_bad_caps_are_errors() -> None:
     body[10:14] = struct.pack("<I", 1000)  # num_common_caps far beyond the message
     events = f2.feed(C2S, header(len(body)) + bytes(body))
     assert any(isinstance(e, ChannelError) and "capability" in e.reason for e in events)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    data=st.data(),
+    mini_header=st.booleans(),
+    sizes=st.lists(
+        st.one_of(st.integers(0, 300), st.integers(LARGE - 20, 3 * LARGE)),
+        min_size=1,
+        max_size=6,
+    ),
+    limit=st.sampled_from([2 * LARGE, 4 * LARGE]),
+    truncate=st.integers(0, 3),
+    as_bytearray=st.booleans(),
+)
+def test_large_messages_in_pieces_give_what_the_whole_stream_gives(
+    data: st.DataObject,
+    mini_header: bool,
+    sizes: list[int],
+    limit: int,
+    truncate: int,
+    as_bytearray: bool,
+) -> None:
+    """Messages of LARGE bytes or more, cut anywhere (their header too), are gathered in
+    parts and joined once: the same messages, error, offsets and pending bytes as feeding
+    the stream in one piece, including a stream that ends mid-message."""
+    frame = mini if mini_header else (lambda t, b: full(7, t, b))
+    link = session(False, mini_header)[:4]
+    stream = b"".join(frame(100 + i, bytes([i + 1]) * n) for i, n in enumerate(sizes))
+    stream = stream[: len(stream) - truncate]
+    whole, pieces = ChannelFramer(limit), ChannelFramer(limit)
+    for f in (whole, pieces):
+        for d, chunk in link:
+            f.feed(d, chunk)
+    expected = whole.feed(S2C, stream)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=10)))
+    got: list[Event] = []
+    for a, b in itertools.pairwise([0, *cuts, len(stream)]):
+        piece = stream[a:b]
+        # a caller's reused buffer: the framer must keep a copy, not the object
+        got += pieces.feed(S2C, cast(bytes, bytearray(piece)) if as_bytearray else piece)
+    assert got == expected
+    assert pieces.offset[S2C] == whole.offset[S2C]
+    assert pieces.pending(S2C) == whole.pending(S2C)
+
+
+def test_a_large_message_in_pieces_is_built_from_one_join() -> None:
+    """Its builder gets exactly the message (start 0, end the whole object), not a
+    snapshot of the stream that the small message after it shares."""
+    calls: list[tuple[int, int, int]] = []
+
+    def build(
+        d: str,
+        msg_type: int,
+        data: bytes,
+        start: int,
+        body: int,
+        end: int,
+        serial: int | None,
+        sub_list: int,
+    ) -> tuple[int, int, int]:
+        calls.append((msg_type, end - start, len(data)))
+        return (msg_type, start, end)  # fmt: skip
+
+    f, _ = run(session(False, True)[:4])
+    big, small = mini(200, b"x" * (2 * LARGE)), mini(201, b"tail")
+    stream = big + small
+    for a in range(0, len(stream), 50_000):
+        f.feed_built(S2C, stream[a : a + 50_000], build)
+    assert calls == [(200, len(big), len(big)), (201, len(small), len(small))]
+    assert f.pending(S2C) == 0
 
 
 def test_truncated_message_stays_pending() -> None:

@@ -291,25 +291,15 @@ def test_a_large_message_in_pieces_is_built_from_one_join() -> None:
     """Its builder gets exactly the message (start 0, end the whole object), not a
     snapshot of the stream that the small message after it shares."""
     calls: list[tuple[int, int, int]] = []
-
-    def build(
-        d: str,
-        msg_type: int,
-        data: bytes,
-        start: int,
-        body: int,
-        end: int,
-        serial: int | None,
-        sub_list: int,
-    ) -> tuple[int, int, int]:
-        calls.append((msg_type, end - start, len(data)))
-        return (msg_type, start, end)  # fmt: skip
-
     f, _ = run(session(False, True)[:4])
     big, small = mini(200, b"x" * (2 * LARGE)), mini(201, b"tail")
     stream = big + small
     for a in range(0, len(stream), 50_000):
-        f.feed_built(S2C, stream[a : a + 50_000], build)
+        f.feed_built(
+            S2C,
+            stream[a : a + 50_000],
+            lambda _d, t, data, start, _b, end, _s, _l: calls.append((t, end - start, len(data))),
+        )
     assert calls == [(200, len(big), len(big)), (201, len(small), len(small))]
     assert f.pending(S2C) == 0
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import mmap
 import os
 import select
@@ -328,6 +329,9 @@ class Recorder:
             return  # the recording process is still behind: later
         try:
             ring.release_cold()
+        except OSError as exc:  # the shipper must go on: keep the memory instead
+            self.cold_keep = math.inf
+            log.warning("recording ring: cannot give memory back (%s); keeping it", exc)
         finally:
             with self._lock:
                 ring.reopen_cold()

@@ -307,6 +307,55 @@ def test_the_ring_grows_for_a_burst_and_gives_the_memory_back_after(tmp_path: Pa
     assert got == fed
 
 
+def test_memory_that_cannot_be_given_back_is_kept_and_recording_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A kernel refusing MADV_REMOVE must not end the shipper thread: it says so once,
+    keeps the memory, and items waiting in spill still reach the archive."""
+    rec = Recorder(
+        RecordingOptions(tmp_path, nice=0), {}, None,
+        ring_capacity=8 << 20, ring_hot=1 << 20, cold_keep=0.0,
+    )  # fmt: skip
+    tries: list[int] = []
+
+    def refuse() -> None:
+        tries.append(1)
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(rec.ring, "release_cold", refuse)
+    rec.start()
+    assert rec.process is not None
+    main_channel(rec, pings=0)
+    fed = bytearray()
+    os.kill(rec.process.pid, signal.SIGSTOP)
+    try:
+        while len(fed) < 9 << 20:  # past the ring: the rest waits in spill
+            chunk = mini(4, bytes([len(fed) % 251]) * 150_000)
+            assert rec.data(0, 1.0 + len(fed), "s2c", chunk)
+            fed += chunk
+        assert rec.backlog_items > 0
+    finally:
+        os.kill(rec.process.pid, signal.SIGCONT)
+    deadline = time.monotonic() + 30
+    while not tries:
+        assert time.monotonic() < deadline, "no release was tried"
+        chunk = mini(4, b"small")
+        assert rec.data(0, 2e8 + len(fed), "s2c", chunk)
+        fed += chunk
+        time.sleep(0.05)
+    time.sleep(0.3)
+    assert len(tries) == 1 and rec.cold_keep == float("inf")
+    assert "cannot give memory back" in caplog.text
+    rec.closed(0, 3e8, "viewer closed")
+    rec.stop()
+    (archive,) = rec.archives
+    got = b"".join(
+        r.raw for r in iter_records(archive, [])
+        if r.kind == "message" and r.direction == "s2c" and r.name == "ping"
+    )  # fmt: skip
+    assert got == fed
+
+
 def test_forwarding_threads_may_record_at_once(tmp_path: Path) -> None:
     """Several pump threads call data() together, with the GIL handed over as often as the
     interpreter allows: nothing raises, and every message is recorded."""

@@ -90,7 +90,16 @@ def test_spice_html5_in_chromium_is_drawn_and_recorded(tmp_path: Path, tls: bool
     channels = {r.channel for r in recs}
     assert {"main", "display", "inputs", "cursor"} <= channels, channels
     assert len({r.session for r in recs}) == 1
-    assert not [r for r in recs if r.kind in ("error", "gap")], proxy.log()[-2000:]
+    # The browser closes its channels while the server may still be drawing: a message to
+    # it can be cut there, and the archive says so (seen under load). Nothing else may be.
+    cut = "connection ended (viewer closed) inside a unit"
+    bad = [
+        (r.channel, r.direction, r.kind, r.name, r.error)
+        for r in recs
+        if r.kind == "gap"
+        or (r.kind == "error" and not (r.direction == "s2c" and (r.error or "").startswith(cut)))
+    ]
+    assert not bad, (bad, proxy.log()[-2000:])
     draws = [r for r in recs if r.channel == "display" and (r.name or "").startswith("draw_")]
     assert len(draws) >= 1 and all(r.direction == "s2c" for r in draws)
     assert any(r.channel == "display" and r.name == "init" and r.direction == "c2s" for r in recs)

@@ -9,6 +9,7 @@ import os
 import random
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -263,48 +264,72 @@ def test_every_byte_arrives_in_order_when_the_ring_overflows_into_spill(tmp_path
     assert got == fed
 
 
+def burst_while_stopped(
+    rec: Recorder, until: int, chunk: Callable[[int], bytes], then: Callable[[], None]
+) -> bytearray:
+    """PINGs of `until` bytes in all, the recording process stopped (SIGSTOP) meanwhile;
+    then() looks at the Recorder before it goes on."""
+    assert rec.process is not None
+    fed = bytearray()
+    os.kill(rec.process.pid, signal.SIGSTOP)
+    try:
+        while len(fed) < until:
+            piece = mini(4, chunk(len(fed)))
+            assert rec.data(0, 1.0 + len(fed), "s2c", piece)
+            fed += piece
+        then()
+    finally:
+        os.kill(rec.process.pid, signal.SIGCONT)
+    return fed
+
+
+def trickle_until(rec: Recorder, fed: bytearray, done: Callable[[], bool], what: str) -> None:
+    """Small PINGs every 50 ms (the producer goes back to the ring's hot part) until done()."""
+    deadline = time.monotonic() + 30
+    while not done():
+        assert time.monotonic() < deadline, what
+        piece = mini(4, b"small")
+        assert rec.data(0, 2e8 + len(fed), "s2c", piece)
+        fed += piece
+        time.sleep(0.05)
+
+
+def archived_pings(rec: Recorder) -> bytes:
+    rec.closed(0, 3e8, "viewer closed")
+    rec.stop()
+    (archive,) = rec.archives
+    return b"".join(
+        r.raw for r in iter_records(archive, [])
+        if r.kind == "message" and r.direction == "s2c" and r.name == "ping"
+    )  # fmt: skip
+
+
 def test_the_ring_grows_for_a_burst_and_gives_the_memory_back_after(tmp_path: Path) -> None:
-    """The recording process stopped (SIGSTOP) while 10 MiB come: the elastic ring holds
-    them all past its hot part, nothing spills. Once it has caught up and the cold part has
-    been unused for cold_keep seconds, those pages are given back (they read as zeros).
-    The archive holds every byte in order."""
+    """The recording process stopped while 10 MiB come: the elastic ring holds them all
+    past its hot part, nothing spills. Once it has caught up and the cold part has been
+    unused for cold_keep seconds, those pages are given back (they read as zeros). The
+    archive holds every byte in order."""
     ring_hot = 2 << 20
     rec = Recorder(
         RecordingOptions(tmp_path, nice=0), {}, None,
         ring_capacity=16 << 20, ring_hot=ring_hot, cold_keep=0.3,
     )  # fmt: skip
     rec.start()
-    assert rec.process is not None and rec.ring.hot == ring_hot
+    assert rec.ring.hot == ring_hot
     main_channel(rec, pings=0)
     rng = random.Random(5)
-    fed = bytearray()
     cold = rec.ring._data[ring_hot + mmap.PAGESIZE :]
-    os.kill(rec.process.pid, signal.SIGSTOP)
-    try:
-        while len(fed) < 10 << 20:
-            chunk = mini(4, rng.randbytes(rng.randrange(8, 200_000)))
-            assert rec.data(0, 1.0 + len(fed), "s2c", chunk)
-            fed += chunk
+
+    def grown() -> None:
         assert rec.backlog_items == 0, "spilled: the ring did not grow"
         assert rec.ring.cold_puts > 0 and any(cold)
-    finally:
-        os.kill(rec.process.pid, signal.SIGCONT)
-    deadline = time.monotonic() + 30
-    while any(cold):  # small items meanwhile: the producer goes back to the hot part
-        assert time.monotonic() < deadline, "the cold part was never given back"
-        chunk = mini(4, b"small")
-        assert rec.data(0, 2e8 + len(fed), "s2c", chunk)
-        fed += chunk
-        time.sleep(0.05)
+
+    fed = burst_while_stopped(
+        rec, 10 << 20, lambda _n: rng.randbytes(rng.randrange(8, 200_000)), grown
+    )
+    trickle_until(rec, fed, lambda: not any(cold), "the cold part was never given back")
     cold.release()
-    rec.closed(0, 3e8, "viewer closed")
-    rec.stop()
-    (archive,) = rec.archives
-    got = b"".join(
-        r.raw for r in iter_records(archive, [])
-        if r.kind == "message" and r.direction == "s2c" and r.name == "ping"
-    )  # fmt: skip
-    assert got == fed
+    assert archived_pings(rec) == fed
 
 
 def test_memory_that_cannot_be_given_back_is_kept_and_recording_goes_on(
@@ -324,36 +349,17 @@ def test_memory_that_cannot_be_given_back_is_kept_and_recording_goes_on(
 
     monkeypatch.setattr(rec.ring, "release_cold", refuse)
     rec.start()
-    assert rec.process is not None
     main_channel(rec, pings=0)
-    fed = bytearray()
-    os.kill(rec.process.pid, signal.SIGSTOP)
-    try:
-        while len(fed) < 9 << 20:  # past the ring: the rest waits in spill
-            chunk = mini(4, bytes([len(fed) % 251]) * 150_000)
-            assert rec.data(0, 1.0 + len(fed), "s2c", chunk)
-            fed += chunk
+
+    def spilled() -> None:  # past the ring: the rest waits there
         assert rec.backlog_items > 0
-    finally:
-        os.kill(rec.process.pid, signal.SIGCONT)
-    deadline = time.monotonic() + 30
-    while not tries:
-        assert time.monotonic() < deadline, "no release was tried"
-        chunk = mini(4, b"small")
-        assert rec.data(0, 2e8 + len(fed), "s2c", chunk)
-        fed += chunk
-        time.sleep(0.05)
+
+    fed = burst_while_stopped(rec, 9 << 20, lambda n: bytes([n % 251]) * 150_000, spilled)
+    trickle_until(rec, fed, lambda: bool(tries), "no release was tried")
     time.sleep(0.3)
     assert len(tries) == 1 and rec.cold_keep == float("inf")
     assert "cannot give memory back" in caplog.text
-    rec.closed(0, 3e8, "viewer closed")
-    rec.stop()
-    (archive,) = rec.archives
-    got = b"".join(
-        r.raw for r in iter_records(archive, [])
-        if r.kind == "message" and r.direction == "s2c" and r.name == "ping"
-    )  # fmt: skip
-    assert got == fed
+    assert archived_pings(rec) == fed
 
 
 def test_forwarding_threads_may_record_at_once(tmp_path: Path) -> None:

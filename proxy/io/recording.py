@@ -332,11 +332,12 @@ class Recorder:
         except OSError as exc:  # the shipper must go on: keep the memory instead
             self.cold_keep = math.inf
             log.warning("recording ring: cannot give memory back (%s); keeping it", exc)
+        else:
+            self._cold_at = 0.0
+            log.debug("recording ring: the pages past its hot part given back")
         finally:
             with self._lock:
                 ring.reopen_cold()
-        self._cold_at = 0.0
-        log.debug("recording ring: the pages past its hot part given back")
 
     # -- the reports thread -------------------------------------------------------------------
     def _read(self) -> None:

@@ -49,7 +49,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from dissectors.regen import LAB_CAPTURES as LAB_DIR
+from dissectors.regen import LAB_CAPTURES as LAB
 from spicetap.archive.importer import dissector_hashes
 from spicetap.archive.privacy import PrivacyPolicy
 from spicetap.archive.records import to_archive
@@ -58,7 +58,6 @@ from spicetap.show import iter_capture
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-LAB = LAB_DIR
 LAB_CAPTURES = (LAB / "video-stream-mjpeg.pcapng", LAB / "plain-linux-all-channels.pcapng")
 MB = 1e6
 MIN_FREE = 5e9  # below this much free disk the read archive is scaled down

@@ -35,7 +35,6 @@ from collections.abc import Sequence
 from mmap import MADV_REMOVE, PAGESIZE, mmap
 
 HEADER = 128
-PAGE = PAGESIZE
 PAD = 0  # at an item's start: the rest of this lap is unused
 _HEAD, _TAIL, _WAITING = 0, 8, 9  # indexes of the header seen as u64s
 _Buffer = bytes | bytearray | memoryview
@@ -166,7 +165,7 @@ class ByteRing:
         assert self.hot is not None and self.reach == self.hot
         start = HEADER + self.hot
         if isinstance(self._buffer, mmap):
-            start += -start % PAGE  # madvise wants whole pages
+            start += -start % PAGESIZE  # madvise wants whole pages
             if start < len(self._buffer):
                 self._buffer.madvise(MADV_REMOVE, start, len(self._buffer) - start)
         else:

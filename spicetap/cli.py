@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from spicetap import __version__
-from spicetap.errors import UserError
+from spicetap.errors import UserError, os_error_line
 
 
 def _regen(args: argparse.Namespace) -> int:
@@ -83,6 +83,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return result
     except UserError as exc:
         print(f"spicetap: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a path given (or the config directory) that cannot be used
+        print(f"spicetap: error: {os_error_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -19,6 +19,7 @@ from spicetap.archive.privacy import PolicyError, PrivacyPolicy
 from spicetap.errors import UserError
 from spicetap.filter import FilterError, compile_filter
 from spicetap.inputs import AnyRecord, InputError, iter_records
+from spicetap.outputs import output_file
 from spicetap.render import line, to_json, tree
 
 VERIFY_EXIT = {"intact": 0, "truncated": 1, "tampered": 3}
@@ -160,20 +161,21 @@ def cmd_import(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         raise UserError(f"signing key: {exc}") from None
     try:
-        with progress(f"importing {args.input}") as tick:
-            result = import_capture(
-                Path(args.input),
-                out,
-                policy=policy_from(args),
-                signing_key=key,
-                compress=args.compress,
-                progress=tick,
-            )
+        with output_file(out, Path(args.input)) as partial:
+            with progress(f"importing {args.input}") as tick:
+                result = import_capture(
+                    Path(args.input),
+                    partial,
+                    policy=policy_from(args),
+                    signing_key=key,
+                    compress=args.compress,
+                    progress=tick,
+                )
+            _report(result.problems)
+            if not result.records:  # nothing was written: no archive either
+                raise UserError(f"{args.input}: no SPICE traffic found")
     except CaptureError as exc:
         raise UserError(str(exc)) from None
-    _report(result.problems)
-    if not result.records:
-        raise UserError(f"{args.input}: no SPICE traffic found")
     print(
         f"{out}: {result.records} records, sessions {result.sessions}"
         + (f", {result.dropped} left out by the privacy policy" if result.dropped else "")
@@ -215,11 +217,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     problems: list[str] = []
     records = _records(args, problems)
     out = Path(args.output)
-    with progress(f"exporting {args.format}") as tick:
+    with (
+        output_file(out, Path(args.input)) as partial,
+        progress(f"exporting {args.format}") as tick,
+    ):
         if args.format == "pcap":
-            n = export_pcap(records, out, tick)
+            n = export_pcap(records, partial, tick)
         else:
-            n = export_json(records, out, tick)
+            n = export_json(records, partial, tick)
     _report(problems)
     print(f"{out}: {n} records")
     return 0

@@ -44,10 +44,19 @@ def iter_records(path: Path, problems: list[str]) -> Iterator[AnyRecord]:
         except ArchiveError as exc:
             raise InputError(str(exc)) from None
         with reader:
-            started = float(reader.header.get("started", 0.0))
+            try:
+                started = float(reader.header.get("started", 0.0))
+            except (TypeError, ValueError):
+                raise InputError(f"{path}: damaged archive header (started)") from None
             same = reader.header.get("dissector") == dissector_hashes()
             for obj in reader.records():
-                yield from_archive(obj, started, same)
+                try:
+                    rec = from_archive(obj, started, same)
+                except (TypeError, ValueError, AttributeError, IndexError, KeyError) as exc:
+                    # well-formed msgpack, wrong shape: a damaged or forged record
+                    problems.append(f"{path}: a malformed record was skipped ({exc})")
+                    continue
+                yield rec
             if reader.truncated or reader.damaged:
                 problems.append(f"{path}: {reader.damaged or 'truncated'}")
         return

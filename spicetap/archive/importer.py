@@ -16,6 +16,10 @@ from spicetap.archive.records import to_archive
 from spicetap.archive.writer import ArchiveWriter, FlushPolicy
 from spicetap.show import iter_capture
 
+# Records keep their time as signed 64-bit nanoseconds after the archive's start (msgpack's
+# widest integer): about 292 years either way. Stay a little inside it.
+MAX_OFFSET = 9.2e9
+
 
 @dataclass(frozen=True)
 class ImportResult:
@@ -46,7 +50,7 @@ def import_capture(
     problems: list[str] = []
     writer: ArchiveWriter | None = None
     t0 = 0.0
-    count = dropped = 0
+    count = dropped = clamped = 0
     sessions: list[int] = []
     tls_conns: set[int] = set()
     for rec in iter_capture(capture, problems):
@@ -77,6 +81,14 @@ def import_capture(
             sessions.append(rec.session)
         if rec.kind == "tls":
             tls_conns.add(rec.connection)
+        if not -MAX_OFFSET < rec.time - t0 < MAX_OFFSET:  # a damaged capture's timestamp
+            if not clamped:
+                problems.append(
+                    f"{capture}: a packet's time is centuries from the first one's "
+                    f"({rec.time:.0f} s); such times are recorded as the nearest that fits"
+                )
+            clamped += 1
+            rec = rec._replace(time=t0 + max(-MAX_OFFSET, min(MAX_OFFSET, rec.time - t0)))
         obj = to_archive(rec, t0, policy)
         if obj is None:
             dropped += 1
@@ -85,8 +97,7 @@ def import_capture(
         count += 1
         if progress is not None and count % 512 == 0:
             progress(count)
-    if writer is None:
-        problems.append(f"{capture}: no SPICE traffic found")
+    if writer is None:  # the caller says there was no SPICE traffic
         return ImportResult(out, 0, 0, [], problems)
     writer.close(
         extra={"sessions": sessions, "tls_connections": sorted(tls_conns), "problems": problems}

@@ -107,13 +107,18 @@ def redecode(obj: dict[str, Any]) -> tuple[dict[str, Any] | None, bool] | None:
     dissected), or None when there is nothing to decode (redacted, or not a message)."""
     raw = obj.get("raw") or b""
     kind, hdr = obj.get("kind"), obj.get("hdr")
-    if not raw or not isinstance(hdr, int) or kind not in ("message", "agent"):
+    if not isinstance(raw, bytes) or not isinstance(hdr, int) or kind not in ("message", "agent"):
+        return None
+    if not raw:
         return None
     msg_type, direction = obj.get("type"), obj.get("dir")
     if not isinstance(msg_type, int) or direction not in ("c2s", "s2c"):
         return None
     if kind == "agent":
-        dec = decode(int(obj.get("variant") or 0), direction, msg_type, raw[hdr:], AGENT)
+        variant = obj.get("variant") or 0
+        if not isinstance(variant, int):
+            return None
+        dec = decode(variant, direction, msg_type, raw[hdr:], AGENT)
     else:
         ch = (obj.get("ch") or [None])[0]
         if not isinstance(ch, int):
@@ -162,7 +167,10 @@ class ArchivedRecord:
         self.kind = str(obj.get("kind", "message"))
         self.msg_type: int | None = obj.get("type")
         self.name: str | None = obj.get("name")
-        self.raw = bytes(obj.get("raw", b""))
+        raw = obj.get("raw", b"")
+        if not isinstance(raw, bytes):  # bytes(5) would be five zeros, not an error
+            raise TypeError(f"raw is {type(raw).__name__}, not bytes")
+        self.raw = raw
         self.error: str | None = obj.get("err")
         self.seq = int(obj.get("seq", 0))
         self.redacted: dict[str, Any] | None = obj.get("redacted")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import signal
 import ssl
 import sys
@@ -46,14 +47,18 @@ def add_proxy_command(sub: Any) -> None:
     from spicetap.cli_inspect import add_privacy_options
 
     p = sub.add_parser("proxy", help="run the recording proxy in front of a SPICE server")
-    p.add_argument("--config", help="TOML file (see config/spicetap.example.toml)")
-    p.add_argument("--listen", help="HOST:PORT viewers connect to (default 127.0.0.1:5900)")
-    p.add_argument("--upstream", help="HOST:PORT of the SPICE server")
-    p.add_argument("--record", metavar="DIR", help="write one archive per session into DIR")
+    p.add_argument("--config", type=_nonempty, help="TOML file (see config/spicetap.example.toml)")
+    p.add_argument(
+        "--listen", type=_nonempty, help="HOST:PORT viewers connect to (default 127.0.0.1:5900)"
+    )
+    p.add_argument("--upstream", type=_nonempty, help="HOST:PORT of the SPICE server")
+    p.add_argument(
+        "--record", type=_nonempty, metavar="DIR", help="write one archive per session into DIR"
+    )
     p.add_argument("--compress", action="store_true", default=None, help="zstd-compress archives")
     p.add_argument(
         "--flush-interval",
-        type=float,
+        type=_flush_seconds,
         help="seconds a record may wait before reaching the disk (loss window)",
     )
     p.add_argument(
@@ -69,27 +74,33 @@ def add_proxy_command(sub: Any) -> None:
         help="relayed MiB held for recording before the backlog policy applies (default 512)",
     )
     t = p.add_argument_group("TLS (either leg may be plain or TLS)")
-    t.add_argument("--tls-listen", help="HOST:PORT where viewers connect with TLS")
-    t.add_argument("--upstream-tls", help="HOST:PORT of the server's TLS port")
+    t.add_argument("--tls-listen", type=_nonempty, help="HOST:PORT where viewers connect with TLS")
+    t.add_argument("--upstream-tls", type=_nonempty, help="HOST:PORT of the server's TLS port")
     t.add_argument(
         "--tls-subject",
+        type=_nonempty,
         help="subject of the certificate spicetap presents, e.g. "
         "'C=XX,O=Example,CN=host' (default: O=spicetap,CN=<listen host>)",
     )
     t.add_argument(
         "--tls-cert",
+        type=_nonempty,
         help="PEM certificate chain to present instead of one issued by spicetap's own CA",
     )
-    t.add_argument("--tls-key", help="PEM private key of --tls-cert")
-    t.add_argument("--upstream-ca", help="CA file that signed the server's certificate")
-    t.add_argument("--upstream-host-subject", help="subject the server's certificate must have")
+    t.add_argument("--tls-key", type=_nonempty, help="PEM private key of --tls-cert")
+    t.add_argument(
+        "--upstream-ca", type=_nonempty, help="CA file that signed the server's certificate"
+    )
+    t.add_argument(
+        "--upstream-host-subject", type=_nonempty, help="subject the server's certificate must have"
+    )
     t.add_argument(
         "--upstream-insecure",
         action="store_true",
         help="do not check the server's certificate at all",
     )
     c = p.add_argument_group("HTTP CONNECT front (remote-viewer --spice-proxy=http://HOST:PORT)")
-    c.add_argument("--connect-listen", help="HOST:PORT of the CONNECT front")
+    c.add_argument("--connect-listen", type=_nonempty, help="HOST:PORT of the CONNECT front")
     c.add_argument(
         "--allow",
         action="append",
@@ -101,6 +112,7 @@ def add_proxy_command(sub: Any) -> None:
     w = p.add_argument_group("WebSocket front (spice-html5 in a browser, no websockify)")
     w.add_argument(
         "--ws-listen",
+        type=_nonempty,
         help="HOST:PORT serving spice-html5's page and one WebSocket per SPICE channel",
     )
     w.add_argument(
@@ -118,6 +130,7 @@ def add_proxy_command(sub: Any) -> None:
     )
     t.add_argument(
         "--keylog",
+        type=_nonempty,
         help="append TLS secrets of both legs here (SSLKEYLOGFILE format, for Wireshark)",
     )
     p.add_argument(
@@ -128,11 +141,12 @@ def add_proxy_command(sub: Any) -> None:
         help="let viewers follow a live migration straight to the new host (unrecorded); "
         "by default spicetap rewrites the migration messages and follows the server itself",
     )
-    p.add_argument("--link-timeout", type=float)
-    p.add_argument("--idle-timeout", type=float)
-    p.add_argument("--max-message", type=int, help="bytes")
+    p.add_argument("--link-timeout", type=_positive_seconds)
+    p.add_argument("--idle-timeout", type=_positive_seconds)
+    p.add_argument("--max-message", type=_positive_bytes, help="bytes")
     p.add_argument(
         "--management",
+        type=_nonempty,
         metavar="HOST:PORT",
         help="serve the management HTTP API (sessions, probes, /metrics) here; it has no "
         "authentication: keep it on loopback",
@@ -141,6 +155,41 @@ def add_proxy_command(sub: Any) -> None:
     add_link_options(p)
     add_privacy_options(p)
     p.set_defaults(func=cmd_proxy)
+
+
+def _seconds(text: str, *, zero: bool = False) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+        want = "a number of seconds, 0 or more" if zero else "a positive number of seconds"
+        raise argparse.ArgumentTypeError(f"{text!r}: expected {want}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    return _seconds(text)
+
+
+def _flush_seconds(text: str) -> float:
+    return _seconds(text, zero=True)  # 0: every record is written at once
+
+
+def _positive_bytes(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive number of bytes")
+    return value
+
+
+def _nonempty(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a value, got an empty one")
+    return text
 
 
 def _positive_mb(text: str) -> int:

@@ -6,6 +6,7 @@ ConfigError whose one-line message names the file, the key and what was expected
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from collections.abc import Callable
@@ -116,6 +117,25 @@ _TYPES = {int: "an integer", float: "a number", bool: "true or false", str: "a s
 TARGET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 
 
+# Numbers that may be zero (a flush on every record, no buffer) or negative (niceness, whose
+# range the recorder checks); every other number must be positive.
+MAY_BE_ZERO = {"flush_interval", "max_buffer"}
+MAY_BE_NEGATIVE = {"nice"}
+MAY_BE_EMPTY = {"server_password", "viewer_password"}  # a SPICE ticket may be empty
+
+
+def _number(where: str, name: str, value: float, kind: type) -> float:
+    if name in MAY_BE_NEGATIVE:
+        ok, want = True, "a finite number"
+    elif name in MAY_BE_ZERO:
+        ok, want = value >= 0, "0 or more"
+    else:
+        ok, want = value > 0, "a positive number"
+    if not (ok and math.isfinite(value)):
+        raise ConfigError(f"{where}{name} = {value!r}: expected {want}")
+    return float(value) if kind is float else value
+
+
 def _check(where: str, name: str, hint: Any, value: Any) -> Any:
     allowed = [t for t in getattr(hint, "__args__", (hint,)) if t is not type(None)]
     if value is None and type(None) in getattr(hint, "__args__", ()):
@@ -125,11 +145,15 @@ def _check(where: str, name: str, hint: Any, value: Any) -> Any:
             return tuple(value)
         raise ConfigError(f"{where}{name} = {value!r}: expected a list of strings")
     for t in allowed:
-        if t is float and isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if t is int and isinstance(value, int) and not isinstance(value, bool):
+        if t in (int, float) and isinstance(value, int | float) and not isinstance(value, bool):
+            if t is int and not isinstance(value, int):
+                continue
+            return _number(where, name, value, t)
+        if t is str and isinstance(value, str):
+            if not value.strip() and name not in MAY_BE_EMPTY:
+                raise ConfigError(f"{where}{name} = {value!r}: expected a value, got an empty one")
             return value
-        if t in (bool, str) and isinstance(value, t):
+        if t is bool and isinstance(value, bool):
             return value
     want = " or ".join(_TYPES.get(t, t.__name__) for t in allowed)
     raise ConfigError(f"{where}{name} = {value!r}: expected {want}")

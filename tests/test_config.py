@@ -42,6 +42,14 @@ def test_example_config_loads() -> None:
         ("[targets.vm1]\nupstrem = 'h:1'\n", "[targets.vm1] unknown key 'upstrem'"),
         ("[targets.'a b']\nupstream = 'h:1'\n", "[targets.a b]: a target name is"),
         ("[targets]\nvm1 = 'h:1'\n", "targets.vm1 must be a table"),
+        # TOML has nan and inf: a nan timeout would turn the timeout off
+        ("[proxy]\nlink_timeout = nan\n", "link_timeout = nan: expected a positive number"),
+        ("[proxy]\nidle_timeout = inf\n", "idle_timeout = inf: expected a positive number"),
+        ("[proxy]\nmax_message = -1\n", "max_message = -1: expected a positive number"),
+        ("[recording]\nflush_interval = -1\n", "flush_interval = -1: expected 0 or more"),
+        ("[recording]\nrotate_seconds = 0\n", "rotate_seconds = 0: expected a positive number"),
+        ("[proxy]\nupstream = ''\n", "[proxy] upstream = '': expected a value"),
+        ("[targets.vm1]\nupstream = ' '\n", "[targets.vm1] upstream = ' ': expected a value"),
     ],
 )
 def test_mistakes_name_file_and_key(tmp_path: Path, text: str, expected: str) -> None:

@@ -59,6 +59,14 @@ def test_bad_fronts_are_one_line_errors(
     ("argv", "message"),
     [
         (["proxy", "--max-backlog", "0"], "spicetap proxy: error: argument --max-backlog"),
+        # nan would turn the link timeout off; -1 would end every channel at once
+        (["proxy", "--link-timeout", "nan"], "spicetap proxy: error: argument --link-timeout"),
+        (["proxy", "--link-timeout", "-1"], "spicetap proxy: error: argument --link-timeout"),
+        (["proxy", "--idle-timeout", "0"], "spicetap proxy: error: argument --idle-timeout"),
+        (["proxy", "--max-message", "-1"], "spicetap proxy: error: argument --max-message"),
+        (["proxy", "--flush-interval", "inf"], "spicetap proxy: error: argument --flush-interval"),
+        (["proxy", "--upstream", ""], "spicetap proxy: error: argument --upstream: expected a"),
+        (["proxy", "--tls-listen", " "], "spicetap proxy: error: argument --tls-listen"),
         (["proxy", "--no-such-flag"], "spicetap: error: unrecognized arguments: --no-such-flag"),
         (["no-such-command"], "spicetap: error: argument command: invalid choice"),
         ([], "spicetap: error: the following arguments are required: command"),

@@ -415,6 +415,8 @@ def _viewer_context(
         if args.tls_cert or args.tls_key:
             if not (args.tls_cert and args.tls_key):
                 raise UserError("--tls-cert and --tls-key go together")
+            if args.tls_subject:
+                raise UserError("--tls-subject names certificates spicetap issues, not --tls-cert")
             return server_context(Path(args.tls_cert), Path(args.tls_key), keylog)
         ca = load_or_create_ca()
         host = listen_host(listen[0])

@@ -59,7 +59,10 @@ def parse_subject(text: str) -> x509.Name:
         oid = _ATTRS.get(key.strip().upper())
         if not sep or oid is None or not value:
             raise TlsSetupError(f"subject {text!r}: cannot read {item!r} (use C=..,O=..,CN=..)")
-        parts.append(x509.NameAttribute(oid, value.strip()))
+        try:  # X.509's own rules, such as a country being two letters
+            parts.append(x509.NameAttribute(oid, value.strip()))
+        except ValueError as exc:
+            raise TlsSetupError(f"subject {text!r}: {item!r}: {exc}") from None
     if not parts:
         raise TlsSetupError(f"subject {text!r} is empty")
     return x509.Name(parts)
@@ -93,8 +96,19 @@ def load_or_create_ca(directory: Path | None = None) -> Ca:
     folder = directory or config_dir()
     cert_path, key_path = folder / CA_CERT, folder / CA_KEY
     if cert_path.is_file() and key_path.is_file():
-        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
-        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        try:
+            cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+            key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        except (ValueError, TypeError) as exc:  # TypeError: the key wants a passphrase
+            why = (
+                "the key is protected by a passphrase"
+                if isinstance(exc, TypeError)
+                else ("not a PEM certificate and key")
+            )
+            raise TlsSetupError(
+                f"spicetap's CA ({cert_path}, {key_path}): {why}; move them away and a new "
+                "CA is made (viewers then need its ca-cert.pem)"
+            ) from None
         if not isinstance(key, rsa.RSAPrivateKey):
             raise TlsSetupError(f"{key_path}: not an RSA private key")
         return Ca(cert, key, cert_path)
@@ -191,10 +205,18 @@ def issue_server_cert(ca: Ca, subject: str, names: list[str], folder: Path) -> t
 def server_context(cert: Path, key: Path, keylog: Path | None) -> ssl.SSLContext:
     """What spicetap presents to viewers."""
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+
+    def no_passphrase() -> bytes:  # else OpenSSL prompts on the terminal, and waits
+        raise TlsSetupError(f"key {key} is protected by a passphrase: give an unprotected key")
+
     try:
-        ctx.load_cert_chain(cert, key)
-    except (OSError, ssl.SSLError) as exc:
-        raise TlsSetupError(f"certificate {cert} / key {key}: {exc}") from None
+        ctx.load_cert_chain(cert, key, password=no_passphrase)
+    except ssl.SSLError:  # its text is OpenSSL's, such as "[SSL] PEM lib (_ssl.c:3905)"
+        raise TlsSetupError(
+            f"certificate {cert} / key {key}: not a PEM certificate chain and its private key"
+        ) from None
+    except OSError as exc:
+        raise TlsSetupError(f"certificate {cert} / key {key}: {exc.strerror or exc}") from None
     if keylog is not None:
         ctx.keylog_filename = str(keylog)
     return ctx

@@ -199,7 +199,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
             raise UserError(f"{args.key}: not an Ed25519 public key")
         trusted = key
     else:
-        trusted = trusted_public_key()
+        try:
+            trusted = trusted_public_key()
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
     worst = 0
     for name in args.archives:
         path = Path(name)

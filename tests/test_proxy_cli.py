@@ -81,3 +81,87 @@ def test_bad_flags_are_one_line_errors_too(
     err = capsys.readouterr().err
     assert err.startswith(message) and err.count("\n") == 1, err
     assert err.rstrip().endswith("--help)")
+
+
+def _pem_pair(folder: Path, passphrase: bytes | None = None) -> tuple[Path, Path]:
+    """A self-signed certificate and its key, the key protected when a passphrase is given."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    protect = (
+        serialization.BestAvailableEncryption(passphrase)
+        if passphrase
+        else serialization.NoEncryption()
+    )
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, protect)
+    )
+    return cert_path, key_path
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        # OpenSSL would prompt for the passphrase on the terminal and wait there
+        ("protected key", "is protected by a passphrase: give an unprotected key"),
+        ("swapped", "not a PEM certificate chain and its private key"),
+        ("subject too", "--tls-subject names certificates spicetap issues, not --tls-cert"),
+        ("bad subject", "'C=TOOLONG': Attribute's length must be >= 2 and <= 2"),
+        ("damaged CA", "not a PEM certificate and key; move them away"),
+    ],
+)
+def test_unusable_tls_material_is_a_one_line_error(
+    case: str,
+    message: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("SPICETAP_CONFIG_DIR", str(tmp_path))
+    cert, key = _pem_pair(tmp_path, b"secret" if case == "protected key" else None)
+    argv = ["proxy", "--upstream", "127.0.0.1:1", "--tls-listen", "127.0.0.1:0"]
+    if case in ("protected key", "subject too"):
+        argv += ["--tls-cert", str(cert), "--tls-key", str(key)]
+    if case == "swapped":
+        argv += ["--tls-cert", str(key), "--tls-key", str(cert)]
+    if case in ("subject too", "bad subject"):
+        argv += ["--tls-subject", "C=TOOLONG,CN=x"]
+    if case == "damaged CA":
+        (tmp_path / "ca-cert.pem").write_text("garbage\n")
+        (tmp_path / "ca-key.pem").write_text("garbage\n")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+
+
+def test_a_damaged_trusted_key_is_a_one_line_error_for_verify(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from spicetap.archive.keys import PUB_NAME
+
+    monkeypatch.setenv("SPICETAP_CONFIG_DIR", str(tmp_path))
+    (tmp_path / PUB_NAME).write_text("garbage\n")
+    archive = tmp_path / "a.spta"
+    archive.write_bytes(b"\x92\xc4\x00")
+    assert main(["verify", str(archive)]) == 2
+    err = capsys.readouterr().err
+    assert "not a PEM public key (damaged? move it away)" in err and err.count("\n") == 1

@@ -25,7 +25,11 @@ def load_or_create_signing_key(directory: Path | None = None) -> Ed25519PrivateK
     folder = directory or config_dir()
     key_path = folder / KEY_NAME
     if key_path.is_file():
-        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        try:
+            key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        except (ValueError, TypeError) as exc:  # TypeError: the key wants a passphrase
+            why = "protected by a passphrase" if isinstance(exc, TypeError) else "not a PEM key"
+            raise ValueError(f"{key_path}: {why} (damaged? move it away)") from None
         if not isinstance(key, Ed25519PrivateKey):
             raise ValueError(f"{key_path}: not an Ed25519 private key")
         return key
@@ -57,5 +61,8 @@ def trusted_public_key(directory: Path | None = None) -> Ed25519PublicKey | None
     path = (directory or config_dir()) / PUB_NAME
     if not path.is_file():
         return None
-    key = serialization.load_pem_public_key(path.read_bytes())
+    try:
+        key = serialization.load_pem_public_key(path.read_bytes())
+    except ValueError:
+        raise ValueError(f"{path}: not a PEM public key (damaged? move it away)") from None
     return key if isinstance(key, Ed25519PublicKey) else None

@@ -14,11 +14,18 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives import serialization
 
 from proxy.targets import host_port
-from proxy.tls import TlsSetupError, default_subject, listen_host, load_or_create_ca
+from proxy.tls import (
+    TlsSetupError,
+    default_subject,
+    listen_host,
+    load_or_create_ca,
+    parse_subject,
+)
 from spicetap.config import Config, ConfigError, load_config
 from spicetap.errors import UserError
 
@@ -89,7 +96,8 @@ def viewer_file(args: argparse.Namespace, config: Config) -> ViewerFile:
     plain = None if args.tls_only else port
     subject = args.host_subject or default_subject(host)
     ca = _ca_pem() if tls_port is not None else None
-    return ViewerFile(host, plain, tls_port, ca, subject if tls_port else None, **extras)
+    tls_subject = subject if tls_port else None
+    return ViewerFile(host, plain, tls_port, ca, tls_subject, proxy=args.proxy, **extras)
 
 
 def _named(
@@ -139,6 +147,32 @@ def _named(
     )
 
 
+def _check_values(args: argparse.Namespace) -> None:
+    """A .vv file is lines of key=value: a line break in a value would add keys of its own
+    (host=elsewhere), so no control character may go in."""
+    for option in ("password", "title", "host_subject", "proxy"):
+        value = getattr(args, option)
+        if value is not None and any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+            raise UserError(
+                f"--{option.replace('_', '-')}: has a line break or control character, "
+                "which a .vv file cannot hold"
+            )
+    if args.host_subject is not None:
+        try:
+            parse_subject(args.host_subject)
+        except TlsSetupError as exc:
+            raise UserError(f"--host-subject: {exc}") from None
+    if args.proxy is not None:
+        try:
+            url = urlsplit(args.proxy)
+            ok = url.scheme == "http" and bool(url.hostname) and url.path in ("", "/")
+            url.port  # noqa: B018  (raises on a port out of range)
+        except ValueError:
+            ok = False
+        if not ok:
+            raise UserError(f"--proxy {args.proxy!r}: expected http://HOST:PORT")
+
+
 def add_vv_command(sub: Any) -> None:
     p = sub.add_parser(
         "vv", help="write a remote-viewer .vv file that connects through spicetap (CA inline)"
@@ -169,6 +203,7 @@ def cmd_vv(args: argparse.Namespace) -> int:
         raise UserError(str(exc)) from None
     if args.tls_port is not None and not 0 < args.tls_port < 65536:
         raise UserError(f"--tls-port {args.tls_port}: expected 1-65535")
+    _check_values(args)
     text = viewer_file(args, config).render()
     if args.output is None:
         sys.stdout.write(text)

@@ -33,6 +33,13 @@ def test_tls_only_listener_carries_spicetaps_ca_inline(
     assert (tmp_path / "out.vv").stat().st_mode & 0o777 == 0o600
 
 
+def test_a_listener_reached_through_a_proxy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    vv = _vv(tmp_path, monkeypatch, "10.1.2.3:5900", "--proxy", "http://127.0.0.1:3128")
+    assert vv["proxy"] == "http://127.0.0.1:3128"
+
+
 def test_plain_listener_needs_no_ca(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     vv = _vv(tmp_path, monkeypatch, "10.1.2.3:5900", "--title", "VM 1")
     assert vv == {"type": "spice", "host": "10.1.2.3", "port": "5900", "title": "VM 1"}
@@ -71,6 +78,13 @@ def test_named_target_through_the_connect_front(
         (["nosuch"], "'nosuch' is neither HOST:PORT nor a target name"),
         (["h:70000"], "TARGET 'h:70000': expected HOST:PORT"),
         (["h:1", "--tls-port", "0"], "--tls-port 0: expected 1-65535"),
+        # a line break would add keys of its own to the file: host=elsewhere
+        (["h:1", "--title", "x\nhost=evil"], "--title: has a line break or control character"),
+        (["h:1", "--password", "pw\r"], "--password: has a line break or control character"),
+        (["h:1", "--proxy", "bogus"], "--proxy 'bogus': expected http://HOST:PORT"),
+        (["h:1", "--proxy", "http://h:70000"], "--proxy 'http://h:70000': expected http://"),
+        (["h:1", "--proxy", "http://[::1"], "--proxy 'http://[::1': expected http://"),
+        (["h:1", "--host-subject", "bogus"], "--host-subject: subject 'bogus': cannot read"),
     ],
 )
 def test_bad_targets_are_one_line_errors(

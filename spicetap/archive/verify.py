@@ -140,10 +140,10 @@ def _check_end(
     sig, pub = end.get("signature"), end.get("public_key")
     if not isinstance(sig, bytes) or not isinstance(pub, bytes):
         return Verdict("intact", count, f"{count} records, hash chain intact (unsigned)")
-    key = Ed25519PublicKey.from_public_bytes(pub)
     try:
+        key = Ed25519PublicKey.from_public_bytes(pub)
         key.verify(sig, fmt.signed_message(header_chain, last_chain, count))
-    except InvalidSignature:
+    except (InvalidSignature, ValueError):  # ValueError: not 32 bytes, not a key
         return Verdict(
             "tampered",
             count,
@@ -158,6 +158,12 @@ def _check_end(
             first_bad=seq if isinstance(seq, int) else None,
             signed_by=pub.hex(),
         )
+    # Without a trusted key, the signature only proves the archive is as its signer left
+    # it: anyone can sign a forgery with a key of their own.
+    signer = "" if trusted is not None else " (signer unchecked: no trusted key; give --key)"
     return Verdict(
-        "intact", count, f"{count} records, hash chain and signature valid", signed_by=pub.hex()
+        "intact",
+        count,
+        f"{count} records, hash chain and signature valid{signer}",
+        signed_by=pub.hex(),
     )

@@ -70,6 +70,32 @@ def test_round_trip(tmp_path: Path, compress: bool) -> None:
     v = verify(path)
     assert (v.status, v.records) == ("intact", 300)
     assert v.signed_by == KEY.public_key().public_bytes_raw().hex()
+    # no trusted key: the signature proves only that the signer left it so
+    assert v.detail.endswith("signature valid (signer unchecked: no trusted key; give --key)")
+    assert verify(path, KEY.public_key()).detail.endswith("hash chain and signature valid")
+
+
+def test_a_forged_end_records_public_key_is_tampering(tmp_path: Path) -> None:
+    """An end record whose public_key is not a key at all (a forger's slip, or a flip
+    before its chain was recomputed): a verdict, not a ValueError."""
+    path = tmp_path / "a.spta"
+    write(path, 3)
+    offsets = _object_offsets(path)
+    data = path.read_bytes()
+    up = msgpack.Unpacker(raw=False)
+    up.feed(data[offsets[-1] :])
+    payload, _chain = up.unpack()
+    end = msgpack.unpackb(payload, raw=False)
+    end["public_key"] = b"short"
+    up = msgpack.Unpacker(raw=False)
+    up.feed(data)
+    objects = [up.unpack() for _ in offsets]  # [payload, chain] each
+    chain = objects[-2][1]  # the last record's: the forged end record chains on from it
+    forged_payload = fmt.pack_payload(end)
+    forged = data[: offsets[-1]] + fmt.frame(forged_payload, fmt.chain_next(chain, forged_payload))
+    path.write_bytes(forged)
+    v = verify(path)
+    assert v.status == "tampered" and "signature is not valid" in v.detail, v
 
 
 def _object_offsets(path: Path) -> list[int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import re
 import signal
 import ssl
 import sys
@@ -24,7 +25,7 @@ from proxy.io.static import SPICE_HTML5_DIR
 from proxy.io.websocket import serve_websocket
 from proxy.linksetup import add_link_options, link_policy_from, target_policy
 from proxy.recorder import BACKLOG_POLICIES, LOG_FORMAT, RecordingOptions
-from proxy.targets import ConnectRouter, Target, host_port
+from proxy.targets import ConnectRouter, Target, check_upstream_tls, host_port
 from proxy.tls import (
     HostCertificates,
     TlsSetupError,
@@ -41,6 +42,7 @@ from spicetap.config import Config, ConfigError, ProxySection, load_config
 from spicetap.errors import UserError
 
 GIL_SWITCH_INTERVAL = 100e-6  # seconds
+ORIGIN = re.compile(r"https?://[^/\s:]+(:\d{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:\d{1,5})?")
 
 
 def add_proxy_command(sub: Any) -> None:
@@ -306,6 +308,12 @@ def _cli_target(args: argparse.Namespace, cp: ProxySection) -> Target | None:
     plain_up = _pick(args.upstream, cp.upstream)
     if plain_up is None and args.upstream_tls is None:
         return None
+    check_upstream_tls(
+        Path(args.upstream_ca) if args.upstream_ca else None,
+        args.upstream_host_subject,
+        args.upstream_insecure,
+        ("--upstream-ca", "--upstream-host-subject", "--upstream-insecure"),
+    )
     return Target(
         None,
         host_port(plain_up, "--upstream") if plain_up else None,
@@ -393,6 +401,9 @@ def _websocket_front(
     listen = host_port(listen_text, "--ws-listen", any_port=True)
     context = _viewer_context(args, listen, keylog) if args.ws_tls else None
     origins = tuple(args.ws_origin) or cp.ws_origins
+    for origin in origins:  # compared with the browser's Origin header, which has this form
+        if origin != "*" and not ORIGIN.fullmatch(origin):
+            raise UserError(f"--ws-origin {origin!r}: expected * or SCHEME://HOST[:PORT]")
     return Route(listen, context, main.upstream(False, keylog), origins=origins)
 
 

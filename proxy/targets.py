@@ -16,7 +16,7 @@ from pathlib import Path
 from proxy.core.allow import AllowList, AllowListError
 from proxy.core.linkrewrite import LinkPolicy
 from proxy.io.server import Upstream, tcp_end_opener, tcp_opener, tls_end_opener, tls_opener
-from proxy.tls import TlsSetupError, client_context
+from proxy.tls import TlsSetupError, client_context, parse_subject
 from spicetap.config import ConnectSection, TargetSection
 from spicetap.errors import UserError
 
@@ -46,6 +46,16 @@ class Target:
         cls, name: str, section: TargetSection, policy: LinkPolicy | None = None
     ) -> Target:
         where = f"[targets.{name}]"
+        check_upstream_tls(
+            Path(section.upstream_ca) if section.upstream_ca else None,
+            section.upstream_host_subject,
+            section.upstream_insecure,
+            (
+                f"{where} upstream_ca",
+                f"{where} upstream_host_subject",
+                f"{where} upstream_insecure",
+            ),
+        )
         return cls(
             name,
             host_port(section.upstream, f"{where} upstream") if section.upstream else None,
@@ -73,6 +83,24 @@ class Target:
         opener = tls_opener(host, port, ctx, self.host_subject)
         end_opener = tls_end_opener(host, port, ctx, self.host_subject)
         return Upstream(opener, f"{host}:{port} (tls)", self.name, end_opener, self.policy)
+
+
+def check_upstream_tls(
+    ca: Path | None, subject: str | None, insecure: bool, names: tuple[str, str, str]
+) -> None:
+    """How a TLS upstream is checked, refused at start-up when it cannot work. `names`: how
+    the user gave the CA, the host subject and insecure (options, or config keys)."""
+    ca_name, subject_name, insecure_name = names
+    if insecure and (ca is not None or subject is not None):
+        given = ca_name if ca is not None else subject_name
+        raise UserError(
+            f"{insecure_name} turns off the check {given} asks for: give only one of them"
+        )
+    if subject is not None:
+        try:
+            parse_subject(subject)
+        except TlsSetupError as exc:
+            raise UserError(f"{subject_name}: {exc}") from None
 
 
 @cache  # one context per distinct check: CONNECT opens one upstream per channel
@@ -108,6 +136,10 @@ class ConnectRouter:
         except AllowListError as exc:
             raise UserError(f"[connect] {exc}") from None
         ca = Path(section.upstream_ca) if section.upstream_ca else None
+        names = ("[connect] upstream_ca", "", "[connect] upstream_insecure")
+        check_upstream_tls(ca, None, section.upstream_insecure, names)
+        if ca is not None:  # read now: the first viewer would find it missing otherwise
+            _client_context(ca, section.upstream_insecure, None, True)
         return cls(targets, allow, ca, section.upstream_insecure)
 
     def route(self, host: str, port: int) -> Target | None:

@@ -40,6 +40,22 @@ def test_a_taken_port_is_a_one_line_error_naming_the_listener(
         (["--upstream", "h:1", "--allow", "h:1"], "--allow needs --connect-listen"),
         (["--connect-listen", "x", "--allow", "h:1"], "--connect-listen 'x': expected HOST:PORT"),
         (["--connect-listen", "127.0.0.1:0", "--allow", "h"], "[connect] allow 'h'"),
+        (
+            ["--upstream", "h:1", "--upstream-insecure", "--upstream-ca", "ca.pem"],
+            "--upstream-insecure turns off the check --upstream-ca asks for",
+        ),
+        (
+            ["--upstream", "h:1", "--upstream-host-subject", "bogus"],
+            "--upstream-host-subject: subject 'bogus': cannot read 'bogus'",
+        ),
+        (
+            ["--upstream", "h:1", "--ws-listen", "127.0.0.1:0", "--ws-origin", "example.org"],
+            "--ws-origin 'example.org': expected * or SCHEME://HOST[:PORT]",
+        ),
+        (  # read at start-up: else the first viewer to reach an address finds it missing
+            ["--connect-listen", "127.0.0.1:0", "--allow", "h:1", "--upstream-ca", "no.pem"],
+            "upstream CA no.pem: [Errno 2] No such file or directory",
+        ),
     ],
 )
 def test_bad_fronts_are_one_line_errors(

@@ -18,7 +18,7 @@ from spicetap.archive.keys import load_or_create_signing_key, trusted_public_key
 from spicetap.archive.privacy import PolicyError, PrivacyPolicy
 from spicetap.errors import UserError
 from spicetap.filter import FilterError, compile_filter
-from spicetap.inputs import AnyRecord, InputError, iter_records
+from spicetap.inputs import AnyRecord, InputError, is_archive, iter_records
 from spicetap.outputs import output_file
 from spicetap.render import line, to_json, tree
 
@@ -207,7 +207,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     for name in args.archives:
         path = Path(name)
         if not path.is_file():
-            raise UserError(f"{path}: no such file")
+            raise UserError(f"{path}: {'not a file' if path.exists() else 'no such file'}")
+        if not is_archive(path):  # a capture, say: not an archive that was tampered with
+            raise UserError(f"{path}: not a spicetap archive")
         verdict = verify(path, trusted)
         print(verdict.line(path))
         worst = max(worst, VERIFY_EXIT[verdict.status])

@@ -161,7 +161,7 @@ def _check(where: str, name: str, hint: Any, value: Any) -> Any:
 
 def _section(cls: type[Any], data: dict[str, Any], where: str, nested: dict[str, Any]) -> Any:
     hints = get_type_hints(cls)
-    known = {f.name for f in fields(cls)}
+    known = {f.name for f in fields(cls) if f.init}  # not internal state (privacy._decisions)
     values: dict[str, Any] = {}
     for key, value in data.items():
         if key not in known:

@@ -9,7 +9,7 @@ from spicetap.archive import format as fmt
 from spicetap.archive.importer import dissector_hashes
 from spicetap.archive.reader import ArchiveError, ArchiveReader
 from spicetap.archive.records import ArchivedRecord, from_archive
-from spicetap.capture import CaptureError
+from spicetap.capture import CaptureError, NotACapture
 from spicetap.records import Record
 from spicetap.show import iter_capture
 
@@ -62,5 +62,9 @@ def iter_records(path: Path, problems: list[str]) -> Iterator[AnyRecord]:
         return
     try:
         yield from iter_capture(path, problems)
+    except NotACapture as exc:  # not an archive either (sniffed above)
+        raise InputError(
+            f"{exc.name}: neither a spicetap archive nor a pcap or pcapng capture ({exc.hint})"
+        ) from None
     except CaptureError as exc:
         raise InputError(str(exc)) from None

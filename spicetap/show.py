@@ -43,5 +43,9 @@ def iter_capture(path: Path, problems: list[str] | None = None) -> Iterator[Reco
                 yield from _records(builder, ev)
     for ev in reassembler.finish():
         yield from _records(builder, ev)
-    if reader.problem and problems is not None:
-        problems.append(reader.problem)
+    if problems is not None:
+        if reader.problem:
+            problems.append(reader.problem)
+        if reader.unsupported_linktypes:  # else a capture of them shows nothing, silently
+            kinds = ", ".join(str(t) for t in sorted(reader.unsupported_linktypes))
+            problems.append(f"{path}: packets of link type {kinds} were skipped (not read)")

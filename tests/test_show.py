@@ -145,7 +145,11 @@ def test_cli_show_lines_json_and_tree(
 
 @pytest.mark.parametrize(
     ("content", "expected"),
-    [(None, "no such file"), (b"", "empty"), (b"GIF89a" + bytes(100), "not a pcap")],
+    [
+        (None, "no such file"),
+        (b"", "empty"),
+        (b"GIF89a" + bytes(100), "neither a spicetap archive nor a pcap or pcapng capture"),
+    ],
 )
 def test_cli_show_bad_files_give_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes | None, expected: str

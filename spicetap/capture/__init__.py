@@ -62,7 +62,7 @@ from .reassembly import (
     StreamOpened,
     TcpReassembler,
 )
-from .segment import ACK, FIN, PSH, RST, SYN, CaptureError, TcpSegment
+from .segment import ACK, FIN, PSH, RST, SYN, CaptureError, NotACapture, TcpSegment
 
 __all__ = [
     "ACK",
@@ -75,6 +75,7 @@ __all__ = [
     "CloseReason",
     "Direction",
     "Endpoint",
+    "NotACapture",
     "StreamClosed",
     "StreamData",
     "StreamEvent",

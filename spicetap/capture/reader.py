@@ -12,7 +12,7 @@ from typing import BinaryIO
 
 from .pcap import PCAP_MAGICS, read_pcap
 from .pcapng import PCAPNG_MAGIC, read_pcapng
-from .segment import Buffer, CaptureError, TcpSegment
+from .segment import Buffer, CaptureError, NotACapture, TcpSegment
 from .source import CHUNK, GZIP_MAGIC, READ_ERRORS, Gunzip, Read, ReadStats
 
 __all__ = ["CaptureReader", "read_packets"]
@@ -40,11 +40,11 @@ def _open_error(name: str, exc: OSError) -> CaptureError:
     return CaptureError(f"{name}: cannot read: {exc.strerror or exc}")
 
 
-def _foreign(name: str, head: bytes) -> CaptureError:
+def _foreign(name: str, head: bytes) -> NotACapture:
     for magic, what in _HINTS.items():
         if head.startswith(magic):
-            return CaptureError(f"{name}: not a pcap or pcapng capture (looks like {what})")
-    return CaptureError(f"{name}: not a pcap or pcapng capture (starts with {head.hex()})")
+            return NotACapture(name, f"looks like {what}")
+    return NotACapture(name, f"starts with {head.hex()}")
 
 
 class CaptureReader:

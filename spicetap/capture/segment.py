@@ -37,6 +37,14 @@ class CaptureError(Exception):
     """
 
 
+class NotACapture(CaptureError):
+    """The file is some other kind of file; `hint` says what it looks like."""
+
+    def __init__(self, name: str, hint: str) -> None:
+        super().__init__(f"{name}: not a pcap or pcapng capture ({hint})")
+        self.name, self.hint = name, hint
+
+
 class TcpSegment(NamedTuple):
     """One TCP segment as captured.
 

@@ -151,3 +151,35 @@ def test_a_capture_time_out_of_range_is_imported_with_a_warning(
     assert err.count("time is centuries from the first one") == 1, err
     assert out.split(":")[1] == counted.split(":")[1]  # " N records, sessions [...]"
     assert main(["verify", str(tmp_path / "d.spta")]) == 0
+
+
+def test_verify_names_what_is_not_an_archive(
+    capture: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["verify", str(capture)]) == 2  # not "tampered": it never was an archive
+    assert one_error_line(capsys).endswith("in.pcapng: not a spicetap archive")
+    assert main(["verify", str(tmp_path)]) == 2
+    assert one_error_line(capsys).endswith(": not a file")
+
+
+def test_show_names_both_kinds_it_reads(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text = tmp_path / "notes.txt"
+    text.write_text("root:x:0:0\n")
+    assert main(["show", str(text)]) == 2
+    assert "neither a spicetap archive nor a pcap or pcapng capture" in one_error_line(capsys)
+
+
+def test_packets_of_an_unread_link_type_are_reported(
+    capture: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = bytearray(capture.read_bytes())
+    pos = 0
+    while pos + 8 <= len(data):  # each Interface Description Block (type 1): link type u16
+        if int.from_bytes(data[pos : pos + 4], "little") == 1:
+            data[pos + 8 : pos + 10] = (999).to_bytes(2, "little")
+        pos += int.from_bytes(data[pos + 4 : pos + 8], "little")
+    capture.write_bytes(bytes(data))
+    assert main(["show", str(capture)]) == 0
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "packets of link type 999 were skipped (not read)" in err

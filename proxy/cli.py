@@ -243,6 +243,8 @@ def cmd_proxy(args: argparse.Namespace) -> int:
     management = _management(args, cp)
     recorder = None
     directory = _pick(args.record, cr.directory)
+    if directory and Path(directory).exists() and not Path(directory).is_dir():
+        raise UserError(f"--record {directory}: not a directory")
     if directory:
         options = RecordingOptions(
             Path(directory),

@@ -52,6 +52,7 @@ def test_a_taken_port_is_a_one_line_error_naming_the_listener(
             ["--upstream", "h:1", "--ws-listen", "127.0.0.1:0", "--ws-origin", "example.org"],
             "--ws-origin 'example.org': expected * or SCHEME://HOST[:PORT]",
         ),
+        (["--upstream", "h:1", "--record", "/dev/null"], "--record /dev/null: not a directory"),
         (  # read at start-up: else the first viewer to reach an address finds it missing
             ["--connect-listen", "127.0.0.1:0", "--allow", "h:1", "--upstream-ca", "no.pem"],
             "upstream CA no.pem: [Errno 2] No such file or directory",

@@ -66,6 +66,14 @@ class ConnectHandshake:
             return Refusal(400, "bad request: expected an HTTP request")
         if event.method != b"CONNECT":
             return Refusal(405, f"only CONNECT is served here, not {event.method.decode()}")
+        # A CONNECT request has no body; h11 frames one if the headers announce it (chunked,
+        # Content-Length), and what follows would be read as that body, not as the tunnel.
+        try:
+            end = self._conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            return Refusal(exc.error_status_hint, f"bad request: {exc}")
+        if not isinstance(end, h11.EndOfMessage):
+            return Refusal(400, "bad request: a CONNECT request has no body")
         target = event.target.decode("ascii", "replace")
         try:
             host, port_text = split_host_port(target)
@@ -80,8 +88,6 @@ class ConnectHandshake:
         return Refusal(400, "the viewer closed before finishing its CONNECT request")
 
     def accept(self) -> bytes:
-        # A CONNECT request has no body; h11 wants its end read before it switches protocol.
-        self._conn.next_event()
         out = _response(self._conn, 200, "Connection established")
         self.tunnel_data = self._conn.trailing_data[0]
         return out

@@ -20,6 +20,7 @@ import trio
 from proxy.core.connect import ConnectHandshake, ConnectRequest, Refusal, tunnel_kind
 from proxy.core.linkrewrite import LinkPolicy
 from proxy.core.migration import Destination
+from proxy.io.guard import guarded
 from proxy.io.migration import ServedAt
 from proxy.io.server import ChannelProxy, peer_address
 from proxy.targets import ConnectRouter, Target
@@ -137,7 +138,11 @@ async def handle_connect(
             await trio.aclose_forcefully(stream)
             return
     log.info(
-        "viewer %s:%d: CONNECT %s:%d (%s) -> %s", *viewer, request.host, request.port, kind,
+        "viewer %s:%d: CONNECT %s:%d (%s) -> %s",
+        *viewer,
+        request.host,
+        request.port,
+        kind,
         upstream.label,
     )
     follower = ConnectFollower(front.router) if front.follow_migration else None
@@ -172,4 +177,6 @@ async def serve_connect(
 
     async with trio.open_nursery() as nursery:
         task_status.started(listeners)
-        await trio.serve_listeners(handle, listeners, handler_nursery=nursery)
+        await trio.serve_listeners(
+            guarded(handle, "CONNECT front", proxy.state), listeners, handler_nursery=nursery
+        )

@@ -37,6 +37,7 @@ from proxy.core.management import (
     sessions_json,
 )
 from proxy.core.probe import to_json
+from proxy.io.guard import guarded
 from proxy.io.probe import ProbeTarget, probe
 from proxy.io.recording import Recorder
 from proxy.io.server import ProxyState
@@ -253,4 +254,6 @@ async def serve_management(
     listeners = await trio.open_tcp_listeners(port, host=host)
     async with trio.open_nursery() as nursery:
         task_status.started(listeners)
-        await trio.serve_listeners(api.handle, listeners, handler_nursery=nursery)
+        await trio.serve_listeners(
+            guarded(api.handle, "management API"), listeners, handler_nursery=nursery
+        )

@@ -20,6 +20,7 @@ import trio
 
 from proxy.core.linkrewrite import LinkPolicy
 from proxy.core.migration import Destination, MigrationUnavailable
+from proxy.io.guard import guarded
 from proxy.io.server import ChannelProxy, Upstream
 from proxy.targets import Target
 
@@ -123,7 +124,11 @@ class MigrationListeners:
 
         async def run() -> None:
             with entry.scope:
-                await trio.serve_listeners(handle, listeners, handler_nursery=self.nursery)
+                await trio.serve_listeners(
+                    guarded(handle, "migrated viewer", self.proxy.state),
+                    listeners,
+                    handler_nursery=self.nursery,
+                )
 
         self.nursery.start_soon(run)
         return port

@@ -35,6 +35,7 @@ from proxy.core.relay import (
     Redirect,
 )
 from proxy.io.ends import End, PlainEnd, tls_end
+from proxy.io.guard import guarded
 from proxy.io.pumps import ThreadedChannel
 from proxy.io.recording import Recorder
 from proxy.tls import check_subject
@@ -447,7 +448,11 @@ async def serve_tcp(
 
     async with trio.open_nursery() as nursery:
         task_status.started(listeners)
-        await trio.serve_listeners(handle, listeners, handler_nursery=nursery)
+        await trio.serve_listeners(
+            guarded(handle, f"viewer on {host}:{port}", proxy.state),
+            listeners,
+            handler_nursery=nursery,
+        )
 
 
 def tcp_opener(host: str, port: int) -> Opener:

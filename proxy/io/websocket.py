@@ -30,6 +30,7 @@ from proxy.core.websocket import (
     accept,
     is_upgrade,
 )
+from proxy.io.guard import guarded
 from proxy.io.server import ChannelProxy, Upstream, accept_tls
 from proxy.io.static import SPICE_HTML5_DIR, static_response
 
@@ -231,9 +232,7 @@ async def serve_websocket(
                 return
             transport = wrapped
         peer = f"{client[0]}:{client[1]}"
-        ws = await open_websocket(
-            transport, proxy.limits, web_root, peer, tls is not None, origins
-        )
+        ws = await open_websocket(transport, proxy.limits, web_root, peer, tls is not None, origins)
         if ws is None:
             return
         await proxy.handle(
@@ -242,4 +241,6 @@ async def serve_websocket(
 
     async with trio.open_nursery() as nursery:
         task_status.started(listeners)
-        await trio.serve_listeners(handle, listeners, handler_nursery=nursery)
+        await trio.serve_listeners(
+            guarded(handle, "WebSocket front", proxy.state), listeners, handler_nursery=nursery
+        )

@@ -28,10 +28,11 @@ from tests.integration.proxy_process import ProxyProcess
 pytestmark = pytest.mark.peers
 
 
-def _connect_status(port: int, target: str) -> bytes:
+def _connect_status(port: int, target: str, headers: str = "", body: bytes = b"") -> bytes:
     """The status line the CONNECT front answers for `target`."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(f"CONNECT {target} HTTP/1.0\r\nHost: {target}\r\n\r\n".encode())
+        head = f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{headers}\r\n"
+        s.sendall(head.encode() + body)
         return s.recv(4096).split(b"\r\n", 1)[0]
 
 
@@ -55,6 +56,14 @@ def test_connect_front_relays_allowed_targets_and_refuses_others(tmp_path: Path)
             )
             refused = _connect_status(proxy.ports["connect"], f"127.0.0.1:{srv.port + 1}")
             assert refused == b"HTTP/1.1 403 Forbidden"
+            # a body on a CONNECT (bad chunk framing here) once ended the whole proxy
+            chunked = _connect_status(
+                proxy.ports["connect"],
+                f"127.0.0.1:{srv.port}",
+                "Transfer-Encoding: chunked\r\n",
+                b"ZZZ\r\n",
+            )
+            assert chunked == b"HTTP/1.1 400 Refused"
             with pytest.raises(PeerFailed):  # the viewer is refused, the proxy goes on
                 spicy_screenshot(
                     SpiceEndpoint(port=srv.port + 1, proxy=front), tmp_path / "no.ppm", timeout=15
@@ -141,10 +150,12 @@ def test_named_target_by_connect_and_by_its_own_listener(tmp_path: Path) -> None
             front = f"http://127.0.0.1:{proxy.ports['connect']}"
             direct = settled_screenshot(srv.endpoint(), tmp_path / "direct.ppm")
             # the viewer names the target; the port it gives does not matter
-            by_name = spicy_screenshot(SpiceEndpoint(host="vm1", port=5900, proxy=front),
-                                       tmp_path / "name.ppm")
-            own = spicy_screenshot(SpiceEndpoint(port=proxy.ports["plain:vm1"]),
-                                   tmp_path / "own.ppm")
+            by_name = spicy_screenshot(
+                SpiceEndpoint(host="vm1", port=5900, proxy=front), tmp_path / "name.ppm"
+            )
+            own = spicy_screenshot(
+                SpiceEndpoint(port=proxy.ports["plain:vm1"]), tmp_path / "own.ppm"
+            )
             # nothing else is reachable: the allow-list is empty
             assert _connect_status(proxy.ports["connect"], "127.0.0.1:22") == (
                 b"HTTP/1.1 403 Forbidden"

@@ -47,6 +47,10 @@ def test_ipv6_target() -> None:
         (b"CONNECT h:x HTTP/1.1\r\nHost: x\r\n\r\n", 400),
         (b"\x16\x03\x01\x00\x10garbage\r\n\r\n", 400),
         (b"REDQ\x02\x00\x00\x00\x02\x00\x00\x00\r\n\r\n", 400),
+        # a body would be read as HTTP, not as the tunnel: bad chunk framing once crashed
+        # the proxy when accepted
+        (b"CONNECT h:1 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nZZZ\r\n", 400),
+        (b"CONNECT h:1 HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nREDQ", 400),
     ],
 )
 def test_bad_requests_are_refused_with_an_http_answer(request_bytes: bytes, status: int) -> None:
@@ -116,9 +120,7 @@ def test_bad_patterns_name_themselves(bad: str) -> None:
 
 def test_router_by_name_by_address_by_allow_list_else_refused() -> None:
     vm1 = Target("vm1", ("10.0.0.5", 5900), ("10.0.0.5", 5901))
-    router = ConnectRouter.from_config(
-        ConnectSection(allow=("127.0.0.1:5930-5939",)), {"vm1": vm1}
-    )
+    router = ConnectRouter.from_config(ConnectSection(allow=("127.0.0.1:5930-5939",)), {"vm1": vm1})
     assert router.route("vm1", 1) is vm1
     assert router.route("10.0.0.5", 5901) is vm1
     assert router.route("10.0.0.5", 5902) is None
@@ -152,3 +154,28 @@ def test_router_admits_a_migration_destination_for_a_while() -> None:
     assert router.route("10.0.0.9", 5902) is None  # that address only
     router.admit(("10.0.0.8", 5901), time.monotonic() - 1)  # expired
     assert router.route("10.0.0.8", 5901) is None
+
+
+HEADERS = st.sampled_from(
+    [
+        b"Host: h\r\n",
+        b"Transfer-Encoding: chunked\r\n",
+        b"Content-Length: 0\r\n",
+        b"Content-Length: 3\r\n",
+        b"Connection: close\r\n",
+        b"Expect: 100-continue\r\n",
+    ]
+)
+
+
+@given(st.lists(HEADERS, max_size=4), st.binary(max_size=40))
+def test_a_request_with_any_headers_and_tail_is_answered_without_raising(
+    headers: list[bytes], tail: bytes
+) -> None:
+    hs = ConnectHandshake()
+    result = hs.feed(b"CONNECT h:5900 HTTP/1.1\r\n" + b"".join(headers) + b"\r\n" + tail)
+    if isinstance(result, ConnectRequest):
+        assert hs.accept().startswith(b"HTTP/1.1 200 ")
+        assert hs.tunnel_data == tail
+    elif isinstance(result, Refusal):
+        assert hs.refuse(result).startswith(f"HTTP/1.1 {result.status} ".encode())

@@ -89,7 +89,10 @@ class CapMask:
             (COMMON, self.common, offset, n_common),
             (None, self.channel.get(channel_type, 0), offset + 4 * n_common, n_channel),
         ):
-            for w in range(count):
+            # Only the words the mask reaches and the message holds: the counts come from
+            # the peer, and 2**32 words announced in 38 bytes must not mean 2**32 turns.
+            in_data = max(0, (len(data) - base) // 4)
+            for w in range(min(count, (mask.bit_length() + 31) // 32, in_data)):
                 word_mask = mask >> (32 * w) & 0xFFFFFFFF
                 if not word_mask:
                     continue

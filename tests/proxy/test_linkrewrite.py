@@ -6,6 +6,8 @@ from __future__ import annotations
 import functools
 import itertools
 import struct
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
@@ -378,3 +380,27 @@ def test_a_hostile_peer_under_a_policy_is_a_clear_error() -> None:
     viewer = wire(LinkPolicy(MASK))
     (close,) = [c for c in viewer.send(C2S, header(1 << 30)) if isinstance(c, Close)]
     assert close.error and "exceeds" in close.reason
+
+
+def _returns_within(seconds: float, work: Callable[[], object]) -> object:
+    """work()'s result, or a failure if it has not returned after `seconds` (a thread, so
+    that a regression fails the test instead of hanging it)."""
+    done: list[object] = []
+    thread = threading.Thread(target=lambda: done.append(work()), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert done, f"still running after {seconds} s"
+    return done[0]
+
+
+@pytest.mark.parametrize("n_channel", [0x9C120000, 0xFFFFFFFF])
+def test_caps_counts_past_the_message_are_not_walked(n_channel: int) -> None:
+    """A 38-byte link message announcing 2**32 caps words once held the channel's lock for
+    hours: the mask walked every announced word."""
+    unit = bytearray(link_mess(VIEWER_COMMON, VIEWER_DISPLAY))
+    struct.pack_into("<I", unit, 16 + 10, n_channel)  # LinkMess: conn u32, type u8, id u8, ...
+    cleared = _returns_within(10, lambda: MASK.clear(bytearray(unit), 16 + 18, 1, n_channel, 2))
+    # the words that are there are still masked
+    assert cleared == ["common:mini_header", "display:codec_h264"]
+    w = wire(LinkPolicy(MASK))
+    _returns_within(10, lambda: w.send(C2S, bytes(unit)))

@@ -23,6 +23,7 @@ from proxy.core.framing import (
     Message,
     MessageBuilder,
 )
+from spicetap.archive.privacy import LINK_STAGE
 
 MAIN = 1
 MAIN_INIT = message_type(MAIN, "s2c", "init")
@@ -336,8 +337,8 @@ class RecordBuilder:
                     **self._base(c, ts, ev.direction),
                     kind="tls" if tls else "error",
                     msg_type=None,
-                    name=None,
-                    raw=b"",
+                    name=LINK_STAGE if ev.in_link_stage else None,
+                    raw=b"" if tls else ev.data,
                     error=ev.reason,
                 )
             ]
@@ -429,24 +430,31 @@ class RecordBuilder:
         if c is None:
             return []
         out: list[Record] = []
+        fr = c.framer
         for direction in (C2S, "s2c"):
-            left = c.framer.pending(direction)
-            if left:
+            left = fr.pending_data(direction)
+            if left:  # what crossed the proxy is kept, truncated or not
                 out.append(
                     Record(
                         **self._base(c, ts, direction),
                         kind="error",
                         msg_type=None,
-                        name=None,
-                        raw=b"",
+                        name=LINK_STAGE if fr.in_link_stage(direction) else None,
+                        raw=left,
                         error=f"connection ended ({reason}) inside a unit: "
-                        f"{left} bytes of a truncated message",
+                        f"{len(left)} bytes of a truncated message",
                     )
                 )
         out.append(
             Record(**self._base(c, ts, C2S), kind="close", msg_type=None, name=reason, raw=b"")
         )
-        return self._release(c, out, force=True)
+        if c.open_fields is not None:  # nothing came that named the channel: still say who
+            out.insert(0, self._open_record(c))
+        released = self._release(c, out, force=True)
+        # forget it: a long-running recorder sees many connections, each with its framer
+        del self.conns[conn]
+        self.main_session.pop(conn, None)
+        return released
 
 
 __all__ = ["DecodeError", "Record", "RecordBuilder"]

@@ -73,6 +73,10 @@ class ChannelError:
     direction: str
     offset: int  # stream offset where the problem starts
     reason: str
+    # the bytes received from `offset` on that could not be framed: they crossed the proxy,
+    # so the archive keeps them (privacy permitting)
+    data: bytes = b""
+    in_link_stage: bool = False  # such bytes may hold a ticket or SASL: never kept
 
 
 Event = LinkUnit | Message | ChannelError
@@ -199,6 +203,13 @@ class ChannelFramer:
         """Bytes received but not yet part of a complete unit (a truncated tail at the end)."""
         return len(self.buf[direction]) + self.parts_size[direction]
 
+    def pending_data(self, direction: str) -> bytes:
+        """Those bytes themselves (a large message's parts come before the buffer)."""
+        return b"".join([*self.parts[direction], self.buf[direction]])
+
+    def in_link_stage(self, direction: str) -> bool:
+        return self.state[direction] not in ("messages", "dead")
+
     # -- internals -------------------------------------------------------------------------
     def _take(self, direction: str, size: int) -> bytes:
         buf = self.buf[direction]
@@ -208,7 +219,9 @@ class ChannelFramer:
         return chunk
 
     def _fail(self, direction: str, reason: str, events: list[Event]) -> None:
-        events.append(ChannelError(direction, self.offset[direction], reason))
+        unframed = bytes(self.buf[direction])
+        link = self.in_link_stage(direction)
+        events.append(ChannelError(direction, self.offset[direction], reason, unframed, link))
         self.state[direction] = "dead"
         self.ignored[direction] += len(self.buf[direction])
         self.buf[direction].clear()

@@ -36,6 +36,10 @@ class PolicyError(ValueError):
     """A privacy setting is not one of the allowed values."""
 
 
+# The name of an error record whose bytes came in the link stage (spicetap.records).
+LINK_STAGE = "link_stage"
+
+
 @dataclass(frozen=True)
 class PrivacyPolicy:
     keys: str = "text"
@@ -97,6 +101,8 @@ def decide(
     """The fate of one record."""
     if kind == "link" and name in ("ticket", "sasl"):
         return Decision(redact="secret")
+    if kind == "error":  # its raw bytes are those that could not be framed, if any
+        return _unframed(policy, channel, name)
     if channel == "inputs" and kind == "message" and name in KEY_MESSAGES:
         if policy.keys == "none":
             return DROP
@@ -121,6 +127,20 @@ def decide(
     if channel in ("playback", "record") and not policy.audio and name in AUDIO_SAMPLES:
         return Decision(redact="audio", strip_view=("data",))
     return KEEP
+
+
+def _unframed(policy: PrivacyPolicy, channel: str, name: str | None) -> Decision:
+    """Bytes that could not be framed (a truncated or malformed unit) might be anything
+    the channel carries: kept only where the policy keeps all of that channel's content."""
+    if name == LINK_STAGE:  # may hold the encrypted ticket, or SASL
+        return Decision(redact="secret")
+    held_back = (
+        (channel == "inputs" and policy.keys != "text")
+        or (channel == "main" and (policy.clipboard != "content" or policy.files != "content"))
+        or (channel == "display" and not policy.display)
+        or (channel in ("playback", "record") and not policy.audio)
+    )
+    return Decision(redact="unframed") if held_back else KEEP
 
 
 def strip(view: Any, names: tuple[str, ...], with_hash: bool) -> Any:

@@ -1,0 +1,71 @@
+"""Bytes that cross a channel but never make a whole unit still reach the records (the
+archive keeps what the privacy policy allows), and a closed connection is forgotten."""
+
+from __future__ import annotations
+
+from spicetap.archive.privacy import LINK_STAGE, PrivacyPolicy, decide
+from spicetap.records import Record, RecordBuilder
+from tests.proxy.test_framing import C2S, S2C, link_mess, mini, session
+
+VIEWER, SERVER = ("127.0.0.1", 40000), ("127.0.0.1", 5900)
+
+
+def _feed(builder: RecordBuilder, chunks: list[tuple[str, bytes]]) -> list[Record]:
+    out: list[Record] = []
+    for d, data in chunks:
+        out += builder.data(1, 1.0, d, data)
+    return out
+
+
+def test_a_message_cut_by_the_close_is_kept_and_the_connection_forgotten() -> None:
+    builder = RecordBuilder()
+    builder.opened(1, 1.0, VIEWER, SERVER)
+    cut = mini(4, b"pingpong")[:9]
+    records = _feed(builder, [*session(False, True)[:4], (S2C, cut)])
+    records += builder.closed(1, 2.0, "server closed")
+    (error,) = [r for r in records if r.kind == "error"]
+    assert (error.direction, error.raw, error.name) == (S2C, cut, None)
+    assert (
+        error.error
+        == "connection ended (server closed) inside a unit: 9 bytes of a truncated message"
+    )
+    assert records[-1].kind == "close"
+    assert builder.conns == {} and builder.main_session == {}  # nothing held for it any more
+
+
+def test_a_link_stage_cut_is_named_so_and_the_open_record_still_comes() -> None:
+    builder = RecordBuilder()
+    builder.opened(1, 1.0, VIEWER, SERVER)
+    part = link_mess(1)[:20]
+    records = _feed(builder, [(C2S, part)]) + builder.closed(1, 2.0, "viewer closed")
+    assert [r.kind for r in records] == ["open", "link", "error", "close"]
+    assert records[1].raw + records[2].raw == part  # the link header, then the cut body
+    assert records[2].name == LINK_STAGE
+    assert records[0].fields == {"client": "127.0.0.1:40000", "server": "127.0.0.1:5900"}
+
+
+def test_bytes_after_a_framing_error_come_with_the_error() -> None:
+    builder = RecordBuilder()
+    builder.opened(1, 1.0, VIEWER, SERVER)
+    chunk = b"XXXX" + bytes(12) + b"junk" * 1000  # a bad magic, and what came with it
+    head, error = _feed(builder, [(C2S, chunk)])[1:]
+    assert head.kind == "link" and error.kind == "error"
+    assert "bad link magic" in (error.error or "")
+    assert head.raw + error.raw == chunk and error.name == LINK_STAGE
+
+
+def test_unframed_bytes_are_kept_only_where_the_policy_keeps_everything() -> None:
+    def fate(policy: PrivacyPolicy, channel: str, name: str | None = None) -> str | None:
+        decision = decide(policy, channel, C2S, "error", name, frozenset())
+        assert decision.keep
+        return decision.redact
+
+    everything = PrivacyPolicy()
+    assert fate(everything, "inputs") is None and fate(everything, "main") is None
+    assert fate(everything, "main", LINK_STAGE) == "secret"  # the ticket may be in there
+    assert fate(PrivacyPolicy(keys="events"), "inputs") == "unframed"
+    assert fate(PrivacyPolicy(keys="events"), "display") is None
+    assert fate(PrivacyPolicy(clipboard="hash"), "main") == "unframed"
+    assert fate(PrivacyPolicy(files="metadata"), "main") == "unframed"
+    assert fate(PrivacyPolicy(display=False), "display") == "unframed"
+    assert fate(PrivacyPolicy(audio=False), "record") == "unframed"

@@ -3,9 +3,10 @@ archive keeps what the privacy policy allows), and a closed connection is forgot
 
 from __future__ import annotations
 
+from proxy.core.framing import C2S, S2C
 from spicetap.archive.privacy import LINK_STAGE, PrivacyPolicy, decide
 from spicetap.records import Record, RecordBuilder
-from tests.proxy.test_framing import C2S, S2C, link_mess, mini, session
+from tests.proxy.test_framing import link_mess, mini, session
 
 VIEWER, SERVER = ("127.0.0.1", 40000), ("127.0.0.1", 5900)
 

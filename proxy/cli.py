@@ -259,6 +259,7 @@ def cmd_proxy(args: argparse.Namespace) -> int:
             backlog=_pick(args.backlog, cr.backlog),
             max_backlog=_pick(args.max_backlog, cr.max_backlog_mb) << 20,
             nice=cr.nice,
+            max_message=limits.max_message,
         )
         # each session adds how it came in (insertion, upstream, target); each connection's
         # open record says which legs were TLS

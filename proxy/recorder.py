@@ -19,6 +19,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from proxy.core.framing import DEFAULT_MAX_MESSAGE
 from spicetap.archive.importer import dissector_hashes
 from spicetap.archive.privacy import PrivacyPolicy
 from spicetap.archive.records import to_archive
@@ -46,6 +47,9 @@ class RecordingOptions:
     # The recording process's niceness (and SCHED_BATCH when above 0): when CPU is short,
     # forwarding gets it first and recording catches up later, within max_backlog.
     nice: int = 10
+    # The proxy's --max-message: the recording process frames what the proxy relays with
+    # the same limit (a smaller one would refuse messages the proxy let through).
+    max_message: int = DEFAULT_MAX_MESSAGE
 
 
 @dataclass
@@ -68,7 +72,7 @@ class RecorderWorker:
         self.meta = meta
         self.key = signing_key
         self.report = report
-        self.builder = RecordBuilder()
+        self.builder = RecordBuilder(options.max_message)
         self.sessions: dict[Any, _Session] = {}
         self.conn_session: dict[int, Any] = {}
         self.viewers: dict[int, str] = {}  # connection -> the viewer's address

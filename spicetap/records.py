@@ -16,6 +16,7 @@ from dissectors.api import LINK, SPICE, Decoded, Dialect, decode, message_type
 from dissectors.errors import DecodeError, Malformed
 from proxy.core.framing import (
     C2S,
+    DEFAULT_MAX_MESSAGE,
     S2C,
     ChannelError,
     ChannelFramer,
@@ -137,7 +138,8 @@ def _message_record(head: tuple[Any, ...], raw: bytes, dec: Decoded) -> Record:
 class RecordBuilder:
     """Per capture (or proxy run): feeds channel bytes, returns records."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_message: int = DEFAULT_MAX_MESSAGE) -> None:
+        self.max_message = max_message  # the proxy's limit: it relays no larger message
         self.conns: dict[int, _Conn] = {}
         self.main_session: dict[int, int] = {}  # main connection -> session id
 
@@ -151,7 +153,7 @@ class RecordBuilder:
     ) -> None:
         """A new connection; its `open` record (with the endpoints) is emitted just before
         its first other record, when the link message has named its channel."""
-        c = _Conn(conn)
+        c = self._new(conn)
         if client is not None and server is not None:
             c.open_fields = {
                 "client": f"{client[0]}:{client[1]}",
@@ -160,6 +162,13 @@ class RecordBuilder:
             }
             c.open_time = ts
         self.conns[conn] = c
+
+    def _new(self, conn: int) -> _Conn:
+        return _Conn(conn, ChannelFramer(self.max_message))
+
+    def _add(self, conn: int) -> _Conn:
+        c = self.conns[conn] = self._new(conn)
+        return c
 
     def _session(self, c: _Conn) -> int | None:
         fr = c.framer
@@ -382,7 +391,7 @@ class RecordBuilder:
     ) -> list[Record]:
         """Something the proxy did rather than bytes that crossed: "rewrite" (raw = the
         link unit as its sender sent it) or "auth" (how authentication went)."""
-        c = self.conns.setdefault(conn, _Conn(conn))
+        c = self.conns.get(conn) or self._add(conn)
         rec = Record(
             **self._base(c, ts, direction),
             kind=kind,
@@ -399,7 +408,7 @@ class RecordBuilder:
     def gap(
         self, conn: int, ts: float, direction: str, missing: int, where: str = "the capture"
     ) -> list[Record]:
-        c = self.conns.setdefault(conn, _Conn(conn))
+        c = self.conns.get(conn) or self._add(conn)
         rec = Record(
             **self._base(c, ts, direction),
             kind="gap",
@@ -414,7 +423,7 @@ class RecordBuilder:
 
     def error(self, conn: int, ts: float, direction: str, reason: str) -> list[Record]:
         """A channel error found outside the framer (the proxy's limits, a vanished peer)."""
-        c = self.conns.setdefault(conn, _Conn(conn))
+        c = self.conns.get(conn) or self._add(conn)
         rec = Record(
             **self._base(c, ts, direction),
             kind="error",

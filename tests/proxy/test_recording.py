@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from dissectors.api import encode
 from proxy.core import recwire
+from proxy.core.framing import DEFAULT_MAX_MESSAGE
 from proxy.io.recording import MIN_RING, Recorder
 from proxy.recorder import RecordingOptions
 from spicetap.archive.reader import ArchiveReader
@@ -380,3 +381,25 @@ def test_forwarding_threads_may_record_at_once(tmp_path: Path) -> None:
     (archive,) = rec.archives
     pings = [r for r in iter_records(archive, []) if r.name == "ping"]
     assert len(pings) == 4 * 3000
+
+
+@pytest.mark.parametrize("max_message", [DEFAULT_MAX_MESSAGE, 64])
+def test_the_recording_process_frames_with_the_proxys_message_limit(
+    tmp_path: Path, max_message: int
+) -> None:
+    """A message the proxy relayed is one the recording process accepts: both use the
+    limit of --max-message (the process once had a fixed one, and refused larger ones)."""
+    rec = Recorder(RecordingOptions(tmp_path, max_message=max_message), {}, None)
+    rec.start()
+    main_channel(rec, pings=0)
+    rec.data(0, 5.0, "s2c", mini(4, bytes(100)))  # a 100-byte PING body
+    rec.closed(0, 9.0, "viewer closed")
+    rec.stop()
+    (archive,) = rec.archives
+    with ArchiveReader(archive) as r:
+        records = list(r.records())
+    errors = [x.get("err") for x in records if x.get("kind") == "error"]
+    if max_message == 64:
+        assert errors == ["message type 4 of 100 bytes exceeds the limit"]
+    else:
+        assert errors == [] and records[-2].get("name") == "ping"

@@ -328,6 +328,17 @@ class ChannelRelay:
             return [*commands, Log(reason), Close(reason, error=True)]
         return [*commands, Close(f"{who} closed", error=False)]
 
+    def peer_failed(self, direction: str, reason: str, now: float) -> list[Command]:
+        """The side that sends `direction` broke the stream's own framing (a WebSocket's):
+        an error of this channel, recorded as such."""
+        if self.closed:
+            return []
+        commands = self._held_back(now)
+        self.closed = True
+        who = "viewer" if direction == C2S else "server"
+        reason = f"{who} broke the protocol: {reason}"
+        return [*commands, Log(reason), Close(reason, error=True)]
+
     def _held_back(self, now: float) -> list[Command]:
         """The server's bytes migration following holds (a message awaiting its redirect and
         what queued behind it, a cut header), unchanged: the archive loses nothing."""

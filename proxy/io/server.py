@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import trio
 
+from proxy.core.framing import C2S, S2C
 from proxy.core.migration import Destination, MigrationUnavailable
 from proxy.core.relay import (
     ChannelRelay,
@@ -38,6 +39,7 @@ from proxy.io.ends import End, PlainEnd, tls_end
 from proxy.io.guard import guarded
 from proxy.io.pumps import ThreadedChannel
 from proxy.io.recording import Recorder
+from proxy.io.streams import PeerProtocolError
 from proxy.tls import check_subject
 
 if TYPE_CHECKING:
@@ -183,7 +185,13 @@ class ChannelProxy:
                 async def run(commands: list[Command]) -> None:
                     for cmd in commands:
                         if isinstance(cmd, Forward):
-                            await sinks[cmd.direction].send_all(cmd.data)
+                            try:
+                                await sinks[cmd.direction].send_all(cmd.data)
+                            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                                # the receiving side is gone: it, not this pump's, closed
+                                gone = S2C if cmd.direction == C2S else C2S
+                                await run(relay.peer_closed(gone, time.monotonic()))
+                                return
                         elif isinstance(cmd, Redirect):
                             host = local_address(viewer)[0]
                             at = await self._serve_destination(
@@ -207,6 +215,8 @@ class ChannelProxy:
                     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                         await run(relay.peer_closed(direction, time.monotonic()))
                         log.debug("channel %d %s: %r", conn, direction, exc)
+                    except PeerProtocolError as exc:
+                        await run(relay.peer_failed(direction, str(exc), time.monotonic()))
 
                 async def ticker() -> None:
                     while True:

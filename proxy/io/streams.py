@@ -5,6 +5,11 @@ from __future__ import annotations
 import trio
 
 
+class PeerProtocolError(Exception):
+    """A stream's peer broke the framing the stream itself speaks (WebSocket frames): the
+    channel ends with this as its error, recorded, instead of looking like a close."""
+
+
 class PrefixedStream(trio.abc.Stream):
     """A stream whose first bytes were already read (to sniff TLS from plain SPICE, or
     because they followed an HTTP request): receive_some returns them first."""

@@ -33,6 +33,7 @@ from proxy.core.websocket import (
 from proxy.io.guard import guarded
 from proxy.io.server import ChannelProxy, Upstream, accept_tls
 from proxy.io.static import SPICE_HTML5_DIR, static_response
+from proxy.io.streams import PeerProtocolError
 
 log = logging.getLogger("spicetap.proxy")
 
@@ -45,7 +46,8 @@ _GONE = (trio.BrokenResourceError, trio.ClosedResourceError)
 class WebSocketStream(trio.abc.Stream):
     """An accepted WebSocket as a byte stream: send_all sends one binary message,
     receive_some returns payload bytes, b"" once the browser closed (or broke the
-    protocol: then it was sent a close frame saying why, and that is logged)."""
+    protocol: then it was sent a close frame saying why, that is logged, and receive_some
+    raises PeerProtocolError once the payload before it was returned)."""
 
     def __init__(
         self,
@@ -63,6 +65,7 @@ class WebSocketStream(trio.abc.Stream):
         self._closed = False
         self._write_lock = trio.Lock()  # pongs go out from the receiving task
         self._writes_clean = True  # no frame was cut off by a cancelled write
+        self._failure: str | None = None  # the browser broke the protocol: said after its data
 
     async def _write(self, data: bytes) -> None:
         async with self._write_lock:
@@ -86,6 +89,8 @@ class WebSocketStream(trio.abc.Stream):
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self._closed:
             raise trio.ClosedResourceError("WebSocket closed")
+        if self._failure is not None and not self._incoming:
+            raise PeerProtocolError(self._failure)
         # Ends: every pass consumes at least one byte, and the core fails the connection
         # after a bounded run of frames without data (MAX_EMPTY_RUN), each <= 139 bytes.
         while not self._incoming and not self._eof:
@@ -101,6 +106,9 @@ class WebSocketStream(trio.abc.Stream):
                     if event.error:
                         why, code = event.reason, event.code
                         log.warning("websocket from %s: %s (%d)", self.peer, why, code)
+                        if not self._incoming:  # payload before it is relayed first
+                            raise PeerProtocolError(f"WebSocket: {why} ({code})")
+                        self._failure = f"WebSocket: {why} ({code})"
         n = len(self._incoming) if max_bytes is None else min(max_bytes, len(self._incoming))
         out = bytes(self._incoming[:n])
         del self._incoming[:n]

@@ -31,6 +31,7 @@ from proxy.core.websocket import (
 )
 from proxy.io.server import ChannelProxy, Upstream
 from proxy.io.static import static_response
+from proxy.io.streams import PeerProtocolError
 from proxy.io.websocket import WebSocketStream, open_websocket, serve_websocket
 from tests.proxy.test_framing import caps_word, link_mess, link_reply
 
@@ -438,10 +439,14 @@ async def test_closing_from_our_side_sends_a_close_frame_even_forcefully() -> No
     assert await client.receive_some() == b""
 
 
-async def test_protocol_error_is_eof_plus_a_close_frame() -> None:
+async def test_protocol_error_after_the_data_before_it_plus_a_close_frame() -> None:
+    """The payload that came before the bad frame is relayed first; then the error, which
+    the channel records as the viewer's (a plain b"" would read as a clean close)."""
     ws, client = await _upgraded()
-    await client.send_all(client_frame(0x1, b"text"))
-    assert await ws.receive_some(100) == b""
+    await client.send_all(client_frame(0x2, b"REDQ") + client_frame(0x1, b"text"))
+    assert await ws.receive_some(100) == b"REDQ"
+    with pytest.raises(PeerProtocolError, match=r"^WebSocket: .*\(1003\)$"):
+        await ws.receive_some(100)
     ((opcode, _, body),) = server_frames(bytes(await client.receive_some()))
     assert opcode == 0x8 and body[:2] == struct.pack("!H", 1003)
 

@@ -70,6 +70,7 @@ class RecordEvent:
 class Close:
     reason: str
     error: bool  # a protocol error or a limit, not a peer's normal close
+    direction: str = C2S  # whose bytes the error is about (a timeout: the channel's)
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,7 +220,7 @@ class ChannelRelay:
                 if self.backlog_size > self.limits.max_message:
                     self.closed = True
                     reason = "server kept sending while a migration redirect was pending"
-                    commands += (Log(reason), Close(reason, error=True))
+                    commands += (Log(reason), Close(reason, error=True, direction=S2C))
                 return
             if isinstance(part, Pass):
                 commands += (Forward(S2C, part.data), RecordData(S2C, part.data, now))
@@ -288,7 +289,7 @@ class ChannelRelay:
     def _broken(self, ev: ChannelError, commands: list[Command]) -> None:
         self.closed = True
         reason = f"{ev.direction} stream at byte {ev.offset}: {ev.reason}"
-        commands += (Log(f"closing channel: {reason}"), Close(reason, error=True))
+        commands += (Log(f"closing channel: {reason}"), Close(reason, True, ev.direction))
 
     def _rewrite(self, direction: str, data: bytes, now: float) -> list[Command]:
         """The link stage under a policy: forward what the rewriter delivers."""
@@ -320,13 +321,16 @@ class ChannelRelay:
         commands = self._held_back(now)  # what migration following still held: sent, recorded
         self.closed = True
         who = "viewer" if direction == C2S else "server"
-        pending = self.guard.pending(direction) + self.guard.skip[direction]
+        came = self.guard.pending(direction)  # of a cut header or link unit
         if self.rewriter is not None:
-            pending += self.rewriter.pending(direction)
-        if pending:
-            reason = f"{who} vanished in the middle of a message ({pending} bytes missing)"
-            return [*commands, Log(reason), Close(reason, error=True)]
-        return [*commands, Close(f"{who} closed", error=False)]
+            came += self.rewriter.pending(direction)
+        due = self.guard.skip[direction]  # of a body whose header did come
+        if came or due:
+            said = [f"{came} bytes of it came"] if came else []
+            said += [f"{due} more were due"] if due else []
+            reason = f"{who} vanished in the middle of a message ({', '.join(said)})"
+            return [*commands, Log(reason), Close(reason, True, direction)]
+        return [*commands, Close(f"{who} closed", False, direction)]
 
     def peer_failed(self, direction: str, reason: str, now: float) -> list[Command]:
         """The side that sends `direction` broke the stream's own framing (a WebSocket's):
@@ -337,7 +341,7 @@ class ChannelRelay:
         self.closed = True
         who = "viewer" if direction == C2S else "server"
         reason = f"{who} broke the protocol: {reason}"
-        return [*commands, Log(reason), Close(reason, error=True)]
+        return [*commands, Log(reason), Close(reason, True, direction)]
 
     def _held_back(self, now: float) -> list[Command]:
         """The server's bytes migration following holds (a message awaiting its redirect and

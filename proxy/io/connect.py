@@ -22,7 +22,7 @@ from proxy.core.linkrewrite import LinkPolicy
 from proxy.core.migration import Destination
 from proxy.io.guard import guarded
 from proxy.io.migration import ServedAt
-from proxy.io.server import ChannelProxy, peer_address
+from proxy.io.server import ChannelProxy, exception_text, peer_address
 from proxy.targets import ConnectRouter, Target
 from proxy.tls import HostCertificates, TlsSetupError
 from spicetap.errors import UserError
@@ -109,7 +109,7 @@ async def handle_connect(
             await stream.send_all(handshake.accept())
             first = await _first_bytes(stream, handshake.tunnel_data)
     except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-        log.warning("viewer %s:%d: CONNECT failed: %s", *viewer, exc or "timeout")
+        log.warning("viewer %s:%d: CONNECT failed: %s", *viewer, exception_text(exc))
         await trio.aclose_forcefully(stream)
         return
     assert target is not None

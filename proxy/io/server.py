@@ -257,7 +257,7 @@ class ChannelProxy:
                 await self._in_thread(viewer.handshake, self.limits.link_timeout)
             except OSError as exc:
                 self.state.errors += 1
-                log.warning("viewer %s:%d: TLS handshake failed: %s", *client, exc or "timeout")
+                log.warning("viewer %s:%d: TLS handshake failed: %s", *client, exception_text(exc))
                 viewer.close()
                 return
         conn = next(self._ids)
@@ -321,7 +321,7 @@ class ChannelProxy:
                 conn,
                 *client,
                 label,
-                exc or "timeout",
+                exception_text(exc),
             )
             return None
 
@@ -382,7 +382,7 @@ class ChannelProxy:
             if cmd.error:
                 self.state.errors += 1
                 if rec is not None:
-                    rec.error(conn, time.monotonic(), "c2s", cmd.reason)
+                    rec.error(conn, time.monotonic(), cmd.direction, cmd.reason)
             return cmd.reason
         return None
 
@@ -433,7 +433,7 @@ async def accept_tls(
         log.warning(
             "viewer %s:%d: TLS handshake failed: %s",
             *peer_address(stream),
-            exc.__cause__ or exc or "timeout",
+            exception_text(exc.__cause__ or exc),
         )
         await trio.aclose_forcefully(stream)
         return None
@@ -463,6 +463,13 @@ async def serve_tcp(
             listeners,
             handler_nursery=nursery,
         )
+
+
+def exception_text(exc: BaseException) -> str:
+    """An exception for a log line: a timeout's own text is empty."""
+    return str(exc) or (
+        "timed out" if isinstance(exc, trio.TooSlowError | TimeoutError) else repr(exc)
+    )
 
 
 def tcp_opener(host: str, port: int) -> Opener:

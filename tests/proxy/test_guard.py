@@ -54,3 +54,13 @@ def test_cancellation_still_passes_through() -> None:
 
     trio.run(main)
     b.close()
+
+
+def test_a_timeout_is_named_in_log_lines() -> None:
+    """A timeout's own text is empty: "CONNECT failed: " said nothing."""
+    from proxy.io.server import exception_text
+
+    assert exception_text(trio.TooSlowError()) == "timed out"
+    assert exception_text(TimeoutError()) == "timed out"
+    assert exception_text(ConnectionRefusedError(111, "Connection refused")).endswith("refused")
+    assert exception_text(trio.BrokenResourceError()) == "BrokenResourceError()"

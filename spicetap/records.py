@@ -24,7 +24,7 @@ from proxy.core.framing import (
     Message,
     MessageBuilder,
 )
-from spicetap.archive.privacy import LINK_STAGE
+from spicetap.archive.privacy import SECRET_STAGE
 
 MAIN = 1
 MAIN_INIT = message_type(MAIN, "s2c", "init")
@@ -346,7 +346,7 @@ class RecordBuilder:
                     **self._base(c, ts, ev.direction),
                     kind="tls" if tls else "error",
                     msg_type=None,
-                    name=LINK_STAGE if ev.in_link_stage else None,
+                    name=SECRET_STAGE if ev.secret else None,
                     raw=b"" if tls else ev.data,
                     error=ev.reason,
                 )
@@ -448,7 +448,7 @@ class RecordBuilder:
                         **self._base(c, ts, direction),
                         kind="error",
                         msg_type=None,
-                        name=LINK_STAGE if fr.in_link_stage(direction) else None,
+                        name=SECRET_STAGE if fr.in_secret_stage(direction) else None,
                         raw=left,
                         error=f"connection ended ({reason}) inside a unit: "
                         f"{len(left)} bytes of a truncated message",

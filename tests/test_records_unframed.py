@@ -4,7 +4,7 @@ archive keeps what the privacy policy allows), and a closed connection is forgot
 from __future__ import annotations
 
 from proxy.core.framing import C2S, S2C
-from spicetap.archive.privacy import LINK_STAGE, PrivacyPolicy, decide
+from spicetap.archive.privacy import SECRET_STAGE, PrivacyPolicy, decide
 from spicetap.records import Record, RecordBuilder
 from tests.proxy.test_framing import link_mess, mini, session
 
@@ -34,15 +34,26 @@ def test_a_message_cut_by_the_close_is_kept_and_the_connection_forgotten() -> No
     assert builder.conns == {} and builder.main_session == {}  # nothing held for it any more
 
 
-def test_a_link_stage_cut_is_named_so_and_the_open_record_still_comes() -> None:
+def test_a_link_message_cut_is_kept_and_the_open_record_still_comes() -> None:
     builder = RecordBuilder()
     builder.opened(1, 1.0, VIEWER, SERVER)
     part = link_mess(1)[:20]
     records = _feed(builder, [(C2S, part)]) + builder.closed(1, 2.0, "viewer closed")
     assert [r.kind for r in records] == ["open", "link", "error", "close"]
     assert records[1].raw + records[2].raw == part  # the link header, then the cut body
-    assert records[2].name == LINK_STAGE
+    assert records[2].name is None
     assert records[0].fields == {"client": "127.0.0.1:40000", "server": "127.0.0.1:5900"}
+
+
+def test_a_cut_ticket_is_named_a_secret() -> None:
+    """Bytes where the ticket comes are never kept, whole or cut (privacy: "secret")."""
+    builder = RecordBuilder()
+    builder.opened(1, 1.0, VIEWER, SERVER)
+    chunks = session(False, True)
+    records = _feed(builder, [*chunks[:2], (C2S, chunks[2][1][:50])])
+    (error,) = [r for r in records + builder.closed(1, 2.0, "viewer closed") if r.kind == "error"]
+    assert error.name == SECRET_STAGE and len(error.raw) == 50
+    assert decide(PrivacyPolicy(), "main", C2S, "error", error.name, frozenset()).redact == "secret"
 
 
 def test_bytes_after_a_framing_error_come_with_the_error() -> None:
@@ -52,7 +63,7 @@ def test_bytes_after_a_framing_error_come_with_the_error() -> None:
     head, error = _feed(builder, [(C2S, chunk)])[1:]
     assert head.kind == "link" and error.kind == "error"
     assert "bad link magic" in (error.error or "")
-    assert head.raw + error.raw == chunk and error.name == LINK_STAGE
+    assert head.raw + error.raw == chunk and error.name is None  # no secret before the reply
 
 
 def test_unframed_bytes_are_kept_only_where_the_policy_keeps_everything() -> None:
@@ -63,7 +74,7 @@ def test_unframed_bytes_are_kept_only_where_the_policy_keeps_everything() -> Non
 
     everything = PrivacyPolicy()
     assert fate(everything, "inputs") is None and fate(everything, "main") is None
-    assert fate(everything, "main", LINK_STAGE) == "secret"  # the ticket may be in there
+    assert fate(everything, "main", SECRET_STAGE) == "secret"  # the ticket may be in there
     assert fate(PrivacyPolicy(keys="events"), "inputs") == "unframed"
     assert fate(PrivacyPolicy(keys="events"), "display") is None
     assert fate(PrivacyPolicy(clipboard="hash"), "main") == "unframed"

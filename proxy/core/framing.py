@@ -76,7 +76,7 @@ class ChannelError:
     # the bytes received from `offset` on that could not be framed: they crossed the proxy,
     # so the archive keeps them (privacy permitting)
     data: bytes = b""
-    in_link_stage: bool = False  # such bytes may hold a ticket or SASL: never kept
+    secret: bool = False  # came where a ticket or SASL does: never kept
 
 
 Event = LinkUnit | Message | ChannelError
@@ -207,8 +207,10 @@ class ChannelFramer:
         """Those bytes themselves (a large message's parts come before the buffer)."""
         return b"".join([*self.parts[direction], self.buf[direction]])
 
-    def in_link_stage(self, direction: str) -> bool:
-        return self.state[direction] not in ("messages", "dead")
+    def in_secret_stage(self, direction: str) -> bool:
+        """Whether bytes now would be the ticket (or auth selection before it) or SASL:
+        from the viewer's LinkMess on until the link result, and all of SASL."""
+        return self.state[direction] in ("wait_reply", "auth", "ticket", "sasl")
 
     # -- internals -------------------------------------------------------------------------
     def _take(self, direction: str, size: int) -> bytes:
@@ -220,8 +222,8 @@ class ChannelFramer:
 
     def _fail(self, direction: str, reason: str, events: list[Event]) -> None:
         unframed = bytes(self.buf[direction])
-        link = self.in_link_stage(direction)
-        events.append(ChannelError(direction, self.offset[direction], reason, unframed, link))
+        secret = self.in_secret_stage(direction)
+        events.append(ChannelError(direction, self.offset[direction], reason, unframed, secret))
         self.state[direction] = "dead"
         self.ignored[direction] += len(self.buf[direction])
         self.buf[direction].clear()

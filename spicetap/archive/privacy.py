@@ -36,8 +36,9 @@ class PolicyError(ValueError):
     """A privacy setting is not one of the allowed values."""
 
 
-# The name of an error record whose bytes came in the link stage (spicetap.records).
-LINK_STAGE = "link_stage"
+# The name of an error record whose bytes came where a ticket or SASL does (the framer's
+# in_secret_stage, see spicetap.records).
+SECRET_STAGE = "secret_stage"
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,7 @@ def decide(
 def _unframed(policy: PrivacyPolicy, channel: str, name: str | None) -> Decision:
     """Bytes that could not be framed (a truncated or malformed unit) might be anything
     the channel carries: kept only where the policy keeps all of that channel's content."""
-    if name == LINK_STAGE:  # may hold the encrypted ticket, or SASL
+    if name == SECRET_STAGE:  # may hold the encrypted ticket, or SASL
         return Decision(redact="secret")
     held_back = (
         (channel == "inputs" and policy.keys != "text")

@@ -21,6 +21,7 @@ import trio
 from proxy.core.http import MAX_HEAD, HeadReader, HttpError, Request, error_response
 from proxy.core.relay import Limits
 from proxy.core.websocket import (
+    ABNORMAL,
     NORMAL,
     VERSION,
     Closed,
@@ -106,6 +107,8 @@ class WebSocketStream(trio.abc.Stream):
                     if event.error:
                         why, code = event.reason, event.code
                         log.warning("websocket from %s: %s (%d)", self.peer, why, code)
+                        if code == ABNORMAL:  # the TCP connection just ended: a close
+                            continue
                         if not self._incoming:  # payload before it is relayed first
                             raise PeerProtocolError(f"WebSocket: {why} ({code})")
                         self._failure = f"WebSocket: {why} ({code})"

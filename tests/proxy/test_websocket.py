@@ -451,6 +451,15 @@ async def test_protocol_error_after_the_data_before_it_plus_a_close_frame() -> N
     assert opcode == 0x8 and body[:2] == struct.pack("!H", 1003)
 
 
+async def test_a_dropped_connection_is_a_close_not_a_protocol_error() -> None:
+    """A tab closed mid-session ends TCP without a close frame: the viewer closed."""
+    ws, client = await _upgraded()
+    await client.send_all(client_frame(0x2, b"REDQ"))
+    await client.aclose()
+    assert await ws.receive_some(100) == b"REDQ"
+    assert await ws.receive_some(100) == b""
+
+
 async def _http(raw: bytes, root: Path) -> bytes:
     client, server = trio.testing.memory_stream_pair()
     await client.send_all(raw)

@@ -178,30 +178,28 @@ def _flush_seconds(text: str) -> float:
     return _seconds(text, zero=True)  # 0: every record is written at once
 
 
-def _positive_bytes(text: str) -> int:
+def _positive_int(text: str, unit: str) -> int:
     try:
         value = int(text)
     except ValueError:
         value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive number of bytes")
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive number of {unit}")
     return value
+
+
+def _positive_bytes(text: str) -> int:
+    return _positive_int(text, "bytes")
+
+
+def _positive_mb(text: str) -> int:
+    return _positive_int(text, "MiB")
 
 
 def _nonempty(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("expected a value, got an empty one")
     return text
-
-
-def _positive_mb(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive number of MiB")
-    return value
 
 
 def _pick(flag: Any, configured: Any) -> Any:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from spicetap.cli import main
+from tests.harness import make_tls_material
 
 
 @pytest.mark.parametrize("kind", ["plain", "connect", "management"])
@@ -101,38 +102,22 @@ def test_bad_flags_are_one_line_errors_too(
 
 
 def _pem_pair(folder: Path, passphrase: bytes | None = None) -> tuple[Path, Path]:
-    """A self-signed certificate and its key, the key protected when a passphrase is given."""
-    import datetime
+    """The harness's server certificate and key, the key protected when a passphrase is
+    given."""
+    from cryptography.hazmat.primitives import serialization
 
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    protect = (
-        serialization.BestAvailableEncryption(passphrase)
-        if passphrase
-        else serialization.NoEncryption()
-    )
-    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, protect)
-    )
-    return cert_path, key_path
+    material = make_tls_material(folder / "tls")
+    cert, key = material.x509_dir / "server-cert.pem", material.x509_dir / "server-key.pem"
+    if passphrase:
+        loaded = serialization.load_pem_private_key(key.read_bytes(), password=None)
+        key.write_bytes(
+            loaded.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.BestAvailableEncryption(passphrase),
+            )
+        )
+    return cert, key
 
 
 @pytest.mark.parametrize(

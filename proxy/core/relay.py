@@ -71,6 +71,9 @@ class Close:
     reason: str
     error: bool  # a protocol error or a limit, not a peer's normal close
     direction: str = C2S  # whose bytes the error is about (a timeout: the channel's)
+    # The recording frames the same bytes and records this error itself, with the bytes
+    # it concerns (a framing error; a unit cut by the end): no second record of it.
+    seen_in_bytes: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,7 +292,7 @@ class ChannelRelay:
     def _broken(self, ev: ChannelError, commands: list[Command]) -> None:
         self.closed = True
         reason = f"{ev.direction} stream at byte {ev.offset}: {ev.reason}"
-        commands += (Log(f"closing channel: {reason}"), Close(reason, True, ev.direction))
+        commands += (Log(f"closing channel: {reason}"), Close(reason, True, ev.direction, True))
 
     def _rewrite(self, direction: str, data: bytes, now: float) -> list[Command]:
         """The link stage under a policy: forward what the rewriter delivers."""
@@ -329,7 +332,7 @@ class ChannelRelay:
             said = [f"{came} bytes of it came"] if came else []
             said += [f"{due} more were due"] if due else []
             reason = f"{who} vanished in the middle of a message ({', '.join(said)})"
-            return [*commands, Log(reason), Close(reason, True, direction)]
+            return [*commands, Log(reason), Close(reason, True, direction, True)]
         return [*commands, Close(f"{who} closed", False, direction)]
 
     def peer_failed(self, direction: str, reason: str, now: float) -> list[Command]:

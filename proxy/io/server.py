@@ -381,7 +381,7 @@ class ChannelProxy:
         elif isinstance(cmd, Close):
             if cmd.error:
                 self.state.errors += 1
-                if rec is not None:
+                if rec is not None and not cmd.seen_in_bytes:
                     rec.error(conn, time.monotonic(), cmd.direction, cmd.reason)
             return cmd.reason
         return None

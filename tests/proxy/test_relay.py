@@ -61,7 +61,7 @@ def test_peer_vanishing_mid_message_is_an_error_not_a_crash() -> None:
     relay.received("s2c", mini(101, b"y" * 100)[:50], 1.0)
     (_log, close) = relay.peer_closed("s2c", 2.0)
     assert close == Close(
-        "server vanished in the middle of a message (56 more were due)", True, "s2c"
+        "server vanished in the middle of a message (56 more were due)", True, "s2c", True
     )  # 6 + 100 bytes announced, 50 came
     clean = ChannelRelay(Limits(), 0.0)
     linked(clean)
@@ -69,13 +69,15 @@ def test_peer_vanishing_mid_message_is_an_error_not_a_crash() -> None:
     in_link = ChannelRelay(Limits(), 0.0)
     in_link.received("c2s", link_mess(caps_word(1))[:25], 1.0)  # the header, 9 of the body
     (_log, close) = in_link.peer_closed("c2s", 2.0)
-    assert close == Close("viewer vanished in the middle of a message (9 bytes of it came)", True)
+    assert close == Close(
+        "viewer vanished in the middle of a message (9 bytes of it came)", True, "c2s", True
+    )
     cut_header = ChannelRelay(Limits(), 0.0)
     linked(cut_header)
     cut_header.received("s2c", mini(4, b"ping")[:3], 1.0)
     (_log, close) = cut_header.peer_closed("s2c", 2.0)
     assert close == Close(
-        "server vanished in the middle of a message (3 bytes of it came)", True, "s2c"
+        "server vanished in the middle of a message (3 bytes of it came)", True, "s2c", True
     )
 
 

@@ -53,9 +53,11 @@ class ConnectHandshake:
     def __init__(self) -> None:
         self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         self.tunnel_data = b""
+        self._fed = 0
 
     def feed(self, data: bytes) -> ConnectRequest | Refusal | None:
         self._conn.receive_data(data)
+        self._fed += len(data)
         try:
             event = self._conn.next_event()
         except h11.RemoteProtocolError as exc:
@@ -74,6 +76,9 @@ class ConnectHandshake:
             return Refusal(exc.error_status_hint, f"bad request: {exc}")
         if not isinstance(end, h11.EndOfMessage):
             return Refusal(400, "bad request: a CONNECT request has no body")
+        # h11 bounds only a head still incomplete: one that came whole in a read may be larger
+        if self._fed - len(self._conn.trailing_data[0]) > MAX_HEAD:
+            return Refusal(431, f"request head over {MAX_HEAD} bytes")
         target = event.target.decode("ascii", "replace")
         try:
             host, port_text = split_host_port(target)

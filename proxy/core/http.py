@@ -55,11 +55,13 @@ class HeadReader:
         self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         self.rest = b""
         self.done = False
+        self._fed = 0
 
     def feed(self, data: bytes) -> Request | HttpError | None:
         if self.done:
             return HttpError(400, "request already read")
         self._conn.receive_data(data)  # b"": the peer closed
+        self._fed += len(data)
         try:
             event = self._conn.next_event()
         except h11.RemoteProtocolError as exc:
@@ -73,6 +75,9 @@ class HeadReader:
         if not isinstance(event, h11.Request):
             return HttpError(400, "connection closed inside the request head")
         self.rest = self._conn.trailing_data[0]
+        # h11 bounds only a head still incomplete: one that came whole in a read may be larger
+        if self._fed - len(self.rest) > MAX_HEAD:
+            return HttpError(431, f"request head over {MAX_HEAD} bytes")
         return _request(event)
 
 

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.core.allow import AllowList, AllowListError, parse_pattern
-from proxy.core.connect import ConnectHandshake, ConnectRequest, Refusal, tunnel_kind
+from proxy.core.connect import MAX_HEAD, ConnectHandshake, ConnectRequest, Refusal, tunnel_kind
 from proxy.targets import ConnectRouter, Target
 from spicetap.config import ConnectSection
 from spicetap.errors import UserError
@@ -71,6 +71,9 @@ def test_oversized_head_is_refused() -> None:
             break
     assert isinstance(result, Refusal) and result.status == 431
     assert hs.refuse(result).startswith(b"HTTP/1.1 431 ")
+    # whole in one read: h11 alone would take it, as its bound is on incomplete heads
+    whole = b"CONNECT h:1 HTTP/1.1\r\nHost: h\r\nX: " + b"a" * MAX_HEAD + b"\r\n\r\nREDQ"
+    assert ConnectHandshake().feed(whole) == Refusal(431, f"request head over {MAX_HEAD} bytes")
 
 
 @given(st.binary(max_size=300))

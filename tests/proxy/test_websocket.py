@@ -144,6 +144,9 @@ def test_head_is_bounded_and_eof_inside_it_is_an_error() -> None:
     assert reader.feed(b"GET / HTTP/1.1\r\nX: " + b"a" * MAX_HEAD) == HttpError(
         431, f"request head over {MAX_HEAD} bytes"
     )
+    # whole in one read: h11 alone would take it, as its bound is on incomplete heads
+    whole = b"GET / HTTP/1.1\r\nHost: x\r\nX: " + b"a" * MAX_HEAD + b"\r\n\r\n"
+    assert HeadReader().feed(whole) == HttpError(431, f"request head over {MAX_HEAD} bytes")
     reader = HeadReader()
     assert reader.feed(b"GET / HTTP/1.1\r\n") is None
     result = reader.feed(b"")

@@ -13,6 +13,7 @@ first other channel (spice-gtk opens main, reads INIT, then opens the rest).
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import json
 import math
 from collections.abc import Iterable, Mapping
@@ -86,7 +87,7 @@ def parse_connect(body: bytes) -> ConnectRequest:
 
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: [[[[...
         raise bad("the body is not JSON") from None
     if not isinstance(data, dict):
         raise bad("the body must be a JSON object")
@@ -94,7 +95,7 @@ def parse_connect(body: bytes) -> ConnectRequest:
     if unknown:
         raise bad(f"unknown key {unknown[0]!r} (known: {', '.join(sorted(_CONNECT_KEYS))})")
     host, port = data.get("host"), data.get("port")
-    if not isinstance(host, str) or not host or len(host) > 253:
+    if not isinstance(host, str) or not host_is_valid(host.strip("[]")):
         raise bad('"host" must be a host name or address')
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port < 65536:
         raise bad('"port" must be an integer from 1 to 65535')
@@ -120,6 +121,24 @@ def parse_connect(body: bytes) -> ConnectRequest:
     if problem is not None:
         raise bad(problem)
     return ConnectRequest(host.strip("[]"), port, float(timeout), tls, subject, password)
+
+
+def host_is_valid(host: str) -> bool:
+    """An IP address, or a name the resolver can be given as it is: no spaces or control
+    characters (a NUL would cut it short), at most 253 characters, each label IDNA can
+    encode."""
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    if not host or len(host) > 253 or any(c.isspace() or not c.isprintable() for c in host):
+        return False
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        return False
+    return True
 
 
 # -- snapshots of the proxy's state ----------------------------------------------------------

@@ -150,10 +150,13 @@ class ManagementApi:
             host_subject=request.host_subject,
             timeout=request.timeout,
         )
-        with trio.move_on_after(request.timeout) as waited:
-            await self.probes.acquire()
-        if waited.cancelled_caught:
-            raise HttpError(HTTPStatus.SERVICE_UNAVAILABLE, "too many probes running")
+        try:  # a free slot is taken at once, however short the timeout
+            self.probes.acquire_nowait()
+        except trio.WouldBlock:
+            with trio.move_on_after(request.timeout) as waited:
+                await self.probes.acquire()
+            if waited.cancelled_caught:
+                raise HttpError(HTTPStatus.SERVICE_UNAVAILABLE, "too many probes running") from None
         try:
             outcome = await probe(target_)
         finally:
@@ -165,6 +168,7 @@ class ManagementApi:
 
     async def handle(self, stream: trio.abc.Stream) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        method = ""
         try:
             try:
                 with trio.fail_after(REQUEST_TIMEOUT):
@@ -182,7 +186,7 @@ class ManagementApi:
                 log.exception("management request failed")
                 reply = Reply(HTTPStatus.INTERNAL_SERVER_ERROR, error_body("internal error"))
             with trio.fail_after(SEND_TIMEOUT):
-                await _send_reply(stream, conn, reply)
+                await _send_reply(stream, conn, reply, head_only=method == "HEAD")
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
             pass  # the client went away or stopped reading: nothing left to tell it
         finally:
@@ -214,7 +218,11 @@ async def _read_request(stream: trio.abc.Stream, conn: h11.Connection) -> tuple[
             raise trio.BrokenResourceError("the client closed before a whole request")
 
 
-async def _send_reply(stream: trio.abc.Stream, conn: h11.Connection, reply: Reply) -> None:
+async def _send_reply(
+    stream: trio.abc.Stream, conn: h11.Connection, reply: Reply, head_only: bool = False
+) -> None:
+    """The reply; to a HEAD request its headers only (h11 refuses a body there, and the
+    client got nothing at all)."""
     headers = [
         ("content-type", reply.content_type),
         ("content-length", str(len(reply.body))),
@@ -226,7 +234,8 @@ async def _send_reply(stream: trio.abc.Stream, conn: h11.Connection, reply: Repl
     try:
         phrase = HTTPStatus(reply.status).phrase.encode()
         data = conn.send(h11.Response(status_code=reply.status, headers=headers, reason=phrase))
-        data = (data or b"") + (conn.send(h11.Data(data=reply.body)) or b"")
+        if not head_only:
+            data = (data or b"") + (conn.send(h11.Data(data=reply.body)) or b"")
         data += conn.send(h11.EndOfMessage()) or b""
     except h11.LocalProtocolError:
         return  # h11 cannot answer in this state (e.g. a response already began)

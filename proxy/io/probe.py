@@ -95,6 +95,8 @@ async def _open(target: ProbeTarget) -> trio.abc.Stream:
         tcp = await trio.open_tcp_stream(target.host, target.port)
     except OSError as exc:  # refused, unreachable, unknown name: the OS says which
         raise _Failed(failure(CONNECTION_REFUSED, _reason(exc))) from None
+    except UnicodeError:  # a name IDNA cannot encode (an empty or 64-letter label)
+        raise _Failed(failure(CONNECTION_REFUSED, "not a valid host name")) from None
     if target.tls is None:
         return tcp
     stream = trio.SSLStream(tcp, target.tls, server_hostname=target.host)

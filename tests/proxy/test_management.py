@@ -108,6 +108,16 @@ def test_connect_request_minimal_and_full() -> None:
         (b'{"host": "h", "port": 1, "password": 5}', '"password"'),
         (b'{"host": "h", "port": 1, "password": "' + b"x" * 61 + b'"}', "at most 60"),
         (b'{"host": "h", "port": 1, "pasword": "x"}', "unknown key 'pasword'"),
+        (b"[" * 5000 + b"]" * 5000, "not JSON"),  # RecursionError inside json: a 500 once
+        # names the resolver cannot take as they are (IDNA raised out of it: a 500 once),
+        # and what becomes empty or is cut short on the way there
+        (b'{"host": "a..b", "port": 1}', '"host"'),
+        (b'{"host": "' + b"a" * 64 + b'.invalid", "port": 1}', '"host"'),
+        (b'{"host": "' + b"a" * 253 + b'", "port": 1}', '"host"'),
+        (b'{"host": "\\ud800", "port": 1}', '"host"'),
+        (b'{"host": "[]", "port": 1}', '"host"'),
+        (b'{"host": " ", "port": 1}', '"host"'),
+        (b'{"host": "127.0.0.1\\u0000junk", "port": 1}', '"host"'),
     ],
 )
 def test_bad_connect_requests_are_400_naming_the_problem(body: bytes, says: str) -> None:
@@ -350,6 +360,21 @@ async def test_client_vanishing_mid_request_is_quiet(caplog: Any, sent: bytes) -
         await client.send_all(sent)
         await client.aclose()
     assert not caplog.records  # nothing to report, least of all an "internal error"
+
+
+async def test_head_gets_the_headers_without_a_body() -> None:
+    """h11 refuses a body in a reply to HEAD: the client once got no reply at all."""
+    status, headers, body = await exchange(api(), request("HEAD", "/api/sessions"))
+    assert status == 405 and headers["allow"] == "GET" and body == b""
+    status, _, body = await exchange(api(), request("HEAD", "/nowhere"))
+    assert status == 404 and body == b""
+
+
+async def test_a_free_probe_slot_is_taken_however_short_the_timeout() -> None:
+    """A timeout of 1e-300 s once ran out waiting for a free slot: "too many probes"."""
+    body = json.dumps({"host": "127.0.0.1", "port": 1, "timeout": 1e-300}).encode()
+    status, _, answer = await exchange(api(), request("POST", "/api/spice/connect", body))
+    assert status == 200 and json.loads(answer)["error"] in ("Timeout", "Connection refused")
 
 
 async def test_connect_probe_of_a_closed_port_over_http() -> None:

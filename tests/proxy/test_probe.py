@@ -6,6 +6,7 @@ from __future__ import annotations
 import struct
 
 import pytest
+import trio
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
@@ -307,3 +308,13 @@ def test_combine_takes_version_and_caps_from_main_and_the_verdict_from_the_check
     assert both.main_caps == (MAIN_CAPS,) and "none was given" in both.detail
     refused = failure("Link error: NEED_SECURED")
     assert combine(refused, check.outcome) is refused
+
+
+def test_a_name_idna_cannot_encode_is_refused_not_raised() -> None:
+    """An empty or 64-letter label: getaddrinfo raised UnicodeError through the probe (a 500
+    from the API, a traceback from `spicetap probe`)."""
+    from proxy.io.probe import ProbeTarget, probe
+
+    for host in ("a..b", "a" * 64 + ".invalid"):
+        outcome = trio.run(probe, ProbeTarget(host, 1, timeout=5))
+        assert (outcome.error, outcome.detail) == ("Connection refused", "not a valid host name")

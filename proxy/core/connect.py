@@ -14,8 +14,7 @@ from dataclasses import dataclass
 import h11
 
 from proxy.core.allow import split_host_port
-
-MAX_HEAD = 16 * 1024  # a CONNECT request is a line and a few headers
+from proxy.core.http import MAX_HEAD, BoundedServer
 
 # The first byte a viewer sends in the tunnel tells TLS from plain SPICE: a TLS record
 # starts with content type 22 (handshake); a SPICE link starts with the magic "REDQ".
@@ -51,13 +50,11 @@ class ConnectHandshake:
     `refuse`; after `accept`, `tunnel_data` holds tunnel bytes that came with the request."""
 
     def __init__(self) -> None:
-        self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        self._conn = BoundedServer()
         self.tunnel_data = b""
-        self._fed = 0
 
     def feed(self, data: bytes) -> ConnectRequest | Refusal | None:
         self._conn.receive_data(data)
-        self._fed += len(data)
         try:
             event = self._conn.next_event()
         except h11.RemoteProtocolError as exc:
@@ -76,8 +73,7 @@ class ConnectHandshake:
             return Refusal(exc.error_status_hint, f"bad request: {exc}")
         if not isinstance(end, h11.EndOfMessage):
             return Refusal(400, "bad request: a CONNECT request has no body")
-        # h11 bounds only a head still incomplete: one that came whole in a read may be larger
-        if self._fed - len(self._conn.trailing_data[0]) > MAX_HEAD:
+        if self._conn.head_too_big():
             return Refusal(431, f"request head over {MAX_HEAD} bytes")
         target = event.target.decode("ascii", "replace")
         try:

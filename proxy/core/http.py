@@ -40,6 +40,24 @@ class Request:
         return [t.strip().lower() for t in self.headers.get(name, "").split(",") if t.strip()]
 
 
+class BoundedServer(h11.Connection):
+    """h11's server side, its request head bounded by MAX_HEAD however it arrives: h11
+    bounds only a head still incomplete, so one that came whole in a read passed at any
+    size. Every HTTP front reads one request per connection through this."""
+
+    def __init__(self) -> None:
+        super().__init__(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        self.received = 0
+
+    def receive_data(self, data: bytes) -> None:
+        self.received += len(data)
+        super().receive_data(data)
+
+    def head_too_big(self) -> bool:
+        """Right after the Request event: whether its head went past MAX_HEAD."""
+        return self.received - len(self.trailing_data[0]) > MAX_HEAD
+
+
 @dataclass(frozen=True, slots=True)
 class HttpError:
     status: int
@@ -52,16 +70,14 @@ class HeadReader:
     field syntax and the size bound follow RFC 9112 in one place."""
 
     def __init__(self) -> None:
-        self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        self._conn = BoundedServer()
         self.rest = b""
         self.done = False
-        self._fed = 0
 
     def feed(self, data: bytes) -> Request | HttpError | None:
         if self.done:
             return HttpError(400, "request already read")
         self._conn.receive_data(data)  # b"": the peer closed
-        self._fed += len(data)
         try:
             event = self._conn.next_event()
         except h11.RemoteProtocolError as exc:
@@ -75,8 +91,7 @@ class HeadReader:
         if not isinstance(event, h11.Request):
             return HttpError(400, "connection closed inside the request head")
         self.rest = self._conn.trailing_data[0]
-        # h11 bounds only a head still incomplete: one that came whole in a read may be larger
-        if self._fed - len(self.rest) > MAX_HEAD:
+        if self._conn.head_too_big():
             return HttpError(431, f"request head over {MAX_HEAD} bytes")
         return _request(event)
 

@@ -25,6 +25,7 @@ import h11
 import trio
 
 from proxy.core.framing import C2S, S2C
+from proxy.core.http import MAX_HEAD, BoundedServer
 from proxy.core.management import (
     ChannelView,
     HttpError,
@@ -45,7 +46,6 @@ from proxy.tls import client_context
 
 log = logging.getLogger("spicetap.management")
 
-MAX_HEAD = 16 * 1024  # request line and headers
 MAX_BODY = 64 * 1024
 REQUEST_TIMEOUT = 10.0  # to receive a whole request
 SEND_TIMEOUT = 10.0  # to hand over a response
@@ -167,7 +167,7 @@ class ManagementApi:
         )
 
     async def handle(self, stream: trio.abc.Stream) -> None:
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        conn = BoundedServer()
         method = ""
         try:
             try:
@@ -193,7 +193,7 @@ class ManagementApi:
             await trio.aclose_forcefully(stream)
 
 
-async def _read_request(stream: trio.abc.Stream, conn: h11.Connection) -> tuple[str, str, bytes]:
+async def _read_request(stream: trio.abc.Stream, conn: BoundedServer) -> tuple[str, str, bytes]:
     """One whole request (method, target, body); the body bounded by MAX_BODY."""
     request: h11.Request | None = None
     body = bytearray()
@@ -204,6 +204,10 @@ async def _read_request(stream: trio.abc.Stream, conn: h11.Connection) -> tuple[
             conn.receive_data(bytes(data))  # b"" is EOF: h11 then says what is missing
             continue
         if isinstance(event, h11.Request):
+            if conn.head_too_big():
+                raise HttpError(
+                    HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, f"head over {MAX_HEAD} bytes"
+                )
             request = event
             length = dict(event.headers).get(b"content-length")
             if length is not None and int(length) > MAX_BODY:  # h11 checked it is a number

@@ -9,7 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.core.allow import AllowList, AllowListError, parse_pattern
-from proxy.core.connect import MAX_HEAD, ConnectHandshake, ConnectRequest, Refusal, tunnel_kind
+from proxy.core.connect import ConnectHandshake, ConnectRequest, Refusal, tunnel_kind
+from proxy.core.http import MAX_HEAD
 from proxy.targets import ConnectRouter, Target
 from spicetap.config import ConnectSection
 from spicetap.errors import UserError

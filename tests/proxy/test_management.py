@@ -320,6 +320,8 @@ async def test_metrics_over_http() -> None:
         (request("POST", "/api/spice/connect", b"{}"), 400),
         (request("POST", "/api/spice/connect", b"x" * 70_000), 413),
         (b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X-Pad: y\r\n" * 3000, 431),  # never ends
+        # whole in one read: h11 alone bounds only incomplete heads
+        (request("GET", "/metrics", extra="X-Pad: " + "y" * 20_000 + "\r\n"), 431),
     ],
 )
 async def test_bad_requests_get_an_error_status_and_json(raw: bytes, status: int) -> None:

@@ -166,8 +166,11 @@ class RecordBuilder:
     def _new(self, conn: int) -> _Conn:
         return _Conn(conn, ChannelFramer(self.max_message))
 
-    def _add(self, conn: int) -> _Conn:
-        c = self.conns[conn] = self._new(conn)
+    def _conn(self, conn: int) -> _Conn:
+        """The connection's state, made if nothing came for it yet."""
+        c = self.conns.get(conn)
+        if c is None:
+            c = self.conns[conn] = self._new(conn)
         return c
 
     def _session(self, c: _Conn) -> int | None:
@@ -391,7 +394,7 @@ class RecordBuilder:
     ) -> list[Record]:
         """Something the proxy did rather than bytes that crossed: "rewrite" (raw = the
         link unit as its sender sent it) or "auth" (how authentication went)."""
-        c = self.conns.get(conn) or self._add(conn)
+        c = self._conn(conn)
         rec = Record(
             **self._base(c, ts, direction),
             kind=kind,
@@ -408,7 +411,7 @@ class RecordBuilder:
     def gap(
         self, conn: int, ts: float, direction: str, missing: int, where: str = "the capture"
     ) -> list[Record]:
-        c = self.conns.get(conn) or self._add(conn)
+        c = self._conn(conn)
         rec = Record(
             **self._base(c, ts, direction),
             kind="gap",
@@ -423,7 +426,7 @@ class RecordBuilder:
 
     def error(self, conn: int, ts: float, direction: str, reason: str) -> list[Record]:
         """A channel error found outside the framer (the proxy's limits, a vanished peer)."""
-        c = self.conns.get(conn) or self._add(conn)
+        c = self._conn(conn)
         rec = Record(
             **self._base(c, ts, direction),
             kind="error",

@@ -90,8 +90,6 @@ class WebSocketStream(trio.abc.Stream):
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self._closed:
             raise trio.ClosedResourceError("WebSocket closed")
-        if self._failure is not None and not self._incoming:
-            raise PeerProtocolError(self._failure)
         # Ends: every pass consumes at least one byte, and the core fails the connection
         # after a bounded run of frames without data (MAX_EMPTY_RUN), each <= 139 bytes.
         while not self._incoming and not self._eof:
@@ -107,11 +105,10 @@ class WebSocketStream(trio.abc.Stream):
                     if event.error:
                         why, code = event.reason, event.code
                         log.warning("websocket from %s: %s (%d)", self.peer, why, code)
-                        if code == ABNORMAL:  # the TCP connection just ended: a close
-                            continue
-                        if not self._incoming:  # payload before it is relayed first
-                            raise PeerProtocolError(f"WebSocket: {why} ({code})")
-                        self._failure = f"WebSocket: {why} ({code})"
+                        if code != ABNORMAL:  # ABNORMAL: the TCP connection just ended
+                            self._failure = f"WebSocket: {why} ({code})"
+        if self._failure is not None and not self._incoming:  # after the payload before it
+            raise PeerProtocolError(self._failure)
         n = len(self._incoming) if max_bytes is None else min(max_bytes, len(self._incoming))
         out = bytes(self._incoming[:n])
         del self._incoming[:n]

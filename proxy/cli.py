@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import re
 import signal
 import ssl
 import sys
@@ -16,6 +15,7 @@ from typing import Any
 import trio
 
 from proxy.core.relay import Limits, LinkPolicy
+from proxy.core.websocket import origin_is_valid
 from proxy.io.connect import ConnectFront, serve_connect
 from proxy.io.management import ManagementOptions, serve_management
 from proxy.io.migration import MigrationListeners
@@ -42,7 +42,6 @@ from spicetap.config import Config, ConfigError, ProxySection, load_config
 from spicetap.errors import UserError
 
 GIL_SWITCH_INTERVAL = 100e-6  # seconds
-ORIGIN = re.compile(r"https?://[^/\s:]+(:\d{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:\d{1,5})?")
 
 
 def add_proxy_command(sub: Any) -> None:
@@ -403,7 +402,7 @@ def _websocket_front(
     context = _viewer_context(args, listen, keylog) if args.ws_tls else None
     origins = tuple(args.ws_origin) or cp.ws_origins
     for origin in origins:  # compared with the browser's Origin header, which has this form
-        if origin != "*" and not ORIGIN.fullmatch(origin):
+        if not origin_is_valid(origin):
             raise UserError(f"--ws-origin {origin!r}: expected * or SCHEME://HOST[:PORT]")
     return Route(listen, context, main.upstream(False, keylog), origins=origins)
 

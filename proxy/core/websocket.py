@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import re
 import struct
 from dataclasses import dataclass
 
@@ -49,6 +50,16 @@ def accept_key(key: str) -> str:
 def is_upgrade(request: Request) -> bool:
     """The client asks for a WebSocket (anything else on this port is a plain GET)."""
     return "websocket" in request.tokens("upgrade")
+
+
+# An origin as browsers send it (RFC 6454): scheme, host, optional port; compared below
+# without case or a trailing slash, so an allowed one may have either.
+ORIGIN = re.compile(r"https?://([^/\s:\[\]]+|\[[0-9A-Fa-f:.]+\])(:\d{1,5})?/?", re.IGNORECASE)
+
+
+def origin_is_valid(allowed: str) -> bool:
+    """Whether an operator's allowed origin (--ws-origin) can ever match: "*" or an origin."""
+    return allowed == "*" or ORIGIN.fullmatch(allowed) is not None
 
 
 def origin_refusal(request: Request, tls: bool, allowed: tuple[str, ...]) -> HttpError | None:

@@ -28,6 +28,7 @@ from proxy.core.websocket import (
     accept,
     accept_key,
     encode_frame,
+    origin_is_valid,
 )
 from proxy.io.server import ChannelProxy, Upstream
 from proxy.io.static import static_response
@@ -609,3 +610,22 @@ def test_ws_options_are_checked(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert load_config(config).proxy.ws_listen == "127.0.0.1:5959"
     assert main(["proxy", "--config", str(config)]) == 2  # no upstream for it
     assert "--ws-listen needs --upstream" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("allowed", "valid"),
+    [
+        ("*", True),
+        ("https://portal.example:8443", True),
+        ("https://portal.example:8443/", True),  # compared without it: still fine
+        ("HTTPS://Portal.Example", True),
+        ("http://[::1]:8080", True),
+        ("portal.example", False),  # no scheme: a browser's Origin never looks so
+        ("https://portal.example/app", False),  # a path: never in an Origin
+        ("", False),
+    ],
+)
+def test_allowed_origins_are_checked_against_the_form_browsers_send(
+    allowed: str, valid: bool
+) -> None:
+    assert origin_is_valid(allowed) is valid

@@ -44,6 +44,8 @@ class Dialect:
             name: {v: n for n, v in reversed(items)} for name, (_k, items) in self.enums.items()
         }
         self.in_place: frozenset[str] = module.IN_PLACE
+        # structs that are one run of fixed-size fields: (member, struct format) in order
+        self.flat: dict[str, tuple[tuple[str, str], ...]] = module.FLAT
         # (channel, direction, type) -> (channel name, message name, struct, decoder, whether
         # it decodes in place: no pointers, so no regions to collect)
         self.entries: dict[tuple[int, str, int], Entry] = {

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from dissectors.protolang import ir
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: the FLAT table
 
 
 @dataclass
@@ -75,6 +75,18 @@ def _in_place(st: ir.Struct, outer: frozenset[int] = frozenset()) -> bool:
             if not _in_place(m.type, inner):
                 return False
     return True
+
+
+def _flat(st: ir.Struct) -> tuple[tuple[str, str], ...] | None:
+    """A struct that is one run of fixed-size integers (and byte strings of constant
+    length), as (member name, struct format) in wire order; None for any other struct.
+    proxy/core/_fastframe.c decodes these bodies without calling the decoder."""
+    members: list[tuple[str, str]] = []
+    for m in st.members:
+        if not isinstance(m, ir.Member) or not _is_simple(m):
+            return None
+        members.append((m.name, _fmt(m)))
+    return tuple(members)
 
 
 def _min_size(t: ir.Type) -> int:
@@ -477,7 +489,13 @@ def generate(protocol: ir.Protocol, sources: str) -> str:
     for st in em.names.order:
         if _in_place(st):
             out.append(f"    {em.names.of(st)!r},")
-    out += ["})", "", "# named structs and messages of the source -> struct name", "NAMED = {"]
+    out += ["})", "", "# structs that are one run of fixed-size fields -> ((member, format), ...)"]
+    out += ["FLAT = {"]
+    for st in em.names.order:
+        flat = _flat(st)
+        if flat is not None:
+            out.append(f"    {em.names.of(st)!r}: {flat!r},")
+    out += ["}", "", "# named structs and messages of the source -> struct name", "NAMED = {"]
     for name, st in protocol.structs.items():
         out.append(f"    {name!r}: {em.names.of(st)!r},")
     out += ["}", "", "# struct name -> members, for renderers (see dissectors.runtime.SchemaEntry)"]

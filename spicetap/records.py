@@ -26,6 +26,13 @@ from proxy.core.framing import (
 )
 from spicetap.archive.privacy import SECRET_STAGE
 
+try:
+    from proxy.core._fastframe import FlatBuilder
+except ImportError:  # not built: every message goes through the Python builder
+    FLAT_BUILDER: type[FlatBuilder] | None = None
+else:
+    FLAT_BUILDER = FlatBuilder
+
 MAIN = 1
 MAIN_INIT = message_type(MAIN, "s2c", "init")
 AGENT_DATA = {d: message_type(MAIN, d, "agent_data") for d in (C2S, S2C)}
@@ -283,7 +290,25 @@ class RecordBuilder:
                 (ts, session, number, channel, channel_id, d, "message"), data[start:end], dec
             )
 
-        return build, at
+        if FLAT_BUILDER is None:
+            return build, at
+        # The C builder makes the records of fixed-layout bodies itself (all of inputs, most
+        # acks), exactly as `build` would, and hands it every other message.
+        layouts = {
+            d: {
+                num: (name, struct, SPICE.flat[struct])
+                for num, (_c, name, struct, _dec, _in_place) in table.items()
+                if struct in SPICE.flat
+            }
+            for d, table in tables.items()
+        }
+        flat = FLAT_BUILDER(Record, ident, layouts, _NO_AGENT_TYPES, dialect, ctype, build)
+
+        def at_both(time: float) -> None:
+            nonlocal ts
+            ts = flat.time = time
+
+        return flat, at_both
 
     def _open_record(self, c: _Conn) -> Record:
         fields, c.open_fields = c.open_fields, None

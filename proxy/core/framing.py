@@ -100,6 +100,43 @@ def build_message(
     return tuple.__new__(Message, (d, msg_type, data[body:end], data[start:end], serial, sub_list))
 
 
+def frame_messages(
+    d: str, data: bytes, mini: bool, limit: int, build: MessageBuilder, events: list[Any]
+) -> tuple[int, int, str | None]:
+    """Append build(...) of every whole message at the start of `data` to `events`; returns
+    where they end, the size of a message cut by the end of data (0: none) and why framing
+    stopped at a message over `limit` (None: it did not). proxy/core/_fastframe.c's
+    frame() is this loop in C, used when it is built; the tests hold both to one output."""
+    hdr = MINI_HEADER if mini else FULL_HEADER
+    hsize, unpack, append = hdr.size, hdr.unpack_from, events.append
+    n = len(data)
+    pos = 0
+    while n - pos >= hsize:
+        if mini:
+            msg_type, size = unpack(data, pos)
+            serial, sub_list = None, 0
+        else:
+            serial, msg_type, size, sub_list = unpack(data, pos)
+        if size > limit:
+            return pos, 0, f"message type {msg_type} of {size} bytes exceeds the limit"
+        end = pos + hsize + size
+        if end > n:
+            return pos, end - pos, None
+        append(build(d, msg_type, data, pos, pos + hsize, end, serial, sub_list))
+        pos = end
+    return pos, 0, None
+
+
+Framer = Callable[[str, bytes, bool, int, MessageBuilder, list[Any]], tuple[int, int, str | None]]
+FRAME: Framer
+try:
+    from proxy.core._fastframe import frame as _frame_in_c
+except ImportError:  # not built (a source tree without `pip install`): the same loop in Python
+    FRAME = frame_messages
+else:
+    FRAME = _frame_in_c
+
+
 def _caps(
     data: bytes, fixed: struct.Struct, n_common: int, n_channel: int, offset: int
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -347,28 +384,8 @@ class ChannelFramer:
     def _frame(self, d: str, data: bytes, events: list[Any], build: MessageBuilder) -> None:
         """Build every whole message at the start of `data`, which follows what was framed
         before (self.buf is empty); keep the rest in self.buf."""
-        hdr = MINI_HEADER if self.mini_header else FULL_HEADER
-        hsize, mini, limit = hdr.size, self.mini_header, self.max_message
-        unpack, append = hdr.unpack_from, events.append
         n = len(data)
-        pos = 0
-        too_big: str | None = None
-        cut = 0  # the size of a message cut by the end of data
-        while n - pos >= hsize:
-            if mini:
-                msg_type, size = unpack(data, pos)
-                serial, sub_list = None, 0
-            else:
-                serial, msg_type, size, sub_list = unpack(data, pos)
-            if size > limit:
-                too_big = f"message type {msg_type} of {size} bytes exceeds the limit"
-                break
-            end = pos + hsize + size
-            if end > n:
-                cut = end - pos
-                break
-            append(build(d, msg_type, data, pos, pos + hsize, end, serial, sub_list))
-            pos = end
+        pos, cut, too_big = FRAME(d, data, self.mini_header, self.max_message, build, events)
         self.offset[d] += pos
         if cut >= LARGE:
             self.parts[d] = [memoryview(data)[pos:] if pos else data]  # data is immutable

@@ -5,11 +5,13 @@ from __future__ import annotations
 import hashlib
 import inspect
 import re
+import struct
 from pathlib import Path
 
 import pytest
 
 from dissectors import api, regen
+from dissectors.errors import Malformed
 from dissectors.protolang.lexer import ProtoError
 from spicetap.cli import main
 from tests.conftest import require
@@ -81,6 +83,43 @@ def test_in_place_structs_read_no_pointer(dialect: api.Dialect) -> None:
     if dialect is api.SPICE:
         assert "InputsChannel_key_down" in dialect.in_place
         assert "DisplayChannel_draw_copy" not in dialect.in_place
+
+
+@pytest.mark.parametrize(
+    "dialect", [api.SPICE, api.LINK, api.CAPS, api.AGENT], ids=["spice", "link", "caps", "agent"]
+)
+def test_flat_layouts_decode_as_the_generated_decoders(dialect: api.Dialect) -> None:
+    """FLAT (what proxy/core/_fastframe.c decodes by itself) lists exactly the structs
+    whose decoder is one sized read of fixed fields, with the members in wire order; the
+    layout read with the struct module gives the decoder's value, and one byte less is
+    the decoder's error."""
+    for name, (decoder, _encoder) in dialect.codecs.items():
+        lines = [x.strip() for x in inspect.getsource(decoder).splitlines()[1:] if x.strip()]
+        one_run = lines[-1].startswith("return {") and (
+            len(lines) == 1
+            or (
+                len(lines) == 4
+                and lines[0].startswith("if p + ")
+                and lines[1].endswith(".unpack_from(b, p)")
+                and lines[2].startswith("p += ")
+            )
+        )
+        assert (name in dialect.flat) == one_run, name
+        if not one_run:
+            continue
+        members = dialect.flat[name]
+        layout = struct.Struct("<" + "".join(fmt for _m, fmt in members))
+        body = bytes((i * 37 + 11) % 256 for i in range(layout.size + 3))
+        value, stop = decoder(body, 0, len(body), None)
+        assert list(value) == [m for m, _fmt in members], name
+        assert tuple(value.values()) == layout.unpack_from(body), name
+        assert stop == layout.size
+        if layout.size:
+            with pytest.raises(Malformed):
+                decoder(body, 0, layout.size - 1, None)
+    if dialect is api.SPICE:
+        assert dialect.flat["InputsChannel_key_down"] == (("code", "I"),)
+        assert "DisplayChannel_draw_copy" not in dialect.flat
 
 
 def test_the_shared_folder_is_found_beside_the_checkout_or_its_origin(

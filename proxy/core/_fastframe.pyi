@@ -1,0 +1,41 @@
+# Types of the C extension proxy/core/_fastframe.c.
+from collections.abc import Callable
+from typing import Any
+
+# (message name, struct name, ((member, struct format), ...))
+Layout = tuple[str, str, tuple[tuple[str, str], ...]]
+
+class FlatBuilder:
+    time: float
+    def __init__(
+        self,
+        record_type: type[tuple[Any, ...]],
+        ident: tuple[int | None, int, str, int],
+        layouts: dict[str, dict[int, Layout]],
+        no_agent_types: frozenset[int],
+        dialect: object,
+        channel_type: int,
+        fallback: Callable[[str, int, bytes, int, int, int, int | None, int], Any],
+    ) -> None: ...
+    def __call__(
+        self,
+        d: str,
+        msg_type: int,
+        data: bytes,
+        start: int,
+        body: int,
+        end: int,
+        serial: int | None,
+        sub_list: int,
+        /,
+    ) -> Any: ...
+
+def frame(
+    direction: str,
+    data: bytes,
+    mini: bool,
+    limit: int,
+    build: Callable[[str, int, bytes, int, int, int, int | None, int], Any],
+    events: list[Any],
+    /,
+) -> tuple[int, int, str | None]: ...

@@ -59,6 +59,23 @@ def test_every_message_fully_dissected(records: list[Record]) -> None:
     assert errors == []
 
 
+def test_the_c_framer_records_what_the_python_one_does(
+    session: SessionCapture, records: list[Record], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """proxy/core/_fastframe.c made most of these records (every input); without it, the
+    same capture gives the same records."""
+    from dissectors.api import SPICE
+    from proxy.core import _fastframe, framing
+    from spicetap import records as records_module
+
+    assert framing.FRAME is _fastframe.frame
+    monkeypatch.setattr(framing, "FRAME", framing.frame_messages)
+    monkeypatch.setattr(records_module, "FLAT_BUILDER", None)
+    assert list(iter_capture(session.pcapng)) == records
+    flat = [r for r in records if r.kind == "message" and r.struct in SPICE.flat]
+    assert {"inputs", "display", "cursor"} <= {r.channel for r in flat}
+
+
 def test_the_exchange_is_visible(records: list[Record]) -> None:
     seen = Counter((r.channel, r.direction, r.kind, r.name) for r in records)
     for key in [

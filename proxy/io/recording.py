@@ -112,6 +112,7 @@ class Recorder:
         self._sock: socket.socket | None = None
         self._started = False  # until then items wait in spill, behind the config item
         self._stopping = False
+        self._stop_asked = False  # before the stop item: its end is then no crash (_read)
         self._last_warning = 0.0
         self._shipper = threading.Thread(target=self._ship, name="spicetap-rec-ship", daemon=True)
         self._reader = threading.Thread(target=self._read, name="spicetap-rec-reports", daemon=True)
@@ -236,6 +237,7 @@ class Recorder:
         if process is None or sock is None or self._stopping:
             return
         deadline = time.monotonic() + timeout
+        self._stop_asked = True  # the process may stop, and its end be read, before _put returns
         self._put(_STOP)
         self._stopping = True  # after the stop item: the shipper ends once spill is empty
         self._wake.set()
@@ -349,7 +351,7 @@ class Recorder:
                     self._on_report(report)
         except OSError as exc:
             log.debug("recording reports: %r", exc)
-        if not self._stopping:  # it ended on its own: a crash, or someone killed it
+        if not self._stop_asked:  # it ended on its own: a crash, or someone killed it
             code = self.process.wait()
             self._fail(f"the recording process exited (status {code})")
 

@@ -127,6 +127,31 @@ def test_a_recording_process_that_dies_stops_recording_not_forwarding(tmp_path: 
     rec.stop()  # returns: nothing left to wait for
 
 
+def test_a_stop_the_process_obeys_at_once_is_no_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The recording process may handle the stop item, close its archives and exit before
+    stop() goes on from putting it there: the end it reads then is the stop, not a crash
+    ("the recording process exited (status 0)" was logged at one stop in the proxy)."""
+    rec = Recorder(RecordingOptions(tmp_path), {}, None)
+    rec.start()
+    main_channel(rec)
+    wait_for(lambda: rec.archives)
+    put = rec._put
+
+    def put_then_wait_for_the_end(item: tuple[object, ...]) -> None:
+        put(item)
+        if item[0] == "stop":  # the slowest stop(): the process's end read meanwhile
+            rec._reader.join(10)
+            assert not rec._reader.is_alive()
+
+    monkeypatch.setattr(rec, "_put", put_then_wait_for_the_end)
+    rec.stop()
+    assert rec.failed is None
+    assert rec.process is not None and rec.process.returncode == 0
+    assert "recording process exited" not in caplog.text
+
+
 def test_with_the_close_policy_no_session_goes_on_unrecorded(tmp_path: Path) -> None:
     rec = Recorder(RecordingOptions(tmp_path, backlog="close"), {}, None)
     rec.start()

@@ -29,6 +29,9 @@ from spicetap.records import Record, RecordBuilder
 log = logging.getLogger("spicetap.recorder")
 
 BACKLOG_POLICIES = ("gap", "close")
+# Connections that never named a SPICE channel (a load balancer's health checks, a port
+# scan, another protocol) share one archive per run instead of one each.
+UNLINKED = ("unlinked",)
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # the proxy's and the recorder's
 Report = Callable[[tuple[Any, ...]], None]
 
@@ -116,6 +119,8 @@ class RecorderWorker:
     def _session_key(self, rec: Record) -> Any:
         if rec.session is not None:
             return rec.session
+        if rec.channel == "unknown":  # records wait for the link message (RecordBuilder)
+            return UNLINKED
         return ("unassigned", rec.connection)  # e.g. a link refused before any INIT
 
     def _write(self, rec: Record) -> None:
@@ -134,21 +139,25 @@ class RecorderWorker:
     def _open_session(self, key: Any, rec: Record) -> _Session:
         wall = time.time() - (time.monotonic() - rec.time)
         stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(wall))
-        label = f"{key:08x}" if isinstance(key, int) else f"unassigned-{key[1]}"
+        if isinstance(key, int):
+            label = f"{key:08x}"
+        else:
+            label = "unlinked" if key == UNLINKED else f"unassigned-{key[1]}"
         name = f"{stamp}-{label}"
         path = self.options.directory / f"{name}{'.spta.zst' if self.options.compress else '.spta'}"
         n = 1
         while path.exists():
             n += 1
             path = path.with_name(f"{name}-{n}{path.name[len(name) :]}")
+        about: dict[str, Any] = {
+            **self.routes.get(rec.connection, {}),
+            "viewer": self.viewers.get(rec.connection),
+        }
+        if key == UNLINKED:  # many viewers: each connection's open record names its own
+            about = {"viewer": None, "unlinked": True}
         header = {
             "dissector": dissector_hashes(),
-            "session": {
-                **self.meta,
-                **self.routes.get(rec.connection, {}),
-                "viewer": self.viewers.get(rec.connection),
-                "id": key if isinstance(key, int) else None,
-            },
+            "session": {**self.meta, **about, "id": key if isinstance(key, int) else None},
             "policy": self.options.policy.describe(),
             "started": wall,
         }
@@ -170,6 +179,9 @@ class RecorderWorker:
         key = self.conn_session.get(conn)
         session = self.sessions.get(key) if key is not None else None
         if session is None:
+            return
+        if key == UNLINKED:  # open until the proxy stops; its connections are not kept
+            session.conns.discard(conn)
             return
         session.closed.add(conn)
         if session.closed >= session.conns:

@@ -322,17 +322,42 @@ class RecordBuilder:
         )
 
     def _release(self, c: _Conn, records: list[Record], force: bool = False) -> list[Record]:
-        if c.framer.channel_type != MAIN and c.held is None:
+        """The records that may go out now. Until the link message names the channel, its
+        session is unknown: they wait for it, so that a link header read apart from the
+        link message (and the open record) joins the session's archive, not one beside it;
+        a connection that can no longer name it (closed, a framing error, a gap) lets go.
+        A main channel's records then wait for INIT, which names the session."""
+        fr = c.framer
+        if fr.channel_type != MAIN and c.held is None and fr.channel_type is not None:
             return records
         if c.held is None:
             c.held = []
         c.held += records
+        if fr.channel_type is None:
+            if force or "dead" in fr.state.values() or len(c.held) >= MAX_HELD:
+                out, c.held = c.held, None
+                return out
+            return []
+        if fr.channel_type != MAIN:  # named just now: what waited gets its channel
+            out, c.held = [self._named(c, r, self._session(c)) for r in c.held], None
+            return out
         session = self.main_session.get(c.number)
         if session is None and not force and len(c.held) < MAX_HELD:
             return []
-        out = [r if r.session is not None else r._replace(session=session) for r in c.held]
+        out = [self._named(c, r, session) for r in c.held]
         c.held = []
         return out
+
+    @staticmethod
+    def _named(c: _Conn, rec: Record, session: int | None) -> Record:
+        """rec with the channel and session its connection has come to know."""
+        if rec.channel == "unknown" and c.framer.channel_type is not None:
+            return rec._replace(
+                channel=SPICE.channel_name(c.framer.channel_type),
+                channel_id=c.framer.channel_id,
+                session=rec.session if rec.session is not None else session,
+            )
+        return rec if rec.session is not None else rec._replace(session=session)
 
     def _event(self, c: _Conn, ts: float, ev: LinkUnit | Message | ChannelError) -> list[Record]:
         if not isinstance(ev, Message):  # link units and errors are rare: keep them aside

@@ -81,3 +81,30 @@ def test_unframed_bytes_are_kept_only_where_the_policy_keeps_everything() -> Non
     assert fate(PrivacyPolicy(files="metadata"), "main") == "unframed"
     assert fate(PrivacyPolicy(display=False), "display") == "unframed"
     assert fate(PrivacyPolicy(audio=False), "record") == "unframed"
+
+
+def test_a_link_header_read_apart_waits_for_the_link_message_to_name_its_channel() -> None:
+    """Its records (and the open record) then carry the channel and session, so they go
+    to the session's archive rather than to one of connections that never linked."""
+    builder = RecordBuilder()
+    builder.opened(1, 1.0, VIEWER, SERVER)
+    whole = link_mess(1, channel_type=2, conn=0x5EC7)
+    assert builder.data(1, 1.0, C2S, whole[:16]) == []  # the header alone: held
+    out = builder.data(1, 1.1, C2S, whole[16:])
+    assert [(r.kind, r.name) for r in out] == [
+        ("open", None), ("link", "header"), ("link", "link_mess")
+    ]  # fmt: skip
+    assert {(r.channel, r.session) for r in out} == {("display", 0x5EC7)}
+    assert out[0].fields == {"client": "127.0.0.1:40000", "server": "127.0.0.1:5900"}
+
+
+def test_a_connection_that_never_names_its_channel_lets_go_of_its_records() -> None:
+    builder = RecordBuilder()
+    builder.opened(1, 1.0, VIEWER, SERVER)
+    assert builder.data(1, 1.0, C2S, b"RE") == []  # could still be SPICE
+    bad = builder.data(1, 1.1, C2S, b"D! this is not spice")
+    assert [r.kind for r in bad] == ["open", "link", "error"]  # bad magic: nothing to wait for
+    assert {r.channel for r in bad} == {"unknown"}
+    builder.opened(2, 2.0, VIEWER, SERVER)
+    closed = builder.closed(2, 2.5, "viewer closed")  # a health check: connect, close
+    assert [(r.kind, r.channel) for r in closed] == [("open", "unknown"), ("close", "unknown")]

@@ -47,6 +47,50 @@ def test_screenshot_through_proxy_equals_direct(tmp_path: Path) -> None:
     assert verify(archive).status == "intact"
 
 
+def test_connections_that_never_link_share_one_archive(tmp_path: Path) -> None:
+    """Health checks (connect, close), another protocol, and a link header sent apart
+    from its link message: the first two go to one `unlinked` archive for the whole run,
+    not one each; the split link joins its session's archive whole."""
+    with peers(), QemuServer(guest="none") as srv:
+        assert srv.port is not None
+        with ProxyProcess(srv.port, tmp_path / "rec", tmp_path / "proxy") as proxy:
+            for _ in range(3):
+                socket.create_connection(("127.0.0.1", proxy.port), timeout=5).close()
+            with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as c:
+                c.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                c.settimeout(5)
+                assert c.recv(1024) == b""  # the proxy closes it: not SPICE
+            shot = spicy_screenshot(SpiceEndpoint(port=proxy.port), tmp_path / "via.ppm")
+            with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as c:
+                c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                link_mess = struct.pack("<IBBIII", 0, 1, 0, 0, 0, 18)  # main, no caps
+                c.sendall(struct.pack("<4sIII", b"REDQ", 2, 2, 18))
+                time.sleep(0.3)  # read apart by the proxy
+                c.sendall(link_mess)
+                c.settimeout(5)
+                assert c.recv(16)[:4] == b"REDQ"  # the server's link reply
+            wait_until(lambda: len(proxy.archives()) == 3, timeout=10, what="three archives")
+    assert shot.stat().st_size > 1000
+    archives = {a.name: a for a in proxy.archives()}
+    (unlinked,) = [a for n, a in archives.items() if n.endswith("-unlinked.spta")]
+    assert verify(unlinked).status == "intact"
+    with ArchiveReader(unlinked) as reader:
+        assert reader.header["session"]["unlinked"] is True
+    recs = list(iter_records(unlinked, []))
+    conns = {r.connection for r in recs}
+    assert len(conns) == 4 and {r.channel for r in recs} == {"unknown"}
+    assert [r.kind for r in recs].count("open") == 4 and [r.kind for r in recs].count("close") == 4
+    (http,) = [r for r in recs if r.kind == "error"]
+    assert "bad link magic" in (http.error or "")
+    # the split link: a main channel refused nothing, yet never sent INIT to name a session
+    (split,) = [a for n, a in archives.items() if "unassigned" in n]
+    split_recs = list(iter_records(split, []))
+    assert {r.channel for r in split_recs} == {"main"}
+    assert [r.name for r in split_recs if r.kind == "link"][:2] == ["header", "link_mess"]
+    (session,) = [a for n, a in archives.items() if a not in (unlinked, split)]
+    assert "unknown" not in {r.channel for r in iter_records(session, [])}
+
+
 def test_full_exchange_through_proxy_is_recorded(tmp_path: Path) -> None:
     with peers(), QemuServer(guest="linux") as srv:
         assert srv.port is not None

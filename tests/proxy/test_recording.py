@@ -19,7 +19,7 @@ from dissectors.api import encode
 from proxy.core import recwire
 from proxy.core.framing import DEFAULT_MAX_MESSAGE
 from proxy.io.recording import MIN_RING, Recorder
-from proxy.recorder import RecordingOptions
+from proxy.recorder import UNLINKED, RecorderWorker, RecordingOptions
 from spicetap.archive.reader import ArchiveReader
 from spicetap.archive.verify import verify
 from spicetap.inputs import iter_records
@@ -428,3 +428,52 @@ def test_the_recording_process_frames_with_the_proxys_message_limit(
         assert errors == ["message type 4 of 100 bytes exceeds the limit"]
     else:
         assert errors == [] and records[-2].get("name") == "ping"
+
+
+def test_connections_that_never_link_share_one_archive_until_the_proxy_stops(
+    tmp_path: Path,
+) -> None:
+    """A health check every few seconds must not leave an archive each, nor a growing set
+    of connections in memory: one `unlinked` archive holds them all, open until the stop."""
+    reports: list[tuple[object, ...]] = []
+    worker = RecorderWorker(RecordingOptions(tmp_path), {"listen": "x"}, None, reports.append)
+    for conn in range(50):
+        worker.handle(("open", conn, 0.0, ("127.0.0.1", 40000 + conn), ("127.0.0.1", 5900),
+                       None, {"insertion": "reverse"}, None))  # fmt: skip
+        if conn % 2:
+            worker.handle(("data", conn, 0.1, "c2s", b"SSH-2.0-OpenSSH_9.2p1\r\n"))
+        worker.handle(("close", conn, 0.2, "viewer closed"))
+    assert list(worker.sessions) == [UNLINKED]
+    assert worker.sessions[UNLINKED].conns == set() and worker.conn_session == {}
+    main_channel_worker(worker, conn=99)  # a real session meanwhile: an archive of its own
+    worker.handle(("close", 99, 9.0, "viewer closed"))
+    assert list(worker.sessions) == [UNLINKED]  # the session's archive closed, this one not
+    worker.close_all("proxy stopped")
+    (unlinked,) = tmp_path.glob("*-unlinked.spta")
+    (session,) = tmp_path.glob(f"*-{SESSION_ID:08x}.spta")
+    with ArchiveReader(unlinked) as reader:
+        recs = list(reader.records())
+        assert reader.end is not None and reader.end["status"] == "proxy stopped"
+        assert reader.header["session"] == {"listen": "x", "viewer": None, "unlinked": True,
+                                            "id": None}  # fmt: skip
+    assert len({tuple(r["ch"]) for r in recs}) == 50
+    assert sum(1 for r in recs if r["kind"] == "error") == 25  # not SPICE: bad magic
+    assert verify(session).status == "intact"
+    assert [r for r in reports if r[0] == "archive"] == [
+        ("archive", str(unlinked)), ("archive", str(session))
+    ]  # fmt: skip
+
+
+def main_channel_worker(worker: RecorderWorker, conn: int) -> None:
+    """main_channel(), fed to a worker in this process."""
+    worker.handle(("open", conn, 1.0, ("127.0.0.1", 41000), ("127.0.0.1", 5900), None, None,
+                   None))  # fmt: skip
+    bits = caps_word(1, 3)
+    for t, d, data in (
+        (1.1, "c2s", link_mess(bits, channel_type=MAIN, conn=0)),
+        (1.1, "s2c", link_reply(bits)),
+        (1.2, "c2s", TICKET),
+        (1.2, "s2c", OK),
+        (1.3, "s2c", init()),
+    ):
+        worker.handle(("data", conn, t, d, data))

@@ -14,9 +14,11 @@ from typing import Any
 
 import trio
 
+from proxy.core.admission import Admission, connection_budget, files_needed
 from proxy.core.relay import Limits, LinkPolicy
 from proxy.core.websocket import origin_is_valid
 from proxy.io.connect import ConnectFront, serve_connect
+from proxy.io.guard import raise_open_files_limit
 from proxy.io.management import ManagementOptions, serve_management
 from proxy.io.migration import MigrationListeners
 from proxy.io.recording import Recorder
@@ -146,6 +148,13 @@ def add_proxy_command(sub: Any) -> None:
     p.add_argument("--idle-timeout", type=_positive_seconds)
     p.add_argument("--max-message", type=_positive_bytes, help="bytes")
     p.add_argument(
+        "--max-connections",
+        type=_positive_connections,
+        metavar="N",
+        help="viewer connections served at once (each SPICE session opens several); past "
+        "it new ones are closed at once. Default: what the open-files limit allows",
+    )
+    p.add_argument(
         "--management",
         type=_nonempty,
         metavar="HOST:PORT",
@@ -195,6 +204,10 @@ def _positive_mb(text: str) -> int:
     return _positive_int(text, "MiB")
 
 
+def _positive_connections(text: str) -> int:
+    return _positive_int(text, "connections")
+
+
 def _nonempty(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("expected a value, got an empty one")
@@ -238,6 +251,7 @@ def cmd_proxy(args: argparse.Namespace) -> int:
         max_message=_pick(args.max_message, cp.max_message),
     )
     management = _management(args, cp)
+    admission = _admission(_pick(args.max_connections, cp.max_connections))
     recorder = None
     directory = _pick(args.record, cr.directory)
     if directory and Path(directory).exists() and not Path(directory).is_dir():
@@ -274,7 +288,7 @@ def cmd_proxy(args: argparse.Namespace) -> int:
         follow = bool(_pick(args.follow_migration, cp.follow_migration))
         trio.run(
             _serve, routes, connect, limits, recorder, websocket, link_policy, management,
-            follow, keylog,
+            follow, keylog, admission,
         )  # fmt: skip
     except BaseExceptionGroup as group:  # trio's nursery wraps what its tasks raise
         cannot = group.subgroup(ListenError)
@@ -452,6 +466,24 @@ def _management(args: argparse.Namespace, cp: ProxySection) -> ManagementOptions
         raise UserError(str(exc)) from None
 
 
+def _admission(max_connections: int | None) -> Admission:
+    """The cap on connections, from --max-connections or the open-files limit (raised to
+    its hard limit first); a cap the limit cannot serve is said once, at start."""
+    files = raise_open_files_limit()
+    budget = connection_budget(files)
+    log = logging.getLogger("spicetap.proxy")
+    if max_connections is None:
+        log.info("serving up to %d connections at once (open files limit %d)", budget, files)
+        return Admission(budget)
+    if max_connections > budget:
+        log.warning(
+            "--max-connections %d needs about %d open files; the limit is %d: past %d "
+            "connections, new ones may fail", max_connections, files_needed(max_connections),
+            files, budget,
+        )  # fmt: skip
+    return Admission(max_connections)
+
+
 class ListenError(Exception):
     """A listener could not be opened (the message names it and why)."""
 
@@ -474,9 +506,10 @@ async def _serve(
     management: ManagementOptions | None = None,
     follow_migration: bool = True,
     keylog: Path | None = None,
+    admission: Admission | None = None,
 ) -> None:
     """Serve every front until SIGINT/SIGTERM."""
-    state = ProxyState()
+    state = ProxyState(admission=admission)
     logger = logging.getLogger("spicetap.proxy")
     proxy = ChannelProxy(limits, recorder, state, link_policy)
     async with trio.open_nursery() as nursery:

@@ -28,6 +28,9 @@ class ProxySection:
     link_timeout: float = 10.0
     idle_timeout: float | None = None
     max_message: int = 64 << 20
+    # connections served at once (each holds two file descriptors); None: what the
+    # open-files limit allows (proxy/core/admission.py)
+    max_connections: int | None = None
     # link-stage rewrites (proxy/core/linkrewrite.py): caps to clear, authentication mode
     mask_caps: tuple[str, ...] = ()  # "display:codec_h264", "common:mini_header", ...
     auth: str = "pass-through"  # or "intercept", "inject"

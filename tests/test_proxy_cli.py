@@ -82,6 +82,7 @@ def test_bad_fronts_are_one_line_errors(
         (["proxy", "--link-timeout", "-1"], "spicetap proxy: error: argument --link-timeout"),
         (["proxy", "--idle-timeout", "0"], "spicetap proxy: error: argument --idle-timeout"),
         (["proxy", "--max-message", "-1"], "spicetap proxy: error: argument --max-message"),
+        (["proxy", "--max-connections", "0"], "spicetap proxy: error: argument --max-connecti"),
         (["proxy", "--flush-interval", "inf"], "spicetap proxy: error: argument --flush-interval"),
         (["proxy", "--upstream", ""], "spicetap proxy: error: argument --upstream: expected a"),
         (["proxy", "--tls-listen", " "], "spicetap proxy: error: argument --tls-listen"),
@@ -167,3 +168,23 @@ def test_a_damaged_trusted_key_is_a_one_line_error_for_verify(
     assert main(["verify", str(archive)]) == 2
     err = capsys.readouterr().err
     assert "not a PEM public key (damaged? move it away)" in err and err.count("\n") == 1
+
+
+def test_the_connection_cap_follows_the_open_files_limit(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import logging
+
+    from proxy import cli as proxy_cli
+    from proxy.core.admission import connection_budget
+
+    monkeypatch.setattr(proxy_cli, "raise_open_files_limit", lambda: 1024)
+    with caplog.at_level(logging.INFO, logger="spicetap.proxy"):
+        assert proxy_cli._admission(None).limit == connection_budget(1024) == 448
+        assert "serving up to 448 connections at once (open files limit 1024)" in caplog.text
+        assert proxy_cli._admission(100).limit == 100
+        assert "WARNING" not in caplog.text
+        assert proxy_cli._admission(5000).limit == 5000  # the user's word, with a warning
+    assert "--max-connections 5000 needs about 10128 open files; the limit is 1024" in (
+        caplog.text
+    )

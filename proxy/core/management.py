@@ -163,6 +163,9 @@ class Totals:
     errors: int
     bytes: Mapping[str, int]  # every channel so far, open or closed
     messages: Mapping[str, int]
+    # viewer connections admitted and open now, refused at once past the cap, and the cap
+    # (None: no cap; see proxy/core/admission.py)
+    connections: tuple[int, int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -339,6 +342,22 @@ def metrics_text(
         counts[key] = counts.get(key, 0) + 1
     for name, count in counts.items():
         m.sample("spicetap_channels_open_by_type", count, channel=name)
+    if totals.connections is not None:
+        now, refused, limit = totals.connections
+        m.family(
+            "spicetap_connections_open",
+            "gauge",
+            "Connections the listeners hold now (viewers, CONNECT and WebSocket clients).",
+        )
+        m.sample("spicetap_connections_open", now)
+        m.family("spicetap_connections_limit", "gauge", "The most held at once.")
+        m.sample("spicetap_connections_limit", limit)
+        m.family(
+            "spicetap_connections_refused_total",
+            "counter",
+            "Connections closed at once because the limit was reached.",
+        )
+        m.sample("spicetap_connections_refused_total", refused)
     if recorder is not None:
         m.family(
             "spicetap_recorder_backlog", "gauge", "Items waiting for room in the recording ring."

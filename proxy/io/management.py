@@ -110,6 +110,9 @@ class ManagementApi:
             messages={
                 d: s.closed_messages[d] + sum(c.messages[d] for c in channels) for d in (C2S, S2C)
             },
+            connections=None
+            if s.admission is None
+            else (s.admission.open, s.admission.refused, s.admission.limit),
         )
 
     def known_sessions(self) -> dict[int, int]:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import trio
 
+from proxy.core.admission import Admission
 from proxy.core.framing import C2S, S2C
 from proxy.core.migration import Destination, MigrationUnavailable
 from proxy.core.relay import (
@@ -97,6 +98,7 @@ class ProxyState:
     channels: dict[int, ChannelStats] = field(default_factory=dict)
     total_channels: int = 0
     errors: int = 0
+    admission: Admission | None = None  # None: no cap on connections
     # bytes and messages of channels already closed, so the metrics' totals only grow
     closed_bytes: dict[str, int] = field(default_factory=lambda: {"c2s": 0, "s2c": 0})
     closed_messages: dict[str, int] = field(default_factory=lambda: {"c2s": 0, "s2c": 0})

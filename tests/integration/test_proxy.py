@@ -91,6 +91,44 @@ def test_connections_that_never_link_share_one_archive(tmp_path: Path) -> None:
     assert "unknown" not in {r.channel for r in iter_records(session, [])}
 
 
+def test_past_max_connections_new_ones_are_closed_at_once(tmp_path: Path) -> None:
+    """Eleven connections held in the link stage fill --max-connections 11 (a session's
+    worth): one more is closed at once (not after the link timeout), said in the log and
+    the metrics; once they go, a real viewer gets through."""
+    from tests.integration.test_probe import metrics
+
+    with peers(), QemuServer(guest="none") as srv:
+        assert srv.port is not None
+        extra = ("--max-connections", "11", "--management", "127.0.0.1:0")
+        with ProxyProcess(srv.port, tmp_path / "rec", tmp_path / "proxy", extra=extra) as proxy:
+            held = [socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+                    for _ in range(11)]  # fmt: skip
+            wait_until(
+                lambda: metrics(proxy)["spicetap_connections_open"] == 11,
+                timeout=10,
+                what="eleven connections held",
+            )
+            started = time.monotonic()
+            with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as one_more:
+                one_more.settimeout(5)
+                assert one_more.recv(16) == b""
+            assert time.monotonic() - started < 5  # the link timeout is 10 s
+            counts = metrics(proxy)
+            assert counts["spicetap_connections_refused_total"] == 1
+            assert counts["spicetap_connections_limit"] == 11
+            assert "1 new connection(s) closed at once: 11 open" in proxy.log()
+            for sock in held:
+                sock.close()
+            wait_until(
+                lambda: metrics(proxy)["spicetap_connections_open"] == 0,
+                timeout=10,
+                what="the held ones gone",
+            )
+            shot = spicy_screenshot(SpiceEndpoint(port=proxy.port), tmp_path / "via.ppm")
+            assert shot.stat().st_size > 1000
+            assert metrics(proxy)["spicetap_connections_refused_total"] == 1
+
+
 def test_full_exchange_through_proxy_is_recorded(tmp_path: Path) -> None:
     with peers(), QemuServer(guest="linux") as srv:
         assert srv.port is not None

@@ -1,4 +1,5 @@
-"""A listener's handler that raises ends that connection only."""
+"""A listener's handler that raises ends that connection only; past the cap on
+connections a new one is closed at once."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ from dataclasses import dataclass
 import pytest
 import trio
 
-from proxy.io.guard import guarded
+from proxy.core.admission import RESERVED_FILES, Admission, connection_budget, files_needed
+from proxy.io.guard import guarded, raise_open_files_limit
 
 
 @dataclass
 class Counts:
     errors: int = 0
+    admission: Admission | None = None
 
 
 def test_an_escaping_exception_closes_that_connection_and_is_counted(
@@ -64,3 +67,70 @@ def test_a_timeout_is_named_in_log_lines() -> None:
     assert exception_text(TimeoutError()) == "timed out"
     assert exception_text(ConnectionRefusedError(111, "Connection refused")).endswith("refused")
     assert exception_text(trio.BrokenResourceError()) == "BrokenResourceError()"
+
+
+def test_admission_counts_refuses_and_logs_at_most_every_ten_seconds() -> None:
+    adm = Admission(2)
+    assert adm.admit() and adm.admit()
+    assert not adm.admit() and not adm.admit()
+    assert (adm.open, adm.refused) == (2, 2)
+    assert adm.refusals_to_log(100.0) == 2  # the first line at once
+    assert not adm.admit()
+    assert adm.refusals_to_log(105.0) == 0  # not yet
+    assert adm.refusals_to_log(110.0) == 1
+    assert adm.refusals_to_log(130.0) == 0  # nothing new to say
+    adm.release()
+    assert adm.admit() and adm.open == 2 and adm.refused == 3
+
+
+def test_the_budget_leaves_descriptors_for_the_proxy_itself() -> None:
+    assert connection_budget(1024) == (1024 - RESERVED_FILES) // 2 == 448
+    assert connection_budget(10) == 1  # never none
+    assert files_needed(448) == 1024
+
+
+def test_past_the_cap_a_connection_is_closed_before_its_handler_runs(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    state = Counts(admission=Admission(1))
+    handled: list[int] = []
+    pairs = [socket.socketpair() for _ in range(3)]
+
+    async def handler(stream: trio.SocketStream) -> None:
+        handled.append(1)
+        await trio.sleep(0.2)  # still open when the others come
+        await stream.aclose()
+
+    async def main() -> list[bytes]:
+        serve = guarded(handler, "test front", state)
+        async with trio.open_nursery() as nursery:
+            for a, _b in pairs:
+                nursery.start_soon(serve, trio.SocketStream(trio.socket.from_stdlib_socket(a)))
+                await trio.sleep(0.01)
+            assert state.admission is not None and state.admission.open == 1
+        return [b.recv(10) for _a, b in pairs]
+
+    with caplog.at_level(logging.WARNING, logger="spicetap.proxy"):
+        assert trio.run(main) == [b"", b"", b""]  # all closed: two at once, one when done
+    for _a, b in pairs:
+        b.close()
+    assert handled == [1]
+    assert state.admission is not None
+    assert (state.admission.open, state.admission.refused) == (0, 2)
+    assert "test front: 1 new connection(s) closed at once: 1 open" in caplog.text
+
+
+def test_the_open_files_limit_is_raised_to_the_hard_one() -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        lower = min(soft, 256)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lower, hard))
+        got = raise_open_files_limit()
+        assert got == resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        assert got >= lower
+        if hard != resource.RLIM_INFINITY:
+            assert got == hard
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

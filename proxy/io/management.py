@@ -145,21 +145,22 @@ class ManagementApi:
         tls = None
         if request.tls:
             tls = self.options.tls or client_context(None, insecure=False, keylog=None)
+        deadline = trio.current_time() + request.timeout  # for the wait and the probe
+        try:  # a free slot is taken at once, however short the timeout
+            self.probes.acquire_nowait()
+        except trio.WouldBlock:
+            with trio.move_on_at(deadline) as waited:
+                await self.probes.acquire()
+            if waited.cancelled_caught:
+                raise HttpError(HTTPStatus.SERVICE_UNAVAILABLE, "too many probes running") from None
         target_ = ProbeTarget(
             request.host,
             request.port,
             password=request.password,
             tls=tls,
             host_subject=request.host_subject,
-            timeout=request.timeout,
+            timeout=max(deadline - trio.current_time(), 0.0),
         )
-        try:  # a free slot is taken at once, however short the timeout
-            self.probes.acquire_nowait()
-        except trio.WouldBlock:
-            with trio.move_on_after(request.timeout) as waited:
-                await self.probes.acquire()
-            if waited.cancelled_caught:
-                raise HttpError(HTTPStatus.SERVICE_UNAVAILABLE, "too many probes running") from None
         try:
             outcome = await probe(target_)
         finally:

@@ -409,3 +409,37 @@ def test_management_from_the_config_file(tmp_path: Any) -> None:
     flag = build_parser().parse_args(["proxy", "--management", "[::1]:9000"])
     from_flag = _management(flag, config.proxy)  # the option wins over the file
     assert from_flag is not None and from_flag.listen == ("::1", 9000)
+
+
+async def test_time_spent_waiting_for_a_probe_slot_comes_out_of_the_timeout(
+    monkeypatch: Any,
+) -> None:
+    """A request's timeout bounds the whole answer: it once waited up to `timeout` for a
+    slot and then gave the probe a whole `timeout` more."""
+    from proxy.io import management as io_management
+    from proxy.io.probe import ProbeOutcome
+
+    given: list[float] = []
+
+    async def fake_probe(target: Any) -> ProbeOutcome:
+        given.append(target.timeout)
+        return ProbeOutcome("Timeout", "no answer")
+
+    monkeypatch.setattr(io_management, "probe", fake_probe)
+    a = api()
+    borrowers = [object() for _ in range(io_management.MAX_PROBES)]
+    for b in borrowers:
+        a.probes.acquire_on_behalf_of_nowait(b)
+    body = json.dumps({"host": "127.0.0.1", "port": 1, "timeout": 1.0}).encode()
+    async with trio.open_nursery() as nursery:
+        answers: list[int] = []
+
+        async def ask() -> None:
+            answers.append((await exchange(a, request("POST", "/api/spice/connect", body)))[0])
+
+        nursery.start_soon(ask)
+        await trio.sleep(0.3)  # all slots busy meanwhile
+        a.probes.release_on_behalf_of(borrowers[0])
+    assert answers == [200]
+    (timeout,) = given
+    assert 0 <= timeout <= 0.75

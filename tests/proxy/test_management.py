@@ -416,8 +416,8 @@ async def test_time_spent_waiting_for_a_probe_slot_comes_out_of_the_timeout(
 ) -> None:
     """A request's timeout bounds the whole answer: it once waited up to `timeout` for a
     slot and then gave the probe a whole `timeout` more."""
+    from proxy.core.probe import ProbeOutcome
     from proxy.io import management as io_management
-    from proxy.io.probe import ProbeOutcome
 
     given: list[float] = []
 

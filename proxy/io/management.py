@@ -216,6 +216,9 @@ async def _read_request(stream: trio.abc.Stream, conn: BoundedServer) -> tuple[s
             length = dict(event.headers).get(b"content-length")
             if length is not None and int(length) > MAX_BODY:  # h11 checked it is a number
                 raise HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {MAX_BODY} bytes")
+            if conn.they_are_waiting_for_100_continue:  # curl's Expect: 100-continue
+                interim = h11.InformationalResponse(status_code=100, headers=[])
+                await stream.send_all(conn.send(interim) or b"")
         elif isinstance(event, h11.Data):
             body += event.data
             if len(body) > MAX_BODY:

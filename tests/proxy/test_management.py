@@ -443,3 +443,23 @@ async def test_time_spent_waiting_for_a_probe_slot_comes_out_of_the_timeout(
     assert answers == [200]
     (timeout,) = given
     assert 0 <= timeout <= 0.75
+
+
+async def test_a_client_that_expects_100_continue_gets_it_then_the_answer() -> None:
+    """curl sends larger bodies only after "100 Continue" (it waits a second without)."""
+    client, server = trio.testing.memory_stream_pair()
+    body = json.dumps({"host": "127.0.0.1", "port": 1, "timeout": 1e-300}).encode()
+    head = request("POST", "/api/spice/connect", extra="Expect: 100-continue\r\n")
+    head = head.replace(b"Content-Length: 0", f"Content-Length: {len(body)}".encode())
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(api().handle, server)
+        await client.send_all(head)
+        with trio.fail_after(10):
+            interim = await client.receive_some(65536)
+        assert interim.startswith(b"HTTP/1.1 100 ")
+        await client.send_all(body)
+        response = b""
+        with trio.fail_after(10):
+            while chunk := await client.receive_some(65536):
+                response += chunk
+    assert response.startswith(b"HTTP/1.1 200 ")

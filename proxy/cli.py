@@ -218,6 +218,14 @@ def _pick(flag: Any, configured: Any) -> Any:
     return configured if flag is None else flag
 
 
+def _named(args: argparse.Namespace, dest: str, section: str, key: str) -> str:
+    """How an error names a value: by its flag when given there, else by its place in the
+    config file (the flag would send the user looking in the wrong place)."""
+    if getattr(args, dest) is not None or not args.config:
+        return "--" + dest.replace("_", "-")
+    return f"{args.config}: [{section}] {key}"
+
+
 def cmd_proxy(args: argparse.Namespace) -> int:
     from spicetap.cli_inspect import policy_from
 
@@ -251,11 +259,11 @@ def cmd_proxy(args: argparse.Namespace) -> int:
         max_message=_pick(args.max_message, cp.max_message),
     )
     management = _management(args, cp)
-    admission = _admission(_pick(args.max_connections, cp.max_connections))
     recorder = None
     directory = _pick(args.record, cr.directory)
     if directory and Path(directory).exists() and not Path(directory).is_dir():
-        raise UserError(f"--record {directory}: not a directory")
+        where = _named(args, "record", "recording", "directory")
+        raise UserError(f"{where} {directory}: not a directory")
     if directory:
         options = RecordingOptions(
             Path(directory),
@@ -281,6 +289,7 @@ def cmd_proxy(args: argparse.Namespace) -> int:
             raise UserError(f"signing key: {exc}") from None
         recorder = Recorder(options, meta, key)
         recorder.start()
+    admission = _admission(_pick(args.max_connections, cp.max_connections))
     # A pump thread waiting for the GIL held by the recorder gets it after this long (the
     # default 5 ms would be each forwarded message's worst case): see proxy/io/pumps.py.
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
@@ -330,7 +339,7 @@ def _cli_target(args: argparse.Namespace, cp: ProxySection) -> Target | None:
     )
     return Target(
         None,
-        host_port(plain_up, "--upstream") if plain_up else None,
+        host_port(plain_up, _named(args, "upstream", "proxy", "upstream")) if plain_up else None,
         host_port(args.upstream_tls, "--upstream-tls") if args.upstream_tls else None,
         Path(args.upstream_ca) if args.upstream_ca else None,
         args.upstream_host_subject,
@@ -348,7 +357,8 @@ def _routes(
         raise UserError("--listen and --tls-listen need --upstream or --upstream-tls")
     if main is not None:
         if args.listen or (cp.listen and not args.tls_listen and not args.ws_listen):
-            listen = host_port(_pick(args.listen, cp.listen), "--listen", any_port=True)
+            what = _named(args, "listen", "proxy", "listen")
+            listen = host_port(_pick(args.listen, cp.listen), what, any_port=True)
             routes.append(Route(listen, None, main.upstream(False, keylog), main))
         if args.tls_listen:
             listen = host_port(args.tls_listen, "--tls-listen", any_port=True)
@@ -358,10 +368,12 @@ def _routes(
     for name, section in config.targets.items():
         target = targets[name]
         if section.listen:
-            listen = host_port(section.listen, f"[targets.{name}] listen", any_port=True)
+            where = f"{args.config}: [targets.{name}] listen"
+            listen = host_port(section.listen, where, any_port=True)
             routes.append(Route(listen, None, target.upstream(False, keylog), target))
         if section.tls_listen:
-            listen = host_port(section.tls_listen, f"[targets.{name}] tls_listen", any_port=True)
+            where = f"{args.config}: [targets.{name}] tls_listen"
+            listen = host_port(section.tls_listen, where, any_port=True)
             context = _viewer_context(args, listen, keylog)
             subject = _subject(args, listen)
             routes.append(Route(listen, context, target.upstream(True, keylog), target, subject))
@@ -376,7 +388,8 @@ def _connect_front(
         if args.allow:
             raise UserError("--allow needs --connect-listen (or [connect] listen)")
         return None
-    listen = host_port(listen_text, "--connect-listen", any_port=True)
+    what = _named(args, "connect_listen", "connect", "listen")
+    listen = host_port(listen_text, what, any_port=True)
     section = config.connect
     if args.allow:
         section = replace(section, allow=(*section.allow, *args.allow))
@@ -412,7 +425,7 @@ def _websocket_front(
     main = _cli_target(args, cp)
     if main is None:
         raise UserError("--ws-listen needs --upstream or --upstream-tls")
-    listen = host_port(listen_text, "--ws-listen", any_port=True)
+    listen = host_port(listen_text, _named(args, "ws_listen", "proxy", "ws_listen"), any_port=True)
     context = _viewer_context(args, listen, keylog) if args.ws_tls else None
     origins = tuple(args.ws_origin) or cp.ws_origins
     for origin in origins:  # compared with the browser's Origin header, which has this form
@@ -458,7 +471,8 @@ def _management(args: argparse.Namespace, cp: ProxySection) -> ManagementOptions
     listen_text = _pick(args.management, cp.management)
     if listen_text is None:
         return None
-    listen = host_port(listen_text, "--management", any_port=True)
+    what = _named(args, "management", "proxy", "management")
+    listen = host_port(listen_text, what, any_port=True)
     ca = Path(args.upstream_ca) if args.upstream_ca else None
     try:
         return ManagementOptions(listen, client_context(ca, args.upstream_insecure, None))

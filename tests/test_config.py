@@ -70,7 +70,7 @@ def test_proxy_refuses_a_bad_config_in_one_line(
     path.write_text("[proxy]\nupstream = 'nowhere'\n")
     assert main(["proxy", "--config", str(path)]) == 2
     assert capsys.readouterr().err.strip() == (
-        "spicetap: error: --upstream 'nowhere': expected HOST:PORT"
+        f"spicetap: error: {path}: [proxy] upstream 'nowhere': expected HOST:PORT"
     )
     assert main(["proxy", "--config", str(tmp_path / "missing.toml")]) == 2
     assert "no such file" in capsys.readouterr().err

@@ -188,3 +188,36 @@ def test_the_connection_cap_follows_the_open_files_limit(
     assert "--max-connections 5000 needs about 10128 open files; the limit is 1024" in (
         caplog.text
     )
+
+
+@pytest.mark.parametrize(
+    ("toml", "names"),
+    [
+        ('[proxy]\nlisten = "nope"\nupstream = "127.0.0.1:1"\n', "[proxy] listen 'nope'"),
+        ('[proxy]\nupstream = "h"\n', "[proxy] upstream 'h'"),
+        ('[proxy]\nupstream = "127.0.0.1:1"\nmanagement = "m"\n', "[proxy] management 'm'"),
+        ('[proxy]\nupstream = "127.0.0.1:1"\nws_listen = "w"\n', "[proxy] ws_listen 'w'"),
+        ('[connect]\nlisten = "c"\nallow = ["h:1"]\n', "[connect] listen 'c'"),
+        ('[targets.vm1]\nupstream = "127.0.0.1:1"\nlisten = "t"\n', "[targets.vm1] listen 't'"),
+        (
+            '[proxy]\nupstream = "127.0.0.1:1"\n[recording]\ndirectory = "/dev/null"\n',
+            "[recording] directory /dev/null: not a directory",
+        ),
+    ],
+)
+def test_bad_values_from_the_config_file_are_named_by_file_and_key(
+    toml: str,
+    names: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Not by the command-line flag the user never gave."""
+    monkeypatch.setenv("SPICETAP_CONFIG_DIR", str(tmp_path))
+    config = tmp_path / "spicetap.toml"
+    config.write_text(toml)
+    assert main(["proxy", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"spicetap: error: {config}: {names}" + (
+        "" if "directory" in names else ": expected HOST:PORT"
+    ) + "\n"

@@ -526,6 +526,9 @@ async def _serve(
     state = ProxyState(admission=admission)
     logger = logging.getLogger("spicetap.proxy")
     proxy = ChannelProxy(limits, recorder, state, link_policy)
+    # said once every listener is up: a port that is taken then leaves no "listening" line
+    # behind for one that is not served
+    opened: list[tuple[str, list[trio.SocketListener], str]] = []
     async with trio.open_nursery() as nursery:
 
         async def start(
@@ -537,7 +540,7 @@ async def _serve(
                 reason = exc.strerror or str(exc)
                 message = f"cannot listen ({kind}) on {where[0]}:{where[1]}: {reason}"
                 raise ListenError(message) from None
-            announce(kind, listeners, what)
+            opened.append((kind, listeners, what))
 
         for route in routes:
             kind = "tls" if route.viewer_tls is not None else "plain"
@@ -577,6 +580,8 @@ async def _serve(
                 "HTTP API: /api/sessions /api/spice/connect /metrics",
                 serve_management, management, state, recorder,
             )  # fmt: skip
+        for kind, listeners, what in opened:
+            announce(kind, listeners, what)
         print("spicetap proxy ready", flush=True)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for _sig in signals:

@@ -20,7 +20,6 @@
 #define MINI_SIZE 6
 #define FULL_SIZE 18
 #define RECORD_ITEMS 20 /* the members of spicetap.records.Record */
-#define MAX_FIELDS 64
 
 static uint16_t le16(const unsigned char *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
 
@@ -33,15 +32,20 @@ static uint64_t le64(const unsigned char *p) {
     return (uint64_t)le32(p) | ((uint64_t)le32(p + 4) << 32);
 }
 
-/* One FLAT struct: the member names and, per member, a struct format code and a size. */
+/* One member of a FLAT struct. */
 typedef struct {
-    PyObject *name;        /* the message's name */
-    PyObject *struct_name; /* its body's struct */
-    Py_ssize_t nfields;
-    PyObject *names[MAX_FIELDS]; /* references held, like name and struct_name */
-    char codes[MAX_FIELDS];      /* B b H h I i Q q, or s for a byte string */
-    Py_ssize_t sizes[MAX_FIELDS];
-    Py_ssize_t size; /* of the whole run */
+    PyObject *name; /* a reference held */
+    char code;      /* B b H h I i Q q, or s for a byte string */
+    Py_ssize_t size;
+} Field;
+
+/* One FLAT struct: its members in wire order. */
+typedef struct {
+    PyObject *name;        /* the message's name (a reference held) */
+    PyObject *struct_name; /* its body's struct (likewise) */
+    Py_ssize_t size;       /* of the whole run */
+    Py_ssize_t nfields;    /* made so far: all of them once parse_layout returns it */
+    Field fields[];
 } Layout;
 
 /* One direction's layouts, by message type. */
@@ -70,7 +74,7 @@ static void free_layout(Layout *lay) {
     Py_XDECREF(lay->name);
     Py_XDECREF(lay->struct_name);
     for (Py_ssize_t i = 0; i < lay->nfields; i++)
-        Py_XDECREF(lay->names[i]);
+        Py_XDECREF(lay->fields[i].name);
     PyMem_Free(lay);
 }
 
@@ -96,11 +100,7 @@ static Layout *parse_layout(PyObject *spec) {
                           &PyTuple_Type, &members))
         return NULL;
     Py_ssize_t n = PyTuple_GET_SIZE(members);
-    if (n > MAX_FIELDS) {
-        PyErr_Format(PyExc_ValueError, "%U has more than %d members", struct_name, MAX_FIELDS);
-        return NULL;
-    }
-    Layout *lay = PyMem_Calloc(1, sizeof(Layout));
+    Layout *lay = PyMem_Calloc(1, sizeof(Layout) + (size_t)n * sizeof(Field));
     if (lay == NULL) {
         PyErr_NoMemory();
         return NULL;
@@ -139,10 +139,8 @@ static Layout *parse_layout(PyObject *spec) {
             PyErr_Format(PyExc_ValueError, "unknown member format %s", fmt);
             goto fail;
         }
-        lay->names[i] = Py_NewRef(member_name);
+        lay->fields[i] = (Field){Py_NewRef(member_name), code, size};
         lay->nfields = i + 1;
-        lay->codes[i] = code;
-        lay->sizes[i] = size;
         lay->size += size;
     }
     return lay;
@@ -339,14 +337,15 @@ static PyObject *flat_record(FlatBuilder *self, Layout *lay, PyObject *direction
         return NULL;
     const unsigned char *p = buf + body;
     for (Py_ssize_t i = 0; i < lay->nfields; i++) {
-        PyObject *v = member_value(lay->codes[i], p, lay->sizes[i]);
-        if (v == NULL || PyDict_SetItem(fields, lay->names[i], v) < 0) {
+        Field *f = &lay->fields[i];
+        PyObject *v = member_value(f->code, p, f->size);
+        if (v == NULL || PyDict_SetItem(fields, f->name, v) < 0) {
             Py_XDECREF(v);
             Py_DECREF(fields);
             return NULL;
         }
         Py_DECREF(v);
-        p += lay->sizes[i];
+        p += f->size;
     }
     PyObject *rec = self->record_type->tp_alloc(self->record_type, RECORD_ITEMS);
     if (rec == NULL) {

@@ -14,6 +14,7 @@ from typing import Any
 
 import trio
 
+from proxy.core import framing
 from proxy.core.admission import Admission, connection_budget, files_needed
 from proxy.core.relay import Limits, LinkPolicy
 from proxy.core.websocket import origin_is_valid
@@ -234,6 +235,12 @@ def cmd_proxy(args: argparse.Namespace) -> int:
         format=LOG_FORMAT,
         stream=sys.stderr,
     )
+    if framing.WITHOUT_C is not None:
+        logging.getLogger("spicetap.proxy").warning(
+            "the C framer is not built (%s): recording frames in Python, several times "
+            "slower on small messages; reinstall with gcc and python3-dev",
+            framing.WITHOUT_C,
+        )
     try:
         config = load_config(Path(args.config)) if args.config else Config()
     except ConfigError as exc:

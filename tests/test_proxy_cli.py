@@ -222,3 +222,16 @@ def test_bad_values_from_the_config_file_are_named_by_file_and_key(
     assert err == f"spicetap: error: {config}: {names}" + (
         "" if "directory" in names else ": expected HOST:PORT"
     ) + "\n"
+
+
+def test_a_proxy_without_the_c_framer_says_so_at_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from proxy.core import framing
+
+    monkeypatch.setenv("SPICETAP_CONFIG_DIR", str(tmp_path))
+    assert framing.WITHOUT_C is None  # the install built it
+    monkeypatch.setattr(framing, "WITHOUT_C", "No module named 'proxy.core._fastframe'")
+    assert main(["proxy", "--upstream", "bad"]) == 2  # stops at once, after saying it
+    assert "the C framer is not built (No module named" in caplog.text
+    assert "reinstall with gcc and python3-dev" in caplog.text

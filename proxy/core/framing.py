@@ -129,10 +129,12 @@ def frame_messages(
 
 Framer = Callable[[str, bytes, bool, int, MessageBuilder, list[Any]], tuple[int, int, str | None]]
 FRAME: Framer
+WITHOUT_C: str | None = None  # why the C framer is not in use (the proxy says so at start)
 try:
     from proxy.core._fastframe import frame as _frame_in_c
-except ImportError:  # not built (a source tree without `pip install`): the same loop in Python
+except ImportError as exc:  # not built (a source tree without `pip install`): same in Python
     FRAME = frame_messages
+    WITHOUT_C = str(exc)
 else:
     FRAME = _frame_in_c
 

@@ -189,6 +189,17 @@ class RecorderWorker:
             del self.sessions[key]
 
     def close_all(self, status: str) -> None:
+        """Close every archive with `status`. Connections still open (the proxy vanished,
+        or stopped before telling of their close) end here: what the builder still holds
+        for them (a main channel waiting for INIT, a link header for its link message) is
+        written first, with a close record naming the status."""
+        now = time.monotonic()  # the proxy's clock too: CLOCK_MONOTONIC is system-wide
+        for conn in list(self.builder.conns):
+            try:
+                for rec in self.builder.closed(conn, now, status):
+                    self._write(rec)
+            except OSError:
+                log.exception("recording the end of connection %d failed", conn)
         for session in self.sessions.values():
             try:
                 session.writer.close(status)

@@ -477,3 +477,36 @@ def main_channel_worker(worker: RecorderWorker, conn: int) -> None:
         (1.3, "s2c", init()),
     ):
         worker.handle(("data", conn, t, d, data))
+
+
+def test_what_waits_for_a_session_is_written_when_the_proxy_vanishes(tmp_path: Path) -> None:
+    """A main channel still waiting for INIT, and a link header still waiting for its link
+    message, were dropped when the proxy died: their records now end the archives, each
+    connection closed with the status."""
+    worker = RecorderWorker(RecordingOptions(tmp_path), {}, None)
+    worker.handle(("open", 1, 1.0, ("127.0.0.1", 41001), ("127.0.0.1", 5900), None, None,
+                   None))  # fmt: skip
+    bits = caps_word(1, 3)
+    worker.handle(("data", 1, 1.1, "c2s", link_mess(bits, channel_type=MAIN, conn=0)))
+    worker.handle(("data", 1, 1.1, "s2c", link_reply(bits)))  # no INIT will come
+    worker.handle(("open", 2, 1.2, ("127.0.0.1", 41002), ("127.0.0.1", 5900), None, None,
+                   None))  # fmt: skip
+    worker.handle(("data", 2, 1.3, "c2s", link_mess(bits, channel_type=2)[:16]))  # header only
+    assert worker.sessions == {}  # nothing could be written yet
+    worker.close_all("proxy vanished")
+    by_conn: dict[int, list[dict[str, object]]] = {}
+    for archive in tmp_path.glob("*.spta"):
+        assert verify(archive).status == "intact"
+        with ArchiveReader(archive) as reader:
+            for r in reader.records():
+                ch = r["ch"]
+                assert isinstance(ch, list)
+                by_conn.setdefault(ch[2], []).append(r)
+            assert reader.end is not None and reader.end["status"] == "proxy vanished"
+    assert [(r["kind"], r["name"]) for r in by_conn[1]] == [
+        ("open", None), ("link", "header"), ("link", "link_mess"), ("link", "header"),
+        ("link", "link_reply"), ("close", "proxy vanished"),
+    ]  # fmt: skip
+    assert [(r["kind"], r["name"]) for r in by_conn[2]] == [
+        ("open", None), ("link", "header"), ("close", "proxy vanished")
+    ]  # fmt: skip

@@ -154,9 +154,10 @@ def test_records_of_the_fast_path_are_not_tracked_by_the_cycle_collector() -> No
     assert rec.decoded is not None and rec.decoded.fully_dissected
 
 
-def _session_chunks(messages: bytes) -> list[tuple[str, bytes]]:
-    """An inputs channel with the mini header, then `messages` from the viewer."""
-    bits = caps_word(1, 3)
+def _session_chunks(messages: bytes, mini: bool = True) -> list[tuple[str, bytes]]:
+    """An inputs channel with the mini header (or the full one), then `messages` from the
+    viewer."""
+    bits = caps_word(1, 3) if mini else caps_word(1)
     return [
         (C2S, link_mess(bits, channel_type=INPUTS)),
         (S2C, link_reply(bits)),
@@ -193,13 +194,18 @@ def _feed_all(chunks: list[tuple[str, bytes]], cut: int) -> list[Record]:
         max_size=12,
     ),
     cut=st.integers(0, 400),
+    mini=st.booleans(),
 )
 def test_whole_channels_record_the_same_with_and_without_the_extension(
-    messages: list[tuple[int, bytes]], cut: int
+    messages: list[tuple[int, bytes]], cut: int, mini: bool
 ) -> None:
     """Link stage, inputs both flat and not, unknown types, short bodies, a message over
     the limit (64 bytes here), chunks cut anywhere, the close: one list of records."""
-    chunks = _session_chunks(b"".join(_mini(t, b) for t, b in messages))
+    stream = b"".join(
+        _mini(t, b) if mini else struct.pack("<QHII", 9 + i, t, len(b), 0) + b
+        for i, (t, b) in enumerate(messages)
+    )
+    chunks = _session_chunks(stream, mini)
     ours = _feed_all(chunks, cut)
     saved = framing.FRAME, records.FLAT_BUILDER
     framing.FRAME, records.FLAT_BUILDER = frame_messages, None
@@ -208,6 +214,8 @@ def test_whole_channels_record_the_same_with_and_without_the_extension(
     finally:
         framing.FRAME, records.FLAT_BUILDER = saved
     assert ours == theirs
+    if messages and len(messages[0][1]) <= 64:  # linked: the messages were framed
+        assert any(r.kind == "message" for r in ours)
 
 
 def test_real_captures_record_the_same_with_and_without_the_extension(

@@ -49,6 +49,9 @@ log = logging.getLogger("spicetap.management")
 MAX_BODY = 64 * 1024
 REQUEST_TIMEOUT = 10.0  # to receive a whole request
 SEND_TIMEOUT = 10.0  # to hand over a response
+# after it, what the client still sends is read and dropped for this long, up to this much
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 16 << 20
 MAX_PROBES = 4  # probes running at once; more wait their turn (within their timeout)
 RECEIVE_SIZE = 16 * 1024
 JSON = "application/json"
@@ -191,10 +194,28 @@ class ManagementApi:
                 reply = Reply(HTTPStatus.INTERNAL_SERVER_ERROR, error_body("internal error"))
             with trio.fail_after(SEND_TIMEOUT):
                 await _send_reply(stream, conn, reply, head_only=method == "HEAD")
+            await _linger(stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
             pass  # the client went away or stopped reading: nothing left to tell it
         finally:
             await trio.aclose_forcefully(stream)
+
+
+async def _linger(stream: trio.abc.Stream) -> None:
+    """After the reply: stop sending, and read what the client still sends until it closes
+    (bounded: LINGER_SECONDS, LINGER_BYTES). Closing with its bytes unread would reset the
+    connection, and a client still sending a body refused with 413 would see the reset,
+    not the answer."""
+    if not isinstance(stream, trio.abc.HalfCloseableStream):
+        return
+    await stream.send_eof()
+    drained = 0
+    with trio.move_on_after(LINGER_SECONDS):
+        while drained < LINGER_BYTES:
+            data = await stream.receive_some(RECEIVE_SIZE)
+            if not data:
+                break
+            drained += len(data)
 
 
 async def _read_request(stream: trio.abc.Stream, conn: BoundedServer) -> tuple[str, str, bytes]:

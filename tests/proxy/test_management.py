@@ -276,6 +276,7 @@ async def exchange(api: ManagementApi, raw: bytes) -> tuple[int, dict[str, str],
         with trio.fail_after(10):
             while chunk := await client.receive_some(65536):
                 response += chunk
+        await client.aclose()  # as a client does once it has the answer (the server lingers)
     head, _, body = response.partition(b"\r\n\r\n")
     status_line, *lines = head.decode().split("\r\n")
     headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines)}
@@ -462,4 +463,37 @@ async def test_a_client_that_expects_100_continue_gets_it_then_the_answer() -> N
         with trio.fail_after(10):
             while chunk := await client.receive_some(65536):
                 response += chunk
+        await client.aclose()
     assert response.startswith(b"HTTP/1.1 200 ")
+
+
+async def test_a_client_still_sending_a_refused_body_reads_the_413_not_a_reset() -> None:
+    """Closing with the client's bytes unread resets the connection: a client still
+    sending a body past MAX_BODY saw ECONNRESET instead of the answer. Over real TCP."""
+    import socket
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    body = b"x" * (4 << 20)  # far past MAX_BODY, and more than the socket buffers hold
+    head = (
+        b"POST /api/spice/connect HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+
+    def client() -> tuple[bytes, str | None]:
+        got, problem = b"", None
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            try:
+                sock.sendall(head + b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n")
+                sock.shutdown(socket.SHUT_WR)
+                while data := sock.recv(65536):
+                    got += data
+            except OSError as exc:
+                problem = repr(exc)
+        return got, problem
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(trio.serve_listeners, api().handle, listeners)
+        got, problem = await trio.to_thread.run_sync(client)
+        nursery.cancel_scope.cancel()
+    assert problem is None
+    assert got.startswith(b"HTTP/1.1 413 ") and b"body over" in got

@@ -271,6 +271,9 @@ def cmd_proxy(args: argparse.Namespace) -> int:
     if directory and Path(directory).exists() and not Path(directory).is_dir():
         where = _named(args, "record", "recording", "directory")
         raise UserError(f"{where} {directory}: not a directory")
+    # before the recording process starts: it inherits the raised limit (an archive per
+    # session open at once)
+    admission = _admission(_pick(args.max_connections, cp.max_connections))
     if directory:
         options = RecordingOptions(
             Path(directory),
@@ -296,7 +299,6 @@ def cmd_proxy(args: argparse.Namespace) -> int:
             raise UserError(f"signing key: {exc}") from None
         recorder = Recorder(options, meta, key)
         recorder.start()
-    admission = _admission(_pick(args.max_connections, cp.max_connections))
     # A pump thread waiting for the GIL held by the recorder gets it after this long (the
     # default 5 ms would be each forwarded message's worst case): see proxy/io/pumps.py.
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)

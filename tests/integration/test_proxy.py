@@ -129,6 +129,35 @@ def test_past_max_connections_new_ones_are_closed_at_once(tmp_path: Path) -> Non
             assert metrics(proxy)["spicetap_connections_refused_total"] == 1
 
 
+def test_the_proxy_and_its_recording_process_get_the_hard_open_files_limit(
+    tmp_path: Path,
+) -> None:
+    """Started with a soft limit of 256 (Debian's default is 1,024), the proxy raises it
+    before it starts the recording process, which then has it too (an archive per session
+    is open at once there)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, soft), hard))
+    try:
+        proxy = ProxyProcess(1, tmp_path / "rec", tmp_path / "proxy")  # inherits 256
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    with proxy:
+        (recording,) = proxy.children()
+        want = hard if hard != resource.RLIM_INFINITY else None
+        for pid in (proxy.proc.pid, recording):
+            line = next(
+                x for x in Path(f"/proc/{pid}/limits").read_text().splitlines()
+                if x.startswith("Max open files")
+            )  # fmt: skip
+            got_soft = line.split()[3]
+            assert got_soft != "256"
+            if want is not None:
+                assert int(got_soft) == want
+    assert "connections at once (open files limit" in proxy.log()
+
+
 def test_full_exchange_through_proxy_is_recorded(tmp_path: Path) -> None:
     with peers(), QemuServer(guest="linux") as srv:
         assert srv.port is not None

@@ -230,6 +230,15 @@ static int FlatBuilder_init(FlatBuilder *self, PyObject *args, PyObject *kwds) {
         PyErr_SetString(PyExc_TypeError, "record_type must be a NamedTuple without slots");
         return -1;
     }
+    PyObject *names = PyObject_GetAttrString(record_type, "_fields");
+    Py_ssize_t items = names != NULL && PyTuple_Check(names) ? PyTuple_GET_SIZE(names) : -1;
+    Py_XDECREF(names);
+    if (items != RECORD_ITEMS) { /* records are made item by item, in Record's order */
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "record_type must have the %d fields of Record",
+                     RECORD_ITEMS);
+        return -1;
+    }
     if (PyTuple_GET_SIZE(ident) != 4 || PyDict_GET_SIZE(layouts) != 2) {
         PyErr_SetString(PyExc_ValueError,
                         "ident is (session, connection, channel, channel_id); layouts has both "

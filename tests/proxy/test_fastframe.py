@@ -8,7 +8,7 @@ import struct
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 from hypothesis import given, settings
@@ -274,6 +274,10 @@ def test_a_layout_of_many_members_decodes_them_all() -> None:
     assert rec.decoded_fields == {f"m{i}": i for i in range(300)} and rec.covered == 600
 
 
+class Short(NamedTuple):  # a record type with fewer fields than Record
+    time: float
+
+
 def test_bad_calls_are_refused_not_crashes() -> None:
     fast = _fast_builder(INPUTS)
     data = _mini(101, b"\0\0\0\0")
@@ -287,6 +291,8 @@ def test_bad_calls_are_refused_not_crashes() -> None:
         fast.time = 3
     with pytest.raises(TypeError):
         _fastframe.FlatBuilder(tuple, IDENT, {C2S: {}, S2C: {}}, frozenset(), SPICE, 3, 5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="the 20 fields of Record"):
+        _fastframe.FlatBuilder(Short, IDENT, {C2S: {}, S2C: {}}, frozenset(), SPICE, 3, _echo)
     with pytest.raises(TypeError):
         _fastframe.frame(C2S, bytearray(data), True, 64, _echo, [])  # type: ignore[arg-type]
 

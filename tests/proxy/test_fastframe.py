@@ -41,6 +41,14 @@ def test_the_extension_is_built_and_used() -> None:
     assert records.FLAT_BUILDER is _fastframe.FlatBuilder
 
 
+def test_the_built_extension_is_not_older_than_its_source() -> None:
+    """pytest alone does not rebuild it: after an edit of the C, `pip install -e .` (or the
+    README's test command, which runs it) must, or these tests would test the old build."""
+    source = Path(__file__).resolve().parents[2] / "proxy" / "core" / "_fastframe.c"
+    built = Path(_fastframe.__file__ or "")
+    assert built.stat().st_mtime >= source.stat().st_mtime, f"{built} is older than {source}"
+
+
 def _echo(*args: Any) -> tuple[Any, ...]:
     return args
 

@@ -1,11 +1,14 @@
 # Types of the C extension proxy/core/_fastframe.c.
-from collections.abc import Callable
 from typing import Any
+
+from proxy.core.framing import MessageBuilder
 
 # (message name, struct name, ((member, struct format), ...))
 Layout = tuple[str, str, tuple[tuple[str, str], ...]]
 
 class FlatBuilder:
+    """A MessageBuilder: called as framing.MessageBuilder is."""
+
     time: float
     def __init__(
         self,
@@ -15,7 +18,7 @@ class FlatBuilder:
         no_agent_types: frozenset[int],
         dialect: object,
         channel_type: int,
-        fallback: Callable[[str, int, bytes, int, int, int, int | None, int], Any],
+        fallback: MessageBuilder,
     ) -> None: ...
     def __call__(
         self,
@@ -35,7 +38,7 @@ def frame(
     data: bytes,
     mini: bool,
     limit: int,
-    build: Callable[[str, int, bytes, int, int, int, int | None, int], Any],
+    build: MessageBuilder,
     events: list[Any],
     /,
 ) -> tuple[int, int, str | None]: ...

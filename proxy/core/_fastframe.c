@@ -296,8 +296,9 @@ static PyObject *FlatBuilder_get_time(FlatBuilder *self, void *closure) {
 }
 
 static int FlatBuilder_set_time(FlatBuilder *self, PyObject *value, void *closure) {
-    if (value == NULL || !PyFloat_CheckExact(value)) {
-        PyErr_SetString(PyExc_TypeError, "time must be a float");
+    /* kept as given, as the Python builder keeps it: records made by either are equal */
+    if (value == NULL || !(PyFloat_Check(value) || PyLong_Check(value))) {
+        PyErr_SetString(PyExc_TypeError, "time must be a number (float or int)");
         return -1;
     }
     if (!check_ready(self))

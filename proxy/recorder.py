@@ -149,12 +149,14 @@ class RecorderWorker:
         while path.exists():
             n += 1
             path = path.with_name(f"{name}-{n}{path.name[len(name) :]}")
-        about: dict[str, Any] = {
-            **self.routes.get(rec.connection, {}),
-            "viewer": self.viewers.get(rec.connection),
-        }
+        about: dict[str, Any]
         if key == UNLINKED:  # many viewers: each connection's open record names its own
             about = {"viewer": None, "unlinked": True}
+        else:
+            about = {
+                **self.routes.get(rec.connection, {}),
+                "viewer": self.viewers.get(rec.connection),
+            }
         header = {
             "dissector": dissector_hashes(),
             "session": {**self.meta, **about, "id": key if isinstance(key, int) else None},

@@ -7,6 +7,7 @@ every non-main channel links with, which the main channel's INIT message announc
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -129,6 +130,21 @@ def _link_fields(kind: str, data: bytes) -> tuple[dict[str, Any] | None, str | N
 
 _new = tuple.__new__
 _NO_AGENT_TYPES: frozenset[int] = frozenset()
+
+
+@functools.cache
+def _flat_layouts(ctype: int) -> dict[str, dict[int, tuple[str, str, tuple[tuple[str, str], ...]]]]:
+    """What a channel type's FlatBuilders decode themselves: per direction, message type ->
+    (message name, struct, its FLAT members). Made once per channel type, not per
+    connection (the builders only read it)."""
+    return {
+        d: {
+            num: (name, struct, SPICE.flat[struct])
+            for num, (_c, name, struct, _dec, _in_place) in SPICE.table(ctype, d).items()
+            if struct in SPICE.flat
+        }
+        for d in (C2S, S2C)
+    }
 
 
 def _message_record(head: tuple[Any, ...], raw: bytes, dec: Decoded) -> Record:
@@ -294,14 +310,7 @@ class RecordBuilder:
             return build, at
         # The C builder makes the records of fixed-layout bodies itself (all of inputs, most
         # acks), exactly as `build` would, and hands it every other message.
-        layouts = {
-            d: {
-                num: (name, struct, SPICE.flat[struct])
-                for num, (_c, name, struct, _dec, _in_place) in table.items()
-                if struct in SPICE.flat
-            }
-            for d, table in tables.items()
-        }
+        layouts = _flat_layouts(ctype)
         flat = FLAT_BUILDER(Record, ident, layouts, _NO_AGENT_TYPES, dialect, ctype, build)
 
         def at_both(time: float) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import math
 import signal
@@ -16,6 +17,7 @@ import trio
 
 from proxy.core import framing
 from proxy.core.admission import Admission, connection_budget, files_needed
+from proxy.core.management import token_problem
 from proxy.core.relay import Limits, LinkPolicy
 from proxy.core.websocket import origin_is_valid
 from proxy.io.connect import ConnectFront, serve_connect
@@ -159,8 +161,21 @@ def add_proxy_command(sub: Any) -> None:
         "--management",
         type=_nonempty,
         metavar="HOST:PORT",
-        help="serve the management HTTP API (sessions, probes, /metrics) here; it has no "
-        "authentication: keep it on loopback",
+        help="serve the management HTTP API (sessions, probes, /metrics) here; without "
+        "--management-token-file anyone who reaches it may use it: keep it on loopback",
+    )
+    p.add_argument(
+        "--management-token-file",
+        metavar="FILE",
+        help="the API then wants 'Authorization: Bearer TOKEN', TOKEN being this file's "
+        "first line (at least 16 characters; e.g. openssl rand -hex 32 > FILE)",
+    )
+    p.add_argument(
+        "--management-tls",
+        action="store_true",
+        default=None,
+        help="serve the API over HTTPS, with the viewer certificate (--tls-cert, or one "
+        "from spicetap's CA for the API's address)",
     )
     p.add_argument("-v", "--verbose", action="store_true")
     add_link_options(p)
@@ -479,14 +494,53 @@ def _management(args: argparse.Namespace, cp: ProxySection) -> ManagementOptions
     TLS upstream is checked (--upstream-ca, --upstream-insecure)."""
     listen_text = _pick(args.management, cp.management)
     if listen_text is None:
+        for dest in ("management_token_file", "management_tls"):
+            if _pick(getattr(args, dest), getattr(cp, dest)):
+                where = _named(args, dest, "proxy", dest)
+                raise UserError(f"{where} needs --management (or [proxy] management)")
         return None
     what = _named(args, "management", "proxy", "management")
     listen = host_port(listen_text, what, any_port=True)
+    token_file = _pick(args.management_token_file, cp.management_token_file)
+    token = None
+    if token_file is not None:
+        where = _named(args, "management_token_file", "proxy", "management_token_file")
+        token = _api_token(Path(token_file), where)
+    elif not _is_loopback(listen[0]):
+        logging.getLogger("spicetap.management").warning(
+            "the management API on %s has no token: whoever reaches it may list sessions "
+            "and make spicetap connect anywhere (--management-token-file)",
+            listen_text,
+        )
+    https = None
+    if _pick(args.management_tls, cp.management_tls):
+        https = _viewer_context(args, listen, None)
     ca = Path(args.upstream_ca) if args.upstream_ca else None
     try:
-        return ManagementOptions(listen, client_context(ca, args.upstream_insecure, None))
+        probe_tls = client_context(ca, args.upstream_insecure, None)
     except TlsSetupError as exc:
         raise UserError(str(exc)) from None
+    return ManagementOptions(listen, probe_tls, token, https)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name: only this one surely stays on the machine
+        return host == "localhost"
+
+
+def _api_token(path: Path, where: str) -> bytes:
+    """The management API's bearer token: the file's first line."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{where} {path}: cannot read ({type(exc).__name__})") from None
+    token = lines[0].strip() if lines else ""
+    problem = token_problem(token)
+    if problem is not None:  # never the token itself: it may be a secret in the wrong file
+        raise UserError(f"{where} {path}: {problem}")
+    return token.encode()
 
 
 def _admission(max_connections: int | None) -> Admission:
@@ -584,9 +638,11 @@ async def _serve(
                 websocket.viewer_tls, SPICE_HTML5_DIR, websocket.origins,
             )  # fmt: skip
         if management is not None:
+            api = "HTTPS API" if management.https is not None else "HTTP API"
+            api += ", token required" if management.token is not None else ""
             await start(
                 "management", management.listen,
-                "HTTP API: /api/sessions /api/spice/connect /metrics",
+                f"{api}: /api/sessions /api/spice/connect /metrics",
                 serve_management, management, state, recorder,
             )  # fmt: skip
         for kind, listeners, what in opened:

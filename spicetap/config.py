@@ -43,6 +43,8 @@ class ProxySection:
     ws_listen: str | None = None  # WebSocket front for spice-html5 (--ws-listen)
     ws_origins: tuple[str, ...] = ()  # other pages allowed to open its WebSockets
     management: str | None = None  # HOST:PORT of the management HTTP API (--management)
+    management_token_file: str | None = None  # its bearer token (first line)
+    management_tls: bool = False  # HTTPS, with the viewer certificate
 
 
 @dataclass(frozen=True)

@@ -186,9 +186,7 @@ def test_the_connection_cap_follows_the_open_files_limit(
         assert proxy_cli._admission(100).limit == 100
         assert "WARNING" not in caplog.text
         assert proxy_cli._admission(5000).limit == 5000  # the user's word, with a warning
-    assert "--max-connections 5000 needs about 10128 open files; the limit is 1024" in (
-        caplog.text
-    )
+    assert "--max-connections 5000 needs about 10128 open files; the limit is 1024" in (caplog.text)
 
 
 @pytest.mark.parametrize(
@@ -219,9 +217,12 @@ def test_bad_values_from_the_config_file_are_named_by_file_and_key(
     config.write_text(toml)
     assert main(["proxy", "--config", str(config)]) == 2
     err = capsys.readouterr().err
-    assert err == f"spicetap: error: {config}: {names}" + (
-        "" if "directory" in names else ": expected HOST:PORT"
-    ) + "\n"
+    assert (
+        err
+        == f"spicetap: error: {config}: {names}"
+        + ("" if "directory" in names else ": expected HOST:PORT")
+        + "\n"
+    )
 
 
 def test_a_proxy_without_the_c_framer_says_so_at_start(
@@ -235,3 +236,88 @@ def test_a_proxy_without_the_c_framer_says_so_at_start(
     assert main(["proxy", "--upstream", "bad"]) == 2  # stops at once, after saying it
     assert "the C framer is not built (No module named" in caplog.text
     assert "reinstall with gcc and python3-dev" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("content", "extra", "message"),
+    [
+        (None, [], "--management-token-file {file}: cannot read (FileNotFoundError)"),
+        ("", [], "--management-token-file {file}: a token needs at least 16 characters"),
+        ("tiny-secret\n", [], "--management-token-file {file}: a token needs at least 16"),
+        ("has spaces in the token\n", [], "--management-token-file {file}: a token may hold"),
+        ("0123456789abcdef0123", ["--no-management"], "--management-token-file needs --man"),
+    ],
+)
+def test_a_bad_api_token_file_is_a_one_line_error_without_the_token(
+    content: str | None,
+    extra: list[str],
+    message: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("SPICETAP_CONFIG_DIR", str(tmp_path))
+    token = tmp_path / "token"
+    if content is not None:
+        token.write_text(content)
+    argv = ["proxy", "--upstream", "127.0.0.1:1", "--listen", "127.0.0.1:0"]
+    if extra != ["--no-management"]:
+        argv += ["--management", "127.0.0.1:0"]
+    assert main([*argv, "--management-token-file", str(token)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"spicetap: error: {message.format(file=token)}")
+    assert err.count("\n") == 1
+    assert content is None or not content.strip() or content.strip() not in err
+
+
+def test_an_api_beyond_loopback_without_a_token_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from proxy.cli import _management
+    from spicetap.cli import build_parser
+    from spicetap.config import ProxySection
+
+    for listen, warned in (
+        ("0.0.0.0:0", True),
+        ("[::]:0", True),
+        ("127.0.0.1:0", False),
+        ("[::1]:0", False),
+        ("localhost:0", False),
+        ("example.org:0", True),
+    ):
+        caplog.clear()
+        args = build_parser().parse_args(["proxy", "--management", listen])
+        options = _management(args, ProxySection())
+        assert options is not None and options.token is None and options.https is None
+        said = [r.getMessage() for r in caplog.records if "has no token" in r.getMessage()]
+        assert bool(said) == warned, listen
+    token = tmp_path / "token"
+    token.write_text("0123456789abcdef0123456789abcdef\n")
+    caplog.clear()
+    args = build_parser().parse_args(
+        ["proxy", "--management", "0.0.0.0:0", "--management-token-file", str(token)]
+    )
+    options = _management(args, ProxySection())
+    assert options is not None and options.token == b"0123456789abcdef0123456789abcdef"
+    assert "0123456789abcdef" not in repr(options)  # a logged options object keeps it
+    assert not [r for r in caplog.records if "has no token" in r.getMessage()]
+
+
+def test_https_for_the_api_from_the_config_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from proxy.cli import _management
+    from spicetap.cli import build_parser
+    from spicetap.config import load_config
+
+    monkeypatch.setenv("SPICETAP_CONFIG_DIR", str(tmp_path))
+    path = tmp_path / "spicetap.toml"
+    path.write_text('[proxy]\nmanagement = "127.0.0.1:0"\nmanagement_tls = true\n')
+    args = build_parser().parse_args(["proxy", "--config", str(path)])
+    options = _management(args, load_config(path).proxy)
+    assert options is not None and options.https is not None  # issued by spicetap's CA
+    assert (tmp_path / "ca-cert.pem").is_file()
+    path.write_text('[proxy]\nupstream = "127.0.0.1:1"\nmanagement_tls = true\n')
+    assert main(["proxy", "--config", str(path)]) == 2
+    needs = "[proxy] management_tls needs --management (or [proxy] management)"
+    assert capsys.readouterr().err == f"spicetap: error: {path}: {needs}\n"

@@ -3,19 +3,19 @@
 Every relayed connection holds two file descriptors, the viewer's and the upstream's. Past
 the process's open-files limit accept() and connect() fail (EMFILE), and a viewer already
 let in would then lose a channel in the middle of its link. So the proxy admits only what
-its descriptors can serve, and closes any connection past that at once: logged (the first
-refusal at once, then at most one line per LOG_EVERY seconds, with a count) and counted.
+its descriptors can serve, and closes any connection past that at once: logged (throttled,
+proxy/core/throttle.py) and counted.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from proxy.core.throttle import LogThrottle
 
 # Descriptors the proxy needs besides its connections: listeners, the recording process's
 # socket and ring, archives being written, the log, the management API, TLS files.
 RESERVED_FILES = 128
-LOG_EVERY = 10.0
 
 
 def connection_budget(open_files: int) -> int:
@@ -32,14 +32,13 @@ class Admission:
     limit: int
     open: int = 0
     refused: int = 0  # since start, for the metrics
-    _unlogged: int = 0
-    _logged_at: float = -math.inf
+    _log: LogThrottle = field(default_factory=LogThrottle)
 
     def admit(self) -> bool:
         """Whether a new connection may be served; if so, release() once it ends."""
         if self.open >= self.limit:
             self.refused += 1
-            self._unlogged += 1
+            self._log.happened()
             return False
         self.open += 1
         return True
@@ -49,7 +48,4 @@ class Admission:
 
     def refusals_to_log(self, now: float) -> int:
         """How many refusals a log line should report now; 0: none, or not yet."""
-        if not self._unlogged or now - self._logged_at < LOG_EVERY:
-            return 0
-        count, self._unlogged, self._logged_at = self._unlogged, 0, now
-        return count
+        return self._log.to_log(now)

@@ -13,9 +13,11 @@ first other channel (spice-gtk opens main, reads INIT, then opens the rest).
 from __future__ import annotations
 
 import datetime
+import hmac
 import ipaddress
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -37,14 +39,48 @@ ROUTES = {
 }
 
 
+Headers = tuple[tuple[str, str], ...]
+
+
 class HttpError(Exception):
     """A request we answer with an error status and a JSON {"error": message}."""
 
-    def __init__(self, status: int, message: str, allow: tuple[str, ...] = ()) -> None:
+    def __init__(self, status: int, message: str, headers: Headers = ()) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
-        self.allow = allow  # for 405: the methods the path takes
+        self.headers = headers  # e.g. Allow for 405, WWW-Authenticate for 401
+
+
+# -- authentication: a bearer token (RFC 6750) -------------------------------------------------
+MIN_TOKEN = 16
+# RFC 6750's b64token: what may follow "Bearer " in an Authorization header
+_TOKEN = re.compile(r"[A-Za-z0-9._~+/-]+=*")
+REALM = 'Bearer realm="spicetap"'
+
+
+def token_problem(token: str) -> str | None:
+    """Why `token` cannot be the API's bearer token, or None."""
+    if len(token) < MIN_TOKEN:
+        return f"a token needs at least {MIN_TOKEN} characters"
+    if not _TOKEN.fullmatch(token):
+        return "a token may hold only A-Z a-z 0-9 - . _ ~ + / (and = at its end)"
+    return None
+
+
+def authorize(authorization: bytes | None, token: bytes) -> None:
+    """Let the request through if its Authorization header carries `token`; else HttpError
+    401 with the challenge RFC 6750 asks for."""
+    if authorization is None:
+        raise HttpError(HTTPStatus.UNAUTHORIZED, "a bearer token is required", (
+            ("www-authenticate", REALM),
+        ))  # fmt: skip
+    scheme, _, given = authorization.strip().partition(b" ")
+    # compare_digest takes as long whatever the bytes, so timing does not reveal a prefix
+    if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), token):
+        raise HttpError(HTTPStatus.UNAUTHORIZED, "wrong bearer token", (
+            ("www-authenticate", f'{REALM}, error="invalid_token"'),
+        ))  # fmt: skip
 
 
 def route(method: str, target: str) -> str:
@@ -54,8 +90,9 @@ def route(method: str, target: str) -> str:
     if methods is None:
         raise HttpError(HTTPStatus.NOT_FOUND, f"no such path: {path}")
     if method not in methods:
+        allowed = ", ".join(methods)
         raise HttpError(
-            HTTPStatus.METHOD_NOT_ALLOWED, f"{path} takes {', '.join(methods)}", methods
+            HTTPStatus.METHOD_NOT_ALLOWED, f"{path} takes {allowed}", (("allow", allowed),)
         )
     return path
 

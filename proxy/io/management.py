@@ -6,8 +6,14 @@ proxy/core/management.py):
     GET  /metrics             Prometheus text
 
 One request per connection (answered with "Connection: close"): the API is small and
-rarely called, and it keeps every connection's life bounded by one request timeout. The
-API has no authentication: bind it to loopback or put it behind something that has.
+rarely called, and it keeps every connection's life bounded by one request timeout.
+
+With a token every request must carry it (Authorization: Bearer, RFC 6750), checked as soon
+as the request's head is in, before its body is read; a request without it gets 401 and
+the refusals are logged, throttled. With TLS the API speaks HTTPS only, so the token does
+not cross the network in clear. Without a token the API trusts whoever reaches it, and
+`POST /api/spice/connect` opens connections where it is told: the CLI warns when such an
+API listens beyond loopback.
 """
 
 from __future__ import annotations
@@ -17,7 +23,8 @@ import logging
 import os
 import ssl
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
 
@@ -28,9 +35,11 @@ from proxy.core.framing import C2S, S2C
 from proxy.core.http import MAX_HEAD, BoundedServer
 from proxy.core.management import (
     ChannelView,
+    Headers,
     HttpError,
     RecorderView,
     Totals,
+    authorize,
     error_body,
     metrics_text,
     parse_connect,
@@ -38,10 +47,11 @@ from proxy.core.management import (
     sessions_json,
 )
 from proxy.core.probe import to_json
+from proxy.core.throttle import LogThrottle
 from proxy.io.guard import guarded
 from proxy.io.probe import ProbeTarget, probe
 from proxy.io.recording import Recorder
-from proxy.io.server import ProxyState
+from proxy.io.server import ProxyState, peer_address
 from proxy.tls import client_context
 
 log = logging.getLogger("spicetap.management")
@@ -62,6 +72,8 @@ PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
 class ManagementOptions:
     listen: tuple[str, int]
     tls: ssl.SSLContext | None = None  # how probes with "tls": true check the server
+    token: bytes | None = field(default=None, repr=False)  # None: no authentication
+    https: ssl.SSLContext | None = None  # serve the API over TLS with this context
 
 
 @dataclass(frozen=True)
@@ -69,7 +81,7 @@ class Reply:
     status: int
     body: bytes
     content_type: str = JSON
-    allow: tuple[str, ...] = ()
+    headers: Headers = ()
 
 
 class ManagementApi:
@@ -80,6 +92,7 @@ class ManagementApi:
         self.state = state
         self.recorder = recorder
         self.probes = trio.CapacityLimiter(MAX_PROBES)
+        self.refusals = LogThrottle()  # requests without the token
 
     # -- snapshots -------------------------------------------------------------------------
     def channels(self) -> list[ChannelView]:
@@ -173,16 +186,41 @@ class ManagementApi:
             HTTPStatus.OK, json.dumps(to_json(request.host, request.port, outcome)).encode()
         )
 
+    def authorize(self, request: h11.Request, client: tuple[str, int]) -> None:
+        """HttpError 401 unless the request carries the token (when there is one)."""
+        token = self.options.token
+        if token is None:
+            return
+        try:
+            authorize(dict(request.headers).get(b"authorization"), token)
+        except HttpError as exc:
+            self.refusals.happened()
+            count = self.refusals.to_log(trio.current_time())
+            if count:
+                log.warning(
+                    "management API: %d request(s) refused (%s), the last from %s:%d",
+                    count, exc.message, *client,
+                )  # fmt: skip
+            raise
+
     async def handle(self, stream: trio.abc.Stream) -> None:
+        client = peer_address(stream)
+        if self.options.https is not None:
+            # https_compatible: HTTP clients may hang up without TLS's close_notify
+            stream = trio.SSLStream(
+                stream, self.options.https, server_side=True, https_compatible=True
+            )
         conn = BoundedServer()
         method = ""
         try:
             try:
                 with trio.fail_after(REQUEST_TIMEOUT):
-                    method, target, body = await _read_request(stream, conn)
+                    method, target, body = await _read_request(
+                        stream, conn, lambda request: self.authorize(request, client)
+                    )
                 reply = await self.answer(method, target, body)
             except HttpError as exc:
-                reply = Reply(exc.status, error_body(exc.message), allow=exc.allow)
+                reply = Reply(exc.status, error_body(exc.message), headers=exc.headers)
             except h11.RemoteProtocolError as exc:
                 reply = Reply(exc.error_status_hint, error_body(f"bad request: {exc}"))
             except trio.TooSlowError:
@@ -218,8 +256,11 @@ async def _linger(stream: trio.abc.Stream) -> None:
             drained += len(data)
 
 
-async def _read_request(stream: trio.abc.Stream, conn: BoundedServer) -> tuple[str, str, bytes]:
-    """One whole request (method, target, body); the body bounded by MAX_BODY."""
+async def _read_request(
+    stream: trio.abc.Stream, conn: BoundedServer, check: Callable[[h11.Request], None]
+) -> tuple[str, str, bytes]:
+    """One whole request (method, target, body); the body bounded by MAX_BODY. `check`
+    sees the head first and raises HttpError to refuse the request before its body."""
     request: h11.Request | None = None
     body = bytearray()
     while True:
@@ -234,6 +275,7 @@ async def _read_request(stream: trio.abc.Stream, conn: BoundedServer) -> tuple[s
                     HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, f"head over {MAX_HEAD} bytes"
                 )
             request = event
+            check(event)
             length = dict(event.headers).get(b"content-length")
             if length is not None and int(length) > MAX_BODY:  # h11 checked it is a number
                 raise HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {MAX_BODY} bytes")
@@ -255,14 +297,13 @@ async def _send_reply(
 ) -> None:
     """The reply; to a HEAD request its headers only (h11 refuses a body there, and the
     client got nothing at all)."""
-    headers = [
+    headers: list[tuple[str, str]] = [
         ("content-type", reply.content_type),
         ("content-length", str(len(reply.body))),
         ("connection", "close"),
         ("cache-control", "no-store"),
     ]
-    if reply.allow:
-        headers.append(("allow", ", ".join(reply.allow)))
+    headers += reply.headers
     try:
         phrase = HTTPStatus(reply.status).phrase.encode()
         data = conn.send(h11.Response(status_code=reply.status, headers=headers, reason=phrase))

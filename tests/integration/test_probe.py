@@ -429,3 +429,62 @@ def test_sessions_and_metrics_follow_a_real_viewer(
         key = f'spicetap_bytes_total{{direction="{direction}"}}'
         assert after[key] > during[key] >= before[key]  # counters only grow, closed included
     assert after['spicetap_messages_total{direction="s2c"}'] > 10
+
+
+def test_a_locked_https_api_probes_qemu_for_the_token_only(
+    plain_qemu: QemuServer, tmp_path: Path
+) -> None:
+    """--management-tls and --management-token-file on a real proxy: curl, trusting
+    spicetap's CA, gets the probe's JSON with the token and 401 without; the token reaches
+    neither the log nor the archive directory."""
+    import ssl
+
+    assert plain_qemu.port is not None
+    token = "Tk-" + "0123456789abcdef" * 3
+    token_file = tmp_path / "api-token"
+    token_file.write_text(token + "\n")
+    extra = (
+        "--management", "127.0.0.1:0", "--management-tls",
+        "--management-token-file", str(token_file),
+    )  # fmt: skip
+    with ProxyProcess(plain_qemu.port, tmp_path / "rec", tmp_path, extra=extra) as running:
+        port = running.ports["management"]
+        ca = tmp_path / "config" / "ca-cert.pem"
+        url = f"https://127.0.0.1:{port}/api/spice/connect"
+        body = json.dumps({"host": "127.0.0.1", "port": plain_qemu.port, "timeout": 5})
+
+        def curl(*headers: str) -> tuple[int, str]:
+            args = ["curl", "-sS", "--max-time", "20", "--cacert", str(ca), "-X", "POST"]
+            for header in headers:
+                args += ["-H", header]
+            args += ["-d", body, "-w", "\n%{http_code}", url]
+            done = subprocess.run(args, capture_output=True, text=True, timeout=30, check=False)
+            assert done.returncode == 0, done.stderr
+            text, _, code = done.stdout.rpartition("\n")
+            return int(code), text
+
+        status, answer = curl(f"Authorization: Bearer {token}")
+        assert status == 200 and json.loads(answer)["success"] is True
+        assert json.loads(answer)["protocolVersion"] == "2.2"
+        status, answer = curl()
+        assert status == 401 and json.loads(answer) == {"error": "a bearer token is required"}
+        status, _ = curl("Authorization: Bearer " + token[:-1] + "X")
+        assert status == 401
+        # plain HTTP to the HTTPS API gets no answer
+        with pytest.raises((http.client.HTTPException, OSError)):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            try:
+                conn.request("GET", "/metrics")
+                conn.getresponse()
+            finally:
+                conn.close()
+        # Python's own client, with the CA: the same answer
+        context = ssl.create_default_context(cafile=str(ca))
+        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=context)
+        conn.request("GET", "/metrics", headers={"Authorization": f"Bearer {token}"})
+        assert conn.getresponse().status == 200
+        conn.close()
+    log = running.log_path.read_text()
+    assert "request(s) refused" in log and token not in log
+    for path in (tmp_path / "rec").rglob("*"):
+        assert token.encode() not in path.read_bytes()

@@ -3,6 +3,7 @@ and the h11 shell over in-memory streams (bad requests, limits, timeouts)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
@@ -68,7 +69,7 @@ def test_routes_and_their_errors() -> None:
     assert nf.value.status == 404
     with pytest.raises(HttpError) as na:
         route("GET", "/api/spice/connect")
-    assert na.value.status == 405 and na.value.allow == ("POST",)
+    assert na.value.status == 405 and na.value.headers == (("allow", "POST"),)
 
 
 def test_connect_request_minimal_and_full() -> None:
@@ -475,9 +476,7 @@ async def test_a_client_still_sending_a_refused_body_reads_the_413_not_a_reset()
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     port = listeners[0].socket.getsockname()[1]
     body = b"x" * (4 << 20)  # far past MAX_BODY, and more than the socket buffers hold
-    head = (
-        b"POST /api/spice/connect HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
-    )
+    head = b"POST /api/spice/connect HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
 
     def client() -> tuple[bytes, str | None]:
         got, problem = b"", None
@@ -497,3 +496,138 @@ async def test_a_client_still_sending_a_refused_body_reads_the_413_not_a_reset()
         nursery.cancel_scope.cancel()
     assert problem is None
     assert got.startswith(b"HTTP/1.1 413 ") and b"body over" in got
+
+
+# -- authentication: a bearer token -----------------------------------------------------------
+TOKEN = "0123456789abcdef0123456789abcdef"
+
+
+@pytest.mark.parametrize(
+    ("token", "problem"),
+    [
+        (TOKEN, None),
+        ("QWxhZGRpbjpvcGVuIHNlc2FtZQ==", None),  # base64, padding at the end
+        ("short", "at least 16"),
+        ("", "at least 16"),
+        ("0123456789abcdef 123", "may hold only"),  # a space would end the header's token
+        ("0123456789abcdef=x", "may hold only"),  # padding only at the end
+        ("0123456789abcdéf0", "may hold only"),
+    ],
+)
+def test_token_rules(token: str, problem: str | None) -> None:
+    found = core.token_problem(token)
+    assert (found is None) if problem is None else (problem in str(found))
+
+
+@pytest.mark.parametrize(
+    ("header", "error"),
+    [
+        (None, None),  # missing: the bare challenge
+        (b"Bearer wrong-token-of-some-length", "invalid_token"),
+        (b"Basic " + TOKEN.encode(), "invalid_token"),
+        (b"Bearer " + TOKEN.encode() + b"x", "invalid_token"),
+        (b"Bearer " + TOKEN[:-1].encode(), "invalid_token"),
+        (b"Bearer", "invalid_token"),
+    ],
+)
+def test_a_request_without_the_token_gets_401_and_the_challenge(
+    header: bytes | None, error: str | None
+) -> None:
+    with pytest.raises(HttpError) as refused:
+        core.authorize(header, TOKEN.encode())
+    assert refused.value.status == 401
+    ((name, challenge),) = refused.value.headers
+    assert name == "www-authenticate" and challenge.startswith('Bearer realm="spicetap"')
+    assert (error is None) == ("error=" not in challenge)
+
+
+@pytest.mark.parametrize("header", [b"Bearer ", b"bearer ", b"BEARER  "])
+def test_the_token_lets_the_request_through(header: bytes) -> None:
+    core.authorize(header + TOKEN.encode() + b" ", TOKEN.encode())  # no exception
+
+
+def locked_api(state: ProxyState | None = None) -> ManagementApi:
+    options = ManagementOptions(("127.0.0.1", 0), token=TOKEN.encode())
+    return ManagementApi(options, state or ProxyState(), None)
+
+
+async def test_every_path_wants_the_token_when_there_is_one(caplog: Any) -> None:
+    a = locked_api(live_state())
+    bearer = f"Authorization: Bearer {TOKEN}\r\n"
+    for method, path in (("GET", "/api/sessions"), ("GET", "/metrics"), ("GET", "/nope")):
+        status, headers, body = await exchange(a, request(method, path))
+        assert status == 401, path  # even a path that does not exist: nothing is revealed
+        assert headers["www-authenticate"] == 'Bearer realm="spicetap"'
+        assert json.loads(body) == {"error": "a bearer token is required"}
+        wrong = await exchange(a, request(method, path, extra="Authorization: Bearer nope\r\n"))
+        assert wrong[0] == 401 and "invalid_token" in wrong[1]["www-authenticate"]
+    assert (await exchange(a, request("GET", "/api/sessions", extra=bearer)))[0] == 200
+    assert (await exchange(a, request("GET", "/metrics", extra=bearer)))[0] == 200
+    assert (await exchange(a, request("GET", "/nope", extra=bearer)))[0] == 404
+    # six refusals in a burst: one log line (the first), and never the token
+    refusals = [r for r in caplog.records if "refused" in r.getMessage()]
+    assert len(refusals) == 1 and "1 request(s) refused" in refusals[0].getMessage()
+    assert all(TOKEN not in r.getMessage() for r in caplog.records)
+
+
+async def test_a_refused_request_is_answered_before_its_body_is_sent() -> None:
+    """The head decides: a client without the token gets 401 without sending its body, and
+    one that asked for "100 Continue" is not invited to send it."""
+    for extra in ("", "Expect: 100-continue\r\n"):
+        client, server = trio.testing.memory_stream_pair()
+        head = request("POST", "/api/spice/connect", extra=extra)
+        head = head.replace(b"Content-Length: 0", b"Content-Length: 60000")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(locked_api().handle, server)
+            await client.send_all(head)
+            with trio.fail_after(10):
+                answer = await client.receive_some(65536)
+            await client.aclose()
+        assert answer.startswith(b"HTTP/1.1 401 "), answer[:40]
+
+
+async def test_the_api_over_https_with_a_token(tmp_path: Any) -> None:
+    """Real TCP and TLS: the certificate comes from spicetap's CA; a client that trusts the
+    CA gets its answer with the token, 401 without; a plain HTTP client gets nothing."""
+    import http.client
+    import socket
+    import ssl
+
+    from proxy.tls import issue_server_cert, load_or_create_ca, server_context
+
+    ca = load_or_create_ca(tmp_path)
+    cert, key = issue_server_cert(ca, "O=spicetap,CN=127.0.0.1", ["127.0.0.1"], tmp_path)
+    options = ManagementOptions(
+        ("127.0.0.1", 0), token=TOKEN.encode(), https=server_context(cert, key, None)
+    )
+    a = ManagementApi(options, live_state(), None)
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    trust = ssl.create_default_context(cafile=str(tmp_path / "ca-cert.pem"))
+
+    def client() -> list[tuple[int, bytes]]:
+        answers = []
+        for headers in ({}, {"Authorization": f"Bearer {TOKEN}"}):
+            conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=trust)
+            try:
+                conn.request("GET", "/api/sessions", headers=headers)
+                response = conn.getresponse()
+                answers.append((response.status, response.read()))
+            finally:
+                conn.close()
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as plain:
+            plain.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            got = b""
+            with contextlib.suppress(OSError):  # a reset is as good as an end here
+                while data := plain.recv(4096):
+                    got += data
+            answers.append((0, got))
+        return answers
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(trio.serve_listeners, a.handle, listeners)
+        (denied, allowed, plain) = await trio.to_thread.run_sync(client)
+        nursery.cancel_scope.cancel()
+    assert denied[0] == 401
+    assert allowed[0] == 200 and json.loads(allowed[1])["sessions"]
+    assert b"HTTP/1.1" not in plain[1] and b"sessions" not in plain[1]

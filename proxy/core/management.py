@@ -21,7 +21,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any
+from typing import Any, NamedTuple
 
 from dissectors.api import LINK, SPICE
 from proxy.core.probe import check_password
@@ -193,6 +193,15 @@ class ChannelView:
     messages: Mapping[str, int]
 
 
+class ConnectionCounts(NamedTuple):
+    """Under a cap on connections (proxy/core/admission.py)."""
+
+    open: int  # admitted and open now
+    refused: int  # closed at once past the cap
+    limit: int  # the cap
+    sessions_refused: int  # new sessions refused in the reserve kept for running ones
+
+
 @dataclass(frozen=True)
 class Totals:
     channels_open: int
@@ -200,9 +209,7 @@ class Totals:
     errors: int
     bytes: Mapping[str, int]  # every channel so far, open or closed
     messages: Mapping[str, int]
-    # viewer connections admitted and open now, refused at once past the cap, and the cap
-    # (None: no cap; see proxy/core/admission.py)
-    connections: tuple[int, int, int] | None = None
+    connections: ConnectionCounts | None = None  # None: no cap
 
 
 @dataclass(frozen=True)
@@ -380,7 +387,7 @@ def metrics_text(
     for name, count in counts.items():
         m.sample("spicetap_channels_open_by_type", count, channel=name)
     if totals.connections is not None:
-        now, refused, limit = totals.connections
+        now, refused, limit, sessions_refused = totals.connections
         m.family(
             "spicetap_connections_open",
             "gauge",
@@ -395,6 +402,12 @@ def metrics_text(
             "Connections closed at once because the limit was reached.",
         )
         m.sample("spicetap_connections_refused_total", refused)
+        m.family(
+            "spicetap_sessions_refused_total",
+            "counter",
+            "New sessions refused in the connections kept for sessions already begun.",
+        )
+        m.sample("spicetap_sessions_refused_total", sessions_refused)
     if recorder is not None:
         m.family(
             "spicetap_recorder_backlog", "gauge", "Items waiting for room in the recording ring."

@@ -14,6 +14,7 @@ dissection proper happens later, off the forwarding path, from the Record comman
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,10 @@ from proxy.core.migration import (
 )
 
 MAIN = 1
+SESSION_REFUSED = (
+    "new session refused: the connections left under the cap are kept for channels of "
+    "sessions already begun"
+)
 
 
 @dataclass(frozen=True)
@@ -102,8 +107,12 @@ class ChannelRelay:
         policy: LinkPolicy | None = None,
         *,
         follow_migration: bool = False,
+        session_gate: Callable[[], bool] | None = None,
     ) -> None:
         self.limits = limits
+        # asked, once the viewer's link message is in, whether a new session may begin here
+        # (proxy/core/admission.py); a channel of a session already begun needs no leave
+        self.session_gate = session_gate
         # Following migration: the main channel's server stream is scanned once linked
         self.follow_migration = follow_migration
         self.scanner: MigrationScanner | None = None
@@ -171,6 +180,10 @@ class ChannelRelay:
         self, direction: str, data: bytes, now: float, commands: list[Command], sent: bool = False
     ) -> None:
         events = self.guard.feed(direction, data)
+        gate = self.session_gate is not None and self.guard.channel_type is not None
+        if gate and self._session_refused():
+            commands.append(Close(SESSION_REFUSED, error=False))
+            return
         if sent:
             commands.append(RecordData(direction, data, now))
         elif direction == S2C and self.follow_migration:
@@ -186,6 +199,17 @@ class ChannelRelay:
                 refused = ev.kind == "link_reply" and bool(self.guard.link_error)
                 if ev.kind in ("link_result", "sasl") or refused:
                     self.linked = True
+
+    def _session_refused(self) -> bool:
+        """A main channel linking with connection id 0 begins a new session: refused (the
+        link message not forwarded) when the gate says no. Asked once per channel."""
+        gate, self.session_gate = self.session_gate, None
+        assert gate is not None
+        new = self.guard.channel_type == MAIN and self.guard.connection_id == 0
+        if not new or gate():
+            return False
+        self.closed = True
+        return True
 
     def _forward_following(
         self, data: bytes, events: list[Any], now: float, commands: list[Command]

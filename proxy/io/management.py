@@ -35,6 +35,7 @@ from proxy.core.framing import C2S, S2C
 from proxy.core.http import MAX_HEAD, BoundedServer
 from proxy.core.management import (
     ChannelView,
+    ConnectionCounts,
     Headers,
     HttpError,
     RecorderView,
@@ -127,8 +128,8 @@ class ManagementApi:
                 d: s.closed_messages[d] + sum(c.messages[d] for c in channels) for d in (C2S, S2C)
             },
             connections=None
-            if s.admission is None
-            else (s.admission.open, s.admission.refused, s.admission.limit),
+            if (a := s.admission) is None
+            else ConnectionCounts(a.open, a.refused, a.limit, a.sessions_refused),
         )
 
     def known_sessions(self) -> dict[int, int]:

@@ -340,7 +340,10 @@ class ChannelProxy:
     ) -> ChannelStats:
         """A channel is relayed: counted, announced to the recorder, logged."""
         policy = upstream_to.policy or self.link_policy
-        relay = ChannelRelay(self.limits, now, policy, follow_migration=migration is not None)
+        gate = self._session_gate if self.state.admission is not None else None
+        relay = ChannelRelay(
+            self.limits, now, policy, follow_migration=migration is not None, session_gate=gate
+        )
         stats = ChannelStats(conn, client, upstream_to.label, now, relay)
         self.state.channels[conn] = stats
         self.state.total_channels += 1
@@ -353,6 +356,20 @@ class ChannelProxy:
             self.recorder.opened(conn, now, client, ends[0], tls, route, ends[1])
         log.info("channel %d: %s:%d -> %s (%s)", conn, *client, upstream_to.label, insertion)
         return stats
+
+    def _session_gate(self) -> bool:
+        """Whether a new session may begin (any channel's thread): see Admission."""
+        admission = self.state.admission
+        if admission is None or admission.session_allowed():
+            return True
+        count = admission.session_refusals_to_log(time.monotonic())
+        if count:
+            log.warning(
+                "%d new session(s) refused: %d connections open, and the last %d under "
+                "--max-connections %d are kept for channels of sessions already begun",
+                count, admission.open, admission.reserve, admission.limit,
+            )  # fmt: skip
+        return False
 
     def _end(self, stats: ChannelStats, reason: str) -> None:
         relay = stats.relay

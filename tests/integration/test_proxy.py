@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from proxy.core.relay import SESSION_REFUSED
 from spicetap.archive.reader import ArchiveReader
 from spicetap.archive.verify import verify
 from spicetap.inputs import iter_records
@@ -127,6 +128,86 @@ def test_past_max_connections_new_ones_are_closed_at_once(tmp_path: Path) -> Non
             shot = spicy_screenshot(SpiceEndpoint(port=proxy.port), tmp_path / "via.ppm")
             assert shot.stat().st_size > 1000
             assert metrics(proxy)["spicetap_connections_refused_total"] == 1
+
+
+def _link(port: int, channel_type: int, conn: int) -> tuple[socket.socket, bytes]:
+    """Link a channel by hand through the proxy: the socket, and what came back first
+    (b"" when the proxy closed without a word)."""
+    from tests.proxy.test_framing import caps_word, link_mess
+
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(link_mess(caps_word(1, 3), channel_type=channel_type, conn=conn))
+    return sock, _read(sock, 16)
+
+
+def _read(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _authenticate(sock: socket.socket, header: bytes) -> None:
+    """The rest of a link with the empty password (QEMU here disables ticketing)."""
+    from proxy.core.probe import encrypt_ticket
+
+    size = struct.unpack_from("<I", header, 12)[0]
+    reply = _read(sock, size)
+    assert struct.unpack_from("<I", reply)[0] == 0  # SPICE_LINK_ERR_OK
+    sock.sendall(encrypt_ticket(reply[4:166], b"\0"))  # the key: 162 bytes of DER
+    assert _read(sock, 4) == b"\0\0\0\0"  # the link result: OK
+
+
+def test_near_the_cap_new_sessions_are_refused_and_running_ones_still_link(
+    tmp_path: Path,
+) -> None:
+    """--max-connections 9 keeps its last connection for channels of sessions already
+    begun. With seven held, a session's main channel links (the eighth) and gets its
+    session id from QEMU's MAIN INIT; another main channel (a new session, the ninth) is
+    closed without a word, logged and counted; an inputs channel of the running session
+    takes the ninth and links with QEMU."""
+    from tests.integration.test_probe import metrics
+
+    with peers(), QemuServer(guest="none") as srv:
+        assert srv.port is not None
+        extra = ("--max-connections", "9", "--management", "127.0.0.1:0", "--link-timeout", "60")
+        with ProxyProcess(srv.port, tmp_path / "rec", tmp_path / "proxy", extra=extra) as proxy:
+            held = [socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+                    for _ in range(7)]  # fmt: skip
+            wait_until(
+                lambda: metrics(proxy)["spicetap_connections_open"] == 7,
+                timeout=10,
+                what="seven connections held",
+            )
+            main, header = _link(proxy.port, 1, 0)
+            assert header[:4] == b"REDQ"
+            _authenticate(main, header)
+            msg_type, size = struct.unpack("<HI", _read(main, 6))  # the mini header
+            assert msg_type == 103  # SPICE_MSG_MAIN_INIT: its body starts with the session id
+            session_id = struct.unpack_from("<I", _read(main, size))[0]
+            assert session_id != 0
+            newcomer, said = _link(proxy.port, 1, 0)
+            assert said == b""  # closed: no link reply from anyone
+            newcomer.close()
+            wait_until(
+                lambda: metrics(proxy)["spicetap_connections_open"] == 8,
+                timeout=10,
+                what="the refused one gone",
+            )
+            inputs, header = _link(proxy.port, 3, session_id)
+            assert header[:4] == b"REDQ"
+            _authenticate(inputs, header)  # QEMU took it into the running session
+            counts = metrics(proxy)
+            assert counts["spicetap_sessions_refused_total"] == 1
+            assert counts["spicetap_connections_refused_total"] == 0
+            assert "1 new session(s) refused: 9 connections open" in proxy.log()
+            for sock in [*held, main, inputs]:
+                sock.close()
+    closes = [r for a in proxy.archives() for r in iter_records(a, []) if r.kind == "close"]
+    assert [r.name for r in closes].count(SESSION_REFUSED) == 1  # the newcomer's, said why
 
 
 def test_the_proxy_and_its_recording_process_get_the_hard_open_files_limit(

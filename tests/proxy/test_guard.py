@@ -134,3 +134,23 @@ def test_the_open_files_limit_is_raised_to_the_hard_one() -> None:
             assert got == hard
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.parametrize(
+    ("limit", "reserve"), [(1, 0), (2, 1), (11, 1), (16, 2), (100, 12), (1000, 125)]
+)
+def test_the_last_eighth_of_the_cap_is_kept_for_sessions_already_begun(
+    limit: int, reserve: int
+) -> None:
+    adm = Admission(limit)
+    assert adm.reserve == reserve
+    for _ in range(limit - reserve):  # new sessions come in up to the reserve, own included
+        assert adm.admit() and adm.session_allowed()
+    for _ in range(reserve):  # then only channels of sessions already begun
+        assert adm.admit() and not adm.session_allowed()
+    assert not adm.admit()  # and at the cap, nothing
+    assert (adm.refused, adm.sessions_refused) == (1, reserve)
+    assert adm.session_refusals_to_log(0.0) == reserve and adm.refusals_to_log(0.0) == 1
+    for _ in range(max(reserve, 1)):  # once as many have ended, sessions may begin again
+        adm.release()
+    assert adm.session_allowed()

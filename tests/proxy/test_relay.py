@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from proxy.core.relay import ChannelRelay, Close, Forward, Limits, Log, RecordData
+import pytest
+
+from proxy.core.relay import SESSION_REFUSED, ChannelRelay, Close, Forward, Limits, Log, RecordData
 from tests.proxy.test_framing import OK, TICKET, caps_word, link_mess, link_reply, mini
 
 
@@ -95,3 +97,63 @@ def test_a_shell_may_forward_first_when_the_relay_passes_bytes_unchanged() -> No
     assert relay.received("s2c", data, 2.0, sent=True) == [RecordData("s2c", data, 2.0)]
     assert relay.received("s2c", data, 2.0) == []
     assert relay.messages["s2c"] == 2
+
+
+# -- the reserve of connections for sessions already begun (proxy/core/admission.py) --------
+@pytest.mark.parametrize(
+    ("channel_type", "conn", "asked", "refused"),
+    [
+        (1, 0, True, True),  # a main channel with id 0: a new session, refused
+        (1, 0x1234, True, False),  # a migration's main channel carries its session's id
+        (2, 0x1234, True, False),  # a display channel of a session already begun
+    ],
+)
+def test_a_new_session_is_refused_when_the_gate_says_no(
+    channel_type: int, conn: int, asked: bool, refused: bool
+) -> None:
+    questions: list[bool] = []
+
+    def gate() -> bool:
+        questions.append(True)
+        return False
+
+    relay = ChannelRelay(Limits(), 0.0, session_gate=gate)
+    message = link_mess(caps_word(1, 3), channel_type=channel_type, conn=conn)
+    cmds = relay.received("c2s", message[:16], 1.0)  # the header alone: not known yet
+    assert cmds[0] == Forward("c2s", message[:16]) and not questions
+    cmds = relay.received("c2s", message[16:], 1.0)
+    if refused:  # not forwarded, not recorded, closed without an error
+        assert cmds == [Close(SESSION_REFUSED, error=False)] and relay.closed
+    else:
+        assert cmds[0] == Forward("c2s", message[16:]) and not relay.closed
+    assert len(questions) == (1 if channel_type == 1 and conn == 0 else 0)
+    relay.received("s2c", link_reply(caps_word(1, 3)), 1.0)
+    assert len(questions) <= 1  # asked once at most
+
+
+def test_the_gate_is_asked_once_and_a_yes_lets_the_session_link() -> None:
+    questions: list[bool] = []
+
+    def gate() -> bool:
+        questions.append(True)
+        return True
+
+    relay = ChannelRelay(Limits(), 0.0, session_gate=gate)
+    bits = caps_word(1, 3)
+    relay.received("c2s", link_mess(bits, channel_type=1, conn=0), 0.0)
+    relay.received("s2c", link_reply(bits), 0.0)
+    relay.received("c2s", TICKET, 0.0)
+    relay.received("s2c", OK, 0.0)
+    assert relay.linked and questions == [True]
+
+
+def test_a_refused_session_under_a_link_policy_is_refused_too() -> None:
+    """With a rewriter the link message is held until whole, then refused unsent."""
+    from proxy.core.capmask import CapMask
+    from proxy.core.linkrewrite import LinkPolicy
+
+    policy = LinkPolicy(CapMask.parse(["display:codec_h264"]))
+    relay = ChannelRelay(Limits(), 0.0, policy, session_gate=lambda: False)
+    cmds = relay.received("c2s", link_mess(caps_word(1, 3), channel_type=1, conn=0), 1.0)
+    assert not [c for c in cmds if isinstance(c, Forward)]
+    assert Close(SESSION_REFUSED, error=False) in cmds and relay.closed

@@ -173,7 +173,8 @@ class ChannelRelay:
     def crossed(self, cmd: RecordData) -> None:
         """The shell delivered `cmd`'s bytes and is recording them: now they count. Not on
         arrival: bytes a shell could not deliver (the other side had gone) are neither
-        recorded nor counted, so the counters and the archive agree."""
+        recorded nor counted, so the counters and the archive agree. A send cut part-way
+        records and counts the part that crossed (record_of_part)."""
         self.bytes[cmd.direction] += len(cmd.data)
 
     def _forward(
@@ -399,6 +400,18 @@ class ChannelRelay:
         return []
 
 
+def record_of_part(forward: Forward, delivered: int, rest: list[Command]) -> RecordData | None:
+    """A shell's send of `forward` broke after `delivered` bytes had crossed: the record of
+    that part, from the RecordData the relay puts after each Forward (in `rest`), or None
+    when nothing crossed."""
+    if delivered <= 0:
+        return None
+    for cmd in rest:
+        if isinstance(cmd, RecordData) and cmd.data is forward.data:
+            return RecordData(cmd.direction, cmd.data[:delivered], cmd.time)
+    return None
+
+
 def _dest_fields(dest: Destination) -> dict[str, Any]:
     return {
         "host": dest.host,
@@ -420,4 +433,5 @@ __all__ = [
     "RecordData",
     "RecordEvent",
     "Redirect",
+    "record_of_part",
 ]

@@ -20,6 +20,15 @@ import time
 RECEIVE_SIZE = 256 * 1024
 
 
+class Undelivered(OSError):
+    """A send that broke part-way: its first `delivered` bytes reached the peer's socket
+    (and so the peer) before the connection failed or was aborted."""
+
+    def __init__(self, delivered: int, cause: OSError) -> None:
+        super().__init__(cause.errno, cause.strerror)
+        self.delivered = delivered
+
+
 class PlainEnd:
     """A connected TCP socket in blocking mode."""
 
@@ -39,8 +48,9 @@ class PlainEnd:
         return self.sock.recv(RECEIVE_SIZE)
 
     def send(self, data: bytes) -> None:
+        """All of `data`, or Undelivered saying how much went before the connection broke."""
         with self.send_lock:
-            self.sock.sendall(data)
+            _send_counted(self.sock, data)
 
     def abort(self) -> None:
         """Wake the thread blocked in receive() (it sees the end of stream); any thread."""
@@ -177,6 +187,20 @@ def tls_end(
     return TlsEnd(sock, obj, incoming, outgoing)
 
 
+def _send_counted(sock: socket.socket, data: bytes) -> None:
+    """sendall, but saying how far it got: a blocking send() returns short only when the
+    connection broke (or was shut down) part-way, and the bytes it took did cross."""
+    sent = 0
+    try:
+        sent = sock.send(data)
+        if sent < len(data):
+            view = memoryview(data)
+            while sent < len(data):
+                sent += sock.send(view[sent:])
+    except OSError as exc:
+        raise Undelivered(sent, exc) from exc
+
+
 def _shutdown(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):  # not connected any more: nothing to wake
         sock.shutdown(socket.SHUT_RDWR)
@@ -191,3 +215,5 @@ def _address(sock: socket.socket, *, local: bool) -> tuple[str, int]:
 
 
 End = PlainEnd | TlsEnd
+# A TlsEnd's send stays all or nothing: ciphertext cut part-way would need its TLS records
+# counted to know how much plaintext the peer could read, and a break mid-send is rare.

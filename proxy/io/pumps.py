@@ -22,8 +22,8 @@ import time
 from collections.abc import Callable
 
 from proxy.core.framing import C2S, S2C
-from proxy.core.relay import ChannelRelay, Close, Command, Forward, Redirect
-from proxy.io.ends import End
+from proxy.core.relay import ChannelRelay, Close, Command, Forward, Redirect, record_of_part
+from proxy.io.ends import End, Undelivered
 
 log = logging.getLogger("spicetap.proxy")
 
@@ -72,11 +72,14 @@ class ThreadedChannel:
                     break
                 now = time.monotonic()
                 if relay.unchanged(direction):  # the usual case: forward before anything
-                    if not self.send(direction, data):
-                        break  # not delivered, so not recorded: the channel is ending
-                    with lock:
-                        commands = relay.received(direction, data, now, sent=True)
-                    self.run(commands)
+                    delivered = self.send(direction, data)
+                    if delivered:  # what crossed is recorded, a part of it included
+                        with lock:
+                            part = data if delivered == len(data) else data[:delivered]
+                            commands = relay.received(direction, part, now, sent=True)
+                        self.run(commands)
+                    if delivered < len(data):
+                        break  # the rest was not delivered, so not recorded: the channel ends
                     continue
                 with lock:
                     commands = relay.received(direction, data, now)
@@ -101,21 +104,26 @@ class ThreadedChannel:
                 self.lock.release()
             self.run(commands)
 
-    def send(self, direction: str, data: bytes) -> bool:
-        """False when the receiving side is gone: the channel then ends."""
+    def send(self, direction: str, data: bytes) -> int:
+        """How many of the bytes reached the receiving side: all, or fewer when it is gone
+        (the channel then ends)."""
         try:
             self.sinks[direction].send(data)
         except OSError as exc:
             who = "server" if direction == C2S else "viewer"
             self.finish(f"{who} closed")
             log.debug("channel %d %s: %r", self.conn, direction, exc)
-            return False
-        return True
+            return exc.delivered if isinstance(exc, Undelivered) else 0
+        return len(data)
 
     def run(self, commands: list[Command]) -> None:
-        for cmd in commands:
+        for i, cmd in enumerate(commands):
             if isinstance(cmd, Forward):
-                if not self.send(cmd.direction, cmd.data):
+                delivered = self.send(cmd.direction, cmd.data)
+                if delivered < len(cmd.data):  # what did cross is recorded
+                    part = record_of_part(cmd, delivered, commands[i + 1 :])
+                    if part is not None:
+                        self.effects(part)
                     return  # as in the trio shell: nothing after an undelivered Forward
             elif isinstance(cmd, Redirect):
                 self.run(self.redirector(cmd))

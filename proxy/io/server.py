@@ -35,12 +35,13 @@ from proxy.core.relay import (
     RecordData,
     RecordEvent,
     Redirect,
+    record_of_part,
 )
 from proxy.io.ends import End, PlainEnd, tls_end
 from proxy.io.guard import guarded
 from proxy.io.pumps import ThreadedChannel
 from proxy.io.recording import Recorder
-from proxy.io.streams import PeerProtocolError
+from proxy.io.streams import PeerProtocolError, Sent, send_counted
 from proxy.tls import check_subject
 
 if TYPE_CHECKING:
@@ -185,15 +186,20 @@ class ChannelProxy:
                         nursery.cancel_scope.cancel()
 
                 async def run(commands: list[Command]) -> None:
-                    for cmd in commands:
+                    for i, cmd in enumerate(commands):
                         if isinstance(cmd, Forward):
+                            sent = Sent()
                             try:
-                                await sinks[cmd.direction].send_all(cmd.data)
+                                await send_counted(sinks[cmd.direction], cmd.data, sent)
                             except (trio.BrokenResourceError, trio.ClosedResourceError):
+                                partly(cmd, sent, commands[i + 1 :])
                                 # the receiving side is gone: it, not this pump's, closed
                                 gone = S2C if cmd.direction == C2S else C2S
                                 await run(relay.peer_closed(gone, time.monotonic()))
                                 return
+                            except trio.Cancelled:  # the channel ends: what crossed counts
+                                partly(cmd, sent, commands[i + 1 :])
+                                raise
                         elif isinstance(cmd, Redirect):
                             host = local_address(viewer)[0]
                             at = await self._serve_destination(
@@ -204,6 +210,11 @@ class ChannelProxy:
                             why = self._effect(stats, cmd)
                             if why is not None:
                                 finish(why)
+
+                def partly(cmd: Forward, sent: Sent, rest: list[Command]) -> None:
+                    part = record_of_part(cmd, sent.bytes, rest)
+                    if part is not None and sent.bytes < len(cmd.data):
+                        self._effect(stats, part)
 
                 async def pump(src: trio.abc.Stream, direction: str) -> None:
                     try:

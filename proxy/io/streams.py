@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import trio
 
 
@@ -35,3 +37,29 @@ class PrefixedStream(trio.abc.Stream):
 
     async def aclose(self) -> None:
         await self.stream.aclose()
+
+
+@dataclass
+class Sent:
+    """How many bytes of a send crossed so far (see send_counted)."""
+
+    bytes: int = 0
+
+
+async def send_counted(stream: trio.abc.Stream, data: bytes, sent: Sent) -> None:
+    """send_all, keeping in `sent` how many bytes a plain socket has taken, so that a send
+    cut short (the connection breaks, or the channel is cancelled) still says what crossed.
+    Other streams count only a whole send: a TLS record or a WebSocket message cut part-way
+    reaches no application."""
+    while isinstance(stream, PrefixedStream):
+        stream = stream.stream
+    if not isinstance(stream, trio.SocketStream):
+        await stream.send_all(data)
+        sent.bytes = len(data)
+        return
+    view = memoryview(data)
+    try:
+        while sent.bytes < len(view):
+            sent.bytes += await stream.socket.send(view[sent.bytes :])
+    except OSError as exc:  # as SocketStream.send_all says it
+        raise trio.BrokenResourceError(exc) from exc

@@ -9,15 +9,17 @@ import os
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
+import trio
 
 from proxy.core.relay import ChannelRelay, Command, Limits, RecordData
-from proxy.io.ends import PlainEnd, TlsEnd, tls_end
+from proxy.io.ends import PlainEnd, TlsEnd, Undelivered, tls_end
 from proxy.io.pumps import ThreadedChannel
 from proxy.io.server import ChannelProxy, ChannelStats
 from proxy.tls import client_context, issue_server_cert, load_or_create_ca, server_context
@@ -252,6 +254,12 @@ class Collecting:
     def error(self, conn: int, t: float, direction: str, reason: str) -> None:
         pass
 
+    def opened(self, *args: Any) -> None:
+        pass
+
+    def closed(self, *args: Any) -> None:
+        pass
+
 
 def test_bytes_the_viewer_never_got_are_neither_counted_nor_recorded() -> None:
     """In the link stage the relay forwards through commands. When the viewer has gone,
@@ -280,3 +288,156 @@ def test_bytes_the_viewer_never_got_are_neither_counted_nor_recorded() -> None:
     assert recorder.got == {"c2s": link_mess(bits), "s2c": b""}
     for s in (viewer, server, *ends):
         s.close()
+
+
+class CutEnd(PlainEnd):
+    """A viewer end whose connection breaks part-way through a send: the first `take`
+    bytes reach the viewer, then the send fails."""
+
+    take = 5
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data[: self.take])
+        if self.take < len(data):
+            raise Undelivered(self.take, BrokenPipeError("viewer gone"))
+
+
+@pytest.mark.parametrize("linked", [False, True])
+def test_the_part_of_a_chunk_that_crossed_before_a_break_is_counted_and_recorded(
+    linked: bool,
+) -> None:
+    """A send cut short still delivered its first bytes: they are in the archive and the
+    counters, the rest in neither. In the link stage (the Forward command's path) and
+    once linked (the pump forwards first)."""
+    recorder = Collecting()
+    proxy = ChannelProxy(Limits(), cast(Any, recorder))
+    relay = ChannelRelay(Limits(), 0.0)
+    stats = ChannelStats(0, ("127.0.0.1", 1), "test", 0.0, relay)
+    viewer, viewer_side = socket.socketpair()
+    server, server_side = socket.socketpair()
+    ends = (CutEnd(viewer_side), PlainEnd(server_side))
+    CutEnd.take = 10**9  # whole sends until the test says otherwise
+    channel = ThreadedChannel(0, relay, *ends, partial(proxy._effect, stats), lambda c: [])
+    threads = [threading.Thread(target=channel.pump, args=(d,)) for d in ("c2s", "s2c")]
+    for t in threads:
+        t.start()
+    bits = caps_word(1, 3)
+    viewer.sendall(link_mess(bits))
+    assert recv_exactly(server, len(link_mess(bits))) == link_mess(bits)
+    before = b""
+    if linked:
+        server.sendall(link_reply(bits))
+        before = recv_exactly(viewer, len(link_reply(bits)))
+        viewer.sendall(TICKET)
+        assert recv_exactly(server, len(TICKET)) == TICKET
+        server.sendall(OK)
+        before += recv_exactly(viewer, len(OK))
+        assert relay.linked
+        chunk = mini(4, b"p" * 40)
+    else:
+        chunk = link_reply(bits)
+    CutEnd.take = 7
+    server.sendall(chunk)
+    for t in threads:
+        t.join(TIMEOUT)
+        assert not t.is_alive()
+    got = before + recv_exactly(viewer, 7)
+    assert channel.reason == "viewer closed"
+    assert recorder.got["s2c"] == got and got.endswith(chunk[:7])
+    assert relay.bytes["s2c"] == len(got)
+    for s in (viewer, server, *ends):
+        s.close()
+
+
+def test_a_plain_end_says_how_much_crossed_when_the_connection_breaks_mid_send() -> None:
+    """Real sockets: the viewer reads a little, then the proxy aborts the end (as finish()
+    does); the blocked send returns short and Undelivered says how much the socket took,
+    which the viewer can then read in full."""
+    ours, theirs = socket.socketpair()
+    end = PlainEnd(ours)
+    data = bytes(range(256)) * (16 << 12)  # 16 MiB: far more than the socket buffers hold
+    outcome: list[BaseException] = []
+
+    def sender() -> None:
+        try:
+            end.send(data)
+        except OSError as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=sender)
+    thread.start()
+    theirs.settimeout(TIMEOUT)
+    got = bytearray(theirs.recv(65536))
+    time.sleep(0.2)  # the sender blocks with the buffers full
+    end.abort()
+    thread.join(TIMEOUT)
+    assert not thread.is_alive()
+    (exc,) = outcome
+    assert isinstance(exc, Undelivered) and 0 < exc.delivered < len(data)
+    while chunk := theirs.recv(1 << 20):
+        got += chunk
+    assert bytes(got) == data[: exc.delivered]
+    ours.close()
+    theirs.close()
+
+
+def test_the_trio_shell_records_the_part_of_a_send_cut_by_the_channels_end() -> None:
+    """The CONNECT and WebSocket fronts' shell, over real sockets: the server sends 8 MiB,
+    the viewer has read a little when it breaks the protocol; the channel ends mid-send,
+    and the archive holds exactly the server's bytes the viewer could still read."""
+    from proxy.io.server import Upstream
+
+    recorder = Collecting()
+    proxy = ChannelProxy(Limits(), cast(Any, recorder))
+    viewer, viewer_side = _tcp_pair()
+    server, server_side = _tcp_pair()
+    bits = caps_word(1, 3)
+    big = bytes(range(256)) * (1 << 15)  # 8 MiB: far more than the socket buffers hold
+    got = bytearray()
+
+    def peers() -> None:
+        viewer.sendall(link_mess(bits))
+        assert recv_exactly(server, len(link_mess(bits))) == link_mess(bits)
+        server.sendall(link_reply(bits))
+        got.extend(recv_exactly(viewer, len(link_reply(bits))))
+        viewer.sendall(TICKET)
+        assert recv_exactly(server, len(TICKET)) == TICKET
+        server.sendall(OK)
+        got.extend(recv_exactly(viewer, len(OK)))
+        sender = threading.Thread(target=_send_quietly, args=(server, mini(4, big)))
+        sender.start()
+        got.extend(recv_exactly(viewer, 100_000))
+        viewer.sendall(mini(101, b"")[:2] + b"\xff\xff\xff\xff")  # a 4 GiB message: closed
+        while chunk := viewer.recv(1 << 20):
+            got.extend(chunk)
+        server.close()  # the proxy has closed its side: the sender's send fails
+        sender.join(TIMEOUT)
+
+    async def main() -> None:
+        async def open_upstream() -> trio.abc.Stream:
+            return trio.SocketStream(trio.socket.from_stdlib_socket(server_side))
+
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(viewer_side))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.to_thread.run_sync, peers)
+            with trio.fail_after(TIMEOUT):
+                await proxy.handle(stream, Upstream(open_upstream, "test"))
+
+    viewer.settimeout(TIMEOUT)
+    trio.run(main)
+    assert len(got) < len(big)  # the send was cut
+    assert recorder.got["s2c"] == bytes(got)
+    viewer.close()
+
+
+def _tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """Two connected TCP sockets on loopback (the shell reads their addresses)."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        one = socket.create_connection(listener.getsockname(), timeout=TIMEOUT)
+        other, _ = listener.accept()
+    return one, other
+
+
+def _send_quietly(sock: socket.socket, data: bytes) -> None:
+    with contextlib.suppress(OSError):
+        sock.sendall(data)

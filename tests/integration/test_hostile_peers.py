@@ -1,0 +1,349 @@
+"""Hostile peers on both sides at once, while a real viewer uses the same proxy.
+
+One `spicetap proxy` (recording) serves three targets: two QEMUs, and a loopback server
+that breaks the protocol on purpose. Viewers break it towards one QEMU: a wrong magic,
+a link header announcing a huge link message, a link message cut by a hang-up, one whose
+capability counts point past its end, a data header announcing a 4 GiB message, a message
+cut by a hang-up, and a viewer that stalls in the link stage. The hostile server answers
+with a wrong magic, a huge link reply, half a link reply, or a 4 GiB message after a good
+link. All of them at once, while spicy-screenshot takes the other QEMU's screen through
+the proxy.
+
+Then: the proxy is alive and serves a viewer again; every archive verifies intact; each
+hostile connection is closed for its own reason, said in the log and in its records, on
+the side at fault; and for every connection the archive holds exactly the bytes that
+crossed, each way, as the test's own sockets counted them.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxy.core.probe import encrypt_ticket
+from spicetap.archive.verify import verify
+from spicetap.inputs import iter_records
+from tests.conftest import peers
+from tests.harness import QemuServer, SpiceEndpoint, spicy_screenshot
+from tests.integration.proxy_process import ProxyProcess
+from tests.proxy.test_framing import caps_word, link_mess
+
+pytestmark = pytest.mark.peers
+
+LINK_TIMEOUT = 3  # seconds: the stalled viewer is cut after this
+MAGIC = b"REDQ"
+MINI = caps_word(1, 3)  # AUTH_SPICE and MINI_HEADER: no auth selection, mini headers
+DISPLAY = 2
+HUGE = 0xFFFFFFFF
+
+
+@dataclass
+class Wire:
+    """What one test socket sent and received, byte for byte."""
+
+    sent: bytearray = field(default_factory=bytearray)
+    received: bytearray = field(default_factory=bytearray)
+    port: int = 0  # its local port: the archive's "client" names it
+
+
+def _recv_some(sock: socket.socket, wire: Wire, want: int, timeout: float = 10.0) -> bytes:
+    """Up to `want` more bytes (fewer at end of stream or reset), within `timeout`."""
+    got = b""
+    deadline = time.monotonic() + timeout
+    while len(got) < want and time.monotonic() < deadline:
+        sock.settimeout(max(0.05, deadline - time.monotonic()))
+        try:
+            chunk = sock.recv(want - len(got))
+        except (TimeoutError, OSError):
+            break
+        if not chunk:
+            break
+        got += chunk
+    wire.received += got
+    return got
+
+
+def _drain(sock: socket.socket, wire: Wire, timeout: float = 10.0) -> None:
+    """Read until the other side closes (bounded)."""
+    for _ in range(1000):
+        if not _recv_some(sock, wire, 65536, timeout):
+            return
+
+
+def _send(sock: socket.socket, wire: Wire, data: bytes) -> None:
+    sock.sendall(data)
+    wire.sent += data
+
+
+def _link_header(size: int) -> bytes:
+    return struct.pack("<4sIII", MAGIC, 2, 2, size)
+
+
+# -- viewers that break the protocol towards QEMU --------------------------------------------
+def _authenticate(sock: socket.socket, wire: Wire, channel_type: int, conn: int) -> None:
+    """A good link with the empty password (QEMU here disables ticketing)."""
+    _send(sock, wire, link_mess(MINI, channel_type=channel_type, conn=conn))
+    header = _recv_some(sock, wire, 16)
+    reply = _recv_some(sock, wire, struct.unpack_from("<I", header, 12)[0])
+    assert struct.unpack_from("<I", reply)[0] == 0
+    _send(sock, wire, encrypt_ticket(reply[4:166], b"\0"))
+    assert _recv_some(sock, wire, 4) == b"\0\0\0\0"
+
+
+def bad_magic(sock: socket.socket, wire: Wire) -> None:
+    _send(sock, wire, b"GET / HTTP/1.1\r\nHost: spice\r\n\r\n")
+    _drain(sock, wire)
+
+
+def huge_link_message(sock: socket.socket, wire: Wire) -> None:
+    _send(sock, wire, _link_header(0x7FFFFFF0))
+    _drain(sock, wire)
+
+
+def _hang_up(sock: socket.socket, wire: Wire) -> None:
+    """Stop sending (FIN) and read what still comes until the proxy closes. A close with
+    unread data would reset the connection instead, and what the viewer sent just before
+    may then never reach the proxy at all: this way every sent byte arrives."""
+    sock.shutdown(socket.SHUT_WR)
+    _drain(sock, wire)
+
+
+def link_message_cut(sock: socket.socket, wire: Wire) -> None:
+    _send(sock, wire, link_mess(MINI, channel_type=1, conn=0)[:23])
+    _hang_up(sock, wire)
+
+
+def caps_past_the_end(sock: socket.socket, wire: Wire) -> None:
+    body = struct.pack("<IBBIII", 0, 1, 0, 0xFFFF, 0xFFFF, 18) + bytes(4)
+    _send(sock, wire, _link_header(len(body)) + body)
+    _drain(sock, wire)
+
+
+def huge_message(sock: socket.socket, wire: Wire) -> None:
+    _authenticate(sock, wire, 1, 0)
+    _recv_some(sock, wire, 6, timeout=2)  # the start of MAIN INIT, or nothing yet
+    _send(sock, wire, struct.pack("<HI", 101, HUGE))  # main: a 4 GiB client message
+    _drain(sock, wire)
+
+
+def message_cut(sock: socket.socket, wire: Wire) -> None:
+    _authenticate(sock, wire, 1, 0)
+    _send(sock, wire, struct.pack("<HI", 101, 1000) + bytes(10))  # 990 bytes never come
+    _hang_up(sock, wire)
+
+
+def stalled(sock: socket.socket, wire: Wire) -> None:
+    _send(sock, wire, MAGIC[:1])
+    _drain(sock, wire, timeout=LINK_TIMEOUT + 10)  # the proxy cuts it at the link timeout
+
+
+TOO_BIG = "bytes exceeds"  # a link unit or a message over its limit
+CUT = "inside a unit"  # the archive's words for a unit cut by the connection's end
+
+STALLED = f"link stage not finished after {LINK_TIMEOUT} s"
+
+VIEWERS: dict[str, tuple[Callable[[socket.socket, Wire], None], str, str, str]] = {
+    # case: (viewer, side at fault, what the log says, what the archive's records say)
+    "bad_magic": (bad_magic, "c2s", "bad link magic", "bad link magic"),
+    "huge_link_message": (huge_link_message, "c2s", TOO_BIG, TOO_BIG),
+    "link_message_cut": (link_message_cut, "c2s", "viewer vanished in the middle", CUT),
+    "caps_past_the_end": (caps_past_the_end, "c2s", "malformed link_mess", "malformed link_mess"),
+    "huge_message": (huge_message, "c2s", TOO_BIG, TOO_BIG),
+    "message_cut": (message_cut, "c2s", "viewer vanished in the middle", CUT),
+    "stalled": (stalled, "c2s", STALLED, STALLED),
+}
+
+
+# -- a server that breaks it towards viewers -----------------------------------------------
+def _reply_good(conn: socket.socket) -> None:
+    """A link reply with a real RSA key, the ticket read, the result OK."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    der = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    body = struct.pack("<I", 0) + der + struct.pack("<III", 1, 0, 178) + struct.pack("<I", MINI)
+    conn.sendall(_link_header(len(body)) + body)
+    conn.settimeout(10)
+    ticket = b""
+    while len(ticket) < 128:
+        chunk = conn.recv(128 - len(ticket))
+        if not chunk:
+            return
+        ticket += chunk
+    conn.sendall(struct.pack("<I", 0))
+
+
+SERVER_CASES: dict[int, tuple[str, str, str]] = {
+    # channel id the viewer asks for -> (case, what the log says, what the records say)
+    1: ("server_bad_magic", "bad link magic", "bad link magic"),
+    2: ("server_huge_link_reply", TOO_BIG, TOO_BIG),
+    3: ("server_reply_cut", "server vanished in the middle", CUT),
+    4: ("server_huge_message", TOO_BIG, TOO_BIG),
+}
+
+
+def _hostile_server(listener: socket.socket, stop: threading.Event) -> None:
+    listener.settimeout(0.2)
+    handlers: list[threading.Thread] = []
+    while not stop.is_set():
+        try:
+            conn, _ = listener.accept()
+        except TimeoutError:
+            continue
+        thread = threading.Thread(target=_misbehave, args=(conn,))
+        thread.start()
+        handlers.append(thread)
+    for thread in handlers:
+        thread.join(20)
+
+
+def _misbehave(conn: socket.socket) -> None:
+    with conn:
+        conn.settimeout(10)
+        data = b""
+        while len(data) < 16 + 22:  # the link header and a message with one cap word each
+            chunk = conn.recv(64)
+            if not chunk:
+                return
+            data += chunk
+        channel_id = data[16 + 5]  # SpiceLinkMess: connection_id u32, type u8, id u8
+        if channel_id == 1:
+            conn.sendall(b"SSH-2.0-OpenSSH_9.2\r\n" + bytes(40))
+        elif channel_id == 2:
+            conn.sendall(_link_header(0x7FFFFFF0))
+        elif channel_id == 3:
+            conn.sendall(_link_header(178) + bytes(60))
+            return  # 118 bytes of the reply never come
+        elif channel_id == 4:
+            _reply_good(conn)
+            conn.sendall(struct.pack("<HI", 1, HUGE))  # a 4 GiB message to the viewer
+        time.sleep(1.0)  # let the proxy act first
+
+
+def server_case(sock: socket.socket, wire: Wire, channel_id: int) -> None:
+    body = bytearray(link_mess(MINI, channel_type=DISPLAY, conn=0x1234))
+    body[16 + 5] = channel_id
+    _send(sock, wire, bytes(body))
+    if channel_id == 4:
+        header = _recv_some(sock, wire, 16)
+        size = struct.unpack_from("<I", header, 12)[0]
+        reply = _recv_some(sock, wire, size)
+        _send(sock, wire, encrypt_ticket(reply[4:166], b"\0"))
+    _drain(sock, wire)
+
+
+# -- the test --------------------------------------------------------------------------------
+def test_hostile_peers_on_both_sides_cost_only_their_own_channels(tmp_path: Path) -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(32)
+    stop = threading.Event()
+    server = threading.Thread(target=_hostile_server, args=(listener, stop))
+    server.start()
+    wires: dict[str, Wire] = {}
+    failures: list[str] = []
+    try:
+        # two QEMUs: spice-server drops its viewer whenever another main channel
+        # authenticates, as two of the hostile viewers do
+        with peers(), QemuServer(guest="none") as srv, QemuServer(guest="none") as other:
+            assert srv.port is not None and other.port is not None
+            config = tmp_path / "spicetap.toml"
+            config.write_text(
+                f"[proxy]\nlink_timeout = {LINK_TIMEOUT}\n"
+                f'[targets.qemu]\nupstream = "127.0.0.1:{srv.port}"\nlisten = "127.0.0.1:0"\n'
+                f'[targets.victim]\nupstream = "127.0.0.1:{other.port}"\n'
+                'listen = "127.0.0.1:0"\n'
+                f'[targets.hostile]\nupstream = "127.0.0.1:{listener.getsockname()[1]}"\n'
+                'listen = "127.0.0.1:0"\n'
+            )
+            rec = tmp_path / "rec"
+            with ProxyProcess(0, rec, tmp_path / "proxy", extra=("--config", str(config))) as proxy:
+                good, hostile = proxy.ports["plain:qemu"], proxy.ports["plain:hostile"]
+                victim = proxy.ports["plain:victim"]
+
+                def run(case: str, port: int, play: Callable[[socket.socket, Wire], None]) -> None:
+                    wire = wires[case] = Wire()
+                    try:
+                        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                            wire.port = sock.getsockname()[1]
+                            play(sock, wire)
+                    except Exception as exc:  # an assertion in a thread: report it
+                        failures.append(f"{case}: {exc!r}")
+
+                threads = [
+                    threading.Thread(target=run, args=(case, victim, play))
+                    for case, (play, *_said) in VIEWERS.items()
+                ] + [
+                    threading.Thread(
+                        target=run,
+                        args=(case, hostile, lambda s, w, i=cid: server_case(s, w, i)),
+                    )
+                    for cid, (case, *_said) in SERVER_CASES.items()
+                ]
+                for thread in threads:
+                    thread.start()
+                during = spicy_screenshot(SpiceEndpoint(port=good), tmp_path / "during.ppm")
+                for thread in threads:
+                    thread.join(LINK_TIMEOUT + 40)
+                assert not [t for t in threads if t.is_alive()]
+                assert proxy.proc.poll() is None
+                after = spicy_screenshot(SpiceEndpoint(port=good), tmp_path / "after.ppm")
+                assert during.stat().st_size > 1000 and after.stat().st_size > 1000
+                log = proxy.log()
+    finally:
+        stop.set()
+        server.join(30)
+        listener.close()
+    assert not failures, failures
+
+    archives = sorted(rec.glob("*.spta"))
+    assert archives and all(verify(a).status == "intact" for a in archives)
+    records = [r for a in archives for r in iter_records(a, [])]
+    by_client = {(r.fields or {}).get("client"): r for r in records if r.kind == "open"}
+    expected = {case: (side, logged, says) for case, (_p, side, logged, says) in VIEWERS.items()}
+    expected.update({case: ("s2c", logged, says) for case, logged, says in SERVER_CASES.values()})
+    for case, (side, logged, says) in expected.items():
+        wire = wires[case]
+        opened = by_client.get(f"127.0.0.1:{wire.port}")
+        assert opened is not None, f"{case}: no archive record of its connection"
+        mine = [r for r in records if r.connection == opened.connection]
+        said = [
+            (r.direction, r.error or r.name or "")
+            for r in mine
+            if r.kind == "error" or (r.kind == "close" and r.name)
+        ]
+        reasons = [(d, text) for d, text in said if says in text]
+        assert reasons and reasons[0][0] == side, f"{case}: {said}"
+        assert logged in log, f"{case}: not in the log"
+        for direction, crossed in (("c2s", wire.sent), ("s2c", wire.received)):
+            units = [r for r in mine if r.direction == direction and r.kind in STREAM_KINDS]
+            _same_stream(units, bytes(crossed), f"{case} {direction}")
+
+
+# records whose raw bytes, in order, make up a direction's stream (agent and rewrite
+# records repeat bytes of these)
+STREAM_KINDS = {"link", "message", "error", "gap"}
+
+
+def _same_stream(units: list[Any], crossed: bytes, what: str) -> None:
+    """The records hold exactly the bytes that crossed; a redacted unit (a ticket) by its
+    length, as the archive format keeps it."""
+    at = 0
+    for r in units:
+        if r.redacted:
+            at += int(r.redacted["len"])
+            continue
+        assert crossed[at : at + len(r.raw)] == r.raw, f"{what}: differs at byte {at}"
+        at += len(r.raw)
+    assert at == len(crossed), f"{what}: {at} bytes recorded, {len(crossed)} crossed"

@@ -12,6 +12,7 @@ reaches the wire in the order it was made.
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
 import ssl
 import threading
@@ -85,6 +86,9 @@ class TlsEnd(PlainEnd):
         self.outgoing = outgoing
         self.lock = threading.Lock()  # the SSLObject and both BIOs
         self.eof = False
+        # every raw byte from the peer: OpenSSL keeps a cut record to itself, so its
+        # buffers cannot say whether the peer left inside one
+        self.records = RecordWalk()
 
     def handshake(self, timeout: float) -> None:
         """Run the TLS handshake to the end within `timeout` seconds (TimeoutError)."""
@@ -104,6 +108,7 @@ class TlsEnd(PlainEnd):
                     self.sock.settimeout(None)
                 if not data:
                     raise ConnectionResetError("peer closed during the TLS handshake") from None
+                self.records.feed(data)
                 self.incoming.write(data)
                 continue
             self._flush()
@@ -148,7 +153,14 @@ class TlsEnd(PlainEnd):
                 break
             data = self.sock.recv(RECEIVE_SIZE)
             if not data:
+                if self.records.cut:  # the peer vanished inside a TLS record
+                    raise ssl.SSLEOFError(
+                        ssl.SSL_ERROR_EOF,
+                        f"the connection ended inside a TLS record ({self.records.cut} "
+                        "bytes of it came)",
+                    )
                 break  # cut without close_notify: the same end for a SPICE channel
+            self.records.feed(data)
             with self.lock:
                 self.incoming.write(data)
         return b""
@@ -170,6 +182,37 @@ class TlsEnd(PlainEnd):
         return self.obj.getpeercert()  # type: ignore[return-value]
 
 
+class RecordWalk:
+    """Walks TLS record headers (type u8, version u16, length u16: RFC 8446 5.1) over the
+    raw bytes a peer sends, to know whether its stream ended inside a record."""
+
+    HEADER = 5
+
+    def __init__(self) -> None:
+        self.header = b""  # of the record being read, while incomplete
+        self.left = 0  # bytes of its body still to come
+        self.cut = 0  # bytes of the record in progress that came (0: between records)
+
+    def feed(self, data: bytes) -> None:
+        at, size = 0, len(data)
+        while at < size:
+            if self.left:
+                step = min(self.left, size - at)
+                self.left -= step
+                at += step
+                self.cut = self.cut + step if self.left else 0
+                continue
+            piece = data[at : at + self.HEADER - len(self.header)]
+            self.header += piece
+            at += len(piece)
+            self.cut += len(piece)
+            if len(self.header) == self.HEADER:
+                self.left = int.from_bytes(self.header[3:5], "big")
+                self.header = b""
+                if not self.left:
+                    self.cut = 0
+
+
 def tls_end(
     sock: socket.socket,
     context: ssl.SSLContext,
@@ -184,7 +227,15 @@ def tls_end(
     obj = context.wrap_bio(
         incoming, outgoing, server_side=server_side, server_hostname=server_hostname
     )
-    return TlsEnd(sock, obj, incoming, outgoing)
+    end = TlsEnd(sock, obj, incoming, outgoing)
+    end.records.feed(prefix)
+    return end
+
+
+def tls_error_text(exc: ssl.SSLError) -> str:
+    """What broke, in OpenSSL's words, without the C source line Python appends."""
+    text = str(exc.args[1]) if len(exc.args) > 1 else str(exc)
+    return "TLS: " + re.sub(r" \(_ssl\.c:\d+\)$", "", text)
 
 
 def _send_counted(sock: socket.socket, data: bytes) -> None:

@@ -17,13 +17,14 @@ each pump only sends its own direction and runs its commands unlocked.
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 import time
 from collections.abc import Callable
 
 from proxy.core.framing import C2S, S2C
 from proxy.core.relay import ChannelRelay, Close, Command, Forward, Redirect, record_of_part
-from proxy.io.ends import End, Undelivered
+from proxy.io.ends import End, Undelivered, tls_error_text
 
 log = logging.getLogger("spicetap.proxy")
 
@@ -87,7 +88,11 @@ class ThreadedChannel:
                         self.run(commands)
                         continue
                 self.run(commands)
-        except OSError as exc:  # reset, a bad TLS record, or our own abort
+        except ssl.SSLError as exc:  # the peer broke TLS: an error of this channel
+            if self.reason is None:
+                with lock:
+                    self.run(relay.peer_failed(direction, tls_error_text(exc), time.monotonic()))
+        except OSError as exc:  # a reset, or our own abort
             log.debug("channel %d %s: %r", self.conn, direction, exc)
         if self.reason is None:  # the source ended (not our abort): the relay says how
             with lock:

@@ -37,7 +37,7 @@ from proxy.core.relay import (
     Redirect,
     record_of_part,
 )
-from proxy.io.ends import End, PlainEnd, tls_end
+from proxy.io.ends import End, PlainEnd, tls_end, tls_error_text
 from proxy.io.guard import guarded
 from proxy.io.pumps import ThreadedChannel
 from proxy.io.recording import Recorder
@@ -226,7 +226,12 @@ class ChannelProxy:
                                 return
                             await run(relay.received(direction, bytes(data), now))
                     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                        await run(relay.peer_closed(direction, time.monotonic()))
+                        now = time.monotonic()
+                        if isinstance(exc.__cause__, ssl.SSLError):  # the peer broke TLS
+                            text = tls_error_text(exc.__cause__)
+                            await run(relay.peer_failed(direction, text, now))
+                        else:
+                            await run(relay.peer_closed(direction, now))
                         log.debug("channel %d %s: %r", conn, direction, exc)
                     except PeerProtocolError as exc:
                         await run(relay.peer_failed(direction, str(exc), time.monotonic()))

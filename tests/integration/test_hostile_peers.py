@@ -18,6 +18,7 @@ crossed, each way, as the test's own sockets counted them.
 from __future__ import annotations
 
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -347,3 +348,75 @@ def _same_stream(units: list[Any], crossed: bytes, what: str) -> None:
         assert crossed[at : at + len(r.raw)] == r.raw, f"{what}: differs at byte {at}"
         at += len(r.raw)
     assert at == len(crossed), f"{what}: {at} bytes recorded, {len(crossed)} crossed"
+
+
+# -- viewers that break TLS ------------------------------------------------------------------
+class TlsViewer:
+    """A TLS client over memory buffers, so the test can also put raw bytes on the wire:
+    a forged record, or the first bytes of a real one."""
+
+    def __init__(self, sock: socket.socket, ca: Path) -> None:
+        context = ssl.create_default_context(cafile=str(ca))
+        context.check_hostname = False  # spicetap's certificate names its SPICE subject
+        self.sock = sock
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.obj = context.wrap_bio(self.incoming, self.outgoing)
+        for _ in range(20):  # a handshake takes a few flights
+            try:
+                self.obj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self._flush()
+                self.incoming.write(sock.recv(65536))
+        self._flush()
+
+    def _flush(self) -> None:
+        if pending := self.outgoing.read():
+            self.sock.sendall(pending)
+
+    def records(self, data: bytes) -> bytes:
+        """`data` as TLS records, not sent."""
+        self.obj.write(data)
+        return self.outgoing.read()
+
+
+def test_viewers_breaking_tls_get_an_error_of_their_own(tmp_path: Path) -> None:
+    """Through a TLS listener: a forged record after the link, a real record cut by a
+    hang-up, and bytes that are not TLS at all. Each is said as a TLS error of its own
+    channel (the first two in the archive too), and the proxy goes on serving."""
+    with peers(), QemuServer(guest="none") as srv:
+        assert srv.port is not None
+        extra = ("--tls-listen", "127.0.0.1:0", "--listen", "127.0.0.1:0")
+        rec = tmp_path / "rec"
+        with ProxyProcess(srv.port, rec, tmp_path / "proxy", extra=extra) as proxy:
+            ca = tmp_path / "proxy" / "config" / "ca-cert.pem"
+            port = proxy.ports["tls"]
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                viewer = TlsViewer(sock, ca)
+                sock.sendall(viewer.records(link_mess(MINI, channel_type=1, conn=0)))
+                assert sock.recv(65536)  # the link reply, as TLS records
+                sock.sendall(b"\x17\x03\x03\x00\x20" + bytes(32))  # forged application data
+                _drain(sock, Wire())
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                viewer = TlsViewer(sock, ca)
+                record = viewer.records(link_mess(MINI, channel_type=1, conn=0))
+                sock.sendall(record[:20])  # the record's header and a little of it
+                _hang_up(sock, Wire())
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                sock.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+                _drain(sock, Wire())
+            time.sleep(0.5)
+            assert proxy.proc.poll() is None
+            shot = spicy_screenshot(SpiceEndpoint(port=proxy.ports["plain"]), tmp_path / "s.ppm")
+            assert shot.stat().st_size > 1000
+            log = proxy.log()
+    forged = "viewer broke the protocol: TLS: [SSL: DECRYPTION_FAILED_OR_BAD_RECORD_MAC]"
+    cut = "viewer broke the protocol: TLS: the connection ended inside a TLS record"
+    assert forged in log and cut in log
+    assert "TLS handshake failed" in log
+    archives = sorted(rec.glob("*.spta"))
+    assert all(verify(a).status == "intact" for a in archives)
+    errors = [r for a in archives for r in iter_records(a, []) if r.kind == "error"]
+    for said in (forged, cut):  # each once, on the viewer's side
+        (error,) = [r for r in errors if (r.error or "").startswith(said)]
+        assert error.direction == "c2s"

@@ -441,3 +441,19 @@ def _tcp_pair() -> tuple[socket.socket, socket.socket]:
 def _send_quietly(sock: socket.socket, data: bytes) -> None:
     with contextlib.suppress(OSError):
         sock.sendall(data)
+
+
+def test_the_record_walk_knows_whether_a_tls_stream_ends_inside_a_record() -> None:
+    from proxy.io.ends import RecordWalk
+
+    records = [b"\x17\x03\x03" + len(body).to_bytes(2, "big") + body
+               for body in (b"a" * 300, b"", b"b" * 17000, b"c")]  # fmt: skip
+    stream = b"".join(records)
+    ends = {sum(map(len, records[: i + 1])) for i in range(len(records))}
+    for split in range(0, len(stream) + 1, 97):
+        for stop in range(split, len(stream) + 1, 1013):
+            walk = RecordWalk()
+            walk.feed(stream[:split])
+            walk.feed(stream[split:stop])
+            at = max((e for e in ends | {0} if e <= stop), default=0)
+            assert walk.cut == stop - at, (split, stop)

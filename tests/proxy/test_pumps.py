@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import socket
 import ssl
@@ -457,3 +458,54 @@ def test_the_record_walk_knows_whether_a_tls_stream_ends_inside_a_record() -> No
             walk.feed(stream[split:stop])
             at = max((e for e in ends | {0} if e <= stop), default=0)
             assert walk.cut == stop - at, (split, stop)
+
+
+def test_the_trio_shell_says_a_forged_tls_record_is_the_viewers_error(
+    tls_pair_contexts: tuple[Any, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The CONNECT front's shell with TLS towards the viewer (trio's SSLStream): a forged
+    record ends the channel as the viewer's TLS error, recorded on its side, not as a
+    close."""
+    from proxy.io.server import Upstream
+
+    errors: list[tuple[str, str]] = []
+
+    class Errors(Collecting):
+        def error(self, conn: int, t: float, direction: str, reason: str) -> None:
+            errors.append((direction, reason))
+
+    proxy = ChannelProxy(Limits(), cast(Any, Errors()))
+    viewer, viewer_side = _tcp_pair()
+    server, server_side = _tcp_pair()
+    bits = caps_word(1, 3)
+
+    def tls_viewer() -> None:
+        client = tls_end(viewer, tls_pair_contexts[1], server_side=False,
+                         server_hostname="127.0.0.1")  # fmt: skip
+        client.handshake(TIMEOUT)
+        client.send(link_mess(bits))
+        assert recv_exactly(server, len(link_mess(bits))) == link_mess(bits)
+        viewer.sendall(b"\x17\x03\x03\x00\x20" + bytes(32))  # forged application data
+        with contextlib.suppress(OSError):
+            while viewer.recv(65536):
+                pass
+
+    async def main() -> None:
+        async def open_upstream() -> trio.abc.Stream:
+            return trio.SocketStream(trio.socket.from_stdlib_socket(server_side))
+
+        tcp = trio.SocketStream(trio.socket.from_stdlib_socket(viewer_side))
+        stream = trio.SSLStream(tcp, tls_pair_contexts[0], server_side=True)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.to_thread.run_sync, tls_viewer)
+            with trio.fail_after(TIMEOUT):
+                await proxy.handle(stream, Upstream(open_upstream, "test"), viewer_tls=True)
+
+    viewer.settimeout(TIMEOUT)
+    with caplog.at_level(logging.WARNING, logger="spicetap.proxy"):
+        trio.run(main)
+    ((direction, reason),) = errors
+    assert direction == "c2s" and reason.startswith("viewer broke the protocol: TLS: [SSL: ")
+    assert "viewer broke the protocol: TLS:" in caplog.text
+    for s in (viewer, server):
+        s.close()

@@ -163,6 +163,11 @@ VIEWERS: dict[str, tuple[Callable[[socket.socket, Wire], None], str, str, str]] 
 }
 
 
+# spice-server ends a session when another main channel authenticates: of the two viewers
+# that authenticate one, the second waits for the first to be done
+AFTER = {"message_cut": "huge_message"}
+
+
 # -- a server that breaks it towards viewers -----------------------------------------------
 def _reply_good(conn: socket.socket) -> None:
     """A link reply with a real RSA key, the ticket read, the result OK."""
@@ -245,7 +250,33 @@ def server_case(sock: socket.socket, wire: Wire, channel_id: int) -> None:
 
 
 # -- the test --------------------------------------------------------------------------------
-def test_hostile_peers_on_both_sides_cost_only_their_own_channels(tmp_path: Path) -> None:
+def _through_connect(front: int, target: int) -> Callable[[], socket.socket]:
+    """Opens a tunnel through the CONNECT front: the socket is then at its first byte."""
+
+    def open_tunnel() -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", front), timeout=10)
+        sock.sendall(f"CONNECT 127.0.0.1:{target} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head:  # the answer's head, and nothing after it
+            byte = sock.recv(1)
+            assert byte, f"CONNECT answered {head!r}"
+            head += byte
+        assert head.startswith(b"HTTP/1.1 200"), head
+        return sock
+
+    return open_tunnel
+
+
+def _direct(port: int) -> Callable[[], socket.socket]:
+    return lambda: socket.create_connection(("127.0.0.1", port), timeout=10)
+
+
+@pytest.mark.parametrize("front", ["reverse", "connect"])
+def test_hostile_peers_on_both_sides_cost_only_their_own_channels(
+    front: str, tmp_path: Path
+) -> None:
+    """Through reverse listeners (the threaded shell), and through the CONNECT front (the
+    trio shell)."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(32)
@@ -259,47 +290,70 @@ def test_hostile_peers_on_both_sides_cost_only_their_own_channels(tmp_path: Path
         # authenticates, as two of the hostile viewers do
         with peers(), QemuServer(guest="none") as srv, QemuServer(guest="none") as other:
             assert srv.port is not None and other.port is not None
+            bad = listener.getsockname()[1]
             config = tmp_path / "spicetap.toml"
             config.write_text(
                 f"[proxy]\nlink_timeout = {LINK_TIMEOUT}\n"
                 f'[targets.qemu]\nupstream = "127.0.0.1:{srv.port}"\nlisten = "127.0.0.1:0"\n'
                 f'[targets.victim]\nupstream = "127.0.0.1:{other.port}"\n'
                 'listen = "127.0.0.1:0"\n'
-                f'[targets.hostile]\nupstream = "127.0.0.1:{listener.getsockname()[1]}"\n'
-                'listen = "127.0.0.1:0"\n'
+                f'[targets.hostile]\nupstream = "127.0.0.1:{bad}"\nlisten = "127.0.0.1:0"\n'
+                '[connect]\nlisten = "127.0.0.1:0"\nallow = ["127.0.0.1:*"]\n'
             )
             rec = tmp_path / "rec"
             with ProxyProcess(0, rec, tmp_path / "proxy", extra=("--config", str(config))) as proxy:
-                good, hostile = proxy.ports["plain:qemu"], proxy.ports["plain:hostile"]
-                victim = proxy.ports["plain:victim"]
+                if front == "reverse":
+                    good = SpiceEndpoint(port=proxy.ports["plain:qemu"])
+                    to_victim, to_hostile = (
+                        _direct(proxy.ports["plain:victim"]),
+                        _direct(proxy.ports["plain:hostile"]),
+                    )
+                else:
+                    via = proxy.ports["connect"]
+                    good = SpiceEndpoint(port=srv.port, proxy=f"http://127.0.0.1:{via}")
+                    to_victim, to_hostile = (
+                        _through_connect(via, other.port),
+                        _through_connect(via, bad),
+                    )
 
-                def run(case: str, port: int, play: Callable[[socket.socket, Wire], None]) -> None:
+                done = {case: threading.Event() for case in VIEWERS}
+
+                def run(
+                    case: str,
+                    open_to: Callable[[], socket.socket],
+                    play: Callable[[socket.socket, Wire], None],
+                ) -> None:
                     wire = wires[case] = Wire()
+                    if case in AFTER:  # its main channel would end the other's session
+                        done[AFTER[case]].wait(LINK_TIMEOUT + 30)
                     try:
-                        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                        with open_to() as sock:
                             wire.port = sock.getsockname()[1]
                             play(sock, wire)
                     except Exception as exc:  # an assertion in a thread: report it
                         failures.append(f"{case}: {exc!r}")
+                    finally:
+                        if case in done:
+                            done[case].set()
 
                 threads = [
-                    threading.Thread(target=run, args=(case, victim, play))
+                    threading.Thread(target=run, args=(case, to_victim, play))
                     for case, (play, *_said) in VIEWERS.items()
                 ] + [
                     threading.Thread(
                         target=run,
-                        args=(case, hostile, lambda s, w, i=cid: server_case(s, w, i)),
+                        args=(case, to_hostile, lambda s, w, i=cid: server_case(s, w, i)),
                     )
                     for cid, (case, *_said) in SERVER_CASES.items()
                 ]
                 for thread in threads:
                     thread.start()
-                during = spicy_screenshot(SpiceEndpoint(port=good), tmp_path / "during.ppm")
+                during = spicy_screenshot(good, tmp_path / "during.ppm")
                 for thread in threads:
                     thread.join(LINK_TIMEOUT + 40)
                 assert not [t for t in threads if t.is_alive()]
                 assert proxy.proc.poll() is None
-                after = spicy_screenshot(SpiceEndpoint(port=good), tmp_path / "after.ppm")
+                after = spicy_screenshot(good, tmp_path / "after.ppm")
                 assert during.stat().st_size > 1000 and after.stat().st_size > 1000
                 log = proxy.log()
     finally:
@@ -317,6 +371,9 @@ def test_hostile_peers_on_both_sides_cost_only_their_own_channels(tmp_path: Path
     for case, (side, logged, says) in expected.items():
         wire = wires[case]
         opened = by_client.get(f"127.0.0.1:{wire.port}")
+        if front == "connect" and case == "bad_magic":  # the front closes such a tunnel
+            assert opened is None and "carries neither TLS nor SPICE (starts b'GET / HT')" in log
+            continue
         assert opened is not None, f"{case}: no archive record of its connection"
         mine = [r for r in records if r.connection == opened.connection]
         said = [

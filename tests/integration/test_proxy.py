@@ -92,6 +92,20 @@ def test_connections_that_never_link_share_one_archive(tmp_path: Path) -> None:
     assert "unknown" not in {r.channel for r in iter_records(session, [])}
 
 
+def _hold(proxy: ProxyProcess, count: int) -> list[socket.socket]:
+    """`count` connections that never link, once the proxy counts them open."""
+    from tests.integration.test_probe import metrics
+
+    held = [socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+            for _ in range(count)]  # fmt: skip
+    wait_until(
+        lambda: metrics(proxy)["spicetap_connections_open"] == count,
+        timeout=10,
+        what=f"{count} connections held",
+    )
+    return held
+
+
 def test_past_max_connections_new_ones_are_closed_at_once(tmp_path: Path) -> None:
     """Eleven connections held in the link stage fill --max-connections 11 (a session's
     worth): one more is closed at once (not after the link timeout), said in the log and
@@ -102,13 +116,7 @@ def test_past_max_connections_new_ones_are_closed_at_once(tmp_path: Path) -> Non
         assert srv.port is not None
         extra = ("--max-connections", "11", "--management", "127.0.0.1:0")
         with ProxyProcess(srv.port, tmp_path / "rec", tmp_path / "proxy", extra=extra) as proxy:
-            held = [socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
-                    for _ in range(11)]  # fmt: skip
-            wait_until(
-                lambda: metrics(proxy)["spicetap_connections_open"] == 11,
-                timeout=10,
-                what="eleven connections held",
-            )
+            held = _hold(proxy, 11)
             started = time.monotonic()
             with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as one_more:
                 one_more.settimeout(5)
@@ -175,13 +183,7 @@ def test_near_the_cap_new_sessions_are_refused_and_running_ones_still_link(
         assert srv.port is not None
         extra = ("--max-connections", "9", "--management", "127.0.0.1:0", "--link-timeout", "60")
         with ProxyProcess(srv.port, tmp_path / "rec", tmp_path / "proxy", extra=extra) as proxy:
-            held = [socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
-                    for _ in range(7)]  # fmt: skip
-            wait_until(
-                lambda: metrics(proxy)["spicetap_connections_open"] == 7,
-                timeout=10,
-                what="seven connections held",
-            )
+            held = _hold(proxy, 7)
             main, header = _link(proxy.port, 1, 0)
             assert header[:4] == b"REDQ"
             _authenticate(main, header)

@@ -262,21 +262,31 @@ class Collecting:
         pass
 
 
-def test_bytes_the_viewer_never_got_are_neither_counted_nor_recorded() -> None:
-    """In the link stage the relay forwards through commands. When the viewer has gone,
-    the server's answer is not delivered: it must not count as relayed either, so the
-    counters and the archive agree (a flaky SASL test found them 38 bytes apart)."""
+def _recorded_channel(viewer_end: type[PlainEnd]) -> tuple[
+    Collecting, ChannelRelay, ThreadedChannel, socket.socket, socket.socket,
+    tuple[PlainEnd, PlainEnd], list[threading.Thread],
+]:  # fmt: skip
+    """A ThreadedChannel recording through ChannelProxy's effects into a Collecting, its
+    viewer end of the given kind, both pumps started."""
     recorder = Collecting()
     proxy = ChannelProxy(Limits(), cast(Any, recorder))
     relay = ChannelRelay(Limits(), 0.0)
     stats = ChannelStats(0, ("127.0.0.1", 1), "test", 0.0, relay)
     viewer, viewer_side = socket.socketpair()
     server, server_side = socket.socketpair()
-    ends = (GoneEnd(viewer_side), PlainEnd(server_side))
+    ends = (viewer_end(viewer_side), PlainEnd(server_side))
     channel = ThreadedChannel(0, relay, *ends, partial(proxy._effect, stats), lambda c: [])
     threads = [threading.Thread(target=channel.pump, args=(d,)) for d in ("c2s", "s2c")]
     for t in threads:
         t.start()
+    return recorder, relay, channel, viewer, server, ends, threads
+
+
+def test_bytes_the_viewer_never_got_are_neither_counted_nor_recorded() -> None:
+    """In the link stage the relay forwards through commands. When the viewer has gone,
+    the server's answer is not delivered: it must not count as relayed either, so the
+    counters and the archive agree (a flaky SASL test found them 38 bytes apart)."""
+    recorder, relay, channel, viewer, server, ends, threads = _recorded_channel(GoneEnd)
     bits = caps_word(1, 3)
     viewer.sendall(link_mess(bits))
     assert recv_exactly(server, len(link_mess(bits))) == link_mess(bits)
@@ -310,18 +320,8 @@ def test_the_part_of_a_chunk_that_crossed_before_a_break_is_counted_and_recorded
     """A send cut short still delivered its first bytes: they are in the archive and the
     counters, the rest in neither. In the link stage (the Forward command's path) and
     once linked (the pump forwards first)."""
-    recorder = Collecting()
-    proxy = ChannelProxy(Limits(), cast(Any, recorder))
-    relay = ChannelRelay(Limits(), 0.0)
-    stats = ChannelStats(0, ("127.0.0.1", 1), "test", 0.0, relay)
-    viewer, viewer_side = socket.socketpair()
-    server, server_side = socket.socketpair()
-    ends = (CutEnd(viewer_side), PlainEnd(server_side))
     CutEnd.take = 10**9  # whole sends until the test says otherwise
-    channel = ThreadedChannel(0, relay, *ends, partial(proxy._effect, stats), lambda c: [])
-    threads = [threading.Thread(target=channel.pump, args=(d,)) for d in ("c2s", "s2c")]
-    for t in threads:
-        t.start()
+    recorder, relay, channel, viewer, server, ends, threads = _recorded_channel(CutEnd)
     bits = caps_word(1, 3)
     viewer.sendall(link_mess(bits))
     assert recv_exactly(server, len(link_mess(bits))) == link_mess(bits)

@@ -28,7 +28,7 @@ from proxy.io.recording import Recorder
 from proxy.io.server import ChannelProxy, ProxyState, Upstream, serve_tcp
 from proxy.io.static import SPICE_HTML5_DIR
 from proxy.io.websocket import serve_websocket
-from proxy.linksetup import add_link_options, link_policy_from, target_policy
+from proxy.linksetup import add_link_options, link_policy_from, secret_line, target_policy
 from proxy.recorder import BACKLOG_POLICIES, LOG_FORMAT, RecordingOptions
 from proxy.targets import ConnectRouter, Target, check_upstream_tls, host_port
 from proxy.tls import (
@@ -505,7 +505,7 @@ def _management(args: argparse.Namespace, cp: ProxySection) -> ManagementOptions
     token = None
     if token_file is not None:
         where = _named(args, "management_token_file", "proxy", "management_token_file")
-        token = _api_token(Path(token_file), where)
+        token = _api_token(token_file, where)
     elif not _is_loopback(listen[0]):
         logging.getLogger("spicetap.management").warning(
             "the management API on %s has no token: whoever reaches it may list sessions "
@@ -530,13 +530,9 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def _api_token(path: Path, where: str) -> bytes:
+def _api_token(path: str, where: str) -> bytes:
     """The management API's bearer token: the file's first line."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{where} {path}: cannot read ({type(exc).__name__})") from None
-    token = lines[0].strip() if lines else ""
+    token = secret_line(path, where).strip()
     problem = token_problem(token)
     if problem is not None:  # never the token itself: it may be a secret in the wrong file
         raise UserError(f"{where} {path}: {problem}")

@@ -45,14 +45,20 @@ def add_link_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--server-password-file", help="inject: the server's real password")
 
 
+def secret_line(file: str, what: str) -> str:
+    """A secret's file: its first line ("" for an empty file). The error names the file,
+    never what is in it."""
+    try:
+        text = Path(file).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{what} {file}: cannot read ({type(exc).__name__})") from None
+    return text[0] if text else ""
+
+
 def _secret(value: str | None, file: str | None, what: str) -> bytes | None:
     """A password from the config (value) or from a file (first line); None when absent."""
     if file is not None:
-        try:
-            text = Path(file).read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise UserError(f"{what} file {file}: cannot read ({type(exc).__name__})") from None
-        value = text[0] if text else ""
+        value = secret_line(file, f"{what} file")
     if value is None:
         return None
     secret = value.encode()

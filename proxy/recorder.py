@@ -200,11 +200,11 @@ class RecorderWorker:
             try:
                 for rec in self.builder.closed(conn, now, status):
                     self._write(rec)
-            except OSError:
-                log.exception("recording the end of connection %d failed", conn)
+            except OSError as exc:  # the disk's doing, said in one line
+                log.error("recording the end of connection %d failed: %s", conn, exc)
         for session in self.sessions.values():
             try:
                 session.writer.close(status)
-            except OSError:
-                log.exception("closing an archive failed")
+            except OSError as exc:
+                log.error("closing an archive failed: %s", exc)
         self.sessions.clear()

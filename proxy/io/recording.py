@@ -414,7 +414,10 @@ def serve(sock: socket.socket, ring: ByteRing) -> int:
             proxy_gone = not _wait(sock, ring)
     except Exception as exc:  # a disk error must not go unsaid
         status = "recording failed"
-        log.exception("recording failed")
+        if isinstance(exc, OSError):  # the disk's doing (it names the archive): one line
+            log.error("recording failed: %s", exc)
+        else:  # a bug: its traceback
+            log.exception("recording failed")
         with contextlib.suppress(OSError):
             report(("failed", f"{type(exc).__name__}: {exc}"))
     if worker is not None:

@@ -172,14 +172,17 @@ class ArchiveWriter:
         data: bytes | bytearray = self._buf  # written as it is: no copy of the buffer
         if self.compressor is not None:
             data = self.compressor.compress(data)  # one whole zstd frame per flush
-        with memoryview(data) as whole:  # released before the buffer is cleared below
-            view = whole
-            while view:
-                written = os.write(self._fd, view)
-                view = view[written:]
-            view.release()
-        if self.policy.fsync:
-            os.fsync(self._fd)
+        try:
+            with memoryview(data) as whole:  # released before the buffer is cleared below
+                view = whole
+                while view:
+                    written = os.write(self._fd, view)
+                    view = view[written:]
+                view.release()
+            if self.policy.fsync:
+                os.fsync(self._fd)
+        except OSError as exc:  # a full disk, a quota: the error says which archive
+            raise OSError(exc.errno, exc.strerror, str(self.paths[-1])) from exc
         self.part_bytes += len(data)
         if self.policy.release_cache:
             self._release_cache()

@@ -403,3 +403,27 @@ def test_large_raw_bytes_read_back_whatever_the_flushes(
         up.feed(path.read_bytes())
         for payload, _chain in up:
             assert msgpack.packb(msgpack.unpackb(payload), use_bin_type=True) == payload
+
+
+def test_a_write_that_fails_names_the_archive(tmp_path: Path, monkeypatch: Any) -> None:
+    """A full disk: the error says which archive, and what was written before verifies
+    as a truncated archive, every record before the cut intact."""
+    import errno
+
+    path = tmp_path / "a.spta"
+    w = ArchiveWriter(path, {"session": {}}, signing_key=KEY, flush=FlushPolicy(interval=0))
+    for i in range(10):
+        w.write(record(i))
+
+    def full(fd: int, data: Any) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(OSError) as failed:
+        w.write(record(10))
+    assert failed.value.errno == errno.ENOSPC and failed.value.filename == str(path)
+    assert str(path) in str(failed.value)
+    monkeypatch.undo()
+    w.abandon()
+    verdict = verify(path)
+    assert verdict.status == "truncated" and verdict.records == 11  # the header and ten

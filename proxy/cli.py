@@ -312,7 +312,13 @@ def cmd_proxy(args: argparse.Namespace) -> int:
             key = load_or_create_signing_key()
         except (OSError, ValueError) as exc:
             raise UserError(f"signing key: {exc}") from None
-        recorder = Recorder(options, meta, key)
+        try:
+            recorder = Recorder(options, meta, key)
+        except OSError as exc:  # e.g. a file size limit (ulimit -f) smaller than the ring
+            raise UserError(
+                f"recording: cannot make its {options.max_backlog >> 20} MiB backlog ring "
+                f"in shared memory (--max-backlog): {exc.strerror or exc}"
+            ) from None
         recorder.start()
     # A pump thread waiting for the GIL held by the recorder gets it after this long (the
     # default 5 ms would be each forwarded message's worst case): see proxy/io/pumps.py.

@@ -321,3 +321,28 @@ def test_https_for_the_api_from_the_config_file(
     assert main(["proxy", "--config", str(path)]) == 2
     needs = "[proxy] management_tls needs --management (or [proxy] management)"
     assert capsys.readouterr().err == f"spicetap: error: {path}: {needs}\n"
+
+
+def test_a_file_size_limit_below_the_backlog_ring_is_a_one_line_error(tmp_path: Path) -> None:
+    """`ulimit -f` (or a service's LimitFSIZE) smaller than the recording ring: the proxy
+    says what it could not make and which option sizes it, instead of "File too large"."""
+    import os
+    import resource
+    import subprocess
+    import sys
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    env = {**os.environ, "SPICETAP_CONFIG_DIR": str(tmp_path)}
+    argv = ["proxy", "--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:1"]
+    done = subprocess.run(
+        [sys.executable, "-m", "spicetap", *argv, "--record", str(tmp_path / "rec")],
+        env=env, capture_output=True, text=True, timeout=60, preexec_fn=limit, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[-1] == (
+        "spicetap: error: recording: cannot make its 512 MiB backlog ring in shared memory "
+        "(--max-backlog): File too large"
+    )
+    assert "Traceback" not in done.stderr

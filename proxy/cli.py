@@ -10,6 +10,7 @@ import signal
 import ssl
 import sys
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,8 @@ from proxy.io.connect import ConnectFront, serve_connect
 from proxy.io.guard import raise_open_files_limit
 from proxy.io.management import ManagementOptions, serve_management
 from proxy.io.migration import MigrationListeners
-from proxy.io.recording import Recorder
+from proxy.io.recording import Recorder, RecordingSink
+from proxy.io.resuming import ResumingRecorder
 from proxy.io.server import ChannelProxy, ProxyState, Upstream, serve_tcp
 from proxy.io.static import SPICE_HTML5_DIR
 from proxy.io.websocket import serve_websocket
@@ -313,7 +315,7 @@ def cmd_proxy(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as exc:
             raise UserError(f"signing key: {exc}") from None
         try:
-            recorder = Recorder(options, meta, key)
+            recorder = ResumingRecorder(partial(Recorder, options, meta, key), cr.resume_after)
         except OSError as exc:  # e.g. a file size limit (ulimit -f) smaller than the ring
             raise UserError(
                 f"recording: cannot make its {options.max_backlog >> 20} MiB backlog ring "
@@ -579,7 +581,7 @@ async def _serve(
     routes: list[Route],
     connect: tuple[tuple[str, int], ConnectFront] | None,
     limits: Limits,
-    recorder: Recorder | None,
+    recorder: RecordingSink | None,
     websocket: Route | None = None,
     link_policy: LinkPolicy | None = None,
     management: ManagementOptions | None = None,

@@ -107,6 +107,9 @@ class RecordingSection:
     backlog: str = "gap"  # or "close"
     max_backlog_mb: int = 512  # relayed bytes the proxy holds for a recording falling behind
     nice: int = 10  # the recording process's niceness: forwarding gets the CPU first
+    # seconds after a recording failure (a full disk) before new connections get a new
+    # recording process (proxy/io/resuming.py)
+    resume_after: float = 30.0
     privacy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
 
 

@@ -224,6 +224,10 @@ class ByteRing:
         self._counters[_WAITING] = int(waiting)
         self.fence()
 
+    @property
+    def buffer(self) -> bytearray | mmap:
+        return self._buffer
+
     def release(self) -> None:
         """Let go of the buffer (an mmap cannot close while views of it live)."""
         self._counters.release()

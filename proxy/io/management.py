@@ -51,7 +51,7 @@ from proxy.core.probe import to_json
 from proxy.core.throttle import LogThrottle
 from proxy.io.guard import guarded
 from proxy.io.probe import ProbeTarget, probe
-from proxy.io.recording import Recorder
+from proxy.io.recording import RecordingSink
 from proxy.io.server import ProxyState, peer_address
 from proxy.tls import client_context
 
@@ -87,7 +87,7 @@ class Reply:
 
 class ManagementApi:
     def __init__(
-        self, options: ManagementOptions, state: ProxyState, recorder: Recorder | None
+        self, options: ManagementOptions, state: ProxyState, recorder: RecordingSink | None
     ) -> None:
         self.options = options
         self.state = state
@@ -328,7 +328,7 @@ def _rss_bytes() -> int | None:
 async def serve_management(
     options: ManagementOptions,
     state: ProxyState,
-    recorder: Recorder | None,
+    recorder: RecordingSink | None,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Listen on options.listen and answer API requests until cancelled."""

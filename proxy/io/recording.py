@@ -34,7 +34,7 @@ import threading
 import time
 from collections import defaultdict, deque
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -69,6 +69,48 @@ STOP_TIMEOUT = 60.0  # seconds the recording process gets to drain and sign on s
 # dear in a VM: measured, the first 1 GiB burst cost the process 880k page faults per GB.
 MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=4194304:glibc.malloc.trim_threshold=67108864"
 _STOP = ("stop", 0, 0.0)
+
+
+class RecordingSink(Protocol):
+    """What the proxy's shells and API use of a recorder: a Recorder, or a
+    ResumingRecorder (proxy/io/resuming.py) that starts new ones after failures."""
+
+    @property
+    def failed(self) -> str | None: ...
+    @property
+    def archives(self) -> list[Path]: ...
+    @property
+    def conn_session(self) -> dict[int, Any]: ...
+    @property
+    def backlog_items(self) -> int: ...
+    @property
+    def backlog_bytes(self) -> int: ...
+    @property
+    def lost_total(self) -> int: ...
+
+    def opened(
+        self,
+        conn: int,
+        t: float,
+        client: tuple[str, int],
+        server: tuple[str, int],
+        tls: dict[str, bool] | None = None,
+        route: dict[str, Any] | None = None,
+        via: tuple[str, int] | None = None,
+    ) -> None: ...
+    def data(self, conn: int, t: float, direction: str, data: bytes) -> bool: ...
+    def event(
+        self,
+        conn: int,
+        t: float,
+        direction: str,
+        kind: str,
+        name: str,
+        fields: dict[str, Any],
+        raw: bytes = b"",
+    ) -> None: ...
+    def error(self, conn: int, t: float, direction: str, reason: str) -> None: ...
+    def closed(self, conn: int, t: float, reason: str) -> None: ...
 
 
 class Recorder:
@@ -108,6 +150,7 @@ class Recorder:
         self.archives: list[Path] = []
         self.conn_session: dict[int, Any] = {}  # connection -> session, as recording learnt it
         self.failed: str | None = None  # recording stopped (logged); forwarding goes on
+        self.failed_at: float | None = None  # when (monotonic)
         self.process: subprocess.Popen[bytes] | None = None
         self._sock: socket.socket | None = None
         self._started = False  # until then items wait in spill, behind the config item
@@ -253,6 +296,15 @@ class Recorder:
             process.wait()
         sock.close()
 
+    def release_ring(self) -> None:
+        """After a failure and stop(): give the ring's memory back. Nothing touches the ring
+        of a failed recorder (data() and _put() stop first), so its views can go."""
+        assert self.failed is not None
+        memory = self.ring.buffer
+        self.ring.release()
+        if isinstance(memory, mmap.mmap):
+            memory.close()
+
     def _put(self, item: tuple[Any, ...]) -> None:
         if self.failed is not None:  # after a failure nothing more is recorded
             return
@@ -288,6 +340,7 @@ class Recorder:
 
     def _fail(self, reason: str) -> None:
         if self.failed is None:
+            self.failed_at = time.monotonic()
             self.failed = reason
             log.error("recording stopped: %s; forwarding goes on without it", reason)
         with self._lock:

@@ -40,7 +40,7 @@ from proxy.core.relay import (
 from proxy.io.ends import End, PlainEnd, tls_end, tls_error_text
 from proxy.io.guard import guarded
 from proxy.io.pumps import ThreadedChannel
-from proxy.io.recording import Recorder
+from proxy.io.recording import RecordingSink
 from proxy.io.streams import PeerProtocolError, Sent, send_counted
 from proxy.tls import check_subject
 
@@ -136,7 +136,7 @@ class ChannelProxy:
     def __init__(
         self,
         limits: Limits,
-        recorder: Recorder | None,
+        recorder: RecordingSink | None,
         state: ProxyState | None = None,
         link_policy: LinkPolicy | None = None,
     ) -> None:

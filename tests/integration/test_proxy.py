@@ -376,33 +376,45 @@ def test_close_policy_refuses_viewers_once_recording_is_gone(tmp_path: Path) -> 
     assert not (tmp_path / "after.ppm").exists()
 
 
-def test_a_full_disk_stops_recording_loudly_and_forwarding_goes_on(tmp_path: Path) -> None:
+def test_a_full_disk_stops_recording_loudly_then_recording_resumes(tmp_path: Path) -> None:
     """The recording process can write 64 KiB per file and no more (RLIMIT_FSIZE: its
     writes then fail as on a full disk). The first session's archive stops there: it
     verifies as truncated, every record before the cut intact. Recording stops, said in
-    one line naming the archive, and viewers go on being served (policy gap)."""
+    one line naming the archive, and viewers go on being served (policy gap). A second
+    after that ([recording] resume_after), the next viewer gets a new recording process,
+    free of the limit, and a whole signed archive."""
     import resource
 
+    config = tmp_path / "spicetap.toml"
+    config.write_text("[recording]\nresume_after = 1.0\n")
     with peers(), QemuServer(guest="none") as srv:
         assert srv.port is not None
-        with ProxyProcess(srv.port, tmp_path / "rec", tmp_path / "proxy") as proxy:
+        extra = ("--config", str(config))
+        with ProxyProcess(srv.port, tmp_path / "rec", tmp_path / "proxy", extra=extra) as proxy:
             (recording,) = proxy.children()  # the recording process our proxy started
             resource.prlimit(recording, resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
-            for i in range(2):
-                shot = spicy_screenshot(SpiceEndpoint(port=proxy.port), tmp_path / f"{i}.ppm")
-                assert shot.stat().st_size > 1000
+            shot = spicy_screenshot(SpiceEndpoint(port=proxy.port), tmp_path / "0.ppm")
+            assert shot.stat().st_size > 1000
             wait_until(
                 lambda: "forwarding goes on without it" in proxy.log(),
                 timeout=10,
                 what="the proxy saying recording stopped",
             )
+            (cut,) = proxy.archives()
+            time.sleep(1.5)  # past resume_after
+            shot = spicy_screenshot(SpiceEndpoint(port=proxy.port), tmp_path / "1.ppm")
+            assert shot.stat().st_size > 1000
             assert proxy.proc.poll() is None
-    (archive,) = proxy.archives()
+            assert recording not in proxy.children()  # the failed one was reaped
     log = proxy.log()
-    assert f"recording failed: [Errno 27] File too large: '{archive}'" in log
+    assert f"recording failed: [Errno 27] File too large: '{cut}'" in log
+    assert "recording resumed for new connections, in a new process" in log
     assert "Traceback" not in log
-    verdict = verify(archive)
+    verdict = verify(cut)
     assert verdict.status == "truncated" and verdict.records > 0, verdict
+    (whole,) = [a for a in proxy.archives() if a != cut]
+    assert verify(whole).status == "intact"
+    assert {r.channel for r in iter_records(whole, [])} >= {"main", "display"}
 
 
 def test_hostile_upstream_closes_only_that_channel(tmp_path: Path) -> None:

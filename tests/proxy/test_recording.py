@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from dissectors.api import encode
 from proxy.core import recwire
 from proxy.core.framing import DEFAULT_MAX_MESSAGE
-from proxy.io.recording import MIN_RING, Recorder
+from proxy.io.recording import MIN_RING, Recorder, RecordingSink
 from proxy.recorder import UNLINKED, RecorderWorker, RecordingOptions
 from spicetap.archive.reader import ArchiveReader
 from spicetap.archive.verify import verify
@@ -44,7 +44,7 @@ def init(session_id: int = SESSION_ID) -> bytes:
     return mini(MSG_MAIN_INIT, encode(MAIN, "s2c", MSG_MAIN_INIT, fields))
 
 
-def main_channel(rec: Recorder, conn: int = 0, pings: int = 3) -> None:
+def main_channel(rec: RecordingSink, conn: int = 0, pings: int = 3) -> None:
     """A main channel as the pumps report it: link stage, INIT, a few unknown-to-us bytes."""
     rec.opened(conn, 0.0, ("127.0.0.1", 40000 + conn), ("127.0.0.1", 5900))
     bits = caps_word(1, 3)
@@ -510,3 +510,44 @@ def test_what_waits_for_a_session_is_written_when_the_proxy_vanishes(tmp_path: P
     assert [(r["kind"], r["name"]) for r in by_conn[2]] == [
         ("open", None), ("link", "header"), ("close", "proxy vanished")
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize("policy", ["gap", "close"])
+def test_recording_resumes_for_connections_opened_after_a_failure(
+    tmp_path: Path, policy: str
+) -> None:
+    """The recording process dies; a connection opened before retry_after is answered by
+    the policy, as before; one opened after it gets a new recording process and a whole
+    signed archive, while the connection that began on the dead one stays unrecorded."""
+    from proxy.io.resuming import ResumingRecorder
+
+    options = RecordingOptions(tmp_path, backlog=policy)
+    clock = [0.0]
+    rec = ResumingRecorder(lambda: Recorder(options, {}, None), 30.0, lambda: clock[0])
+    rec.start()
+    first = rec.current
+    assert first.process is not None
+    main_channel(rec, conn=0)
+    wait_for(lambda: rec.archives)
+    os.kill(first.process.pid, signal.SIGKILL)  # our own child, by its PID
+    wait_for(lambda: rec.failed is not None)
+    assert first.failed_at is not None
+    clock[0] = first.failed_at + 10.0  # too soon: no new process yet
+    rec.opened(1, 1.0, ("127.0.0.1", 40001), ("127.0.0.1", 5900))
+    assert rec.current is first and rec.resumed == 0
+    assert rec.data(1, 1.1, "c2s", b"x") == (policy == "gap")
+    clock[0] = first.failed_at + 31.0
+    main_channel(rec, conn=2, pings=2)
+    assert rec.current is not first and rec.resumed == 1 and rec.failed is None
+    assert rec.data(0, 5.0, "s2c", b"y") == (policy == "gap")  # still the dead one's
+    wait_for(lambda: rec.conn_session.get(2) == SESSION_ID)
+    for conn in (0, 1, 2):
+        rec.closed(conn, 9.0, "viewer closed")
+    rec.stop()
+    assert first.process.returncode is not None  # reaped in the background
+    resumed = [a for a in rec.archives if a not in first.archives]
+    (archive,) = resumed
+    assert verify(archive).status == "intact"
+    records = list(iter_records(archive, []))
+    assert {r.connection for r in records} == {2}  # nothing of the dead recorder's
+    assert [r for r in records if r.name == "init"]

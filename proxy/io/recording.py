@@ -99,6 +99,7 @@ class RecordingSink(Protocol):
         via: tuple[str, int] | None = None,
     ) -> None: ...
     def data(self, conn: int, t: float, direction: str, data: bytes) -> bool: ...
+    def refusal(self, conn: int) -> str: ...
     def event(
         self,
         conn: int,
@@ -253,6 +254,10 @@ class Recorder:
                 self.options.backlog,
             )
         return self.options.backlog != "close"
+
+    def refusal(self, conn: int) -> str:
+        """Why data() said False (the policy is to close)."""
+        return "recording failed" if self.failed is not None else "recording backlog"
 
     def event(
         self,

@@ -100,6 +100,9 @@ class ResumingRecorder:
         # a recorder that failed answers by the policy itself, without its ring
         return self._of(conn).data(conn, t, direction, data)
 
+    def refusal(self, conn: int) -> str:
+        return self._of(conn).refusal(conn)
+
     def event(
         self,
         conn: int,

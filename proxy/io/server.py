@@ -406,8 +406,7 @@ class ChannelProxy:
         if isinstance(cmd, RecordData):
             stats.relay.crossed(cmd)
             if rec is not None and not rec.data(conn, cmd.time, cmd.direction, cmd.data):
-                why = "recording failed" if rec.failed is not None else "recording backlog"
-                return f"{why}: session dropped by policy"
+                return f"{rec.refusal(conn)}: session dropped by policy"
         elif isinstance(cmd, RecordEvent):
             if rec is not None:
                 rec.event(conn, cmd.time, cmd.direction, cmd.kind, cmd.name, cmd.fields, cmd.raw)

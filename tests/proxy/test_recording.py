@@ -540,6 +540,7 @@ def test_recording_resumes_for_connections_opened_after_a_failure(
     main_channel(rec, conn=2, pings=2)
     assert rec.current is not first and rec.resumed == 1 and rec.failed is None
     assert rec.data(0, 5.0, "s2c", b"y") == (policy == "gap")  # still the dead one's
+    assert rec.refusal(0) == "recording failed" and rec.refusal(2) == "recording backlog"
     wait_for(lambda: rec.conn_session.get(2) == SESSION_ID)
     for conn in (0, 1, 2):
         rec.closed(conn, 9.0, "viewer closed")

@@ -218,6 +218,7 @@ class RecorderView:
     backlog_bytes: int  # relayed bytes among them (bounded by max_backlog)
     lost_bytes: int  # bytes not recorded because the worker fell behind
     failed: bool
+    resumed: int = 0  # recording processes started again after a failure
 
 
 def channel_name(channel_type: int | None) -> str | None:
@@ -427,6 +428,12 @@ def metrics_text(
         m.sample("spicetap_recorder_lost_bytes_total", recorder.lost_bytes)
         m.family("spicetap_recorder_failed", "gauge", "1 when recording stopped on an error.")
         m.sample("spicetap_recorder_failed", int(recorder.failed))
+        m.family(
+            "spicetap_recorder_resumed_total",
+            "counter",
+            "Recording processes started again after one failed (a full disk, a crash).",
+        )
+        m.sample("spicetap_recorder_resumed_total", recorder.resumed)
     if rss_bytes is not None:
         m.family("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.")
         m.sample("process_resident_memory_bytes", rss_bytes)

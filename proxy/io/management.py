@@ -144,7 +144,11 @@ class ManagementApi:
         if rec is None:
             return None
         return RecorderView(
-            rec.backlog_items, rec.backlog_bytes, rec.lost_total, rec.failed is not None
+            rec.backlog_items,
+            rec.backlog_bytes,
+            rec.lost_total,
+            rec.failed is not None,
+            rec.resumed,
         )
 
     # -- requests --------------------------------------------------------------------------

@@ -87,6 +87,8 @@ class RecordingSink(Protocol):
     def backlog_bytes(self) -> int: ...
     @property
     def lost_total(self) -> int: ...
+    @property
+    def resumed(self) -> int: ...
 
     def opened(
         self,
@@ -115,6 +117,8 @@ class RecordingSink(Protocol):
 
 
 class Recorder:
+    resumed = 0  # a Recorder never starts again (proxy/io/resuming.py does)
+
     def __init__(
         self,
         options: RecordingOptions,

@@ -385,11 +385,13 @@ def test_a_full_disk_stops_recording_loudly_then_recording_resumes(tmp_path: Pat
     free of the limit, and a whole signed archive."""
     import resource
 
+    from tests.integration.test_probe import metrics
+
     config = tmp_path / "spicetap.toml"
     config.write_text("[recording]\nresume_after = 1.0\n")
     with peers(), QemuServer(guest="none") as srv:
         assert srv.port is not None
-        extra = ("--config", str(config))
+        extra = ("--config", str(config), "--management", "127.0.0.1:0")
         with ProxyProcess(srv.port, tmp_path / "rec", tmp_path / "proxy", extra=extra) as proxy:
             (recording,) = proxy.children()  # the recording process our proxy started
             resource.prlimit(recording, resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
@@ -406,6 +408,9 @@ def test_a_full_disk_stops_recording_loudly_then_recording_resumes(tmp_path: Pat
             assert shot.stat().st_size > 1000
             assert proxy.proc.poll() is None
             assert recording not in proxy.children()  # the failed one was reaped
+            counts = metrics(proxy)
+            assert counts["spicetap_recorder_resumed_total"] == 1
+            assert counts["spicetap_recorder_failed"] == 0
     log = proxy.log()
     assert f"recording failed: [Errno 27] File too large: '{cut}'" in log
     assert "recording resumed for new connections, in a new process" in log

@@ -222,7 +222,7 @@ def parse_metrics(text: str) -> dict[str, float]:
 
 def test_metrics_text() -> None:
     channels = [view(0, MAIN, 0, 0.0), view(1, DISPLAY, 5, 1.0), view(2, None, None, 2.0)]
-    text = metrics_text(channels, TOTALS, RecorderView(3, 1234, 4096, False), 50_000_000)
+    text = metrics_text(channels, TOTALS, RecorderView(3, 1234, 4096, False, 2), 50_000_000)
     m = parse_metrics(text)
     assert m["spicetap_channels_open"] == 2
     assert m["spicetap_channels_total"] == 7
@@ -238,6 +238,7 @@ def test_metrics_text() -> None:
     assert m["spicetap_recorder_backlog_bytes"] == 1234
     assert m["spicetap_recorder_lost_bytes_total"] == 4096
     assert m["spicetap_recorder_failed"] == 0
+    assert m["spicetap_recorder_resumed_total"] == 2
     assert m["process_resident_memory_bytes"] == 50_000_000
 
 

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 
@@ -46,6 +46,18 @@ DISPLAY = 2
 HUGE = 0xFFFFFFFF
 
 
+class Conn(Protocol):
+    """What the cases use of a connection: a socket, or a WebSocket client (WsClient)."""
+
+    def sendall(self, data: bytes, /) -> None: ...
+    def recv(self, size: int, /) -> bytes: ...
+    def settimeout(self, seconds: float | None, /) -> None: ...
+    def shutdown(self, how: int, /) -> None: ...
+    def getsockname(self) -> Any: ...
+    def __enter__(self) -> Any: ...
+    def __exit__(self, *exc: object) -> None: ...
+
+
 @dataclass
 class Wire:
     """What one test socket sent and received, byte for byte."""
@@ -55,7 +67,7 @@ class Wire:
     port: int = 0  # its local port: the archive's "client" names it
 
 
-def _recv_some(sock: socket.socket, wire: Wire, want: int, timeout: float = 10.0) -> bytes:
+def _recv_some(sock: Conn, wire: Wire, want: int, timeout: float = 10.0) -> bytes:
     """Up to `want` more bytes (fewer at end of stream or reset), within `timeout`."""
     got = b""
     deadline = time.monotonic() + timeout
@@ -72,14 +84,14 @@ def _recv_some(sock: socket.socket, wire: Wire, want: int, timeout: float = 10.0
     return got
 
 
-def _drain(sock: socket.socket, wire: Wire, timeout: float = 10.0) -> None:
+def _drain(sock: Conn, wire: Wire, timeout: float = 10.0) -> None:
     """Read until the other side closes (bounded)."""
     for _ in range(1000):
         if not _recv_some(sock, wire, 65536, timeout):
             return
 
 
-def _send(sock: socket.socket, wire: Wire, data: bytes) -> None:
+def _send(sock: Conn, wire: Wire, data: bytes) -> None:
     sock.sendall(data)
     wire.sent += data
 
@@ -89,7 +101,7 @@ def _link_header(size: int) -> bytes:
 
 
 # -- viewers that break the protocol towards QEMU --------------------------------------------
-def _authenticate(sock: socket.socket, wire: Wire, channel_type: int, conn: int) -> None:
+def _authenticate(sock: Conn, wire: Wire, channel_type: int, conn: int) -> None:
     """A good link with the empty password (QEMU here disables ticketing)."""
     _send(sock, wire, link_mess(MINI, channel_type=channel_type, conn=conn))
     header = _recv_some(sock, wire, 16)
@@ -99,17 +111,17 @@ def _authenticate(sock: socket.socket, wire: Wire, channel_type: int, conn: int)
     assert _recv_some(sock, wire, 4) == b"\0\0\0\0"
 
 
-def bad_magic(sock: socket.socket, wire: Wire) -> None:
+def bad_magic(sock: Conn, wire: Wire) -> None:
     _send(sock, wire, b"GET / HTTP/1.1\r\nHost: spice\r\n\r\n")
     _drain(sock, wire)
 
 
-def huge_link_message(sock: socket.socket, wire: Wire) -> None:
+def huge_link_message(sock: Conn, wire: Wire) -> None:
     _send(sock, wire, _link_header(0x7FFFFFF0))
     _drain(sock, wire)
 
 
-def _hang_up(sock: socket.socket, wire: Wire) -> None:
+def _hang_up(sock: Conn, wire: Wire) -> None:
     """Stop sending (FIN) and read what still comes until the proxy closes. A close with
     unread data would reset the connection instead, and what the viewer sent just before
     may then never reach the proxy at all: this way every sent byte arrives."""
@@ -117,31 +129,31 @@ def _hang_up(sock: socket.socket, wire: Wire) -> None:
     _drain(sock, wire)
 
 
-def link_message_cut(sock: socket.socket, wire: Wire) -> None:
+def link_message_cut(sock: Conn, wire: Wire) -> None:
     _send(sock, wire, link_mess(MINI, channel_type=1, conn=0)[:23])
     _hang_up(sock, wire)
 
 
-def caps_past_the_end(sock: socket.socket, wire: Wire) -> None:
+def caps_past_the_end(sock: Conn, wire: Wire) -> None:
     body = struct.pack("<IBBIII", 0, 1, 0, 0xFFFF, 0xFFFF, 18) + bytes(4)
     _send(sock, wire, _link_header(len(body)) + body)
     _drain(sock, wire)
 
 
-def huge_message(sock: socket.socket, wire: Wire) -> None:
+def huge_message(sock: Conn, wire: Wire) -> None:
     _authenticate(sock, wire, 1, 0)
     _recv_some(sock, wire, 6, timeout=2)  # the start of MAIN INIT, or nothing yet
     _send(sock, wire, struct.pack("<HI", 101, HUGE))  # main: a 4 GiB client message
     _drain(sock, wire)
 
 
-def message_cut(sock: socket.socket, wire: Wire) -> None:
+def message_cut(sock: Conn, wire: Wire) -> None:
     _authenticate(sock, wire, 1, 0)
     _send(sock, wire, struct.pack("<HI", 101, 1000) + bytes(10))  # 990 bytes never come
     _hang_up(sock, wire)
 
 
-def stalled(sock: socket.socket, wire: Wire) -> None:
+def stalled(sock: Conn, wire: Wire) -> None:
     _send(sock, wire, MAGIC[:1])
     _drain(sock, wire, timeout=LINK_TIMEOUT + 10)  # the proxy cuts it at the link timeout
 
@@ -151,7 +163,7 @@ CUT = "inside a unit"  # the archive's words for a unit cut by the connection's 
 
 STALLED = f"link stage not finished after {LINK_TIMEOUT} s"
 
-VIEWERS: dict[str, tuple[Callable[[socket.socket, Wire], None], str, str, str]] = {
+VIEWERS: dict[str, tuple[Callable[[Conn, Wire], None], str, str, str]] = {
     # case: (viewer, side at fault, what the log says, what the archive's records say)
     "bad_magic": (bad_magic, "c2s", "bad link magic", "bad link magic"),
     "huge_link_message": (huge_link_message, "c2s", TOO_BIG, TOO_BIG),
@@ -237,7 +249,7 @@ def _misbehave(conn: socket.socket) -> None:
         time.sleep(1.0)  # let the proxy act first
 
 
-def server_case(sock: socket.socket, wire: Wire, channel_id: int) -> None:
+def server_case(sock: Conn, wire: Wire, channel_id: int) -> None:
     body = bytearray(link_mess(MINI, channel_type=DISPLAY, conn=0x1234))
     body[16 + 5] = channel_id
     _send(sock, wire, bytes(body))
@@ -250,7 +262,7 @@ def server_case(sock: socket.socket, wire: Wire, channel_id: int) -> None:
 
 
 # -- the test --------------------------------------------------------------------------------
-def _through_connect(front: int, target: int) -> Callable[[], socket.socket]:
+def _through_connect(front: int, target: int) -> Callable[[], Conn]:
     """Opens a tunnel through the CONNECT front: the socket is then at its first byte."""
 
     def open_tunnel() -> socket.socket:
@@ -267,16 +279,103 @@ def _through_connect(front: int, target: int) -> Callable[[], socket.socket]:
     return open_tunnel
 
 
-def _direct(port: int) -> Callable[[], socket.socket]:
+class WsClient:
+    """A browser's side of the WebSocket front, shaped like the socket the cases use:
+    sendall() sends one masked binary message, recv() gives the payload of whole messages
+    only (as a browser hands them to spice-html5), shutdown() closes the WebSocket."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.sock.sendall(
+            b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        )
+        self.raw = b""
+        while b"\r\n\r\n" not in self.raw:
+            chunk = self.sock.recv(4096)
+            assert chunk, self.raw
+            self.raw += chunk
+        head, _, self.raw = self.raw.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101 "), head
+        self.payload = b""  # of whole messages, not yet read
+        self.closed = False  # a close frame came, or the connection ended
+
+    def sendall(self, data: bytes) -> None:
+        self.sock.sendall(_client_frame(0x2, data))
+
+    def recv(self, size: int) -> bytes:
+        while not self.payload and not self.closed:
+            self._frames()
+            if self.payload or self.closed:
+                break
+            chunk = self.sock.recv(65536)  # a timeout raises, as a socket's would
+            if not chunk:
+                self.closed = True  # a message cut here never reached the application
+                break
+            self.raw += chunk
+        data, self.payload = self.payload[:size], self.payload[size:]
+        return data
+
+    def _frames(self) -> None:
+        """Whole server frames out of raw: unmasked, FIN set (the front sends no others)."""
+        while len(self.raw) >= 2 and not self.closed:
+            opcode, size, at = self.raw[0] & 0x0F, self.raw[1] & 0x7F, 2
+            if size >= 126:
+                width = 2 if size == 126 else 8
+                if len(self.raw) < 2 + width:
+                    return
+                size, at = int.from_bytes(self.raw[2 : 2 + width], "big"), 2 + width
+            if len(self.raw) < at + size:
+                return
+            body, self.raw = self.raw[at : at + size], self.raw[at + size :]
+            if opcode == 0x2:
+                self.payload += body
+            elif opcode == 0x8:
+                self.closed = True
+
+    def settimeout(self, seconds: float | None) -> None:
+        self.sock.settimeout(seconds)
+
+    def shutdown(self, how: int) -> None:
+        self.sock.sendall(_client_frame(0x8, (1000).to_bytes(2, "big")))  # a clean close
+
+    def getsockname(self) -> tuple[str, int]:
+        host, port = self.sock.getsockname()[:2]
+        return str(host), int(port)
+
+    def __enter__(self) -> WsClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+
+def _client_frame(opcode: int, payload: bytes) -> bytes:
+    """One masked frame (RFC 6455 5.2), FIN set, any length."""
+    mask = b"\x0f\x1e\x2d\x3c"
+    size = len(payload)
+    if size < 126:
+        head = bytes([0x80 | opcode, 0x80 | size])
+    elif size < 1 << 16:
+        head = bytes([0x80 | opcode, 0x80 | 126]) + size.to_bytes(2, "big")
+    else:
+        head = bytes([0x80 | opcode, 0x80 | 127]) + size.to_bytes(8, "big")
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return head + mask + masked
+
+
+def _direct(port: int) -> Callable[[], Conn]:
     return lambda: socket.create_connection(("127.0.0.1", port), timeout=10)
 
 
-@pytest.mark.parametrize("front", ["reverse", "connect"])
+@pytest.mark.parametrize("front", ["reverse", "connect", "websocket"])
 def test_hostile_peers_on_both_sides_cost_only_their_own_channels(
     front: str, tmp_path: Path
 ) -> None:
-    """Through reverse listeners (the threaded shell), and through the CONNECT front (the
-    trio shell)."""
+    """Through reverse listeners (the threaded shell), through the CONNECT front (the trio
+    shell), and the viewers through the WebSocket front (the trio shell with WebSocket
+    messages: what a browser would hand spice-html5 is what counts as received)."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(32)
@@ -294,6 +393,8 @@ def test_hostile_peers_on_both_sides_cost_only_their_own_channels(
             config = tmp_path / "spicetap.toml"
             config.write_text(
                 f"[proxy]\nlink_timeout = {LINK_TIMEOUT}\n"
+                f'upstream = "127.0.0.1:{other.port}"\nlisten = "127.0.0.1:0"\n'
+                'ws_listen = "127.0.0.1:0"\n'
                 f'[targets.qemu]\nupstream = "127.0.0.1:{srv.port}"\nlisten = "127.0.0.1:0"\n'
                 f'[targets.victim]\nupstream = "127.0.0.1:{other.port}"\n'
                 'listen = "127.0.0.1:0"\n'
@@ -308,20 +409,22 @@ def test_hostile_peers_on_both_sides_cost_only_their_own_channels(
                         _direct(proxy.ports["plain:victim"]),
                         _direct(proxy.ports["plain:hostile"]),
                     )
-                else:
+                elif front == "connect":
                     via = proxy.ports["connect"]
                     good = SpiceEndpoint(port=srv.port, proxy=f"http://127.0.0.1:{via}")
                     to_victim, to_hostile = (
                         _through_connect(via, other.port),
                         _through_connect(via, bad),
                     )
+                else:  # the front serves [proxy] upstream, the QEMU the viewers break
+                    good = SpiceEndpoint(port=proxy.ports["plain:qemu"])
+                    ws = proxy.ports["websocket"]
+                    to_victim, to_hostile = (lambda: WsClient(ws)), None
 
                 done = {case: threading.Event() for case in VIEWERS}
 
                 def run(
-                    case: str,
-                    open_to: Callable[[], socket.socket],
-                    play: Callable[[socket.socket, Wire], None],
+                    case: str, open_to: Callable[[], Conn], play: Callable[[Conn, Wire], None]
                 ) -> None:
                     wire = wires[case] = Wire()
                     if case in AFTER:  # its main channel would end the other's session
@@ -345,6 +448,7 @@ def test_hostile_peers_on_both_sides_cost_only_their_own_channels(
                         args=(case, to_hostile, lambda s, w, i=cid: server_case(s, w, i)),
                     )
                     for cid, (case, *_said) in SERVER_CASES.items()
+                    if to_hostile is not None  # the WebSocket front has one upstream
                 ]
                 for thread in threads:
                     thread.start()
@@ -367,7 +471,10 @@ def test_hostile_peers_on_both_sides_cost_only_their_own_channels(
     records = [r for a in archives for r in iter_records(a, [])]
     by_client = {(r.fields or {}).get("client"): r for r in records if r.kind == "open"}
     expected = {case: (side, logged, says) for case, (_p, side, logged, says) in VIEWERS.items()}
-    expected.update({case: ("s2c", logged, says) for case, logged, says in SERVER_CASES.values()})
+    if front != "websocket":
+        expected.update(
+            {case: ("s2c", logged, says) for case, logged, says in SERVER_CASES.values()}
+        )
     for case, (side, logged, says) in expected.items():
         wire = wires[case]
         opened = by_client.get(f"127.0.0.1:{wire.port}")

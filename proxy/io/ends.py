@@ -18,6 +18,7 @@ import ssl
 import struct
 import threading
 import time
+from typing import cast
 
 RECEIVE_SIZE = 256 * 1024
 
@@ -90,6 +91,7 @@ class TlsEnd(PlainEnd):
         # every raw byte from the peer: OpenSSL keeps a cut record to itself, so its
         # buffers cannot say whether the peer left inside one
         self.records = RecordWalk()
+        self._plain = memoryview(bytearray(RECEIVE_SIZE))  # receive()'s, one thread's
 
     def handshake(self, timeout: float) -> None:
         """Run the TLS handshake to the end within `timeout` seconds (TimeoutError)."""
@@ -121,19 +123,22 @@ class TlsEnd(PlainEnd):
             self.sock.sendall(data)
 
     def receive(self) -> bytes:
+        plain = self._plain
         while not self.eof:
-            chunks: list[bytes] = []
             filled = 0
             self.lock.acquire()
             try:
-                # One read returns at most one TLS record: gather what is already decrypted
+                # One read returns at most one TLS record: gather what is already decrypted,
+                # straight into one buffer (a bytes object per record, then a join, cost
+                # 0.1-0.2 CPU s per GB more)
                 while filled < RECEIVE_SIZE:
-                    chunk = self.obj.read(RECEIVE_SIZE - filled)
-                    if not chunk:  # close_notify: the peer's clean end (read gives b"")
+                    # with a buffer, read() says how many bytes it put there (the stub
+                    # gives bytes for both forms)
+                    got = cast(int, self.obj.read(RECEIVE_SIZE - filled, plain[filled:]))
+                    if not got:  # close_notify: the peer's clean end (read gives 0)
                         self.eof = True
                         break
-                    chunks.append(chunk)
-                    filled += len(chunk)
+                    filled += got
             except ssl.SSLWantReadError:
                 pass
             except ssl.SSLZeroReturnError:  # close_notify, as some versions report it
@@ -149,7 +154,7 @@ class TlsEnd(PlainEnd):
                 finally:
                     self.send_lock.release()
             if filled:
-                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                return bytes(plain[:filled])
             if self.eof:
                 break
             data = self.sock.recv(RECEIVE_SIZE)

@@ -516,15 +516,21 @@ def _same_stream(units: list[Any], crossed: bytes, what: str) -> None:
 
 # -- viewers that break TLS ------------------------------------------------------------------
 class TlsViewer:
-    """A TLS client over memory buffers, so the test can also put raw bytes on the wire:
-    a forged record, or the first bytes of a real one."""
+    """A TLS peer over memory buffers, so the test can also put raw bytes on the wire: a
+    forged record, or the first bytes of a real one. A client trusting `ca`, or a server
+    with the given context."""
 
-    def __init__(self, sock: socket.socket, ca: Path) -> None:
-        context = ssl.create_default_context(cafile=str(ca))
-        context.check_hostname = False  # spicetap's certificate names its SPICE subject
+    def __init__(
+        self, sock: socket.socket, ca: Path | None, server: ssl.SSLContext | None = None
+    ) -> None:
         self.sock = sock
         self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        self.obj = context.wrap_bio(self.incoming, self.outgoing)
+        if server is not None:
+            self.obj = server.wrap_bio(self.incoming, self.outgoing, server_side=True)
+        else:
+            context = ssl.create_default_context(cafile=str(ca))
+            context.check_hostname = False  # spicetap's certificate names its SPICE subject
+            self.obj = context.wrap_bio(self.incoming, self.outgoing)
         for _ in range(20):  # a handshake takes a few flights
             try:
                 self.obj.do_handshake()
@@ -584,3 +590,72 @@ def test_viewers_breaking_tls_get_an_error_of_their_own(tmp_path: Path) -> None:
     for said in (forged, cut):  # each once, on the viewer's side
         (error,) = [r for r in errors if (r.error or "").startswith(said)]
         assert error.direction == "c2s"
+
+
+def test_a_server_breaking_tls_gets_an_error_of_its_own(tmp_path: Path) -> None:
+    """The server's leg in TLS (--upstream-tls): a server that forges a record after the
+    viewer's link message, and one that hangs up inside a real record. Each channel ends
+    as the server's TLS error, logged and recorded on its side (s2c)."""
+    from proxy.tls import issue_server_cert, load_or_create_ca, server_context
+
+    ca = load_or_create_ca(tmp_path / "pki")
+    cert, key = issue_server_cert(ca, "O=test,CN=127.0.0.1", ["127.0.0.1"], tmp_path / "pki")
+    context = server_context(cert, key, None)
+    listener = socket.create_server(("127.0.0.1", 0))
+    answers = [b"\x17\x03\x03\x00\x20" + bytes(32), None]  # forged, then a cut record
+
+    failures: list[str] = []
+
+    def serve() -> None:
+        try:
+            listener.settimeout(20)
+            for answer in answers:
+                conn, _ = listener.accept()
+                with conn:
+                    conn.settimeout(10)
+                    misbehave(conn, answer)
+        except Exception as exc:  # an assertion in a thread: report it
+            failures.append(repr(exc))
+
+    def misbehave(conn: socket.socket, answer: bytes | None) -> None:
+        server = TlsViewer(conn, None, context)
+        for _ in range(10):  # the viewer's link message, maybe already in with the handshake
+            try:
+                assert server.obj.read(65536)[:4] == MAGIC
+                break
+            except ssl.SSLWantReadError:
+                server.incoming.write(conn.recv(65536))
+        if answer is None:
+            conn.sendall(server.records(bytes(300))[:20])  # then hang up
+        else:
+            conn.sendall(answer)
+            time.sleep(1.0)  # the proxy acts first
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        extra = (
+            "--listen", "127.0.0.1:0", "--upstream-insecure",
+            "--upstream-tls", f"127.0.0.1:{listener.getsockname()[1]}",
+        )  # fmt: skip
+        rec = tmp_path / "rec"
+        with ProxyProcess(0, rec, tmp_path / "proxy", extra=extra) as proxy:
+            for _ in answers:
+                with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+                    sock.sendall(link_mess(MINI, channel_type=1, conn=0))
+                    _drain(sock, Wire())
+            assert proxy.proc.poll() is None
+            log = proxy.log()
+    finally:
+        thread.join(30)
+        listener.close()
+    assert not failures, failures
+    forged = "server broke the protocol: TLS: [SSL: DECRYPTION_FAILED_OR_BAD_RECORD_MAC]"
+    cut = "server broke the protocol: TLS: the connection ended inside a TLS record"
+    assert forged in log and cut in log
+    archives = sorted(rec.glob("*.spta"))
+    assert all(verify(a).status == "intact" for a in archives)
+    errors = [r for a in archives for r in iter_records(a, []) if r.kind == "error"]
+    for said in (forged, cut):
+        (error,) = [r for r in errors if (r.error or "").startswith(said)]
+        assert error.direction == "s2c"

@@ -341,8 +341,10 @@ def cmd_proxy(args: argparse.Namespace) -> int:
     finally:
         if recorder is not None:
             recorder.stop()
+            cut = set(recorder.cut)
             for path in recorder.archives:
-                print(f"recorded {path}", file=sys.stderr)
+                note = " (cut short: recording failed; `spicetap verify` says what is intact)"
+                print(f"recorded {path}{note if path in cut else ''}", file=sys.stderr)
     return 0
 
 

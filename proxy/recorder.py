@@ -10,6 +10,7 @@ session a connection joined, which archives exist) goes out through `report`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -207,4 +208,6 @@ class RecorderWorker:
                 session.writer.close(status)
             except OSError as exc:
                 log.error("closing an archive failed: %s", exc)
+                with contextlib.suppress(OSError):  # the proxy may be gone too
+                    self.report(("cut", str(session.writer.paths[-1])))
         self.sessions.clear()

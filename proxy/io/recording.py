@@ -89,6 +89,8 @@ class RecordingSink(Protocol):
     def lost_total(self) -> int: ...
     @property
     def resumed(self) -> int: ...
+    @property
+    def cut(self) -> list[Path]: ...
 
     def opened(
         self,
@@ -153,6 +155,7 @@ class Recorder:
         self.lost: dict[tuple[int, str], int] = defaultdict(int)
         self.lost_total = 0
         self.archives: list[Path] = []
+        self.cut: list[Path] = []  # archives a failure left unfinished
         self.conn_session: dict[int, Any] = {}  # connection -> session, as recording learnt it
         self.failed: str | None = None  # recording stopped (logged); forwarding goes on
         self.failed_at: float | None = None  # when (monotonic)
@@ -425,6 +428,8 @@ class Recorder:
             self.conn_session.pop(report[1], None)
         elif kind == "archive":
             self.archives.append(Path(report[1]))
+        elif kind == "cut":  # left unfinished by a failure: `verify` says what is intact
+            self.cut.append(Path(report[1]))
         elif kind == "failed":
             self._fail(report[1])
 

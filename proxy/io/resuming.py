@@ -75,6 +75,10 @@ class ResumingRecorder:
         return [p for r, _t in self._retired for p in r.archives] + self.current.archives
 
     @property
+    def cut(self) -> list[Path]:
+        return [p for r, _t in self._retired for p in r.cut] + self.current.cut
+
+    @property
     def conn_session(self) -> dict[int, Any]:
         return dict(self.current.conn_session)  # one C-level copy: safe across threads
 

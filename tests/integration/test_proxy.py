@@ -417,7 +417,9 @@ def test_a_full_disk_stops_recording_loudly_then_recording_resumes(tmp_path: Pat
     assert "Traceback" not in log
     verdict = verify(cut)
     assert verdict.status == "truncated" and verdict.records > 0, verdict
+    assert f"recorded {cut} (cut short: recording failed;" in log  # the list at the end
     (whole,) = [a for a in proxy.archives() if a != cut]
+    assert f"recorded {whole}\n" in log
     assert verify(whole).status == "intact"
     assert {r.channel for r in iter_records(whole, [])} >= {"main", "display"}
 

@@ -176,6 +176,9 @@ class ChannelProxy:
         try:
             async with trio.open_nursery() as nursery:
                 sinks: dict[str, Any] = {"c2s": upstream, "s2c": viewer}
+                # one send at a time per side: send_counted works below SocketStream's own
+                # check, and in a rewritten link stage either pump may answer the viewer
+                sending = {C2S: trio.Lock(), S2C: trio.Lock()}
                 done = trio.Event()
 
                 def finish(why: str) -> None:
@@ -190,7 +193,8 @@ class ChannelProxy:
                         if isinstance(cmd, Forward):
                             sent = Sent()
                             try:
-                                await send_counted(sinks[cmd.direction], cmd.data, sent)
+                                async with sending[cmd.direction]:
+                                    await send_counted(sinks[cmd.direction], cmd.data, sent)
                             except (trio.BrokenResourceError, trio.ClosedResourceError):
                                 partly(cmd, sent, commands[i + 1 :])
                                 # the receiving side is gone: it, not this pump's, closed

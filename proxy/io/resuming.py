@@ -51,10 +51,6 @@ class ResumingRecorder:
 
     # -- what the proxy reads -------------------------------------------------------------
     @property
-    def options(self) -> Any:
-        return self.current.options
-
-    @property
     def failed(self) -> str | None:
         return self.current.failed
 

@@ -21,6 +21,7 @@ from proxy.core.admission import Admission, connection_budget, files_needed
 from proxy.core.management import token_problem
 from proxy.core.relay import Limits, LinkPolicy
 from proxy.core.websocket import origin_is_valid
+from proxy.io import ends
 from proxy.io.connect import ConnectFront, serve_connect
 from proxy.io.guard import raise_open_files_limit
 from proxy.io.management import ManagementOptions, serve_management
@@ -257,6 +258,12 @@ def cmd_proxy(args: argparse.Namespace) -> int:
             "the C framer is not built (%s): recording frames in Python, several times "
             "slower on small messages; reinstall with gcc and python3-dev",
             framing.WITHOUT_C,
+        )
+    if ends.WITHOUT_C is not None:
+        logging.getLogger("spicetap.proxy").warning(
+            "the C forwarder is not built (%s): plain channels forward in Python, adding "
+            "latency; reinstall with gcc and python3-dev",
+            ends.WITHOUT_C,
         )
     try:
         config = load_config(Path(args.config)) if args.config else Config()

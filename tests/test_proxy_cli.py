@@ -238,6 +238,19 @@ def test_a_proxy_without_the_c_framer_says_so_at_start(
     assert "reinstall with gcc and python3-dev" in caplog.text
 
 
+def test_a_proxy_without_the_c_forwarder_says_so_at_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from proxy.io import ends
+
+    monkeypatch.setenv("SPICETAP_CONFIG_DIR", str(tmp_path))
+    assert ends.WITHOUT_C is None  # the install built it
+    monkeypatch.setattr(ends, "WITHOUT_C", "No module named 'proxy.io._forward'")
+    assert main(["proxy", "--upstream", "bad"]) == 2
+    assert "the C forwarder is not built (No module named" in caplog.text
+    assert "plain channels forward in Python" in caplog.text
+
+
 @pytest.mark.parametrize(
     ("content", "extra", "message"),
     [

@@ -18,9 +18,38 @@ import ssl
 import struct
 import threading
 import time
-from typing import cast
+from collections.abc import Callable
+from types import TracebackType
+from typing import Protocol, cast
 
 RECEIVE_SIZE = 256 * 1024
+
+
+class SendLockLike(Protocol):
+    def acquire(self) -> bool: ...
+    def release(self) -> None: ...
+    def __enter__(self) -> bool: ...
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+
+# A plain channel's forwarding step in C (proxy/io/_forward.c): recv and send with no GIL
+# between them. Without the extension the pumps do the same in Python.
+Forward = Callable[[], tuple[bytes, int, int, float]]
+NewForward = Callable[[int, int, SendLockLike, int], Forward]  # source, sink, sink's lock, size
+NEW_FORWARD: NewForward | None
+NEW_SEND_LOCK: Callable[[], SendLockLike]
+WITHOUT_C: str | None = None  # why the C forwarder is not in use (the proxy says so at start)
+try:
+    from proxy.io._forward import Forwarder, SendLock
+except ImportError as exc:  # not built (a source tree without `pip install`)
+    NEW_FORWARD, NEW_SEND_LOCK, WITHOUT_C = None, threading.Lock, str(exc)
+else:
+    NEW_FORWARD, NEW_SEND_LOCK = cast(NewForward, Forwarder), SendLock
 
 
 class Undelivered(OSError):
@@ -40,7 +69,7 @@ class PlainEnd:
     def __init__(self, sock: socket.socket, prefix: bytes = b"") -> None:
         sock.setblocking(True)
         self.sock = sock
-        self.send_lock = threading.Lock()
+        self.send_lock = NEW_SEND_LOCK()  # the C forwarder's sends take it too
         self.prefix = prefix  # bytes a front already read from this socket (e.g. sniffing)
 
     def receive(self) -> bytes:
@@ -54,6 +83,16 @@ class PlainEnd:
         """All of `data`, or Undelivered saying how much went before the connection broke."""
         with self.send_lock:
             _send_counted(self.sock, data)
+
+    def forward_to(self, sink: PlainEnd) -> Forward | None:
+        """A call that receives the next bytes from this end and sends them all to `sink`
+        with no Python between (see proxy/io/_forward.c), for the pump of one direction;
+        None when the C extension is not built, or an end does its own receive or send
+        (TLS, or a test's end)."""
+        own = type(self).receive is not PlainEnd.receive or type(sink).send is not PlainEnd.send
+        if NEW_FORWARD is None or own:
+            return None
+        return NEW_FORWARD(self.sock.fileno(), sink.sock.fileno(), sink.send_lock, RECEIVE_SIZE)
 
     def abort(self) -> None:
         """Wake the thread blocked in receive() (it sees the end of stream); any thread."""

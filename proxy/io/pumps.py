@@ -17,6 +17,7 @@ each pump only sends its own direction and runs its commands unlocked.
 from __future__ import annotations
 
 import logging
+import os
 import ssl
 import threading
 import time
@@ -66,21 +67,26 @@ class ThreadedChannel:
     def pump(self, direction: str) -> None:
         """One direction until its source ends or the channel finishes (a worker thread)."""
         source, relay, lock = self.sources[direction], self.relay, self.lock
+        forward = source.forward_to(self.sinks[direction])  # None unless both ends are plain
         try:
             while self.reason is None:
+                if forward is not None and relay.unchanged(direction) and not source.prefix:
+                    # the usual case, in C: forwarded before the GIL is asked for
+                    data, delivered, error, now = forward()
+                    if not data:
+                        break
+                    if delivered < len(data):
+                        self.sink_failed(direction, OSError(error, os.strerror(error)))
+                    if not self.crossed(direction, data, delivered, now):
+                        break
+                    continue
                 data = source.receive()
                 if not data:
                     break
                 now = time.monotonic()
-                if relay.unchanged(direction):  # the usual case: forward before anything
-                    delivered = self.send(direction, data)
-                    if delivered:  # what crossed is recorded, a part of it included
-                        with lock:
-                            part = data if delivered == len(data) else data[:delivered]
-                            commands = relay.received(direction, part, now, sent=True)
-                        self.run(commands)
-                    if delivered < len(data):
-                        break  # the rest was not delivered, so not recorded: the channel ends
+                if relay.unchanged(direction):  # likewise in Python: forward before anything
+                    if not self.crossed(direction, data, self.send(direction, data), now):
+                        break
                     continue
                 with lock:
                     commands = relay.received(direction, data, now)
@@ -99,6 +105,17 @@ class ThreadedChannel:
                 self.run(relay.peer_closed(direction, time.monotonic()))
         self.finish("closed")
 
+    def crossed(self, direction: str, data: bytes, delivered: int, now: float) -> bool:
+        """Record the part of `data` that was forwarded first (unchanged() allowed it):
+        what crossed is recorded. False when not all of it was delivered: the channel
+        ends, and the rest, never delivered, is not recorded."""
+        if delivered:
+            with self.lock:
+                part = data if delivered == len(data) else data[:delivered]
+                commands = self.relay.received(direction, part, now, sent=True)
+            self.run(commands)
+        return delivered == len(data)
+
     def tick(self, now: float) -> None:
         """The relay's timers, from the trio thread; skipped while a pump holds the lock
         (it may be waiting on the trio thread to serve a migration)."""
@@ -115,11 +132,14 @@ class ThreadedChannel:
         try:
             self.sinks[direction].send(data)
         except OSError as exc:
-            who = "server" if direction == C2S else "viewer"
-            self.finish(f"{who} closed")
-            log.debug("channel %d %s: %r", self.conn, direction, exc)
+            self.sink_failed(direction, exc)
             return exc.delivered if isinstance(exc, Undelivered) else 0
         return len(data)
+
+    def sink_failed(self, direction: str, exc: OSError) -> None:
+        """A send in `direction` broke: its receiving side is gone, and the channel ends."""
+        self.finish(f"{'server' if direction == C2S else 'viewer'} closed")
+        log.debug("channel %d %s: %r", self.conn, direction, exc)
 
     def run(self, commands: list[Command]) -> None:
         for i, cmd in enumerate(commands):

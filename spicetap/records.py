@@ -254,8 +254,6 @@ class RecordBuilder:
                         out.append(ev)
                     else:
                         out += self._event(c, ts, ev)
-        if c.open_fields is not None and out:
-            out.insert(0, self._open_record(c))
         return self._release(c, out)
 
     @staticmethod
@@ -335,7 +333,11 @@ class RecordBuilder:
         session is unknown: they wait for it, so that a link header read apart from the
         link message (and the open record) joins the session's archive, not one beside it;
         a connection that can no longer name it (closed, a framing error, a gap) lets go.
-        A main channel's records then wait for INIT, which names the session."""
+        A main channel's records then wait for INIT, which names the session. The open
+        record (who connected, to what) comes before a connection's first other record,
+        whatever kind that is: bytes, an error of the proxy's, or the close."""
+        if c.open_fields is not None and records:
+            records.insert(0, self._open_record(c))
         fr = c.framer
         if fr.channel_type != MAIN and c.held is None and fr.channel_type is not None:
             return records
@@ -519,8 +521,6 @@ class RecordBuilder:
         out.append(
             Record(**self._base(c, ts, C2S), kind="close", msg_type=None, name=reason, raw=b"")
         )
-        if c.open_fields is not None:  # nothing came that named the channel: still say who
-            out.insert(0, self._open_record(c))
         released = self._release(c, out, force=True)
         # forget it: a long-running recorder sees many connections, each with its framer
         del self.conns[conn]

@@ -108,3 +108,16 @@ def test_a_connection_that_never_names_its_channel_lets_go_of_its_records() -> N
     builder.opened(2, 2.0, VIEWER, SERVER)
     closed = builder.closed(2, 2.5, "viewer closed")  # a health check: connect, close
     assert [(r.kind, r.channel) for r in closed] == [("open", "unknown"), ("close", "unknown")]
+
+
+def test_the_open_record_comes_first_when_an_error_is_the_first_thing_to_say() -> None:
+    """A viewer that sends nothing until the link timeout, or a connection that failed its
+    TLS handshake: the proxy's error is the connection's first record, after the open."""
+    builder = RecordBuilder()
+    builder.opened(1, 1.0, VIEWER, SERVER, {"tls": {"viewer": True}})
+    records = builder.error(1, 2.0, C2S, "TLS handshake failed: no shared cipher")
+    records += builder.closed(1, 2.0, "TLS handshake failed: no shared cipher")
+    assert [r.kind for r in records] == ["open", "error", "close"]
+    assert records[0].time == 1.0 and records[0].fields is not None
+    assert records[0].fields["tls"] == {"viewer": True}
+    assert records[1].error == "TLS handshake failed: no shared cipher"

@@ -76,13 +76,15 @@ class Target:
             assert self.plain is not None
             host, port = self.plain
             opener, end_opener = tcp_opener(host, port), tcp_end_opener(host, port)
-            return Upstream(opener, f"{host}:{port}", self.name, end_opener, self.policy)
+            label = f"{host}:{port}"
+            return Upstream(opener, label, self.name, end_opener, self.policy, (host, port))
         assert self.tls is not None
         host, port = self.tls
         ctx = _client_context(self.ca, self.insecure, keylog, self.host_subject is None)
         opener = tls_opener(host, port, ctx, self.host_subject)
         end_opener = tls_end_opener(host, port, ctx, self.host_subject)
-        return Upstream(opener, f"{host}:{port} (tls)", self.name, end_opener, self.policy)
+        label = f"{host}:{port} (tls)"
+        return Upstream(opener, label, self.name, end_opener, self.policy, (host, port))
 
 
 def check_upstream_tls(

@@ -7,7 +7,6 @@ ProbeOutcome here, in one place."""
 from __future__ import annotations
 
 import contextlib
-import os
 import ssl
 from dataclasses import dataclass
 
@@ -23,6 +22,7 @@ from proxy.core.probe import (
     combine,
     failure,
 )
+from proxy.io.oserrors import os_reason
 from proxy.tls import check_subject
 
 RECEIVE_SIZE = 4096  # a link reply is a few hundred bytes
@@ -79,22 +79,11 @@ async def _exchange(target: ProbeTarget, core: LinkProbe) -> ProbeOutcome:
     return core.outcome
 
 
-def _reason(exc: OSError) -> str:
-    """The OS's own words: trio wraps each failed attempt inside one OSError."""
-    cause = exc.__cause__
-    attempts = list(getattr(cause, "exceptions", None) or ([cause] if cause else []))
-    for err in [*attempts, exc]:
-        if isinstance(err, OSError) and err.errno:
-            # resolver errors (negative numbers) carry their own text
-            return os.strerror(err.errno) if err.errno > 0 else str(err.strerror)
-    return str(exc)
-
-
 async def _open(target: ProbeTarget) -> trio.abc.Stream:
     try:
         tcp = await trio.open_tcp_stream(target.host, target.port)
     except OSError as exc:  # refused, unreachable, unknown name: the OS says which
-        raise _Failed(failure(CONNECTION_REFUSED, _reason(exc))) from None
+        raise _Failed(failure(CONNECTION_REFUSED, os_reason(exc))) from None
     except UnicodeError:  # a name IDNA cannot encode (an empty or 64-letter label)
         raise _Failed(failure(CONNECTION_REFUSED, "not a valid host name")) from None
     if target.tls is None:

@@ -39,6 +39,7 @@ from proxy.core.relay import (
 )
 from proxy.io.ends import End, PlainEnd, tls_end, tls_error_text
 from proxy.io.guard import guarded
+from proxy.io.oserrors import os_reason
 from proxy.io.pumps import ThreadedChannel
 from proxy.io.recording import RecordingSink
 from proxy.io.streams import PeerProtocolError, Sent, send_counted
@@ -80,6 +81,7 @@ class Upstream:
     # the same server as a blocking end for the threaded pumps (reverse mode), if it can
     open_end: EndOpener | None = None
     policy: LinkPolicy | None = None  # the target's own link-stage rewrites, if any
+    address: tuple[str, int] | None = None  # the server's host and port, as configured
 
 
 @dataclass
@@ -164,7 +166,8 @@ class ChannelProxy:
         conn = next(self._ids)
         now = time.monotonic()
         client = client or peer_address(viewer)
-        upstream = await self._connect(conn, client, upstream_to.label, upstream_to.open)
+        opener = upstream_to.open
+        upstream = await self._connect(conn, client, upstream_to, opener, insertion, viewer_tls)
         if upstream is None:
             await trio.aclose_forcefully(viewer)
             return
@@ -279,12 +282,17 @@ class ChannelProxy:
                 await self._in_thread(viewer.handshake, self.limits.link_timeout)
             except OSError as exc:
                 self.state.errors += 1
-                log.warning("viewer %s:%d: TLS handshake failed: %s", *client, exception_text(exc))
+                why = f"TLS handshake failed: {exception_text(exc)}"
+                log.warning("viewer %s:%d: %s", *client, why)
                 viewer.close()
+                conn = next(self._ids)
+                tls_used = {"viewer": True}
+                self._attempt_failed(conn, client, upstream_to, insertion, C2S, why, tls_used)
                 return
         conn = next(self._ids)
         now = time.monotonic()
-        upstream = await self._connect(conn, client, upstream_to.label, open_end)
+        viewer_tls = tls is not None
+        upstream = await self._connect(conn, client, upstream_to, open_end, insertion, viewer_tls)
         if upstream is None:
             viewer.close()
             return
@@ -331,21 +339,50 @@ class ChannelProxy:
         await trio.to_thread.run_sync(fn, *args, limiter=self._threads)
 
     async def _connect(
-        self, conn: int, client: tuple[str, int], label: str, opener: Callable[[], Awaitable[T]]
+        self,
+        conn: int,
+        client: tuple[str, int],
+        upstream_to: Upstream,
+        opener: Callable[[], Awaitable[T]],
+        insertion: str,
+        viewer_tls: bool,
     ) -> T | None:
+        """The server side as `opener` opens it, or None when it cannot be reached: logged,
+        and recorded as a failed attempt."""
         try:
             with trio.fail_after(CONNECT_TIMEOUT):
                 return await opener()
         except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
             self.state.errors += 1
-            log.warning(
-                "channel %d from %s:%d: cannot reach upstream %s: %s",
-                conn,
-                *client,
-                label,
-                exception_text(exc),
-            )
+            why = f"cannot reach upstream {upstream_to.label}: {exception_text(exc)}"
+            log.warning("channel %d from %s:%d: %s", conn, *client, why)
+            tls = {"viewer": viewer_tls}
+            self._attempt_failed(conn, client, upstream_to, insertion, S2C, why, tls)
             return None
+
+    def _attempt_failed(
+        self,
+        conn: int,
+        client: tuple[str, int],
+        upstream_to: Upstream,
+        insertion: str,
+        side: str,
+        reason: str,
+        tls: dict[str, bool] | None = None,
+    ) -> None:
+        """A viewer connection that ended before it became a channel: its TLS handshake
+        failed (side c2s) or its server could not be reached (s2c). Recorded all the same,
+        as an open, an error on the side at fault and a close, so that the archives show
+        every attempt; having never linked, it goes to the archive of unlinked connections."""
+        if self.recorder is None:
+            return
+        now = time.monotonic()
+        route: dict[str, Any] = {"insertion": insertion, "server": upstream_to.label}
+        route["target"] = upstream_to.target
+        server = upstream_to.address or (upstream_to.label, 0)
+        self.recorder.opened(conn, now, client, server, tls, route)
+        self.recorder.error(conn, now, side, reason)
+        self.recorder.closed(conn, now, reason)
 
     def _begin(
         self,
@@ -504,7 +541,10 @@ async def serve_tcp(
 
 
 def exception_text(exc: BaseException) -> str:
-    """An exception for a log line: a timeout's own text is empty."""
+    """An exception for a log line: a timeout's own text is empty, and a failed connect's
+    says only that all attempts failed (the OS's reason is inside)."""
+    if isinstance(exc, OSError) and hasattr(exc.__cause__, "exceptions"):
+        return f"{exc} ({os_reason(exc)})"
     return str(exc) or (
         "timed out" if isinstance(exc, trio.TooSlowError | TimeoutError) else repr(exc)
     )

@@ -553,7 +553,8 @@ class TlsViewer:
 def test_viewers_breaking_tls_get_an_error_of_their_own(tmp_path: Path) -> None:
     """Through a TLS listener: a forged record after the link, a real record cut by a
     hang-up, and bytes that are not TLS at all. Each is said as a TLS error of its own
-    channel (the first two in the archive too), and the proxy goes on serving."""
+    connection, logged and recorded (the third, which never became a channel, in the
+    archive of unlinked connections), and the proxy goes on serving."""
     with peers(), QemuServer(guest="none") as srv:
         assert srv.port is not None
         extra = ("--tls-listen", "127.0.0.1:0", "--listen", "127.0.0.1:0")
@@ -590,6 +591,14 @@ def test_viewers_breaking_tls_get_an_error_of_their_own(tmp_path: Path) -> None:
     for said in (forged, cut):  # each once, on the viewer's side
         (error,) = [r for r in errors if (r.error or "").startswith(said)]
         assert error.direction == "c2s"
+    (unlinked,) = [a for a in archives if a.name.endswith("-unlinked.spta")]
+    records = list(iter_records(unlinked, []))
+    (failed,) = [r for r in records if (r.error or "").startswith("TLS handshake failed: ")]
+    attempt = [r for r in records if r.connection == failed.connection]
+    assert [r.kind for r in attempt] == ["open", "error", "close"]
+    assert attempt[0].fields is not None and attempt[0].fields["tls"] == {"viewer": True}
+    assert (attempt[1].error or "").startswith("TLS handshake failed: ")
+    assert attempt[1].direction == "c2s" and len({r.connection for r in attempt}) == 1
 
 
 def test_a_server_breaking_tls_gets_an_error_of_its_own(tmp_path: Path) -> None:

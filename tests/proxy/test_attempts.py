@@ -1,0 +1,115 @@
+"""Viewer connections that end before they become channels, through both shells: a TLS
+handshake that fails, a server that cannot be reached. Each is logged and recorded (open,
+an error on the side at fault, close), on loopback sockets."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Any, cast
+
+import trio
+
+from proxy.core.relay import Limits
+from proxy.io.server import ChannelProxy, Upstream, tcp_end_opener, tcp_opener
+from proxy.tls import issue_server_cert, load_or_create_ca, server_context
+
+
+class Calls:
+    """Stands for the recorder: every call, in order."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple[Any, ...]]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        def call(*args: Any) -> bool:
+            self.calls.append((name, args))
+            return True
+
+        return call
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:  # bound, never listening: connecting is refused
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _unreachable() -> Upstream:
+    port = _closed_port()
+    label = f"127.0.0.1:{port}"
+    opener, end = tcp_opener("127.0.0.1", port), tcp_end_opener("127.0.0.1", port)
+    return Upstream(opener, label, "vm1", end, None, ("127.0.0.1", port))
+
+
+def _attempt(calls: Calls) -> tuple[tuple[Any, ...], tuple[Any, ...], tuple[Any, ...]]:
+    names = [name for name, _args in calls.calls]
+    assert names == ["opened", "error", "closed"], names
+    opened, error, closed = (args for _name, args in calls.calls)
+    return opened, error, closed
+
+
+def test_a_server_that_cannot_be_reached_is_recorded_through_either_shell() -> None:
+    for threaded in (True, False):
+        calls = Calls()
+        proxy = ChannelProxy(Limits(), cast(Any, calls))
+        upstream = _unreachable()
+
+        async def main() -> None:
+            listener = trio.socket.socket()
+            await listener.bind(("127.0.0.1", 0))
+            listener.listen(1)
+            viewer = await trio.open_tcp_stream(*listener.getsockname()[:2])
+            accepted, _ = await listener.accept()
+            stream = trio.SocketStream(accepted)
+            with trio.fail_after(10):
+                if threaded:
+                    await proxy.handle_socket(stream, upstream)
+                else:
+                    await proxy.handle(stream, upstream, insertion="connect")
+            await viewer.aclose()
+            listener.close()
+
+        trio.run(main)
+        opened, error, closed = _attempt(calls)
+        conn, _t, client, server, tls, route = opened
+        assert client[0] == "127.0.0.1" and server == upstream.address
+        assert tls == {"viewer": False}
+        assert route == {
+            "insertion": "reverse" if threaded else "connect",
+            "server": upstream.label,
+            "target": "vm1",
+        }
+        assert error[0] == conn and error[2] == "s2c"
+        assert error[3].startswith(f"cannot reach upstream {upstream.label}: ")
+        assert "refused" in error[3].lower()
+        assert closed[0] == conn and closed[2] == error[3]
+        assert proxy.state.errors == 1 and not proxy.state.channels
+
+
+def test_a_failed_tls_handshake_is_recorded_as_the_viewers_error(tmp_path: Path) -> None:
+    ca = load_or_create_ca(tmp_path)
+    cert, key = issue_server_cert(ca, "O=spicetap,CN=test", ["127.0.0.1"], tmp_path)
+    context = server_context(cert, key, None)
+    calls = Calls()
+    proxy = ChannelProxy(Limits(link_timeout=5.0), cast(Any, calls))
+    upstream = _unreachable()  # never tried: the handshake fails first
+
+    async def main() -> None:
+        listener = trio.socket.socket()
+        await listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        viewer = await trio.open_tcp_stream(*listener.getsockname()[:2])
+        accepted, _ = await listener.accept()
+        await viewer.send_all(b"SSH-2.0-OpenSSH_9.2\r\n")  # not TLS at all
+        with trio.fail_after(10):
+            await proxy.handle_socket(trio.SocketStream(accepted), upstream, tls=context)
+        await viewer.aclose()
+        listener.close()
+
+    trio.run(main)
+    opened, error, closed = _attempt(calls)
+    assert opened[4] == {"viewer": True}
+    assert error[2] == "c2s" and error[3].startswith("TLS handshake failed: ")
+    assert closed[2] == error[3]
+    assert proxy.state.errors == 1

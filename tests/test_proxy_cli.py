@@ -225,30 +225,30 @@ def test_bad_values_from_the_config_file_are_named_by_file_and_key(
     )
 
 
-def test_a_proxy_without_the_c_framer_says_so_at_start(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize(
+    ("module", "missing", "said"),
+    [
+        ("proxy.core.framing", "proxy.core._fastframe", "the C framer is not built"),
+        ("proxy.io.ends", "proxy.io._forward", "the C forwarder is not built"),
+    ],
+)
+def test_a_proxy_without_a_c_extension_says_so_at_start(
+    module: str,
+    missing: str,
+    said: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from proxy.core import framing
+    import importlib
 
     monkeypatch.setenv("SPICETAP_CONFIG_DIR", str(tmp_path))
-    assert framing.WITHOUT_C is None  # the install built it
-    monkeypatch.setattr(framing, "WITHOUT_C", "No module named 'proxy.core._fastframe'")
+    uses = importlib.import_module(module)
+    assert uses.WITHOUT_C is None  # the install built it
+    monkeypatch.setattr(uses, "WITHOUT_C", f"No module named '{missing}'")
     assert main(["proxy", "--upstream", "bad"]) == 2  # stops at once, after saying it
-    assert "the C framer is not built (No module named" in caplog.text
+    assert f"{said} (No module named '{missing}')" in caplog.text
     assert "reinstall with gcc and python3-dev" in caplog.text
-
-
-def test_a_proxy_without_the_c_forwarder_says_so_at_start(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    from proxy.io import ends
-
-    monkeypatch.setenv("SPICETAP_CONFIG_DIR", str(tmp_path))
-    assert ends.WITHOUT_C is None  # the install built it
-    monkeypatch.setattr(ends, "WITHOUT_C", "No module named 'proxy.io._forward'")
-    assert main(["proxy", "--upstream", "bad"]) == 2
-    assert "the C forwarder is not built (No module named" in caplog.text
-    assert "plain channels forward in Python" in caplog.text
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ import socket
 from pathlib import Path
 from typing import Any, cast
 
+import pytest
 import trio
 
 from proxy.core.relay import Limits
@@ -42,6 +43,16 @@ def _unreachable() -> Upstream:
     return Upstream(opener, label, "vm1", end, None, ("127.0.0.1", port))
 
 
+async def _viewer_and_accepted() -> tuple[trio.SocketStream, trio.SocketStream]:
+    """A viewer's connection, and its accepted end as a front hands it to the proxy."""
+    with trio.socket.socket() as listener:
+        await listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        viewer = await trio.open_tcp_stream(*listener.getsockname()[:2])
+        accepted, _ = await listener.accept()
+    return viewer, trio.SocketStream(accepted)
+
+
 def _attempt(calls: Calls) -> tuple[tuple[Any, ...], tuple[Any, ...], tuple[Any, ...]]:
     names = [name for name, _args in calls.calls]
     assert names == ["opened", "error", "closed"], names
@@ -49,42 +60,36 @@ def _attempt(calls: Calls) -> tuple[tuple[Any, ...], tuple[Any, ...], tuple[Any,
     return opened, error, closed
 
 
-def test_a_server_that_cannot_be_reached_is_recorded_through_either_shell() -> None:
-    for threaded in (True, False):
-        calls = Calls()
-        proxy = ChannelProxy(Limits(), cast(Any, calls))
-        upstream = _unreachable()
+@pytest.mark.parametrize("threaded", [True, False])
+def test_a_server_that_cannot_be_reached_is_recorded_through_either_shell(threaded: bool) -> None:
+    calls = Calls()
+    proxy = ChannelProxy(Limits(), cast(Any, calls))
+    upstream = _unreachable()
 
-        async def main() -> None:
-            listener = trio.socket.socket()
-            await listener.bind(("127.0.0.1", 0))
-            listener.listen(1)
-            viewer = await trio.open_tcp_stream(*listener.getsockname()[:2])
-            accepted, _ = await listener.accept()
-            stream = trio.SocketStream(accepted)
-            with trio.fail_after(10):
-                if threaded:
-                    await proxy.handle_socket(stream, upstream)
-                else:
-                    await proxy.handle(stream, upstream, insertion="connect")
-            await viewer.aclose()
-            listener.close()
+    async def main() -> None:
+        viewer, stream = await _viewer_and_accepted()
+        with trio.fail_after(10):
+            if threaded:
+                await proxy.handle_socket(stream, upstream)
+            else:
+                await proxy.handle(stream, upstream, insertion="connect")
+        await viewer.aclose()
 
-        trio.run(main)
-        opened, error, closed = _attempt(calls)
-        conn, _t, client, server, tls, route = opened
-        assert client[0] == "127.0.0.1" and server == upstream.address
-        assert tls == {"viewer": False}
-        assert route == {
-            "insertion": "reverse" if threaded else "connect",
-            "server": upstream.label,
-            "target": "vm1",
-        }
-        assert error[0] == conn and error[2] == "s2c"
-        assert error[3].startswith(f"cannot reach upstream {upstream.label}: ")
-        assert "refused" in error[3].lower()
-        assert closed[0] == conn and closed[2] == error[3]
-        assert proxy.state.errors == 1 and not proxy.state.channels
+    trio.run(main)
+    opened, error, closed = _attempt(calls)
+    conn, _t, client, server, tls, route = opened
+    assert client[0] == "127.0.0.1" and server == upstream.address
+    assert tls == {"viewer": False}
+    assert route == {
+        "insertion": "reverse" if threaded else "connect",
+        "server": upstream.label,
+        "target": "vm1",
+    }
+    assert error[0] == conn and error[2] == "s2c"
+    assert error[3].startswith(f"cannot reach upstream {upstream.label}: ")
+    assert "refused" in error[3].lower()
+    assert closed[0] == conn and closed[2] == error[3]
+    assert proxy.state.errors == 1 and not proxy.state.channels
 
 
 def test_a_failed_tls_handshake_is_recorded_as_the_viewers_error(tmp_path: Path) -> None:
@@ -96,16 +101,11 @@ def test_a_failed_tls_handshake_is_recorded_as_the_viewers_error(tmp_path: Path)
     upstream = _unreachable()  # never tried: the handshake fails first
 
     async def main() -> None:
-        listener = trio.socket.socket()
-        await listener.bind(("127.0.0.1", 0))
-        listener.listen(1)
-        viewer = await trio.open_tcp_stream(*listener.getsockname()[:2])
-        accepted, _ = await listener.accept()
+        viewer, stream = await _viewer_and_accepted()
         await viewer.send_all(b"SSH-2.0-OpenSSH_9.2\r\n")  # not TLS at all
         with trio.fail_after(10):
-            await proxy.handle_socket(trio.SocketStream(accepted), upstream, tls=context)
+            await proxy.handle_socket(stream, upstream, tls=context)
         await viewer.aclose()
-        listener.close()
 
     trio.run(main)
     opened, error, closed = _attempt(calls)

@@ -62,9 +62,7 @@ def test_each_call_forwards_one_receive_unchanged_and_hands_it_back(size: int) -
     pair = Pair()
     chunks = [bytes((i * 7 + j) % 251 for j in range(size)) for i in range(3)]
     server_got: list[bytes] = []
-    reader = threading.Thread(
-        target=lambda: server_got.append(recv_exactly(pair.server, 3 * size))
-    )
+    reader = threading.Thread(target=lambda: server_got.append(recv_exactly(pair.server, 3 * size)))
     reader.start()
     for chunk in chunks:
         feeder = threading.Thread(target=pair.viewer.sendall, args=(chunk,))

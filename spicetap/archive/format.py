@@ -40,6 +40,14 @@ def chain_next(previous: bytes, payload: bytes | memoryview) -> bytes:
     return digest.digest()
 
 
+def chain_next_parts(previous: bytes, *parts: bytes | memoryview) -> bytes:
+    """SHA-256(previous || parts...), for a payload written in parts."""
+    digest = hashlib.sha256(previous)
+    for part in parts:
+        digest.update(part)
+    return digest.digest()
+
+
 def chain_start(header_payload: bytes) -> bytes:
     return hashlib.sha256(header_payload).digest()
 
@@ -71,6 +79,15 @@ def frame_head(size: int) -> bytes:
     if size < 0x10000:
         return _HEAD16.pack(0x92, 0xC5, size)
     return _HEAD32.pack(0x92, 0xC6, size)
+
+
+def bin_head(size: int) -> bytes:
+    """msgpack's header for a bin of `size` bytes, the smallest, as msgpack packs it."""
+    if size < 0x100:
+        return bytes((0xC4, size))
+    if size < 0x10000:
+        return b"\xc5" + size.to_bytes(2, "big")
+    return b"\xc6" + size.to_bytes(4, "big")
 
 
 def frame(payload: bytes, chain: bytes) -> bytes:

@@ -24,6 +24,10 @@ from spicetap import __version__
 from spicetap.archive import format as fmt
 from spicetap.archive.keys import raw_public
 
+# A record's raw bytes this long are written from where they are (see _append_direct);
+# shorter ones are copied into the buffer, where many share one write.
+DIRECT_RAW = 256 * 1024
+
 
 @dataclass(frozen=True)
 class FlushPolicy:
@@ -129,13 +133,20 @@ class ArchiveWriter:
         seq = self.seq
         self.seq += 1
         record["seq"] = seq
-        self._append(record)
+        raw = record.get("raw")
+        direct = self.compressor is None and isinstance(raw, bytes) and len(raw) >= DIRECT_RAW
+        if direct:
+            self._append_direct(record)  # written out, all but its chain
+        else:
+            self._append(record)
         self.part_records += 1
         now = self.clock()
         if self._oldest is None:
             self._oldest = now
         if len(self._buf) >= self.policy.max_buffer or now - self._oldest >= self.policy.interval:
             self._write_out()
+            self._rotate_if_due()
+        elif direct:  # a stream of long records alone must rotate too
             self._rotate_if_due()
         return seq
 
@@ -156,6 +167,29 @@ class ArchiveWriter:
             payload.release()
             packer.reset()
 
+    def _append_direct(self, record: dict[str, Any]) -> None:
+        """_append for a record whose raw is long: its payload is the same map with raw
+        packed last, so the raw bytes are hashed and written from where they are instead of
+        being copied into the packer and then into the buffer (two copies of a megabyte of
+        display data per message). Written out at once: the buffer, then the raw."""
+        raw = record["raw"]
+        packer = self.packer
+        packer.pack_map_header(len(record))
+        for key, value in record.items():
+            if key != "raw":
+                packer.pack(key)
+                packer.pack(value)
+        packer.pack("raw")
+        head = bytes(packer.getbuffer()) + fmt.bin_head(len(raw))
+        packer.reset()
+        self.chain = chain = fmt.chain_next_parts(self.chain, head, raw)
+        self._buf += fmt.frame_head(len(head) + len(raw))
+        self._buf += head
+        self._write_out()
+        self._write_all(raw)
+        self._buf += fmt.CHAIN_HEAD
+        self._buf += chain
+
     def tick(self) -> None:
         """Call now and then while idle: writes out records older than the flush interval."""
         due = self._oldest is not None and self.clock() - self._oldest >= self.policy.interval
@@ -172,8 +206,13 @@ class ArchiveWriter:
         data: bytes | bytearray = self._buf  # written as it is: no copy of the buffer
         if self.compressor is not None:
             data = self.compressor.compress(data)  # one whole zstd frame per flush
+        self._write_all(data)
+        self._buf.clear()
+        self._oldest = None
+
+    def _write_all(self, data: bytes | bytearray) -> None:
         try:
-            with memoryview(data) as whole:  # released before the buffer is cleared below
+            with memoryview(data) as whole:  # released before the buffer is cleared
                 view = whole
                 while view:
                     written = os.write(self._fd, view)
@@ -186,8 +225,6 @@ class ArchiveWriter:
         self.part_bytes += len(data)
         if self.policy.release_cache:
             self._release_cache()
-        self._buf.clear()
-        self._oldest = None
 
     def _release_cache(self) -> None:
         """An archive is written once and rarely read back soon, so its pages need not stay

@@ -197,17 +197,20 @@ def test_sigkill_mid_session_leaves_a_readable_prefix(tmp_path: Path) -> None:
         assert rec["seq"] == i and rec["raw"] == i.to_bytes(4, "big") * 64
 
 
-def test_rotation_by_size_links_parts(tmp_path: Path) -> None:
+@pytest.mark.parametrize("raw", [0, writer_mod.DIRECT_RAW])
+def test_rotation_by_size_links_parts(tmp_path: Path, raw: int) -> None:
+    """Small records, and long ones written in place (with a flush interval they never
+    reach: each is written out as it comes)."""
     path = tmp_path / "s.spta"
     w = ArchiveWriter(
         path,
         {"session": {}},
         signing_key=KEY,
-        flush=FlushPolicy(interval=0),
-        rotation=Rotation(max_bytes=20_000),
+        flush=FlushPolicy(interval=0 if not raw else 60),
+        rotation=Rotation(max_bytes=20_000 if not raw else 3 * raw),
     )
-    for i in range(400):
-        w.write(record(i))
+    for i in range(400 if not raw else 12):
+        w.write({**record(i), "raw": bytes([i]) * raw} if raw else record(i))
     w.close()
     assert len(w.paths) >= 3
     seqs: list[int] = []
@@ -223,7 +226,7 @@ def test_rotation_by_size_links_parts(tmp_path: Path) -> None:
             entries = list(r.entries())
             seqs += [e.obj["seq"] for e in entries if e.obj.get("kind") != "end"]
             previous_chain = entries[-1].chain.hex()  # the chain through the end record
-    assert seqs == list(range(400))
+    assert seqs == list(range(400 if not raw else 12))
 
 
 def test_migration_chain_applies_to_older_versions(
@@ -318,13 +321,15 @@ def test_flush_interval_bounds_what_a_crash_can_lose(tmp_path: Path) -> None:
 def test_frame_is_what_msgpack_packs(size: int) -> None:
     payload, chain = bytes([size % 251]) * size, bytes(range(32))
     assert fmt.frame(payload, chain) == msgpack.packb([payload, chain], use_bin_type=True)
+    assert fmt.bin_head(size) + payload == msgpack.packb(payload, use_bin_type=True)
 
 
 def test_written_objects_are_what_msgpack_packs(tmp_path: Path) -> None:
     """The writer frames payloads by hand; every object must still be msgpack's own bytes."""
     path = tmp_path / "a.spta"
     w = ArchiveWriter(path, {"session": {}}, signing_key=KEY, flush=FlushPolicy(interval=0))
-    for i, size in enumerate([0, 200, 0xFF, 0x100, 70_000, 0xFFFF, 0x10000, 3]):
+    direct = writer_mod.DIRECT_RAW  # from here on raw is packed last and written in place
+    for i, size in enumerate([0, 200, 0xFF, 0x100, 70_000, 0xFFFF, 0x10000, direct, 3]):
         w.write({**record(i), "raw": bytes([i]) * size})
     w.close()
     data = path.read_bytes()
@@ -385,7 +390,8 @@ def test_large_raw_bytes_read_back_whatever_the_flushes(
     only at the end: every record reads back as written, and each payload is canonical
     msgpack (it packs back to itself)."""
     path = tmp_path / ("a.spta.zst" if compress else "a.spta")
-    sizes = [0x10000, 3, 1 << 20, 5, 0x10001, 300_000, 0, 2 << 20]
+    direct = writer_mod.DIRECT_RAW
+    sizes = [0x10000, 3, 1 << 20, 5, 0x10001, 300_000, 0, 2 << 20, direct - 1, direct, 7]
     policy = FlushPolicy(interval=60, max_buffer=max_buffer)
     w = ArchiveWriter(path, {"session": {}}, signing_key=KEY, compress=compress, flush=policy)
     written = []
@@ -393,6 +399,7 @@ def test_large_raw_bytes_read_back_whatever_the_flushes(
         rec = {**record(i), "raw": os.urandom(size)}
         written.append(dict(rec))
         w.write(rec)
+        assert rec["raw"] == written[-1]["raw"]  # the caller's record keeps its bytes
     w.close()
     with ArchiveReader(path) as r:
         got = list(r.records())

@@ -20,7 +20,7 @@ import pytest
 import trio
 
 from proxy.core.relay import ChannelRelay, Command, Limits, RecordData
-from proxy.io.ends import PlainEnd, TlsEnd, Undelivered, tls_end
+from proxy.io.ends import FIRST_PLAIN, RECEIVE_SIZE, PlainEnd, TlsEnd, Undelivered, tls_end
 from proxy.io.pumps import ThreadedChannel
 from proxy.io.server import ChannelProxy, ChannelStats
 from proxy.tls import client_context, issue_server_cert, load_or_create_ca, server_context
@@ -99,6 +99,26 @@ def test_tls_end_full_duplex_from_two_threads(tls_pair_contexts: tuple[Any, Any]
     assert hashlib.sha256(got[3]).digest() == hashlib.sha256(down).digest()
     client.close()
     assert server.receive() == b""  # a cut without close_notify is the end of the stream
+    server.close()
+
+
+def test_a_tls_ends_plaintext_buffer_grows_only_for_a_bulk_stream(
+    tls_pair_contexts: tuple[Any, Any],
+) -> None:
+    """A channel of small messages keeps a one-record buffer per end (resident memory: 200
+    channels of 50 sessions once held 256 KiB in each); a bulk stream grows it, doubling,
+    to RECEIVE_SIZE, and every byte still comes through in order."""
+    server, client = tls_pair(tls_pair_contexts)
+    for i in range(50):
+        message = i.to_bytes(2, "little") * 8
+        client.send(message)
+        assert drain(server, len(message)) == message
+    assert len(server._plain) == FIRST_PLAIN
+    bulk = os.urandom(4 << 20)
+    got = in_threads(lambda: client.send(bulk), lambda: drain(server, len(bulk)))
+    assert got[1] == bulk
+    assert len(server._plain) == RECEIVE_SIZE and len(client._plain) == FIRST_PLAIN
+    client.close()
     server.close()
 
 

@@ -377,10 +377,8 @@ class ChannelProxy:
         if self.recorder is None:
             return
         now = time.monotonic()
-        route: dict[str, Any] = {"insertion": insertion, "server": upstream_to.label}
-        route["target"] = upstream_to.target
         server = upstream_to.address or (upstream_to.label, 0)
-        self.recorder.opened(conn, now, client, server, tls, route)
+        self.recorder.opened(conn, now, client, server, tls, _route(upstream_to, insertion))
         self.recorder.error(conn, now, side, reason)
         self.recorder.closed(conn, now, reason)
 
@@ -405,9 +403,7 @@ class ChannelProxy:
         self.state.channels[conn] = stats
         self.state.total_channels += 1
         if self.recorder is not None:
-            route: dict[str, Any] = {"insertion": insertion, "server": upstream_to.label}
-            route["target"] = upstream_to.target
-            route["tls"] = tls
+            route = {**_route(upstream_to, insertion), "tls": tls}
             if upstream_to.policy is not None:  # the target's own auth heads its archives
                 route.update(upstream_to.policy.describe())
             self.recorder.opened(conn, now, client, ends[0], tls, route, ends[1])
@@ -487,6 +483,11 @@ def _redirected(relay: ChannelRelay, at: ServedAt | str | None) -> list[Command]
     if isinstance(at, str):
         return relay.redirect_failed(at, time.monotonic())
     return relay.redirected(at.host, at.port, at.tls_port, at.cert_subject, time.monotonic())
+
+
+def _route(upstream_to: Upstream, insertion: str) -> dict[str, Any]:
+    """How a viewer connection came in and where it was headed, for the recorder."""
+    return {"insertion": insertion, "server": upstream_to.label, "target": upstream_to.target}
 
 
 def detach(stream: trio.SocketStream) -> socket.socket:

@@ -35,9 +35,7 @@ def chain_next(previous: bytes, payload: bytes | memoryview) -> bytes:
     """SHA-256(previous || payload)."""
     if len(payload) < SMALL_PAYLOAD:  # one call is cheaper than two for most records
         return hashlib.sha256(previous + payload).digest()
-    digest = hashlib.sha256(previous)  # in two parts: no copy of a megabyte payload
-    digest.update(payload)
-    return digest.digest()
+    return chain_next_parts(previous, payload)  # in two parts: no copy of a megabyte payload
 
 
 def chain_next_parts(previous: bytes, *parts: bytes | memoryview) -> bytes:

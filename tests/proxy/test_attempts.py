@@ -4,7 +4,6 @@ an error on the side at fault, close), on loopback sockets."""
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 from typing import Any, cast
 
@@ -14,6 +13,7 @@ import trio
 from proxy.core.relay import Limits
 from proxy.io.server import ChannelProxy, Upstream, tcp_end_opener, tcp_opener
 from proxy.tls import issue_server_cert, load_or_create_ca, server_context
+from tests.harness.procs import reserve_ports
 
 
 class Calls:
@@ -30,14 +30,8 @@ class Calls:
         return call
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:  # bound, never listening: connecting is refused
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _unreachable() -> Upstream:
-    port = _closed_port()
+    (port,) = reserve_ports(1)  # free a moment ago, and nobody listens there
     label = f"127.0.0.1:{port}"
     opener, end = tcp_opener("127.0.0.1", port), tcp_end_opener("127.0.0.1", port)
     return Upstream(opener, label, "vm1", end, None, ("127.0.0.1", port))

@@ -16,7 +16,7 @@ from proxy.core.relay import RecordData
 from proxy.io import _forward, ends
 from proxy.io.ends import RECEIVE_SIZE, PlainEnd
 from tests.proxy.test_framing import mini
-from tests.proxy.test_pumps import TIMEOUT, Wire, recv_exactly
+from tests.proxy.test_pumps import TIMEOUT, Wire, recv_exactly, tcp_pair
 
 
 def test_the_extension_is_built_and_plain_ends_use_it() -> None:
@@ -88,7 +88,7 @@ def test_the_end_of_stream_is_an_empty_chunk_and_a_broken_receive_an_oserror() -
     pair.viewer.shutdown(socket.SHUT_WR)
     assert pair.forward() == (b"", 0, 0, 0.0)
     pair.close()
-    viewer, accepted = _tcp_pair()
+    viewer, accepted = tcp_pair()
     # a reset, not an orderly close: SO_LINGER with a zero timeout
     viewer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sink_sock, server = socket.socketpair()
@@ -101,13 +101,6 @@ def test_the_end_of_stream_is_an_empty_chunk_and_a_broken_receive_an_oserror() -
     for end in (source, sink):
         end.close()
     server.close()
-
-
-def _tcp_pair() -> tuple[socket.socket, socket.socket]:
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        client = socket.create_connection(listener.getsockname())
-        accepted, _ = listener.accept()
-    return client, accepted
 
 
 def test_a_send_cut_by_the_receiving_sides_end_says_how_much_crossed() -> None:

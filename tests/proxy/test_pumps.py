@@ -410,8 +410,8 @@ def test_the_trio_shell_records_the_part_of_a_send_cut_by_the_channels_end() -> 
 
     recorder = Collecting()
     proxy = ChannelProxy(Limits(), cast(Any, recorder))
-    viewer, viewer_side = _tcp_pair()
-    server, server_side = _tcp_pair()
+    viewer, viewer_side = tcp_pair()
+    server, server_side = tcp_pair()
     bits = caps_word(1, 3)
     big = bytes(range(256)) * (1 << 15)  # 8 MiB: far more than the socket buffers hold
     got = bytearray()
@@ -451,7 +451,7 @@ def test_the_trio_shell_records_the_part_of_a_send_cut_by_the_channels_end() -> 
     viewer.close()
 
 
-def _tcp_pair() -> tuple[socket.socket, socket.socket]:
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
     """Two connected TCP sockets on loopback (the shell reads their addresses)."""
     with socket.create_server(("127.0.0.1", 0)) as listener:
         one = socket.create_connection(listener.getsockname(), timeout=TIMEOUT)
@@ -495,8 +495,8 @@ def test_the_trio_shell_says_a_forged_tls_record_is_the_viewers_error(
             errors.append((direction, reason))
 
     proxy = ChannelProxy(Limits(), cast(Any, Errors()))
-    viewer, viewer_side = _tcp_pair()
-    server, server_side = _tcp_pair()
+    viewer, viewer_side = tcp_pair()
+    server, server_side = tcp_pair()
     bits = caps_word(1, 3)
 
     def tls_viewer() -> None:

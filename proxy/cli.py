@@ -261,9 +261,13 @@ def cmd_proxy(args: argparse.Namespace) -> int:
         )
     if ends.WITHOUT_C is not None:
         logging.getLogger("spicetap.proxy").warning(
-            "the C forwarder is not built (%s): plain channels forward in Python, adding "
-            "latency; reinstall with gcc and python3-dev",
+            "the C forwarder is not built (%s): channels forward in Python, adding "
+            "latency; reinstall with gcc, python3-dev and libssl-dev",
             ends.WITHOUT_C,
+        )
+    elif ends.TLS_WITHOUT_C is not None:
+        logging.getLogger("spicetap.proxy").warning(
+            "TLS channels forward in Python, more slowly: %s", ends.TLS_WITHOUT_C
         )
     try:
         config = load_config(Path(args.config)) if args.config else Config()

@@ -248,7 +248,19 @@ def test_a_proxy_without_a_c_extension_says_so_at_start(
     monkeypatch.setattr(uses, "WITHOUT_C", f"No module named '{missing}'")
     assert main(["proxy", "--upstream", "bad"]) == 2  # stops at once, after saying it
     assert f"{said} (No module named '{missing}')" in caplog.text
-    assert "reinstall with gcc and python3-dev" in caplog.text
+    assert "; reinstall with gcc" in caplog.text
+
+
+def test_a_proxy_whose_tls_cannot_be_forwarded_in_c_says_so_at_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from proxy.io import ends
+
+    monkeypatch.setenv("SPICETAP_CONFIG_DIR", str(tmp_path))
+    assert ends.TLS_WITHOUT_C is None  # this install's Python and extension share OpenSSL
+    monkeypatch.setattr(ends, "TLS_WITHOUT_C", "another OpenSSL")
+    assert main(["proxy", "--upstream", "bad"]) == 2
+    assert "TLS channels forward in Python, more slowly: another OpenSSL" in caplog.text
 
 
 @pytest.mark.parametrize(

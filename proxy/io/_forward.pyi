@@ -1,8 +1,8 @@
 # Types of the C extension proxy/io/_forward.c.
 from types import TracebackType
 
-class SendLock:
-    """A lock for a socket's sends (a context manager), also taken by Forwarder in C."""
+class Lock:
+    """A lock that C can take without the GIL (a context manager)."""
 
     def acquire(self) -> bool: ...
     def release(self) -> None: ...
@@ -14,9 +14,25 @@ class SendLock:
         tb: TracebackType | None,
     ) -> None: ...
 
-class Forwarder:
-    """One recv() from `source` and its bytes sent to `sink` under `lock`, per call."""
+class RecordWalk:
+    """Whether a TLS stream's raw bytes, fed so far, end inside a record (`cut` > 0)."""
 
-    def __init__(self, source: int, sink: int, lock: SendLock, size: int) -> None: ...
+    @property
+    def cut(self) -> int: ...
+    def feed(self, data: bytes) -> None: ...
+
+class Forwarder:
+    """One receive from `source` and its bytes sent to `sink` under `lock`, per call."""
+
+    def __init__(self, source: int, sink: int, lock: Lock, size: int) -> None: ...
+    def decrypt(
+        self, sslsocket: object, crypto_lock: Lock, send_lock: Lock, walk: RecordWalk
+    ) -> None:
+        """The source is a TLS end: this _ssl._SSLSocket over memory BIOs, handshake done."""
+    def encrypt(self, sslsocket: object, crypto_lock: Lock) -> None:
+        """The sink is a TLS end, likewise."""
     def __call__(self) -> tuple[bytes, int, int, float]:
         """(data, delivered, errno that cut the send or 0, monotonic time of arrival)."""
+
+def shares_openssl(path: str) -> bool:
+    """Whether the extension module at `path` calls the OpenSSL this one was built with."""

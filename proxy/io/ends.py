@@ -7,20 +7,29 @@ each TLS end keeps its SSLObject behind a lock held only for the in-memory crypt
 releases the GIL there), never while waiting on the network; the raw socket is read by one
 thread and written under a send lock, taken before the crypto lock is let go so ciphertext
 reaches the wire in the order it was made.
+
+Once linked, a channel's pumps forward through proxy/io/_forward.c, which does the same
+steps on the same OpenSSL objects under the same locks (both are C locks), without the GIL.
+The handshake and the link stage stay here.
 """
 
 from __future__ import annotations
 
+import _ssl
 import contextlib
+import logging
 import re
 import socket
 import ssl
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable
 from types import TracebackType
 from typing import Protocol, cast
+
+log = logging.getLogger("spicetap.proxy")
 
 RECEIVE_SIZE = 256 * 1024
 # A TLS end's first plaintext buffer: one TLS record's worth (16 KiB at most). It doubles up
@@ -29,7 +38,7 @@ RECEIVE_SIZE = 256 * 1024
 FIRST_PLAIN = 16 * 1024
 
 
-class SendLockLike(Protocol):
+class LockLike(Protocol):
     def acquire(self) -> bool: ...
     def release(self) -> None: ...
     def __enter__(self) -> bool: ...
@@ -41,19 +50,43 @@ class SendLockLike(Protocol):
     ) -> None: ...
 
 
-# A plain channel's forwarding step in C (proxy/io/_forward.c): recv and send with no GIL
-# between them. Without the extension the pumps do the same in Python.
+class RecordWalkLike(Protocol):
+    @property
+    def cut(self) -> int: ...
+    def feed(self, data: bytes) -> None: ...
+
+
+# A linked channel's forwarding step in C (proxy/io/_forward.c): receive and send with no
+# GIL between them. Without the extension the pumps do the same in Python.
 Forward = Callable[[], tuple[bytes, int, int, float]]
-NewForward = Callable[[int, int, SendLockLike, int], Forward]  # source, sink, sink's lock, size
-NEW_FORWARD: NewForward | None
-NEW_SEND_LOCK: Callable[[], SendLockLike]
+CHECKED_PYTHONS = ((3, 11), (3, 12), (3, 13))  # _ssl._SSLSocket starts alike in each
 WITHOUT_C: str | None = None  # why the C forwarder is not in use (the proxy says so at start)
+TLS_WITHOUT_C: str | None = None  # why TLS ends forward in Python (likewise)
+NEW_LOCK: Callable[[], LockLike]
 try:
-    from proxy.io._forward import Forwarder, SendLock
+    from proxy.io import _forward
 except ImportError as exc:  # not built (a source tree without `pip install`)
-    NEW_FORWARD, NEW_SEND_LOCK, WITHOUT_C = None, threading.Lock, str(exc)
+    _forward = None  # type: ignore[assignment]
+    NEW_LOCK, WITHOUT_C = threading.Lock, str(exc)
+    TLS_WITHOUT_C = WITHOUT_C
 else:
-    NEW_FORWARD, NEW_SEND_LOCK = cast(NewForward, Forwarder), SendLock
+    NEW_LOCK = _forward.Lock
+    # The C forwarder works on the SSL objects Python's ssl module made: only if both
+    # call one and the same OpenSSL library, and where the start of _ssl's object (which
+    # is not public API) is known to be what _forward.c reads.
+    if sys.version_info[:2] not in CHECKED_PYTHONS:
+        TLS_WITHOUT_C = (
+            f"Python {sys.version_info[0]}.{sys.version_info[1]}'s ssl module is untried"
+        )
+    elif not _forward.shares_openssl(getattr(_ssl, "__file__", None) or "/nonexistent"):
+        TLS_WITHOUT_C = "Python's ssl module does not use the OpenSSL the extension was built with"
+
+
+_SAID: set[str] = set()
+
+
+def _new_record_walk() -> RecordWalkLike:
+    return RecordWalk() if _forward is None else _forward.RecordWalk()
 
 
 class Undelivered(OSError):
@@ -73,7 +106,7 @@ class PlainEnd:
     def __init__(self, sock: socket.socket, prefix: bytes = b"") -> None:
         sock.setblocking(True)
         self.sock = sock
-        self.send_lock = NEW_SEND_LOCK()  # the C forwarder's sends take it too
+        self.send_lock = NEW_LOCK()  # the C forwarder's sends take it too
         self.prefix = prefix  # bytes a front already read from this socket (e.g. sniffing)
 
     def receive(self) -> bytes:
@@ -92,11 +125,36 @@ class PlainEnd:
         """A call that receives the next bytes from this end and sends them all to `sink`
         with no Python between (see proxy/io/_forward.c), for the pump of one direction;
         None when the C extension is not built, or an end does its own receive or send
-        (TLS, or a test's end)."""
-        own = type(self).receive is not PlainEnd.receive or type(sink).send is not PlainEnd.send
-        if NEW_FORWARD is None or own:
+        (a test's end), or TLS cannot be done there (TLS_WITHOUT_C)."""
+        if _forward is None or self._own_io() or sink._own_io():
             return None
-        return NEW_FORWARD(self.sock.fileno(), sink.sock.fileno(), sink.send_lock, RECEIVE_SIZE)
+        if (self.tls or sink.tls) and TLS_WITHOUT_C is not None:
+            return None
+        forward = _forward.Forwarder(
+            self.sock.fileno(),
+            sink.sock.fileno(),
+            cast(_forward.Lock, sink.send_lock),
+            RECEIVE_SIZE,
+        )
+        try:
+            self._decrypting(forward)
+            sink._encrypting(forward)
+        except (TypeError, ValueError) as exc:  # not the _ssl this was written against
+            if str(exc) not in _SAID:  # once, not once per channel
+                _SAID.add(str(exc))
+                log.warning("TLS channels forward in Python, more slowly: %s", exc)
+            return None
+        return forward
+
+    def _own_io(self) -> bool:
+        cls = type(self)
+        return cls.receive not in _C_RECEIVES or cls.send not in _C_SENDS
+
+    def _decrypting(self, forward: _forward.Forwarder) -> None:
+        """Tell `forward` how this end, its source, is read (plain: as it is)."""
+
+    def _encrypting(self, forward: _forward.Forwarder) -> None:
+        """Tell `forward` how this end, its sink, is written (plain: as it is)."""
 
     def abort(self) -> None:
         """Wake the thread blocked in receive() (it sees the end of stream); any thread."""
@@ -129,11 +187,11 @@ class TlsEnd(PlainEnd):
         self.obj = obj
         self.incoming = incoming
         self.outgoing = outgoing
-        self.lock = threading.Lock()  # the SSLObject and both BIOs
+        self.lock = NEW_LOCK()  # the SSLObject and both BIOs (the C forwarder's too)
         self.eof = False
         # every raw byte from the peer: OpenSSL keeps a cut record to itself, so its
         # buffers cannot say whether the peer left inside one
-        self.records = RecordWalk()
+        self.records = _new_record_walk()
         self._plain = memoryview(bytearray(FIRST_PLAIN))  # receive()'s, one thread's
 
     def handshake(self, timeout: float) -> None:
@@ -233,6 +291,19 @@ class TlsEnd(PlainEnd):
     def getpeercert(self) -> dict[str, object] | None:
         return self.obj.getpeercert()  # type: ignore[return-value]
 
+    # The C forwarder takes over the OpenSSL connection under self.lock once the handshake
+    # is done; ssl.SSLObject keeps its _ssl._SSLSocket in _sslobj.
+    def _decrypting(self, forward: _forward.Forwarder) -> None:
+        forward.decrypt(
+            self.obj._sslobj,  # type: ignore[attr-defined]
+            cast(_forward.Lock, self.lock),
+            cast(_forward.Lock, self.send_lock),
+            cast(_forward.RecordWalk, self.records),
+        )
+
+    def _encrypting(self, forward: _forward.Forwarder) -> None:
+        forward.encrypt(self.obj._sslobj, cast(_forward.Lock, self.lock))  # type: ignore[attr-defined]
+
 
 class RecordWalk:
     """Walks TLS record headers (type u8, version u16, length u16: RFC 8446 5.1) over the
@@ -328,5 +399,7 @@ def _address(sock: socket.socket, *, local: bool) -> tuple[str, int]:
 
 
 End = PlainEnd | TlsEnd
+_C_RECEIVES = (PlainEnd.receive, TlsEnd.receive)
+_C_SENDS = (PlainEnd.send, TlsEnd.send)
 # A TlsEnd's send stays all or nothing: ciphertext cut part-way would need its TLS records
 # counted to know how much plaintext the peer could read, and a break mid-send is rare.

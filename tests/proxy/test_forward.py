@@ -25,7 +25,7 @@ def test_the_extension_is_built_and_plain_ends_use_it() -> None:
     assert ends.WITHOUT_C is None
     a, b = socket.socketpair()
     source, sink = PlainEnd(a), PlainEnd(b)
-    assert isinstance(sink.send_lock, _forward.SendLock)
+    assert isinstance(sink.send_lock, _forward.Lock)
     assert isinstance(source.forward_to(sink), _forward.Forwarder)
     source.close()
     sink.close()
@@ -150,7 +150,7 @@ def test_a_send_cut_by_the_receiving_sides_end_says_how_much_crossed() -> None:
 
 def test_forwarding_waits_for_a_python_send_holding_the_sinks_lock() -> None:
     """A send from Python (a link-stage reply, say) and the forwarder's must not interleave
-    on the wire: both take the sink's SendLock, the forwarder without the GIL."""
+    on the wire: both take the sink's send lock, the forwarder without the GIL."""
     pair = Pair()
     done = threading.Event()
 
@@ -170,8 +170,8 @@ def test_forwarding_waits_for_a_python_send_holding_the_sinks_lock() -> None:
     pair.close()
 
 
-def test_a_send_lock_released_when_not_held_is_an_error() -> None:
-    lock = _forward.SendLock()
+def test_a_lock_released_when_not_held_is_an_error() -> None:
+    lock = _forward.Lock()
     with pytest.raises(RuntimeError, match="not held"):
         lock.release()
     assert lock.acquire()

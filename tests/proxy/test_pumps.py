@@ -13,7 +13,6 @@ import threading
 import time
 from collections.abc import Callable
 from functools import partial
-from pathlib import Path
 from typing import Any, cast
 
 import pytest
@@ -23,7 +22,6 @@ from proxy.core.relay import ChannelRelay, Command, Limits, RecordData
 from proxy.io.ends import FIRST_PLAIN, RECEIVE_SIZE, PlainEnd, TlsEnd, Undelivered, tls_end
 from proxy.io.pumps import ThreadedChannel
 from proxy.io.server import ChannelProxy, ChannelStats
-from proxy.tls import client_context, issue_server_cert, load_or_create_ca, server_context
 from tests.proxy.test_framing import OK, TICKET, caps_word, link_mess, link_reply, mini
 
 TIMEOUT = 20.0
@@ -49,15 +47,6 @@ def in_threads(*calls: Callable[[], Any]) -> list[Any]:
         if isinstance(r, BaseException):
             raise r
     return results
-
-
-@pytest.fixture(scope="module")
-def tls_pair_contexts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any]:
-    folder = tmp_path_factory.mktemp("pki")
-    ca = load_or_create_ca(folder)
-    cert, key = issue_server_cert(ca, "O=spicetap,CN=test", ["127.0.0.1"], folder)
-    client = client_context(Path(folder / "ca-cert.pem"), False, None)
-    return server_context(cert, key, None), client
 
 
 def tls_pair(contexts: tuple[Any, Any]) -> tuple[TlsEnd, TlsEnd]:
@@ -462,22 +451,6 @@ def tcp_pair() -> tuple[socket.socket, socket.socket]:
 def _send_quietly(sock: socket.socket, data: bytes) -> None:
     with contextlib.suppress(OSError):
         sock.sendall(data)
-
-
-def test_the_record_walk_knows_whether_a_tls_stream_ends_inside_a_record() -> None:
-    from proxy.io.ends import RecordWalk
-
-    records = [b"\x17\x03\x03" + len(body).to_bytes(2, "big") + body
-               for body in (b"a" * 300, b"", b"b" * 17000, b"c")]  # fmt: skip
-    stream = b"".join(records)
-    ends = {sum(map(len, records[: i + 1])) for i in range(len(records))}
-    for split in range(0, len(stream) + 1, 97):
-        for stop in range(split, len(stream) + 1, 1013):
-            walk = RecordWalk()
-            walk.feed(stream[:split])
-            walk.feed(stream[split:stop])
-            at = max((e for e in ends | {0} if e <= stop), default=0)
-            assert walk.cut == stop - at, (split, stop)
 
 
 def test_the_trio_shell_says_a_forged_tls_record_is_the_viewers_error(

@@ -1,0 +1,264 @@
+"""proxy/io/_forward.c with TLS ends: the same forwarding step, decrypting from a TLS source
+and encrypting to a TLS sink on the OpenSSL objects that Python's ssl module made, over
+real loopback sockets and real handshakes."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import socket
+import ssl
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from proxy.io import _forward, ends
+from proxy.io.ends import RECEIVE_SIZE, Forward, PlainEnd, RecordWalk, TlsEnd, tls_end
+from tests.proxy.test_pumps import TIMEOUT, drain, in_threads, recv_exactly, tls_pair
+
+LEGS = ["tls-tls", "tls-plain", "plain-tls"]
+
+
+class Legs:
+    """viewer -> [source end, forwarder, sink end] -> server; either proxy end TLS or
+    plain, as named (source-sink). `viewer` and `server` are the far ends, TLS where the
+    proxy's end is."""
+
+    def __init__(self, legs: str, contexts: tuple[Any, Any]) -> None:
+        source_tls, sink_tls = (leg == "tls" for leg in legs.split("-"))
+        self.source: PlainEnd
+        self.sink: PlainEnd
+        self.viewer: PlainEnd
+        self.server: PlainEnd
+        if source_tls:
+            self.source, self.viewer = tls_pair(contexts)  # the proxy's end is server side
+        else:
+            a, b = socket.socketpair()
+            self.source, self.viewer = PlainEnd(a), PlainEnd(b)
+        if sink_tls:
+            self.server, self.sink = tls_pair(contexts)
+        else:
+            a, b = socket.socketpair()
+            self.server, self.sink = PlainEnd(a), PlainEnd(b)
+        forward = self.source.forward_to(self.sink)
+        assert isinstance(forward, _forward.Forwarder)
+        self.forward: Forward = forward
+
+    def close(self) -> None:
+        for end in (self.viewer, self.source, self.sink, self.server):
+            end.close()
+
+
+def forward_until(forward: Forward, size: int) -> tuple[bytes, bool]:
+    """Call the forwarder until `size` bytes came: what came, and whether each call
+    delivered all it received, with no error."""
+    came, whole = b"", True
+    for _ in range(100_000):
+        if len(came) >= size:
+            break
+        data, delivered, error, _at = forward()
+        if not data:
+            break
+        came += data
+        whole = whole and (delivered, error) == (len(data), 0)
+    return came, whole
+
+
+def test_tls_ends_take_the_c_path_when_the_ssl_module_shares_its_openssl() -> None:
+    assert ends.TLS_WITHOUT_C is None
+    import _ssl
+
+    assert _forward.shares_openssl(_ssl.__file__)
+    assert not _forward.shares_openssl(socket.__file__)  # a module without OpenSSL
+
+
+@pytest.mark.parametrize("legs", LEGS)
+@pytest.mark.parametrize("size", [1, 16 * 1024 + 1, RECEIVE_SIZE + 5, 3 << 20])
+def test_each_leg_forwards_the_plaintext_and_hands_it_back(
+    legs: str, size: int, tls_pair_contexts: tuple[Any, Any]
+) -> None:
+    """The server reads exactly what the viewer sent, and the forwarder hands back the
+    same plaintext, whole, to be recorded."""
+    wire = Legs(legs, tls_pair_contexts)
+    message = os.urandom(size)
+    got = in_threads(
+        lambda: wire.viewer.send(message),
+        lambda: forward_until(wire.forward, size),
+        lambda: drain(wire.server, size),
+    )
+    came, whole = got[1]
+    assert hashlib.sha256(came).digest() == hashlib.sha256(message).digest()
+    assert whole
+    assert hashlib.sha256(got[2]).digest() == hashlib.sha256(message).digest()
+    wire.close()
+
+
+def test_close_notify_is_the_end_of_the_stream_after_the_data(
+    tls_pair_contexts: tuple[Any, Any],
+) -> None:
+    wire = Legs("tls-tls", tls_pair_contexts)
+    viewer = wire.viewer
+    assert isinstance(viewer, TlsEnd)
+    viewer.send(b"last words")
+    with viewer.lock, contextlib.suppress(ssl.SSLWantReadError):
+        viewer.obj.unwrap()  # close_notify after the data; the answer is not awaited
+    viewer.sock.sendall(viewer.outgoing.read())
+    came, _ = forward_until(wire.forward, 100)
+    assert came == b"last words"
+    assert wire.forward()[0] == b""  # and it stays the end
+    assert drain(wire.server, 10) == b"last words"
+    wire.close()
+
+
+def test_a_stream_cut_inside_a_record_is_the_peers_tls_error(
+    tls_pair_contexts: tuple[Any, Any],
+) -> None:
+    """Between records a cut is an end like any other; inside one, the peer broke TLS."""
+    wire = Legs("tls-plain", tls_pair_contexts)
+    wire.viewer.send(b"whole")
+    wire.viewer.sock.sendall(b"\x17\x03\x03\x00\x40" + bytes(20))  # 25 bytes of a record
+    wire.viewer.sock.shutdown(socket.SHUT_WR)
+    assert wire.forward()[0] == b"whole"
+    with pytest.raises(ssl.SSLEOFError) as caught:
+        wire.forward()
+    assert ends.tls_error_text(caught.value) == (
+        "TLS: the connection ended inside a TLS record (25 bytes of it came)"
+    )
+    wire.close()
+    clean = Legs("tls-plain", tls_pair_contexts)
+    clean.viewer.send(b"whole")
+    clean.viewer.sock.shutdown(socket.SHUT_WR)
+    assert clean.forward()[0] == b"whole"
+    assert clean.forward()[0] == b""
+    clean.close()
+
+
+def test_a_forged_record_is_an_ssl_error_after_the_plaintext_before_it(
+    tls_pair_contexts: tuple[Any, Any],
+) -> None:
+    """Good records and a forged one in one receive: the good plaintext is forwarded and
+    handed back first; the next call raises the error in the ssl module's words."""
+    wire = Legs("tls-plain", tls_pair_contexts)
+    viewer = wire.viewer
+    assert isinstance(viewer, TlsEnd)
+    with viewer.lock:
+        viewer.obj.write(b"genuine")
+        records = viewer.outgoing.read()
+    viewer.sock.sendall(records + b"\x17\x03\x03\x00\x20" + bytes(32))
+    time.sleep(0.1)  # both in the socket: one recv() takes them together
+    assert wire.forward()[0] == b"genuine"
+    with pytest.raises(ssl.SSLError) as caught:
+        wire.forward()
+    assert ends.tls_error_text(caught.value) == (
+        "TLS: [SSL: DECRYPTION_FAILED_OR_BAD_RECORD_MAC] decryption failed or bad record mac"
+    )
+    assert caught.value.reason == "DECRYPTION_FAILED_OR_BAD_RECORD_MAC"
+    with pytest.raises(ssl.SSLError):  # and it stays failed
+        wire.forward()
+    assert recv_exactly(wire.server.sock, 7) == b"genuine"
+    wire.close()
+
+
+def test_python_and_c_take_turns_on_the_same_tls_ends(
+    tls_pair_contexts: tuple[Any, Any],
+) -> None:
+    """The link stage runs in Python (receive, then send), the linked channel in C, and
+    the other direction may keep to Python (a rewriter) while sending to the same end:
+    OpenSSL's state is one, the crypto lock is shared, and ciphertext stays in order."""
+    wire = Legs("tls-tls", tls_pair_contexts)
+    wire.viewer.send(b"link message")
+    assert wire.source.receive() == b"link message"  # Python, as in the link stage
+    wire.sink.send(b"link message")
+    stream = os.urandom(2 << 20)
+    notes = [b"<note %d>" % i for i in range(200)]
+
+    def python_sends() -> None:  # the other direction's Python path, to the same end
+        for note in notes:
+            wire.sink.send(note)
+
+    got = in_threads(
+        lambda: wire.viewer.send(stream),
+        lambda: forward_until(wire.forward, len(stream)),
+        python_sends,
+        lambda: drain(wire.server, len(b"link message") + len(stream) + sum(map(len, notes))),
+    )
+    assert got[1] == (stream, True)
+    arrived = got[3]
+    assert arrived.startswith(b"link message")
+    rest = arrived[len(b"link message") :]
+    for note in notes:  # each Python send whole, between the forwarder's chunks
+        assert rest.count(note) == 1
+        rest = rest.replace(note, b"", 1)
+    assert rest == stream
+    wire.close()
+
+
+def test_a_tls_sinks_cut_send_delivers_nothing_and_says_why(
+    tls_pair_contexts: tuple[Any, Any],
+) -> None:
+    """As TlsEnd.send: all or nothing (counting TLS records to know what the peer could
+    read is not done). The server stops reading and the sink is aborted mid-send."""
+    wire = Legs("plain-tls", tls_pair_contexts)
+    outcome: list[tuple[bytes, int, int, float]] = []
+
+    def forwarding() -> None:
+        for _ in range(200):  # until a send is cut (8 MiB of socket buffers at most)
+            result = wire.forward()
+            outcome.append(result)
+            if result[1] < len(result[0]):
+                return
+
+    def feeding() -> None:
+        with contextlib.suppress(OSError):  # the source was shut down as the test ended
+            for _ in range(200):
+                wire.viewer.sock.sendall(bytes(256 * 1024))
+
+    threads = [threading.Thread(target=forwarding), threading.Thread(target=feeding)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)  # the sink's buffers fill up
+    wire.sink.abort()
+    threads[0].join(TIMEOUT)
+    assert not threads[0].is_alive()
+    wire.source.abort()
+    threads[1].join(TIMEOUT)
+    data, delivered, error, _at = outcome[-1]
+    assert delivered == 0 and error != 0 and data
+    wire.close()
+
+
+def test_an_end_whose_handshake_is_not_done_stays_in_python(
+    tls_pair_contexts: tuple[Any, Any],
+) -> None:
+    a, b = socket.socketpair()
+    fresh = tls_end(a, tls_pair_contexts[0], server_side=True)
+    plain = PlainEnd(b)
+    assert fresh.forward_to(plain) is None
+    assert plain.forward_to(fresh) is None
+    forward = _forward.Forwarder(b.fileno(), a.fileno(), _forward.Lock(), 1024)
+    with pytest.raises(TypeError, match=r"_ssl\._SSLSocket"):
+        forward.encrypt(object(), _forward.Lock())
+    fresh.close()
+    plain.close()
+
+
+@pytest.mark.parametrize("walk", [RecordWalk, _forward.RecordWalk], ids=["python", "c"])
+def test_the_record_walk_knows_whether_a_tls_stream_ends_inside_a_record(walk: Any) -> None:
+    records = [b"\x17\x03\x03" + len(body).to_bytes(2, "big") + body
+               for body in (b"a" * 300, b"", b"b" * 17000, b"c")]  # fmt: skip
+    stream = b"".join(records)
+    ends_at = {sum(map(len, records[: i + 1])) for i in range(len(records))}
+    for split in range(0, len(stream) + 1, 97):
+        for stop in range(split, len(stream) + 1, 1013):
+            w = walk()
+            w.feed(stream[:split])
+            w.feed(stream[split:stop])
+            at = max((e for e in ends_at | {0} if e <= stop), default=0)
+            assert w.cut == stop - at, (split, stop)
+    one_by_one = walk()
+    for i in range(len(stream) - 3):  # a byte at a time, headers cut everywhere
+        one_by_one.feed(stream[i : i + 1])
+    assert one_by_one.cut == len(records[-1]) - 3

@@ -8,11 +8,13 @@
  * the chunk waits for it. Here the chunk is on its way before the GIL is asked for, and
  * only then handed to Python to be recorded, the way haproxy forwards with no lock at all.
  *
- * A TLS end is the one proxy/io/ends.py made: an ssl.SSLObject over two memory BIOs, its
- * handshake done in Python. Its decrypting and encrypting happen here on the same OpenSSL
- * objects, under the same locks, in the same order as TlsEnd.receive and TlsEnd.send: the
- * end's crypto lock around OpenSSL, its send lock taken before the crypto lock is let go.
- * Python ran one call per 16 KiB TLS record with the GIL taken back between each.
+ * A TLS end is the one proxy/io/ends.py made: an ssl.SSLObject, its handshake done in
+ * Python over two memory BIOs. When its channel's forwarders are made, TlsCore takes the
+ * OpenSSL connection over onto buffers of its own, and from then on every receive and send
+ * of that end runs here, the forwarder's and Python's (the link stage, a rewriter) alike,
+ * under the end's locks: its crypto lock around OpenSSL, its send lock taken before the
+ * crypto lock is let go. Python ran one call per 16 KiB TLS record with the GIL taken back
+ * between each, and the memory BIOs zeroed and copied every byte twice more.
  *
  * Lock is the lock both paths take; a Python threading.Lock cannot be taken from C
  * without the GIL.
@@ -30,9 +32,7 @@
 #include <openssl/err.h>
 #include <openssl/ssl.h>
 
-/* A chunk this short is copied out of the forwarder's buffer into a bytes object of its
- * own size; a longer one takes the buffer itself (a new one is made for the next chunk).
- * Small inputs then cost no large allocation, and bulk data no copy. */
+/* A received chunk shorter than this is copied out of its buffer (chunk_of) */
 #define COPY_BELOW (16 * 1024)
 
 /* A TLS record's header: content type (1), version (2), body length (2), RFC 8446 5.1 */
@@ -204,7 +204,7 @@ static PyTypeObject RecordWalkType = {
     .tp_getset = walk_getset,
 };
 
-/* ---- a TLS end's OpenSSL connection ---------------------------------------------------- */
+/* ---- TlsCore: a TLS end's connection, once linked ------------------------------------- */
 
 /* CPython's _ssl._SSLSocket (Modules/_ssl.c) begins with these fields, the same from 3.x
  * to 3.13. Not public API, so it is trusted only when the object is of that type and
@@ -215,13 +215,139 @@ typedef struct {
     SSL *ssl;
 } SSLSocketHead;
 
+/* What a TLS receive or send ran into, kept until the GIL is back to raise it. */
 typedef struct {
-    SSL *ssl;         /* NULL: this end is plain */
-    PyObject *owner;  /* the _ssl._SSLSocket owning ssl, kept alive */
-    Lock *crypto;     /* held around any use of ssl and its two BIOs */
-    Lock *send;       /* the end's socket's send lock (a source's, for its replies) */
-    RecordWalk *walk; /* a source's raw bytes */
-} TlsSide;
+    int errno_;              /* a socket's errno */
+    unsigned long ssl_error; /* OpenSSL's packed error code (ERR_get_error) */
+    int ssl_kind;            /* SSL_get_error() of the failure (0: none) */
+    Py_ssize_t cut;          /* the stream ended inside a TLS record: bytes of it that came */
+} Failure;
+
+static const Failure NO_FAILURE = {0, 0, 0, 0};
+
+/* A growable buffer of ciphertext on its way out */
+typedef struct {
+    size_t capacity, length;
+    char data[];
+} Buf;
+
+/* The most ciphertext one TLS record takes: 2^14 of plaintext, 2048 of expansion at most
+ * (RFC 5246 6.2.3; TLS 1.3's limit, RFC 8446 5.2, is lower) and the header. What OpenSSL
+ * has not read of the incoming buffer when it asks for more is less than this. */
+#define MAX_RECORD (16384 + 2048 + RECORD_HEADER)
+
+/* The end's OpenSSL connection, moved off its memory BIOs onto two of ours: incoming
+ * ciphertext is received straight into `in` and read from there by OpenSSL; outgoing
+ * ciphertext is written by OpenSSL into `out` and sent from there. With memory BIOs each
+ * byte was also zeroed, copied in and copied out once more on each side. */
+typedef struct {
+    PyObject_HEAD
+    SSL *ssl;
+    PyObject *owner;       /* the _ssl._SSLSocket owning ssl, kept alive */
+    BIO *bios[2];          /* ours, owned by ssl: incoming, outgoing */
+    int fd;
+    Lock *crypto;          /* held around any use of ssl, `in`'s bounds and `out` */
+    Lock *send;            /* the socket's send lock, taken before crypto is let go */
+    RecordWalk *walk;      /* every raw byte from the peer */
+    Py_ssize_t size;       /* the most plaintext one receive gives */
+    char *in;              /* received, [in_start, in_end) not yet read by OpenSSL */
+    size_t in_start, in_end, in_capacity;
+    Buf *out;              /* made by OpenSSL, not yet taken to be sent */
+    Buf *spare;            /* a sent buffer, for `out` again (exchanged atomically) */
+    int eof;               /* the peer said close_notify */
+    Failure failed;        /* a failure held back while the plaintext before it goes */
+    int receiving;         /* a receive is under way: one thread reads an end */
+    PyObject *buffer;      /* receive()'s plaintext, a bytes object of `size`, or NULL */
+} TlsCore;
+
+static BIO_METHOD *core_bio_method;
+
+static int buf_append(Buf **into, const char *data, size_t size) {
+    Buf *buf = *into;
+    size_t need = (buf ? buf->length : 0) + size;
+    if (buf == NULL || need > buf->capacity) {
+        size_t capacity = buf ? buf->capacity : MAX_RECORD;
+        while (capacity < need)
+            capacity *= 2;
+        Buf *bigger = realloc(buf, sizeof(Buf) + capacity);
+        if (bigger == NULL)
+            return -1;
+        if (buf == NULL)
+            bigger->length = 0;
+        bigger->capacity = capacity;
+        *into = buf = bigger;
+    }
+    memcpy(buf->data + buf->length, data, size);
+    buf->length += size;
+    return 0;
+}
+
+/* The BIOs' callbacks run inside OpenSSL calls, under the crypto lock */
+static int core_bio_read(BIO *bio, char *out, int size) {
+    TlsCore *core = BIO_get_data(bio);
+    BIO_clear_retry_flags(bio);
+    if (core == NULL || size <= 0)
+        return -1;
+    size_t have = core->in_end - core->in_start;
+    if (have == 0) {
+        BIO_set_retry_read(bio); /* OpenSSL says SSL_ERROR_WANT_READ */
+        return -1;
+    }
+    size_t n = have < (size_t)size ? have : (size_t)size;
+    memcpy(out, core->in + core->in_start, n);
+    core->in_start += n;
+    return (int)n;
+}
+
+static int core_bio_write(BIO *bio, const char *data, int size) {
+    TlsCore *core = BIO_get_data(bio);
+    BIO_clear_retry_flags(bio);
+    if (core == NULL || size < 0 || buf_append(&core->out, data, (size_t)size) < 0)
+        return -1;
+    return size;
+}
+
+static long core_bio_ctrl(BIO *bio, int cmd, long num, void *ptr) {
+    TlsCore *core = BIO_get_data(bio);
+    switch (cmd) {
+    case BIO_CTRL_FLUSH:
+        return 1;
+    case BIO_CTRL_PENDING:
+        return core ? (long)(core->in_end - core->in_start) : 0;
+    case BIO_CTRL_WPENDING:
+        return core && core->out ? (long)core->out->length : 0;
+    default:
+        return 0;
+    }
+}
+
+static int core_bio_create(BIO *bio) {
+    BIO_set_init(bio, 1);
+    return 1;
+}
+
+static int core_bio_destroy(BIO *bio) {
+    BIO_set_data(bio, NULL);
+    return 1;
+}
+
+/* Under the crypto lock: what OpenSSL wrote so far, for the caller to send (NULL: none);
+ * `out` starts afresh, on the spare buffer if there is one */
+static Buf *take_out(TlsCore *core) {
+    Buf *made = core->out;
+    if (made == NULL || made->length == 0)
+        return NULL;
+    core->out = __atomic_exchange_n(&core->spare, NULL, __ATOMIC_ACQ_REL);
+    if (core->out != NULL)
+        core->out->length = 0;
+    return made;
+}
+
+/* Any thread, no lock: a sent buffer becomes the spare (one is kept) */
+static void give_back(TlsCore *core, Buf *sent) {
+    sent->length = 0;
+    free(__atomic_exchange_n(&core->spare, sent, __ATOMIC_ACQ_REL));
+}
 
 static SSL *ssl_of(PyObject *sslsocket) {
     if (strcmp(Py_TYPE(sslsocket)->tp_name, "_ssl._SSLSocket") != 0) {
@@ -241,37 +367,99 @@ static SSL *ssl_of(PyObject *sslsocket) {
     return ssl;
 }
 
-static void side_clear(TlsSide *side) {
-    side->ssl = NULL;
-    Py_CLEAR(side->owner);
-    Py_CLEAR(side->crypto);
-    Py_CLEAR(side->send);
-    Py_CLEAR(side->walk);
+static int core_init(TlsCore *self, PyObject *args, PyObject *kwargs) {
+    static char *names[] = {"sslsocket", "fd", "crypto_lock", "send_lock", "walk", "size", NULL};
+    PyObject *sslsocket, *crypto, *send, *walk;
+    int fd;
+    Py_ssize_t size;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OiO!O!O!n:TlsCore", names, &sslsocket, &fd,
+                                     &LockType, &crypto, &LockType, &send, &RecordWalkType,
+                                     &walk, &size))
+        return -1;
+    if (self->ssl != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "a TlsCore is made once");
+        return -1;
+    }
+    if (fd < 0 || size <= 0 || size > INT_MAX) {
+        PyErr_SetString(PyExc_ValueError, "TlsCore needs an open socket and a size > 0");
+        return -1;
+    }
+    SSL *ssl = ssl_of(sslsocket);
+    if (ssl == NULL)
+        return -1;
+    self->in_capacity = (size_t)size + MAX_RECORD;
+    if ((self->in = malloc(self->in_capacity)) == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    BIO *incoming = BIO_new(core_bio_method), *outgoing = BIO_new(core_bio_method);
+    if (incoming == NULL || outgoing == NULL) {
+        BIO_free(incoming);
+        BIO_free(outgoing);
+        PyErr_NoMemory();
+        return -1;
+    }
+    if (!PyThread_acquire_lock(((Lock *)crypto)->lock, NOWAIT_LOCK)) {
+        Py_BEGIN_ALLOW_THREADS /* its holder may need the GIL to let go */
+        PyThread_acquire_lock(((Lock *)crypto)->lock, WAIT_LOCK);
+        Py_END_ALLOW_THREADS
+    }
+    /* what the memory BIOs still hold (the handshake's last receive may have brought the
+     * first application data with it) moves over first */
+    BIO *old_in = SSL_get_rbio(ssl), *old_out = SSL_get_wbio(ssl);
+    size_t pending = BIO_ctrl_pending(old_in);
+    int moved = 0;
+    if (pending <= self->in_capacity) {
+        self->in_end = pending ? (size_t)BIO_read(old_in, self->in, (int)pending) : 0;
+        moved = self->in_end == pending;
+    }
+    pending = BIO_ctrl_pending(old_out);
+    if (moved && pending) {
+        char *left = malloc(pending);
+        moved = left != NULL && BIO_read(old_out, left, (int)pending) == (int)pending &&
+                buf_append(&self->out, left, pending) == 0;
+        free(left);
+    }
+    if (moved) {
+        BIO_set_data(incoming, self);
+        BIO_set_data(outgoing, self);
+        /* each takes the SSL's reference to the memory BIO away; the ssl module keeps its own */
+        SSL_set0_rbio(ssl, incoming);
+        SSL_set0_wbio(ssl, outgoing);
+    }
+    PyThread_release_lock(((Lock *)crypto)->lock);
+    if (!moved) {
+        BIO_free(incoming);
+        BIO_free(outgoing);
+        PyErr_SetString(PyExc_ValueError, "the TLS end's buffers could not be taken over");
+        return -1;
+    }
+    self->ssl = ssl;
+    self->bios[0] = incoming;
+    self->bios[1] = outgoing;
+    self->owner = Py_NewRef(sslsocket);
+    self->fd = fd;
+    self->crypto = (Lock *)Py_NewRef(crypto);
+    self->send = (Lock *)Py_NewRef(send);
+    self->walk = (RecordWalk *)Py_NewRef(walk);
+    self->size = size;
+    return 0;
 }
 
-/* What a TLS receive or send ran into, kept until the GIL is back to raise it. */
-typedef struct {
-    int errno_;                /* a socket's errno */
-    unsigned long ssl_error;   /* OpenSSL's packed error code (ERR_get_error) */
-    int ssl_kind;              /* SSL_get_error() of a failure with no queued error */
-    Py_ssize_t cut;            /* the stream ended inside a TLS record: bytes of it that came */
-} Failure;
-
-/* Copy all pending ciphertext of the outgoing BIO to *out (grown as needed). Under the
- * end's crypto lock. -1 when memory runs out. */
-static Py_ssize_t take_outgoing(SSL *ssl, char **out, size_t *capacity) {
-    BIO *outgoing = SSL_get_wbio(ssl);
-    size_t pending = BIO_ctrl_pending(outgoing);
-    if (pending == 0)
-        return 0;
-    if (pending > *capacity) {
-        char *bigger = realloc(*out, pending);
-        if (bigger == NULL)
-            return -1;
-        *out = bigger;
-        *capacity = pending;
+static void core_dealloc(TlsCore *self) {
+    if (self->ssl != NULL) { /* the SSL may outlive us: its BIOs must not point here */
+        BIO_set_data(self->bios[0], NULL);
+        BIO_set_data(self->bios[1], NULL);
     }
-    return BIO_read(outgoing, *out, (int)pending);
+    Py_XDECREF(self->owner);
+    Py_XDECREF(self->crypto);
+    Py_XDECREF(self->send);
+    Py_XDECREF(self->walk);
+    Py_XDECREF(self->buffer);
+    free(self->in);
+    free(self->out);
+    free(self->spare);
+    Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
 /* send() all of it; the count that went, with *error set when that is short */
@@ -291,197 +479,107 @@ static Py_ssize_t send_all(int fd, const char *data, Py_ssize_t size, int *error
     return sent;
 }
 
-/* ---- Forwarder ----------------------------------------------------------------------- */
-
-typedef struct {
-    PyObject_HEAD
-    int source, sink;   /* file descriptors, open as long as the channel's pumps run */
-    Lock *lock;         /* the sink's send lock (a reference held) */
-    Py_ssize_t size;    /* the most one receive takes */
-    PyObject *buffer;   /* a bytes object of `size` only we refer to, or NULL */
-    int busy;           /* a call is under way: one thread per forwarder */
-    TlsSide from, to;   /* the source's and the sink's TLS, when they have it */
-    char *raw;          /* a TLS source's ciphertext as received (`size` bytes) */
-    char *out;          /* ciphertext on its way out: replies to the source, or the sink's */
-    size_t out_capacity;
-    int eof;            /* a TLS source said close_notify */
-    Failure failed;     /* a TLS source's failure, held while the plaintext before it goes */
-} Forwarder;
-
-static int forwarder_init(Forwarder *self, PyObject *args, PyObject *kwargs) {
-    static char *names[] = {"source", "sink", "lock", "size", NULL};
-    int source, sink;
-    PyObject *lock;
-    Py_ssize_t size;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "iiO!n:Forwarder", names, &source, &sink,
-                                     &LockType, &lock, &size))
-        return -1;
-    if (source < 0 || sink < 0 || size <= 0 || size > INT_MAX) {
-        PyErr_SetString(PyExc_ValueError, "Forwarder needs two open sockets and a size > 0");
-        return -1;
-    }
-    self->source = source;
-    self->sink = sink;
-    Py_XSETREF(self->lock, (Lock *)Py_NewRef(lock));
-    self->size = size;
-    Py_CLEAR(self->buffer);
-    side_clear(&self->from);
-    side_clear(&self->to);
-    self->eof = 0;
-    self->failed = (Failure){0, 0, 0, 0};
-    return 0;
-}
-
-static void forwarder_dealloc(Forwarder *self) {
-    Py_XDECREF(self->lock);
-    Py_XDECREF(self->buffer);
-    side_clear(&self->from);
-    side_clear(&self->to);
-    free(self->raw);
-    free(self->out);
-    Py_TYPE(self)->tp_free((PyObject *)self);
-}
-
-static int side_set(TlsSide *side, PyObject *sslsocket, PyObject *crypto, PyObject *send,
-                    PyObject *walk) {
-    SSL *ssl = ssl_of(sslsocket);
-    if (ssl == NULL)
-        return -1;
-    side_clear(side);
-    side->ssl = ssl;
-    side->owner = Py_NewRef(sslsocket);
-    side->crypto = (Lock *)Py_NewRef(crypto);
-    side->send = (Lock *)Py_XNewRef(send);
-    side->walk = (RecordWalk *)Py_XNewRef(walk);
-    return 0;
-}
-
-static PyObject *forwarder_decrypt(Forwarder *self, PyObject *args) {
-    PyObject *sslsocket, *crypto, *send, *walk;
-    if (!PyArg_ParseTuple(args, "OO!O!O!:decrypt", &sslsocket, &LockType, &crypto, &LockType,
-                          &send, &RecordWalkType, &walk))
-        return NULL;
-    if (self->busy) {
-        PyErr_SetString(PyExc_RuntimeError, "Forwarder in use");
-        return NULL;
-    }
-    if (self->raw == NULL && (self->raw = malloc((size_t)self->size)) == NULL)
-        return PyErr_NoMemory();
-    if (side_set(&self->from, sslsocket, crypto, send, walk) < 0)
-        return NULL;
-    Py_RETURN_NONE;
-}
-
-static PyObject *forwarder_encrypt(Forwarder *self, PyObject *args) {
-    PyObject *sslsocket, *crypto;
-    if (!PyArg_ParseTuple(args, "OO!:encrypt", &sslsocket, &LockType, &crypto))
-        return NULL;
-    if (self->busy) {
-        PyErr_SetString(PyExc_RuntimeError, "Forwarder in use");
-        return NULL;
-    }
-    if (side_set(&self->to, sslsocket, crypto, NULL, NULL) < 0)
-        return NULL;
-    Py_RETURN_NONE;
-}
-
-/* Without the GIL: the next plaintext from a TLS source into `data` (at most `size`): its
- * length, 0 at the end of the stream, -1 on a failure (*failure says which). The same
- * steps as TlsEnd.receive: what OpenSSL already decrypted first, then one recv(). */
-static Py_ssize_t tls_receive(Forwarder *self, char *data, Failure *failure) {
-    TlsSide *from = &self->from;
-    if (self->failed.errno_ || self->failed.ssl_kind) {
-        *failure = self->failed;
+/* Without the GIL: the next plaintext into `data` (room for the core's `size`): its
+ * length, 0 at the end of the stream, -1 on a failure (*failure says which). What
+ * OpenSSL can already decrypt comes first, then one recv(). */
+static Py_ssize_t tls_receive(TlsCore *core, char *data, Failure *failure) {
+    if (core->failed.ssl_kind || core->failed.errno_) {
+        *failure = core->failed;
         return -1;
     }
     for (;;) {
         Py_ssize_t filled = 0;
-        Py_ssize_t reply = 0;
-        lock_take(from->crypto);
+        lock_take(core->crypto);
         ERR_clear_error();
-        while (filled < self->size && !self->eof) { /* one SSL_read gives one TLS record */
-            int got = SSL_read(from->ssl, data + filled, (int)(self->size - filled));
+        while (filled < core->size && !core->eof) { /* one SSL_read gives one TLS record */
+            int got = SSL_read(core->ssl, data + filled, (int)(core->size - filled));
             if (got > 0) {
                 filled += got;
                 continue;
             }
-            int kind = SSL_get_error(from->ssl, got);
+            int kind = SSL_get_error(core->ssl, got);
             if (kind == SSL_ERROR_ZERO_RETURN) { /* close_notify: the peer's clean end */
-                self->eof = 1;
+                core->eof = 1;
             } else if (kind != SSL_ERROR_WANT_READ) {
                 failure->ssl_error = ERR_get_error();
                 failure->ssl_kind = kind;
-                ERR_clear_error();
             }
+            ERR_clear_error();
             break;
         }
-        /* e.g. an answer to a key update, sent before the lock is let go: in order */
-        reply = take_outgoing(from->ssl, &self->out, &self->out_capacity);
-        if (reply)
-            lock_take(from->send);
-        lock_give(from->crypto);
-        if (reply > 0) {
-            send_all(self->source, self->out, reply, &failure->errno_);
-        } else if (reply < 0) {
-            failure->errno_ = ENOMEM;
+        /* OpenSSL wants more: it has read all but part of a record, which moves to the
+         * front when the room after it is short, so the next recv() has `size` at least */
+        if (core->in_start == core->in_end) {
+            core->in_start = core->in_end = 0;
+        } else if (core->in_capacity - core->in_end < MAX_RECORD) {
+            memmove(core->in, core->in + core->in_start, core->in_end - core->in_start);
+            core->in_end -= core->in_start;
+            core->in_start = 0;
         }
-        if (reply)
-            lock_give(from->send);
+        Buf *reply = take_out(core); /* e.g. an answer to a key update */
+        if (reply != NULL)
+            lock_take(core->send); /* before the crypto lock is let go: in order */
+        lock_give(core->crypto);
+        if (reply != NULL) {
+            send_all(core->fd, reply->data, (Py_ssize_t)reply->length, &failure->errno_);
+            lock_give(core->send);
+            give_back(core, reply);
+        }
         if (failure->ssl_kind || failure->errno_) {
             if (!filled)
                 return -1;
-            self->failed = *failure; /* the plaintext that came before it goes first */
-            *failure = (Failure){0, 0, 0, 0};
+            core->failed = *failure; /* the plaintext that came before it goes first */
+            *failure = NO_FAILURE;
         }
-        if (filled || self->eof)
+        if (filled || core->eof)
             return filled;
         ssize_t got;
+        /* only this thread writes past in_end, and OpenSSL reads only before it */
         do
-            got = recv(self->source, self->raw, (size_t)self->size, 0);
+            got = recv(core->fd, core->in + core->in_end, core->in_capacity - core->in_end, 0);
         while (got < 0 && errno == EINTR);
         if (got < 0) {
             failure->errno_ = errno;
             return -1;
         }
         if (got == 0) {
-            if (from->walk->cut) { /* the peer vanished inside a TLS record */
-                failure->cut = from->walk->cut;
+            if (core->walk->cut) { /* the peer vanished inside a TLS record */
+                failure->cut = core->walk->cut;
                 return -1;
             }
             return 0; /* cut without close_notify: the same end for a SPICE channel */
         }
-        walk_feed(from->walk, (unsigned char *)self->raw, got);
-        lock_take(from->crypto);
-        int put = BIO_write(SSL_get_rbio(from->ssl), self->raw, (int)got);
-        lock_give(from->crypto);
-        if (put != got) {
-            failure->errno_ = ENOMEM;
-            return -1;
-        }
+        walk_feed(core->walk, (unsigned char *)core->in + core->in_end, got);
+        lock_take(core->crypto);
+        core->in_end += (size_t)got;
+        lock_give(core->crypto);
     }
 }
 
-/* Without the GIL: `size` bytes of plaintext to a TLS sink. How many of them crossed: all,
- * or 0 when the ciphertext did not all go (a TLS end's send is all or nothing, as in
- * TlsEnd.send); *error is set then. */
-static Py_ssize_t tls_send(Forwarder *self, const char *data, Py_ssize_t size, int *error) {
-    TlsSide *to = &self->to;
-    lock_take(to->crypto);
+/* Without the GIL: `size` bytes of plaintext out. How many of them crossed: all, or 0
+ * when the ciphertext did not all go (all or nothing, as TlsEnd.send has been: counting
+ * TLS records to know what the peer could read is not done); *error is set then. */
+static Py_ssize_t tls_send(TlsCore *core, const char *data, Py_ssize_t size, int *error) {
+    lock_take(core->crypto);
     ERR_clear_error();
-    /* into a memory BIO, SSL_write takes all of it (no partial writes asked for) */
-    int wrote = SSL_write(to->ssl, data, (int)size);
-    Py_ssize_t cipher = wrote == size ? take_outgoing(to->ssl, &self->out, &self->out_capacity) : -1;
+    /* into our BIO, SSL_write takes all of it (no partial writes asked for) */
+    int wrote = SSL_write(core->ssl, data, (int)size);
     ERR_clear_error();
-    if (cipher < 0) {
-        lock_give(to->crypto);
-        *error = wrote == size ? ENOMEM : EPROTO;
+    Buf *cipher = take_out(core);
+    lock_take(core->send); /* before the crypto lock is let go: ciphertext in order */
+    lock_give(core->crypto);
+    Py_ssize_t sent = 0;
+    if (cipher != NULL)
+        sent = send_all(core->fd, cipher->data, (Py_ssize_t)cipher->length, error);
+    lock_give(core->send);
+    int whole = cipher != NULL && (size_t)sent == cipher->length;
+    if (cipher != NULL)
+        give_back(core, cipher);
+    if (wrote != size) {
+        *error = EPROTO;
         return 0;
     }
-    lock_take(self->lock); /* before the crypto lock is let go: ciphertext in order */
-    lock_give(to->crypto);
-    Py_ssize_t sent = send_all(self->sink, self->out, cipher, error);
-    lock_give(self->lock);
-    return sent == cipher ? size : 0;
+    return whole ? size : 0;
 }
 
 /* ssl.SSLError, worded as the ssl module words it ("[SSL: NAME] text"), from a failure */
@@ -550,6 +648,164 @@ static void raise_tls(const Failure *failure) {
     Py_DECREF(ssl_module);
 }
 
+/* `got` bytes at the start of *buffer (a bytes object only we refer to) as a bytes object
+ * of their own: a short chunk is copied out, a long one takes the buffer itself (a new one
+ * is made for the next receive). Small inputs then cost no large allocation, bulk data no
+ * copy. */
+static PyObject *chunk_of(PyObject **buffer, Py_ssize_t got, Py_ssize_t size) {
+    if (got < COPY_BELOW)
+        return PyBytes_FromStringAndSize(PyBytes_AS_STRING(*buffer), got);
+    PyObject *chunk = *buffer;
+    *buffer = NULL;
+    if (got < size && _PyBytes_Resize(&chunk, got) < 0)
+        return NULL;
+    return chunk;
+}
+
+/* With the GIL again: the exception a failed receive ends in */
+static PyObject *raise_failure(const Failure *failure) {
+    if (failure->errno_) {
+        errno = failure->errno_;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    raise_tls(failure);
+    return NULL;
+}
+
+/* receive() -> bytes: TlsEnd.receive's, for a TLS end taken over */
+static PyObject *core_receive(TlsCore *self, PyObject *unused) {
+    if (self->receiving) {
+        PyErr_SetString(PyExc_RuntimeError, "a TLS end received from two threads at once");
+        return NULL;
+    }
+    if (self->buffer == NULL && (self->buffer = PyBytes_FromStringAndSize(NULL, self->size)) == NULL)
+        return NULL;
+    char *data = PyBytes_AS_STRING(self->buffer);
+    Failure failure = NO_FAILURE;
+    Py_ssize_t got;
+    self->receiving = 1;
+    Py_BEGIN_ALLOW_THREADS
+    got = tls_receive(self, data, &failure);
+    Py_END_ALLOW_THREADS
+    self->receiving = 0;
+    if (got < 0)
+        return raise_failure(&failure);
+    return chunk_of(&self->buffer, got, self->size);
+}
+
+/* send(data): TlsEnd.send's, for a TLS end taken over; OSError when it did not all go */
+static PyObject *core_send(TlsCore *self, PyObject *arg) {
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (view.len == 0 || view.len > INT_MAX) {
+        Py_ssize_t len = view.len;
+        PyBuffer_Release(&view);
+        if (len == 0)
+            Py_RETURN_NONE;
+        PyErr_SetString(PyExc_ValueError, "a TLS send of more than 2 GiB");
+        return NULL;
+    }
+    int error = 0;
+    Py_ssize_t delivered;
+    Py_BEGIN_ALLOW_THREADS
+    delivered = tls_send(self, view.buf, view.len, &error);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&view);
+    if (delivered == 0) {
+        errno = error ? error : EPIPE;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef core_methods[] = {
+    {"receive", (PyCFunction)core_receive, METH_NOARGS, NULL},
+    {"send", (PyCFunction)core_send, METH_O, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject TlsCoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "proxy.io._forward.TlsCore",
+    .tp_doc = "A TLS end's OpenSSL connection, taken over once its handshake is done.",
+    .tp_basicsize = sizeof(TlsCore),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)core_init,
+    .tp_dealloc = (destructor)core_dealloc,
+    .tp_methods = core_methods,
+};
+
+/* ---- Forwarder ----------------------------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    int source, sink;   /* file descriptors, open as long as the channel's pumps run */
+    Lock *lock;         /* the sink's send lock (a reference held) */
+    Py_ssize_t size;    /* the most one receive takes */
+    PyObject *buffer;   /* a bytes object of `size` only we refer to, or NULL */
+    int busy;           /* a call is under way: one thread per forwarder */
+    TlsCore *from, *to; /* the source's and the sink's TLS, when they have it */
+} Forwarder;
+
+static int forwarder_init(Forwarder *self, PyObject *args, PyObject *kwargs) {
+    static char *names[] = {"source", "sink", "lock", "size", NULL};
+    int source, sink;
+    PyObject *lock;
+    Py_ssize_t size;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "iiO!n:Forwarder", names, &source, &sink,
+                                     &LockType, &lock, &size))
+        return -1;
+    if (source < 0 || sink < 0 || size <= 0 || size > INT_MAX) {
+        PyErr_SetString(PyExc_ValueError, "Forwarder needs two open sockets and a size > 0");
+        return -1;
+    }
+    self->source = source;
+    self->sink = sink;
+    Py_XSETREF(self->lock, (Lock *)Py_NewRef(lock));
+    self->size = size;
+    Py_CLEAR(self->buffer);
+    Py_CLEAR(self->from);
+    Py_CLEAR(self->to);
+    return 0;
+}
+
+static void forwarder_dealloc(Forwarder *self) {
+    Py_XDECREF(self->lock);
+    Py_XDECREF(self->buffer);
+    Py_XDECREF(self->from);
+    Py_XDECREF(self->to);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *forwarder_decrypt(Forwarder *self, PyObject *core) {
+    if (!PyObject_TypeCheck(core, &TlsCoreType) || ((TlsCore *)core)->fd != self->source ||
+        ((TlsCore *)core)->size > self->size) {
+        PyErr_SetString(PyExc_ValueError, "decrypt() takes the source's TlsCore");
+        return NULL;
+    }
+    if (self->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "Forwarder in use");
+        return NULL;
+    }
+    Py_XSETREF(self->from, (TlsCore *)Py_NewRef(core));
+    Py_RETURN_NONE;
+}
+
+static PyObject *forwarder_encrypt(Forwarder *self, PyObject *core) {
+    if (!PyObject_TypeCheck(core, &TlsCoreType) || ((TlsCore *)core)->fd != self->sink ||
+        ((TlsCore *)core)->send != self->lock) {
+        PyErr_SetString(PyExc_ValueError, "encrypt() takes the sink's TlsCore");
+        return NULL;
+    }
+    if (self->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "Forwarder in use");
+        return NULL;
+    }
+    Py_XSETREF(self->to, (TlsCore *)Py_NewRef(core));
+    Py_RETURN_NONE;
+}
+
 /* forward() -> (data, delivered, error, time)
  *
  * One receive from the source (blocking: a recv(), or with TLS the plaintext that a recv()
@@ -567,7 +823,7 @@ static PyObject *forwarder_call(Forwarder *self, PyObject *args, PyObject *kwarg
         PyErr_SetString(PyExc_RuntimeError, "Forwarder was not initialised");
         return NULL;
     }
-    if (self->busy) {
+    if (self->busy || (self->from != NULL && self->from->receiving)) {
         PyErr_SetString(PyExc_RuntimeError, "Forwarder called from two threads at once");
         return NULL;
     }
@@ -580,12 +836,14 @@ static PyObject *forwarder_call(Forwarder *self, PyObject *args, PyObject *kwarg
     Py_ssize_t got;
     Py_ssize_t sent = 0;
     int send_error = 0;
-    Failure failure = {0, 0, 0, 0};
+    Failure failure = NO_FAILURE;
     struct timespec at = {0, 0};
     self->busy = 1;
+    if (self->from != NULL)
+        self->from->receiving = 1;
     Py_BEGIN_ALLOW_THREADS
-    if (self->from.ssl != NULL) {
-        got = tls_receive(self, data, &failure);
+    if (self->from != NULL) {
+        got = tls_receive(self->from, data, &failure);
     } else {
         do
             got = recv(self->source, data, (size_t)self->size, 0);
@@ -595,8 +853,8 @@ static PyObject *forwarder_call(Forwarder *self, PyObject *args, PyObject *kwarg
     }
     if (got > 0) {
         clock_gettime(CLOCK_MONOTONIC, &at);
-        if (self->to.ssl != NULL) {
-            sent = tls_send(self, data, got, &send_error);
+        if (self->to != NULL) {
+            sent = tls_send(self->to, data, got, &send_error);
         } else {
             lock_take(self->lock);
             sent = send_all(self->sink, data, got, &send_error);
@@ -605,34 +863,22 @@ static PyObject *forwarder_call(Forwarder *self, PyObject *args, PyObject *kwarg
     }
     Py_END_ALLOW_THREADS
     self->busy = 0;
-    if (got < 0) {
-        if (failure.errno_) {
-            errno = failure.errno_;
-            return PyErr_SetFromErrno(PyExc_OSError);
-        }
-        raise_tls(&failure);
+    if (self->from != NULL)
+        self->from->receiving = 0;
+    if (got < 0)
+        return raise_failure(&failure);
+    PyObject *chunk = chunk_of(&self->buffer, got, self->size);
+    if (chunk == NULL)
         return NULL;
-    }
-    PyObject *chunk;
-    if (got < COPY_BELOW) {
-        chunk = PyBytes_FromStringAndSize(data, got);
-        if (chunk == NULL)
-            return NULL;
-    } else {
-        chunk = self->buffer;
-        self->buffer = NULL;
-        if (got < self->size && _PyBytes_Resize(&chunk, got) < 0)
-            return NULL;
-    }
     double seconds = (double)at.tv_sec + (double)at.tv_nsec * 1e-9;
     return Py_BuildValue("(Nnid)", chunk, sent, send_error, seconds);
 }
 
 static PyMethodDef forwarder_methods[] = {
-    {"decrypt", (PyCFunction)forwarder_decrypt, METH_VARARGS,
-     "decrypt(sslsocket, crypto_lock, send_lock, walk): the source is this TLS end"},
-    {"encrypt", (PyCFunction)forwarder_encrypt, METH_VARARGS,
-     "encrypt(sslsocket, crypto_lock): the sink is this TLS end"},
+    {"decrypt", (PyCFunction)forwarder_decrypt, METH_O,
+     "decrypt(core): the source is this TLS end (its TlsCore)"},
+    {"encrypt", (PyCFunction)forwarder_encrypt, METH_O,
+     "encrypt(core): the sink is this TLS end (its TlsCore)"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -680,13 +926,23 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__forward(void) {
     if (PyType_Ready(&LockType) < 0 || PyType_Ready(&RecordWalkType) < 0 ||
-        PyType_Ready(&ForwarderType) < 0)
+        PyType_Ready(&TlsCoreType) < 0 || PyType_Ready(&ForwarderType) < 0)
         return NULL;
+    core_bio_method = BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK, "spicetap core");
+    if (core_bio_method == NULL || !BIO_meth_set_read(core_bio_method, core_bio_read) ||
+        !BIO_meth_set_write(core_bio_method, core_bio_write) ||
+        !BIO_meth_set_ctrl(core_bio_method, core_bio_ctrl) ||
+        !BIO_meth_set_create(core_bio_method, core_bio_create) ||
+        !BIO_meth_set_destroy(core_bio_method, core_bio_destroy)) {
+        PyErr_SetString(PyExc_ImportError, "OpenSSL could not make a BIO method");
+        return NULL;
+    }
     PyObject *mod = PyModule_Create(&module);
     if (mod == NULL)
         return NULL;
     if (PyModule_AddObjectRef(mod, "Lock", (PyObject *)&LockType) < 0 ||
         PyModule_AddObjectRef(mod, "RecordWalk", (PyObject *)&RecordWalkType) < 0 ||
+        PyModule_AddObjectRef(mod, "TlsCore", (PyObject *)&TlsCoreType) < 0 ||
         PyModule_AddObjectRef(mod, "Forwarder", (PyObject *)&ForwarderType) < 0) {
         Py_DECREF(mod);
         return NULL;

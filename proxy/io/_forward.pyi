@@ -21,16 +21,30 @@ class RecordWalk:
     def cut(self) -> int: ...
     def feed(self, data: bytes) -> None: ...
 
+class TlsCore:
+    """A TLS end's OpenSSL connection (an _ssl._SSLSocket, handshake done), taken over from
+    its memory BIOs; its receives and sends, as TlsEnd's."""
+
+    def __init__(
+        self,
+        sslsocket: object,
+        fd: int,
+        crypto_lock: Lock,
+        send_lock: Lock,
+        walk: RecordWalk,
+        size: int,
+    ) -> None: ...
+    def receive(self) -> bytes: ...
+    def send(self, data: bytes) -> None: ...
+
 class Forwarder:
     """One receive from `source` and its bytes sent to `sink` under `lock`, per call."""
 
     def __init__(self, source: int, sink: int, lock: Lock, size: int) -> None: ...
-    def decrypt(
-        self, sslsocket: object, crypto_lock: Lock, send_lock: Lock, walk: RecordWalk
-    ) -> None:
-        """The source is a TLS end: this _ssl._SSLSocket over memory BIOs, handshake done."""
-    def encrypt(self, sslsocket: object, crypto_lock: Lock) -> None:
-        """The sink is a TLS end, likewise."""
+    def decrypt(self, core: TlsCore) -> None:
+        """The source is this TLS end."""
+    def encrypt(self, core: TlsCore) -> None:
+        """The sink is this TLS end."""
     def __call__(self) -> tuple[bytes, int, int, float]:
         """(data, delivered, errno that cut the send or 0, monotonic time of arrival)."""
 

@@ -125,10 +125,18 @@ class PlainEnd:
         """A call that receives the next bytes from this end and sends them all to `sink`
         with no Python between (see proxy/io/_forward.c), for the pump of one direction;
         None when the C extension is not built, or an end does its own receive or send
-        (a test's end), or TLS cannot be done there (TLS_WITHOUT_C)."""
+        (a test's end), or TLS cannot be done there (TLS_WITHOUT_C). A TLS end is taken
+        over by C for good: call this before any thread uses the ends."""
         if _forward is None or self._own_io() or sink._own_io():
             return None
         if (self.tls or sink.tls) and TLS_WITHOUT_C is not None:
+            return None
+        try:
+            source_core, sink_core = self._take_over(), sink._take_over()
+        except (TypeError, ValueError) as exc:  # not the _ssl this was written against
+            if str(exc) not in _SAID:  # once, not once per channel
+                _SAID.add(str(exc))
+                log.warning("TLS channels forward in Python, more slowly: %s", exc)
             return None
         forward = _forward.Forwarder(
             self.sock.fileno(),
@@ -136,25 +144,19 @@ class PlainEnd:
             cast(_forward.Lock, sink.send_lock),
             RECEIVE_SIZE,
         )
-        try:
-            self._decrypting(forward)
-            sink._encrypting(forward)
-        except (TypeError, ValueError) as exc:  # not the _ssl this was written against
-            if str(exc) not in _SAID:  # once, not once per channel
-                _SAID.add(str(exc))
-                log.warning("TLS channels forward in Python, more slowly: %s", exc)
-            return None
+        if source_core is not None:
+            forward.decrypt(source_core)
+        if sink_core is not None:
+            forward.encrypt(sink_core)
         return forward
 
     def _own_io(self) -> bool:
         cls = type(self)
         return cls.receive not in _C_RECEIVES or cls.send not in _C_SENDS
 
-    def _decrypting(self, forward: _forward.Forwarder) -> None:
-        """Tell `forward` how this end, its source, is read (plain: as it is)."""
-
-    def _encrypting(self, forward: _forward.Forwarder) -> None:
-        """Tell `forward` how this end, its sink, is written (plain: as it is)."""
+    def _take_over(self) -> _forward.TlsCore | None:
+        """A TLS end's connection, moved into C (plain: nothing to move)."""
+        return None
 
     def abort(self) -> None:
         """Wake the thread blocked in receive() (it sees the end of stream); any thread."""
@@ -193,6 +195,8 @@ class TlsEnd(PlainEnd):
         # buffers cannot say whether the peer left inside one
         self.records = _new_record_walk()
         self._plain = memoryview(bytearray(FIRST_PLAIN))  # receive()'s, one thread's
+        # once the C forwarder takes this end over, all its receives and sends go there
+        self.core: _forward.TlsCore | None = None
 
     def handshake(self, timeout: float) -> None:
         """Run the TLS handshake to the end within `timeout` seconds (TimeoutError)."""
@@ -224,6 +228,8 @@ class TlsEnd(PlainEnd):
             self.sock.sendall(data)
 
     def receive(self) -> bytes:
+        if self.core is not None:
+            return self.core.receive()
         plain = self._plain
         size = len(plain)
         while not self.eof:
@@ -276,6 +282,9 @@ class TlsEnd(PlainEnd):
         return b""
 
     def send(self, data: bytes) -> None:
+        if self.core is not None:
+            self.core.send(data)
+            return
         self.lock.acquire()
         try:
             self.obj.write(data)
@@ -291,18 +300,19 @@ class TlsEnd(PlainEnd):
     def getpeercert(self) -> dict[str, object] | None:
         return self.obj.getpeercert()  # type: ignore[return-value]
 
-    # The C forwarder takes over the OpenSSL connection under self.lock once the handshake
-    # is done; ssl.SSLObject keeps its _ssl._SSLSocket in _sslobj.
-    def _decrypting(self, forward: _forward.Forwarder) -> None:
-        forward.decrypt(
-            self.obj._sslobj,  # type: ignore[attr-defined]
-            cast(_forward.Lock, self.lock),
-            cast(_forward.Lock, self.send_lock),
-            cast(_forward.RecordWalk, self.records),
-        )
-
-    def _encrypting(self, forward: _forward.Forwarder) -> None:
-        forward.encrypt(self.obj._sslobj, cast(_forward.Lock, self.lock))  # type: ignore[attr-defined]
+    def _take_over(self) -> _forward.TlsCore | None:
+        # The SSL of the ssl.SSLObject (its _sslobj, an _ssl._SSLSocket) leaves its memory
+        # BIOs for the C core's buffers, what they held included; the handshake is done.
+        if self.core is None:
+            self.core = _forward.TlsCore(
+                self.obj._sslobj,  # type: ignore[attr-defined]
+                self.sock.fileno(),
+                cast(_forward.Lock, self.lock),
+                cast(_forward.Lock, self.send_lock),
+                cast(_forward.RecordWalk, self.records),
+                RECEIVE_SIZE,
+            )
+        return self.core
 
 
 class RecordWalk:

@@ -53,6 +53,8 @@ class ThreadedChannel:
         self.sinks = {C2S: upstream, S2C: viewer}
         self.effects = effects
         self.redirector = redirector
+        # made before either pump runs: a TLS end moves into C as its forwarder is made
+        self.forwards = {d: self.sources[d].forward_to(self.sinks[d]) for d in (C2S, S2C)}
         self.reason: str | None = None
         self._reason_lock = threading.Lock()
 
@@ -67,7 +69,7 @@ class ThreadedChannel:
     def pump(self, direction: str) -> None:
         """One direction until its source ends or the channel finishes (a worker thread)."""
         source, relay, lock = self.sources[direction], self.relay, self.lock
-        forward = source.forward_to(self.sinks[direction])  # None unless both ends are plain
+        forward = self.forwards[direction]  # None: Python only (no extension, a test's end)
         try:
             while self.reason is None:
                 if forward is not None and relay.unchanged(direction) and not source.prefix:

@@ -9,6 +9,7 @@ import hashlib
 import os
 import socket
 import ssl
+import struct
 import threading
 import time
 from typing import Any
@@ -20,6 +21,15 @@ from proxy.io.ends import RECEIVE_SIZE, Forward, PlainEnd, RecordWalk, TlsEnd, t
 from tests.proxy.test_pumps import TIMEOUT, drain, in_threads, recv_exactly, tls_pair
 
 LEGS = ["tls-tls", "tls-plain", "plain-tls"]
+
+
+def bounded(*ends: PlainEnd) -> None:
+    """A receive that waits TIMEOUT seconds fails (EAGAIN) instead of hanging the test; the
+    sockets stay blocking, as the forwarder needs them."""
+    for end in ends:
+        end.sock.setsockopt(
+            socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", int(TIMEOUT), 0)
+        )
 
 
 class Legs:
@@ -43,6 +53,7 @@ class Legs:
         else:
             a, b = socket.socketpair()
             self.server, self.sink = PlainEnd(a), PlainEnd(b)
+        bounded(self.source, self.viewer, self.sink, self.server)
         forward = self.source.forward_to(self.sink)
         assert isinstance(forward, _forward.Forwarder)
         self.forward: Forward = forward
@@ -162,12 +173,12 @@ def test_a_forged_record_is_an_ssl_error_after_the_plaintext_before_it(
     wire.close()
 
 
-def test_python_and_c_take_turns_on_the_same_tls_ends(
+def test_an_ends_receive_send_and_forwarder_take_turns_on_it(
     tls_pair_contexts: tuple[Any, Any],
 ) -> None:
-    """The link stage runs in Python (receive, then send), the linked channel in C, and
-    the other direction may keep to Python (a rewriter) while sending to the same end:
-    OpenSSL's state is one, the crypto lock is shared, and ciphertext stays in order."""
+    """The link stage receives and sends through the ends, the linked channel through the
+    forwarder, and the other direction may keep to the ends (a rewriter) while sending to
+    the same end: one OpenSSL state, one crypto lock, ciphertext in order."""
     wire = Legs("tls-tls", tls_pair_contexts)
     wire.viewer.send(b"link message")
     assert wire.source.receive() == b"link message"  # Python, as in the link stage
@@ -238,11 +249,37 @@ def test_an_end_whose_handshake_is_not_done_stays_in_python(
     plain = PlainEnd(b)
     assert fresh.forward_to(plain) is None
     assert plain.forward_to(fresh) is None
-    forward = _forward.Forwarder(b.fileno(), a.fileno(), _forward.Lock(), 1024)
-    with pytest.raises(TypeError, match=r"_ssl\._SSLSocket"):
-        forward.encrypt(object(), _forward.Lock())
+    assert fresh.core is None
+    lock, walk = _forward.Lock(), _forward.RecordWalk()
+    with pytest.raises(TypeError, match=r"not an _ssl\._SSLSocket"):
+        _forward.TlsCore(object(), a.fileno(), lock, lock, walk, 1024)
     fresh.close()
     plain.close()
+
+
+def test_what_the_memory_bios_held_moves_into_c_with_the_connection(
+    tls_pair_contexts: tuple[Any, Any],
+) -> None:
+    """The handshake's last receive can bring the first application data with it, already
+    in the incoming memory BIO when C takes the end over: it comes out first."""
+    source, viewer = tls_pair(tls_pair_contexts)
+    assert isinstance(source, TlsEnd)
+    viewer.send(b"early")
+    time.sleep(0.1)
+    source.records.feed(raw := source.sock.recv(65536))  # as the handshake would have
+    source.incoming.write(raw)
+    a, b = socket.socketpair()
+    sink = PlainEnd(a)
+    bounded(source, viewer, sink)
+    forward = source.forward_to(sink)
+    assert forward is not None and source.core is not None
+    viewer.send(b" and later")
+    came, whole = forward_until(forward, len(b"early and later"))
+    assert came == b"early and later" and whole
+    assert recv_exactly(b, len(came)) == came
+    for end in (source, viewer, sink):
+        end.close()
+    b.close()
 
 
 @pytest.mark.parametrize("walk", [RecordWalk, _forward.RecordWalk], ids=["python", "c"])

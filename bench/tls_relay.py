@@ -1,8 +1,12 @@
-"""TLS relaying from Python, two ways, in one thread: what one direction of a TLS channel
-costs the proxy before any recording.
+"""TLS relaying, three ways, in one thread: what one direction of a TLS channel costs the
+proxy before any recording.
 
-- `memory-bio`: spicetap's blocking ends (proxy/io/ends.py: an ssl.SSLObject over memory
-  BIOs, one recv() and one send() per 256 KiB), what the proxy's pumps use;
+- `c-forwarder`: what the proxy's pumps use once a channel is linked: the C forwarder
+  (proxy/io/_forward.c) on the ends' OpenSSL connections, taken over from their memory
+  BIOs (TlsCore), without the GIL;
+- `memory-bio`: spicetap's blocking ends in Python (proxy/io/ends.py: an ssl.SSLObject over
+  memory BIOs, one recv() and one send() per 256 KiB), what the pumps use without the
+  extension, and what they all used before session 11;
 - `socket`: ssl.SSLSocket on the socket itself (OpenSSL reads and writes the socket),
   recv_into() and sendall(): the way haproxy uses OpenSSL, here from Python.
 
@@ -36,13 +40,13 @@ from rich.progress import Progress
 from rich.table import Table
 
 from bench.proxies import HOST, Pki, make_pki
-from proxy.io.ends import tls_end
+from proxy.io.ends import TLS_WITHOUT_C, TlsEnd, tls_end
 from proxy.tls import server_context
 
 CHUNK = 256 * 1024
 TIMEOUT = 120.0  # seconds for one transfer, at most
 RESULTS = Path(__file__).resolve().parent / "results" / "tls_relay.json"
-WAYS = ("memory-bio", "socket")
+WAYS = ("c-forwarder", "memory-bio", "socket")
 
 
 def _client_context(pki: Pki) -> ssl.SSLContext:
@@ -86,13 +90,37 @@ def _receive(listener: socket.socket, pki: Pki) -> None:
 Relay = Callable[[socket.socket, socket.socket, Pki], int]
 
 
-def _relay_memory_bio(viewer: socket.socket, server: socket.socket, pki: Pki) -> int:
+def _tls_ends(viewer: socket.socket, server: socket.socket, pki: Pki) -> tuple[TlsEnd, TlsEnd]:
     source = tls_end(viewer, server_context(pki.proxy_cert, pki.proxy_key, None), server_side=True)
     sink = tls_end(server, _client_context(pki), server_side=False, server_hostname=HOST)
     shake = threading.Thread(target=source.handshake, args=(TIMEOUT,))
     shake.start()
     sink.handshake(TIMEOUT)
     shake.join(TIMEOUT)
+    return source, sink
+
+
+def _relay_c(viewer: socket.socket, server: socket.socket, pki: Pki) -> int:
+    source, sink = _tls_ends(viewer, server, pki)
+    forward = source.forward_to(sink)
+    if forward is None:
+        raise RuntimeError(f"no C forwarder for TLS here: {TLS_WITHOUT_C}")
+    moved = 0
+    for _ in range(1 << 24):
+        try:
+            data, delivered, error, _at = forward()
+        except OSError:  # the sender's close without close_notify
+            break
+        if not data:
+            break
+        if delivered < len(data):
+            raise OSError(error, os.strerror(error))
+        moved += len(data)
+    return moved
+
+
+def _relay_memory_bio(viewer: socket.socket, server: socket.socket, pki: Pki) -> int:
+    source, sink = _tls_ends(viewer, server, pki)
     moved = 0
     for _ in range(1 << 24):
         try:
@@ -125,7 +153,11 @@ def _relay_socket(viewer: socket.socket, server: socket.socket, pki: Pki) -> int
     return moved
 
 
-RELAYS: dict[str, Relay] = {"memory-bio": _relay_memory_bio, "socket": _relay_socket}
+RELAYS: dict[str, Relay] = {
+    "c-forwarder": _relay_c,
+    "memory-bio": _relay_memory_bio,
+    "socket": _relay_socket,
+}
 
 
 def transfer(way: str, pki: Pki, total: int) -> dict[str, float]:
@@ -174,7 +206,10 @@ def main(argv: list[str] | None = None) -> int:
                 runs[way].append(transfer(way, pki, total))
                 progress.advance(task)
     best = {way: min(r, key=lambda x: x["cpu_s_per_gb"]) for way, r in runs.items()}
-    ratio = best["socket"]["cpu_s_per_gb"] / best["memory-bio"]["cpu_s_per_gb"]
+    bio = best["memory-bio"]["cpu_s_per_gb"]
+    ratios = {
+        f"{way}_x_bio": best[way]["cpu_s_per_gb"] / bio for way in WAYS if way != "memory-bio"
+    }
     table = Table(title="TLS relayed in one thread, best of each (CPU of the relaying thread)")
     for column in ("way", "CPU s/GB", "MB/s", "CPU x memory-bio"):
         table.add_column(column)
@@ -187,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{b['cpu_s_per_gb'] / best['memory-bio']['cpu_s_per_gb']:.2f}x",
         )
     Console().print(table)
-    result: dict[str, Any] = {"bytes": total, "runs": runs, "best": best, "socket_x_bio": ratio}
+    result: dict[str, Any] = {"bytes": total, "runs": runs, "best": best, **ratios}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=1) + "\n")
     print(f"results in {RESULTS}")

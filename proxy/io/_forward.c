@@ -533,10 +533,14 @@ static Py_ssize_t tls_receive(TlsCore *core, char *data, Failure *failure) {
         }
         if (filled || core->eof)
             return filled;
+        /* No more ciphertext in the buffer than `size`: what it decrypts to then fits one
+         * receive's plaintext, and a bulk stream comes in whole chunks of about `size`,
+         * not in a full one and its remainder by turns (each chunk costs the recording
+         * its bookkeeping). Only this thread writes past in_end; OpenSSL reads before it. */
+        size_t room = (size_t)core->size - (core->in_end - core->in_start);
         ssize_t got;
-        /* only this thread writes past in_end, and OpenSSL reads only before it */
         do
-            got = recv(core->fd, core->in + core->in_end, core->in_capacity - core->in_end, 0);
+            got = recv(core->fd, core->in + core->in_end, room, 0);
         while (got < 0 && errno == EINTR);
         if (got < 0) {
             failure->errno_ = errno;

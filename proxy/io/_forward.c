@@ -560,14 +560,32 @@ static Py_ssize_t tls_receive(TlsCore *core, char *data, Failure *failure) {
     }
 }
 
-/* Without the GIL: `size` bytes of plaintext out. How many of them crossed: all, or 0
- * when the ciphertext did not all go (all or nothing, as TlsEnd.send has been: counting
- * TLS records to know what the peer could read is not done); *error is set then. */
+/* OpenSSL's default largest record (max_send_fragment): tls_send writes this much
+ * plaintext per SSL_write, one record each */
+#define PIECE 16384
+
+/* Without the GIL: `size` bytes of plaintext out. How many of them the peer can read: all,
+ * or when the send was cut part-way (*error says why), those of the records it got whole.
+ * Each piece's ciphertext ends at a known place in `out`: the pieces that ended before the
+ * cut crossed. (Should the peer have asked for smaller records, a piece is several
+ * records and counts once all have crossed: never more than the peer got.) */
 static Py_ssize_t tls_send(TlsCore *core, const char *data, Py_ssize_t size, int *error) {
+    Py_ssize_t pieces = (size + PIECE - 1) / PIECE, written = 0, done = 0;
+    size_t fixed[32], *ends = pieces <= 32 ? fixed : malloc((size_t)pieces * sizeof(size_t));
+    if (ends == NULL) {
+        *error = ENOMEM;
+        return 0;
+    }
     lock_take(core->crypto);
     ERR_clear_error();
-    /* into our BIO, SSL_write takes all of it (no partial writes asked for) */
-    int wrote = SSL_write(core->ssl, data, (int)size);
+    for (; done < pieces; done++) {
+        int piece = size - written < PIECE ? (int)(size - written) : PIECE;
+        /* into our BIO, SSL_write takes all of a piece (no partial writes asked for) */
+        if (SSL_write(core->ssl, data + written, piece) != piece)
+            break;
+        written += piece;
+        ends[done] = core->out != NULL ? core->out->length : 0;
+    }
     ERR_clear_error();
     Buf *cipher = take_out(core);
     lock_take(core->send); /* before the crypto lock is let go: ciphertext in order */
@@ -576,14 +594,16 @@ static Py_ssize_t tls_send(TlsCore *core, const char *data, Py_ssize_t size, int
     if (cipher != NULL)
         sent = send_all(core->fd, cipher->data, (Py_ssize_t)cipher->length, error);
     lock_give(core->send);
-    int whole = cipher != NULL && (size_t)sent == cipher->length;
     if (cipher != NULL)
         give_back(core, cipher);
-    if (wrote != size) {
-        *error = EPROTO;
-        return 0;
-    }
-    return whole ? size : 0;
+    Py_ssize_t crossed = 0;
+    for (Py_ssize_t i = 0; i < done && ends[i] <= (size_t)sent; i++)
+        crossed = (i + 1) * PIECE < written ? (i + 1) * PIECE : written;
+    if (ends != fixed)
+        free(ends);
+    if (written != size && *error == 0)
+        *error = EPROTO; /* OpenSSL refused a piece */
+    return crossed;
 }
 
 /* ssl.SSLError, worded as the ssl module words it ("[SSL: NAME] text"), from a failure */
@@ -697,30 +717,19 @@ static PyObject *core_receive(TlsCore *self, PyObject *unused) {
     return chunk_of(&self->buffer, got, self->size);
 }
 
-/* send(data): TlsEnd.send's, for a TLS end taken over; OSError when it did not all go */
+/* send(data) -> (delivered, errno): TlsEnd.send's, for a TLS end taken over. All went
+ * when errno is 0; else the plaintext the peer can read (see tls_send) and why it stopped. */
 static PyObject *core_send(TlsCore *self, PyObject *arg) {
     Py_buffer view;
     if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
         return NULL;
-    if (view.len == 0 || view.len > INT_MAX) {
-        Py_ssize_t len = view.len;
-        PyBuffer_Release(&view);
-        if (len == 0)
-            Py_RETURN_NONE;
-        PyErr_SetString(PyExc_ValueError, "a TLS send of more than 2 GiB");
-        return NULL;
-    }
     int error = 0;
     Py_ssize_t delivered;
     Py_BEGIN_ALLOW_THREADS
     delivered = tls_send(self, view.buf, view.len, &error);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&view);
-    if (delivered == 0) {
-        errno = error ? error : EPIPE;
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
-    Py_RETURN_NONE;
+    return Py_BuildValue("(ni)", delivered, error);
 }
 
 static PyMethodDef core_methods[] = {

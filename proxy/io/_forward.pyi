@@ -35,7 +35,8 @@ class TlsCore:
         size: int,
     ) -> None: ...
     def receive(self) -> bytes: ...
-    def send(self, data: bytes) -> None: ...
+    def send(self, data: bytes) -> tuple[int, int]:
+        """(plaintext the peer can read, errno that cut the send or 0)."""
 
 class Forwarder:
     """One receive from `source` and its bytes sent to `sink` under `lock`, per call."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 import _ssl
 import contextlib
 import logging
+import os
 import re
 import socket
 import ssl
@@ -283,7 +284,9 @@ class TlsEnd(PlainEnd):
 
     def send(self, data: bytes) -> None:
         if self.core is not None:
-            self.core.send(data)
+            delivered, error = self.core.send(data)
+            if error:  # as a plain end says it: what crossed, of records the peer got whole
+                raise Undelivered(delivered, OSError(error, os.strerror(error)))
             return
         self.lock.acquire()
         try:
@@ -411,5 +414,6 @@ def _address(sock: socket.socket, *, local: bool) -> tuple[str, int]:
 End = PlainEnd | TlsEnd
 _C_RECEIVES = (PlainEnd.receive, TlsEnd.receive)
 _C_SENDS = (PlainEnd.send, TlsEnd.send)
-# A TlsEnd's send stays all or nothing: ciphertext cut part-way would need its TLS records
-# counted to know how much plaintext the peer could read, and a break mid-send is rare.
+# A TlsEnd's send in Python (no extension) stays all or nothing: ciphertext cut part-way
+# would need its TLS records counted to know how much plaintext the peer could read; in C
+# (TlsCore) they are.

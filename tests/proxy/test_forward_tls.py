@@ -207,11 +207,27 @@ def test_an_ends_receive_send_and_forwarder_take_turns_on_it(
     wire.close()
 
 
-def test_a_tls_sinks_cut_send_delivers_nothing_and_says_why(
+def read_to_the_cut(end: PlainEnd) -> bytes:
+    """All the plaintext a TLS end can still read: up to its peer's end, or to a record
+    cut short."""
+    got = bytearray()
+    for _ in range(100_000):
+        try:
+            data = end.receive()
+        except ssl.SSLError:  # the stream ends inside a record: its part is unreadable
+            break
+        if not data:
+            break
+        got += data
+    return bytes(got)
+
+
+def test_a_tls_sinks_cut_send_counts_the_records_that_crossed_whole(
     tls_pair_contexts: tuple[Any, Any],
 ) -> None:
-    """As TlsEnd.send: all or nothing (counting TLS records to know what the peer could
-    read is not done). The server stops reading and the sink is aborted mid-send."""
+    """The server stops reading and the sink is aborted mid-send (what finish() does): the
+    forwarder says how much plaintext crossed, exactly what the server can still decrypt
+    (the records it got whole), and the errno says why the rest did not."""
     wire = Legs("plain-tls", tls_pair_contexts)
     outcome: list[tuple[bytes, int, int, float]] = []
 
@@ -224,8 +240,8 @@ def test_a_tls_sinks_cut_send_delivers_nothing_and_says_why(
 
     def feeding() -> None:
         with contextlib.suppress(OSError):  # the source was shut down as the test ended
-            for _ in range(200):
-                wire.viewer.sock.sendall(bytes(256 * 1024))
+            for i in range(200):
+                wire.viewer.sock.sendall(i.to_bytes(4, "big") * (64 * 1024))
 
     threads = [threading.Thread(target=forwarding), threading.Thread(target=feeding)]
     for t in threads:
@@ -237,7 +253,37 @@ def test_a_tls_sinks_cut_send_delivers_nothing_and_says_why(
     wire.source.abort()
     threads[1].join(TIMEOUT)
     data, delivered, error, _at = outcome[-1]
-    assert delivered == 0 and error != 0 and data
+    assert 0 <= delivered < len(data) and error != 0
+    crossed = b"".join(d for d, _n, _e, _t in outcome[:-1]) + data[:delivered]
+    assert read_to_the_cut(wire.server) == crossed
+    wire.close()
+
+
+def test_a_tls_ends_send_cut_part_way_says_how_much_crossed(
+    tls_pair_contexts: tuple[Any, Any],
+) -> None:
+    """TlsEnd.send once C has the end (a link-stage answer, a rewriter's output): a cut
+    send raises Undelivered with the plaintext the peer can read, as a plain end's does."""
+    wire = Legs("plain-tls", tls_pair_contexts)
+    big = b"".join(i.to_bytes(4, "big") for i in range(2 << 20))  # 8 MiB, unlike anywhere
+    caught: list[BaseException] = []
+
+    def sending() -> None:
+        try:
+            wire.sink.send(big)
+        except OSError as exc:
+            caught.append(exc)
+
+    sender = threading.Thread(target=sending)
+    sender.start()
+    time.sleep(0.5)  # the socket buffers fill up and the send blocks
+    wire.sink.abort()
+    sender.join(TIMEOUT)
+    assert not sender.is_alive()
+    assert len(caught) == 1 and isinstance(caught[0], ends.Undelivered), caught
+    delivered = caught[0].delivered
+    assert 0 < delivered < len(big) and delivered % (16 * 1024) == 0  # whole records
+    assert read_to_the_cut(wire.server) == big[:delivered]
     wire.close()
 
 

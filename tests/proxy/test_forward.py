@@ -4,17 +4,19 @@ receiving side gone part-way, and that it shares the sink's send lock with Pytho
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from proxy.core.relay import RecordData
 from proxy.io import _forward, ends
-from proxy.io.ends import RECEIVE_SIZE, PlainEnd
+from proxy.io.ends import RECEIVE_SIZE, Forward, PlainEnd
 from tests.proxy.test_framing import mini
 from tests.proxy.test_pumps import TIMEOUT, Wire, recv_exactly, tcp_pair
 
@@ -103,40 +105,52 @@ def test_the_end_of_stream_is_an_empty_chunk_and_a_broken_receive_an_oserror() -
     server.close()
 
 
-def test_a_send_cut_by_the_receiving_sides_end_says_how_much_crossed() -> None:
-    """The server stops reading; the forwarder blocks in send() with the buffers full. An
-    abort of the sink (what finish() does) cuts the send: the count it gives is what the
-    server can still read, and the errno says why."""
-    pair = Pair()
-    big = bytes(range(256)) * 1024  # 256 KiB per receive at most
+def forward_until_a_send_is_cut(
+    forward: Forward, source: PlainEnd, sink: PlainEnd, feed: Callable[[], None]
+) -> tuple[bytes, int]:
+    """Forward while `feed` pushes data in and nobody reads the sink's peer, until the
+    forwarder blocks in send() with the buffers full; then an abort of the sink (what
+    finish() does) cuts that send. What crossed (the chunks delivered whole, then the part
+    of the cut one that was), and the errno the cut call gave."""
     outcome: list[tuple[bytes, int, int, float]] = []
 
     def forwarding() -> None:
         for _ in range(200):  # until a send is cut (8 MiB of socket buffers at most)
-            result = pair.forward()
+            result = forward()
             outcome.append(result)
             if result[1] < len(result[0]):
                 return
 
     def feeding() -> None:
-        try:
-            for _ in range(200):
-                pair.viewer.sendall(big)
-        except OSError:
-            pass  # the source was shut down as the test ended
+        with contextlib.suppress(OSError):  # the source was shut down as the test ended
+            feed()
 
     threads = [threading.Thread(target=forwarding), threading.Thread(target=feeding)]
     for t in threads:
         t.start()
     time.sleep(0.5)  # the sink's buffers fill up
-    pair.sink.abort()
+    sink.abort()
     threads[0].join(TIMEOUT)
     assert not threads[0].is_alive()
-    pair.source.abort()
+    source.abort()
     threads[1].join(TIMEOUT)
     data, delivered, error, _at = outcome[-1]
-    assert 0 <= delivered < len(data) and error != 0
-    crossed = b"".join(d for d, _n, _e, _t in outcome[:-1]) + data[:delivered]
+    assert 0 <= delivered < len(data)
+    return b"".join(d for d, _n, _e, _t in outcome[:-1]) + data[:delivered], error
+
+
+def test_a_send_cut_by_the_receiving_sides_end_says_how_much_crossed() -> None:
+    """The count the forwarder gives is what the server can still read, and the errno says
+    why the rest did not cross."""
+    pair = Pair()
+    big = bytes(range(256)) * 1024  # 256 KiB per receive at most
+
+    def feed() -> None:
+        for _ in range(200):
+            pair.viewer.sendall(big)
+
+    crossed, error = forward_until_a_send_is_cut(pair.forward, pair.source, pair.sink, feed)
+    assert error != 0
     pair.server.settimeout(TIMEOUT)
     read = bytearray()
     for _ in range(100_000):

@@ -18,6 +18,7 @@ import pytest
 
 from proxy.io import _forward, ends
 from proxy.io.ends import RECEIVE_SIZE, Forward, PlainEnd, RecordWalk, TlsEnd, tls_end
+from tests.proxy.test_forward import forward_until_a_send_is_cut
 from tests.proxy.test_pumps import TIMEOUT, drain, in_threads, recv_exactly, tls_pair
 
 LEGS = ["tls-tls", "tls-plain", "plain-tls"]
@@ -229,32 +230,13 @@ def test_a_tls_sinks_cut_send_counts_the_records_that_crossed_whole(
     forwarder says how much plaintext crossed, exactly what the server can still decrypt
     (the records it got whole), and the errno says why the rest did not."""
     wire = Legs("plain-tls", tls_pair_contexts)
-    outcome: list[tuple[bytes, int, int, float]] = []
 
-    def forwarding() -> None:
-        for _ in range(200):  # until a send is cut (8 MiB of socket buffers at most)
-            result = wire.forward()
-            outcome.append(result)
-            if result[1] < len(result[0]):
-                return
+    def feed() -> None:
+        for i in range(200):
+            wire.viewer.sock.sendall(i.to_bytes(4, "big") * (64 * 1024))
 
-    def feeding() -> None:
-        with contextlib.suppress(OSError):  # the source was shut down as the test ended
-            for i in range(200):
-                wire.viewer.sock.sendall(i.to_bytes(4, "big") * (64 * 1024))
-
-    threads = [threading.Thread(target=forwarding), threading.Thread(target=feeding)]
-    for t in threads:
-        t.start()
-    time.sleep(0.5)  # the sink's buffers fill up
-    wire.sink.abort()
-    threads[0].join(TIMEOUT)
-    assert not threads[0].is_alive()
-    wire.source.abort()
-    threads[1].join(TIMEOUT)
-    data, delivered, error, _at = outcome[-1]
-    assert 0 <= delivered < len(data) and error != 0
-    crossed = b"".join(d for d, _n, _e, _t in outcome[:-1]) + data[:delivered]
+    crossed, error = forward_until_a_send_is_cut(wire.forward, wire.source, wire.sink, feed)
+    assert error != 0
     assert read_to_the_cut(wire.server) == crossed
     wire.close()
 

@@ -206,9 +206,10 @@ static PyTypeObject RecordWalkType = {
 
 /* ---- TlsCore: a TLS end's connection, once linked ------------------------------------- */
 
-/* CPython's _ssl._SSLSocket (Modules/_ssl.c) begins with these fields, the same from 3.x
- * to 3.13. Not public API, so it is trusted only when the object is of that type and
- * the SSL found there names the object as its app data (_ssl sets it to itself). */
+/* CPython's _ssl._SSLSocket (Modules/_ssl.c) begins with these fields (in every version
+ * read; ends.py's CHECKED_PYTHONS lists those tested). Not public API, so it is trusted
+ * only when the object is of that type and the SSL found there names the object as its
+ * app data (_ssl sets it to itself). */
 typedef struct {
     PyObject_HEAD
     PyObject *socket_weakref;

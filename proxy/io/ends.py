@@ -60,7 +60,7 @@ class RecordWalkLike(Protocol):
 # A linked channel's forwarding step in C (proxy/io/_forward.c): receive and send with no
 # GIL between them. Without the extension the pumps do the same in Python.
 Forward = Callable[[], tuple[bytes, int, int, float]]
-CHECKED_PYTHONS = ((3, 11), (3, 12), (3, 13))  # _ssl._SSLSocket starts alike in each
+CHECKED_PYTHONS = ((3, 11),)  # where _forward.c's reading of _ssl._SSLSocket was tested
 WITHOUT_C: str | None = None  # why the C forwarder is not in use (the proxy says so at start)
 TLS_WITHOUT_C: str | None = None  # why TLS ends forward in Python (likewise)
 NEW_LOCK: Callable[[], LockLike]

@@ -62,25 +62,32 @@ class RecordWalkLike(Protocol):
 Forward = Callable[[], tuple[bytes, int, int, float]]
 CHECKED_PYTHONS = ((3, 11),)  # where _forward.c's reading of _ssl._SSLSocket was tested
 WITHOUT_C: str | None = None  # why the C forwarder is not in use (the proxy says so at start)
-TLS_WITHOUT_C: str | None = None  # why TLS ends forward in Python (likewise)
 NEW_LOCK: Callable[[], LockLike]
 try:
     from proxy.io import _forward
 except ImportError as exc:  # not built (a source tree without `pip install`)
     _forward = None  # type: ignore[assignment]
     NEW_LOCK, WITHOUT_C = threading.Lock, str(exc)
-    TLS_WITHOUT_C = WITHOUT_C
 else:
     NEW_LOCK = _forward.Lock
-    # The C forwarder works on the SSL objects Python's ssl module made: only if both
-    # call one and the same OpenSSL library, and where the start of _ssl's object (which
-    # is not public API) is known to be what _forward.c reads.
-    if sys.version_info[:2] not in CHECKED_PYTHONS:
-        TLS_WITHOUT_C = (
-            f"Python {sys.version_info[0]}.{sys.version_info[1]}'s ssl module is untried"
-        )
-    elif not _forward.shares_openssl(getattr(_ssl, "__file__", None) or "/nonexistent"):
-        TLS_WITHOUT_C = "Python's ssl module does not use the OpenSSL the extension was built with"
+
+
+def why_not_tls_in_c(version: tuple[int, ...], ssl_module: str | None) -> str | None:
+    """Why TLS ends cannot forward in C here, or None. The C forwarder works on the SSL
+    objects Python's ssl module made (`ssl_module`: _ssl's file): only where the start of
+    _ssl's object (not public API) is known to be what _forward.c reads, and where both
+    call one and the same OpenSSL library."""
+    if _forward is None:
+        return WITHOUT_C
+    if version[:2] not in CHECKED_PYTHONS:
+        return f"Python {version[0]}.{version[1]}'s ssl module is untried"
+    if not ssl_module or not _forward.shares_openssl(ssl_module):
+        return "Python's ssl module does not use the OpenSSL the extension was built with"
+    return None
+
+
+# why TLS ends forward in Python (the proxy says so at start too)
+TLS_WITHOUT_C = why_not_tls_in_c(tuple(sys.version_info), getattr(_ssl, "__file__", None))
 
 
 _SAID: set[str] = set()

@@ -85,6 +85,12 @@ def test_tls_ends_take_the_c_path_when_the_ssl_module_shares_its_openssl() -> No
 
     assert _forward.shares_openssl(_ssl.__file__)
     assert not _forward.shares_openssl(socket.__file__)  # a module without OpenSSL
+    assert ends.why_not_tls_in_c((3, 11, 2), _ssl.__file__) is None
+    assert ends.why_not_tls_in_c((3, 14, 0), _ssl.__file__) == (
+        "Python 3.14's ssl module is untried"
+    )
+    assert "does not use the OpenSSL" in str(ends.why_not_tls_in_c((3, 11, 2), None))
+    assert "does not use the OpenSSL" in str(ends.why_not_tls_in_c((3, 11, 2), socket.__file__))
 
 
 @pytest.mark.parametrize("legs", LEGS)

@@ -87,7 +87,7 @@ def why_not_tls_in_c(version: tuple[int, ...], ssl_module: str | None) -> str | 
 
 
 # why TLS ends forward in Python (the proxy says so at start too)
-TLS_WITHOUT_C = why_not_tls_in_c(tuple(sys.version_info), getattr(_ssl, "__file__", None))
+TLS_WITHOUT_C = why_not_tls_in_c(sys.version_info[:2], getattr(_ssl, "__file__", None))
 
 
 _SAID: set[str] = set()

@@ -233,8 +233,8 @@ typedef struct {
 } Buf;
 
 /* The most ciphertext one TLS record takes: 2^14 of plaintext, 2048 of expansion at most
- * (RFC 5246 6.2.3; TLS 1.3's limit, RFC 8446 5.2, is lower) and the header. What OpenSSL
- * has not read of the incoming buffer when it asks for more is less than this. */
+ * (RFC 5246 6.2.3; TLS 1.3's limit, RFC 8446 5.2, is lower) and the header: the incoming
+ * buffer's slack past a chunk, and the first size of the outgoing one. */
 #define MAX_RECORD (16384 + 2048 + RECORD_HEADER)
 
 /* The end's OpenSSL connection, moved off its memory BIOs onto two of ours: incoming
@@ -389,6 +389,7 @@ static int core_init(TlsCore *self, PyObject *args, PyObject *kwargs) {
     if (ssl == NULL)
         return -1;
     self->in_capacity = (size_t)size + MAX_RECORD;
+    free(self->in); /* an __init__ that failed before may have made one */
     if ((self->in = malloc(self->in_capacity)) == NULL) {
         PyErr_NoMemory();
         return -1;
@@ -508,11 +509,12 @@ static Py_ssize_t tls_receive(TlsCore *core, char *data, Failure *failure) {
             ERR_clear_error();
             break;
         }
-        /* OpenSSL wants more: it has read all but part of a record, which moves to the
-         * front when the room after it is short, so the next recv() has `size` at least */
+        /* OpenSSL asks for more once it has read all there was (the start of a cut record
+         * goes into its own buffer), so ours is empty here; should anything be left, it
+         * moves to the front before the next recv() */
         if (core->in_start == core->in_end) {
             core->in_start = core->in_end = 0;
-        } else if (core->in_capacity - core->in_end < MAX_RECORD) {
+        } else if (core->in_start > 0) {
             memmove(core->in, core->in + core->in_start, core->in_end - core->in_start);
             core->in_end -= core->in_start;
             core->in_start = 0;
@@ -538,7 +540,11 @@ static Py_ssize_t tls_receive(TlsCore *core, char *data, Failure *failure) {
          * receive's plaintext, and a bulk stream comes in whole chunks of about `size`,
          * not in a full one and its remainder by turns (each chunk costs the recording
          * its bookkeeping). Only this thread writes past in_end; OpenSSL reads before it. */
-        size_t room = (size_t)core->size - (core->in_end - core->in_start);
+        size_t room = core->in_end < (size_t)core->size ? (size_t)core->size - core->in_end : 0;
+        if (room == 0) { /* OpenSSL wants more while a chunk's worth waits: cannot be */
+            failure->errno_ = ENOBUFS;
+            return -1;
+        }
         ssize_t got;
         do
             got = recv(core->fd, core->in + core->in_end, room, 0);

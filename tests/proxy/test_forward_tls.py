@@ -333,3 +333,35 @@ def test_the_record_walk_knows_whether_a_tls_stream_ends_inside_a_record(walk: A
     for i in range(len(stream) - 3):  # a byte at a time, headers cut everywhere
         one_by_one.feed(stream[i : i + 1])
     assert one_by_one.cut == len(records[-1]) - 3
+
+
+def test_a_record_split_across_receives_comes_out_whole(
+    tls_pair_contexts: tuple[Any, Any],
+) -> None:
+    """A receive that ends inside a record, then a long one with the rest and more: the
+    record's start waits (in OpenSSL) for its end, and every byte comes out in order."""
+    wire = Legs("tls-plain", tls_pair_contexts)
+    viewer = wire.viewer
+    assert isinstance(viewer, TlsEnd)
+    first, second = os.urandom(200_000), os.urandom(RECEIVE_SIZE)
+    with viewer.lock:
+        viewer.obj.write(first + second)
+        ciphertext = viewer.outgoing.read()
+    cut = len(first) + 3000  # a few KiB into a record
+    server_got: list[bytes] = []
+    reader = threading.Thread(
+        target=lambda: server_got.append(drain(wire.server, len(first) + len(second)))
+    )
+    reader.start()
+    viewer.sock.sendall(ciphertext[:cut])
+    time.sleep(0.1)
+    came, _ = forward_until(wire.forward, 1)  # one receive: the whole records of it
+    rest = threading.Thread(target=viewer.sock.sendall, args=(ciphertext[cut:],))
+    rest.start()
+    time.sleep(0.2)  # what the socket holds waits: the next receive takes all it may
+    more, whole = forward_until(wire.forward, len(first) + len(second) - len(came))
+    rest.join(TIMEOUT)
+    reader.join(TIMEOUT)
+    assert whole and came + more == first + second
+    assert server_got == [first + second]
+    wire.close()

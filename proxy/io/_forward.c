@@ -65,13 +65,18 @@ static void lock_dealloc(Lock *self) {
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-static PyObject *lock_acquire(Lock *self, PyObject *unused) {
-    if (!PyThread_acquire_lock(self->lock, NOWAIT_LOCK)) {
-        Py_BEGIN_ALLOW_THREADS /* the holder may need the GIL to let go */
-        PyThread_acquire_lock(self->lock, WAIT_LOCK);
+/* With the GIL: waiting, if it must, without it (the holder may need the GIL to let go) */
+static void lock_take_holding_gil(Lock *lock) {
+    if (!PyThread_acquire_lock(lock->lock, NOWAIT_LOCK)) {
+        Py_BEGIN_ALLOW_THREADS
+        PyThread_acquire_lock(lock->lock, WAIT_LOCK);
         Py_END_ALLOW_THREADS
     }
-    self->held = 1;
+    lock->held = 1;
+}
+
+static PyObject *lock_acquire(Lock *self, PyObject *unused) {
+    lock_take_holding_gil(self);
     Py_RETURN_TRUE;
 }
 
@@ -401,11 +406,7 @@ static int core_init(TlsCore *self, PyObject *args, PyObject *kwargs) {
         PyErr_NoMemory();
         return -1;
     }
-    if (!PyThread_acquire_lock(((Lock *)crypto)->lock, NOWAIT_LOCK)) {
-        Py_BEGIN_ALLOW_THREADS /* its holder may need the GIL to let go */
-        PyThread_acquire_lock(((Lock *)crypto)->lock, WAIT_LOCK);
-        Py_END_ALLOW_THREADS
-    }
+    lock_take_holding_gil((Lock *)crypto);
     /* what the memory BIOs still hold (the handshake's last receive may have brought the
      * first application data with it) moves over first */
     BIO *old_in = SSL_get_rbio(ssl), *old_out = SSL_get_wbio(ssl);
@@ -429,7 +430,7 @@ static int core_init(TlsCore *self, PyObject *args, PyObject *kwargs) {
         SSL_set0_rbio(ssl, incoming);
         SSL_set0_wbio(ssl, outgoing);
     }
-    PyThread_release_lock(((Lock *)crypto)->lock);
+    lock_give((Lock *)crypto);
     if (!moved) {
         BIO_free(incoming);
         BIO_free(outgoing);
@@ -481,6 +482,23 @@ static Py_ssize_t send_all(int fd, const char *data, Py_ssize_t size, int *error
     return sent;
 }
 
+/* Without the GIL, under the crypto lock, which it lets go: what OpenSSL wrote so far is
+ * sent, the send lock taken before the crypto lock is let go so ciphertext reaches the
+ * wire in the order it was made. How much of it went (*error set when not all). */
+static size_t send_made(TlsCore *core, int *error) {
+    Buf *made = take_out(core);
+    if (made == NULL) {
+        lock_give(core->crypto);
+        return 0;
+    }
+    lock_take(core->send);
+    lock_give(core->crypto);
+    Py_ssize_t sent = send_all(core->fd, made->data, (Py_ssize_t)made->length, error);
+    lock_give(core->send);
+    give_back(core, made);
+    return (size_t)sent;
+}
+
 /* Without the GIL: the next plaintext into `data` (room for the core's `size`): its
  * length, 0 at the end of the stream, -1 on a failure (*failure says which). What
  * OpenSSL can already decrypt comes first, then one recv(). */
@@ -519,15 +537,7 @@ static Py_ssize_t tls_receive(TlsCore *core, char *data, Failure *failure) {
             core->in_end -= core->in_start;
             core->in_start = 0;
         }
-        Buf *reply = take_out(core); /* e.g. an answer to a key update */
-        if (reply != NULL)
-            lock_take(core->send); /* before the crypto lock is let go: in order */
-        lock_give(core->crypto);
-        if (reply != NULL) {
-            send_all(core->fd, reply->data, (Py_ssize_t)reply->length, &failure->errno_);
-            lock_give(core->send);
-            give_back(core, reply);
-        }
+        send_made(core, &failure->errno_); /* e.g. an answer to a key update */
         if (failure->ssl_kind || failure->errno_) {
             if (!filled)
                 return -1;
@@ -594,17 +604,9 @@ static Py_ssize_t tls_send(TlsCore *core, const char *data, Py_ssize_t size, int
         ends[done] = core->out != NULL ? core->out->length : 0;
     }
     ERR_clear_error();
-    Buf *cipher = take_out(core);
-    lock_take(core->send); /* before the crypto lock is let go: ciphertext in order */
-    lock_give(core->crypto);
-    Py_ssize_t sent = 0;
-    if (cipher != NULL)
-        sent = send_all(core->fd, cipher->data, (Py_ssize_t)cipher->length, error);
-    lock_give(core->send);
-    if (cipher != NULL)
-        give_back(core, cipher);
+    size_t sent = send_made(core, error);
     Py_ssize_t crossed = 0;
-    for (Py_ssize_t i = 0; i < done && ends[i] <= (size_t)sent; i++)
+    for (Py_ssize_t i = 0; i < done && ends[i] <= sent; i++)
         crossed = (i + 1) * PIECE < written ? (i + 1) * PIECE : written;
     if (ends != fixed)
         free(ends);

@@ -168,7 +168,15 @@ def combine(main: ProbeOutcome, auth: ProbeOutcome) -> ProbeOutcome:
 def to_json(host: str, port: int, outcome: ProbeOutcome) -> dict[str, Any]:
     """The probe's JSON answer (the CLI's --json and POST /api/spice/connect)."""
     if outcome.error is not None:
-        return {"success": False, "host": host, "port": port, "error": outcome.error}
+        answer: dict[str, Any] = {
+            "success": False,
+            "host": host,
+            "port": port,
+            "error": outcome.error,
+        }
+        if outcome.detail:  # the error is one of a fixed few; this says which case it was
+            answer["detail"] = outcome.detail
+        return answer
     return {
         "success": True,
         "host": host,

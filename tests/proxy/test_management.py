@@ -394,6 +394,7 @@ async def test_connect_probe_of_a_closed_port_over_http() -> None:
         "host": "127.0.0.1",
         "port": port,
         "error": "Connection refused",
+        "detail": "Connection refused",
     }
 
 

@@ -144,6 +144,7 @@ def test_wrong_password_is_authentication_failed() -> None:
         "host": "h",
         "port": 1,
         "error": "Authentication failed",
+        "detail": "wrong password",
     }
 
 
@@ -269,7 +270,14 @@ def test_shell_failures_summarise_in_one_line() -> None:
     assert summary("127.0.0.1", 9, outcome) == "127.0.0.1:9: Connection refused"
     outcome = failure("Connection refused", "Name or service not known")
     assert summary("x", 9, outcome) == "x:9: Connection refused (Name or service not known)"
-    assert to_json("127.0.0.1", 9, failure("Timeout"))["error"] == "Timeout"
+    assert to_json("127.0.0.1", 9, failure("Timeout")) == {
+        "success": False,
+        "host": "127.0.0.1",
+        "port": 9,
+        "error": "Timeout",
+    }
+    # the error is one of a documented few; "detail" says which case (an unknown name here)
+    assert to_json("x", 9, outcome)["detail"] == "Name or service not known"
 
 
 def test_main_channel_stopped_before_the_ticket() -> None:

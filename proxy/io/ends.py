@@ -202,7 +202,9 @@ class TlsEnd(PlainEnd):
         # every raw byte from the peer: OpenSSL keeps a cut record to itself, so its
         # buffers cannot say whether the peer left inside one
         self.records = _new_record_walk()
-        self._plain = memoryview(bytearray(FIRST_PLAIN))  # receive()'s, one thread's
+        # receive()'s (one thread's), made at its first use: an end the C forwarder takes
+        # over never needs one
+        self._plain: memoryview | None = None
         # once the C forwarder takes this end over, all its receives and sends go there
         self.core: _forward.TlsCore | None = None
 
@@ -239,6 +241,8 @@ class TlsEnd(PlainEnd):
         if self.core is not None:
             return self.core.receive()
         plain = self._plain
+        if plain is None:
+            plain = self._plain = memoryview(bytearray(FIRST_PLAIN))
         size = len(plain)
         while not self.eof:
             filled = 0

@@ -111,6 +111,8 @@ def test_each_leg_forwards_the_plaintext_and_hands_it_back(
     assert hashlib.sha256(came).digest() == hashlib.sha256(message).digest()
     assert whole
     assert hashlib.sha256(got[2]).digest() == hashlib.sha256(message).digest()
+    for end in (wire.source, wire.sink):  # taken over by C: no Python buffer was made
+        assert not isinstance(end, TlsEnd) or (end.core is not None and end._plain is None)
     wire.close()
 
 

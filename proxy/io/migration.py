@@ -38,8 +38,13 @@ class ServedAt:
 @dataclass
 class _Served:
     at: ServedAt
-    scope: trio.CancelScope
+    # one per listener task (plain, and TLS for a TLS front): a scope enters one `with`
+    scopes: list[trio.CancelScope] = field(default_factory=list)
     last_accept: float = field(default_factory=time.monotonic)
+
+    def stop(self) -> None:
+        for scope in self.scopes:
+            scope.cancel()
 
 
 @dataclass
@@ -83,18 +88,22 @@ class MigrationListeners:
         )
         if target.plain is None and target.tls is None:
             raise MigrationUnavailable(f"destination {dest.host} has no port")
-        scope = trio.CancelScope()
-        entry = _Served(ServedAt(local_host, None, None, None), scope)
+        entry = _Served(ServedAt(local_host, None, None, None))
         plain_port = tls_port = None
         try:
-            # a viewer on a plain front can only be served plain; TLS is added upstream
-            plain_port = await self._listen(entry, local_host, target.upstream(False, self.keylog))
+            # A viewer on a plain front can only be served plain (TLS is added upstream).
+            # Behind a TLS front, a plain port only where the destination has one: else
+            # the viewer's channels would come back in clear (spice-gtk tries a plain port
+            # first) where the server itself allows TLS alone.
+            if self.viewer_tls is None or dest.port:
+                upstream = target.upstream(False, self.keylog)
+                plain_port = await self._listen(entry, local_host, upstream)
             if self.viewer_tls is not None and dest.tls_port:
                 tls_port = await self._listen(
                     entry, local_host, target.upstream(True, self.keylog), self.viewer_tls
                 )
         except OSError as exc:
-            scope.cancel()
+            entry.stop()
             raise MigrationUnavailable(f"cannot listen on {local_host}: {exc}") from None
         subject = self.tls_subject if tls_port else None
         entry.at = ServedAt(local_host, plain_port, tls_port, subject)
@@ -122,8 +131,11 @@ class MigrationListeners:
                 stream, upstream, tls=tls, insertion=self.insertion, migration=self
             )
 
+        scope = trio.CancelScope()
+        entry.scopes.append(scope)
+
         async def run() -> None:
-            with entry.scope:
+            with scope:
                 await trio.serve_listeners(
                     guarded(handle, "migrated viewer", self.proxy.state),
                     listeners,
@@ -139,6 +151,6 @@ class MigrationListeners:
             if remaining <= 0:
                 break
             await trio.sleep(remaining)
-        entry.scope.cancel()
+        entry.stop()
         self.served.pop(key, None)
         log.info("migration listeners %s closed (no new viewer for %g s)", entry.at, self.linger)

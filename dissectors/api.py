@@ -94,7 +94,7 @@ class Dialect:
         decoder = self.codecs[struct][0]
         regions: list[tuple[int, int]] = []
         try:
-            value, stop = decoder(body, 0, len(body), regions)
+            value, stop = decoder(body, 0, len(body), regions, 0)
         except (UnboundLocalError, KeyError) as exc:  # a size field in a case not chosen
             raise Malformed(0, struct, f"field {exc} is absent") from None
         regions.append((0, stop))
@@ -160,7 +160,7 @@ def decode(
     channel, name, struct, decoder, in_place = entry
     regions: list[tuple[int, int]] | None = None if in_place else []
     try:
-        fields, stop = decoder(body, 0, size, regions)
+        fields, stop = decoder(body, 0, size, regions, 0)
     except Malformed as exc:
         return Decoded(
             channel,

@@ -1,9 +1,12 @@
 """Emit a straight-line Python dissector module (decoders, encoders, schema) from the IR.
 
-Each struct becomes `d_<name>(b, p, end, rg) -> (dict, p)` and `e_<name>(w, v)`. Runs of
-fixed-size integer fields are read with one precompiled struct.Struct; sizes are checked
-before reading. `rg` collects the byte regions read through pointers (pointers are 32-bit
-offsets from the message start), so the caller can tell whether a body was fully dissected.
+Each struct becomes `d_<name>(b, p, end, rg, base) -> (dict, p)` and `e_<name>(w, v)`.
+Runs of fixed-size integer fields are read with one precompiled struct.Struct; sizes are
+checked before reading. The body is b[base:end]: pointers are 32-bit offsets from the
+message body's start, so a body decodes where it lies, inside a larger buffer too (a whole
+message, header first), without being copied out. `rg` collects the byte regions read
+through pointers (as positions in b), so the caller can tell whether a body was fully
+dissected; None for a struct that reads no pointer.
 The values produced are shaped exactly like dissectors.interp's, which is the oracle.
 """
 
@@ -14,7 +17,7 @@ from dataclasses import dataclass, field
 
 from dissectors.protolang import ir
 
-GENERATOR_VERSION = 2  # 2: the FLAT table
+GENERATOR_VERSION = 3  # 2: the FLAT table; 3: base, the body's start in b
 
 
 @dataclass
@@ -56,10 +59,8 @@ def _fmt(m: ir.Member) -> str:
 
 
 def _in_place(st: ir.Struct, outer: frozenset[int] = frozenset()) -> bool:
-    """Whether st's decoder, and every decoder it calls, reads only [p, end) and checks
-    sizes against end - p: then a body decodes the same inside a larger buffer. Pointers
-    (offsets from the message start) and the count check of an array of items that may be
-    empty (against end itself) depend on where the body starts."""
+    """Whether st's decoder, and every decoder it calls, reads no pointer: then it needs
+    no regions list (rg may be None) to say how much of the body it covered."""
     if id(st) in outer:
         return True  # a struct inside itself: the outer call looks at its members
     inner = outer | {id(st)}
@@ -68,12 +69,8 @@ def _in_place(st: ir.Struct, outer: frozenset[int] = frozenset()) -> bool:
     for m in members:
         if m.pointer:
             return False
-        if isinstance(m.type, ir.Struct):
-            arr = m.array
-            if arr is not None and arr.kind != "remaining" and not _min_size(m.type):
-                return False
-            if not _in_place(m.type, inner):
-                return False
+        if isinstance(m.type, ir.Struct) and not _in_place(m.type, inner):
+            return False
     return True
 
 
@@ -159,7 +156,7 @@ class _Emitter:
             body.append("return o, p")
         else:
             body.append("return {" + ", ".join(entries) + "}, p")
-        return [f"def d_{fname}(b, p, end, rg):", *("    " + line for line in body), ""]
+        return [f"def d_{fname}(b, p, end, rg, base):", *("    " + line for line in body), ""]
 
     @staticmethod
     def store(name: str, expr: str, incremental: bool, body: list[str], entries: list[str]) -> None:
@@ -190,16 +187,17 @@ class _Emitter:
         body.append(f"if p + 4 > end: raise _rt.short(p, 4, end, {path!r})")
         body.append(f"{off}, = _U32.unpack_from(b, p)")
         body.append("p += 4")
+        # an offset counts from the body's start and must stay inside it (positions in
+        # errors are positions in b, as everywhere)
+        bad = f"raise _rt.bad_pointer(p - 4, {off}, end - base, {path!r})"
         if m.nonnull:
-            body.append(
-                f"if {off} == 0 or {off} > end: raise _rt.bad_pointer(p - 4, {off}, end, {path!r})"
-            )
+            body.append(f"if {off} == 0 or {off} > end - base: {bad}")
         else:
-            body.append(f"if {off} > end: raise _rt.bad_pointer(p - 4, {off}, end, {path!r})")
+            body.append(f"if {off} > end - base: {bad}")
         inner: list[str] = []
         stop = self.fresh("_q")
-        self.decode_value(m, var, stop, path, inner, start=off)
-        inner.append(f"rg.append(({off}, {stop}))")
+        self.decode_value(m, var, stop, path, inner, start=f"base + {off}")
+        inner.append(f"rg.append((base + {off}, {stop}))")
         if m.nonnull:
             body.extend(inner)
         else:
@@ -248,7 +246,7 @@ class _Emitter:
             body.append(f"{stop} = {start}")
         if m.array is None:
             if isinstance(t, ir.Struct):
-                body.append(f"{var}, {stop} = d_{self.names.of(t)}(b, {stop}, end, rg)")
+                body.append(f"{var}, {stop} = d_{self.names.of(t)}(b, {stop}, end, rg, base)")
             else:
                 const = self.const_struct(t.fmt)
                 body.append(
@@ -264,7 +262,7 @@ class _Emitter:
             body.append(f"{var} = []")
             if n is None:
                 body.append(f"while {stop} < end:")
-                body.append(f"    {item}, {stop} = {fn}(b, {stop}, end, rg)")
+                body.append(f"    {item}, {stop} = {fn}(b, {stop}, end, rg, base)")
                 body.append(f"    {var}.append({item})")
                 return
             least = _min_size(t)
@@ -273,9 +271,10 @@ class _Emitter:
                     f"if {stop} + {n} * {least} > end: raise _rt.bad_count({stop}, {n}, {path!r})"
                 )
             else:
-                body.append(f"if {n} > end + 1: raise _rt.bad_count({stop}, {n}, {path!r})")
+                # items that may take no bytes: no more of them than the body has bytes
+                body.append(f"if {n} > end - base + 1: raise _rt.bad_count({stop}, {n}, {path!r})")
             body.append(f"for _ in range({n}):")
-            body.append(f"    {item}, {stop} = {fn}(b, {stop}, end, rg)")
+            body.append(f"    {item}, {stop} = {fn}(b, {stop}, end, rg, base)")
             body.append(f"    {var}.append({item})")
             return
         size = f"{n} * {t.size}" if t.size != 1 else n
@@ -483,8 +482,7 @@ def generate(protocol: ir.Protocol, sources: str) -> str:
     for st in em.names.order:
         n = em.names.of(st)
         out.append(f"    {n!r}: (d_{n}, e_{n}),")
-    out += ["}", "", "# structs whose decoders do not depend on where the body starts (no"]
-    out += ["# pointers): their bodies decode in place inside a larger buffer"]
+    out += ["}", "", "# structs whose decoders read no pointer: they need no regions list"]
     out += ["IN_PLACE = frozenset({"]
     for st in em.names.order:
         if _in_place(st):

@@ -76,7 +76,7 @@ class RecorderWorker:
         self.meta = meta
         self.key = signing_key
         self.report = report
-        self.builder = RecordBuilder(options.max_message)
+        self.builder = RecordBuilder(options.max_message, views=True)  # see to_archive
         self.sessions: dict[Any, _Session] = {}
         self.conn_session: dict[int, Any] = {}
         self.viewers: dict[int, str] = {}  # connection -> the viewer's address

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 from dissectors.agent import AgentMessage, AgentReassembler
 from dissectors.api import LINK, SPICE, Decoded, Dialect, decode, message_type
-from dissectors.errors import DecodeError, Malformed
+from dissectors.errors import DecodeError, Malformed, covered_bytes
 from proxy.core.framing import (
     C2S,
     DEFAULT_MAX_MESSAGE,
@@ -38,15 +38,24 @@ MAIN = 1
 MAIN_INIT = message_type(MAIN, "s2c", "init")
 AGENT_DATA = {d: message_type(MAIN, d, "agent_data") for d in (C2S, S2C)}
 
+VIEWS_FROM = 4096  # RecordBuilder(views=True): bodies longer than this decode from a view
 MAX_HELD = 64  # a main channel that never sends INIT is not held back for long
 # Link units that are secrets: never decoded or shown; archives keep only their length.
 SECRET_UNITS = {"ticket", "sasl"}
-# What an archive says when a channel chose SASL: the exchange, and whatever security layer
-# it negotiates, is kept only as lengths; spicetap cannot read the channel from then on.
+# What an archive says when a channel chose SASL. Its exchange is kept only as lengths. On
+# a plain server connection spice-server then wraps the channel in SASL's security layer,
+# kept as lengths too; over TLS it adds none, and the channel is dissected as any other.
 SASL_NOTE = {
     "mechanism": "sasl",
     "may_be_encrypted": True,
-    "note": "SASL chosen: the rest of this channel may be SASL-encrypted and is not dissected",
+    "note": "SASL chosen on a plain server connection: spice-server wraps the rest of this "
+    "channel in SASL's security layer, which spicetap cannot read",
+}
+SASL_OVER_TLS_NOTE = {
+    "mechanism": "sasl",
+    "may_be_encrypted": False,
+    "note": "SASL chosen over TLS: spice-server adds no security layer of its own, so the "
+    "channel is dissected after the exchange",
 }
 _LINK_STRUCTS = {
     "header": "LinkHeader",
@@ -161,8 +170,12 @@ def _message_record(head: tuple[Any, ...], raw: bytes, dec: Decoded) -> Record:
 class RecordBuilder:
     """Per capture (or proxy run): feeds channel bytes, returns records."""
 
-    def __init__(self, max_message: int = DEFAULT_MAX_MESSAGE) -> None:
+    def __init__(self, max_message: int = DEFAULT_MAX_MESSAGE, views: bool = False) -> None:
         self.max_message = max_message  # the proxy's limit: it relays no larger message
+        # True: a long message's byte strings (image data) are memoryviews into its raw
+        # bytes, not copies. For a caller that only archives records (compact() turns them
+        # into bytes or {len, head}): the recording process.
+        self.views = views
         self.conns: dict[int, _Conn] = {}
         self.main_session: dict[int, int] = {}  # main connection -> session id
 
@@ -226,12 +239,16 @@ class RecordBuilder:
             "direction": direction,
         }
 
-    def data(self, conn: int, ts: float, direction: str, data: bytes) -> list[Record]:
+    def data(self, conn: int, ts: float, direction: str, data: bytes | memoryview) -> list[Record]:
+        """Bytes of one direction; a memoryview (the recording process's ring) may change
+        once this returns: only a large message's assembly takes it as it is, to copy it."""
         c = self.conns.get(conn)
         if c is None:
             self.opened(conn)
             c = self.conns[conn]
         fr = c.framer
+        if data.__class__ is not bytes and not fr.assembling(direction):
+            data = bytes(data)
         ident = c.ident if fr.channel_type != MAIN else None
         out: list[Record] = []
         if ident is None:
@@ -239,7 +256,7 @@ class RecordBuilder:
                 out += self._event(c, ts, ev)
         else:
             if c.builder is None:
-                c.builder = self._builder(fr.channel_type or 0, ident)
+                c.builder = self._builder(fr.channel_type or 0, ident, self.views)
             build, at = c.builder
             at(ts)
             linked = fr.linked
@@ -258,13 +275,14 @@ class RecordBuilder:
 
     @staticmethod
     def _builder(
-        ctype: int, ident: tuple[int | None, int, str, int]
+        ctype: int, ident: tuple[int | None, int, str, int], views: bool = False
     ) -> tuple[MessageBuilder, Callable[[float], None]]:
         """The hot path (a linked channel other than main, its session known): each message
-        framed becomes its record at once. A body whose decoder follows no pointer decodes
-        in place in the framer's snapshot: no body copy, no regions list. What _event does
-        for a message, without the Message, the call to decode() and the list per message.
-        Made once per connection; the second function sets the time of what is fed next."""
+        framed becomes its record at once. Its body decodes where it lies in the framer's
+        snapshot (pointers count from `body`): no body copy, and a regions list only for
+        a decoder that follows pointers. What _event does for a message, without the
+        Message, the call to decode() and the list per message. Made once per connection;
+        the second function sets the time of what is fed next."""
         session, number, channel, channel_id = ident
         tables = {C2S: SPICE.table(ctype, C2S), S2C: SPICE.table(ctype, S2C)}
         dialect = SPICE
@@ -287,18 +305,27 @@ class RecordBuilder:
             entry = tables[d].get(msg_type)
             if entry is not None:
                 _channel, name, struct, decoder, in_place = entry
-                if in_place:
-                    try:
-                        fields, stop = decoder(data, body, end, None)
-                    except (Malformed, UnboundLocalError, KeyError):
-                        pass  # decode() below says where and why, with offsets in the body
+                regions: list[tuple[int, int]] | None = None if in_place else []
+                # slices of a memoryview are views: a megabyte of image data is not copied
+                src = memoryview(data) if views and end - body > VIEWS_FROM else data
+                try:
+                    fields, stop = decoder(src, body, end, regions, body)
+                except (Malformed, UnboundLocalError, KeyError, AttributeError):
+                    # decode() below says where and why, with offsets in the body (and
+                    # decodes a C string, whose find() a memoryview lacks, from bytes)
+                    pass
+                else:
+                    if regions:  # pointers were followed: the union of what was read
+                        regions.append((body, stop))
+                        covered = covered_bytes(regions)
                     else:
-                        return _new(
-                            Record,
-                            (ts, session, number, channel, channel_id, d, "message", msg_type,
-                             name, data[start:end], None, None, _NO_AGENT_TYPES, fields,
-                             end - body, stop - body, None, struct, dialect, ctype),
-                        )  # fmt: skip
+                        covered = stop - body
+                    return _new(
+                        Record,
+                        (ts, session, number, channel, channel_id, d, "message", msg_type,
+                         name, data[start:end], None, None, _NO_AGENT_TYPES, fields,
+                         end - body, covered, None, struct, dialect, ctype),
+                    )  # fmt: skip
             dec = decode(ctype, d, msg_type, data[body:end])
             return _message_record(
                 (ts, session, number, channel, channel_id, d, "message"), data[start:end], dec

@@ -594,6 +594,115 @@ static PyObject *frame(PyObject *module, PyObject *const *args, Py_ssize_t nargs
     return Py_BuildValue("nnN", pos, cut, too_big != NULL ? too_big : Py_NewRef(Py_None));
 }
 
+/* ---- Assembly ---------------------------------------------------------------------- */
+
+/* A large message gathered straight from the chunks that bring it (the recording process
+ * passes them as views into its ring): a bytes object of the message's size, filled by
+ * copies, handed out once whole. Until then only the Assembly refers to it, so filling it
+ * is safe; a bytes object must not change once others hold it. One copy per byte instead
+ * of two (each chunk made a bytes object, then the pieces joined). */
+typedef struct {
+    PyObject_HEAD
+    PyObject *bytes; /* the message being filled; NULL once taken */
+    Py_ssize_t filled;
+} Assembly;
+
+static int Assembly_init(Assembly *self, PyObject *args, PyObject *kwds) {
+    static char *names[] = {"size", NULL};
+    Py_ssize_t size;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "n:Assembly", names, &size))
+        return -1;
+    if (size <= 0) {
+        PyErr_SetString(PyExc_ValueError, "an Assembly's size must be > 0");
+        return -1;
+    }
+    Py_CLEAR(self->bytes);
+    self->filled = 0;
+    self->bytes = PyBytes_FromStringAndSize(NULL, size);
+    return self->bytes == NULL ? -1 : 0;
+}
+
+static void Assembly_dealloc(Assembly *self) {
+    Py_XDECREF(self->bytes);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int assembly_ready(Assembly *self) {
+    if (self->bytes == NULL)
+        PyErr_SetString(PyExc_ValueError, "the Assembly was taken (or never made)");
+    return self->bytes != NULL;
+}
+
+static PyObject *Assembly_add(Assembly *self, PyObject *data) {
+    if (!assembly_ready(self))
+        return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    Py_ssize_t room = PyBytes_GET_SIZE(self->bytes) - self->filled;
+    Py_ssize_t n = view.len < room ? view.len : room;
+    memcpy(PyBytes_AS_STRING(self->bytes) + self->filled, view.buf, (size_t)n);
+    self->filled += n;
+    PyBuffer_Release(&view);
+    return PyLong_FromSsize_t(n);
+}
+
+static PyObject *Assembly_take(Assembly *self, PyObject *unused) {
+    if (!assembly_ready(self))
+        return NULL;
+    if (self->filled != PyBytes_GET_SIZE(self->bytes)) {
+        PyErr_Format(PyExc_ValueError, "the message is not whole: %zd of %zd bytes",
+                     self->filled, PyBytes_GET_SIZE(self->bytes));
+        return NULL;
+    }
+    PyObject *whole = self->bytes;
+    self->bytes = NULL;
+    return whole;
+}
+
+static PyObject *Assembly_partial(Assembly *self, PyObject *unused) {
+    if (!assembly_ready(self))
+        return NULL;
+    return PyBytes_FromStringAndSize(PyBytes_AS_STRING(self->bytes), self->filled);
+}
+
+static PyObject *Assembly_get_filled(Assembly *self, void *unused) {
+    return PyLong_FromSsize_t(self->filled);
+}
+
+static PyObject *Assembly_get_missing(Assembly *self, void *unused) {
+    Py_ssize_t size = self->bytes != NULL ? PyBytes_GET_SIZE(self->bytes) : self->filled;
+    return PyLong_FromSsize_t(size - self->filled);
+}
+
+static PyMethodDef Assembly_methods[] = {
+    {"add", (PyCFunction)Assembly_add, METH_O,
+     PyDoc_STR("add(data) -> int: copy as much of data as the message still misses; how much")},
+    {"take", (PyCFunction)Assembly_take, METH_NOARGS,
+     PyDoc_STR("take() -> bytes: the whole message (once)")},
+    {"partial", (PyCFunction)Assembly_partial, METH_NOARGS,
+     PyDoc_STR("partial() -> bytes: a copy of what came so far")},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Assembly_getset[] = {
+    {"filled", (getter)Assembly_get_filled, NULL, "bytes added so far", NULL},
+    {"missing", (getter)Assembly_get_missing, NULL, "bytes still to come", NULL},
+    {NULL},
+};
+
+static PyTypeObject AssemblyType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "proxy.core._fastframe.Assembly",
+    .tp_doc = PyDoc_STR("Assembly(size): a large message filled by copies, taken once whole."),
+    .tp_basicsize = sizeof(Assembly),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Assembly_init,
+    .tp_dealloc = (destructor)Assembly_dealloc,
+    .tp_methods = Assembly_methods,
+    .tp_getset = Assembly_getset,
+};
+
 static PyMethodDef methods[] = {
     {"frame", (PyCFunction)(void (*)(void))frame, METH_FASTCALL,
      PyDoc_STR("frame(direction, data, mini, limit, build, events) -> (pos, cut, too_big)\n\n"
@@ -608,7 +717,7 @@ static struct PyModuleDef module_def = {
 };
 
 PyMODINIT_FUNC PyInit__fastframe(void) {
-    if (PyType_Ready(&FlatBuilderType) < 0)
+    if (PyType_Ready(&FlatBuilderType) < 0 || PyType_Ready(&AssemblyType) < 0)
         return NULL;
     str_message = PyUnicode_InternFromString("message");
     if (str_message == NULL)
@@ -619,6 +728,12 @@ PyMODINIT_FUNC PyInit__fastframe(void) {
     Py_INCREF(&FlatBuilderType);
     if (PyModule_AddObject(m, "FlatBuilder", (PyObject *)&FlatBuilderType) < 0) {
         Py_DECREF(&FlatBuilderType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&AssemblyType);
+    if (PyModule_AddObject(m, "Assembly", (PyObject *)&AssemblyType) < 0) {
+        Py_DECREF(&AssemblyType);
         Py_DECREF(m);
         return NULL;
     }

@@ -130,13 +130,69 @@ def frame_messages(
 Framer = Callable[[str, bytes, bool, int, MessageBuilder, list[Any]], tuple[int, int, str | None]]
 FRAME: Framer
 WITHOUT_C: str | None = None  # why the C framer is not in use (the proxy says so at start)
+
+
+class AssemblyLike(Protocol):
+    """A large message gathered from the chunks that bring it (proxy/core/_fastframe.c's
+    Assembly: filled in place, one copy per byte)."""
+
+    @property
+    def filled(self) -> int: ...
+    @property
+    def missing(self) -> int: ...
+    def add(self, data: bytes | memoryview, /) -> int: ...
+    def take(self) -> bytes: ...
+    def partial(self) -> bytes: ...
+
+
+class PyAssembly:
+    """Assembly without the extension: a bytearray, copied once more when taken."""
+
+    def __init__(self, size: int) -> None:
+        if size <= 0:
+            raise ValueError("an Assembly's size must be > 0")
+        self._buf: bytearray | None = bytearray(size)
+        self.filled = 0
+
+    @property
+    def _ready(self) -> bytearray:
+        if self._buf is None:
+            raise ValueError("the Assembly was taken (or never made)")
+        return self._buf
+
+    @property
+    def missing(self) -> int:
+        return len(self._buf) - self.filled if self._buf is not None else 0
+
+    def add(self, data: bytes | memoryview, /) -> int:
+        buf = self._ready
+        n = min(len(data), self.missing)
+        buf[self.filled : self.filled + n] = memoryview(data)[:n]
+        self.filled += n
+        return n
+
+    def take(self) -> bytes:
+        buf = self._ready
+        if self.missing:
+            raise ValueError(f"the message is not whole: {self.filled} of {len(buf)} bytes")
+        self._buf = None
+        return bytes(buf)
+
+    def partial(self) -> bytes:
+        return bytes(self._ready[: self.filled])
+
+
+ASSEMBLY: Callable[[int], AssemblyLike]
 try:
+    from proxy.core._fastframe import Assembly as _Assembly
     from proxy.core._fastframe import frame as _frame_in_c
 except ImportError as exc:  # not built (a source tree without `pip install`): same in Python
     FRAME = frame_messages
+    ASSEMBLY = PyAssembly
     WITHOUT_C = str(exc)
 else:
     FRAME = _frame_in_c
+    ASSEMBLY = _Assembly
 
 
 def _caps(
@@ -170,13 +226,12 @@ class ChannelFramer:
         self.skip = {C2S: 0, S2C: 0}  # body bytes still to skip (bodies=False)
         self.walked = {C2S: 0, S2C: 0}  # messages seen by the header walk (bodies=False)
         self.buf = {C2S: bytearray(), S2C: bytearray()}
-        # A large message arriving in pieces (bodies=True): the received chunks as they
-        # are, joined once it is whole, instead of growing buf (then copied out, then
-        # sliced): one copy of it instead of three. buf is empty meanwhile.
-        self.parts: dict[str, list[bytes | memoryview]] = {C2S: [], S2C: []}
-        self.parts_size = {C2S: 0, S2C: 0}
-        self.want = {C2S: 0, S2C: 0}  # the whole message's size (header included)
-        self.offset = {C2S: 0, S2C: 0}  # stream offset of buf[0] (or of parts[0])
+        # A large message arriving in pieces (bodies=True): copied from each chunk into
+        # an Assembly of its size, instead of growing buf (then copied out, then sliced):
+        # one copy of it instead of three. buf is empty meanwhile. Chunks may then be
+        # views that change once fed (the recording process's ring): only copies are kept.
+        self.assembly: dict[str, AssemblyLike | None] = {C2S: None, S2C: None}
+        self.offset = {C2S: 0, S2C: 0}  # stream offset of buf[0] (or of the assembly's)
         self.state = {C2S: "header", S2C: "header"}
         self.need_size = {C2S: 0, S2C: 0}
         self.ignored = {C2S: 0, S2C: 0}
@@ -215,7 +270,7 @@ class ChannelFramer:
             return events
         if state == "messages" and not self.bodies and not self.link_only:
             events = []
-            self._walk(direction, data, events)
+            self._walk(direction, bytes(data), events)  # bytes already: no copy
             return events
         if self.skip[direction] and not self.buf[direction]:
             skip = min(self.skip[direction], len(data))
@@ -240,16 +295,29 @@ class ChannelFramer:
 
     def pending(self, direction: str) -> int:
         """Bytes received but not yet part of a complete unit (a truncated tail at the end)."""
-        return len(self.buf[direction]) + self.parts_size[direction]
+        assembly = self.assembly[direction]
+        return len(self.buf[direction]) + (assembly.filled if assembly is not None else 0)
+
+    def assembling(self, direction: str) -> bool:
+        """Whether a large message is being gathered: the next bytes are copied, never kept
+        as they are (so they may come as a view that changes afterwards)."""
+        return self.assembly[direction] is not None
 
     def pending_data(self, direction: str) -> bytes:
-        """Those bytes themselves (a large message's parts come before the buffer)."""
-        return b"".join([*self.parts[direction], self.buf[direction]])
+        """Those bytes themselves (a large message's start comes before the buffer)."""
+        assembly = self.assembly[direction]
+        return (assembly.partial() if assembly is not None else b"") + bytes(self.buf[direction])
 
     def in_secret_stage(self, direction: str) -> bool:
         """Whether bytes now would be the ticket (or auth selection before it) or SASL:
         from the viewer's LinkMess on until the link result, and all of SASL."""
-        return self.state[direction] in ("wait_reply", "auth", "ticket", "sasl")
+        state = self.state[direction]
+        return state in ("wait_reply", "auth", "ticket", "sasl") or state in SASL_STATES
+
+    @property
+    def link_over(self) -> bool:
+        """Both directions are past the link stage, SASL's exchange included (or done)."""
+        return all(s in ("messages", "sasl", "done", "dead") for s in self.state.values())
 
     # -- internals -------------------------------------------------------------------------
     def _take(self, direction: str, size: int) -> bytes:
@@ -390,27 +458,24 @@ class ChannelFramer:
         pos, cut, too_big = FRAME(d, data, self.mini_header, self.max_message, build, events)
         self.offset[d] += pos
         if cut >= LARGE:
-            self.parts[d] = [memoryview(data)[pos:] if pos else data]  # data is immutable
-            self.parts_size[d], self.want[d] = n - pos, cut
+            assembly = self.assembly[d] = ASSEMBLY(cut)
+            assembly.add(memoryview(data)[pos:])
         elif pos < n:
             self.buf[d] += memoryview(data)[pos:]
         if too_big is not None:
             self._fail(d, too_big, events)
 
-    def _assemble(self, d: str, data: bytes, build: MessageBuilder) -> list[Any]:
-        """The next piece of a large message (see parts): once it is whole, its event, then
-        whatever follows it in the last piece."""
-        parts, want = self.parts[d], self.want[d]
-        piece = data if data.__class__ is bytes else bytes(data)  # kept: must not change
-        parts.append(piece)
-        self.parts_size[d] += len(piece)
-        over = self.parts_size[d] - want  # bytes past the message, in the last piece
-        if over < 0:
+    def _assemble(self, d: str, data: bytes | memoryview, build: MessageBuilder) -> list[Any]:
+        """The next piece of a large message (see assembly): once it is whole, its event,
+        then whatever follows it in the last piece."""
+        assembly = self.assembly[d]
+        assert assembly is not None
+        taken = assembly.add(data)
+        if assembly.missing:
             return []
-        if over:
-            parts[-1] = memoryview(piece)[: len(piece) - over]
-        whole = b"".join(parts)
-        self.parts[d], self.parts_size[d] = [], 0
+        whole = assembly.take()
+        self.assembly[d] = None
+        want, over = len(whole), len(data) - taken  # bytes past the message, in this piece
         hdr = MINI_HEADER if self.mini_header else FULL_HEADER
         if self.mini_header:
             msg_type, _size = hdr.unpack_from(whole)
@@ -421,11 +486,12 @@ class ChannelFramer:
         events: list[Any] = [build(d, msg_type, whole, 0, hdr.size, want, serial, sub_list)]
         self.offset[d] += want
         if over:
-            rest = memoryview(piece)[len(piece) - over :]
+            rest = memoryview(data)[taken:]
             size = hdr.unpack_from(rest)[1 if self.mini_header else 2] if over >= hdr.size else 0
             cut = hdr.size + size
             if over >= hdr.size and cut > over and cut >= LARGE and size <= self.max_message:
-                self.parts[d], self.parts_size[d], self.want[d] = [rest], over, cut
+                next_one = self.assembly[d] = ASSEMBLY(cut)
+                next_one.add(rest)
             else:
                 self._frame(d, bytes(rest), events, build)
         return events

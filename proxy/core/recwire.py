@@ -90,9 +90,11 @@ class ItemParser:
             yield tuple(item)
 
 
-def ring_items(ring: ByteRing) -> Iterator[tuple[Any, ...]]:
+def ring_items(ring: ByteRing, views: bool = False) -> Iterator[tuple[Any, ...]]:
     """The whole items readable in the ring, each taken out as it is read (the producer
-    puts items whole: a partial one means a writer that is not ours)."""
+    puts items whole: a partial one means a writer that is not ours). views=True: a chunk's
+    bytes come as a view into the ring, valid until the next item is asked for (their room
+    then goes back to the producer): the consumer copies what it keeps."""
     while True:
         avail = ring.readable()
         if not avail:
@@ -103,7 +105,16 @@ def ring_items(ring: ByteRing) -> Iterator[tuple[Any, ...]]:
             _t, conn, t, code, length = CHUNK.unpack(ring.peek(CHUNK.size))
             _check(avail, CHUNK.size + length, "chunk")
             ring.skip(CHUNK.size)
-            yield ("data", conn, t, DIRECTIONS[code], ring.take(length))
+            if not views:
+                yield ("data", conn, t, DIRECTIONS[code], ring.take(length))
+                continue
+            data = ring.view(length)
+            try:
+                yield ("data", conn, t, DIRECTIONS[code], data)
+            finally:
+                if isinstance(data, memoryview):
+                    data.release()
+            ring.skip(length)
         elif tag == _CONTROL_TAG:
             _check(avail, CONTROL.size, "control header")
             _t, length = CONTROL.unpack(ring.peek(CONTROL.size))

@@ -212,6 +212,15 @@ class ByteRing:
         self.skip(n)
         return out
 
+    def view(self, n: int) -> bytes | memoryview:
+        """The next `n` bytes, left in the ring: a view of them where they lie in one piece
+        (the producer puts items whole), else a copy. Valid until skip(): then the producer
+        may write over them."""
+        start = self._tail % self.capacity
+        if start + n <= self.capacity:
+            return self._data[start : start + n]
+        return self._copy_out(self._tail, n)
+
     def skip(self, n: int) -> None:
         self.fence()  # done reading before the producer may overwrite
         self._tail += n

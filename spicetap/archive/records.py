@@ -24,30 +24,33 @@ _AS_IS = frozenset({int, str, float, bool, type(None)})  # what compact() keeps 
 
 
 def compact(view: Any) -> Any:
-    """The view with byte strings over VIEW_BYTES shortened; the very same object when
-    nothing in it changes (a view is made for one record and not shared)."""
-    return _shortened(view) if _has_long_bytes(view) else view
+    """The view with byte strings over VIEW_BYTES shortened, and memoryviews (a recording
+    RecordBuilder's) made bytes; the very same object when nothing in it changes (a view is
+    made for one record and not shared)."""
+    return _shortened(view) if _needs_compacting(view) else view
 
 
-def _has_long_bytes(view: Any) -> bool:
+def _needs_compacting(view: Any) -> bool:
     # Most views hold numbers, names and short lists: one walk, nothing built.
     cls = view.__class__
     if cls in _AS_IS:
         return False
     if cls is bytes:
         return len(view) > VIEW_BYTES
+    if cls is memoryview:
+        return True
     if cls is dict or cls is list:
         for value in view.values() if cls is dict else view:
-            if value.__class__ not in _AS_IS and _has_long_bytes(value):
+            if value.__class__ not in _AS_IS and _needs_compacting(value):
                 return True
     return False
 
 
 def _shortened(view: Any) -> Any:
-    if isinstance(view, bytes):
+    if isinstance(view, bytes | memoryview):
         if len(view) <= VIEW_BYTES:
-            return view
-        return {"len": len(view), "head": view[:32]}
+            return bytes(view)  # bytes as they are
+        return {"len": len(view), "head": bytes(view[:32])}
     if isinstance(view, dict):
         return {k: _shortened(v) for k, v in view.items()}
     if isinstance(view, list):

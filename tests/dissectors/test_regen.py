@@ -66,18 +66,17 @@ def test_broken_proto_is_a_one_line_error(
 )
 def test_in_place_structs_read_no_pointer(dialect: api.Dialect) -> None:
     """IN_PLACE lists exactly the structs whose decoder, and every decoder it calls, reads
-    no pointer and checks no count against `end` itself: only those may decode a body that
-    lies inside a larger buffer."""
+    no pointer: only those may be given no regions list."""
     calls: dict[str, set[str]] = {}
-    by_offset: dict[str, bool] = {}
+    follows_pointer: dict[str, bool] = {}
     for name, (decoder, _encoder) in dialect.codecs.items():
         source = inspect.getsource(decoder)
         calls[name] = set(re.findall(r"\bd_(\w+)\(b, ", source)) - {name}
-        by_offset[name] = "rg.append" in source or "> end + 1" in source
+        follows_pointer[name] = "rg.append" in source
 
     def follows(name: str, seen: frozenset[str] = frozenset()) -> bool:
         callees = calls[name] - seen
-        return by_offset[name] or any(follows(c, seen | {name}) for c in callees)
+        return follows_pointer[name] or any(follows(c, seen | {name}) for c in callees)
 
     assert dialect.in_place == {n for n in dialect.codecs if not follows(n)}
     if dialect is api.SPICE:
@@ -110,13 +109,13 @@ def test_flat_layouts_decode_as_the_generated_decoders(dialect: api.Dialect) -> 
         members = dialect.flat[name]
         layout = struct.Struct("<" + "".join(fmt for _m, fmt in members))
         body = bytes((i * 37 + 11) % 256 for i in range(layout.size + 3))
-        value, stop = decoder(body, 0, len(body), None)
+        value, stop = decoder(body, 0, len(body), None, 0)
         assert list(value) == [m for m, _fmt in members], name
         assert tuple(value.values()) == layout.unpack_from(body), name
         assert stop == layout.size
         if layout.size:
             with pytest.raises(Malformed):
-                decoder(body, 0, layout.size - 1, None)
+                decoder(body, 0, layout.size - 1, None, 0)
     if dialect is api.SPICE:
         assert dialect.flat["InputsChannel_key_down"] == (("code", "I"),)
         assert "DisplayChannel_draw_copy" not in dialect.flat

@@ -6,7 +6,7 @@ from __future__ import annotations
 import gc
 import struct
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from dissectors.api import C2S, S2C, SPICE
 from proxy.core import _fastframe, framing
-from proxy.core.framing import frame_messages
+from proxy.core.framing import AssemblyLike, PyAssembly, frame_messages
 from spicetap import records
 from spicetap.records import Record, RecordBuilder
 from spicetap.show import iter_capture
@@ -370,3 +370,25 @@ def test_limits_beyond_64_bits_frame_as_python_does() -> None:
         assert _fastframe.frame(C2S, data, True, limit, _echo, []) == frame_messages(
             C2S, data, True, limit, _echo, []
         )
+
+
+@pytest.mark.parametrize("make", [_fastframe.Assembly, PyAssembly], ids=["c", "python"])
+def test_an_assembly_fills_a_message_by_copies_and_hands_it_out_once(
+    make: Callable[[int], AssemblyLike],
+) -> None:
+    assembly = make(10)
+    source = bytearray(b"hello")
+    with memoryview(source) as view:
+        assert assembly.add(view) == 5
+    source[:] = b"XXXXX"  # what was given may change: a copy was kept
+    assert (assembly.filled, assembly.missing, assembly.partial()) == (5, 5, b"hello")
+    with pytest.raises(ValueError, match="not whole: 5 of 10"):
+        assembly.take()
+    assert assembly.add(b"world and more") == 5  # only what the message still misses
+    whole = assembly.take()
+    assert whole == b"helloworld" and type(whole) is bytes and assembly.missing == 0
+    for again in (assembly.take, assembly.partial, lambda: assembly.add(b"x")):
+        with pytest.raises(ValueError, match="taken"):
+            again()
+    with pytest.raises(ValueError, match="> 0"):
+        make(0)

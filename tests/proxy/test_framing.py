@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dissectors.api import LINK
+from proxy.core import framing
 from proxy.core.framing import (
     C2S,
     LARGE,
@@ -258,7 +259,8 @@ def test_huge_link_size_and_bad_caps_are_errors() -> None:
     ),
     limit=st.sampled_from([2 * LARGE, 4 * LARGE]),
     truncate=st.integers(0, 3),
-    as_bytearray=st.booleans(),
+    given_as=st.sampled_from(["bytes", "bytearray", "view"]),
+    in_python=st.booleans(),
 )
 def test_large_messages_in_pieces_give_what_the_whole_stream_gives(
     data: st.DataObject,
@@ -266,39 +268,52 @@ def test_large_messages_in_pieces_give_what_the_whole_stream_gives(
     sizes: list[int],
     limit: int,
     truncate: int,
-    as_bytearray: bool,
+    given_as: str,
+    in_python: bool,
 ) -> None:
-    """Messages of LARGE bytes or more, cut anywhere (their header too), are gathered in
-    parts and joined once: the same messages, error, offsets and pending bytes as feeding
-    the stream in one piece, including a stream that ends mid-message."""
-    frame = mini if mini_header else (lambda t, b: full(7, t, b))
-    link = session(False, mini_header)[:4]
-    stream = b"".join(frame(100 + i, bytes([i + 1]) * n) for i, n in enumerate(sizes))
-    stream = stream[: len(stream) - truncate]
-    whole, pieces = ChannelFramer(limit), ChannelFramer(limit)
-    for f in (whole, pieces):
-        for d, chunk in link:
-            f.feed(d, chunk)
-    expected = whole.feed(S2C, stream)
-    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=10)))
-    got: list[Event] = []
-    for a, b in itertools.pairwise([0, *cuts, len(stream)]):
-        piece = stream[a:b]
-        # a caller's reused buffer: the framer must keep a copy, not the object
-        got += pieces.feed(S2C, cast(bytes, bytearray(piece)) if as_bytearray else piece)
+    """Messages of LARGE bytes or more, cut anywhere (their header too), are gathered in an
+    assembly of their size: the same messages, error, offsets and pending bytes as feeding
+    the stream in one piece, including a stream that ends mid-message. A piece given as a
+    view while assembling (the recording process's ring) may change right after: nothing
+    of it is kept. The C Assembly and the Python one alike."""
+    with pytest.MonkeyPatch.context() as patch:
+        if in_python:
+            patch.setattr(framing, "ASSEMBLY", framing.PyAssembly)
+        frame = mini if mini_header else (lambda t, b: full(7, t, b))
+        link = session(False, mini_header)[:4]
+        stream = b"".join(frame(100 + i, bytes([i + 1]) * n) for i, n in enumerate(sizes))
+        stream = stream[: len(stream) - truncate]
+        whole, pieces = ChannelFramer(limit), ChannelFramer(limit)
+        for f in (whole, pieces):
+            for d, chunk in link:
+                f.feed(d, chunk)
+        expected = whole.feed(S2C, stream)
+        cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=10)))
+        got: list[Event] = []
+        for a, b in itertools.pairwise([0, *cuts, len(stream)]):
+            piece = stream[a:b]
+            if given_as == "bytes":
+                got += pieces.feed(S2C, piece)
+            elif given_as == "bytearray":  # a caller's reused buffer: the framer keeps a copy
+                got += pieces.feed(S2C, cast(bytes, bytearray(piece)))
+            else:  # as RecordBuilder passes them: a view only to an assembly
+                buffer = bytearray(piece)
+                with memoryview(buffer) as view:
+                    got += pieces.feed(S2C, view if pieces.assembling(S2C) else bytes(buffer))
+                    buffer[:] = b"\xee" * len(buffer)  # the ring's room, written over
 
-    def kept(evs: list[Event]) -> list[Event]:  # an error's bytes: only those seen with it
-        return [replace(e, data=b"") if isinstance(e, ChannelError) else e for e in evs]
+        def kept(evs: list[Event]) -> list[Event]:  # an error's bytes: only those seen with it
+            return [replace(e, data=b"") if isinstance(e, ChannelError) else e for e in evs]
 
-    assert kept(got) == kept(expected)
-    # an error carries the unframed bytes seen with it, a prefix of the whole stream's;
-    # every unframed byte is counted as ignored, however the stream came
-    for mine, theirs in zip(got, expected, strict=True):
-        if isinstance(mine, ChannelError) and isinstance(theirs, ChannelError):
-            assert mine.data and theirs.data.startswith(mine.data)
-    assert pieces.ignored[S2C] == whole.ignored[S2C]
-    assert pieces.offset[S2C] == whole.offset[S2C]
-    assert pieces.pending(S2C) == whole.pending(S2C)
+        assert kept(got) == kept(expected)
+        # an error carries the unframed bytes seen with it, a prefix of the whole stream's;
+        # every unframed byte is counted as ignored, however the stream came
+        for mine, theirs in zip(got, expected, strict=True):
+            if isinstance(mine, ChannelError) and isinstance(theirs, ChannelError):
+                assert mine.data and theirs.data.startswith(mine.data)
+        assert pieces.ignored[S2C] == whole.ignored[S2C]
+        assert pieces.offset[S2C] == whole.offset[S2C]
+        assert pieces.pending(S2C) == whole.pending(S2C)
 
 
 def test_a_large_message_in_pieces_is_built_from_one_join() -> None:

@@ -59,11 +59,25 @@ def encoded(item: tuple[object, ...]) -> tuple[bytes, ...]:
     st.integers(700, 1500),
     st.integers(0, 2000),
     st.one_of(st.none(), st.integers(200, 340)),
+    st.booleans(),
 )
 def test_items_come_out_whole_and_in_order_wherever_the_ring_wraps(
-    items: list[tuple[object, ...]], capacity: int, offset: int, hot: int | None
+    items: list[tuple[object, ...]], capacity: int, offset: int, hot: int | None, views: bool
 ) -> None:
-    """Plain or elastic (`hot`: laps cut short with padding), whatever the items' sizes."""
+    """Plain or elastic (`hot`: laps cut short with padding), whatever the items' sizes.
+    With views, a chunk's bytes are a view into the ring (a copy where they wrap round),
+    released as the next item is asked for: the consumer copies what it keeps."""
+    held: list[memoryview] = []
+
+    def drain(consumer: ByteRing) -> list[tuple[object, ...]]:
+        out: list[tuple[object, ...]] = []
+        for item in recwire.ring_items(consumer, views=views):
+            data = item[4] if item[0] == "data" else None
+            if isinstance(data, memoryview):
+                held.append(data)
+            out.append((*item[:4], bytes(data)) if data is not None else item)
+        return out
+
     producer_buffer = bytearray(ByteRing.size_for(capacity))
     producer, consumer = ByteRing(producer_buffer, hot=hot), ByteRing(producer_buffer)
     # start anywhere in the ring, as after hours of traffic: wraps fall at every position
@@ -74,11 +88,14 @@ def test_items_come_out_whole_and_in_order_wherever_the_ring_wraps(
     for item in items:
         parts = encoded(item)
         if not producer.put(parts):  # full: the consumer makes room, then it fits
-            got.extend(recwire.ring_items(consumer))
+            got.extend(drain(consumer))
             assert producer.put(parts)
-    got.extend(recwire.ring_items(consumer))
+    got.extend(drain(consumer))
     assert got == items
     assert consumer.readable() == 0 and producer.used() == 0
+    for view in held:  # each let go once the consumer moved on
+        with pytest.raises(ValueError, match="released"):
+            bytes(view)
 
 
 def test_a_full_ring_refuses_an_item_and_keeps_what_it_holds() -> None:
@@ -310,3 +327,21 @@ def test_fences_from_many_threads_at_once_never_raise() -> None:
 
     errors = racing(hammer, 6)
     assert not errors, errors[:2]
+
+
+def test_a_chunk_comes_as_a_view_into_the_ring_until_the_next_item() -> None:
+    """The recording process's way: no copy out of the ring; the chunk's room goes back to
+    the producer only once the consumer asks for what follows."""
+    buffer = bytearray(ByteRing.size_for(4096))
+    producer, consumer = ByteRing(buffer), ByteRing(buffer)
+    assert producer.put(encoded(("data", 1, 0.5, "s2c", b"abc")))
+    assert producer.put(encoded(("close", 1, 0.6, "done")))
+    items = recwire.ring_items(consumer, views=True)
+    chunk = next(items)
+    view = chunk[4]
+    assert isinstance(view, memoryview) and view.obj is buffer and bytes(view) == b"abc"
+    held = producer.used()
+    assert next(items) == ("close", 1, 0.6, "done")
+    assert held > 0 and producer.used() == 0  # the chunk's room is back, with the close's
+    with pytest.raises(ValueError, match="released"):
+        bytes(view)

@@ -63,6 +63,7 @@ _LINK_STRUCTS = {
     "link_reply": "LinkReply",
     "auth_mechanism": "LinkAuthMechanism",
     "link_result": "LinkResult",
+    "sasl_result": "LinkResult",  # SASL's own u32 result, with the same codes
 }
 
 
@@ -127,6 +128,10 @@ class _Conn:
 
 
 def _link_fields(kind: str, data: bytes) -> tuple[dict[str, Any] | None, str | None]:
+    if kind == "sasl_complete":  # the server's u8 after each SASL answer
+        return {"complete": bool(data[0])}, None
+    if kind == "sasl_reason":  # u32 length, then text with its NUL (proxy/core/saslwire.py)
+        return {"reason": data[4:].rstrip(b"\0").decode("utf-8", "replace")}, None
     struct = _LINK_STRUCTS.get(kind)
     if struct is None:
         return None, None
@@ -190,6 +195,9 @@ class RecordBuilder:
         """A new connection; its `open` record (with the endpoints) is emitted just before
         its first other record, when the link message has named its channel."""
         c = self._new(conn)
+        tls = (extra or {}).get("tls")
+        if isinstance(tls, dict) and tls.get("server"):
+            c.framer.sasl_layer = False  # spice-server adds no SASL layer over TLS
         if client is not None and server is not None:
             c.open_fields = {
                 "client": f"{client[0]}:{client[1]}",
@@ -457,6 +465,7 @@ class RecordBuilder:
                 )
             ]
             if ev.kind == "auth_mechanism" and c.framer.auth == "sasl":
+                note = SASL_NOTE if c.framer.sasl_layer else SASL_OVER_TLS_NOTE
                 out.append(
                     Record(
                         **self._base(c, ts, ev.direction),
@@ -464,7 +473,7 @@ class RecordBuilder:
                         msg_type=None,
                         name="sasl",
                         raw=b"",
-                        fields=dict(SASL_NOTE),
+                        fields=dict(note),
                     )
                 )
             return out

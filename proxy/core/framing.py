@@ -2,14 +2,16 @@
 
 Theory of operation: a channel connection starts with the link stage, then carries messages.
 
-    c2s: LinkHeader(16) LinkMess(size)  [AuthMechanism(4)] Ticket(128) | SASL...  messages
-    s2c: LinkHeader(16) LinkReply(size)                    LinkResult(4)          messages
+    c2s: LinkHeader(16) LinkMess(size)  [AuthMechanism(4)] Ticket(128)      | SASL  messages
+    s2c: LinkHeader(16) LinkReply(size)                    LinkResult(4)    | SASL  messages
 
 What the client sends after LinkMess depends on the server's reply (auth selection is used
 only when both sides set common cap 0; the mini header only when both set cap 3), so the
-client side waits until the reply is known. No I/O: bytes in, events out. A peer that breaks
-the protocol yields one ChannelError event and that direction stops being parsed; later
-bytes are counted as `ignored`, never raised.
+client side waits until the reply is known. SASL's exchange (proxy/core/saslwire.py) ends
+in its own result, then the link result; all after its result is SASL-encrypted, so
+opaque, when the server's own connection is plain TCP (sasl_layer). No I/O: bytes in,
+events out. A peer that breaks the protocol yields one ChannelError event and that
+direction stops being parsed; later bytes are counted as `ignored`, never raised.
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
+
+from proxy.core.saslwire import STATES as SASL_STATES
+from proxy.core.saslwire import next_step
 
 C2S = "c2s"
 S2C = "s2c"
@@ -52,7 +57,9 @@ def has_cap(words: tuple[int, ...], bit: int) -> bool:
 @dataclass(frozen=True, slots=True)
 class LinkUnit:
     """A link-stage unit: kind is header, link_mess, link_reply, auth_mechanism, ticket,
-    link_result or sasl (opaque SASL bytes, encrypted once SASL negotiated a layer)."""
+    link_result, sasl (a field of the SASL exchange, or opaque bytes of a SASL security
+    layer), sasl_complete (the server's u8 after each answer), sasl_result (SASL's own
+    u32 result) or sasl_reason (why the server refused after SASL)."""
 
     direction: str
     kind: str
@@ -246,21 +253,29 @@ class ChannelFramer:
         self.result: int | None = None
         self.mini_header = False
         self.auth: str | None = None  # "spice" | "sasl"
+        # Whether a SASL security layer wraps what follows a SASL exchange: spice-server
+        # uses one exactly when its own connection is plain TCP (see saslwire). A caller
+        # that knows the server's leg is TLS says False, and the channel is dissected.
+        self.sasl_layer = True
+        self.sasl_result: int | None = None  # SASL's own u32 result, before the link result
 
-    def feed(self, direction: str, data: bytes) -> list[Event]:
+    def feed(self, direction: str, data: bytes | memoryview) -> list[Event]:
         """Add bytes received in one direction; returns the units now complete."""
         events: list[Event] = self.feed_built(direction, data, build_message)
         return events
 
-    def feed_built(self, direction: str, data: bytes, build: MessageBuilder) -> list[Any]:
+    def feed_built(
+        self, direction: str, data: bytes | memoryview, build: MessageBuilder
+    ) -> list[Any]:
         """feed(), with each message's event made by `build` (bodies=True only). A caller
         that turns messages into something else does it here, from the snapshot of the
-        stream the framer slices them from: no Message and no body copy in between."""
+        stream the framer slices them from: no Message and no body copy in between. `data`
+        may be a memoryview (changing once this returns) only while assembling() says so."""
         state = self.state[direction]
         if state == "dead":
             self.ignored[direction] += len(data)
             return []
-        if self.parts[direction]:
+        if self.assembly[direction] is not None:
             return self._assemble(direction, data, build)
         # The common case: nothing held back from earlier chunks, so frame this one itself.
         messages = state == "messages" and self.bodies and not self.link_only
@@ -281,7 +296,9 @@ class ChannelFramer:
             data = data[skip:]
         self.buf[direction] += data
         events = []
-        client_waiting = direction == S2C and self.state[C2S] == "wait_reply"
+        # the server's reply, or its SASL result, decides how the client's bytes go on
+        waits = self.state[C2S] == "wait_reply" or self.state[C2S] in SASL_STATES
+        client_waiting = direction == S2C and waits
         self._drain(direction, events, build)
         if client_waiting and self.buf[C2S]:
             self._drain(C2S, events, build)  # the reply unblocked the client's auth bytes
@@ -345,10 +362,14 @@ class ChannelFramer:
                 return
             if state in ("dead", "wait_reply", "done"):
                 return
-            if state == "sasl":
+            if state == "sasl":  # a security layer's bytes, or link_only's stop
                 if buf and not self.link_only:
                     events.append(LinkUnit(d, "sasl", self._take(d, len(buf))))
                 return
+            if state in SASL_STATES:
+                if not self._sasl(d, state, events):
+                    return
+                continue
             size = {
                 "header": LINK_HEADER.size,
                 "body": self.need_size[d],
@@ -388,10 +409,12 @@ class ChannelFramer:
             events.append(LinkUnit(d, "auth_mechanism", data))
             (mech,) = U32.unpack(data)
             if mech == CAP_AUTH_SASL:
-                # SASL replaces the ticket and the 4-byte result with its own exchange.
-                self.auth, self.state[d] = "sasl", "sasl"
+                # SASL replaces the ticket and the 4-byte result with its own exchange
+                # (link_only stops here: opaque from now on)
+                self.auth = "sasl"
+                self.state[d] = "sasl" if self.link_only else "sasl_mechname"
                 if self.state[S2C] == "result":
-                    self.state[S2C] = "sasl"
+                    self.state[S2C] = "sasl" if self.link_only else "sasl_mechlist"
             elif mech == CAP_AUTH_SPICE:
                 self.auth, self.state[d] = "spice", "ticket"
             else:
@@ -405,6 +428,33 @@ class ChannelFramer:
         events.append(LinkUnit(d, "link_result", data))
         (self.result,) = U32.unpack(data)
         self.state[d] = "messages" if self.result == 0 else "done"
+        if self.state[C2S] in SASL_STATES:  # after SASL the client waited for this too
+            self.state[C2S] = self.state[d]
+
+    def _sasl(self, d: str, state: str, events: list[Any]) -> bool:
+        """The next unit of the SASL exchange in `d`, if it is whole (False: not yet)."""
+        step = next_step(state, self.buf[d])
+        if step is None:
+            return False
+        if isinstance(step, str):
+            self._fail(d, step, events)
+            return False
+        if not step.kind:  # a link reply in its place: the server refuses
+            self.state[d] = step.then
+            return True
+        data = self._take(d, step.size)
+        events.append(LinkUnit(d, step.kind, data))
+        if step.kind != "sasl_result":
+            self.state[d] = step.then
+            return True
+        (self.sasl_result,) = U32.unpack(data)
+        if self.sasl_result != 0:  # refused: a reason, and the server hangs up
+            self.state[S2C], self.state[C2S] = step.then, "done"
+        elif self.sasl_layer:  # the link result and all after it are encrypted
+            self.state[S2C] = self.state[C2S] = "sasl"
+        else:  # the link result, as after a ticket, then messages
+            self.state[S2C] = "result"
+        return True
 
     def _link_body(self, d: str, data: bytes) -> None:
         if d == C2S:

@@ -108,6 +108,7 @@ class ChannelRelay:
         *,
         follow_migration: bool = False,
         session_gate: Callable[[], bool] | None = None,
+        server_tls: bool = False,
     ) -> None:
         self.limits = limits
         # asked, once the viewer's link message is in, whether a new session may begin here
@@ -122,6 +123,8 @@ class ChannelRelay:
         self.backlog: list[Pass | Held] = []  # server bytes behind it
         self.backlog_size = 0
         self.guard = ChannelFramer(limits.max_message, bodies=False)
+        # behind a TLS server leg, SASL leaves the channel in clear: guarded, and followed
+        self.guard.sasl_layer = not server_tls
         self.rewriter = (
             LinkRewriter(policy, limits.max_message)
             if policy is not None and policy.active
@@ -196,9 +199,10 @@ class ChannelRelay:
                 self._broken(ev, commands)
                 return
             if isinstance(ev, LinkUnit):
-                # done: a result, a refused link (e.g. NEED_SECURED), or SASL taking over
+                # done: a result (after a ticket or SASL; with a SASL security layer, SASL's
+                # own: what follows is opaque), or a refused link (e.g. NEED_SECURED)
                 refused = ev.kind == "link_reply" and bool(self.guard.link_error)
-                if ev.kind in ("link_result", "sasl") or refused:
+                if refused or self.guard.link_over:
                     self.linked = True
 
     def _session_refused(self) -> bool:
@@ -225,7 +229,8 @@ class ChannelRelay:
                 if isinstance(ev, LinkUnit) and ev.direction == S2C:
                     self.s2c_link += len(ev.data)
                     if ev.kind == "link_result":
-                        if self.guard.channel_type == MAIN and not self.guard.result:
+                        clear = self.guard.state[S2C] == "messages"  # no SASL layer
+                        if self.guard.channel_type == MAIN and not self.guard.result and clear:
                             self.scanner = MigrationScanner(
                                 self.guard.mini_header, self.limits.max_message
                             )

@@ -91,8 +91,12 @@ class ThreadedChannel:
                         break
                     continue
                 with lock:
+                    # The link stage's commands, the bytes that end it included, run under
+                    # the lock: the peer answering them (e.g. after SASL's result) is then
+                    # recorded after them, as the framer needs.
+                    linking = not relay.passing
                     commands = relay.received(direction, data, now)
-                    if not relay.passing:
+                    if linking:
                         self.run(commands)
                         continue
                 self.run(commands)

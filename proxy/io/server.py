@@ -182,6 +182,10 @@ class ChannelProxy:
                 # one send at a time per side: send_counted works below SocketStream's own
                 # check, and in a rewritten link stage either pump may answer the viewer
                 sending = {C2S: trio.Lock(), S2C: trio.Lock()}
+                # the relay's calls in turn; the link stage's commands, the bytes that end it
+                # included, run holding it, so what a peer answers them with (e.g. after
+                # SASL's result) is recorded after them, as the framer needs
+                order = trio.Lock()
                 done = trio.Event()
 
                 def finish(why: str) -> None:
@@ -231,7 +235,13 @@ class ChannelProxy:
                             if not data:
                                 await run(relay.peer_closed(direction, now))
                                 return
-                            await run(relay.received(direction, bytes(data), now))
+                            async with order:
+                                linking = not relay.passing
+                                commands = relay.received(direction, bytes(data), now)
+                                if linking:
+                                    await run(commands)
+                                    continue
+                            await run(commands)
                     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                         now = time.monotonic()
                         if isinstance(exc.__cause__, ssl.SSLError):  # the peer broke TLS
@@ -397,7 +407,12 @@ class ChannelProxy:
         policy = upstream_to.policy or self.link_policy
         gate = self._session_gate if self.state.admission is not None else None
         relay = ChannelRelay(
-            self.limits, now, policy, follow_migration=migration is not None, session_gate=gate
+            self.limits,
+            now,
+            policy,
+            follow_migration=migration is not None,
+            session_gate=gate,
+            server_tls=bool(tls.get("server")),
         )
         stats = ChannelStats(conn, client, upstream_to.label, now, relay)
         self.state.channels[conn] = stats

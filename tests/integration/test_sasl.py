@@ -1,13 +1,17 @@
 """SASL through a real `spicetap proxy` in pass-through mode: QEMU's spice-server with
-`sasl=on` (DIGEST-MD5, qop=auth-conf, from the harness' own SASL config and sasldb) and the
-spice-gtk GI client logging in with a user name and password.
+`sasl=on` (DIGEST-MD5, from the harness' own SASL config and sasldb) and the spice-gtk GI
+client logging in with a user name and password.
 
-After SASL is chosen, everything on a channel is the SASL exchange and then SASL-encrypted
-data, so spicetap relays it unchanged and the archive keeps only lengths: an `auth` record
-per channel says SASL was chosen and the rest may be encrypted; what follows is `sasl` link
-records whose bytes are redacted as secrets. The main channel learns its session id from
-MAIN INIT, which is encrypted here: spicetap cannot tell which session it belongs to, so it
-is recorded in an archive of its own ("unassigned"), beside the session's archive."""
+On plain TCP spice-server demands a SASL security layer (qop=auth-conf here): after the
+exchange everything is SASL-encrypted, so spicetap relays it unchanged and the archive keeps
+only lengths. An `auth` record per channel says so; the exchange's fields and then the
+layer's bytes are `sasl` link records, redacted as secrets, and the server's completion
+flags and link result are in clear. The main channel learns its session id from MAIN INIT,
+which is encrypted there: spicetap cannot tell which session it belongs to, so it is
+recorded in an archive of its own ("unassigned"), beside the session's archive.
+
+Over TLS spice-server asks for no security layer (qop=auth): after the exchange the channels
+carry clear SPICE, which spicetap dissects, and the whole session is one archive."""
 
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ from spicetap.archive.reader import ArchiveReader
 from spicetap.archive.verify import verify
 from spicetap.cli import main
 from spicetap.inputs import iter_records
-from spicetap.records import SASL_NOTE
+from spicetap.records import SASL_NOTE, SASL_OVER_TLS_NOTE
 from tests.conftest import peers
 from tests.harness import (
     ALL_CHANNELS,
@@ -35,14 +39,15 @@ from tests.harness import (
     run_gi_client,
 )
 from tests.harness.client import ClientResult
-from tests.integration.proxy_process import ProxyProcess
+from tests.integration.proxy_process import ProxyProcess, tls_both_legs
 
 pytestmark = pytest.mark.peers
 
 ACCOUNT = SaslAccount("tapuser", "sasl-pw-5f0c2e")
+SUBJECT = "C=XX,O=spicetap-test,CN=127.0.0.1"  # spicetap's certificate for the viewer
 WRONG_PASSWORD = "wrong-pw-91ab7d"
 MECH_SASL = 2  # LinkAuthMechanism value for SASL
-LINK_UNITS = [  # what a channel's link stage shows in clear, up to SASL's selection
+LINK_UNITS = [  # what a channel's link stage shows in clear, but for SASL's own fields
     ("c2s", "auth_mechanism"),
     ("c2s", "header"),
     ("c2s", "link_mess"),
@@ -120,27 +125,41 @@ def assert_nothing_secret(proxy: ProxyProcess, *secrets: str) -> None:
             assert secret.encode() not in blob, f"{secret!r} in {where}"
 
 
-def check_sasl_channel(recs: list[Any]) -> dict[str, int]:
+def check_sasl_channel(recs: list[Any], note: dict[str, Any] = SASL_NOTE) -> dict[str, int]:
     """One channel connection: the link stage in clear up to SASL's selection, one `auth`
-    record saying so, then only redacted `sasl` units, never a message. Returns the bytes
-    its link records account for, each way (kept as lengths where redacted)."""
-    links = sorted((r.direction, r.name) for r in recs if r.kind == "link" and r.name != "sasl")
+    record saying so, SASL's fields redacted, its completion flags and result (unless it
+    failed) in clear; then, with `note` SASL_NOTE, only redacted `sasl` units, never a
+    message. Returns the bytes its link records account for, each way (kept as lengths
+    where redacted)."""
+    sasl_units = ("sasl", "sasl_complete", "sasl_result", "link_result")
+    clear = [r for r in recs if r.kind == "link" and r.name not in sasl_units]
+    links = sorted((r.direction, r.name) for r in clear)
     assert links == LINK_UNITS, links
+    flags = [r.fields["complete"] for r in recs if r.name == "sasl_complete"]
+    assert flags and not any(flags[:-1])  # the server's "go on", then maybe "complete"
+    ok = [{"error": "OK"}]
+    sasl_results = [r.fields for r in recs if r.name == "sasl_result"]
+    assert sasl_results == (ok if flags[-1] else []), sasl_results
+    # the link result then, in clear over TLS; with a security layer it is inside it
+    results = [r.fields for r in recs if r.name == "link_result"]
+    assert results == (ok if flags[-1] and note is SASL_OVER_TLS_NOTE else []), results
     (mech,) = [r for r in recs if r.name == "auth_mechanism"]
     assert int.from_bytes(mech.raw, "little") == MECH_SASL
     (auth,) = [r for r in recs if r.kind == "auth"]
-    assert auth.name == "sasl" and auth.direction == "c2s" and auth.fields == SASL_NOTE
-    assert auth.fields["may_be_encrypted"] is True
+    assert auth.name == "sasl" and auth.direction == "c2s" and auth.fields == note
     sasl = [r for r in recs if r.kind == "link" and r.name == "sasl"]
     assert {r.direction for r in sasl} == {"c2s", "s2c"}  # an exchange, both ways
     assert all(r.raw == b"" and r.redacted == {"reason": "secret", "len": r.redacted["len"]}
                for r in sasl)  # fmt: skip
     assert all(r.redacted["len"] > 0 for r in sasl)
-    assert not [r for r in recs if r.kind in ("message", "agent", "error", "gap", "tls")]
+    assert not [r for r in recs if r.kind in ("gap", "tls")]
+    if note is SASL_NOTE:  # encrypted after the exchange: lengths only
+        odd = [r for r in recs if r.kind in ("message", "agent", "error")]
+        assert not odd, [(r.kind, r.direction, r.name, r.error) for r in odd]
     assert [r.kind for r in recs].count("close") == 1 and recs[-1].kind == "close"
     lengths = {"c2s": 0, "s2c": 0}
     for rec in recs:
-        if rec.kind == "link":
+        if rec.kind in ("link", "message", "error"):  # agent messages repeat AGENT_DATA's
             lengths[rec.direction] += rec.redacted["len"] if rec.redacted else len(rec.raw)
     return lengths
 
@@ -176,6 +195,94 @@ def test_sasl_session_through_the_proxy_is_recorded_as_lengths(
     assert check_sasl_channel(display)["s2c"] > 1000  # the SeaBIOS screen, encrypted
     # neither the password nor the SASL exchange (user name, mechanism names) was kept
     assert_nothing_secret(proxy, ACCOUNT.password, ACCOUNT.username, "DIGEST-MD5")
+
+
+def test_sasl_over_tls_is_dissected_after_its_exchange(tmp_path: Path) -> None:
+    """TLS on both legs: spice-server and spice-gtk agree on no SASL security layer, so
+    once SASL's result is in, every channel carries clear SPICE. The archive dissects it,
+    the main channel's INIT names the session, and all 11 channels are one archive."""
+    with (
+        peers(),
+        QemuServer(guest="none", plain=False, tls=True, sasl=ACCOUNT) as srv,
+    ):
+        assert srv.tls_port is not None and srv.tls_material is not None
+        tlsm = srv.tls_material
+        extra = (
+            *tls_both_legs(srv.tls_port, tlsm.ca_file, tlsm.host_subject),
+            "--tls-subject",
+            SUBJECT,
+            "--management",
+            "127.0.0.1:0",
+        )
+        with ProxyProcess(0, tmp_path / "rec", tmp_path / "proxy", extra=extra) as proxy:
+            endpoint = SpiceEndpoint(
+                tls_port=proxy.port,
+                ca_file=tmp_path / "proxy" / "config" / "ca-cert.pem",
+                host_subject=SUBJECT,
+                username=ACCOUNT.username,
+                password=ACCOUNT.password,
+            )
+            options = ClientOptions(
+                duration=20, expect_channels=ALL_CHANNELS, expect_display=True, smartcard=True
+            )
+            result = run_gi_client(endpoint, options, tmp_path / "client")
+            relayed = relayed_bytes(proxy)
+    assert result.returncode == 0, (result.summary, proxy.log()[-2000:])
+    assert len(result.opened) == ALL_CHANNELS and not result.summary["errors"]
+    archives = archived(proxy)
+    (name,) = archives  # one session: main's INIT was read
+    conns = by_connection(archives[name])
+    assert len(conns) == ALL_CHANNELS
+    recorded = {"c2s": 0, "s2c": 0}
+    for recs in conns.values():
+        for direction, n in check_sasl_channel(recs, SASL_OVER_TLS_NOTE).items():
+            recorded[direction] += n
+        assert all(r.fields["tls"] == {"viewer": True, "server": True}
+                   for r in recs if r.kind == "open")  # fmt: skip
+    assert recorded == relayed  # every byte, the exchange as lengths, the rest as it came
+    recs = archives[name]
+    (init,) = [r for r in recs if r.channel == "main" and r.name == "init"]
+    assert name.endswith(f"{init.fields['session_id']:08x}")
+    channels = {r.channel for r in recs if r.kind == "message"}
+    assert {"main", "display", "inputs", "cursor"} <= channels
+    assert any(r.channel == "display" and (r.name or "").startswith("draw_") for r in recs)
+    # the client hangs up when its script ends: a message cut then is recorded as such
+    bad = [r for r in recs if r.not_fully_dissected or r.kind == "error"]
+    bad = [r for r in bad if "connection ended (viewer closed)" not in str(r.error)]
+    assert not bad, [(r.kind, r.channel, r.name, r.error) for r in bad]
+    assert_nothing_secret(proxy, ACCOUNT.password, ACCOUNT.username)
+
+
+def test_sasl_through_the_connect_front_is_recorded_as_through_the_reverse_proxy(
+    sasl_qemu: QemuServer, tmp_path: Path
+) -> None:
+    """The CONNECT front relays in trio rather than in pump threads: SASL's exchange, its
+    result and the security layer after it come out the same, every channel."""
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        f'[connect]\nlisten = "127.0.0.1:0"\nallow = ["127.0.0.1:{sasl_qemu.port}"]\n'
+    )
+    work = tmp_path / "proxy"
+    with ProxyProcess(0, tmp_path / "rec", work, ("--config", str(config))) as proxy:
+        front = f"http://127.0.0.1:{proxy.ports['connect']}"
+        endpoint = SpiceEndpoint(
+            port=sasl_qemu.port,
+            username=ACCOUNT.username,
+            password=ACCOUNT.password,
+            proxy=front,
+        )
+        options = ClientOptions(
+            duration=20, expect_channels=ALL_CHANNELS, expect_display=True, smartcard=True
+        )
+        with peers():
+            result = run_gi_client(endpoint, options, tmp_path / "client")
+    assert result.returncode == 0, (result.summary, proxy.log()[-2000:])
+    assert len(result.opened) == ALL_CHANNELS
+    conns = [rs for recs in archived(proxy).values() for rs in by_connection(recs).values()]
+    assert len(conns) == ALL_CHANNELS
+    for recs in conns:
+        check_sasl_channel(recs)
+    assert_nothing_secret(proxy, ACCOUNT.password, ACCOUNT.username)
 
 
 def test_wrong_sasl_password_fails_cleanly_and_the_proxy_serves_on(
@@ -220,6 +327,7 @@ def test_probe_says_the_server_wants_sasl(
         "host": "127.0.0.1",
         "port": sasl_qemu.port,
         "error": "Authentication failed",
+        "detail": "the server offers only SASL, which probe does not speak",
     }
     assert main(["probe", "127.0.0.1", port]) == 1
     lines = capsys.readouterr().out.splitlines()

@@ -196,20 +196,6 @@ def test_client_ticket_waits_for_the_reply() -> None:
     assert kinds == ["header", "link_reply", "auth_mechanism", "ticket"]
 
 
-def test_sasl_is_opaque_after_selection() -> None:
-    both = caps_word(0, 2, 3)
-    _f, events = run(
-        [
-            (C2S, link_mess(both)),
-            (S2C, link_reply(both)),
-            (C2S, struct.pack("<I", 2) + b"\x05\0\0\0mechs"),
-            (S2C, b"\x0b\0\0\0DIGEST-MD5"),
-        ]
-    )
-    units = [(e.direction, e.kind) for e in events if isinstance(e, LinkUnit)]
-    assert units[-3:] == [(C2S, "auth_mechanism"), (C2S, "sasl"), (S2C, "sasl")]
-
-
 def test_bad_magic_is_one_error_and_the_rest_ignored() -> None:
     f = ChannelFramer()
     events = f.feed(C2S, header(18, magic=b"HTTP") + b"x" * 18)

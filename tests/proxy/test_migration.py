@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -33,6 +34,7 @@ from proxy.core.relay import (
     Redirect,
 )
 from tests.proxy.test_framing import OK, TICKET, caps_word, link_mess, link_reply
+from tests.proxy.test_sasl_framing import exchange
 
 MAIN = 1
 
@@ -205,3 +207,25 @@ def test_a_server_closing_mid_message_loses_no_recorded_byte() -> None:
     out = relay.peer_closed("s2c", 1.0)
     assert b"".join(c.data for c in out if isinstance(c, RecordData)) == cut
     assert any(isinstance(c, Close) and c.error for c in out)
+
+
+@pytest.mark.parametrize("server_tls", [True, False])
+def test_a_sasl_main_channel_is_followed_when_no_layer_hides_it(server_tls: bool) -> None:
+    """After SASL over TLS the main channel is clear SPICE: its migration message is held
+    for a redirect as after a ticket. Behind a SASL security layer nothing can be read:
+    everything passes as it came (the viewer would follow the server by itself)."""
+    relay = ChannelRelay(Limits(), 0.0, follow_migration=True, server_tls=server_tls)
+    chunks = exchange(channel_type=MAIN, conn=0)
+    out: list[object] = []
+    for d, data in chunks:
+        out += relay.received(d, data, 0.0)
+    migrate = _mini(MIGRATE_BEGIN_SEAMLESS, SEAMLESS)
+    later = relay.received("s2c", migrate + _mini(4, b"x"), 1.0)
+    redirects = [c for c in later if isinstance(c, Redirect)]
+    if server_tls:
+        assert [r.destination for r in redirects] == [Destination("10.0.0.9", 5951, None, None)]
+        assert _forwarded(later) == b""  # held until redirected
+    else:
+        assert not redirects and _forwarded(later) == migrate + _mini(4, b"x")
+    sent = b"".join(data for d, data in chunks if d == "s2c")
+    assert _forwarded([c for c in out if getattr(c, "direction", "") == "s2c"]) == sent

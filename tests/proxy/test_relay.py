@@ -6,6 +6,7 @@ import pytest
 
 from proxy.core.relay import SESSION_REFUSED, ChannelRelay, Close, Forward, Limits, Log, RecordData
 from tests.proxy.test_framing import OK, TICKET, caps_word, link_mess, link_reply, mini
+from tests.proxy.test_sasl_framing import exchange
 
 
 def linked(relay: ChannelRelay, now: float = 0.0) -> None:
@@ -157,3 +158,29 @@ def test_a_refused_session_under_a_link_policy_is_refused_too() -> None:
     cmds = relay.received("c2s", link_mess(caps_word(1, 3), channel_type=1, conn=0), 1.0)
     assert not [c for c in cmds if isinstance(c, Forward)]
     assert Close(SESSION_REFUSED, error=False) in cmds and relay.closed
+
+
+@pytest.mark.parametrize("server_tls", [False, True])
+def test_sasl_links_at_its_result_and_over_tls_the_messages_are_guarded(
+    server_tls: bool,
+) -> None:
+    """The SASL exchange is link stage: relayed in the peers' order, under the link timeout.
+    After it, behind a TLS server leg (no SASL layer), messages are walked and limited as
+    on any channel; behind a plain one the security layer's bytes pass as they are."""
+    relay = ChannelRelay(Limits(max_message=1000), 0.0, server_tls=server_tls)
+    chunks = exchange()
+    for d, data in chunks[:-2]:
+        relay.received(d, data, 1.0)
+        assert not relay.linked and not relay.unchanged(d)
+    relay.received(*chunks[-2], 1.0)  # SASL's result: with a layer, all after it is opaque
+    assert relay.linked is not server_tls
+    relay.received(*chunks[-1], 1.0)  # the link result
+    assert relay.linked
+    oversized = mini(101, b"")[:2] + (5000).to_bytes(4, "little")
+    cmds = relay.received("s2c", oversized, 2.0)
+    assert cmds[0] == Forward("s2c", oversized)
+    closed = [c for c in cmds if isinstance(c, Close)]
+    if server_tls:
+        assert closed and "5000 bytes exceeds" in closed[0].reason
+    else:  # SASL-encrypted: nothing to walk
+        assert not closed and relay.received("c2s", b"\0" * 50, 3.0)

@@ -50,9 +50,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="spicetap", description="Recording and inspecting proxy for SPICE."
-    )
+    parser = _Parser(prog="spicetap", description="Recording and inspecting proxy for SPICE.")
     parser.add_argument("--version", action="version", version=f"spicetap {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -35,6 +35,10 @@ Effects = Callable[[Command], str | None]
 # Serve a migration's destination (on the trio thread) and return the relay's commands.
 Redirector = Callable[[Redirect], list[Command]]
 
+# After a send finds one side gone, how long the pump reading that side has to relay what
+# it sent before (normally it reads those bytes, then the end of the stream, at once).
+SINK_GONE_GRACE = 1.0
+
 
 class ThreadedChannel:
     def __init__(
@@ -57,6 +61,12 @@ class ThreadedChannel:
         self.forwards = {d: self.sources[d].forward_to(self.sinks[d]) for d in (C2S, S2C)}
         self.reason: str | None = None
         self._reason_lock = threading.Lock()
+        # Directions whose receiving side a send found gone, and when the first was. That
+        # side may have sent bytes just before (already in our socket, or read and not yet
+        # relayed): the pump reading it brings them in and then ends the channel, the way
+        # TCP hands a peer what came before a close. tick() ends it after SINK_GONE_GRACE.
+        self.broken: set[str] = set()
+        self.broken_at: float | None = None
 
     def finish(self, why: str) -> None:
         """End the channel (first reason wins): both pumps wake and return. Any thread."""
@@ -71,7 +81,7 @@ class ThreadedChannel:
         source, relay, lock = self.sources[direction], self.relay, self.lock
         forward = self.forwards[direction]  # None: Python only (no extension, a test's end)
         try:
-            while self.reason is None:
+            while self.reason is None and direction not in self.broken:
                 if forward is not None and relay.unchanged(direction) and not source.prefix:
                     # the usual case, in C: forwarded before the GIL is asked for
                     data, delivered, error, now = forward()
@@ -106,6 +116,8 @@ class ThreadedChannel:
                     self.run(relay.peer_failed(direction, tls_error_text(exc), time.monotonic()))
         except OSError as exc:  # a reset, or our own abort
             log.debug("channel %d %s: %r", self.conn, direction, exc)
+        if direction in self.broken and self.reason is None:
+            return  # our sink is gone, not our source: the other pump ends the channel
         if self.reason is None:  # the source ended (not our abort): the relay says how
             with lock:
                 self.run(relay.peer_closed(direction, time.monotonic()))
@@ -124,7 +136,12 @@ class ThreadedChannel:
 
     def tick(self, now: float) -> None:
         """The relay's timers, from the trio thread; skipped while a pump holds the lock
-        (it may be waiting on the trio thread to serve a migration)."""
+        (it may be waiting on the trio thread to serve a migration). A side a send found
+        gone gets SINK_GONE_GRACE to end its own pump (see broken)."""
+        broken_at = self.broken_at
+        if broken_at is not None and now - broken_at > SINK_GONE_GRACE:
+            self.finish(f"{'server' if C2S in self.broken else 'viewer'} closed")
+            return
         if self.lock.acquire(blocking=False):
             try:
                 commands = self.relay.tick(now)
@@ -143,9 +160,16 @@ class ThreadedChannel:
         return len(data)
 
     def sink_failed(self, direction: str, exc: OSError) -> None:
-        """A send in `direction` broke: its receiving side is gone, and the channel ends."""
-        self.finish(f"{'server' if direction == C2S else 'viewer'} closed")
+        """A send in `direction` broke: its receiving side is gone. The pump reading that
+        side still relays what it sent before going, then ends the channel (see broken);
+        if both sides are gone, nobody is left to hear from, and it ends now."""
         log.debug("channel %d %s: %r", self.conn, direction, exc)
+        with self._reason_lock:
+            self.broken.add(direction)
+            if self.broken_at is None:
+                self.broken_at = time.monotonic()
+        if len(self.broken) == 2:
+            self.finish("viewer and server closed")
 
     def run(self, commands: list[Command]) -> None:
         for i, cmd in enumerate(commands):
@@ -166,4 +190,4 @@ class ThreadedChannel:
                     self.finish(why)
 
 
-__all__ = ["ThreadedChannel"]
+__all__ = ["SINK_GONE_GRACE", "ThreadedChannel"]

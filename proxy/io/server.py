@@ -40,7 +40,7 @@ from proxy.core.relay import (
 from proxy.io.ends import End, PlainEnd, tls_end, tls_error_text
 from proxy.io.guard import guarded
 from proxy.io.oserrors import os_reason
-from proxy.io.pumps import ThreadedChannel
+from proxy.io.pumps import SINK_GONE_GRACE, ThreadedChannel
 from proxy.io.recording import RecordingSink
 from proxy.io.streams import PeerProtocolError, Sent, send_counted
 from proxy.tls import check_subject
@@ -204,9 +204,7 @@ class ChannelProxy:
                                     await send_counted(sinks[cmd.direction], cmd.data, sent)
                             except (trio.BrokenResourceError, trio.ClosedResourceError):
                                 partly(cmd, sent, commands[i + 1 :])
-                                # the receiving side is gone: it, not this pump's, closed
-                                gone = S2C if cmd.direction == C2S else C2S
-                                await run(relay.peer_closed(gone, time.monotonic()))
+                                sink_gone(cmd.direction)
                                 return
                             except trio.Cancelled:  # the channel ends: what crossed counts
                                 partly(cmd, sent, commands[i + 1 :])
@@ -222,6 +220,23 @@ class ChannelProxy:
                             if why is not None:
                                 finish(why)
 
+                # Directions whose receiving side a send found gone. That side may have
+                # sent bytes just before (read, or still in its stream): the pump reading
+                # it relays them, then ends the channel as TCP would (see pumps.py).
+                broken: set[str] = set()
+
+                def sink_gone(direction: str) -> None:
+                    if not broken:
+                        nursery.start_soon(give_up, S2C if direction == C2S else C2S)
+                    broken.add(direction)
+                    if len(broken) == 2:
+                        finish("viewer and server closed")
+
+                async def give_up(gone: str) -> None:
+                    await trio.sleep(SINK_GONE_GRACE)
+                    await run(relay.peer_closed(gone, time.monotonic()))
+                    finish(f"{'viewer' if gone == C2S else 'server'} closed")
+
                 def partly(cmd: Forward, sent: Sent, rest: list[Command]) -> None:
                     part = record_of_part(cmd, sent.bytes, rest)
                     if part is not None and sent.bytes < len(cmd.data):
@@ -229,7 +244,7 @@ class ChannelProxy:
 
                 async def pump(src: trio.abc.Stream, direction: str) -> None:
                     try:
-                        while True:
+                        while direction not in broken:  # else its sink is gone
                             data = await src.receive_some(RECEIVE_SIZE)
                             now = time.monotonic()
                             if not data:

@@ -20,8 +20,8 @@ import trio
 
 from proxy.core.relay import ChannelRelay, Command, Limits, RecordData
 from proxy.io.ends import FIRST_PLAIN, RECEIVE_SIZE, PlainEnd, TlsEnd, Undelivered, tls_end
-from proxy.io.pumps import ThreadedChannel
-from proxy.io.server import ChannelProxy, ChannelStats
+from proxy.io.pumps import SINK_GONE_GRACE, ThreadedChannel
+from proxy.io.server import ChannelProxy, ChannelStats, Upstream
 from tests.proxy.test_framing import OK, TICKET, caps_word, link_mess, link_reply, mini
 
 TIMEOUT = 20.0
@@ -102,11 +102,12 @@ def test_a_tls_ends_plaintext_buffer_grows_only_for_a_bulk_stream(
         message = i.to_bytes(2, "little") * 8
         client.send(message)
         assert drain(server, len(message)) == message
-    assert len(server._plain) == FIRST_PLAIN
+    assert server._plain is not None and len(server._plain) == FIRST_PLAIN
     bulk = os.urandom(4 << 20)
     got = in_threads(lambda: client.send(bulk), lambda: drain(server, len(bulk)))
     assert got[1] == bulk
-    assert len(server._plain) == RECEIVE_SIZE and len(client._plain) == FIRST_PLAIN
+    assert server._plain is not None and len(server._plain) == RECEIVE_SIZE
+    assert client._plain is None  # made at an end's first receive: this one made none
     client.close()
     server.close()
 
@@ -300,12 +301,80 @@ def test_bytes_the_viewer_never_got_are_neither_counted_nor_recorded() -> None:
     viewer.sendall(link_mess(bits))
     assert recv_exactly(server, len(link_mess(bits))) == link_mess(bits)
     server.sendall(link_reply(bits))  # forwarding it to the gone viewer fails
+    _until(lambda: bool(channel.broken))
+    viewer.close()  # then its connection ends, as a gone viewer's does
     for t in threads:
         t.join(TIMEOUT)
         assert not t.is_alive()
     assert channel.reason == "viewer closed"
     assert relay.bytes == {"c2s": len(link_mess(bits)), "s2c": 0}
     assert recorder.got == {"c2s": link_mess(bits), "s2c": b""}
+    for s in (viewer, server, *ends):
+        s.close()
+
+
+def _until(condition: Callable[[], bool]) -> None:
+    """Wait (bounded) for a pump thread to make `condition` true."""
+    deadline = time.monotonic() + TIMEOUT
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def _linked(viewer: socket.socket, server: socket.socket, relay: ChannelRelay, bits: int) -> None:
+    for sender, receiver, data in (
+        (viewer, server, link_mess(bits)),
+        (server, viewer, link_reply(bits)),
+        (viewer, server, TICKET),
+        (server, viewer, OK),
+    ):
+        sender.sendall(data)
+        assert recv_exactly(receiver, len(data)) == data
+    assert relay.linked
+
+
+def test_what_a_viewer_sent_just_before_it_went_still_reaches_the_server() -> None:
+    """The viewer sends half a message and goes; a send to it fails before its pump has
+    read those bytes. They reach the server and the archive all the same, and the channel
+    ends for the viewer's own reason, as TCP without spicetap would have it (found by the
+    hostile-peers test's WebSocket viewer, whose close frame came with its last bytes)."""
+    CutEnd.take = 10**9
+    recorder, relay, channel, viewer, server, ends, threads = _recorded_channel(CutEnd)
+    bits = caps_word(1, 3)
+    _linked(viewer, server, relay, bits)
+    CutEnd.take = 0  # the viewer is gone for what comes now
+    server.sendall(mini(4, b"p" * 40))
+    _until(lambda: bool(channel.broken))
+    half = mini(4, b"q" * 40)[:20]
+    viewer.sendall(half)
+    viewer.shutdown(socket.SHUT_WR)
+    assert recv_exactly(server, len(half)) == half
+    for t in threads:
+        t.join(TIMEOUT)
+        assert not t.is_alive()
+    assert channel.reason == "viewer vanished in the middle of a message (26 more were due)"
+    assert recorder.got["c2s"].endswith(half)
+    for s in (viewer, server, *ends):
+        s.close()
+
+
+def test_a_side_found_gone_that_never_ends_its_stream_is_closed_after_a_grace() -> None:
+    """A send found the viewer gone, but its stream stays open (nothing says so): the
+    relay's timer ends the channel SINK_GONE_GRACE later."""
+    CutEnd.take = 10**9
+    _recorder, relay, channel, viewer, server, ends, threads = _recorded_channel(CutEnd)
+    _linked(viewer, server, relay, caps_word(1, 3))
+    CutEnd.take = 0
+    server.sendall(mini(4, b"p" * 40))
+    _until(lambda: channel.broken_at is not None)
+    at = cast(float, channel.broken_at)
+    channel.tick(at + SINK_GONE_GRACE / 2)
+    assert channel.reason is None
+    channel.tick(at + SINK_GONE_GRACE + 0.1)
+    for t in threads:
+        t.join(TIMEOUT)
+        assert not t.is_alive()
+    assert channel.reason == "viewer closed"
     for s in (viewer, server, *ends):
         s.close()
 
@@ -348,6 +417,8 @@ def test_the_part_of_a_chunk_that_crossed_before_a_break_is_counted_and_recorded
         chunk = link_reply(bits)
     CutEnd.take = 7
     server.sendall(chunk)
+    _until(lambda: bool(channel.broken))
+    viewer.shutdown(socket.SHUT_WR)  # it sends nothing more: the channel then ends
     for t in threads:
         t.join(TIMEOUT)
         assert not t.is_alive()
@@ -502,3 +573,90 @@ def test_the_trio_shell_says_a_forged_tls_record_is_the_viewers_error(
     assert "viewer broke the protocol: TLS:" in caplog.text
     for s in (viewer, server):
         s.close()
+
+
+class _SendsGone(trio.abc.Stream):
+    """The proxy's end of a viewer that can no longer be sent to once `gone` is set (a
+    WebSocket after the browser's close frame), while what it sent is still read."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+        self.gone = False
+        self.refused = trio.Event()  # a send was refused
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self.gone:
+            self.refused.set()
+            raise trio.BrokenResourceError("WebSocket is closing")
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        return bytes(await self.inner.receive_some(max_bytes))
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def test_the_trio_shell_relays_what_a_viewer_sent_before_a_send_found_it_gone() -> None:
+    """As the threaded shell's test above, through the trio shell (CONNECT, WebSocket): a
+    send to the viewer fails first, then its last half message and its end arrive. The
+    server gets them, and the channel ends for the viewer's own reason."""
+    from tests.proxy.test_attempts import Calls
+
+    calls = Calls()
+    proxy = ChannelProxy(Limits(), cast(Any, calls))
+    viewer, viewer_side = trio.testing.memory_stream_pair()
+    proxy_side, server = trio.testing.memory_stream_pair()
+    wrapped = _SendsGone(viewer_side)
+
+    async def open_server() -> trio.abc.Stream:
+        return proxy_side
+
+    async def receive(stream: trio.abc.Stream, size: int) -> bytes:
+        got = b""
+        while len(got) < size:
+            chunk = await stream.receive_some(size - len(got))
+            assert chunk, "the stream ended"
+            got += chunk
+        return got
+
+    bits = caps_word(1, 3)
+    half = mini(4, b"q" * 40)[:20]
+
+    async def main() -> None:
+        with trio.fail_after(TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(
+                    partial(
+                        proxy.handle,
+                        wrapped,
+                        Upstream(open_server, "test"),
+                        insertion="connect",
+                        client=("127.0.0.1", 1),
+                    )
+                )
+                for sender, receiver, data in (
+                    (viewer, server, link_mess(bits)),
+                    (server, viewer, link_reply(bits)),
+                    (viewer, server, TICKET),
+                    (server, viewer, OK),
+                ):
+                    await sender.send_all(data)
+                    assert await receive(receiver, len(data)) == data
+                wrapped.gone = True
+                await server.send_all(mini(4, b"p" * 40))
+                await wrapped.refused.wait()
+                await viewer.send_all(half)
+                await viewer.send_eof()
+                assert await receive(server, len(half)) == half
+
+    trio.run(main)
+    closed = [args for name, args in calls.calls if name == "closed"]
+    assert [reason for _conn, _t, reason in closed] == [
+        "viewer vanished in the middle of a message (26 more were due)"
+    ]
+    sent = b"".join(args[3] for name, args in calls.calls if name == "data" and args[2] == "c2s")
+    assert sent.endswith(half)

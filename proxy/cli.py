@@ -313,6 +313,7 @@ def cmd_proxy(args: argparse.Namespace) -> int:
             ),
             rotation=Rotation(max_bytes=cr.rotate_bytes, max_seconds=cr.rotate_seconds),
             compress=bool(_pick(args.compress, cr.compress)),
+            chain_hash=cr.chain_hash,
             backlog=_pick(args.backlog, cr.backlog),
             max_backlog=_pick(args.max_backlog, cr.max_backlog_mb) << 20,
             nice=cr.nice,

@@ -21,6 +21,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from proxy.core.framing import DEFAULT_MAX_MESSAGE
+from spicetap.archive.format import DEFAULT_CHAIN_HASH
 from spicetap.archive.importer import dissector_hashes
 from spicetap.archive.privacy import PrivacyPolicy
 from spicetap.archive.records import to_archive
@@ -44,6 +45,7 @@ class RecordingOptions:
     flush: FlushPolicy = field(default_factory=FlushPolicy)
     rotation: Rotation = field(default_factory=Rotation)
     compress: bool = False
+    chain_hash: str = DEFAULT_CHAIN_HASH  # the archives' hash chain (spicetap.archive.format)
     # Bytes relayed but not yet handed to the recording process: the most the proxy holds
     # for it. Past this the backlog policy applies.
     max_backlog: int = 512 << 20
@@ -171,6 +173,7 @@ class RecorderWorker:
             flush=self.options.flush,
             rotation=self.options.rotation,
             compress=self.options.compress,
+            chain_hash=self.options.chain_hash,
         )
         self.report(("archive", str(path)))  # the proxy keeps the list
         log.info("recording session %s to %s", label, path)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from spicetap.archive.format import CHAIN_HASHES
 from spicetap.archive.privacy import PolicyError, PrivacyPolicy
 
 
@@ -105,6 +106,7 @@ class RecordingSection:
     rotate_bytes: int | None = None
     rotate_seconds: float | None = None
     backlog: str = "gap"  # or "close"
+    chain_hash: str = "blake3"  # or "sha256": the archives' hash chain (docs/archive-format.md)
     max_backlog_mb: int = 512  # relayed bytes the proxy holds for a recording falling behind
     nice: int = 10  # the recording process's niceness: forwarding gets the CPU first
     # seconds after a recording failure (a full disk) before new connections get a new
@@ -234,6 +236,11 @@ def load_config(path: Path) -> Config:
     if config.recording.backlog not in ("gap", "close"):
         raise ConfigError(
             f"{where}[recording] backlog = {config.recording.backlog!r}: expected 'gap' or 'close'"
+        )
+    if config.recording.chain_hash not in CHAIN_HASHES:
+        raise ConfigError(
+            f"{where}[recording] chain_hash = {config.recording.chain_hash!r}: expected "
+            + " or ".join(repr(name) for name in CHAIN_HASHES)
         )
     if config.recording.max_backlog_mb < 1:
         raise ConfigError(

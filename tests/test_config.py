@@ -18,6 +18,7 @@ def test_example_config_loads() -> None:
     assert config.recording.flush_interval == 0.1
     assert config.recording.privacy.keys == "text"
     assert (config.recording.max_backlog_mb, config.recording.nice) == (512, 10)
+    assert config.recording.chain_hash == "blake3"
     assert config.connect.allow == ("127.0.0.1:5930-5939",)
     assert config.targets["lab"].upstream_tls == "127.0.0.1:5931"
 
@@ -31,6 +32,7 @@ def test_example_config_loads() -> None:
         ("[recording]\nflush_interval = 'soon'\n", "flush_interval = 'soon': expected a number"),
         ("[recording]\nbacklog = 'drop'\n", "backlog = 'drop': expected 'gap' or 'close'"),
         ("[recording]\nmax_backlog_mb = 0\n", "max_backlog_mb = 0: expected a positive"),
+        ("[recording]\nchain_hash = 'md5'\n", "chain_hash = 'md5': expected 'blake3' or 'sha256'"),
         ("[recording]\nnice = 20\n", "nice = 20: expected 0 (off) to 19"),
         ("[recording.privacy]\nkeys = 'all'\n", "privacy.keys = 'all'"),
         ("[recording.privacy]\ndisplay = 'no'\n", "display = 'no': expected true or false"),

@@ -30,7 +30,15 @@ class Entry:
 
 # Migrations: version N -> N+1, applied in order to every header and record read.
 Migration = Callable[[dict[str, Any]], dict[str, Any]]
-MIGRATIONS: dict[int, tuple[Migration, Migration]] = {}  # from version: (header, record)
+
+
+def _same(obj: dict[str, Any]) -> dict[str, Any]:
+    return obj
+
+
+# from version: (header, record). 1 -> 2 changes no map: version 2 headers name their chain
+# hash, and one that names none chains with SHA-256 (format.chain_hash_of).
+MIGRATIONS: dict[int, tuple[Migration, Migration]] = {1: (_same, _same)}
 
 
 def migrate(version: int, header: dict[str, Any], record: dict[str, Any] | None) -> dict[str, Any]:
@@ -211,8 +219,11 @@ class ArchiveReader:
 
     def entries(self) -> Iterator[Entry]:
         """Entries after the header, records migrated to the current version."""
+        # records of an older version go through its migrations, unless none changes them
+        steps = range(self.version, fmt.VERSION)
+        migrating = any(MIGRATIONS.get(v, (_same, None))[1] is not _same for v in steps)
         for entry in self._entries():
-            if self.version != fmt.VERSION:
+            if migrating:
                 entry = Entry(
                     entry.payload,
                     entry.chain,

@@ -38,7 +38,11 @@ def verify(path: Path, trusted: Ed25519PublicKey | None = None) -> Verdict:
             status = "tampered"  # the header's length was altered: records follow it
         return Verdict(status, 0, msg.split(": ", 1)[-1], first_bad=0)
     with reader:
-        chain = fmt.chain_start(reader.header_entry.payload)
+        try:
+            algo = fmt.chain_hash_of(reader.header)
+        except ValueError as exc:  # not one a version this spicetap reads may name
+            return Verdict("tampered", 0, f"the header names {exc}", first_bad=0)
+        chain = fmt.chain_start(reader.header_entry.payload, algo)
         if chain != reader.header_entry.chain:
             return Verdict("tampered", 0, "the header's hash does not match", first_bad=0)
         header_chain = chain
@@ -46,7 +50,7 @@ def verify(path: Path, trusted: Ed25519PublicKey | None = None) -> Verdict:
         end = None
         before = chain
         for index, entry in enumerate(reader.entries()):
-            before, chain = chain, fmt.chain_next(chain, entry.payload)
+            before, chain = chain, fmt.chain_next(chain, entry.payload, algo)
             seq = index  # by position: a tampered payload may lie about its own seq
             if chain != entry.chain:
                 return Verdict(

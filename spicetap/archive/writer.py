@@ -71,7 +71,11 @@ class ArchiveWriter:
         rotation: Rotation = Rotation(),
         compress: bool = False,
         clock: Callable[[], float] = time.monotonic,
+        chain_hash: str = fmt.DEFAULT_CHAIN_HASH,
     ) -> None:
+        if chain_hash not in fmt.CHAIN_HASHES:  # a caller's mistake: config checks users'
+            raise ValueError(f"unknown chain hash {chain_hash!r}")
+        self.chain_hash = chain_hash
         self.first_path = path
         self.base_header = dict(header)
         self.key = signing_key
@@ -104,9 +108,10 @@ class ArchiveWriter:
             "part": self.part,
             "previous": previous,
             "compressed": self.compressor is not None,
+            "chain_hash": self.chain_hash,
         }
         payload = fmt.pack_payload(header)
-        self.header_chain = self.chain = fmt.chain_start(payload)
+        self.header_chain = self.chain = fmt.chain_start(payload, self.chain_hash)
         self.part_records = 0
         self.part_bytes = 0
         self._released_to = 0  # the page cache holds no page of this part below this offset
@@ -157,7 +162,7 @@ class ArchiveWriter:
         packer.pack(record)
         payload = packer.getbuffer()
         try:
-            self.chain = chain = fmt.chain_next(self.chain, payload)
+            self.chain = chain = fmt.chain_next(self.chain, payload, self.chain_hash)
             buf = self._buf
             buf += fmt.frame_head(len(payload))
             buf += payload
@@ -182,7 +187,7 @@ class ArchiveWriter:
         packer.pack("raw")
         head = bytes(packer.getbuffer()) + fmt.bin_head(len(raw))
         packer.reset()
-        self.chain = chain = fmt.chain_next_parts(self.chain, head, raw)
+        self.chain = chain = fmt.chain_next_parts(self.chain, head, raw, algo=self.chain_hash)
         self._buf += fmt.frame_head(len(head) + len(raw))
         self._buf += head
         self._write_out()

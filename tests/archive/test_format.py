@@ -92,7 +92,8 @@ def test_a_forged_end_records_public_key_is_tampering(tmp_path: Path) -> None:
     objects = [up.unpack() for _ in offsets]  # [payload, chain] each
     chain = objects[-2][1]  # the last record's: the forged end record chains on from it
     forged_payload = fmt.pack_payload(end)
-    forged = data[: offsets[-1]] + fmt.frame(forged_payload, fmt.chain_next(chain, forged_payload))
+    forged_chain = fmt.chain_next(chain, forged_payload, fmt.DEFAULT_CHAIN_HASH)
+    forged = data[: offsets[-1]] + fmt.frame(forged_payload, forged_chain)
     path.write_bytes(forged)
     v = verify(path)
     assert v.status == "tampered" and "signature is not valid" in v.detail, v
@@ -371,14 +372,80 @@ def test_written_pages_are_released_from_the_page_cache_behind_the_end(
     assert verify(path).status == "intact"  # nothing the reader sees changes
 
 
+@pytest.mark.parametrize("algo", ["blake3", "sha256"])
 @pytest.mark.parametrize("size", [0, 1, fmt.SMALL_PAYLOAD - 33, fmt.SMALL_PAYLOAD, 1 << 20])
-def test_chain_is_sha256_of_previous_and_payload(size: int) -> None:
+def test_chain_is_the_named_hash_of_previous_and_payload(size: int, algo: str) -> None:
     import hashlib
 
+    import blake3
+
     previous, payload = os.urandom(32), os.urandom(size)
-    want = hashlib.sha256(previous + payload).digest()
-    assert fmt.chain_next(previous, payload) == want
-    assert fmt.chain_next(previous, memoryview(payload)) == want  # as the writer hands it
+    digest = blake3.blake3 if algo == "blake3" else hashlib.sha256
+    want = digest(previous + payload).digest()
+    assert len(want) == 32
+    assert fmt.chain_next(previous, payload, algo) == want
+    assert fmt.chain_next(previous, memoryview(payload), algo) == want  # as the writer hands it
+    assert fmt.chain_next_parts(previous, payload[:7], payload[7:], algo=algo) == want
+
+
+@pytest.mark.parametrize("algo", ["blake3", "sha256"])
+def test_an_archive_chains_with_the_hash_its_header_names(tmp_path: Path, algo: str) -> None:
+    """Written with either hash, signed: intact; the header says which, and the chain is
+    that hash's, record by record (recomputed here, not by verify)."""
+    path = tmp_path / "a.spta"
+    key = Ed25519PrivateKey.generate()
+    w = ArchiveWriter(path, {"session": {}}, signing_key=key, chain_hash=algo)
+    for i in range(3):
+        w.write({"kind": "message", "raw": bytes([i]) * (i * 300_000)})
+    w.close("complete")
+    with ArchiveReader(path) as r:
+        assert r.header["chain_hash"] == algo and r.header["version"] == fmt.VERSION
+        chain = fmt.CHAIN_HASHES[algo](r.header_entry.payload).digest()
+        assert chain == r.header_entry.chain
+        for entry in r.entries():
+            chain = fmt.CHAIN_HASHES[algo](chain + bytes(entry.payload)).digest()
+            assert chain == entry.chain
+    v = verify(path)
+    assert v.status == "intact" and "signature valid" in v.detail, v
+
+
+def test_a_version_1_archive_chained_with_sha256_still_verifies(tmp_path: Path) -> None:
+    """Archives written before version 2 name no hash: SHA-256, and they read and verify
+    as they did (signed, and one altered byte found)."""
+    key = Ed25519PrivateKey.generate()
+    header = {"format": fmt.MAGIC, "version": 1, "spicetap": "0.1", "session": {}}
+    payload = fmt.pack_payload(header)
+    chain = header_chain = fmt.chain_start(payload, "sha256")
+    blob = fmt.frame(payload, chain)
+    records = [{"seq": i, "kind": "message", "raw": bytes([i]) * 10} for i in range(2)]
+    for rec in records:
+        payload = fmt.pack_payload(rec)
+        chain = fmt.chain_next(chain, payload, "sha256")
+        blob += fmt.frame(payload, chain)
+    message = fmt.signed_message(header_chain, chain, len(records))
+    public = key.public_key().public_bytes_raw()
+    end = {"seq": 2, "kind": "end", "status": "complete", "records": 2, "next": None,
+           "signature": key.sign(message),
+           "public_key": public}  # fmt: skip
+    blob += fmt.frame(fmt.pack_payload(end), fmt.chain_next(chain, fmt.pack_payload(end)))
+    path = tmp_path / "v1.spta"
+    path.write_bytes(blob)
+    v = verify(path)
+    assert v.status == "intact" and v.records == 2 and "signature valid" in v.detail, v
+    with ArchiveReader(path) as r:
+        assert r.version == 1 and [rec["seq"] for rec in r.records()] == [0, 1]
+    at = blob.index(bytes([1]) * 10)
+    path.write_bytes(blob[:at] + b"\x02" + blob[at + 1 :])
+    assert verify(path).status == "tampered"
+
+
+def test_a_header_naming_an_unknown_chain_hash_is_a_verdict(tmp_path: Path) -> None:
+    header = {"format": fmt.MAGIC, "version": 2, "spicetap": "0.1", "chain_hash": "md5"}
+    payload = fmt.pack_payload(header)
+    path = tmp_path / "odd.spta"
+    path.write_bytes(fmt.frame(payload, fmt.chain_start(payload)))
+    v = verify(path)
+    assert v.status == "tampered" and "unknown chain hash 'md5'" in v.detail, v
 
 
 @pytest.mark.parametrize("compress", [False, True])

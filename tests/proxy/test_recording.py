@@ -64,9 +64,10 @@ def wait_for(check: object, seconds: float = 10.0) -> None:
         time.sleep(0.01)
 
 
-def test_a_session_is_recorded_by_the_process_and_signed(tmp_path: Path) -> None:
+@pytest.mark.parametrize("chain_hash", ["blake3", "sha256"])
+def test_a_session_is_recorded_by_the_process_and_signed(tmp_path: Path, chain_hash: str) -> None:
     key = Ed25519PrivateKey.generate()
-    rec = Recorder(RecordingOptions(tmp_path), {"viewer": None}, key)
+    rec = Recorder(RecordingOptions(tmp_path, chain_hash=chain_hash), {"viewer": None}, key)
     rec.start()
     assert rec.process is not None and rec.process.pid != os.getpid()
     main_channel(rec)
@@ -80,6 +81,7 @@ def test_a_session_is_recorded_by_the_process_and_signed(tmp_path: Path) -> None
     with ArchiveReader(archive) as r:
         records = list(r.records())
         assert r.end is not None and r.end["status"] == "complete"
+        assert r.header["chain_hash"] == chain_hash  # the option reached the process
     assert [x for x in records if x.get("name") == "init"]
     assert verify(archive, key.public_key()).status == "intact"
 

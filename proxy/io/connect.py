@@ -114,21 +114,19 @@ async def handle_connect(
         return
     assert target is not None
     kind = tunnel_kind(first)
-    if kind is None:
-        log.warning(
-            "viewer %s:%d: tunnel to %s:%d carries neither TLS nor SPICE (starts %r)",
-            *viewer,
-            request.host,
-            request.port,
-            first[:8],
-        )
-        proxy.state.errors += 1
-        await trio.aclose_forcefully(stream)
-        return
     try:
         upstream = target.upstream(kind == "tls", front.keylog)
     except UserError as exc:
         log.warning("viewer %s:%d: %s", *viewer, exc)
+        await trio.aclose_forcefully(stream)
+        return
+    if kind is None:  # nothing is relayed; the archive of unlinked connections says so
+        why = (
+            f"tunnel to {request.host}:{request.port} carries neither TLS nor SPICE "
+            f"(starts {first[:8]!r})"
+        )
+        log.warning("viewer %s:%d: %s", *viewer, why)
+        proxy.refused(viewer, upstream, "connect", f"{why}: closed, nothing relayed")
         await trio.aclose_forcefully(stream)
         return
     tls = None

@@ -385,6 +385,15 @@ class ChannelProxy:
             self._attempt_failed(conn, client, upstream_to, insertion, S2C, why, tls)
             return None
 
+    def refused(
+        self, client: tuple[str, int], upstream_to: Upstream, insertion: str, reason: str
+    ) -> None:
+        """A viewer connection a front turned away before relaying anything (the CONNECT
+        front's tunnel that carries neither TLS nor SPICE): counted and recorded as an
+        attempt that failed on the viewer's side."""
+        self.state.errors += 1
+        self._attempt_failed(next(self._ids), client, upstream_to, insertion, C2S, reason)
+
     def _attempt_failed(
         self,
         conn: int,

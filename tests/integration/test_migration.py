@@ -18,6 +18,7 @@ from spicetap.inputs import iter_records
 from tests.conftest import peers
 from tests.harness import ClientOptions, QemuServer, SpiceEndpoint, run_gi_client
 from tests.harness.procs import PeerFailed, reserve_ports
+from tests.harness.sasl import SaslAccount
 from tests.integration.proxy_process import ProxyProcess, tls_both_legs
 
 pytestmark = pytest.mark.peers
@@ -69,26 +70,30 @@ def migrate_through_spicetap(
     tls: bool = False,
     check: bool = True,
     plain: bool = True,
+    sasl: SaslAccount | None = None,
+    spice_options: dict[str, str] = SEAMLESS,
 ) -> Migrated:
     """Migrate a VM under a spice-gtk client that reaches it through spicetap: `proxy_for`
     (source) gives ProxyProcess's upstream port and extra arguments, `viewer_for` (proxy,
     source) where the client connects. With `tls`, both QEMUs have a TLS port too, with
-    certificates of one CA; with `plain` False, only that. With `check`, what every way of
+    certificates of one CA; with `plain` False, only that. With `sasl`, both ask viewers
+    for that SASL account instead of no password. With `check`, what every way of
     following must give: the client migrated, every channel the destination serves came
     from spicetap, and its display was recorded."""
     (incoming,) = reserve_ports(1)
     with contextlib.ExitStack() as stack:
         stack.enter_context(peers())
         src = stack.enter_context(
-            QemuServer(guest="boot", spice_options=SEAMLESS, plain=plain, tls=tls)
+            QemuServer(guest="boot", spice_options=spice_options, plain=plain, tls=tls, sasl=sasl)
         )
         dst_server = QemuServer(
             guest="boot",
-            spice_options=SEAMLESS,
+            spice_options=spice_options,
             extra_args=["-incoming", f"tcp:127.0.0.1:{incoming}"],
             wait_ready=False,
             plain=plain,
             tls=tls,
+            sasl=sasl,
         )
         dst_server.tls_material = src.tls_material  # one CA, as for hosts of one cluster
         dst = stack.enter_context(dst_server)
@@ -189,6 +194,41 @@ def test_live_migration_behind_a_tls_front_keeps_the_viewer_on_spicetap(tmp_path
     assert rewrites and all(
         t["port"] and t["tls_port"] and t["cert_subject"] == SUBJECT for t in rewrites
     ), rewrites
+
+
+def test_a_sasl_session_over_tls_is_followed_through_its_migration(tmp_path: Path) -> None:
+    """QEMUs that ask for SASL and TLS on every channel (tls-channel=default), with plain
+    and TLS ports, the viewer on spicetap's TLS front. Over TLS spice-server adds no SASL
+    security layer, so the main channel is clear after SASL's exchange: spicetap reads
+    its migration message and rewrites it; the viewer, refused on the plain port it tries
+    first, authenticates to the destination over TLS through spicetap, and the channels
+    from there are dissected too."""
+    account = SaslAccount("migrant", "sasl-pw-77d1e0")
+
+    def viewer(proxy: ProxyProcess, src: QemuServer) -> SpiceEndpoint:
+        ca = tmp_path / "proxy" / "config" / "ca-cert.pem"
+        return SpiceEndpoint(
+            tls_port=proxy.port,
+            ca_file=ca,
+            host_subject=SUBJECT,
+            username=account.username,
+            password=account.password,
+        )
+
+    options = {**SEAMLESS, "tls-channel": "default"}
+    done = migrate_through_spicetap(
+        tmp_path, _tls_proxy, viewer, tls=True, sasl=account, spice_options=options
+    )
+    rewrites = [r for r in done.recs if r.kind == "rewrite"]
+    assert rewrites, "the migration message was not rewritten"
+    linked = {r.connection for r in done.recs if r.kind == "link" and r.name == "link_result"}
+    opens = [r for r in done.recs if r.kind == "open" and r.connection in linked]
+    assert opens and all((r.fields or {})["tls"] == {"viewer": True, "server": True}
+                         for r in opens)  # fmt: skip
+    auths = [(r.fields or {}) for r in done.recs if r.kind == "auth" and r.connection in linked]
+    assert auths and all(a.get("may_be_encrypted") is False for a in auths), auths
+    archived = "\n".join(str(r.fields) for r in done.recs)
+    assert account.password not in archived and account.username not in archived
 
 
 def test_a_tls_only_destination_is_offered_to_the_viewer_over_tls_only(tmp_path: Path) -> None:

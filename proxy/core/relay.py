@@ -81,6 +81,14 @@ class Close:
     seen_in_bytes: bool = False
 
 
+# Said once per main channel whose server wraps it in SASL's security layer (plain TCP).
+SASL_LAYER_MIGRATION = (
+    "SASL security layer on the main channel: its migration messages cannot be read, so a "
+    "live migration would send this viewer to the new host directly, past spicetap "
+    "(TLS on the server leg avoids it)"
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Log:
     message: str
@@ -237,6 +245,11 @@ class ChannelRelay:
                             cut = self.s2c_link - before
                         else:
                             self.follow_migration = False  # nothing to follow here
+                    elif ev.kind == "sasl_result" and self.guard.state[S2C] == "sasl":
+                        # accepted, and a security layer follows: nothing more to read
+                        self.follow_migration = False
+                        if self.guard.channel_type == MAIN:  # the operator should know
+                            commands.append(Log(SASL_LAYER_MIGRATION))
         if any(isinstance(ev, ChannelError) for ev in events):
             cut = len(data)  # the channel closes: pass everything as it came
         if cut:

@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from proxy.core.relay import SASL_LAYER_MIGRATION
 from spicetap.archive.reader import ArchiveReader
 from spicetap.archive.verify import verify
 from spicetap.cli import main
@@ -195,6 +196,8 @@ def test_sasl_session_through_the_proxy_is_recorded_as_lengths(
     assert check_sasl_channel(display)["s2c"] > 1000  # the SeaBIOS screen, encrypted
     # neither the password nor the SASL exchange (user name, mechanism names) was kept
     assert_nothing_secret(proxy, ACCOUNT.password, ACCOUNT.username, "DIGEST-MD5")
+    # the operator is told, once, that a migration would take this viewer past spicetap
+    assert proxy.log().count(SASL_LAYER_MIGRATION) == 1
 
 
 def test_sasl_over_tls_is_dissected_after_its_exchange(tmp_path: Path) -> None:
@@ -251,6 +254,7 @@ def test_sasl_over_tls_is_dissected_after_its_exchange(tmp_path: Path) -> None:
     bad = [r for r in bad if "connection ended (viewer closed)" not in str(r.error)]
     assert not bad, [(r.kind, r.channel, r.name, r.error) for r in bad]
     assert_nothing_secret(proxy, ACCOUNT.password, ACCOUNT.username)
+    assert SASL_LAYER_MIGRATION not in proxy.log()  # over TLS migrations are followed
 
 
 def test_sasl_through_the_connect_front_is_recorded_as_through_the_reverse_proxy(

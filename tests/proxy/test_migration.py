@@ -24,6 +24,7 @@ from proxy.core.migration import (
     rewrite,
 )
 from proxy.core.relay import (
+    SASL_LAYER_MIGRATION,
     ChannelRelay,
     Close,
     Forward,
@@ -227,5 +228,10 @@ def test_a_sasl_main_channel_is_followed_when_no_layer_hides_it(server_tls: bool
         assert _forwarded(later) == b""  # held until redirected
     else:
         assert not redirects and _forwarded(later) == migrate + _mini(4, b"x")
+    # behind a layer the operator is told once that a migration would escape spicetap,
+    # and the server's side no longer waits on Python for migration messages
+    said = [c.message for c in out + later if isinstance(c, Log)]
+    assert said == ([] if server_tls else [SASL_LAYER_MIGRATION])
+    assert relay.unchanged("s2c") == (not server_tls)
     sent = b"".join(data for d, data in chunks if d == "s2c")
     assert _forwarded([c for c in out if getattr(c, "direction", "") == "s2c"]) == sent

@@ -22,6 +22,8 @@ import msgpack
 
 MAGIC = "spicetap-archive"
 VERSION = 2  # 2: the header names the chain's hash (chain_hash)
+# unchanged in version 2: the signature covers the header's chain, and the header names
+# the hash
 SIGNATURE_CONTEXT = b"spicetap-archive-v1 end"
 SUFFIX = ".spta"
 ZSTD_SUFFIX = ".spta.zst"
@@ -52,16 +54,14 @@ DEFAULT_CHAIN_HASH = "blake3"
 V1_CHAIN_HASH = "sha256"  # a version 1 header names none
 
 
-def chain_next(previous: bytes, payload: bytes | memoryview, algo: str = V1_CHAIN_HASH) -> bytes:
+def chain_next(previous: bytes, payload: bytes | memoryview, algo: str) -> bytes:
     """H(previous || payload), H the hash named `algo` (see CHAIN_HASHES)."""
     if len(payload) < SMALL_PAYLOAD:  # one call is cheaper than two for most records
         return CHAIN_HASHES[algo](previous + payload).digest()
     return chain_next_parts(previous, payload, algo=algo)  # no copy of a megabyte payload
 
 
-def chain_next_parts(
-    previous: bytes, *parts: bytes | memoryview, algo: str = V1_CHAIN_HASH
-) -> bytes:
+def chain_next_parts(previous: bytes, *parts: bytes | memoryview, algo: str) -> bytes:
     """H(previous || parts...), for a payload written in parts."""
     digest = CHAIN_HASHES[algo](previous)
     for part in parts:
@@ -69,14 +69,14 @@ def chain_next_parts(
     return digest.digest()
 
 
-def chain_start(header_payload: bytes, algo: str = V1_CHAIN_HASH) -> bytes:
+def chain_start(header_payload: bytes, algo: str) -> bytes:
     return CHAIN_HASHES[algo](header_payload).digest()
 
 
 def chain_hash_of(header: dict[str, Any]) -> str:
     """The chain hash a header names (a version 1 header: SHA-256); ValueError if unknown."""
     algo = header.get("chain_hash", V1_CHAIN_HASH)
-    if algo not in CHAIN_HASHES:
+    if not isinstance(algo, str) or algo not in CHAIN_HASHES:
         known = ", ".join(CHAIN_HASHES)
         raise ValueError(f"unknown chain hash {algo!r} (this spicetap knows {known})")
     return str(algo)

@@ -235,10 +235,10 @@ def test_migration_chain_applies_to_older_versions(
 ) -> None:
     header = {"format": fmt.MAGIC, "version": 0, "spicetap": "0.0", "who": "old"}
     payload = fmt.pack_payload(header)
-    chain = fmt.chain_start(payload)
+    chain = fmt.chain_start(payload, "sha256")
     blob = fmt.frame(payload, chain)
     old_record = fmt.pack_payload({"seq": 0, "kind": "message", "bytes": b"xy"})
-    blob += fmt.frame(old_record, fmt.chain_next(chain, old_record))
+    blob += fmt.frame(old_record, fmt.chain_next(chain, old_record, "sha256"))
     path = tmp_path / "old.spta"
     path.write_bytes(blob)
     monkeypatch.setitem(
@@ -274,7 +274,7 @@ def test_foreign_or_broken_files(tmp_path: Path, content: bytes, expected: str) 
 def test_newer_version_is_refused_clearly(tmp_path: Path) -> None:
     payload = fmt.pack_payload({"format": fmt.MAGIC, "version": 99})
     path = tmp_path / "new.spta"
-    path.write_bytes(fmt.frame(payload, fmt.chain_start(payload)))
+    path.write_bytes(fmt.frame(payload, fmt.chain_start(payload, "sha256")))
     with pytest.raises(ArchiveError, match="newer than this spicetap reads"):
         ArchiveReader(path)
 
@@ -427,7 +427,7 @@ def test_a_version_1_archive_chained_with_sha256_still_verifies(tmp_path: Path) 
     end = {"seq": 2, "kind": "end", "status": "complete", "records": 2, "next": None,
            "signature": key.sign(message),
            "public_key": public}  # fmt: skip
-    blob += fmt.frame(fmt.pack_payload(end), fmt.chain_next(chain, fmt.pack_payload(end)))
+    blob += fmt.frame(fmt.pack_payload(end), fmt.chain_next(chain, fmt.pack_payload(end), "sha256"))
     path = tmp_path / "v1.spta"
     path.write_bytes(blob)
     v = verify(path)
@@ -439,13 +439,14 @@ def test_a_version_1_archive_chained_with_sha256_still_verifies(tmp_path: Path) 
     assert verify(path).status == "tampered"
 
 
-def test_a_header_naming_an_unknown_chain_hash_is_a_verdict(tmp_path: Path) -> None:
-    header = {"format": fmt.MAGIC, "version": 2, "spicetap": "0.1", "chain_hash": "md5"}
+@pytest.mark.parametrize("named", ["md5", ["blake3"], None])
+def test_a_header_naming_an_unknown_chain_hash_is_a_verdict(tmp_path: Path, named: Any) -> None:
+    header = {"format": fmt.MAGIC, "version": 2, "spicetap": "0.1", "chain_hash": named}
     payload = fmt.pack_payload(header)
     path = tmp_path / "odd.spta"
-    path.write_bytes(fmt.frame(payload, fmt.chain_start(payload)))
+    path.write_bytes(fmt.frame(payload, fmt.chain_start(payload, "sha256")))
     v = verify(path)
-    assert v.status == "tampered" and "unknown chain hash 'md5'" in v.detail, v
+    assert v.status == "tampered" and f"unknown chain hash {named!r}" in v.detail, v
 
 
 @pytest.mark.parametrize("compress", [False, True])

@@ -660,3 +660,44 @@ def test_the_trio_shell_relays_what_a_viewer_sent_before_a_send_found_it_gone() 
     ]
     sent = b"".join(args[3] for name, args in calls.calls if name == "data" and args[2] == "c2s")
     assert sent.endswith(half)
+
+
+def test_the_trio_shell_ends_a_channel_whose_gone_side_never_ends_its_stream() -> None:
+    """A send found the viewer gone, but its stream stays open: SINK_GONE_GRACE later the
+    channel ends all the same (trio's clock jumps over the wait)."""
+    from tests.proxy.test_attempts import Calls
+
+    calls = Calls()
+    proxy = ChannelProxy(Limits(), cast(Any, calls))
+    viewer, viewer_side = trio.testing.memory_stream_pair()
+    proxy_side, server = trio.testing.memory_stream_pair()
+    wrapped = _SendsGone(viewer_side)
+
+    async def open_server() -> trio.abc.Stream:
+        return proxy_side
+
+    async def main() -> None:
+        bits = caps_word(1, 3)
+        with trio.fail_after(TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                handled = partial(
+                    proxy.handle,
+                    wrapped,
+                    Upstream(open_server, "test"),
+                    insertion="connect",
+                    client=("127.0.0.1", 1),
+                )
+                nursery.start_soon(handled)
+                await viewer.send_all(link_mess(bits))
+                got = b""
+                while len(got) < len(link_mess(bits)):
+                    got += await server.receive_some()
+                wrapped.gone = True
+                await server.send_all(link_reply(bits))  # its forward to the viewer fails
+                await wrapped.refused.wait()
+                started = trio.current_time()
+            assert trio.current_time() - started >= SINK_GONE_GRACE
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    closed = [args[2] for name, args in calls.calls if name == "closed"]
+    assert closed == ["viewer closed"]

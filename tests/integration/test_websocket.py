@@ -72,14 +72,27 @@ def test_spice_html5_in_chromium_is_drawn_and_recorded(tmp_path: Path, tls: bool
                         f"{scheme}://127.0.0.1:{port}/spice_auto.html", min_nonblank=5000
                     )
                     time.sleep(1)  # a little more drawing on the record
+            qemu_log = srv.qemu_log.read_text(errors="replace")
     elapsed = time.monotonic() - started
     print(f"timings: {page.timings}, whole test {elapsed:.1f} s")
     assert page.canvases and max(w * h for w, h in page.canvases) >= 640 * 400, page
     assert page.nonblank >= 5000 and page.colours >= 2, page
     assert page.screenshot_nonblank >= 5000, page.screenshot
-    assert not page.dialogs, page.dialogs
-
-    (archive,) = proxy.archives()
+    # spice-html5 turns its RSA ciphertext into bytes through BigInteger.toString(16),
+    # which drops leading zero bytes (ticket.js, rsa_encrypt): about one ticket in 256 is
+    # short, spice-server cannot decrypt it and refuses the link (PERMISSION_DENIED), and
+    # spice-html5 asks for a password and links again. Its own bug, with or without
+    # spicetap, which relays the ticket unchanged (seen once in CI). Nothing else may ask.
+    short_ticket = "failed to decrypt RSA encrypted password" in qemu_log
+    archives = proxy.archives()
+    refused = [a for a in archives if "unassigned" in a.name]
+    if short_ticket and page.dialogs == ["Password"]:
+        for a in refused:
+            results = [r.fields for r in iter_records(a, []) if r.name == "link_result"]
+            assert results == [{"error": "PERMISSION_DENIED"}], results
+    else:
+        assert not page.dialogs and not refused, (page.dialogs, refused)
+    (archive,) = [a for a in archives if a not in refused]
     assert verify(archive).status == "intact", proxy.log()[-2000:]
     with ArchiveReader(archive) as reader:
         session = reader.header["session"]

@@ -22,6 +22,7 @@ from proxy.core.relay import ChannelRelay, Command, Limits, RecordData
 from proxy.io.ends import FIRST_PLAIN, RECEIVE_SIZE, PlainEnd, TlsEnd, Undelivered, tls_end
 from proxy.io.pumps import SINK_GONE_GRACE, ThreadedChannel
 from proxy.io.server import ChannelProxy, ChannelStats, Upstream
+from tests.proxy.test_attempts import Calls
 from tests.proxy.test_framing import OK, TICKET, caps_word, link_mess, link_reply, mini
 
 TIMEOUT = 20.0
@@ -321,13 +322,14 @@ def _until(condition: Callable[[], bool]) -> None:
         time.sleep(0.005)
 
 
+def _link_stage(bits: int) -> list[tuple[str, bytes]]:
+    """A ticket link stage with these caps on both sides, unit by unit, in order."""
+    return [("c2s", link_mess(bits)), ("s2c", link_reply(bits)), ("c2s", TICKET), ("s2c", OK)]
+
+
 def _linked(viewer: socket.socket, server: socket.socket, relay: ChannelRelay, bits: int) -> None:
-    for sender, receiver, data in (
-        (viewer, server, link_mess(bits)),
-        (server, viewer, link_reply(bits)),
-        (viewer, server, TICKET),
-        (server, viewer, OK),
-    ):
+    for direction, data in _link_stage(bits):
+        sender, receiver = (viewer, server) if direction == "c2s" else (server, viewer)
         sender.sendall(data)
         assert recv_exactly(receiver, len(data)) == data
     assert relay.linked
@@ -600,104 +602,89 @@ class _SendsGone(trio.abc.Stream):
         await self.inner.aclose()
 
 
+class _TrioChannel:
+    """One channel through the trio shell (CONNECT, WebSocket), recorded into a Calls:
+    the test holds the viewer's and the server's ends of in-memory streams, the viewer's
+    proxy end a _SendsGone."""
+
+    def __init__(self) -> None:
+        self.calls = Calls()
+        self.proxy = ChannelProxy(Limits(), cast(Any, self.calls))
+        self.viewer, viewer_side = trio.testing.memory_stream_pair()
+        proxy_side, self.server = trio.testing.memory_stream_pair()
+        self.wrapped = _SendsGone(viewer_side)
+
+        async def open_server() -> trio.abc.Stream:
+            return proxy_side
+
+        self.upstream = Upstream(open_server, "test")
+
+    async def handle(self) -> None:
+        await self.proxy.handle(
+            self.wrapped, self.upstream, insertion="connect", client=("127.0.0.1", 1)
+        )
+
+    def closed(self) -> list[str]:
+        return [args[2] for name, args in self.calls.calls if name == "closed"]
+
+
+async def _receive(stream: trio.abc.Stream, size: int) -> bytes:
+    got = b""
+    while len(got) < size:
+        chunk = await stream.receive_some(size - len(got))
+        assert chunk, "the stream ended"
+        got += chunk
+    return got
+
+
 def test_the_trio_shell_relays_what_a_viewer_sent_before_a_send_found_it_gone() -> None:
     """As the threaded shell's test above, through the trio shell (CONNECT, WebSocket): a
     send to the viewer fails first, then its last half message and its end arrive. The
     server gets them, and the channel ends for the viewer's own reason."""
-    from tests.proxy.test_attempts import Calls
-
-    calls = Calls()
-    proxy = ChannelProxy(Limits(), cast(Any, calls))
-    viewer, viewer_side = trio.testing.memory_stream_pair()
-    proxy_side, server = trio.testing.memory_stream_pair()
-    wrapped = _SendsGone(viewer_side)
-
-    async def open_server() -> trio.abc.Stream:
-        return proxy_side
-
-    async def receive(stream: trio.abc.Stream, size: int) -> bytes:
-        got = b""
-        while len(got) < size:
-            chunk = await stream.receive_some(size - len(got))
-            assert chunk, "the stream ended"
-            got += chunk
-        return got
-
-    bits = caps_word(1, 3)
+    ch = _TrioChannel()
     half = mini(4, b"q" * 40)[:20]
 
     async def main() -> None:
         with trio.fail_after(TIMEOUT):
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(
-                    partial(
-                        proxy.handle,
-                        wrapped,
-                        Upstream(open_server, "test"),
-                        insertion="connect",
-                        client=("127.0.0.1", 1),
+                nursery.start_soon(ch.handle)
+                for direction, data in _link_stage(caps_word(1, 3)):
+                    sender, receiver = (
+                        (ch.viewer, ch.server) if direction == "c2s" else (ch.server, ch.viewer)
                     )
-                )
-                for sender, receiver, data in (
-                    (viewer, server, link_mess(bits)),
-                    (server, viewer, link_reply(bits)),
-                    (viewer, server, TICKET),
-                    (server, viewer, OK),
-                ):
                     await sender.send_all(data)
-                    assert await receive(receiver, len(data)) == data
-                wrapped.gone = True
-                await server.send_all(mini(4, b"p" * 40))
-                await wrapped.refused.wait()
-                await viewer.send_all(half)
-                await viewer.send_eof()
-                assert await receive(server, len(half)) == half
+                    assert await _receive(receiver, len(data)) == data
+                ch.wrapped.gone = True
+                await ch.server.send_all(mini(4, b"p" * 40))
+                await ch.wrapped.refused.wait()
+                await ch.viewer.send_all(half)
+                await ch.viewer.send_eof()
+                assert await _receive(ch.server, len(half)) == half
 
     trio.run(main)
-    closed = [args for name, args in calls.calls if name == "closed"]
-    assert [reason for _conn, _t, reason in closed] == [
-        "viewer vanished in the middle of a message (26 more were due)"
-    ]
-    sent = b"".join(args[3] for name, args in calls.calls if name == "data" and args[2] == "c2s")
+    assert ch.closed() == ["viewer vanished in the middle of a message (26 more were due)"]
+    calls = ch.calls.calls
+    sent = b"".join(args[3] for name, args in calls if name == "data" and args[2] == "c2s")
     assert sent.endswith(half)
 
 
 def test_the_trio_shell_ends_a_channel_whose_gone_side_never_ends_its_stream() -> None:
     """A send found the viewer gone, but its stream stays open: SINK_GONE_GRACE later the
     channel ends all the same (trio's clock jumps over the wait)."""
-    from tests.proxy.test_attempts import Calls
-
-    calls = Calls()
-    proxy = ChannelProxy(Limits(), cast(Any, calls))
-    viewer, viewer_side = trio.testing.memory_stream_pair()
-    proxy_side, server = trio.testing.memory_stream_pair()
-    wrapped = _SendsGone(viewer_side)
-
-    async def open_server() -> trio.abc.Stream:
-        return proxy_side
+    ch = _TrioChannel()
 
     async def main() -> None:
         bits = caps_word(1, 3)
         with trio.fail_after(TIMEOUT):
             async with trio.open_nursery() as nursery:
-                handled = partial(
-                    proxy.handle,
-                    wrapped,
-                    Upstream(open_server, "test"),
-                    insertion="connect",
-                    client=("127.0.0.1", 1),
-                )
-                nursery.start_soon(handled)
-                await viewer.send_all(link_mess(bits))
-                got = b""
-                while len(got) < len(link_mess(bits)):
-                    got += await server.receive_some()
-                wrapped.gone = True
-                await server.send_all(link_reply(bits))  # its forward to the viewer fails
-                await wrapped.refused.wait()
+                nursery.start_soon(ch.handle)
+                await ch.viewer.send_all(link_mess(bits))
+                assert await _receive(ch.server, len(link_mess(bits))) == link_mess(bits)
+                ch.wrapped.gone = True
+                await ch.server.send_all(link_reply(bits))  # its forward to the viewer fails
+                await ch.wrapped.refused.wait()
                 started = trio.current_time()
             assert trio.current_time() - started >= SINK_GONE_GRACE
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
-    closed = [args[2] for name, args in calls.calls if name == "closed"]
-    assert closed == ["viewer closed"]
+    assert ch.closed() == ["viewer closed"]

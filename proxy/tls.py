@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import logging
 import os
 import ssl
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
 from spicetap.archive.keys import config_dir
+
+log = logging.getLogger("spicetap.proxy")
 
 CA_CERT = "ca-cert.pem"
 CA_KEY = "ca-key.pem"
@@ -111,6 +114,13 @@ def load_or_create_ca(directory: Path | None = None) -> Ca:
             ) from None
         if not isinstance(key, rsa.RSAPrivateKey):
             raise TlsSetupError(f"{key_path}: not an RSA private key")
+        if not _has_extension(cert, x509.SubjectKeyIdentifier):
+            log.warning(
+                "spicetap's CA %s has no subject key identifier (made before spicetap gave "
+                "it one): viewers accept it, strict TLS clients (Python 3.13's default) do "
+                "not; move ca-cert.pem and ca-key.pem away to have a new one made",
+                cert_path,
+            )
         return Ca(cert, key, cert_path)
     folder.mkdir(parents=True, exist_ok=True)
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -130,6 +140,7 @@ def load_or_create_ca(directory: Path | None = None) -> Ca:
         .not_valid_before(now - datetime.timedelta(days=1))
         .not_valid_after(now + datetime.timedelta(days=3650))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(
             x509.KeyUsage(
                 digital_signature=True,
@@ -159,6 +170,14 @@ def load_or_create_ca(directory: Path | None = None) -> Ca:
     return Ca(cert, key, cert_path)
 
 
+def _has_extension(cert: x509.Certificate, kind: type[x509.ExtensionType]) -> bool:
+    try:
+        cert.extensions.get_extension_for_class(kind)
+    except x509.ExtensionNotFound:
+        return False
+    return True
+
+
 def issue_server_cert(ca: Ca, subject: str, names: list[str], folder: Path) -> tuple[Path, Path]:
     """A server certificate for `subject` with `names` (IPs or DNS) as subjectAltNames;
     returns (cert chain path, key path) written to `folder` (key mode 0600)."""
@@ -182,6 +201,15 @@ def issue_server_cert(ca: Ca, subject: str, names: list[str], folder: Path) -> t
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(
             x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+        )
+        # Both key identifiers: RFC 5280 4.2.1.1-2 asks for them, and strict verifiers
+        # (OpenSSL's X509_STRICT, Python 3.13's default contexts) refuse a chain without.
+        # The authority's comes from the CA's key, so a CA made before it had its own
+        # identifier still issues certificates that pass.
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()),
+            critical=False,
         )
         .sign(ca.key, hashes.SHA256())
     )
@@ -238,6 +266,11 @@ def client_context(
             raise TlsSetupError(f"upstream CA {ca_file}: {exc}") from None
         ctx.verify_mode = ssl.CERT_REQUIRED
         ctx.check_hostname = check_hostname
+        # The same checks on every Python, those viewers make (spice-gtk: OpenSSL's
+        # defaults): Python 3.13's contexts add X509_STRICT, which refuses a server
+        # certificate without key identifiers (as older tools make them) that viewers
+        # accept, and PARTIAL_CHAIN, which trusts an intermediate CA on its own.
+        ctx.verify_flags = ssl.VERIFY_X509_TRUSTED_FIRST
     if keylog is not None:
         ctx.keylog_filename = str(keylog)
     return ctx

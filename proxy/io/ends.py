@@ -229,6 +229,12 @@ class TlsEnd(PlainEnd):
                 self.records.feed(data)
                 self.incoming.write(data)
                 continue
+            except ssl.SSLError:
+                # OpenSSL wrote an alert saying why (an unknown CA, a bad certificate): the
+                # peer learns it now, not at its own timeout or as a bare end of stream
+                with contextlib.suppress(OSError):
+                    self._flush()
+                raise
             self._flush()
             return
 

@@ -615,6 +615,46 @@ static Py_ssize_t tls_send(TlsCore *core, const char *data, Py_ssize_t size, int
     return crossed;
 }
 
+/* The names the ssl module gives an OpenSSL error, where _ssl no longer shares its tables
+ * (Python 3.12 on): the library's, for those a TLS stream can fail in, and the reason's,
+ * which is its text upper-cased: OpenSSL's reason texts are their macro names in lower case
+ * with spaces (SSL_R_DECRYPTION_FAILED_OR_BAD_RECORD_MAC, "decryption failed or bad record
+ * mac"; crypto/err/openssl.txt). A text of any other form gets no name. */
+static void names_from_openssl(unsigned long code, const char *text, PyObject **lib_name,
+                               PyObject **reason_name) {
+    static const struct {
+        int lib;
+        const char *name;
+    } libs[] = {{ERR_LIB_SSL, "SSL"},   {ERR_LIB_SYS, "SYS"},   {ERR_LIB_BIO, "BIO"},
+                {ERR_LIB_EVP, "EVP"},   {ERR_LIB_X509, "X509"}, {ERR_LIB_ASN1, "ASN1"},
+                {ERR_LIB_RSA, "RSA"},   {ERR_LIB_X509V3, "X509V3"},
+#ifdef ERR_LIB_PROV
+                {ERR_LIB_PROV, "PROV"},
+#endif
+    };
+    for (size_t i = 0; i < sizeof libs / sizeof libs[0]; i++)
+        if (libs[i].lib == ERR_GET_LIB(code))
+            *lib_name = PyUnicode_FromString(libs[i].name);
+    if (text == NULL || *text == '\0')
+        return;
+    char name[128];
+    size_t n = 0;
+    for (const char *c = text; *c; c++, n++) {
+        if (n + 1 >= sizeof name)
+            return;
+        if (*c >= 'a' && *c <= 'z')
+            name[n] = (char)(*c - 'a' + 'A');
+        else if (*c == ' ')
+            name[n] = '_';
+        else if ((*c >= '0' && *c <= '9') || *c == '_')
+            name[n] = *c;
+        else
+            return;
+    }
+    name[n] = '\0';
+    *reason_name = PyUnicode_FromString(name);
+}
+
 /* ssl.SSLError, worded as the ssl module words it ("[SSL: NAME] text"), from a failure */
 static void raise_tls(const Failure *failure) {
     PyObject *ssl_module = PyImport_ImportModule("ssl");
@@ -655,6 +695,9 @@ static void raise_tls(const Failure *failure) {
     }
     Py_XDECREF(tables);
     PyErr_Clear();
+    if (code && lib_name == NULL && reason_name == NULL) /* Python 3.12 on: no tables */
+        names_from_openssl(code, text, &lib_name, &reason_name);
+    PyErr_Clear(); /* a name that could not be made is left out */
     PyObject *message;
     if (text == NULL)
         message = PyUnicode_FromFormat("TLS failed (SSL_get_error %d)", failure->ssl_kind);

@@ -12,6 +12,7 @@ write the load order to /etc/modules.load; /init insmods them in that order.
 from __future__ import annotations
 
 import gzip
+import lzma
 import os
 import shutil
 import struct
@@ -85,8 +86,33 @@ def kernel_deb(version: str) -> Path:
     return found[-1]
 
 
+# How a package may store a module: plain (Debian 12), or compressed (Debian 13: .ko.xz).
+# The guest's busybox insmod takes plain modules, so they are decompressed on the way in.
+MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
+
+
 def module_name(path: str) -> str:
-    return Path(path).name.removesuffix(".ko").replace("-", "_")
+    name = Path(path).name
+    for suffix in MODULE_SUFFIXES:
+        if name.endswith(suffix):
+            name = name.removesuffix(suffix)
+    return name.replace("-", "_")
+
+
+def module_bytes(path: Path) -> bytes:
+    """A module file as insmod wants it: decompressed."""
+    data = path.read_bytes()
+    if path.name.endswith(".ko.xz"):
+        return lzma.decompress(data)
+    if path.name.endswith(".ko.gz"):
+        return gzip.decompress(data)
+    if path.name.endswith(".ko.zst"):
+        # imported here: the GI client imports this package under the system Python
+        import zstandard
+
+        with zstandard.ZstdDecompressor().stream_reader(data) as reader:
+            return reader.read()
+    return data
 
 
 def modinfo_depends(ko: bytes) -> list[str]:
@@ -118,11 +144,13 @@ def needs_loader(elf: bytes) -> bool:
     return any(struct.unpack_from("<I", elf, phoff + i * phentsize)[0] == 3 for i in range(phnum))
 
 
-def _unpack_kernel(deb: Path, version: str, dest: Path) -> tuple[Path, dict[str, Path]]:
-    """Extract vmlinuz and every .ko (flat, by module name) from the package."""
+def _unpack_kernel(deb: Path, version: str, dest: Path) -> tuple[Path, dict[str, Path | None]]:
+    """Extract vmlinuz and every module (flat, by module name, as stored) from the package.
+    A module built into the kernel maps to None: it needs no loading."""
     dpkg_deb = need_program("dpkg-deb", "dpkg")
-    modules: dict[str, Path] = {}
+    modules: dict[str, Path | None] = {}
     kernel = dest / "vmlinuz"
+    builtin = dest / "modules.builtin"
     (dest / "ko").mkdir(parents=True)
     with subprocess.Popen([dpkg_deb, "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE) as p:
         assert p.stdout is not None
@@ -132,8 +160,11 @@ def _unpack_kernel(deb: Path, version: str, dest: Path) -> tuple[Path, dict[str,
                     continue
                 if member.name.endswith(f"/boot/vmlinuz-{version}"):
                     target = kernel
-                elif member.name.endswith(".ko"):
-                    target = dest / "ko" / f"{module_name(member.name)}.ko"
+                elif member.name.endswith(f"/modules/{version}/modules.builtin"):
+                    target = builtin
+                elif member.name.endswith(MODULE_SUFFIXES):
+                    suffix = member.name[member.name.rindex(".ko") :]
+                    target = dest / "ko" / f"{module_name(member.name)}{suffix}"
                     modules[module_name(member.name)] = target
                 else:
                     continue
@@ -143,11 +174,15 @@ def _unpack_kernel(deb: Path, version: str, dest: Path) -> tuple[Path, dict[str,
                     shutil.copyfileobj(source, out, 1 << 20)
     if p.returncode or not kernel.exists():
         raise PeerFailed(f"could not unpack vmlinuz-{version} from {deb}")
+    if builtin.exists():  # e.g. virtio_console, built in since Debian 13's kernel
+        for line in builtin.read_text().splitlines():
+            modules.setdefault(module_name(line), None)
     return kernel, modules
 
 
-def load_order(wanted: list[str], available: dict[str, Path]) -> list[str]:
-    """`wanted` plus dependencies, each after everything it depends on."""
+def load_order(wanted: list[str], available: dict[str, Path | None]) -> list[str]:
+    """`wanted` plus dependencies, each after everything it depends on; those built into
+    the kernel (None in `available`) left out."""
     order: list[str] = []
     visiting: set[str] = set()
 
@@ -156,10 +191,13 @@ def load_order(wanted: list[str], available: dict[str, Path]) -> list[str]:
             return
         if name not in available:
             raise PeerFailed(f"kernel module {name} not in the kernel package")
+        path = available[name]
+        if path is None:
+            return
         if name in visiting:
             raise PeerFailed(f"module dependency cycle at {name}")
         visiting.add(name)
-        for dep in modinfo_depends(available[name].read_bytes()):
+        for dep in modinfo_depends(module_bytes(path)):
             visit(dep)
         order.append(name)
 
@@ -198,7 +236,9 @@ def _build(version: str, out: Path) -> None:
         (stage / sub).mkdir(parents=True)
     order = load_order(MODULES, modules)
     for name in order:
-        shutil.copy(modules[name], stage / "lib" / "modules" / f"{name}.ko")
+        path = modules[name]
+        assert path is not None  # load_order leaves out the built-in ones
+        (stage / "lib" / "modules" / f"{name}.ko").write_bytes(module_bytes(path))
     (stage / "etc" / "modules.load").write_text("".join(f"{n}.ko\n" for n in order))
     shutil.copy(BUSYBOX, stage / "bin" / "busybox")
     subprocess.run(

@@ -21,6 +21,7 @@ from proxy.io.ends import TlsEnd, tls_end
 from proxy.tls import (
     CA_CERT,
     CA_KEY,
+    CA_KEY_USAGE,
     client_context,
     issue_server_cert,
     load_or_create_ca,
@@ -59,20 +60,7 @@ def bare_pki(folder: Path) -> tuple[Path, Path]:
     ca = (
         builder(ca_name, ca_key)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(CA_KEY_USAGE, critical=True)  # as spicetap's own CAs have it
         .sign(ca_key, hashes.SHA256())
     )
     server = (

@@ -48,8 +48,9 @@ class Destination:
     cert_subject: str | None
 
 
-def _c_string(data: bytes) -> str:
-    return data.split(b"\0", 1)[0].decode("utf-8", "replace")
+def _c_string(data: bytes | None) -> str:
+    # a pointer of 0 decodes as None: the server sent no string at all
+    return (data or b"").split(b"\0", 1)[0].decode("utf-8", "replace")
 
 
 def _address_fields(msg_type: int, fields: dict[str, Any]) -> dict[str, Any]:
@@ -62,9 +63,12 @@ def destination(msg_type: int, body: bytes) -> Destination:
         raise MigrationError(f"{MIGRATION_MESSAGES[msg_type]} does not decode: {decoded.error}")
     info = _address_fields(msg_type, decoded.fields)
     port, sport = int(info["port"]), int(info["sport"])
-    subject = _c_string(info.get("cert_subject_data") or b"")
+    host = _c_string(info["host_data"])
+    if not host:  # nowhere to send the viewer: nothing to rewrite either
+        raise MigrationError(f"{MIGRATION_MESSAGES[msg_type]} names no destination host")
+    subject = _c_string(info.get("cert_subject_data"))
     return Destination(
-        _c_string(info["host_data"]),
+        host,
         None if port in NO_PORT else port,
         None if sport in NO_PORT else sport,
         subject or None,

@@ -116,6 +116,9 @@ class ThreadedChannel:
                     self.run(relay.peer_failed(direction, tls_error_text(exc), time.monotonic()))
         except OSError as exc:  # a reset, or our own abort
             log.debug("channel %d %s: %r", self.conn, direction, exc)
+        except Exception as exc:  # a bug: the other pump must not wait on its peer for it
+            self.finish(f"spicetap internal error ({type(exc).__name__})")
+            raise
         if direction in self.broken and self.reason is None:
             return  # our sink is gone, not our source: the other pump ends the channel
         if self.reason is None:  # the source ended (not our abort): the relay says how

@@ -201,6 +201,21 @@ def test_an_unchanged_redirect_forwards_the_original_quietly_then_the_rest() -> 
     assert not [c for c in out if isinstance(c, Log)] and relay.waiting is None
 
 
+@pytest.mark.parametrize("host", [None, b"\0", b""])
+def test_a_migration_message_naming_no_host_is_forwarded_unchanged(host: bytes | None) -> None:
+    """A NULL pointer (None) or an empty name: nowhere to follow, said in the log; the
+    channel goes on (it once raised in the pump, which left the channel hanging)."""
+    fields = _dst_info(b"", 5900, 0xFFFF)
+    fields.update(host_data=host, host_size=len(host or b""))
+    switch = encode(MAIN, "s2c", MIGRATE_SWITCH_HOST, fields)
+    relay = ChannelRelay(Limits(), 0.0, follow_migration=True)
+    out = _linked_main(relay, _mini(MIGRATE_SWITCH_HOST, switch) + _mini(4, b"x"))
+    assert _forwarded(out) == OK + _mini(MIGRATE_SWITCH_HOST, switch) + _mini(4, b"x")
+    logs = [c.message for c in out if isinstance(c, Log)]
+    assert logs == ["migrate_switch_host names no destination host: forwarded unchanged"]
+    assert not relay.closed and relay.waiting is None
+
+
 def test_a_server_closing_mid_message_loses_no_recorded_byte() -> None:
     relay = ChannelRelay(Limits(), 0.0, follow_migration=True)
     cut = _mini(MIGRATE_BEGIN_SEAMLESS, SEAMLESS)[:20]

@@ -246,6 +246,31 @@ def test_threaded_channel_closes_on_a_protocol_error_and_on_tick() -> None:
     assert idle.channel.reason == "link stage not finished after 0.5 s"
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_bug_in_one_direction_ends_the_whole_channel_at_once() -> None:
+    """The other pump is blocked on its own peer: it must be woken, not left to wait for a
+    viewer that may never close (the pump's exception still reaches the shell's log)."""
+    wire = Wire()
+    wire.link()
+    received = wire.relay.received
+
+    def broken(direction: str, data: bytes, now: float, *, sent: bool = False) -> list[Command]:
+        if direction == "s2c":
+            raise AttributeError("a bug")
+        return received(direction, data, now, sent=sent)
+
+    wire.relay.received = broken  # type: ignore[method-assign]
+    wire.server.sendall(mini(4, b"ping"))
+    wire.viewer.settimeout(TIMEOUT)
+    for _ in range(10):  # the ping may come first (forwarded before it is looked at)
+        if wire.viewer.recv(100) == b"":
+            break
+    else:
+        raise AssertionError("the viewer's side stayed open")
+    wire.join()
+    assert wire.channel.reason == "spicetap internal error (AttributeError)"
+
+
 class GoneEnd(PlainEnd):
     """A viewer end whose peer has gone: every send fails, as on a reset connection."""
 

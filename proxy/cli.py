@@ -16,6 +16,7 @@ from typing import Any
 
 import trio
 
+from proxy import logs
 from proxy.core import framing
 from proxy.core.admission import Admission, connection_budget, files_needed
 from proxy.core.management import token_problem
@@ -32,7 +33,7 @@ from proxy.io.server import ChannelProxy, ProxyState, Upstream, serve_tcp
 from proxy.io.static import SPICE_HTML5_DIR
 from proxy.io.websocket import serve_websocket
 from proxy.linksetup import add_link_options, link_policy_from, secret_line, target_policy
-from proxy.recorder import BACKLOG_POLICIES, LOG_FORMAT, RecordingOptions
+from proxy.recorder import BACKLOG_POLICIES, RecordingOptions
 from proxy.targets import ConnectRouter, Target, check_upstream_tls, host_port
 from proxy.tls import (
     HostCertificates,
@@ -248,11 +249,7 @@ def _named(args: argparse.Namespace, dest: str, section: str, key: str) -> str:
 def cmd_proxy(args: argparse.Namespace) -> int:
     from spicetap.cli_inspect import policy_from
 
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format=LOG_FORMAT,
-        stream=sys.stderr,
-    )
+    logs.configure(logging.DEBUG if args.verbose else logging.INFO)
     if framing.WITHOUT_C is not None:
         logging.getLogger("spicetap.proxy").warning(
             "the C framer is not built (%s): recording frames in Python, several times "

@@ -34,7 +34,6 @@ BACKLOG_POLICIES = ("gap", "close")
 # Connections that never named a SPICE channel (a load balancer's health checks, a port
 # scan, another protocol) share one archive per run instead of one each.
 UNLINKED = ("unlinked",)
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # the proxy's and the recorder's
 Report = Callable[[tuple[Any, ...]], None]
 
 

@@ -39,9 +39,10 @@ from typing import Any, Protocol
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 import proxy
+from proxy import logs
 from proxy.core import recwire
 from proxy.core.ring import ByteRing
-from proxy.recorder import LOG_FORMAT, RecorderWorker, RecordingOptions, Report
+from proxy.recorder import RecorderWorker, RecordingOptions, Report
 
 log = logging.getLogger("spicetap.recorder")
 
@@ -526,11 +527,7 @@ def main(argv: list[str]) -> int:
     # vanishes (end-of-file).
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
-    logging.basicConfig(
-        level=logging.INFO,
-        format=LOG_FORMAT,
-        stream=sys.stderr,
-    )
+    logs.configure(logging.INFO)
     with socket.socket(fileno=int(argv[1])) as sock, mmap.mmap(int(argv[2]), 0) as memory:
         ring = ByteRing(memory)
         try:

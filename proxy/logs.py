@@ -1,0 +1,41 @@
+"""The proxy's and the recording process's log lines: one per event, whatever peers send.
+
+Log lines quote what peers chose (a migration's host name, a refused CONNECT target, a
+SASL failure reason). A newline in one would forge a line of its own, and a 60,000-letter
+name would bury the rest; so control characters are escaped and a message is cut short.
+Tracebacks (bugs, never a peer's doing) still follow on their own lines.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+MAX_MESSAGE = 4096  # characters of one message; a line is at most that and its prefix
+
+# C0 controls, DEL, C1 controls, and the other characters str.splitlines() breaks at
+_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+_ESCAPES.update({0x2028: "\\u2028", 0x2029: "\\u2029"})
+
+
+def one_line(text: str) -> str:
+    """`text` as one line of at most MAX_MESSAGE characters (and the count of the rest)."""
+    text = text.translate(_ESCAPES)
+    if len(text) > MAX_MESSAGE:
+        text = f"{text[:MAX_MESSAGE]}... ({len(text) - MAX_MESSAGE} more characters)"
+    return text
+
+
+class OneLineFormatter(logging.Formatter):
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        # format() has set record.message; the traceback, if any, is added after this
+        record.message = one_line(record.message)
+        return super().formatMessage(record)
+
+
+def configure(level: int) -> None:
+    """Log to stderr at `level`, one line per message."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(OneLineFormatter(LOG_FORMAT))
+    logging.basicConfig(level=level, handlers=[handler])

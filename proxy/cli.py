@@ -27,7 +27,7 @@ from proxy.io.connect import ConnectFront, serve_connect
 from proxy.io.guard import raise_open_files_limit
 from proxy.io.management import ManagementOptions, serve_management
 from proxy.io.migration import MigrationListeners
-from proxy.io.recording import Recorder, RecordingSink
+from proxy.io.recording import STOP_TIMEOUT, Recorder, RecordingSink
 from proxy.io.resuming import ResumingRecorder
 from proxy.io.server import ChannelProxy, ProxyState, Upstream, serve_tcp
 from proxy.io.static import SPICE_HTML5_DIR
@@ -665,6 +665,14 @@ async def _serve(
         print("spicetap proxy ready", flush=True)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for _sig in signals:
-                logger.info("stopping: draining archives")
-                nursery.cancel_scope.cancel()
                 break
+        # Once stopping, another Ctrl-C or SIGTERM (an impatient user, a service manager's
+        # second try) must not cut the archives short: the drain is bounded, and SIGKILL
+        # remains (after which the recording process still closes every archive).
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+        logger.info(
+            "stopping: draining archives (at most %.0f s; further stop signals are ignored)",
+            STOP_TIMEOUT,
+        )
+        nursery.cancel_scope.cancel()

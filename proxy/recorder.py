@@ -145,12 +145,12 @@ class RecorderWorker:
             label = f"{key:08x}"
         else:
             label = "unlinked" if key == UNLINKED else f"unassigned-{key[1]}"
-        name = f"{stamp}-{label}"
-        path = self.options.directory / f"{name}{'.spta.zst' if self.options.compress else '.spta'}"
+        name, suffix = f"{stamp}-{label}", ".spta.zst" if self.options.compress else ".spta"
+        path = self.options.directory / f"{name}{suffix}"
         n = 1
         while path.exists():
             n += 1
-            path = path.with_name(f"{name}-{n}{path.name[len(name) :]}")
+            path = path.with_name(f"{name}-{n}{suffix}")
         about: dict[str, Any]
         if key == UNLINKED:  # many viewers: each connection's open record names its own
             about = {"viewer": None, "unlinked": True}
@@ -174,10 +174,10 @@ class RecorderWorker:
             compress=self.options.compress,
             chain_hash=self.options.chain_hash,
         )
-        self.report(("archive", str(path)))  # the proxy keeps the list
-        log.info("recording session %s to %s", label, path)
         session = _Session(writer, rec.time)
-        self.sessions[key] = session
+        self.sessions[key] = session  # first: the archive is written to whatever follows
+        log.info("recording session %s to %s", label, path)
+        self.report(("archive", str(path)))  # the proxy keeps the list
         return session
 
     def _connection_closed(self, conn: int) -> None:

@@ -461,7 +461,17 @@ def serve(sock: socket.socket, ring: ByteRing) -> int:
     ticked = time.monotonic()
 
     def report(item: tuple[Any, ...]) -> None:
-        sock.sendall(recwire.control(item))
+        # The proxy may be gone (killed, or a second signal ended it): what it put in the
+        # ring is still recorded and every archive closed, so a report nobody reads is
+        # dropped rather than failing the recording.
+        nonlocal proxy_gone
+        if proxy_gone:
+            return
+        try:
+            sock.sendall(recwire.control(item))
+        except OSError as exc:
+            log.info("the proxy is gone (%s): recording what it relayed, then stopping", exc)
+            proxy_gone = True
 
     try:
         while status == "proxy vanished":

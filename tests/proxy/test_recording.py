@@ -203,6 +203,57 @@ def test_when_the_proxy_vanishes_the_archives_still_end_signed(tmp_path: Path) -
     assert verify(archive, key.public_key()).status == "intact"
 
 
+def test_a_proxy_gone_before_its_items_are_recorded_loses_none_of_them(tmp_path: Path) -> None:
+    """The proxy died (SIGKILL, or a second Ctrl-C) with items in the ring: the recording
+    process's first report then fails. It once took that for a disk error: each
+    connection's records then went to a new empty archive of their own, and were lost."""
+    key = Ed25519PrivateKey.generate()
+    rec = Recorder(RecordingOptions(tmp_path), {}, key)
+    rec.start()
+    assert rec.process is not None and rec._sock is not None
+    os.kill(rec.process.pid, signal.SIGSTOP)  # our own child, by its PID
+    try:
+        main_channel(rec)
+        header = link_mess(caps_word(1, 3), channel_type=2)[:16]
+        for conn in range(1, 6):  # viewers stalled mid-link: records wait for the link
+            rec.opened(conn, 0.5, ("127.0.0.1", 41000 + conn), ("127.0.0.1", 5900))
+            rec.data(conn, 0.6, "c2s", header)
+        wait_for(lambda: rec.backlog_items == 0)  # all of it in the ring
+        rec._stopping = True
+        rec._sock.shutdown(2)  # the proxy's end is gone: reports fail with EPIPE
+    finally:
+        os.kill(rec.process.pid, signal.SIGCONT)
+    assert rec.process.wait(10) == 0
+    rec._sock.close()
+    archives = sorted(tmp_path.glob("*.spta"))
+    assert [a.name.rsplit("-", 1)[1] for a in archives] == [f"{SESSION_ID:08x}.spta",
+                                                            "unlinked.spta"]  # fmt: skip
+    for archive in archives:
+        assert verify(archive, key.public_key()).status == "intact"
+        with ArchiveReader(archive) as r:
+            recs = list(r.records())
+            assert r.end is not None and r.end["status"] == "proxy vanished"
+        if archive.name.endswith("unlinked.spta"):
+            assert sorted(rec["ch"][2] for rec in recs if rec["kind"] == "open") == [1, 2, 3, 4, 5]
+        else:
+            assert [rec["name"] for rec in recs if rec["kind"] == "message"] == [
+                "init", "ping", "ping", "ping"
+            ]  # fmt: skip
+
+
+def test_archives_of_one_second_and_label_are_numbered_in_turn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("proxy.recorder.time.strftime", lambda *_a: "20261122-101010")
+    worker = RecorderWorker(RecordingOptions(tmp_path), {}, None)
+    for conn in range(3):  # a session id seen again in the same second (a server restart)
+        main_channel_worker(worker, conn)
+        worker.handle(("close", conn, 2.0, "viewer closed"))
+    assert {p.name for p in tmp_path.iterdir()} == {
+        f"20261122-101010-{SESSION_ID:08x}{n}.spta" for n in ("", "-2", "-3")
+    }
+
+
 def test_the_recording_process_yields_the_cpu_to_forwarding(tmp_path: Path) -> None:
     rec = Recorder(RecordingOptions(tmp_path, nice=7), {}, None)
     rec.start()

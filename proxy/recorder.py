@@ -80,6 +80,10 @@ class RecorderWorker:
         self.builder = RecordBuilder(options.max_message, views=True)  # see to_archive
         self.sessions: dict[Any, _Session] = {}
         self.conn_session: dict[int, Any] = {}
+        # Every session a connection wrote to: a main channel may write to two (records
+        # let go without a session before a late INIT, or a second INIT), and each such
+        # archive closes when its last connection does.
+        self.conn_keys: dict[int, list[Any]] = {}
         self.viewers: dict[int, str] = {}  # connection -> the viewer's address
         self.routes: dict[int, dict[str, Any]] = {}  # connection -> insertion, upstream...
 
@@ -130,8 +134,9 @@ class RecorderWorker:
         session = self.sessions.get(key)
         if session is None:
             session = self._open_session(key, rec)
-        session.conns.add(rec.connection)
         if self.conn_session.get(rec.connection) != key:
+            session.conns.add(rec.connection)
+            self.conn_keys.setdefault(rec.connection, []).append(key)
             self.conn_session[rec.connection] = key
             self.report(("session", rec.connection, key))
         obj = to_archive(rec, session.t0, self.options.policy)
@@ -181,17 +186,17 @@ class RecorderWorker:
         return session
 
     def _connection_closed(self, conn: int) -> None:
-        key = self.conn_session.get(conn)
-        session = self.sessions.get(key) if key is not None else None
-        if session is None:
-            return
-        if key == UNLINKED:  # open until the proxy stops; its connections are not kept
-            session.conns.discard(conn)
-            return
-        session.closed.add(conn)
-        if session.closed >= session.conns:
-            session.writer.close("complete")
-            del self.sessions[key]
+        for key in self.conn_keys.pop(conn, ()):
+            session = self.sessions.get(key)
+            if session is None:
+                continue
+            if key == UNLINKED:  # open until the proxy stops; its connections are not kept
+                session.conns.discard(conn)
+                continue
+            session.closed.add(conn)
+            if session.closed >= session.conns:
+                session.writer.close("complete")
+                del self.sessions[key]
 
     def close_all(self, status: str) -> None:
         """Close every archive with `status`. Connections still open (the proxy vanished,

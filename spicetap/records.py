@@ -39,7 +39,10 @@ MAIN_INIT = message_type(MAIN, "s2c", "init")
 AGENT_DATA = {d: message_type(MAIN, d, "agent_data") for d in (C2S, S2C)}
 
 VIEWS_FROM = 4096  # RecordBuilder(views=True): bodies longer than this decode from a view
-MAX_HELD = 64  # a main channel that never sends INIT is not held back for long
+# A main channel that never sends INIT is not held back for long, nor for much memory:
+# its records then go out without a session (a server may send up to --max-message each).
+MAX_HELD = 64
+MAX_HELD_BYTES = 1 << 20
 # Link units that are secrets: never decoded or shown; archives keep only their length.
 SECRET_UNITS = {"ticket", "sasl"}
 # What an archive says when a channel chose SASL. Its exchange is kept only as lengths. On
@@ -122,6 +125,7 @@ class _Conn:
     open_fields: dict[str, Any] | None = None  # endpoints, until the open record is out
     open_time: float = 0.0
     held: list[Record] | None = None
+    held_bytes: int = 0  # of the held records' raw bytes
     # Once linked (not main, session known): the framer's message builder, and how to tell
     # it the time of the bytes fed next (see RecordBuilder._builder).
     builder: tuple[MessageBuilder, Callable[[float], None]] | None = None
@@ -377,10 +381,12 @@ class RecordBuilder:
         if fr.channel_type != MAIN and c.held is None and fr.channel_type is not None:
             return records
         if c.held is None:
-            c.held = []
+            c.held, c.held_bytes = [], 0
         c.held += records
+        c.held_bytes += sum(len(r.raw) for r in records)
+        full = len(c.held) >= MAX_HELD or c.held_bytes >= MAX_HELD_BYTES
         if fr.channel_type is None:
-            if force or "dead" in fr.state.values() or len(c.held) >= MAX_HELD:
+            if force or "dead" in fr.state.values() or full:
                 out, c.held = c.held, None
                 return out
             return []
@@ -388,10 +394,10 @@ class RecordBuilder:
             out, c.held = [self._named(c, r, self._session(c)) for r in c.held], None
             return out
         session = self.main_session.get(c.number)
-        if session is None and not force and len(c.held) < MAX_HELD:
+        if session is None and not force and not full:
             return []
         out = [self._named(c, r, session) for r in c.held]
-        c.held = []
+        c.held, c.held_bytes = [], 0
         return out
 
     @staticmethod

@@ -532,6 +532,59 @@ def main_channel_worker(worker: RecorderWorker, conn: int) -> None:
         worker.handle(("data", conn, t, d, data))
 
 
+def _main_channel_without_init(worker: RecorderWorker, conn: int, pings: list[bytes]) -> None:
+    worker.handle(("open", conn, 1.0, ("127.0.0.1", 41000), ("127.0.0.1", 5900), None, None,
+                   None))  # fmt: skip
+    bits = caps_word(1, 3)
+    for t, d, data in (
+        (1.1, "c2s", link_mess(bits, channel_type=MAIN, conn=0)),
+        (1.1, "s2c", link_reply(bits)),
+        (1.2, "c2s", TICKET),
+        (1.2, "s2c", OK),
+        *((1.3, "s2c", mini(4, body)) for body in pings),
+    ):
+        worker.handle(("data", conn, t, d, data))
+
+
+@pytest.mark.parametrize("second_init", [False, True])
+def test_every_archive_a_connection_wrote_to_closes_with_it(
+    tmp_path: Path, second_init: bool
+) -> None:
+    """INIT after 70 messages (the records held for it were let go without a session), or a
+    second INIT naming another session: the connection's records span two archives, and
+    both close, complete, when it does (the first stayed open until the proxy stopped)."""
+    worker = RecorderWorker(RecordingOptions(tmp_path), {}, None)
+    _main_channel_without_init(worker, 0, [bytes(12)] * (3 if second_init else 70))
+    worker.handle(("data", 0, 1.4, "s2c", init()))
+    if second_init:
+        worker.handle(("data", 0, 1.5, "s2c", init(SESSION_ID + 1)))
+    worker.handle(("data", 0, 1.6, "s2c", mini(4, bytes(12))))
+    worker.handle(("close", 0, 2.0, "server closed"))
+    assert worker.sessions == {} and worker.conn_keys == {}
+    archives = sorted(tmp_path.glob("*.spta"))
+    assert len(archives) == 2
+    records = 0
+    for archive in archives:
+        assert verify(archive).status == "intact"
+        with ArchiveReader(archive) as reader:
+            records += len(list(reader.records()))
+            assert reader.end is not None and reader.end["status"] == "complete"
+    # open, six link units, the PINGs and INITs, the last PING, the close
+    assert records == 1 + 6 + (3 + 2 if second_init else 70 + 1) + 1 + 1
+
+
+def test_a_main_channel_waiting_for_init_holds_at_most_a_mebibyte(tmp_path: Path) -> None:
+    """A server may send up to --max-message per message before INIT: held, 64 of them
+    would be gigabytes in the recording process."""
+    worker = RecorderWorker(RecordingOptions(tmp_path, max_message=4 << 20), {}, None)
+    _main_channel_without_init(worker, 0, [bytes(3 << 20)] * 5)
+    (conn,) = worker.builder.conns.values()
+    assert conn.held is not None and conn.held_bytes < 1 << 20 and len(conn.held) < 2
+    (archive,) = tmp_path.glob("*-unassigned-0.spta")
+    worker.close_all("proxy stopped")
+    assert len(list(iter_records(archive, []))) == 1 + 6 + 5 + 1  # open, link, PINGs, close
+
+
 def test_what_waits_for_a_session_is_written_when_the_proxy_vanishes(tmp_path: Path) -> None:
     """A main channel still waiting for INIT, and a link header still waiting for its link
     message, were dropped when the proxy died: their records now end the archives, each

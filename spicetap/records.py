@@ -549,6 +549,11 @@ class RecordBuilder:
         for direction in (C2S, "s2c"):
             left = fr.pending_data(direction)
             if left:  # what crossed the proxy is kept, truncated or not
+                what = (
+                    f"{len(left)} bytes sent after the link was refused"
+                    if fr.state[direction] == "done"
+                    else f"inside a unit: {len(left)} bytes of a truncated message"
+                )
                 out.append(
                     Record(
                         **self._base(c, ts, direction),
@@ -556,8 +561,7 @@ class RecordBuilder:
                         msg_type=None,
                         name=SECRET_STAGE if fr.in_secret_stage(direction) else None,
                         raw=left,
-                        error=f"connection ended ({reason}) inside a unit: "
-                        f"{len(left)} bytes of a truncated message",
+                        error=f"connection ended ({reason}) {what}",
                     )
                 )
         out.append(

@@ -47,6 +47,11 @@ CAP_MINI_HEADER = 3
 DEFAULT_MAX_MESSAGE = 256 * 1024 * 1024
 LARGE = 64 * 1024  # a message at least this big, cut by a chunk's end, is gathered in parts
 MAX_LINK_SIZE = 64 * 1024  # a link message carries a few caps words; anything huge is hostile
+# What may wait in the link stage for the other side: a viewer's bytes sent ahead of the
+# server's link reply (a ticket, a first message), or a peer's after a refused link. Real
+# peers send next to nothing there; without a bound, a peer could fill the proxy's memory
+# within the link timeout.
+MAX_LINK_PENDING = MAX_LINK_SIZE
 
 
 def has_cap(words: tuple[int, ...], bit: int) -> bool:
@@ -302,6 +307,12 @@ class ChannelFramer:
         self._drain(direction, events, build)
         if client_waiting and self.buf[C2S]:
             self._drain(C2S, events, build)  # the reply unblocked the client's auth bytes
+        waiting = len(self.buf[direction])
+        if waiting > MAX_LINK_PENDING and self.state[direction] in ("wait_reply", "done"):
+            if self.state[direction] == "done":
+                self._fail(direction, f"{waiting} bytes after the link was refused", events)
+            else:
+                self._fail(direction, f"{waiting} bytes ahead of the server's link reply", events)
         return events
 
     @property
@@ -329,6 +340,8 @@ class ChannelFramer:
         """Whether bytes now would be the ticket (or auth selection before it) or SASL:
         from the viewer's LinkMess on until the link result, and all of SASL."""
         state = self.state[direction]
+        if state == "done" and direction == C2S:  # after a refusal: maybe a ticket sent ahead
+            return True
         return state in ("wait_reply", "auth", "ticket", "sasl") or state in SASL_STATES
 
     @property

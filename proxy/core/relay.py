@@ -371,11 +371,20 @@ class ChannelRelay:
         if self.rewriter is not None:
             came += self.rewriter.pending(direction)
         due = self.guard.skip[direction]  # of a body whose header did come
+        if self.guard.state[direction] == "done" and came:  # the link was refused
+            reason = f"{who} closed, having sent {came} bytes after the link was refused"
+            return [*commands, Log(reason), Close(reason, True, direction, True)]
         if came or due:
             said = [f"{came} bytes of it came"] if came else []
             said += [f"{due} more were due"] if due else []
             reason = f"{who} vanished in the middle of a message ({', '.join(said)})"
             return [*commands, Log(reason), Close(reason, True, direction, True)]
+        if not self.linked and self.guard.channel_type is not None:
+            # A server must answer the link; a viewer may give up on it (its user left).
+            reason = f"{who} closed during the link stage"
+            if direction == S2C:
+                return [*commands, Log(reason), Close(reason, True, direction)]
+            return [*commands, Close(reason, False, direction)]
         return [*commands, Close(f"{who} closed", False, direction)]
 
     def peer_failed(self, direction: str, reason: str, now: float) -> list[Command]:

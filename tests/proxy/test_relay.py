@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pytest
 
 from proxy.core.relay import SESSION_REFUSED, ChannelRelay, Close, Forward, Limits, Log, RecordData
@@ -184,3 +186,61 @@ def test_sasl_links_at_its_result_and_over_tls_the_messages_are_guarded(
         assert closed and "5000 bytes exceeds" in closed[0].reason
     else:  # SASL-encrypted: nothing to walk
         assert not closed and relay.received("c2s", b"\0" * 50, 3.0)
+
+
+def _closes(cmds: Sequence[object]) -> list[Close]:
+    return [c for c in cmds if isinstance(c, Close)]
+
+
+def test_a_server_closing_before_the_link_result_is_its_error() -> None:
+    bits = caps_word(1, 3)
+    relay = ChannelRelay(Limits(), 0.0)
+    relay.received("c2s", link_mess(bits), 0.0)
+    relay.received("s2c", link_reply(bits), 0.0)
+    relay.received("c2s", TICKET, 0.0)
+    cmds = relay.peer_closed("s2c", 1.0)
+    assert _closes(cmds) == [Close("server closed during the link stage", True, "s2c")]
+    assert Log("server closed during the link stage") in cmds
+
+
+def test_a_viewer_giving_up_on_the_link_is_said_but_no_error() -> None:
+    relay = ChannelRelay(Limits(), 0.0)
+    relay.received("c2s", link_mess(caps_word(1, 3)), 0.0)
+    cmds = relay.peer_closed("c2s", 1.0)
+    assert cmds == [Close("viewer closed during the link stage", False, "c2s")]
+    unlinked = ChannelRelay(Limits(), 0.0)  # a health check: connected, said nothing
+    assert unlinked.peer_closed("c2s", 1.0) == [Close("viewer closed", False, "c2s")]
+
+
+def test_bytes_after_a_refused_link_are_named_as_such() -> None:
+    bits = caps_word(1, 3)
+    relay = ChannelRelay(Limits(), 0.0)
+    relay.received("c2s", link_mess(bits), 0.0)
+    relay.received("s2c", link_reply(bits, error=7) + b"\xee" * 300, 0.0)
+    assert relay.linked  # refused: the link stage is over
+    (close,) = _closes(relay.peer_closed("s2c", 1.0))
+    assert close.reason == "server closed, having sent 300 bytes after the link was refused"
+    assert close.error and close.direction == "s2c"
+
+
+@pytest.mark.parametrize("refused", [False, True])
+def test_the_link_stage_buffers_at_most_64_kib_for_the_other_side(refused: bool) -> None:
+    """A viewer flooding ahead of the server's link reply (or after a refusal) made the
+    proxy buffer all of it until the link timeout: gigabytes on loopback."""
+    bits = caps_word(1, 3)
+    relay = ChannelRelay(Limits(), 0.0)
+    relay.received("c2s", link_mess(bits), 0.0)
+    if refused:
+        relay.received("s2c", link_reply(bits, error=7), 0.0)
+    flood, forwarded = b"\xff" * 16384, 0
+    cmds: Sequence[object] = []
+    for _ in range(100):  # 1.6 MB at most
+        cmds = relay.received("c2s", flood, 0.5)
+        forwarded += sum(len(c.data) for c in cmds if isinstance(c, Forward))
+        if relay.closed:
+            break
+    assert relay.closed and forwarded <= (64 << 10) + len(flood)
+    (close,) = _closes(cmds)
+    what = "after the link was refused" if refused else "ahead of the server's link reply"
+    assert close.error and close.direction == "c2s" and what in close.reason
+    assert relay.guard.buf["c2s"] == bytearray()

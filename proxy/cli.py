@@ -325,10 +325,12 @@ def cmd_proxy(args: argparse.Namespace) -> int:
             raise UserError(f"signing key: {exc}") from None
         try:
             recorder = ResumingRecorder(partial(Recorder, options, meta, key), cr.resume_after)
-        except OSError as exc:  # e.g. a file size limit (ulimit -f) smaller than the ring
+        except (OSError, OverflowError) as exc:  # a file size limit (ulimit -f), or absurd
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "too large"
             raise UserError(
                 f"recording: cannot make its {options.max_backlog >> 20} MiB backlog ring "
-                f"in shared memory (--max-backlog): {exc.strerror or exc}"
+                f"in shared memory ({_named(args, 'max_backlog', 'recording', 'max_backlog_mb')})"
+                f": {why}"
             ) from None
         recorder.start()
     # A pump thread waiting for the GIL held by the recorder gets it after this long (the
@@ -342,9 +344,12 @@ def cmd_proxy(args: argparse.Namespace) -> int:
         )  # fmt: skip
     except BaseExceptionGroup as group:  # trio's nursery wraps what its tasks raise
         cannot = group.subgroup(ListenError)
-        if cannot is None:
+        if cannot is not None:
+            raise UserError(str(cannot.exceptions[0])) from None
+        # Ctrl-C before the signal receiver was up (the proxy had just started) is a stop
+        _interrupted, rest = group.split(KeyboardInterrupt)
+        if rest is not None:
             raise
-        raise UserError(str(cannot.exceptions[0])) from None
     except KeyboardInterrupt:
         pass
     finally:

@@ -55,8 +55,11 @@ def add_probe_command(sub: Any) -> None:
 
 
 def _target(args: argparse.Namespace) -> ProbeTarget:
-    if not args.port.isdigit() or not 1 <= int(args.port) < 65536:
+    digits = args.port.isascii() and args.port.isdigit()  # isdigit() alone takes "²"
+    if not digits or not 1 <= int(args.port) < 65536:
         raise UserError(f"port {args.port!r}: expected a number from 1 to 65535")
+    if not args.host.strip():
+        raise UserError("host: empty")
     try:
         timeout = float(args.timeout)
     except ValueError:
@@ -84,7 +87,8 @@ def _target(args: argparse.Namespace) -> ProbeTarget:
         raise UserError(problem)
     context = None
     if args.ca and not Path(args.ca).is_file():
-        raise UserError(f"--ca {args.ca}: no such file")
+        what = "not a file" if Path(args.ca).exists() else "no such file"
+        raise UserError(f"--ca {args.ca}: {what}")
     if args.tls:
         try:
             context = client_context(Path(args.ca) if args.ca else None, args.insecure, None)

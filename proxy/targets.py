@@ -24,11 +24,18 @@ Address = tuple[str, int]
 
 
 def host_port(text: str, what: str, *, any_port: bool = False) -> Address:
-    """HOST:PORT; with any_port, port 0 (the system picks one) is allowed."""
+    """HOST:PORT or [IPv6]:PORT; with any_port, port 0 (the system picks one) is allowed."""
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not (0 if any_port else 1) <= int(port) < 65536:
+    digits = port.isascii() and port.isdigit()  # isdigit() alone takes "²"
+    if not sep or not digits or not (0 if any_port else 1) <= int(port) < 65536:
         raise UserError(f"{what} {text!r}: expected HOST:PORT")
-    return host.strip("[]") or "127.0.0.1", int(port)
+    if host.startswith("["):
+        if not host.endswith("]") or len(host) < 3 or ":" not in host:
+            raise UserError(f"{what} {text!r}: expected [IPv6]:PORT")
+        host = host[1:-1]
+    elif ":" in host or "]" in host:
+        raise UserError(f"{what} {text!r}: an IPv6 address goes in brackets, as [::1]:{port}")
+    return host or "127.0.0.1", int(port)
 
 
 @dataclass(frozen=True)

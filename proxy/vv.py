@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives import serialization
 
+from proxy.core.probe import check_password
 from proxy.targets import host_port
 from proxy.tls import (
     TlsSetupError,
@@ -157,6 +158,9 @@ def _check_values(args: argparse.Namespace) -> None:
                 f"--{option.replace('_', '-')}: has a line break or control character, "
                 "which a .vv file cannot hold"
             )
+    problem = check_password(args.password)
+    if problem is not None:  # the viewer would send it, and spice-server refuse it
+        raise UserError(f"--password: {problem}")
     if args.host_subject is not None:
         try:
             parse_subject(args.host_subject)

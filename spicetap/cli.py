@@ -74,9 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)  # imports much: Ctrl-C may come meanwhile
         result: int = args.func(args)
         return result
     except UserError as exc:

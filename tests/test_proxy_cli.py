@@ -59,6 +59,17 @@ def test_a_taken_port_is_a_one_line_error_naming_the_listener(
             ["--connect-listen", "127.0.0.1:0", "--allow", "h:1", "--upstream-ca", "no.pem"],
             "upstream CA no.pem: [Errno 2] No such file or directory",
         ),
+        # isdigit() takes "²", which int() refuses; brackets must close and hold an IPv6
+        (
+            ["--listen", "127.0.0.1:²", "--upstream", "127.0.0.1:1"],
+            "--listen '127.0.0.1:²': expected HOST:PORT",
+        ),
+        (["--upstream", "[::1"], "--upstream '[::1': expected [IPv6]:PORT"),
+        (["--upstream", "::5900"], "an IPv6 address goes in brackets, as [::1]:5900"),
+        (
+            ["--upstream", "127.0.0.1:1", "--management", "[]:5999"],
+            "--management '[]:5999': expected [IPv6]:PORT",
+        ),
     ],
 )
 def test_bad_fronts_are_one_line_errors(
@@ -371,3 +382,17 @@ def test_a_file_size_limit_below_the_backlog_ring_is_a_one_line_error(tmp_path: 
         "(--max-backlog): File too large"
     )
     assert "Traceback" not in done.stderr
+
+
+def test_an_absurd_backlog_is_a_one_line_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """2^43 MiB and more overflowed a C long in ftruncate(): a traceback."""
+    monkeypatch.setenv("SPICETAP_CONFIG_DIR", str(tmp_path))
+    argv = ["--upstream", "127.0.0.1:1", "--record", str(tmp_path / "rec")]
+    assert main(["proxy", *argv, "--max-backlog", "9" * 20]) == 2
+    err = capsys.readouterr().err
+    assert err.endswith(
+        f"cannot make its {'9' * 20} MiB backlog ring in shared memory (--max-backlog): too large\n"
+    )
+    assert err.count("\n") == 1

@@ -85,6 +85,9 @@ def test_named_target_through_the_connect_front(
         (["h:1", "--proxy", "http://h:70000"], "--proxy 'http://h:70000': expected http://"),
         (["h:1", "--proxy", "http://[::1"], "--proxy 'http://[::1': expected http://"),
         (["h:1", "--host-subject", "bogus"], "--host-subject: subject 'bogus': cannot read"),
+        # the viewer would send it and spice-server refuse it
+        (["h:1", "--password", "p" * 61], "--password: a SPICE password is at most 60 bytes"),
+        (["[::1"], "TARGET '[::1': expected [IPv6]:PORT"),
     ],
 )
 def test_bad_targets_are_one_line_errors(

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import NamedTuple
+
+from proxy.core.ticket import MAX_PASSWORD
 
 MAIN = 1  # SPICE_CHANNEL_MAIN
 BIND_WINDOW = 60.0
@@ -93,18 +96,25 @@ def parse_tokens(text: str, wall_now: float, mono_now: float) -> list[Token]:
             continue
         if len(parts) > 2:
             raise ValueError(f"line {number}: expected TOKEN [EXPIRY]")
+        secret = parts[0].encode()
+        if len(secret) > MAX_PASSWORD:  # a viewer could never present it
+            raise ValueError(f"line {number}: a token is at most {MAX_PASSWORD} bytes")
         expires = None
         if len(parts) == 2:
             expires = mono_now + _wall_time(parts[1], number) - wall_now
-        tokens.append(Token(parts[0].encode(), expires))
+        tokens.append(Token(secret, expires))
     return tokens
 
 
 def _wall_time(text: str, number: int) -> float:
     try:
-        return float(text)
+        seconds = float(text)
     except ValueError:
         pass
+    else:  # NaN compares false with every time: such a token would never expire
+        if not math.isfinite(seconds) or not 0 <= seconds < 1e11:
+            raise ValueError(f"line {number}: expiry {text!r} is not a Unix time")
+        return seconds
     try:
         when = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:

@@ -51,6 +51,7 @@ from proxy.core.framing import (
     U32,
     has_cap,
 )
+from proxy.core.ticket import MAX_PASSWORD  # spice-server refuses longer ones
 
 CONNECTION_REFUSED = "Connection refused"
 INVALID_MAGIC = "Invalid SPICE magic"
@@ -59,7 +60,6 @@ TLS_FAILED = "TLS handshake failed"
 TIMEOUT = "Timeout"
 
 VERSION = (2, 2)  # SPICE_VERSION_MAJOR, SPICE_VERSION_MINOR (protocol.h)
-MAX_PASSWORD = 60  # SPICE_MAX_PASSWORD_LENGTH: spice-server refuses longer ones
 MAIN = LINK.enum_names["channel_type"]["MAIN"]
 INPUTS = LINK.enum_names["channel_type"]["INPUTS"]  # every QEMU with SPICE has one
 LINK_ERRORS = LINK.enum_by_value["link_reply_error"]

@@ -198,6 +198,9 @@ class Recorder:
             pass_fds=(theirs.fileno(), memory_fd),
             stdin=subprocess.DEVNULL,
             env=env,
+            # a process group of its own: a terminal's Ctrl-C goes to the proxy alone, even
+            # while this process is still starting (before main() can ignore it)
+            process_group=0,
         )
         theirs.close()
         os.close(memory_fd)  # the child has its own; our mapping stays

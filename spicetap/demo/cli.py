@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import shutil
 import signal
 import subprocess
@@ -120,9 +121,11 @@ def _summarise(record: Path, since: float) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from spicetap.demo.vm import DemoVm
 
-    if args.minutes is not None and args.minutes < 0:
-        raise UserError("--minutes must be positive")
+    if args.minutes is not None and not (math.isfinite(args.minutes) and args.minutes > 0):
+        raise UserError(f"--minutes {args.minutes:g}: expected a number of minutes above 0")
     record = Path(args.record).resolve()
+    if record.exists() and not record.is_dir():
+        raise UserError(f"--record {args.record}: not a directory")
     record.mkdir(parents=True, exist_ok=True)
     since = time.time() - 1
     with contextlib.ExitStack() as stack:

@@ -312,6 +312,19 @@ def test_token_file_expiry_becomes_a_monotonic_deadline() -> None:
     assert "secret-token" not in str(exc.value)
 
 
+@pytest.mark.parametrize("expiry", ["nan", "inf", "1e999", "-99999999999", "9" * 23])
+def test_a_token_expiry_that_is_no_time_is_refused(expiry: str) -> None:
+    """NaN compares false with every time: such a token would never have expired."""
+    with pytest.raises(ValueError, match=f"line 2: expiry '{expiry}' is not a Unix time"):
+        parse_tokens(f"ok 2000000000\nsecret-token {expiry}", 946684800.0, 0.0)
+
+
+def test_a_token_no_viewer_could_present_is_refused() -> None:
+    with pytest.raises(ValueError, match="line 1: a token is at most 60 bytes") as exc:
+        parse_tokens("t" * 61, 946684800.0, 0.0)
+    assert "t" * 61 not in str(exc.value)
+
+
 def test_inject_over_a_relay_with_a_token() -> None:
     policy = inject_policy(tokens=[Token(b"one-time")])
     w = wire(policy)

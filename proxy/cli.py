@@ -19,6 +19,7 @@ import trio
 from proxy import logs
 from proxy.core import framing
 from proxy.core.admission import Admission, connection_budget, files_needed
+from proxy.core.allow import AllowList, AllowListError
 from proxy.core.management import token_problem
 from proxy.core.relay import Limits, LinkPolicy
 from proxy.core.websocket import origin_is_valid
@@ -272,6 +273,12 @@ def cmd_proxy(args: argparse.Namespace) -> int:
         raise UserError(str(exc)) from None
     cp, cr = config.proxy, config.recording
     keylog = Path(args.keylog) if args.keylog else None
+    if keylog is not None:
+        try:  # OpenSSL opens it at the first handshake: a bad path is said now, by its flag
+            with keylog.open("a"):
+                pass
+        except OSError as exc:
+            raise UserError(f"--keylog {args.keylog}: {exc.strerror or exc}") from None
     link_policy = link_policy_from(args, cp)  # caps to clear, auth mode (secrets never logged)
     targets = {
         name: Target.from_section(name, t, target_policy(name, t, link_policy))
@@ -440,6 +447,10 @@ def _connect_front(
     listen = host_port(listen_text, what, any_port=True)
     section = config.connect
     if args.allow:
+        try:  # named as flags here; the file's own patterns as [connect] allow below
+            AllowList.parse(args.allow)
+        except AllowListError as exc:
+            raise UserError(f"--{exc}") from None
         section = replace(section, allow=(*section.allow, *args.allow))
     if args.upstream_ca and not section.upstream_ca:
         section = replace(section, upstream_ca=args.upstream_ca)
@@ -467,8 +478,9 @@ def _websocket_front(
     there is one, over WebSocket; --ws-tls adds TLS with the viewer certificate."""
     listen_text = _pick(args.ws_listen, cp.ws_listen)
     if listen_text is None:
-        if args.ws_tls:
-            raise UserError("--ws-tls needs --ws-listen (or [proxy] ws_listen)")
+        for dest, flag in (("ws_tls", "--ws-tls"), ("ws_origin", "--ws-origin")):
+            if getattr(args, dest):
+                raise UserError(f"{flag} needs --ws-listen (or [proxy] ws_listen)")
         return None
     main = _cli_target(args, cp)
     if main is None:
@@ -476,9 +488,10 @@ def _websocket_front(
     listen = host_port(listen_text, _named(args, "ws_listen", "proxy", "ws_listen"), any_port=True)
     context = _viewer_context(args, listen, keylog) if args.ws_tls else None
     origins = tuple(args.ws_origin) or cp.ws_origins
+    named = "--ws-origin" if args.ws_origin else f"{args.config}: [proxy] ws_origins"
     for origin in origins:  # compared with the browser's Origin header, which has this form
         if not origin_is_valid(origin):
-            raise UserError(f"--ws-origin {origin!r}: expected * or SCHEME://HOST[:PORT]")
+            raise UserError(f"{named} {origin!r}: expected * or SCHEME://HOST[:PORT]")
     return Route(listen, context, main.upstream(False, keylog), origins=origins)
 
 

@@ -51,8 +51,15 @@ def secret_line(file: str, what: str) -> str:
     try:
         text = Path(file).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{what} {file}: cannot read ({type(exc).__name__})") from None
+        raise UserError(f"{what} {file}: {_unreadable(exc)}") from None
     return text[0] if text else ""
+
+
+def _unreadable(exc: OSError | UnicodeDecodeError) -> str:
+    # never str(exc): a decoding error quotes the bytes around the fault (the secret)
+    if isinstance(exc, UnicodeDecodeError):
+        return "not UTF-8 text"
+    return f"cannot read ({exc.strerror or type(exc).__name__})"
 
 
 def _secret(value: str | None, file: str | None, what: str) -> bytes | None:
@@ -74,7 +81,7 @@ def _tokens(file: str | None) -> list[Token]:
         text = Path(file).read_text(encoding="utf-8")
         return parse_tokens(text, time.time(), time.monotonic())
     except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"viewer tokens file {file}: cannot read ({type(exc).__name__})") from None
+        raise UserError(f"viewer tokens file {file}: {_unreadable(exc)}") from None
     except ValueError as exc:
         raise UserError(f"viewer tokens file {file}: {exc}") from None
 

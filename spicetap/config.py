@@ -6,6 +6,7 @@ ConfigError whose one-line message names the file, the key and what was expected
 
 from __future__ import annotations
 
+import datetime
 import math
 import re
 import tomllib
@@ -142,7 +143,7 @@ def _number(where: str, name: str, value: float, kind: type) -> float:
     else:
         ok, want = value > 0, "a positive number"
     if not (ok and math.isfinite(value)):
-        raise ConfigError(f"{where}{name} = {value!r}: expected {want}")
+        raise ConfigError(f"{where}{name} = {_toml(value)}: expected {want}")
     return float(value) if kind is float else value
 
 
@@ -153,7 +154,7 @@ def _check(where: str, name: str, hint: Any, value: Any) -> Any:
     if getattr(hint, "__origin__", None) is tuple:  # tuple[str, ...]: a TOML array of strings
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return tuple(value)
-        raise ConfigError(f"{where}{name} = {value!r}: expected a list of strings")
+        raise ConfigError(f"{where}{name} = {_toml(value)}: expected a list of strings")
     for t in allowed:
         if t in (int, float) and isinstance(value, int | float) and not isinstance(value, bool):
             if t is int and not isinstance(value, int):
@@ -166,7 +167,20 @@ def _check(where: str, name: str, hint: Any, value: Any) -> Any:
         if t is bool and isinstance(value, bool):
             return value
     want = " or ".join(_TYPES.get(t, t.__name__) for t in allowed)
-    raise ConfigError(f"{where}{name} = {value!r}: expected {want}")
+    raise ConfigError(f"{where}{name} = {_toml(value)}: expected {want}")
+
+
+def _toml(value: Any) -> str:
+    """A value as the file spells it (true, 1979-05-27, [1, 'a']), not as Python would."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, datetime.date | datetime.time):
+        return value.isoformat()
+    if isinstance(value, list):
+        return f"[{', '.join(_toml(v) for v in value)}]"
+    if isinstance(value, dict):
+        return f"{{{', '.join(f'{k} = {_toml(v)}' for k, v in value.items())}}}"
+    return repr(value)
 
 
 def _section(cls: type[Any], data: dict[str, Any], where: str, nested: dict[str, Any]) -> Any:
@@ -179,7 +193,7 @@ def _section(cls: type[Any], data: dict[str, Any], where: str, nested: dict[str,
         if key in nested:
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}{key} must be a table")
-            values[key] = nested[key](value, f"{where}{key}.")
+            values[key] = nested[key](value, f"{where[:-2]}.{key}] ")  # [recording.privacy]
         else:
             values[key] = _check(where, key, hints[key], value)
     return cls(**values)
@@ -188,8 +202,8 @@ def _section(cls: type[Any], data: dict[str, Any], where: str, nested: dict[str,
 def _privacy(data: dict[str, Any], where: str) -> PrivacyPolicy:
     try:
         return _section(PrivacyPolicy, data, where, {})  # type: ignore[no-any-return]
-    except PolicyError as exc:  # its message starts with "privacy.": the key's own name
-        raise ConfigError(f"{where.removesuffix('privacy.')}{exc}") from None
+    except PolicyError as exc:  # its message starts with "privacy.": `where` says so
+        raise ConfigError(f"{where}{str(exc).removeprefix('privacy.')}") from None
 
 
 def _targets(data: dict[str, Any], where: str) -> dict[str, TargetSection]:
@@ -213,8 +227,10 @@ def load_config(path: Path) -> Config:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read ({exc})") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
     where = f"{path}: "

@@ -34,7 +34,12 @@ def test_example_config_loads() -> None:
         ("[recording]\nmax_backlog_mb = 0\n", "max_backlog_mb = 0: expected a positive"),
         ("[recording]\nchain_hash = 'md5'\n", "chain_hash = 'md5': expected 'blake3' or 'sha256'"),
         ("[recording]\nnice = 20\n", "nice = 20: expected 0 (off) to 19"),
-        ("[recording.privacy]\nkeys = 'all'\n", "privacy.keys = 'all'"),
+        ("[recording.privacy]\nkeys = 'all'\n", "[recording.privacy] keys = 'all'"),
+        ("[recording.privacy]\npasswords = true\n", "[recording.privacy] unknown key 'pass"),
+        # as the file spells them, not as Python would
+        ("[recording]\nflush_interval = 1979-05-27\n", "flush_interval = 1979-05-27: expec"),
+        ("[proxy]\nlink_timeout = true\n", "link_timeout = true: expected a number"),
+        ("[connect]\nallow = [1, 'a']\n", "allow = [1, 'a']: expected a list of strings"),
         ("[recording.privacy]\ndisplay = 'no'\n", "display = 'no': expected true or false"),
         ("[proxy\n", "not valid TOML"),
         ("[connect]\nallow = '1.2.3.4:5'\n", "allow = '1.2.3.4:5': expected a list of strings"),

@@ -41,7 +41,7 @@ def test_a_taken_port_is_a_one_line_error_naming_the_listener(
         (["--connect-listen", "127.0.0.1:0"], "the CONNECT front allows nothing"),
         (["--upstream", "h:1", "--allow", "h:1"], "--allow needs --connect-listen"),
         (["--connect-listen", "x", "--allow", "h:1"], "--connect-listen 'x': expected HOST:PORT"),
-        (["--connect-listen", "127.0.0.1:0", "--allow", "h"], "[connect] allow 'h'"),
+        (["--connect-listen", "127.0.0.1:0", "--allow", "h"], "--allow 'h': expected HOST:PORT"),
         (
             ["--upstream", "h:1", "--upstream-insecure", "--upstream-ca", "ca.pem"],
             "--upstream-insecure turns off the check --upstream-ca asks for",
@@ -59,6 +59,14 @@ def test_a_taken_port_is_a_one_line_error_naming_the_listener(
             ["--connect-listen", "127.0.0.1:0", "--allow", "h:1", "--upstream-ca", "no.pem"],
             "upstream CA no.pem: [Errno 2] No such file or directory",
         ),
+        (["--upstream", "h:1", "--keylog", "/"], "--keylog /: Is a directory"),
+        (["--upstream", "h:1", "--ws-origin", "http://x"], "--ws-origin needs --ws-listen"),
+        (
+            ["--upstream", "h:1", "--ws-listen", "127.0.0.1:0", "--ws-origin", "http://x:99999"],
+            "--ws-origin 'http://x:99999': expected * or SCHEME://HOST[:PORT]",
+        ),
+        (["--connect-listen", "127.0.0.1:0", "--allow", "h:5900-"], "--allow 'h:5900-': port"),
+        (["--connect-listen", "127.0.0.1:0", "--allow", "h:٥٩٠٠"], "--allow 'h:٥٩٠٠': port"),
         # isdigit() takes "²", which int() refuses; brackets must close and hold an IPv6
         (
             ["--listen", "127.0.0.1:²", "--upstream", "127.0.0.1:1"],
@@ -277,7 +285,8 @@ def test_a_proxy_whose_tls_cannot_be_forwarded_in_c_says_so_at_start(
 @pytest.mark.parametrize(
     ("content", "extra", "message"),
     [
-        (None, [], "--management-token-file {file}: cannot read (FileNotFoundError)"),
+        (None, [], "--management-token-file {file}: cannot read (No such file or directory)"),
+        ("\xff\xfesecret-bytes", [], "--management-token-file {file}: not UTF-8 text"),
         ("", [], "--management-token-file {file}: a token needs at least 16 characters"),
         ("tiny-secret\n", [], "--management-token-file {file}: a token needs at least 16"),
         ("has spaces in the token\n", [], "--management-token-file {file}: a token may hold"),
@@ -295,7 +304,7 @@ def test_a_bad_api_token_file_is_a_one_line_error_without_the_token(
     monkeypatch.setenv("SPICETAP_CONFIG_DIR", str(tmp_path))
     token = tmp_path / "token"
     if content is not None:
-        token.write_text(content)
+        token.write_bytes(content.encode("latin-1"))  # "\xff": a byte UTF-8 cannot start with
     argv = ["proxy", "--upstream", "127.0.0.1:1", "--listen", "127.0.0.1:0"]
     if extra != ["--no-management"]:
         argv += ["--management", "127.0.0.1:0"]

@@ -9,6 +9,7 @@ them here would let DNS decide what the allow-list means.
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -53,14 +54,16 @@ def split_host_port(text: str) -> tuple[str, str]:
     return host, port
 
 
+PORTS = re.compile(r"(\d{1,5})(?:-(\d{1,5}))?", re.ASCII)
+
+
 def _ports(text: str, pattern: str) -> tuple[int, int]:
     if text == "*":
         return 1, 65535
-    low, _, high = text.partition("-")
-    try:
-        a, b = int(low), int(high or low)
-    except ValueError:
-        raise AllowListError(f"allow {pattern!r}: port {text!r} is not N, N-M or *") from None
+    ports = PORTS.fullmatch(text)  # not int(): it takes " 5900", "5_900" and other digits
+    if ports is None:
+        raise AllowListError(f"allow {pattern!r}: port {text!r} is not N, N-M or *")
+    a, b = int(ports[1]), int(ports[2] or ports[1])
     if not 1 <= a <= b <= 65535:
         raise AllowListError(f"allow {pattern!r}: ports must be 1-65535, low to high")
     return a, b

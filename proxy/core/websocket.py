@@ -59,7 +59,10 @@ ORIGIN = re.compile(r"https?://([^/\s:\[\]]+|\[[0-9A-Fa-f:.]+\])(:\d{1,5})?/?", 
 
 def origin_is_valid(allowed: str) -> bool:
     """Whether an operator's allowed origin (--ws-origin) can ever match: "*" or an origin."""
-    return allowed == "*" or ORIGIN.fullmatch(allowed) is not None
+    if allowed == "*":
+        return True
+    origin = ORIGIN.fullmatch(allowed)
+    return origin is not None and int((origin[2] or ":0")[1:]) < 65536  # [2]: ":PORT"
 
 
 def origin_refusal(request: Request, tls: bool, allowed: tuple[str, ...]) -> HttpError | None:

@@ -380,6 +380,8 @@ class ChannelRelay:
             reason = f"{who} vanished in the middle of a message ({', '.join(said)})"
             return [*commands, Log(reason), Close(reason, True, direction, True)]
         if not self.linked and self.guard.channel_type is not None:
+            if self.guard.auth == "sasl":  # how spice-server refuses a failed SASL step
+                return [*commands, Close(f"{who} closed during SASL", False, direction)]
             # A server must answer the link; a viewer may give up on it (its user left).
             reason = f"{who} closed during the link stage"
             if direction == S2C:

@@ -244,3 +244,13 @@ def test_the_link_stage_buffers_at_most_64_kib_for_the_other_side(refused: bool)
     what = "after the link was refused" if refused else "ahead of the server's link reply"
     assert close.error and close.direction == "c2s" and what in close.reason
     assert relay.guard.buf["c2s"] == bytearray()
+
+
+def test_a_server_hanging_up_in_sasl_is_how_it_refuses_not_an_error() -> None:
+    """spice-server closes the connection when a SASL step fails (a wrong password)."""
+    relay = ChannelRelay(Limits(), 0.0)
+    for direction, data in exchange()[:7]:  # up to the client's answer
+        relay.received(direction, data, 0.0)
+    assert not relay.linked
+    cmds = relay.peer_closed("s2c", 1.0)
+    assert cmds == [Close("server closed during SASL", False, "s2c")]

@@ -9,6 +9,7 @@ from spicetap.archive import format as fmt
 from spicetap.archive.importer import dissector_hashes
 from spicetap.archive.reader import ArchiveError, ArchiveReader
 from spicetap.archive.records import ArchivedRecord, from_archive
+from spicetap.archive.shape import MalformedRecord, started_of
 from spicetap.capture import CaptureError, NotACapture
 from spicetap.records import Record
 from spicetap.show import iter_capture
@@ -45,14 +46,14 @@ def iter_records(path: Path, problems: list[str]) -> Iterator[AnyRecord]:
             raise InputError(str(exc)) from None
         with reader:
             try:
-                started = float(reader.header.get("started", 0.0))
-            except (TypeError, ValueError):
-                raise InputError(f"{path}: damaged archive header (started)") from None
+                started = started_of(reader.header)
+            except MalformedRecord as exc:
+                raise InputError(f"{path}: damaged archive header ({exc})") from None
             same = reader.header.get("dissector") == dissector_hashes()
             for obj in reader.records():
                 try:
                     rec = from_archive(obj, started, same)
-                except (TypeError, ValueError, AttributeError, IndexError, KeyError) as exc:
+                except MalformedRecord as exc:
                     # well-formed msgpack, wrong shape: a damaged or forged record
                     problems.append(f"{path}: a malformed record was skipped ({exc})")
                     continue

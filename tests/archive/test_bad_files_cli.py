@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
+import msgpack
 import pytest
 
 from spicetap.archive.reader import ArchiveReader
@@ -183,3 +186,106 @@ def test_packets_of_an_unread_link_type_are_reported(
     out, err = capsys.readouterr()
     assert out == ""
     assert "packets of link type 999 were skipped (not read)" in err
+
+
+INSPECT = [
+    ["show"],
+    ["show", "-V"],
+    ["show", "--json"],
+    ["stats"],
+    ["stats", "--json"],
+    ["export", "pcap"],
+    ["export", "json"],
+]
+
+
+def run_inspector(command: list[str], archive: Path) -> int:
+    extra = ["-o", str(archive.with_suffix(".out"))] if command[0] == "export" else []
+    return main([*command, str(archive), *extra])
+
+
+def archive_of(path: Path, records: list[dict[str, Any]], header: dict[str, Any]) -> Path:
+    """A finished archive, its hash chain as valid as the writer makes it."""
+    writer = ArchiveWriter(path, header)
+    for rec in records:
+        writer.write(rec)
+    writer.close()
+    return path
+
+
+# An open record's view names the addresses; a message with empty raw keeps its stored view
+# (nothing to decode again), so the renderers read the view as stored.
+OPEN = {"kind": "open", "ch": [1, 0, 1], "dir": "c2s", "t": 0, "seq": 0, "session": 1,
+        "view": {"client": "127.0.0.1:40000", "server": "127.0.0.1:5930"}}  # fmt: skip
+MESSAGE = {**OPEN, "kind": "message", "seq": 1, "type": 1, "name": "ping", "raw": b"",
+           "view": {"a": 1, "box": {"left": 1, "top": 2, "right": 3, "bottom": 4}}}  # fmt: skip
+
+
+def deep(levels: int) -> dict[str, Any]:
+    view: dict[str, Any] = {"x": 1}
+    for _ in range(levels):
+        view = {"x": view}
+    return view
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "named"),
+    [
+        ("view", "x", "view is str, not a map"),
+        ("view", [1, 2], "view is list, not a map"),
+        ("view", {"a": {1: 2}}, "view has a key that is int, not str"),
+        ("view", {"a": [msgpack.ExtType(5, b"x")]}, "view holds ExtType"),
+        ("view", deep(40), "view nests deeper than 32 levels"),
+        ("name", 7, "name is int, not str or nil"),
+        ("session", "abc", "session is str, not int or nil"),
+        ("channel", 5, "channel is int, not str"),
+        ("err", {"a": 1}, "err is dict, not str or nil"),
+        ("type", "x", "type is str, not int or nil"),
+        ("t", 2**64 - 1, "its time is 1.84467e+10 s since 1970, not within 584 years of it"),
+        ("t", 1.5, "t is float, not int"),
+        ("t", "5", "t is str, not int"),
+        ("ch", [1, "0", 1], "ch's channel id is str, not int"),
+        ("dir", "sideways", "dir is 'sideways', not 'c2s' or 's2c'"),
+        ("kind", "bogus", "kind is 'bogus', not a record kind"),
+        ("redacted", {"reason": "x", "len": 1 << 40}, "redacted is dict, not {reason, len}"),
+    ],
+)
+@pytest.mark.parametrize("command", INSPECT, ids=" ".join)
+def test_a_record_of_odd_types_under_a_valid_chain_is_skipped_with_a_warning(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    command: list[str],
+    field: str,
+    value: Any,
+    named: str,
+) -> None:
+    odd = {**MESSAGE, "seq": 2, field: value}
+    archive = archive_of(tmp_path / "odd.spta", [OPEN, MESSAGE, odd], {"started": 1.0})
+    assert main(["verify", str(archive)]) == 0  # the chain holds: only the content is odd
+    capsys.readouterr()
+    assert run_inspector(command, archive) == 0
+    err = capsys.readouterr().err.strip()
+    assert err == f"spicetap: warning: {archive}: a malformed record was skipped ({named})"
+
+
+def test_records_of_every_kind_and_the_widest_times_are_shown(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    kinds = ["open", "link", "message", "agent", "auth", "rewrite", "tls", "error", "gap", "close"]
+    records = [{**MESSAGE, "kind": kind, "seq": i} for i, kind in enumerate(kinds)]
+    records += [{**MESSAGE, "seq": 10, "t": -(10**18)}, {**MESSAGE, "seq": 11, "t": 10**19}]
+    archive = archive_of(tmp_path / "all.spta", records, {"started": 1.0})
+    assert main(["show", "--json", str(archive)]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    assert [json.loads(line)["kind"] for line in out.splitlines()] == [*kinds, *["message"] * 2]
+
+
+@pytest.mark.parametrize("started", [1e300, float("nan"), -1e20, "yesterday", True])
+@pytest.mark.parametrize("command", INSPECT, ids=" ".join)
+def test_a_header_start_that_is_no_time_is_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str], started: Any
+) -> None:
+    archive = archive_of(tmp_path / "odd.spta", [OPEN, MESSAGE], {"started": started})
+    assert run_inspector(command, archive) == 2
+    assert "damaged archive header (started " in one_error_line(capsys)

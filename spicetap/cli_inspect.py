@@ -227,7 +227,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         progress(f"exporting {args.format}") as tick,
     ):
         if args.format == "pcap":
-            n = export_pcap(records, partial, tick)
+            streams: list[str] = []  # about the streams written: the input names them
+            n = export_pcap(records, partial, tick, streams)
+            problems += [f"{args.input}: {p}" for p in streams]
         else:
             n = export_json(records, partial, tick)
     _report(problems)

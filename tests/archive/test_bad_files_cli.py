@@ -11,6 +11,7 @@ import pytest
 
 from spicetap.archive.reader import ArchiveReader
 from spicetap.archive.writer import ArchiveWriter
+from spicetap.capture import read_packets
 from spicetap.cli import main
 
 
@@ -289,3 +290,48 @@ def test_a_header_start_that_is_no_time_is_a_one_line_error(
     archive = archive_of(tmp_path / "odd.spta", [OPEN, MESSAGE], {"started": started})
     assert run_inspector(command, archive) == 2
     assert "damaged archive header (started " in one_error_line(capsys)
+
+
+NOT_IP = "is not an IP address and port"
+SERVER = ("server", NOT_IP)
+
+
+@pytest.mark.parametrize(
+    ("client", "server", "written", "replaced"),
+    [
+        ("127.0.0.1:40000", "localhost:5976", ("127.0.0.1", "127.0.0.1", 5930), [SERVER]),
+        ("127.0.0.1:40000", "300.1.1.1:99999", ("127.0.0.1", "127.0.0.1", 5930), [SERVER]),
+        ("127.0.0.1:40000", "10.0.0.1:0", ("127.0.0.1", "127.0.0.1", 5930), [SERVER]),
+        ("viewer.example:1", "[::1]:5976", ("::1", "::1", 5976), [("client", NOT_IP)]),
+        ("[::1]:40000", "[::2]:5976", ("::1", "::2", 5976), []),
+        (
+            "[::1]:40000",
+            "10.0.0.1:5976",
+            ("::1", "::1", 5930),
+            [("server", "is not of its client's IP version")],
+        ),
+    ],
+)
+def test_export_pcap_writes_a_stand_in_for_an_address_that_is_not_an_ip(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    client: str,
+    server: str,
+    written: tuple[str, str, int],
+    replaced: list[tuple[str, str]],
+) -> None:
+    opened = {**OPEN, "view": {"client": client, "server": server}}
+    link = {**MESSAGE, "kind": "link", "raw": b"REDQ", "seq": 1}
+    archive = archive_of(tmp_path / "a.spta", [opened, link], {"started": 1.0})
+    out = tmp_path / "a.pcapng"
+    assert main(["export", "pcap", str(archive), "-o", str(out)]) == 0
+    texts = {"client": client, "server": server}
+    assert capsys.readouterr().err.splitlines() == [
+        f"spicetap: warning: {archive}: connection 1: {side} {texts[side]!r} {why}; "
+        f"exported as {written[side == 'server']}:{written[2] if side == 'server' else 49152}"
+        for side, why in replaced
+    ]
+    with read_packets(out) as reader:
+        segments = list(reader)
+    data = [s for s in segments if s.payload]
+    assert [(s.src, s.dst, s.dport) for s in data] == [written]

@@ -60,6 +60,13 @@ def iter_records(path: Path, problems: list[str]) -> Iterator[AnyRecord]:
                 yield rec
             if reader.truncated or reader.damaged:
                 problems.append(f"{path}: {reader.damaged or 'truncated'}")
+            after = reader.bytes_after_end() if reader.end is not None else None
+            if after:  # an archive ends with its end record: these were added since
+                plural = "s" if after > 1 else ""
+                problems.append(
+                    f"{path}: {after:,} byte{plural} after the end record not read "
+                    "(`spicetap verify` calls the archive tampered)"
+                )
         return
     try:
         yield from iter_capture(path, problems)

@@ -78,7 +78,8 @@ def verify(path: Path, trusted: Ed25519PublicKey | None = None) -> Verdict:
                 return Verdict(
                     "tampered",
                     count,
-                    f"{reader.damaged}, after record {count - 1}",
+                    f"{reader.damaged}, "
+                    + (f"after record {count - 1}" if count else "before the first record"),
                     first_bad=count,
                 )
             why = reader.damaged or "no end record"

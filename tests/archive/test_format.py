@@ -186,6 +186,28 @@ def test_any_byte_after_the_end_record_is_tampering(
         )
 
 
+@pytest.mark.parametrize(("flush", "good"), [(3600.0, 0), (0.0, 10)])
+def test_damage_in_a_compressed_archive_says_after_which_record(
+    tmp_path: Path, flush: float, good: int
+) -> None:
+    """One frame for every record (a capture imported at once), or one per record."""
+    path = tmp_path / "a.spta"
+    w = ArchiveWriter(path, {}, signing_key=KEY, compress=True, flush=FlushPolicy(flush))
+    for i in range(20):
+        w.write(record(i))
+        if i == good - 1:
+            damage_at = path.stat().st_size + 20  # inside the frame of record `good`
+    w.close()
+    damage_at = damage_at if good else path.stat().st_size // 2
+    data = bytearray(path.read_bytes())
+    data[damage_at] ^= 0xFF
+    path.write_bytes(bytes(data))
+    v = verify(path)
+    assert (v.status, v.records, v.first_bad) == ("tampered", good, good)
+    where = f"after record {good - 1}" if good else "before the first record"
+    assert v.detail.startswith("compressed data is damaged") and v.detail.endswith(where)
+
+
 def test_unfinished_archive_is_truncated(tmp_path: Path) -> None:
     path = tmp_path / "a.spta"
     write(path, 10, close=False)

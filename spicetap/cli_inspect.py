@@ -18,7 +18,7 @@ from spicetap.archive.keys import load_or_create_signing_key, trusted_public_key
 from spicetap.archive.privacy import PolicyError, PrivacyPolicy
 from spicetap.errors import UserError
 from spicetap.filter import FilterError, compile_filter
-from spicetap.inputs import AnyRecord, InputError, is_archive, iter_records
+from spicetap.inputs import AnyRecord, InputError, check_input, is_archive, iter_records
 from spicetap.outputs import output_file
 from spicetap.render import line, to_json, tree
 
@@ -157,6 +157,10 @@ def cmd_import(args: argparse.Namespace) -> int:
 
     out = Path(args.output)
     try:
+        check_input(Path(args.input))
+    except InputError as exc:
+        raise UserError(str(exc)) from None
+    try:
         key = load_or_create_signing_key()
     except (OSError, ValueError) as exc:
         raise UserError(f"signing key: {exc}") from None
@@ -206,8 +210,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     worst = 0
     for name in args.archives:
         path = Path(name)
-        if not path.is_file():
-            raise UserError(f"{path}: {'not a file' if path.exists() else 'no such file'}")
+        try:
+            check_input(path)
+        except InputError as exc:
+            raise UserError(str(exc)) from None
         if not is_archive(path):  # a capture, say: not an archive that was tampered with
             raise UserError(f"{path}: not a spicetap archive")
         verdict = verify(path, trusted)

@@ -33,12 +33,25 @@ def is_archive(path: Path) -> bool:
     )
 
 
-def iter_records(path: Path, problems: list[str]) -> Iterator[AnyRecord]:
-    """Records of an archive or a capture; a damaged or truncated tail lands in `problems`."""
+def check_input(path: Path) -> None:
+    """InputError unless `path` is a regular file. Every command reads its input more than
+    once (what it is, then its content; verify looks ahead past damage): a pipe's bytes,
+    once read, are gone, so a pipe or a device is refused by name, before it is opened."""
     if not path.exists():
         raise InputError(f"{path}: no such file")
     if path.is_dir():
         raise InputError(f"{path}: is a directory")
+    if not path.is_file():
+        kind = "a pipe" if path.is_fifo() else "a socket" if path.is_socket() else "a device"
+        raise InputError(
+            f"{path}: is {kind}, not a regular file (spicetap reads its input more than "
+            "once): save it to a file first"
+        )
+
+
+def iter_records(path: Path, problems: list[str]) -> Iterator[AnyRecord]:
+    """Records of an archive or a capture; a damaged or truncated tail lands in `problems`."""
+    check_input(path)
     if is_archive(path):
         try:
             reader = ArchiveReader(path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,17 @@ def capture(lab_captures: list[Path], tmp_path: Path) -> Path:
     copy = tmp_path / "in.pcapng"
     copy.write_bytes(src.read_bytes())
     return copy
+
+
+INSPECT = [
+    ["show"],
+    ["show", "-V"],
+    ["show", "--json"],
+    ["stats"],
+    ["stats", "--json"],
+    ["export", "pcap"],
+    ["export", "json"],
+]
 
 
 def one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
@@ -163,7 +175,26 @@ def test_verify_names_what_is_not_an_archive(
     assert main(["verify", str(capture)]) == 2  # not "tampered": it never was an archive
     assert one_error_line(capsys).endswith("in.pcapng: not a spicetap archive")
     assert main(["verify", str(tmp_path)]) == 2
-    assert one_error_line(capsys).endswith(": not a file")
+    assert one_error_line(capsys).endswith(": is a directory")
+
+
+@pytest.mark.parametrize("command", [*INSPECT, ["import"], ["verify"]], ids=" ".join)
+@pytest.mark.parametrize("kind", ["pipe", "device"])
+def test_a_pipe_or_a_device_as_input_is_named_and_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str], kind: str
+) -> None:
+    """`show <(cat x.spta)`: every command reads its input more than once."""
+    if kind == "pipe":
+        path = tmp_path / "fifo"
+        os.mkfifo(path)  # no writer: opening it would wait for one, forever
+    else:
+        path = Path("/dev/zero")
+    extra = ["-o", str(tmp_path / "out")] if command[0] in ("export", "import") else []
+    assert main([*command, str(path), *extra]) == 2
+    assert one_error_line(capsys) == (
+        f"spicetap: error: {path}: is a {kind}, not a regular file (spicetap reads its "
+        "input more than once): save it to a file first"
+    )
 
 
 def test_show_names_both_kinds_it_reads(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -187,17 +218,6 @@ def test_packets_of_an_unread_link_type_are_reported(
     out, err = capsys.readouterr()
     assert out == ""
     assert "packets of link type 999 were skipped (not read)" in err
-
-
-INSPECT = [
-    ["show"],
-    ["show", "-V"],
-    ["show", "--json"],
-    ["stats"],
-    ["stats", "--json"],
-    ["export", "pcap"],
-    ["export", "json"],
-]
 
 
 def run_inspector(command: list[str], archive: Path) -> int:

@@ -78,9 +78,10 @@ IMPORT, EXPORT = ["import"], ["export", "json"]
 @pytest.mark.parametrize(
     ("command", "output", "named", "reason"),
     [
-        (EXPORT, "missing-dir/x.jsonl", "missing-dir/x.jsonl", "No such file or directory"),
-        (EXPORT, "in.pcapng/x.jsonl", "in.pcapng/x.jsonl", "Not a directory"),
-        (IMPORT, "in.pcapng/x.spta", "in.pcapng", "File exists"),  # it makes missing dirs
+        (EXPORT, "in.pcapng/x.jsonl", "in.pcapng", "not a directory"),  # both make
+        (IMPORT, "in.pcapng/x.spta", "in.pcapng", "not a directory"),  # missing dirs
+        (EXPORT, "in.pcapng/d/x.jsonl", "in.pcapng/d", "Not a directory"),
+        (IMPORT, "in.pcapng/d/x.spta", "in.pcapng/d", "Not a directory"),
         (EXPORT, ".", ".", "is a directory"),
         (IMPORT, ".", ".", "is a directory"),
         (EXPORT, "x" * 300, "x" * 300, "File name too long"),
@@ -104,6 +105,18 @@ def test_unusable_outputs_are_one_line_errors(
     assert one_error_line(capsys) == f"spicetap: error: {named}: {reason}" + (
         "; give a file name" if reason == "is a directory" else ""
     )
+
+
+@pytest.mark.parametrize(
+    "command", [["import"], ["export", "json"], ["export", "pcap"]], ids=" ".join
+)
+def test_outputs_go_into_missing_directories_which_are_made(
+    capture: Path, tmp_path: Path, command: list[str]
+) -> None:
+    out = tmp_path / "new" / "deeper" / "out"
+    assert main([*command, str(capture), "-o", str(out)]) == 0
+    assert out.stat().st_size > 1000
+    assert [p.name for p in out.parent.iterdir()] == ["out"]
 
 
 def test_unusable_inputs_are_one_line_errors(

@@ -50,7 +50,7 @@ def _records(
     """Records of the input that pass the filter; `origin` receives the time of the input's
     first record, which is where the filter's `time` and show's times count from."""
     flt = None
-    if getattr(args, "filter", None):
+    if getattr(args, "filter", None) is not None:  # -f '' is an empty filter, refused
         try:
             flt = compile_filter(args.filter)
         except FilterError as exc:
@@ -141,9 +141,10 @@ def policy_from(args: argparse.Namespace, base: PrivacyPolicy | None = None) -> 
     base = base or PrivacyPolicy()
     try:
         return PrivacyPolicy(
-            keys=args.keys or base.keys,
-            clipboard=args.clipboard or base.clipboard,
-            files=args.files or base.files,
+            # `--keys ''` is a value given, refused as `--keys ' '` is, not the default
+            keys=base.keys if args.keys is None else args.keys,
+            clipboard=base.clipboard if args.clipboard is None else args.clipboard,
+            files=base.files if args.files is None else args.files,
             display=base.display and not args.no_display,
             audio=base.audio and not args.no_audio,
         )

@@ -16,7 +16,7 @@ from rich.table import Table
 
 from spicetap.archive.keys import load_or_create_signing_key, trusted_public_key
 from spicetap.archive.privacy import PolicyError, PrivacyPolicy
-from spicetap.errors import UserError
+from spicetap.errors import UserError, one_line
 from spicetap.filter import FilterError, compile_filter
 from spicetap.inputs import AnyRecord, InputError, check_input, is_archive, iter_records
 from spicetap.outputs import output_file
@@ -70,7 +70,7 @@ def _records(
 
 def _report(problems: list[str]) -> None:
     for p in problems:
-        print(f"spicetap: warning: {p}", file=sys.stderr)
+        print(one_line(f"spicetap: warning: {p}"), file=sys.stderr)
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -218,7 +218,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         if not is_archive(path):  # a capture, say: not an archive that was tampered with
             raise UserError(f"{path}: not a spicetap archive")
         verdict = verify(path, trusted)
-        print(verdict.line(path))
+        print(one_line(verdict.line(path)))
         worst = max(worst, VERIFY_EXIT[verdict.status])
     return worst
 

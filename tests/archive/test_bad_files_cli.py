@@ -368,3 +368,23 @@ def test_export_pcap_writes_a_stand_in_for_an_address_that_is_not_an_ip(
         segments = list(reader)
     data = [s for s in segments if s.payload]
     assert [(s.src, s.dst, s.dport) for s in data] == [written]
+
+
+@pytest.mark.parametrize("name", ["a\nb", "a\rb", "a\x1b[31mb", "a\u2028b", "a\udcffb"])
+def test_a_path_with_control_characters_stays_on_its_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    """Errors, warnings and verdicts name it escaped, as repr() would."""
+    shown = repr(name)[1:-1]
+    missing = tmp_path / name
+    assert main(["show", str(missing)]) == 2
+    assert one_error_line(capsys) == f"spicetap: error: {tmp_path}/{shown}: no such file"
+    archive = archive_of(tmp_path / f"{name}.spta", [OPEN, MESSAGE], {"started": 1.0})
+    archive.write_bytes(archive.read_bytes()[:-5])
+    assert main(["show", str(archive)]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith(f"spicetap: warning: {tmp_path}/{shown}.spta: truncated at byte ")
+    assert len(err.splitlines()) == 1
+    assert main(["verify", str(archive)]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith(f"{tmp_path}/{shown}.spta: truncated: ") and out.count("\n") == 1

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from spicetap import __version__
-from spicetap.errors import UserError, os_error_line
+from spicetap.errors import UserError, one_line, os_error_line
 
 
 def _regen(args: argparse.Namespace) -> int:
@@ -46,7 +46,7 @@ class _Parser(argparse.ArgumentParser):
     the whole usage block first); subcommands' parsers are made of this class too."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, one_line(f"{self.prog}: error: {message} (see {self.prog} --help)") + "\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,10 +79,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         result: int = args.func(args)
         return result
     except UserError as exc:
-        print(f"spicetap: error: {exc}", file=sys.stderr)
+        print(one_line(f"spicetap: error: {exc}"), file=sys.stderr)
         return 2
     except OSError as exc:  # a path given (or the config directory) that cannot be used
-        print(f"spicetap: error: {os_error_line(exc)}", file=sys.stderr)
+        print(one_line(f"spicetap: error: {os_error_line(exc)}"), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

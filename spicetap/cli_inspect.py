@@ -16,9 +16,9 @@ from rich.table import Table
 
 from spicetap.archive.keys import load_or_create_signing_key, trusted_public_key
 from spicetap.archive.privacy import PolicyError, PrivacyPolicy
-from spicetap.errors import UserError
+from spicetap.errors import UserError, one_line
 from spicetap.filter import FilterError, compile_filter
-from spicetap.inputs import AnyRecord, InputError, is_archive, iter_records
+from spicetap.inputs import AnyRecord, InputError, check_input, is_archive, iter_records
 from spicetap.outputs import output_file
 from spicetap.render import line, to_json, tree
 
@@ -50,7 +50,7 @@ def _records(
     """Records of the input that pass the filter; `origin` receives the time of the input's
     first record, which is where the filter's `time` and show's times count from."""
     flt = None
-    if getattr(args, "filter", None):
+    if getattr(args, "filter", None) is not None:  # -f '' is an empty filter, refused
         try:
             flt = compile_filter(args.filter)
         except FilterError as exc:
@@ -70,7 +70,7 @@ def _records(
 
 def _report(problems: list[str]) -> None:
     for p in problems:
-        print(f"spicetap: warning: {p}", file=sys.stderr)
+        print(one_line(f"spicetap: warning: {p}"), file=sys.stderr)
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -141,9 +141,10 @@ def policy_from(args: argparse.Namespace, base: PrivacyPolicy | None = None) -> 
     base = base or PrivacyPolicy()
     try:
         return PrivacyPolicy(
-            keys=args.keys or base.keys,
-            clipboard=args.clipboard or base.clipboard,
-            files=args.files or base.files,
+            # `--keys ''` is a value given, refused as `--keys ' '` is, not the default
+            keys=base.keys if args.keys is None else args.keys,
+            clipboard=base.clipboard if args.clipboard is None else args.clipboard,
+            files=base.files if args.files is None else args.files,
             display=base.display and not args.no_display,
             audio=base.audio and not args.no_audio,
         )
@@ -156,6 +157,10 @@ def cmd_import(args: argparse.Namespace) -> int:
     from spicetap.capture import CaptureError
 
     out = Path(args.output)
+    try:
+        check_input(Path(args.input))
+    except InputError as exc:
+        raise UserError(str(exc)) from None
     try:
         key = load_or_create_signing_key()
     except (OSError, ValueError) as exc:
@@ -206,12 +211,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
     worst = 0
     for name in args.archives:
         path = Path(name)
-        if not path.is_file():
-            raise UserError(f"{path}: {'not a file' if path.exists() else 'no such file'}")
+        try:
+            check_input(path)
+        except InputError as exc:
+            raise UserError(str(exc)) from None
         if not is_archive(path):  # a capture, say: not an archive that was tampered with
             raise UserError(f"{path}: not a spicetap archive")
         verdict = verify(path, trusted)
-        print(verdict.line(path))
+        print(one_line(verdict.line(path)))
         worst = max(worst, VERIFY_EXIT[verdict.status])
     return worst
 
@@ -227,7 +234,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         progress(f"exporting {args.format}") as tick,
     ):
         if args.format == "pcap":
-            n = export_pcap(records, partial, tick)
+            streams: list[str] = []  # about the streams written: the input names them
+            n = export_pcap(records, partial, tick, streams)
+            problems += [f"{args.input}: {p}" for p in streams]
         else:
             n = export_json(records, partial, tick)
     _report(problems)

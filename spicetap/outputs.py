@@ -24,12 +24,18 @@ def output_file(path: Path, source: Path) -> Iterator[Path]:
     temporary name and renamed over it only when the block ends without an error, so a
     failed or interrupted run leaves an earlier file of that name as it was. A device or
     pipe (/dev/stdout) is written in place. The input named as the output is refused
-    before anything is opened: writing would destroy it while it is read."""
+    before anything is opened: writing would destroy it while it is read. Missing
+    directories on the way to `path` are made."""
     if _same_file(path, source):
         raise UserError(f"{path}: is the input too; give another output file")
     if path.is_dir():
         raise UserError(f"{path}: is a directory; give a file name")
     in_place = path.exists() and not path.is_file()
+    if not in_place:
+        try:  # missing directories are made, as import's archive writer and --record do
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except FileExistsError as exc:  # a file of that name is in the way
+            raise UserError(f"{exc.filename}: not a directory") from None
     # short, so that any name that fits the directory fits it too
     partial = path if in_place else path.with_name(f".spicetap-{os.getpid()}.partial")
     try:

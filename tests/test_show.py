@@ -214,3 +214,24 @@ def test_real_streams_resplit_anywhere_give_the_same_records(lab_captures: list[
     assert len(pieces) > len(once)
     key = lambda r: (r.connection, r.direction, r.kind, r.name, r.raw)  # noqa: E731
     assert sorted(map(key, again)) == sorted(map(key, once))
+
+
+@pytest.mark.parametrize("command", [["show"], ["stats"], ["export", "json"]], ids=" ".join)
+@pytest.mark.parametrize("text", ["", "   "])
+def test_an_empty_filter_is_refused_not_taken_as_none(
+    lab_captures: list[Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    command: list[str],
+    text: str,
+) -> None:
+    capture = next(p for p in lab_captures if p.name.startswith("remote-viewer-plain"))
+    out = tmp_path / "out.jsonl"
+    extra = ["-o", str(out)] if command[0] == "export" else []
+    assert main([*command, str(capture), "-f", text, *extra]) == 2
+    assert capsys.readouterr() == (
+        "",
+        f"spicetap: error: -f: column {len(text) + 1}: expected an expression "
+        "(a filter is empty)\n",
+    )
+    assert not out.exists()

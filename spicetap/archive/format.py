@@ -31,7 +31,10 @@ ZSTD_SUFFIX = ".spta.zst"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 # Record kinds.
-KINDS = ("link", "message", "agent", "auth", "tls", "error", "gap", "open", "close", "end")
+KINDS = (
+    *("link", "message", "agent", "auth", "rewrite", "tls", "error", "gap", "open", "close"),
+    "end",
+)
 
 
 SMALL_PAYLOAD = 4096

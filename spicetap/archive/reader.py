@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,10 +82,15 @@ class _ZstdFrames:
         self.pending = b""
         self.in_frame = False  # bytes of an unfinished frame were consumed
         self.incomplete = False  # the file ended inside a frame
+        self.read_from_file = 0
+        self.frame_end = 0  # file offset just past the last whole frame
 
     def read(self, _size: int) -> bytes:
         while True:
-            chunk = self.pending or self.f.read(READ_CHUNK)
+            chunk = self.pending
+            if not chunk:
+                chunk = self.f.read(READ_CHUNK)
+                self.read_from_file += len(chunk)
             self.pending = b""
             if not chunk:
                 self.incomplete = self.in_frame
@@ -93,6 +99,7 @@ class _ZstdFrames:
             out = self.obj.decompress(chunk)
             if self.obj.eof:  # frame complete: what follows starts the next frame
                 self.pending = self.obj.unused_data
+                self.frame_end = self.read_from_file - len(self.pending)
                 self.obj = self.dctx.decompressobj()
                 self.in_frame = False
             if out:
@@ -113,11 +120,13 @@ class ArchiveReader:
         self.end: dict[str, Any] | None = None  # the end record, once reached
         self.stop_offset: int | None = None  # where an unfinished object starts
         self._stream = _open_stream(path)
+        self._file = self._stream.f if isinstance(self._stream, _ZstdFrames) else self._stream
         self.compressed = isinstance(self._stream, _ZstdFrames)
         self._unpacker = msgpack.Unpacker(
             raw=False, max_buffer_size=MAX_OBJECT, max_bin_len=MAX_OBJECT, strict_map_key=False
         )
         self._eof = False
+        self._fed = 0  # bytes of the (decompressed) stream given to the unpacker
         try:
             self.header = self._read_header()
         except ArchiveError:
@@ -161,6 +170,7 @@ class ArchiveReader:
                 self.damaged = self.damaged or "the file ends inside a compressed frame"
             return False
         self._unpacker.feed(data)
+        self._fed += len(data)
         return True
 
     def _entries(self) -> Iterator[Entry]:
@@ -239,6 +249,20 @@ class ArchiveReader:
                 self.end = entry.obj
                 return
             yield entry.obj
+
+    def bytes_after_end(self) -> int | None:
+        """Once records() has reached the end record: how many bytes the file holds after
+        it (nothing may), without reading them. For a compressed file, the bytes of its
+        frame after it and the file's bytes after that frame; None while that frame goes
+        on (it is not known yet where it ends)."""
+        end: int = self._unpacker.tell()
+        buffered = self._fed - end
+        size = os.fstat(self._file.fileno()).st_size
+        if not isinstance(self._stream, _ZstdFrames):
+            return size - end
+        if self._stream.in_frame:
+            return None
+        return buffered + size - self._stream.frame_end
 
     def close(self) -> None:
         self._stream.close()

@@ -14,6 +14,7 @@ from typing import Any
 
 from dissectors.api import AGENT, SPICE, decode
 from spicetap.archive.privacy import PrivacyPolicy, strip
+from spicetap.archive.shape import check_record
 from spicetap.records import Record
 
 VIEW_BYTES = 256  # byte strings longer than this appear in the view as {len, head}
@@ -159,23 +160,21 @@ class ArchivedRecord:
     decoded = None  # no live Decoded: `fields` holds the named view
 
     def __init__(self, obj: dict[str, Any], started: float, same_dissector: bool) -> None:
-        ch = obj.get("ch") or [None, 0, 0]
+        check_record(obj, started)  # from here on, every field has its documented type
+        ch = obj.get("ch", [None, 0, 0])
         self._obj = obj
-        self.time = started + int(obj.get("t", 0)) / 1e9
+        self.time = started + obj.get("t", 0) / 1e9
         self.session: int | None = obj.get("session")
-        self.connection = int(ch[2])
-        self.channel = str(obj.get("channel", "unknown"))
-        self.channel_id = int(ch[1])
-        self.direction = str(obj.get("dir", "c2s"))
-        self.kind = str(obj.get("kind", "message"))
+        self.connection: int = ch[2]
+        self.channel: str = obj.get("channel", "unknown")
+        self.channel_id: int = ch[1]
+        self.direction: str = obj.get("dir", "c2s")
+        self.kind: str = obj.get("kind", "message")
         self.msg_type: int | None = obj.get("type")
         self.name: str | None = obj.get("name")
-        raw = obj.get("raw", b"")
-        if not isinstance(raw, bytes):  # bytes(5) would be five zeros, not an error
-            raise TypeError(f"raw is {type(raw).__name__}, not bytes")
-        self.raw = raw
+        self.raw: bytes = obj.get("raw", b"")
         self.error: str | None = obj.get("err")
-        self.seq = int(obj.get("seq", 0))
+        self.seq: int = obj.get("seq", 0)
         self.redacted: dict[str, Any] | None = obj.get("redacted")
         self.same_dissector = same_dissector
         self._fields: Any = _UNSET

@@ -78,7 +78,8 @@ def verify(path: Path, trusted: Ed25519PublicKey | None = None) -> Verdict:
                 return Verdict(
                     "tampered",
                     count,
-                    f"{reader.damaged}, after record {count - 1}",
+                    f"{reader.damaged}, "
+                    + (f"after record {count - 1}" if count else "before the first record"),
                     first_bad=count,
                 )
             why = reader.damaged or "no end record"
@@ -127,7 +128,15 @@ def _check_end(
     reader: ArchiveReader,
 ) -> Verdict:
     seq = end.get("seq")
-    extra = next(reader._entries(), None)  # reads to the end of the file
+    after = reader.bytes_after_end()
+    if after:  # whatever they are: nothing may follow the end record
+        return Verdict(
+            "tampered",
+            count,
+            f"{_bytes(after)} follow{'s' if after == 1 else ''} the end record",
+            first_bad=count + 1,
+        )
+    extra = next(reader._entries(), None)  # the frame holding the end record goes on
     if extra is not None:
         return Verdict("tampered", count, "data follows the end record", first_bad=count + 1)
     if reader.truncated:  # the end record is there, but the file was cut after it
@@ -171,3 +180,7 @@ def _check_end(
         f"{count} records, hash chain and signature valid{signer}",
         signed_by=pub.hex(),
     )
+
+
+def _bytes(n: int) -> str:
+    return "1 byte" if n == 1 else f"{n:,} bytes"

@@ -115,8 +115,8 @@ def _interface(buf: Buffer, pos: int, blen: int, order: str, stats: ReadStats) -
 def read_pcapng(buf: Buffer, read: Read, name: str, stats: ReadStats) -> Iterator[TcpSegment]:
     """The TCP segments of a pcapng file: ``buf`` from its start, ``read`` for the rest.
 
-    Checks the first section header at once (raising CaptureError); the rest is read
-    lazily.
+    Checks the first section header, whole, at once (raising CaptureError); the rest is
+    read lazily.
     """
     if len(buf) < _SHB_MIN:
         buf = refill(read, buf, 0, _SHB_MIN)
@@ -124,10 +124,15 @@ def read_pcapng(buf: Buffer, read: Read, name: str, stats: ReadStats) -> Iterato
             msg = f"{name}: truncated pcapng section header ({len(buf)} of {_SHB_MIN} bytes)"
             raise CaptureError(msg)
     try:
-        _check_shb(buf, 0, _shb_order(buf, 0))
+        blen = _check_shb(buf, 0, _shb_order(buf, 0))
     except _Damage as exc:
         msg = f"{name}: {exc}"
         raise CaptureError(msg) from None
+    if len(buf) < blen:  # a file that stops inside its header holds no packet at all
+        buf = refill(read, buf, 0, blen)
+        if len(buf) < blen:
+            msg = f"{name}: truncated pcapng section header ({len(buf)} of {blen} bytes)"
+            raise CaptureError(msg)
     return _blocks(buf, read, name, stats)
 
 

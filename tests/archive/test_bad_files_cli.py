@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
+from typing import Any
 
+import msgpack
 import pytest
 
 from spicetap.archive.reader import ArchiveReader
 from spicetap.archive.writer import ArchiveWriter
+from spicetap.capture import read_packets
 from spicetap.cli import main
 
 
@@ -24,6 +29,17 @@ def capture(lab_captures: list[Path], tmp_path: Path) -> Path:
     copy = tmp_path / "in.pcapng"
     copy.write_bytes(src.read_bytes())
     return copy
+
+
+INSPECT = [
+    ["show"],
+    ["show", "-V"],
+    ["show", "--json"],
+    ["stats"],
+    ["stats", "--json"],
+    ["export", "pcap"],
+    ["export", "json"],
+]
 
 
 def one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
@@ -62,9 +78,10 @@ IMPORT, EXPORT = ["import"], ["export", "json"]
 @pytest.mark.parametrize(
     ("command", "output", "named", "reason"),
     [
-        (EXPORT, "missing-dir/x.jsonl", "missing-dir/x.jsonl", "No such file or directory"),
-        (EXPORT, "in.pcapng/x.jsonl", "in.pcapng/x.jsonl", "Not a directory"),
-        (IMPORT, "in.pcapng/x.spta", "in.pcapng", "File exists"),  # it makes missing dirs
+        (EXPORT, "in.pcapng/x.jsonl", "in.pcapng", "not a directory"),  # both make
+        (IMPORT, "in.pcapng/x.spta", "in.pcapng", "not a directory"),  # missing dirs
+        (EXPORT, "in.pcapng/d/x.jsonl", "in.pcapng/d", "Not a directory"),
+        (IMPORT, "in.pcapng/d/x.spta", "in.pcapng/d", "Not a directory"),
         (EXPORT, ".", ".", "is a directory"),
         (IMPORT, ".", ".", "is a directory"),
         (EXPORT, "x" * 300, "x" * 300, "File name too long"),
@@ -88,6 +105,18 @@ def test_unusable_outputs_are_one_line_errors(
     assert one_error_line(capsys) == f"spicetap: error: {named}: {reason}" + (
         "; give a file name" if reason == "is a directory" else ""
     )
+
+
+@pytest.mark.parametrize(
+    "command", [["import"], ["export", "json"], ["export", "pcap"]], ids=" ".join
+)
+def test_outputs_go_into_missing_directories_which_are_made(
+    capture: Path, tmp_path: Path, command: list[str]
+) -> None:
+    out = tmp_path / "new" / "deeper" / "out"
+    assert main([*command, str(capture), "-o", str(out)]) == 0
+    assert out.stat().st_size > 1000
+    assert [p.name for p in out.parent.iterdir()] == ["out"]
 
 
 def test_unusable_inputs_are_one_line_errors(
@@ -159,7 +188,26 @@ def test_verify_names_what_is_not_an_archive(
     assert main(["verify", str(capture)]) == 2  # not "tampered": it never was an archive
     assert one_error_line(capsys).endswith("in.pcapng: not a spicetap archive")
     assert main(["verify", str(tmp_path)]) == 2
-    assert one_error_line(capsys).endswith(": not a file")
+    assert one_error_line(capsys).endswith(": is a directory")
+
+
+@pytest.mark.parametrize("command", [*INSPECT, ["import"], ["verify"]], ids=" ".join)
+@pytest.mark.parametrize("kind", ["pipe", "device"])
+def test_a_pipe_or_a_device_as_input_is_named_and_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str], kind: str
+) -> None:
+    """`show <(cat x.spta)`: every command reads its input more than once."""
+    if kind == "pipe":
+        path = tmp_path / "fifo"
+        os.mkfifo(path)  # no writer: opening it would wait for one, forever
+    else:
+        path = Path("/dev/zero")
+    extra = ["-o", str(tmp_path / "out")] if command[0] in ("export", "import") else []
+    assert main([*command, str(path), *extra]) == 2
+    assert one_error_line(capsys) == (
+        f"spicetap: error: {path}: is a {kind}, not a regular file (spicetap reads its "
+        "input more than once): save it to a file first"
+    )
 
 
 def test_show_names_both_kinds_it_reads(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -183,3 +231,160 @@ def test_packets_of_an_unread_link_type_are_reported(
     out, err = capsys.readouterr()
     assert out == ""
     assert "packets of link type 999 were skipped (not read)" in err
+
+
+def run_inspector(command: list[str], archive: Path) -> int:
+    extra = ["-o", str(archive.with_suffix(".out"))] if command[0] == "export" else []
+    return main([*command, str(archive), *extra])
+
+
+def archive_of(path: Path, records: list[dict[str, Any]], header: dict[str, Any]) -> Path:
+    """A finished archive, its hash chain as valid as the writer makes it."""
+    writer = ArchiveWriter(path, header)
+    for rec in records:
+        writer.write(rec)
+    writer.close()
+    return path
+
+
+# An open record's view names the addresses; a message with empty raw keeps its stored view
+# (nothing to decode again), so the renderers read the view as stored.
+OPEN = {"kind": "open", "ch": [1, 0, 1], "dir": "c2s", "t": 0, "seq": 0, "session": 1,
+        "view": {"client": "127.0.0.1:40000", "server": "127.0.0.1:5930"}}  # fmt: skip
+MESSAGE = {**OPEN, "kind": "message", "seq": 1, "type": 1, "name": "ping", "raw": b"",
+           "view": {"a": 1, "box": {"left": 1, "top": 2, "right": 3, "bottom": 4}}}  # fmt: skip
+
+
+def deep(levels: int) -> dict[str, Any]:
+    view: dict[str, Any] = {"x": 1}
+    for _ in range(levels):
+        view = {"x": view}
+    return view
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "named"),
+    [
+        ("view", "x", "view is str, not a map"),
+        ("view", [1, 2], "view is list, not a map"),
+        ("view", {"a": {1: 2}}, "view has a key that is int, not str"),
+        ("view", {"a": [msgpack.ExtType(5, b"x")]}, "view holds ExtType"),
+        ("view", deep(40), "view nests deeper than 32 levels"),
+        ("name", 7, "name is int, not str or nil"),
+        ("session", "abc", "session is str, not int or nil"),
+        ("channel", 5, "channel is int, not str"),
+        ("err", {"a": 1}, "err is dict, not str or nil"),
+        ("type", "x", "type is str, not int or nil"),
+        ("t", 2**64 - 1, "its time is 1.84467e+10 s since 1970, not within 584 years of it"),
+        ("t", 1.5, "t is float, not int"),
+        ("t", "5", "t is str, not int"),
+        ("ch", [1, "0", 1], "ch's channel id is str, not int"),
+        ("dir", "sideways", "dir is 'sideways', not 'c2s' or 's2c'"),
+        ("kind", "bogus", "kind is 'bogus', not a record kind"),
+        ("redacted", {"reason": "x", "len": 1 << 40}, "redacted is dict, not {reason, len}"),
+    ],
+)
+@pytest.mark.parametrize("command", INSPECT, ids=" ".join)
+def test_a_record_of_odd_types_under_a_valid_chain_is_skipped_with_a_warning(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    command: list[str],
+    field: str,
+    value: Any,
+    named: str,
+) -> None:
+    odd = {**MESSAGE, "seq": 2, field: value}
+    archive = archive_of(tmp_path / "odd.spta", [OPEN, MESSAGE, odd], {"started": 1.0})
+    assert main(["verify", str(archive)]) == 0  # the chain holds: only the content is odd
+    capsys.readouterr()
+    assert run_inspector(command, archive) == 0
+    err = capsys.readouterr().err.strip()
+    assert err == f"spicetap: warning: {archive}: a malformed record was skipped ({named})"
+
+
+def test_records_of_every_kind_and_the_widest_times_are_shown(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    kinds = ["open", "link", "message", "agent", "auth", "rewrite", "tls", "error", "gap", "close"]
+    records = [{**MESSAGE, "kind": kind, "seq": i} for i, kind in enumerate(kinds)]
+    records += [{**MESSAGE, "seq": 10, "t": -(10**18)}, {**MESSAGE, "seq": 11, "t": 10**19}]
+    archive = archive_of(tmp_path / "all.spta", records, {"started": 1.0})
+    assert main(["show", "--json", str(archive)]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    assert [json.loads(line)["kind"] for line in out.splitlines()] == [*kinds, *["message"] * 2]
+
+
+@pytest.mark.parametrize("started", [1e300, float("nan"), -1e20, "yesterday", True])
+@pytest.mark.parametrize("command", INSPECT, ids=" ".join)
+def test_a_header_start_that_is_no_time_is_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str], started: Any
+) -> None:
+    archive = archive_of(tmp_path / "odd.spta", [OPEN, MESSAGE], {"started": started})
+    assert run_inspector(command, archive) == 2
+    assert "damaged archive header (started " in one_error_line(capsys)
+
+
+NOT_IP = "is not an IP address and port"
+SERVER = ("server", NOT_IP)
+
+
+@pytest.mark.parametrize(
+    ("client", "server", "written", "replaced"),
+    [
+        ("127.0.0.1:40000", "localhost:5976", ("127.0.0.1", "127.0.0.1", 5930), [SERVER]),
+        ("127.0.0.1:40000", "300.1.1.1:99999", ("127.0.0.1", "127.0.0.1", 5930), [SERVER]),
+        ("127.0.0.1:40000", "10.0.0.1:0", ("127.0.0.1", "127.0.0.1", 5930), [SERVER]),
+        ("viewer.example:1", "[::1]:5976", ("::1", "::1", 5976), [("client", NOT_IP)]),
+        ("[::1]:40000", "[::2]:5976", ("::1", "::2", 5976), []),
+        (
+            "[::1]:40000",
+            "10.0.0.1:5976",
+            ("::1", "::1", 5930),
+            [("server", "is not of its client's IP version")],
+        ),
+    ],
+)
+def test_export_pcap_writes_a_stand_in_for_an_address_that_is_not_an_ip(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    client: str,
+    server: str,
+    written: tuple[str, str, int],
+    replaced: list[tuple[str, str]],
+) -> None:
+    opened = {**OPEN, "view": {"client": client, "server": server}}
+    link = {**MESSAGE, "kind": "link", "raw": b"REDQ", "seq": 1}
+    archive = archive_of(tmp_path / "a.spta", [opened, link], {"started": 1.0})
+    out = tmp_path / "a.pcapng"
+    assert main(["export", "pcap", str(archive), "-o", str(out)]) == 0
+    texts = {"client": client, "server": server}
+    assert capsys.readouterr().err.splitlines() == [
+        f"spicetap: warning: {archive}: connection 1: {side} {texts[side]!r} {why}; "
+        f"exported as {written[side == 'server']}:{written[2] if side == 'server' else 49152}"
+        for side, why in replaced
+    ]
+    with read_packets(out) as reader:
+        segments = list(reader)
+    data = [s for s in segments if s.payload]
+    assert [(s.src, s.dst, s.dport) for s in data] == [written]
+
+
+@pytest.mark.parametrize("name", ["a\nb", "a\rb", "a\x1b[31mb", "a\u2028b", "a\udcffb"])
+def test_a_path_with_control_characters_stays_on_its_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    """Errors, warnings and verdicts name it escaped, as repr() would."""
+    shown = repr(name)[1:-1]
+    missing = tmp_path / name
+    assert main(["show", str(missing)]) == 2
+    assert one_error_line(capsys) == f"spicetap: error: {tmp_path}/{shown}: no such file"
+    archive = archive_of(tmp_path / f"{name}.spta", [OPEN, MESSAGE], {"started": 1.0})
+    archive.write_bytes(archive.read_bytes()[:-5])
+    assert main(["show", str(archive)]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith(f"spicetap: warning: {tmp_path}/{shown}.spta: truncated at byte ")
+    assert len(err.splitlines()) == 1
+    assert main(["verify", str(archive)]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith(f"{tmp_path}/{shown}.spta: truncated: ") and out.count("\n") == 1

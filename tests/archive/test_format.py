@@ -22,6 +22,7 @@ from spicetap.archive import writer as writer_mod
 from spicetap.archive.reader import ArchiveError, ArchiveReader
 from spicetap.archive.verify import verify
 from spicetap.archive.writer import ArchiveWriter, FlushPolicy, Rotation
+from spicetap.cli import main
 
 KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
 
@@ -149,6 +150,62 @@ def test_truncation_keeps_a_readable_prefix(tmp_path: Path, compress: bool) -> N
             recs = list(r.records())
         assert [x["seq"] for x in recs] == list(range(len(recs)))
         assert v.records == len(recs)
+
+
+@pytest.mark.parametrize("compress", [False, True])
+@pytest.mark.parametrize(
+    "tail",
+    [os.urandom(3000), b"hello world\n", bytes(1000), b"\x00", b"\x92\xc4", b"copy"],
+    ids=["random", "text", "zeros", "one-byte", "object-start", "whole-copy"],
+)
+def test_any_byte_after_the_end_record_is_tampering(
+    tmp_path: Path,
+    compress: bool,
+    tail: bytes,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SPICETAP_CONFIG_DIR", str(tmp_path / "config"))
+    path = tmp_path / "a.spta"
+    write(path, 20, compress=compress)
+    if tail == b"copy":  # a second archive appended: well-formed objects after the end
+        tail = path.read_bytes()
+    path.write_bytes(path.read_bytes() + tail)
+    v = verify(path)
+    assert (v.status, v.records) == ("tampered", 20)
+    follow = f"{len(tail):,} bytes follow" if len(tail) > 1 else "1 byte follows"
+    assert v.detail == f"{follow} the end record"
+    assert main(["verify", str(path)]) == 3
+    assert capsys.readouterr().out == f"{path}: tampered: {follow} the end record\n"
+    for command in (["show"], ["stats", "--json"], ["export", "json"]):
+        extra = ["-o", str(tmp_path / "o.jsonl")] if command[0] == "export" else []
+        assert main([*command, str(path), *extra]) == 0
+        warning = capsys.readouterr().err
+        assert (
+            f"{path}: {len(tail):,} byte" in warning and "after the end record not read" in warning
+        )
+
+
+@pytest.mark.parametrize(("flush", "good"), [(3600.0, 0), (0.0, 10)])
+def test_damage_in_a_compressed_archive_says_after_which_record(
+    tmp_path: Path, flush: float, good: int
+) -> None:
+    """One frame for every record (a capture imported at once), or one per record."""
+    path = tmp_path / "a.spta"
+    w = ArchiveWriter(path, {}, signing_key=KEY, compress=True, flush=FlushPolicy(flush))
+    for i in range(20):
+        w.write(record(i))
+        if i == good - 1:
+            damage_at = path.stat().st_size + 20  # inside the frame of record `good`
+    w.close()
+    damage_at = damage_at if good else path.stat().st_size // 2
+    data = bytearray(path.read_bytes())
+    data[damage_at] ^= 0xFF
+    path.write_bytes(bytes(data))
+    v = verify(path)
+    assert (v.status, v.records, v.first_bad) == ("tampered", good, good)
+    where = f"after record {good - 1}" if good else "before the first record"
+    assert v.detail.startswith("compressed data is damaged") and v.detail.endswith(where)
 
 
 def test_unfinished_archive_is_truncated(tmp_path: Path) -> None:

@@ -176,3 +176,20 @@ def test_bad_privacy_value(
 ) -> None:
     assert main(["import", str(all_channels), "-o", str(tmp_path / "x"), "--keys", "all"]) == 2
     assert "privacy.keys = 'all'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("switch", ["--keys", "--clipboard", "--files"])
+@pytest.mark.parametrize("value", ["", " "])
+def test_an_empty_privacy_value_is_refused_not_taken_as_the_default(
+    tmp_path: Path,
+    all_channels: Path,
+    config_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    switch: str,
+    value: str,
+) -> None:
+    out = tmp_path / "x.spta"
+    assert main(["import", str(all_channels), "-o", str(out), switch, value]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"spicetap: error: privacy.{switch[2:]} = {value!r}: expected one of")
+    assert len(err.splitlines()) == 1 and not out.exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import random
 import tempfile
 from pathlib import Path
@@ -22,6 +23,7 @@ from spicetap.capture import (
     TcpSegment,
     read_packets,
 )
+from spicetap.pcap_export import PcapngStreamWriter
 
 from .builders import (
     CLIENT,
@@ -409,6 +411,23 @@ def test_foreign_files(tmp_path: Path, content: bytes, words: str) -> None:
     path = tmp_path / "x.pcapng"
     path.write_bytes(content)
     assert words in error_for(path)
+
+
+def test_a_pcapng_cut_anywhere_in_its_section_header_is_an_error(tmp_path: Path) -> None:
+    """Under 28 bytes or not, a file without its whole section header holds no packet."""
+    out = io.BytesIO()
+    PcapngStreamWriter(out, comment="a section header with options").finish()
+    whole = out.getvalue()
+    shb = int.from_bytes(whole[4:8], "little")
+    assert shb > 29
+    for cut in (27, 28, 29, shb // 2, shb - 1):
+        path = tmp_path / f"cut{cut}.pcapng"
+        path.write_bytes(whole[:cut])
+        total = 28 if cut < 28 else shb
+        assert error_for(path).endswith(f"truncated pcapng section header ({cut} of {total} bytes)")
+    path.write_bytes(whole[:shb])  # a whole header and nothing else: a capture, empty
+    with read_packets(path) as reader:
+        assert list(reader) == [] and reader.problem is None
 
 
 def test_unsupported_pcap_link_type(tmp_path: Path) -> None:

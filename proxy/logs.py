@@ -11,17 +11,15 @@ from __future__ import annotations
 import logging
 import sys
 
+from spicetap.errors import one_line as escaped
+
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 MAX_MESSAGE = 4096  # characters of one message; a line is at most that and its prefix
-
-# C0 controls, DEL, C1 controls, and the other characters str.splitlines() breaks at
-_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
-_ESCAPES.update({0x2028: "\\u2028", 0x2029: "\\u2029"})
 
 
 def one_line(text: str) -> str:
     """`text` as one line of at most MAX_MESSAGE characters (and the count of the rest)."""
-    text = text.translate(_ESCAPES)
+    text = escaped(text)
     if len(text) > MAX_MESSAGE:
         text = f"{text[:MAX_MESSAGE]}... ({len(text) - MAX_MESSAGE} more characters)"
     return text

@@ -41,35 +41,54 @@ def started_of(header: dict[str, Any]) -> float:
     return float(started)
 
 
+_NIL = type(None)
+# Each field, the exact types msgpack gives it (a bool is not an int here), its default.
+_FIELDS = (
+    ("t", (int,), 0),
+    ("seq", (int,), 0),
+    ("session", (int, _NIL), None),
+    ("channel", (str,), "unknown"),
+    ("type", (int, _NIL), None),
+    ("name", (str, _NIL), None),
+    ("raw", (bytes,), b""),  # bytes(5) would be five zeros, not an error
+    ("err", (str, _NIL), None),
+    ("hdr", (int,), 0),
+    ("variant", (int, _NIL), None),
+)
+_LEAF_TYPES = frozenset(_LEAVES)
+
+
 def check_record(obj: dict[str, Any], started: float) -> None:
-    """Raise MalformedRecord unless `obj` is a data record the inspectors can use."""
-    _expect(obj, "t", int, 0)
+    """Raise MalformedRecord unless `obj` is a data record the inspectors can use. Run on
+    every record read: exact type lookups, no isinstance() of unions (about 1 us)."""
+    for key, allowed, default in _FIELDS:
+        value = obj.get(key, default)
+        if value.__class__ not in allowed:
+            names = " or ".join("nil" if t is _NIL else t.__name__ for t in allowed)
+            raise MalformedRecord(f"{key} is {_type(value)}, not {names}")
     check_time(started + obj.get("t", 0) / 1e9, "its time")
-    _expect(obj, "seq", int, 0)
-    _expect(obj, "session", int | None, None)
-    ch = obj.get("ch", [None, 0, 0])
-    if not (isinstance(ch, list) and len(ch) == 3):
+    ch = obj.get("ch", _NO_CH)
+    if ch.__class__ is not list or len(ch) != 3:
         raise MalformedRecord(f"ch is {_type(ch)}, not [channel type, channel id, connection]")
-    for value, name in zip(ch, ("channel type", "channel id", "connection"), strict=True):
-        if not (isinstance(value, int) or (value is None and name == "channel type")):
+    kind, number, conn = ch
+    for value, name in ((number, "channel id"), (conn, "connection"), (kind, "channel type")):
+        if value.__class__ is not int and not (value is None and name == "channel type"):
             raise MalformedRecord(f"ch's {name} is {_type(value)}, not int")
-    _expect(obj, "channel", str, "unknown")
     if obj.get("dir", "c2s") not in ("c2s", "s2c"):
         raise MalformedRecord(f"dir is {obj.get('dir')!r}, not 'c2s' or 's2c'")
     if obj.get("kind", "message") not in RECORD_KINDS:
         raise MalformedRecord(f"kind is {obj.get('kind')!r}, not a record kind")
-    _expect(obj, "type", int | None, None)
-    _expect(obj, "name", str | None, None)
-    _expect(obj, "raw", bytes, b"")  # bytes(5) would be five zeros, not an error
-    _expect(obj, "err", str | None, None)
-    _expect(obj, "hdr", int, 0)
-    _expect(obj, "variant", int | None, None)
     redacted = obj.get("redacted")
     if redacted is not None:
         size = redacted.get("len") if isinstance(redacted, dict) else None
-        if not isinstance(size, int) or not 0 <= size <= MAX_REDACTED:
+        if size.__class__ is not int or not 0 <= size <= MAX_REDACTED:
             raise MalformedRecord(f"redacted is {_type(redacted)}, not {{reason, len}}")
-    check_view(obj.get("view"))
+    view = obj.get("view")
+    if view is not None:
+        check_view(view)
+
+
+_NO_CH = [None, 0, 0]
 
 
 def check_view(view: Any) -> None:
@@ -77,33 +96,24 @@ def check_view(view: Any) -> None:
     at most MAX_VIEW_DEPTH deep. A walk with a stack: deep damage must not recurse here."""
     if view is None:
         return
-    if not isinstance(view, dict):
+    if view.__class__ is not dict:
         raise MalformedRecord(f"view is {_type(view)}, not a map")
+    leaves = _LEAF_TYPES
     stack: list[tuple[Any, int]] = [(view, 1)]
     while stack:
         value, depth = stack.pop()
         if depth > MAX_VIEW_DEPTH:
             raise MalformedRecord(f"view nests deeper than {MAX_VIEW_DEPTH} levels")
-        if isinstance(value, dict):
+        if value.__class__ is dict:
             for key, item in value.items():
-                if not isinstance(key, str):
+                if key.__class__ is not str:
                     raise MalformedRecord(f"view has a key that is {_type(key)}, not str")
-                if item.__class__ not in _LEAVES:
+                if item.__class__ not in leaves:
                     stack.append((item, depth + 1))
-        elif isinstance(value, list):
-            stack.extend((item, depth + 1) for item in value if item.__class__ not in _LEAVES)
+        elif value.__class__ is list:
+            stack.extend((item, depth + 1) for item in value if item.__class__ not in leaves)
         else:
             raise MalformedRecord(f"view holds {_type(value)}")
-
-
-def _expect(obj: dict[str, Any], key: str, kind: Any, default: Any) -> None:
-    value = obj.get(key, default)
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
-        raise MalformedRecord(f"{key} is {_type(value)}, not {_name(kind)}")
-
-
-def _name(kind: Any) -> str:
-    return kind.__name__ if isinstance(kind, type) else str(kind).replace(" | None", " or nil")
 
 
 def _type(value: Any) -> str:

@@ -245,6 +245,7 @@ def server_context(cert: Path, key: Path, keylog: Path | None) -> ssl.SSLContext
         ) from None
     except OSError as exc:
         raise TlsSetupError(f"certificate {cert} / key {key}: {exc.strerror or exc}") from None
+    ctx.options |= ssl.OP_NO_RENEGOTIATION  # see client_context
     if keylog is not None:
         ctx.keylog_filename = str(keylog)
     return ctx
@@ -271,6 +272,11 @@ def client_context(
         # certificate without key identifiers (as older tools make them) that viewers
         # accept, and PARTIAL_CHAIN, which trusts an intermediate CA on its own.
         ctx.verify_flags = ssl.VERIFY_X509_TRUSTED_FIRST
+    # TLS 1.2 renegotiation: spice-server never asks for it, and a handshake inside the
+    # stream stalls a write in the middle of forwarding (OpenSSL wants to read first),
+    # which cost the channel and the bytes it was sending. Refused with an alert; OpenSSL 3
+    # already refuses a viewer's request by default, this says it for both sides.
+    ctx.options |= ssl.OP_NO_RENEGOTIATION
     if keylog is not None:
         ctx.keylog_filename = str(keylog)
     return ctx

@@ -157,3 +157,13 @@ def test_a_refused_handshake_tells_the_peer_at_once(tmp_path: Path) -> None:
     assert isinstance(client_error, ssl.SSLCertVerificationError)
     assert isinstance(server_error, ssl.SSLError), server_error
     assert "UNKNOWN_CA" in str(server_error).upper(), server_error
+
+
+def test_neither_side_renegotiates(tmp_path: Path) -> None:
+    """A server's TLS 1.2 HelloRequest stalled a write mid-forwarding (OpenSSL wanted to
+    read first): the channel ended as "server closed" and the viewer's last bytes were
+    neither delivered nor recorded. Both sides now refuse it with an alert."""
+    ca = load_or_create_ca(tmp_path)
+    cert, key = issue_server_cert(ca, "O=spicetap,CN=127.0.0.1", ["127.0.0.1"], tmp_path / "s")
+    for ctx in (client_context(tmp_path / CA_CERT, False, None), server_context(cert, key, None)):
+        assert ctx.options & ssl.OP_NO_RENEGOTIATION

@@ -32,8 +32,16 @@ class OneLineFormatter(logging.Formatter):
         return super().formatMessage(record)
 
 
+def _without_traceback(record: logging.LogRecord) -> bool:
+    record.exc_info = record.exc_text = None
+    return True
+
+
 def configure(level: int) -> None:
     """Log to stderr at `level`, one line per message."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(OneLineFormatter(LOG_FORMAT))
     logging.basicConfig(level=level, handlers=[handler])
+    # Out of descriptors, trio logs each retry of accept() (10 a second) with a traceback
+    # of its own code; its line already says what happened ("accept returned EMFILE").
+    logging.getLogger("trio.serve_listeners").addFilter(_without_traceback)

@@ -15,6 +15,7 @@ import ipaddress
 import logging
 import os
 import ssl
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -182,6 +183,15 @@ def issue_server_cert(ca: Ca, subject: str, names: list[str], folder: Path) -> t
     """A server certificate for `subject` with `names` (IPs or DNS) as subjectAltNames;
     returns (cert chain path, key path) written to `folder` (key mode 0600)."""
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    folder.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path = folder / "spicetap-server-cert.pem", folder / "spicetap-server-key.pem"
+    cert_path.write_bytes(chain_pem(ca, server_cert(ca, subject, names, key)))
+    write_key(key, key_path)
+    return cert_path, key_path
+
+
+def server_cert(ca: Ca, subject: str, names: list[str], key: rsa.RSAPrivateKey) -> x509.Certificate:
+    """A certificate for `key`, issued by spicetap's CA to `subject` and `names`."""
     sans: list[x509.GeneralName] = []
     for n in names:
         try:
@@ -189,7 +199,7 @@ def issue_server_cert(ca: Ca, subject: str, names: list[str], folder: Path) -> t
         except ValueError:
             sans.append(x509.DNSName(n))
     now = datetime.datetime.now(datetime.UTC)
-    cert = (
+    return (
         x509.CertificateBuilder()
         .subject_name(parse_subject(subject))
         .issuer_name(ca.cert.subject)
@@ -213,21 +223,23 @@ def issue_server_cert(ca: Ca, subject: str, names: list[str], folder: Path) -> t
         )
         .sign(ca.key, hashes.SHA256())
     )
-    folder.mkdir(parents=True, exist_ok=True)
-    cert_path, key_path = folder / "spicetap-server-cert.pem", folder / "spicetap-server-key.pem"
-    cert_path.write_bytes(
-        cert.public_bytes(serialization.Encoding.PEM)
-        + ca.cert.public_bytes(serialization.Encoding.PEM)
-    )
-    key_path.touch(mode=0o600)
-    key_path.write_bytes(
+
+
+def chain_pem(ca: Ca, cert: x509.Certificate) -> bytes:
+    """The certificate, then the CA's: what a viewer is shown."""
+    pem = serialization.Encoding.PEM
+    return cert.public_bytes(pem) + ca.cert.public_bytes(pem)
+
+
+def write_key(key: rsa.RSAPrivateKey, path: Path) -> None:
+    path.touch(mode=0o600)  # before the key is in it
+    path.write_bytes(
         key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
     )
-    return cert_path, key_path
 
 
 def server_context(cert: Path, key: Path, keylog: Path | None) -> ssl.SSLContext:
@@ -298,7 +310,12 @@ def check_subject(peer: dict[str, object] | None, expected: str | None) -> str |
 class HostCertificates:
     """Server contexts for whatever host name a viewer asked for (the CONNECT front): viewers
     check the certificate against the host they CONNECTed to, or against a host subject.
-    Issued once per host and kept (bounded; the oldest is forgotten first)."""
+    Issued once per host and kept in memory (bounded; the oldest is forgotten first).
+
+    All hosts share one key, made at the first use: a key per host cost about 0.1 s of CPU
+    each, which any allowed viewer could make spicetap spend again and again (every
+    spelling of a name, every address of an allowed block). Issuing is then a signature.
+    The key is kept in `folder`; a certificate is written there only to be loaded."""
 
     def __init__(
         self, ca: Ca, subject: str | None, keylog: Path | None, folder: Path, limit: int = 256
@@ -306,16 +323,34 @@ class HostCertificates:
         self.ca, self.subject, self.keylog, self.folder = ca, subject, keylog, folder
         self.limit = limit
         self._contexts: dict[str, ssl.SSLContext] = {}
+        self._key: tuple[rsa.RSAPrivateKey, Path] | None = None
+        self._lock = threading.Lock()  # contexts are made in worker threads
 
     def context_for(self, host: str) -> ssl.SSLContext:
-        """Blocking (RSA key generation on first use of a host): run it in a thread."""
-        ctx = self._contexts.get(host)
-        if ctx is None:
-            subject = self.subject or default_subject(host)
-            safe = "".join(c if c.isalnum() or c in ".-" else "_" for c in host)
-            cert, key = issue_server_cert(self.ca, subject, [host], self.folder / safe)
-            ctx = server_context(cert, key, self.keylog)
-            if len(self._contexts) >= self.limit:
-                self._contexts.pop(next(iter(self._contexts)))
-            self._contexts[host] = ctx
-        return ctx
+        """Blocking (key generation on first use, then a signature per new host): run it
+        in a thread."""
+        host = host.lower().rstrip(".")  # as the allow-list compares names
+        with self._lock:
+            ctx = self._contexts.get(host)
+            if ctx is None:
+                ctx = self._issue(host)
+                if len(self._contexts) >= self.limit:
+                    self._contexts.pop(next(iter(self._contexts)))
+                self._contexts[host] = ctx
+            return ctx
+
+    def _issue(self, host: str) -> ssl.SSLContext:
+        if self._key is None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+            key_path = self.folder / "spicetap-hosts-key.pem"
+            write_key(key, key_path)
+            self._key = key, key_path
+        key, key_path = self._key
+        cert = server_cert(self.ca, self.subject or default_subject(host), [host], key)
+        cert_path = self.folder / f"cert-{os.getpid()}-{threading.get_ident()}.pem"
+        cert_path.write_bytes(chain_pem(self.ca, cert))
+        try:  # OpenSSL loads certificates from files only
+            return server_context(cert_path, key_path, self.keylog)
+        finally:
+            cert_path.unlink(missing_ok=True)

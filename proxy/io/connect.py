@@ -10,6 +10,7 @@ other, through the shared ChannelProxy.
 from __future__ import annotations
 
 import logging
+import math
 import ssl
 import time
 from dataclasses import dataclass
@@ -153,7 +154,9 @@ async def _certificate_for(front: ConnectFront, host: str) -> ssl.SSLContext | N
     """spicetap's certificate for the host the viewer named (issued once, then cached)."""
     started = time.monotonic()
     try:
-        ctx = await trio.to_thread.run_sync(front.certificates.context_for, host)
+        # its own thread, as handshakes: trio's default limiter is shared and may be full
+        unlimited = trio.CapacityLimiter(math.inf)
+        ctx = await trio.to_thread.run_sync(front.certificates.context_for, host, limiter=unlimited)
     except (TlsSetupError, OSError) as exc:
         log.error("cannot issue a certificate for %s: %s", host, exc)
         return None

@@ -33,6 +33,7 @@ def guarded(
     handler: Callable[[trio.SocketStream], Awaitable[None]],
     what: str,
     state: _State | None = None,
+    limit_name: str = "--max-connections",
 ) -> Callable[[trio.SocketStream], Awaitable[None]]:
     admission = state.admission if state is not None else None
 
@@ -41,9 +42,8 @@ def guarded(
             count = admission.refusals_to_log(trio.current_time())
             if count:
                 log.warning(
-                    "%s: %d new connection(s) closed at once: %d open, the most "
-                    "--max-connections allows",
-                    what, count, admission.open,
+                    "%s: %d new connection(s) closed at once: %d open, the limit (%s)",
+                    what, count, admission.open, limit_name,
                 )  # fmt: skip
             await trio.aclose_forcefully(stream)
             return

@@ -31,6 +31,7 @@ from pathlib import Path
 import h11
 import trio
 
+from proxy.core.admission import Admission
 from proxy.core.framing import C2S, S2C
 from proxy.core.http import MAX_HEAD, BoundedServer
 from proxy.core.management import (
@@ -64,6 +65,7 @@ SEND_TIMEOUT = 10.0  # to hand over a response
 LINGER_SECONDS = 2.0
 LINGER_BYTES = 16 << 20
 MAX_PROBES = 4  # probes running at once; more wait their turn (within their timeout)
+MAX_CONNECTIONS = 32  # API connections at once; more are closed at once
 RECEIVE_SIZE = 16 * 1024
 JSON = "application/json"
 PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
@@ -339,8 +341,18 @@ async def serve_management(
     api = ManagementApi(options, state, recorder)
     host, port = options.listen
     listeners = await trio.open_tcp_listeners(port, host=host)
+    # Its own cap, apart from --max-connections: an idle client holds its connection up
+    # to REQUEST_TIMEOUT, and uncounted, a few hundred of them used up the open files the
+    # channels need (admission.RESERVED_FILES keeps room for these)
+    handle = guarded(api.handle, "management API", _ApiConnections(), "the API's own")
     async with trio.open_nursery() as nursery:
         task_status.started(listeners)
-        await trio.serve_listeners(
-            guarded(api.handle, "management API"), listeners, handler_nursery=nursery
-        )
+        await trio.serve_listeners(handle, listeners, handler_nursery=nursery)
+
+
+@dataclass
+class _ApiConnections:
+    errors: int = 0
+    admission: Admission | None = field(
+        default_factory=lambda: Admission(MAX_CONNECTIONS, reserve=0)
+    )

@@ -107,3 +107,68 @@ def test_a_failed_tls_handshake_is_recorded_as_the_viewers_error(tmp_path: Path)
     assert error[2] == "c2s" and error[3].startswith("TLS handshake failed: ")
     assert closed[2] == error[3]
     assert proxy.state.errors == 1
+
+
+def test_servers_that_stall_their_handshakes_keep_no_other_server_waiting(
+    tmp_path: Path,
+) -> None:
+    """Upstream TLS handshakes run in threads. On trio's default limiter (40, for the whole
+    process) 45 channels to a server that never answers held every thread, and a healthy
+    server's viewers waited behind them until the connect timeout."""
+    import contextlib
+    import socket
+    import threading
+
+    from proxy.io.server import tls_end_opener
+    from proxy.tls import client_context
+
+    ca = load_or_create_ca(tmp_path)
+    cert, key = issue_server_cert(ca, "O=test,CN=127.0.0.1", ["127.0.0.1"], tmp_path / "s")
+    good_ctx = server_context(cert, key, None)
+    silent, good = socket.create_server(("127.0.0.1", 0)), socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def serve_good() -> None:
+        conn, _ = good.accept()
+        with contextlib.suppress(OSError), good_ctx.wrap_socket(conn, server_side=True) as tls:
+            stop.wait(20)
+            tls.close()
+
+    threading.Thread(target=serve_good, daemon=True).start()
+    client = client_context(tmp_path / "ca-cert.pem", False, None)
+    stalled = tls_end_opener("127.0.0.1", silent.getsockname()[1], client, None)
+    healthy = tls_end_opener("127.0.0.1", good.getsockname()[1], client, None)
+
+    async def main() -> float:
+        async def stall() -> None:
+            with contextlib.suppress(OSError):
+                (await stalled()).close()
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(45):
+                nursery.start_soon(stall)
+            for _ in range(450):  # all 45 accepted: their handshakes wait in threads
+                with contextlib.suppress(BlockingIOError):
+                    silent.setblocking(False)
+                    held.append(silent.accept()[0])
+                if len(held) == 45:
+                    break
+                await trio.sleep(0.01)
+            await trio.sleep(0.2)
+            started = trio.current_time()
+            with trio.fail_after(8):  # the connect timeout is 10 s
+                end = await healthy()
+            took = trio.current_time() - started
+            end.close()
+            stop.set()
+            for sock in held:  # the stalled handshakes end now
+                sock.close()
+        return took
+
+    try:
+        took = trio.run(main)
+    finally:
+        silent.close()
+        good.close()
+    assert len(held) == 45 and took < 5

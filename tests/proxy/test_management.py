@@ -634,3 +634,46 @@ async def test_the_api_over_https_with_a_token(tmp_path: Any) -> None:
     assert denied[0] == 401
     assert allowed[0] == 200 and json.loads(allowed[1])["sessions"]
     assert b"HTTP/1.1" not in plain[1] and b"sessions" not in plain[1]
+
+
+async def test_idle_api_connections_are_capped_apart_from_the_channels(
+    caplog: Any,
+) -> None:
+    """Idle clients hold a connection up to REQUEST_TIMEOUT; uncounted, a few hundred used
+    up the descriptors the channels need. Past MAX_CONNECTIONS a new one is closed at once;
+    once one ends, the API answers again."""
+    import socket
+
+    from proxy.io.management import MAX_CONNECTIONS, serve_management
+
+    options = ManagementOptions(("127.0.0.1", 0))
+
+    def clients(port: int) -> tuple[bytes, bytes]:
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(MAX_CONNECTIONS)]
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as over:
+                refused = over.recv(100)  # closed at once: end of stream
+            idle.pop().close()
+            for _ in range(100):  # the server sees that close a moment later
+                answer = b""
+                with (
+                    socket.create_connection(("127.0.0.1", port), timeout=10) as conn,
+                    contextlib.suppress(OSError),  # still refused: a reset
+                ):
+                    conn.sendall(request("GET", "/api/sessions"))
+                    answer = conn.recv(100)
+                if answer:
+                    return refused, answer
+                time.sleep(0.05)
+            return refused, b""
+        finally:
+            for sock in idle:
+                sock.close()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(serve_management, options, live_state(), None)
+        port = listeners[0].socket.getsockname()[1]
+        refused, answer = await trio.to_thread.run_sync(clients, port)
+        nursery.cancel_scope.cancel()
+    assert refused == b"" and answer.startswith(b"HTTP/1.1 200")
+    assert "32 open, the limit (the API's own)" in caplog.text

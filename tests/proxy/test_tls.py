@@ -167,3 +167,39 @@ def test_neither_side_renegotiates(tmp_path: Path) -> None:
     cert, key = issue_server_cert(ca, "O=spicetap,CN=127.0.0.1", ["127.0.0.1"], tmp_path / "s")
     for ctx in (client_context(tmp_path / CA_CERT, False, None), server_context(cert, key, None)):
         assert ctx.options & ssl.OP_NO_RENEGOTIATION
+
+
+def test_host_certificates_share_one_key_and_leave_no_files_per_host(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CONNECT front issues a certificate for whatever allowed host a viewer names. A
+    new RSA key for each (about 0.1 s of CPU) let any allowed viewer make spicetap spend
+    that again and again, for every spelling of a name and every address of a block."""
+    from proxy import tls
+
+    ca = load_or_create_ca(tmp_path)
+    made = []
+    real = rsa.generate_private_key  # the module proxy.tls calls it from
+
+    def counted(public_exponent: int, key_size: int) -> rsa.RSAPrivateKey:
+        made.append(key_size)
+        return real(public_exponent=public_exponent, key_size=key_size)
+
+    monkeypatch.setattr(rsa, "generate_private_key", counted)
+    hosts = tls.HostCertificates(ca, None, None, tmp_path / "hosts")
+    spellings = [hosts.context_for(h) for h in ("localhost", "LOCALhost", "localhost.")]
+    assert spellings[0] is spellings[1] is spellings[2]  # as the allow-list compares names
+    for i in range(20):
+        hosts.context_for(f"10.0.0.{i}")
+    assert made == [2048]
+    assert [p.name for p in (tmp_path / "hosts").iterdir()] == ["spicetap-hosts-key.pem"]
+    assert (tmp_path / "hosts" / "spicetap-hosts-key.pem").stat().st_mode & 0o077 == 0
+
+    served = hosts.context_for("10.0.0.7")  # the viewer's check passes against the name
+    client = ssl.create_default_context(cafile=str(tmp_path / CA_CERT))
+    a, b = socket.socketpair()
+    with (
+        served.wrap_socket(a, server_side=True, do_handshake_on_connect=False) as server_end,
+        client.wrap_socket(b, server_hostname="10.0.0.7", do_handshake_on_connect=False) as end,
+    ):
+        in_threads(server_end.do_handshake, end.do_handshake)

@@ -538,8 +538,11 @@ def detach(stream: trio.SocketStream) -> socket.socket:
 async def accept_tls(
     proxy: ChannelProxy, stream: trio.abc.Stream, tls: ssl.SSLContext
 ) -> trio.SSLStream[trio.abc.Stream] | None:
-    """Terminate a viewer's TLS with spicetap's certificate; None (logged) when it fails."""
-    wrapped = trio.SSLStream(stream, tls, server_side=True)
+    """Terminate a viewer's TLS with spicetap's certificate; None (logged) when it fails.
+    https_compatible: a browser (the WebSocket front's only user) may drop TCP without
+    TLS's close_notify, a closed tab; the blocking TLS ends take that as the viewer closing
+    too. A cut inside a WebSocket frame still shows, as a message cut short."""
+    wrapped = trio.SSLStream(stream, tls, server_side=True, https_compatible=True)
     try:
         with trio.fail_after(proxy.limits.link_timeout):
             await wrapped.do_handshake()

@@ -629,3 +629,27 @@ def test_allowed_origins_are_checked_against_the_form_browsers_send(
     allowed: str, valid: bool
 ) -> None:
     assert origin_is_valid(allowed) is valid
+
+
+async def test_a_browser_dropping_tls_without_close_notify_closed_it(tmp_path: Path) -> None:
+    """As on the TLS front: a closed tab ends TCP without close_notify. The WebSocket front
+    called that a TLS protocol error of the viewer's."""
+    import ssl
+
+    from proxy.io.server import ChannelProxy, accept_tls
+    from proxy.tls import issue_server_cert, load_or_create_ca, server_context
+
+    ca = load_or_create_ca(tmp_path)
+    cert, key = issue_server_cert(ca, "O=test,CN=127.0.0.1", ["127.0.0.1"], tmp_path / "s")
+    trust = ssl.create_default_context(cafile=str(tmp_path / "ca-cert.pem"))
+    browser_raw, server_raw = trio.testing.memory_stream_pair()
+    browser = trio.SSLStream(browser_raw, trust, server_hostname="127.0.0.1")
+    proxy = ChannelProxy(Limits(), None)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(browser.do_handshake)
+        wrapped = await accept_tls(proxy, server_raw, server_context(cert, key, None))
+    assert wrapped is not None
+    await browser.send_all(b"last words")
+    await browser_raw.aclose()  # TCP ends, no close_notify
+    assert await wrapped.receive_some(100) == b"last words"
+    assert await wrapped.receive_some(100) == b""

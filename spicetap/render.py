@@ -16,6 +16,7 @@ at most the first 64 bytes in hex; a NULL pointer is null.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, Protocol
 
 
@@ -77,6 +78,8 @@ def _jsonable(value: Any) -> Any:
         return {k: _jsonable(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # strict JSON has no NaN (SPICE has no floats: a stored view's)
     return value
 
 
@@ -96,7 +99,7 @@ def to_json(rec: Record) -> str:
         "fields": _jsonable(fields) if fields is not None else None,
         "flags": {"error": rec.error, "not_fully_dissected": rec.not_fully_dissected},
     }
-    return json.dumps(obj, separators=(",", ":"))
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False)
 
 
 def _short(value: Any) -> str:

@@ -388,3 +388,17 @@ def test_a_path_with_control_characters_stays_on_its_line(
     assert main(["verify", str(archive)]) == 1
     out = capsys.readouterr().out
     assert out.startswith(f"{tmp_path}/{shown}.spta: truncated: ") and out.count("\n") == 1
+
+
+def test_show_json_stays_strict_json_whatever_a_stored_view_holds(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """msgpack carries NaN and infinities; JSON has neither, and strict parsers (jq,
+    browsers) refuse the bare NaN json.dumps writes by default."""
+    odd = {**MESSAGE, "seq": 2, "view": {"a": float("nan"), "b": [float("-inf")]}}
+    archive = archive_of(tmp_path / "nan.spta", [OPEN, odd], {"started": 1.0})
+    capsys.readouterr()
+    assert main(["show", "--json", str(archive)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    last = json.loads(lines[-1], parse_constant=lambda c: pytest.fail(f"bare {c}"))
+    assert last["fields"] == {"a": "nan", "b": ["-inf"]}

@@ -14,19 +14,11 @@ from spicetap.archive.reader import ArchiveReader
 from spicetap.archive.verify import verify
 from tests.integration.proxy_process import ProxyProcess
 from tests.proxy.test_framing import OK, TICKET, caps_word, link_mess, link_reply, mini
+from tests.proxy.test_pumps import recv_exactly
 from tests.proxy.test_recording import MAIN, SESSION_ID, init
 
 BITS = caps_word(1, 3)  # AUTH_SPICE, MINI_HEADER
 BURST = mini(4, bytes(4096)) * 64  # PINGs: id, time, then data
-
-
-def _recv_exactly(sock: socket.socket, size: int) -> bytes:
-    got = bytearray()
-    while len(got) < size:
-        data = sock.recv(size - len(got))
-        assert data, "closed early"
-        got += data
-    return bytes(got)
 
 
 def _server(listener: socket.socket, stop: threading.Event) -> None:
@@ -34,9 +26,9 @@ def _server(listener: socket.socket, stop: threading.Event) -> None:
     conn, _ = listener.accept()
     with conn:
         conn.settimeout(30)
-        _recv_exactly(conn, len(link_mess(BITS, channel_type=MAIN, conn=0)))
+        recv_exactly(conn, len(link_mess(BITS, channel_type=MAIN, conn=0)))
         conn.sendall(link_reply(BITS))
-        _recv_exactly(conn, len(TICKET))
+        recv_exactly(conn, len(TICKET))
         conn.sendall(OK + init())
         try:
             for _ in range(20_000):  # bounded: about 5 GB at most
@@ -50,7 +42,7 @@ def _server(listener: socket.socket, stop: threading.Event) -> None:
 def _viewer(port: int, got: list[int], stop: threading.Event) -> None:
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
         sock.sendall(link_mess(BITS, channel_type=MAIN, conn=0))
-        _recv_exactly(sock, len(link_reply(BITS)))
+        recv_exactly(sock, len(link_reply(BITS)))
         sock.sendall(TICKET)
         for _ in range(1_000_000):
             if stop.is_set():

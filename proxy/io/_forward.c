@@ -559,6 +559,10 @@ static Py_ssize_t tls_receive(TlsCore *core, char *data, Failure *failure) {
         do
             got = recv(core->fd, core->in + core->in_end, room, 0);
         while (got < 0 && errno == EINTR);
+        if (got < 0 && errno == ECONNRESET && core->walk->cut) {
+            failure->cut = core->walk->cut; /* a reset there is the same break as an end */
+            return -1;
+        }
         if (got < 0) {
             failure->errno_ = errno;
             return -1;

@@ -287,7 +287,12 @@ class TlsEnd(PlainEnd):
                 return bytes(plain[:filled])
             if self.eof:
                 break
-            data = self.sock.recv(RECEIVE_SIZE)
+            try:
+                data = self.sock.recv(RECEIVE_SIZE)
+            except ConnectionResetError:
+                if not self.records.cut:
+                    raise
+                data = b""  # reset inside a record: the same break as an end there
             if not data:
                 if self.records.cut:  # the peer vanished inside a TLS record
                     raise ssl.SSLEOFError(

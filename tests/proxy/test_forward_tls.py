@@ -133,14 +133,20 @@ def test_close_notify_is_the_end_of_the_stream_after_the_data(
     wire.close()
 
 
+@pytest.mark.parametrize("reset", [False, True])
 def test_a_stream_cut_inside_a_record_is_the_peers_tls_error(
-    tls_pair_contexts: tuple[Any, Any],
+    tls_pair_contexts: tuple[Any, Any], reset: bool
 ) -> None:
-    """Between records a cut is an end like any other; inside one, the peer broke TLS."""
+    """Between records a cut is an end like any other; inside one, the peer broke TLS,
+    whether the stream ended or was reset (a reset was taken for a plain close)."""
     wire = Legs("tls-plain", tls_pair_contexts)
     wire.viewer.send(b"whole")
     wire.viewer.sock.sendall(b"\x17\x03\x03\x00\x40" + bytes(20))  # 25 bytes of a record
-    wire.viewer.sock.shutdown(socket.SHUT_WR)
+    if reset:  # a Unix socket closed with unread bytes resets its peer (ECONNRESET)
+        wire.source.sock.sendall(b"unread")
+        wire.viewer.sock.close()
+    else:
+        wire.viewer.sock.shutdown(socket.SHUT_WR)
     assert wire.forward()[0] == b"whole"
     with pytest.raises(ssl.SSLEOFError) as caught:
         wire.forward()

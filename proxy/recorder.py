@@ -79,10 +79,9 @@ class RecorderWorker:
         self.report = report
         self.builder = RecordBuilder(options.max_message, views=True)  # see to_archive
         self.sessions: dict[Any, _Session] = {}
-        self.conn_session: dict[int, Any] = {}
-        # Every session a connection wrote to: a main channel may write to two (records
-        # let go without a session before a late INIT, or a second INIT), and each such
-        # archive closes when its last connection does.
+        # Every session a connection wrote to, the one it writes to now last: a main
+        # channel may write to two (records let go without a session before a late INIT,
+        # or a second INIT), and each such archive closes when its last connection does.
         self.conn_keys: dict[int, list[Any]] = {}
         self.viewers: dict[int, str] = {}  # connection -> the viewer's address
         self.routes: dict[int, dict[str, Any]] = {}  # connection -> insertion, upstream...
@@ -116,10 +115,9 @@ class RecorderWorker:
         for rec in records:
             self._write(rec)
         if kind == "close":
-            self._connection_closed(conn)
             self.viewers.pop(conn, None)
             self.routes.pop(conn, None)
-            if self.conn_session.pop(conn, None) is not None:
+            if self._connection_closed(conn):
                 self.report(("gone", conn))
 
     def _session_key(self, rec: Record) -> Any:
@@ -134,10 +132,10 @@ class RecorderWorker:
         session = self.sessions.get(key)
         if session is None:
             session = self._open_session(key, rec)
-        if self.conn_session.get(rec.connection) != key:
+        keys = self.conn_keys.setdefault(rec.connection, [])
+        if not keys or keys[-1] != key:
             session.conns.add(rec.connection)
-            self.conn_keys.setdefault(rec.connection, []).append(key)
-            self.conn_session[rec.connection] = key
+            keys.append(key)
             self.report(("session", rec.connection, key))
         obj = to_archive(rec, session.t0, self.options.policy)
         if obj is not None:
@@ -185,8 +183,11 @@ class RecorderWorker:
         self.report(("archive", str(path)))  # the proxy keeps the list
         return session
 
-    def _connection_closed(self, conn: int) -> None:
-        for key in self.conn_keys.pop(conn, ()):
+    def _connection_closed(self, conn: int) -> bool:
+        """Close each archive the connection was the last open one of; whether it wrote any
+        record (the proxy was told of its session, and now learns it is gone)."""
+        keys = self.conn_keys.pop(conn, [])
+        for key in keys:
             session = self.sessions.get(key)
             if session is None:
                 continue
@@ -197,6 +198,7 @@ class RecorderWorker:
             if session.closed >= session.conns:
                 session.writer.close("complete")
                 del self.sessions[key]
+        return bool(keys)
 
     def close_all(self, status: str) -> None:
         """Close every archive with `status`. Connections still open (the proxy vanished,

@@ -497,7 +497,7 @@ def test_connections_that_never_link_share_one_archive_until_the_proxy_stops(
             worker.handle(("data", conn, 0.1, "c2s", b"SSH-2.0-OpenSSH_9.2p1\r\n"))
         worker.handle(("close", conn, 0.2, "viewer closed"))
     assert list(worker.sessions) == [UNLINKED]
-    assert worker.sessions[UNLINKED].conns == set() and worker.conn_session == {}
+    assert worker.sessions[UNLINKED].conns == set() and worker.conn_keys == {}
     main_channel_worker(worker, conn=99)  # a real session meanwhile: an archive of its own
     worker.handle(("close", 99, 9.0, "viewer closed"))
     assert list(worker.sessions) == [UNLINKED]  # the session's archive closed, this one not

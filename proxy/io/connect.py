@@ -10,7 +10,6 @@ other, through the shared ChannelProxy.
 from __future__ import annotations
 
 import logging
-import math
 import ssl
 import time
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from proxy.core.linkrewrite import LinkPolicy
 from proxy.core.migration import Destination
 from proxy.io.guard import guarded
 from proxy.io.migration import ServedAt
-from proxy.io.server import ChannelProxy, exception_text, peer_address
+from proxy.io.server import ChannelProxy, exception_text, in_thread, peer_address
 from proxy.targets import ConnectRouter, Target
 from proxy.tls import HostCertificates, TlsSetupError
 from spicetap.errors import UserError
@@ -154,9 +153,7 @@ async def _certificate_for(front: ConnectFront, host: str) -> ssl.SSLContext | N
     """spicetap's certificate for the host the viewer named (issued once, then cached)."""
     started = time.monotonic()
     try:
-        # its own thread, as handshakes: trio's default limiter is shared and may be full
-        unlimited = trio.CapacityLimiter(math.inf)
-        ctx = await trio.to_thread.run_sync(front.certificates.context_for, host, limiter=unlimited)
+        ctx = await in_thread(front.certificates.context_for, host)
     except (TlsSetupError, OSError) as exc:
         log.error("cannot issue a certificate for %s: %s", host, exc)
         return None

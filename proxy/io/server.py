@@ -147,7 +147,6 @@ class ChannelProxy:
         self.state = state or ProxyState()
         self.link_policy = link_policy  # rewrites of the link stage (caps, auth), if any
         self._ids = itertools.count()
-        self._threads = trio.CapacityLimiter(math.inf)
 
     async def handle(
         self,
@@ -304,7 +303,7 @@ class ChannelProxy:
         if tls is not None:
             viewer = tls_end(sock, tls, server_side=True, prefix=prefix)
             try:
-                await self._in_thread(viewer.handshake, self.limits.link_timeout)
+                await in_thread(viewer.handshake, self.limits.link_timeout)
             except OSError as exc:
                 self.state.errors += 1
                 why = f"TLS handshake failed: {exception_text(exc)}"
@@ -350,18 +349,13 @@ class ChannelProxy:
 
                 nursery.start_soon(ticker)
                 async with trio.open_nursery() as pumps:
-                    pumps.start_soon(self._in_thread, channel.pump, "c2s")
-                    pumps.start_soon(self._in_thread, channel.pump, "s2c")
+                    pumps.start_soon(in_thread, channel.pump, "c2s")
+                    pumps.start_soon(in_thread, channel.pump, "s2c")
                 nursery.cancel_scope.cancel()
         finally:
             upstream.close()
             viewer.close()
             self._end(stats, channel.reason or "closed")
-
-    async def _in_thread(self, fn: Callable[..., None], *args: Any) -> None:
-        # Pumps live as long as their channel: trio's default limit (40 threads) would
-        # make the 21st channel wait for another to end.
-        await trio.to_thread.run_sync(fn, *args, limiter=self._threads)
 
     async def _connect(
         self,
@@ -529,6 +523,14 @@ def _route(upstream_to: Upstream, insertion: str) -> dict[str, Any]:
     return {"insertion": insertion, "server": upstream_to.label, "target": upstream_to.target}
 
 
+async def in_thread(fn: Callable[..., T], *args: Any) -> T:
+    """fn(*args) in a worker thread of its own. Not on trio's default limiter (40 threads
+    for the whole process): pumps live as long as their channel, so the 21st channel would
+    wait for another to end, and a server that stalls its TLS handshakes would hold every
+    thread while other servers' viewers waited behind it."""
+    return await trio.to_thread.run_sync(fn, *args, limiter=trio.CapacityLimiter(math.inf))
+
+
 def detach(stream: trio.SocketStream) -> socket.socket:
     """Take the socket out of trio (which then never touches it again) for a pump thread."""
     sock = stream.socket
@@ -646,10 +648,7 @@ def tls_end_opener(host: str, port: int, context: ssl.SSLContext, subject: str |
         sock = detach(await trio.open_tcp_stream(host, port))
         end = tls_end(sock, context, server_side=False, server_hostname=host)
         try:
-            # not trio's default limiter (40 threads, process-wide): a server that stalls
-            # its handshakes would hold them all, and every other server wait behind it
-            unlimited = trio.CapacityLimiter(math.inf)
-            await trio.to_thread.run_sync(end.handshake, CONNECT_TIMEOUT, limiter=unlimited)
+            await in_thread(end.handshake, CONNECT_TIMEOUT)
             problem = check_subject(end.getpeercert(), subject)
         except ssl.SSLError as exc:
             end.close()

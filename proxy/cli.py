@@ -314,6 +314,7 @@ def cmd_proxy(args: argparse.Namespace) -> int:
                 interval=_pick(args.flush_interval, cr.flush_interval),
                 max_buffer=cr.max_buffer,
                 fsync=cr.fsync,
+                direct=cr.direct_io,
             ),
             rotation=Rotation(max_bytes=cr.rotate_bytes, max_seconds=cr.rotate_seconds),
             compress=bool(_pick(args.compress, cr.compress)),

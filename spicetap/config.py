@@ -104,6 +104,9 @@ class RecordingSection:
     flush_interval: float = 0.1  # seconds: the most a crash can lose
     max_buffer: int = 1 << 20
     fsync: bool = False
+    # write archives around the page cache (O_DIRECT) where the filesystem allows
+    # (spicetap/archive/appender.py); false writes through it
+    direct_io: bool = True
     rotate_bytes: int | None = None
     rotate_seconds: float | None = None
     backlog: str = "gap"  # or "close"

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from spicetap.archive import appender as appender_mod
 from spicetap.archive import format as fmt
 from spicetap.archive import reader as reader_mod
 from spicetap.archive import writer as writer_mod
@@ -412,15 +413,15 @@ def test_written_pages_are_released_from_the_page_cache_behind_the_end(
 
     monkeypatch.setattr(os, "posix_fadvise", spy)
     path = tmp_path / "big.spta"
-    w = ArchiveWriter(path, {}, flush=FlushPolicy(release_cache=release))
+    w = ArchiveWriter(path, {}, flush=FlushPolicy(direct=False, release_cache=release))
     chunk = os.urandom(1 << 20)
-    for i in range(5 * (writer_mod.CACHE_WINDOW >> 20)):
+    for i in range(5 * (appender_mod.CACHE_WINDOW >> 20)):
         w.write({"kind": "message", "raw": chunk, "i": i})
     w.close()
     if not release:
         assert advised == []
         return
-    window = writer_mod.CACHE_WINDOW
+    window = appender_mod.CACHE_WINDOW
     dropped = sorted(a for a in advised if a[0] % window == 0 and a[1] == window)
     # every window from the start is released in turn, up to two windows from the end
     assert [offset for offset, _ in dropped][:3] == [0, window, 2 * window]
@@ -547,10 +548,10 @@ def test_a_write_that_fails_names_the_archive(tmp_path: Path, monkeypatch: Any) 
     for i in range(10):
         w.write(record(i))
 
-    def full(fd: int, data: Any) -> int:
+    def full(fd: int, data: Any, offset: int) -> int:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(os, "write", full)
+    monkeypatch.setattr(os, "pwrite", full)
     with pytest.raises(OSError) as failed:
         w.write(record(10))
     assert failed.value.errno == errno.ENOSPC and failed.value.filename == str(path)

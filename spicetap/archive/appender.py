@@ -12,16 +12,20 @@ blocks at a time, a full stage at once. `push()` hands the kernel everything: th
 blocks directly, then the tail (shorter than a block) through a second descriptor without
 O_DIRECT, so the file always ends where the archive does. The tail stays staged, and the
 next direct write of its block rewrites that block whole (the kernel writes back and drops
-the cached page first). Where O_DIRECT is refused, at open or at the first write (tmpfs
-before Linux 6.6, some FUSE filesystems), the file is written through the page cache,
-released behind the end as before.
+the cached page first). A full stage is written by a thread (one for the process) while
+the next one fills: a direct write waits for the device, which the page cache never made
+the writer do. Where O_DIRECT is refused, at open or at the first write (tmpfs before Linux
+6.6, some FUSE filesystems), the file is written through the page cache, released behind
+the end as before.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import mmap
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 BLOCK = 4096  # a multiple of every logical block size Linux devices have (512, 4096)
@@ -30,6 +34,11 @@ STAGE = 1 << 20  # bytes staged before a direct write: a multiple of BLOCK
 # Pages written through the page cache are released a window at a time, two windows behind
 # the end of the file: the newest window is left to be written back first.
 CACHE_WINDOW = 8 << 20
+
+
+@functools.cache
+def _write_thread() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(1, thread_name_prefix="archive-writes")
 
 
 class Appender:
@@ -43,6 +52,9 @@ class Appender:
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
         self._direct_fd = -1
         self._stage: mmap.mmap | None = None
+        self._spare: mmap.mmap | None = None  # the other stage, made once one is full
+        # a full stage being written: the write, its stage, a view of it, its file offset
+        self._flight: tuple[Future[int], mmap.mmap, memoryview, int] | None = None
         self._staged = 0  # bytes in the stage; its first byte is at file offset _stage_at
         self._stage_at = 0
         self._pushed = 0  # of the staged bytes, this many are the kernel's already
@@ -64,7 +76,7 @@ class Appender:
     @property
     def held(self) -> int:
         """Bytes appended that only this process holds (a crash would lose them)."""
-        return self._staged - self._pushed
+        return self._staged - self._pushed + (STAGE if self._flight else 0)
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self._stage is None:
@@ -81,25 +93,20 @@ class Appender:
                     stage[self._staged : self._staged + n] = piece
                 self._staged += n
                 done += n
-                if self._staged == STAGE and not self._write_blocks():
+                if self._staged < STAGE:
+                    continue
+                if not self._send_stage():
                     # O_DIRECT refused: what was staged went cached, the rest follows
                     with whole[done:] as rest:
                         self._write_cached(rest, self.size + done)
                     break
+                stage = self._stage
         self.size += total
 
     def push(self) -> None:
-        """Hand the kernel every byte appended (written through the page cache, each write
-        did)."""
-        if self._stage is None or not self.held:
-            return
-        if self._write_blocks() and self._staged > self._pushed:
-            tail = memoryview(self._stage)[self._pushed : self._staged]
-            try:  # the tail's block, whole, goes direct once more bytes fill it
-                self._pwrite(self._fd, tail, self._stage_at + self._pushed)
-            finally:
-                tail.release()
-            self._pushed = self._staged
+        """Hand the kernel every byte appended (and the disk, with fsync)."""
+        if self._stage is not None and self.held:
+            self._push_direct()
         if self.fsync:
             self._sync()
 
@@ -107,15 +114,71 @@ class Appender:
         try:
             self.push()
         finally:
+            if self._flight is not None:  # push failed: the thread must let go of the stage
+                future, _stage, view, _at = self._flight
+                self._flight = None
+                future.exception()
+                view.release()
             for fd in (self._fd, self._direct_fd):
                 if fd >= 0:
                     os.close(fd)
             self._fd = self._direct_fd = -1
-            if self._stage is not None:
-                self._stage.close()
-                self._stage = None
+            self._unmap()
+
+    def _unmap(self) -> None:
+        for stage in (self._stage, self._spare):
+            if stage is not None:
+                stage.close()
+        self._stage = self._spare = None
 
     # -- direct ----------------------------------------------------------------------------
+    def _push_direct(self) -> None:
+        if not (self._land() and self._write_blocks()) or self._staged == self._pushed:
+            return  # refused (all went through the page cache), or no tail
+        assert self._stage is not None
+        tail = memoryview(self._stage)[self._pushed : self._staged]
+        try:  # the tail's block, whole, goes direct once more bytes fill it
+            self._pwrite(self._fd, tail, self._stage_at + self._pushed)
+        finally:
+            tail.release()
+        self._pushed = self._staged
+
+    def _send_stage(self) -> bool:
+        """Hand the full stage to the write thread and fill the other; False if O_DIRECT
+        was refused (see _land)."""
+        assert self._stage is not None
+        if not self._land():
+            return False
+        view = memoryview(self._stage)
+        future = _write_thread().submit(
+            self._pwrite, self._direct_fd, view, self._stage_at, direct=True
+        )
+        self._flight = (future, self._stage, view, self._stage_at)
+        self._stage = self._spare if self._spare is not None else mmap.mmap(-1, STAGE)
+        self._spare = None
+        self._stage_at += STAGE
+        self._staged = self._pushed = 0
+        return True
+
+    def _land(self) -> bool:
+        """Wait for the stage in flight, if any; False if O_DIRECT was refused, and every
+        byte of both stages went through the page cache instead."""
+        if self._flight is None:
+            return True
+        future, stage, view, at = self._flight
+        self._flight = None
+        try:
+            written = future.result()
+            if written < STAGE:
+                self._pwrite(self._fd, view, at)
+        finally:
+            view.release()
+            self._spare = stage
+        if written < STAGE:
+            self._leave_direct()
+            return False
+        return True
+
     def _write_blocks(self) -> bool:
         """Write the stage's whole blocks directly and keep the rest at its start; False if
         O_DIRECT was refused, and every staged byte went through the page cache instead."""
@@ -147,8 +210,7 @@ class Appender:
             staged.release()
         os.close(self._direct_fd)
         self._direct_fd = -1
-        self._stage.close()
-        self._stage = None
+        self._unmap()
         self._staged = self._pushed = 0
 
     # -- through the page cache ------------------------------------------------------------

@@ -41,6 +41,11 @@ def _write_thread() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(1, thread_name_prefix="archive-writes")
 
 
+# A forked child has none of its parent's threads: the executor it inherited would queue
+# writes for a thread that is not there, and wait for them forever.
+os.register_at_fork(after_in_child=_write_thread.cache_clear)
+
+
 class Appender:
     def __init__(
         self, path: Path, *, direct: bool = True, release_cache: bool = True, fsync: bool = False

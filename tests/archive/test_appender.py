@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -169,3 +171,31 @@ def test_fsync_reaches_the_disk_on_every_push(
     appender.close()
     assert len(synced) > count
     assert path.read_bytes() == b"x" * 10 + b"y" * 10
+
+
+def test_a_forked_child_writes_archives_too(tmp_path: Path) -> None:
+    """The parent's write thread is not in the child: the child must get its own."""
+    parent = Appender(tmp_path / "parent.spta")
+    parent.write(b"p" * (2 * STAGE))  # the write thread exists now, if direct
+    parent.close()
+    pid = os.fork()
+    if pid == 0:  # the child: exit code 0 only if its archive is whole
+        code = 1
+        try:
+            child = Appender(tmp_path / "child.spta")
+            child.write(b"c" * (2 * STAGE + 1))
+            child.close()
+            code = 0 if (tmp_path / "child.spta").read_bytes() == b"c" * (2 * STAGE + 1) else 2
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung writing its archive")
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -173,6 +173,8 @@ def test_fsync_reaches_the_disk_on_every_push(
     assert path.read_bytes() == b"x" * 10 + b"y" * 10
 
 
+# Python 3.12+ warns that forking a process with threads may deadlock: that is the point
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_a_forked_child_writes_archives_too(tmp_path: Path) -> None:
     """The parent's write thread is not in the child: the child must get its own."""
     parent = Appender(tmp_path / "parent.spta")

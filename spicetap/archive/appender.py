@@ -12,8 +12,8 @@ blocks at a time, a full stage at once. `push()` hands the kernel everything: th
 blocks directly, then the tail (shorter than a block) through a second descriptor without
 O_DIRECT, so the file always ends where the archive does. The tail stays staged, and the
 next direct write of its block rewrites that block whole (the kernel writes back and drops
-the cached page first). A full stage is written by a thread (one for the process) while
-the next one fills: a direct write waits for the device, which the page cache never made
+the cached page first). Full stages are written by a thread (one for the process) while
+the next ones fill: a direct write waits for the device, which the page cache never made
 the writer do. Where O_DIRECT is refused, at open or at the first write (tmpfs before Linux
 6.6, some FUSE filesystems), the file is written through the page cache, released behind
 the end as before.

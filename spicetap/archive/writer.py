@@ -6,7 +6,7 @@ the buffer reaches `max_buffer` bytes; every byte is the kernel's once its oldes
 SIGKILL loses at most that window, and the reader stops cleanly at the last whole record.
 The file is written around the page cache where it can be (appender.py).
 With compression each flush is one zstd frame, so the same holds for compressed archives.
-Nothing of the session is held beyond the buffer.
+Nothing of the session is held beyond the buffer and the file's stages (appender.py).
 """
 
 from __future__ import annotations
@@ -113,7 +113,6 @@ class ArchiveWriter:
         payload = fmt.pack_payload(header)
         self.header_chain = self.chain = fmt.chain_start(payload, self.chain_hash)
         self.part_records = 0
-        self.part_bytes = 0
         self.part_started = self.clock()
         self._buf = bytearray(fmt.frame(payload, self.chain))
         self._oldest: float | None = self.clock()
@@ -222,7 +221,11 @@ class ArchiveWriter:
 
     def _to_file(self, data: bytes | bytearray) -> None:
         self._file.write(data)
-        self.part_bytes += len(data)
+
+    @property
+    def part_bytes(self) -> int:
+        """Bytes of this part handed to the file (the buffer's not yet)."""
+        return self._file.size
 
     # -- ending ----------------------------------------------------------------------------
     def _finish_part(

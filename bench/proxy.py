@@ -198,18 +198,41 @@ class Bench:
     def done(self) -> None:
         self.progress.advance(self.task)
 
-    def run(self, phase: Phase, running: RunningProxy, tls: bool) -> tuple[Any, Any, float, float]:
+    def run(
+        self, phase: Phase, running: RunningProxy, tls: bool
+    ) -> tuple[Any, Any, float, CpuSplit]:
         """One phase through the proxy: the viewer's and the server's results, how long the
-        proxy stayed busy after the viewer was done, and the proxy's CPU seconds."""
+        proxy stayed busy after the viewer was done, and the CPU seconds of the proxy's
+        process and of the processes it started (spicetap's recording process, socat's
+        forks)."""
         assert self.server is not None and self.viewer is not None
         self.server.call("phase", phase)
-        cpu = cpu_seconds(running.pids)
+        pids = running.pids
+        before = CpuSplit.of(pids)
         direct = self.server_ports["tls" if tls else "plain"]
         got = self.viewer.call("run", phase, running.port, tls, direct)
         busy = wait_quiet(running)
-        cpu = cpu_seconds(running.pids) - cpu
+        cpu = CpuSplit.of(running.pids).minus(before)
         served = self.server.call("results", 60.0)
         return got, served, busy, cpu
+
+
+@dataclass(frozen=True)
+class CpuSplit:
+    main: float  # the proxy's own process (with its children already reaped)
+    children: float  # the processes it started that are still there
+
+    @property
+    def total(self) -> float:
+        return self.main + self.children
+
+    @staticmethod
+    def of(pids: list[int]) -> CpuSplit:
+        return CpuSplit(cpu_seconds(pids[:1]), sum(cpu_seconds([p]) for p in pids[1:]))
+
+    def minus(self, earlier: CpuSplit) -> CpuSplit:
+        # a child that exited in between (socat's) has moved into main's reaped time
+        return CpuSplit(self.main - earlier.main, max(0.0, self.children - earlier.children))
 
 
 def percentile(values: list[int], q: float) -> float:
@@ -236,7 +259,10 @@ def measure_bulk(
         "mb_per_s": wire / seconds / MB,
         "busy_after_s": busy,
         "done_mb_per_s": wire / (seconds + busy) / MB,
-        "proxy_cpu_s_per_gb": cpu / (wire / 1e9) if running.proc else None,
+        "proxy_cpu_s_per_gb": cpu.total / (wire / 1e9) if running.proc else None,
+        # where it went: spicetap's proxy process and its recording process
+        "main_cpu_s_per_gb": cpu.main / (wire / 1e9) if running.proc else None,
+        "children_cpu_s_per_gb": cpu.children / (wire / 1e9) if running.proc else None,
         # what a burst costs in memory (spicetap holds what recording has not taken yet)
         "peak_rss_mb": rss_bytes(running.pids, "VmHWM") / MB if running.proc else None,
     }
@@ -257,7 +283,7 @@ def measure_small(
         "msg_per_s": n / seconds,
         "busy_after_s": busy,
         "done_msg_per_s": n / (seconds + busy),
-        "proxy_cpu_us_per_msg": cpu / n * 1e6 if running.proc else None,
+        "proxy_cpu_us_per_msg": cpu.total / n * 1e6 if running.proc else None,
     }
 
 

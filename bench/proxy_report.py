@@ -44,6 +44,9 @@ def derive(mode: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "bulk_done_mb_per_s": _get(r, "bulk", "done_mb_per_s"),
             "bulk_busy_after_s": _get(r, "bulk", "busy_after_s"),
             "bulk_cpu_s_per_gb": _get(r, "bulk", "proxy_cpu_s_per_gb"),
+            # the proxy's own process, and those it started (spicetap's recording process)
+            "bulk_main_cpu_s_per_gb": _get(r, "bulk", "main_cpu_s_per_gb"),
+            "bulk_children_cpu_s_per_gb": _get(r, "bulk", "children_cpu_s_per_gb"),
             "bulk_peak_rss_mb": _get(r, "bulk", "peak_rss_mb"),
             "small_msg_per_s": _get(r, "small", "msg_per_s"),
             "small_done_msg_per_s": _get(r, "small", "done_msg_per_s"),

@@ -114,10 +114,12 @@ class Appender:
         self.size += total
 
     def push(self) -> None:
-        """Hand the kernel every byte appended (and the disk, with fsync)."""
-        if self._stage is not None and self.held:
-            self._push_direct()
-        if self.fsync:
+        """Hand the kernel every byte appended (and the disk, with fsync). Through the page
+        cache each write did both already."""
+        if self._stage is None or not self.held:
+            return
+        self._push_direct()
+        if self.fsync and self._stage is not None:  # still direct (else, as above)
             self._sync()
 
     def close(self) -> None:
@@ -178,7 +180,7 @@ class Appender:
             try:
                 if future.result() < STAGE:
                     refused = True
-                    self._pwrite(self._fd, view, at)
+                    self._write_cached(view, at)
             finally:
                 view.release()
                 self._spares.append(stage)
@@ -212,7 +214,7 @@ class Appender:
         assert self._stage is not None
         staged = memoryview(self._stage)[: self._staged]
         try:
-            self._pwrite(self._fd, staged, self._stage_at)
+            self._write_cached(staged, self._stage_at)
         finally:
             staged.release()
         os.close(self._direct_fd)

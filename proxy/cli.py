@@ -32,8 +32,15 @@ from proxy.io.recording import STOP_TIMEOUT, Recorder, RecordingSink
 from proxy.io.resuming import ResumingRecorder
 from proxy.io.server import ChannelProxy, ProxyState, Upstream, serve_tcp
 from proxy.io.static import SPICE_HTML5_DIR
+from proxy.io.tokens import TokenDesk
 from proxy.io.websocket import serve_websocket
-from proxy.linksetup import add_link_options, link_policy_from, secret_line, target_policy
+from proxy.linksetup import (
+    add_link_options,
+    link_policy_from,
+    scoped,
+    secret_line,
+    target_policy,
+)
 from proxy.recorder import BACKLOG_POLICIES, RecordingOptions
 from proxy.targets import ConnectRouter, Target, check_upstream_tls, host_port
 from proxy.tls import (
@@ -279,14 +286,25 @@ def cmd_proxy(args: argparse.Namespace) -> int:
                 pass
         except OSError as exc:
             raise UserError(f"--keylog {args.keylog}: {exc.strerror or exc}") from None
-    link_policy = link_policy_from(args, cp)  # caps to clear, auth mode (secrets never logged)
+    # the management API may mint viewer tokens when it has a token of its own
+    mintable = all(
+        _pick(getattr(args, dest), getattr(cp, dest))
+        for dest in ("management", "management_token_file")
+    )
+    # caps to clear, auth mode (secrets never logged)
+    link_policy = link_policy_from(args, cp, mintable)
     targets = {
-        name: Target.from_section(name, t, target_policy(name, t, link_policy))
+        name: Target.from_section(name, t, target_policy(name, t, link_policy, mintable))
         for name, t in config.targets.items()
     }
-    routes = _routes(args, config, targets, keylog)
+    main_policy = scoped(link_policy, "") if link_policy.auth == "inject" else None
+    routes = _routes(args, config, targets, keylog, main_policy)
     connect = _connect_front(args, config, targets, keylog)
-    websocket = _websocket_front(args, cp, keylog)
+    websocket = _websocket_front(args, cp, keylog, main_policy)
+    scopes = {name: t.policy or link_policy for name, t in targets.items()}
+    if _cli_target(args, cp) is not None:
+        scopes[""] = main_policy or link_policy
+    tokens = TokenDesk(scopes, link_policy)
     if not routes and connect is None and websocket is None:
         raise UserError(
             "nothing to serve: give --upstream HOST:PORT (or --upstream-tls), "
@@ -348,7 +366,7 @@ def cmd_proxy(args: argparse.Namespace) -> int:
         follow = bool(_pick(args.follow_migration, cp.follow_migration))
         trio.run(
             _serve, routes, connect, limits, recorder, websocket, link_policy, management,
-            follow, keylog, admission,
+            follow, keylog, admission, tokens,
         )  # fmt: skip
     except BaseExceptionGroup as group:  # trio's nursery wraps what its tasks raise
         cannot = group.subgroup(ListenError)
@@ -382,8 +400,11 @@ class Route:
     origins: tuple[str, ...] = ()  # the WebSocket front's: other pages allowed to connect
 
 
-def _cli_target(args: argparse.Namespace, cp: ProxySection) -> Target | None:
-    """The target named on the command line (--upstream/--upstream-tls) or in [proxy]."""
+def _cli_target(
+    args: argparse.Namespace, cp: ProxySection, policy: LinkPolicy | None = None
+) -> Target | None:
+    """The target named on the command line (--upstream/--upstream-tls) or in [proxy];
+    `policy`: its routes' own (inject: scoped to the main upstream's minted tokens)."""
     plain_up = _pick(args.upstream, cp.upstream)
     if plain_up is None and args.upstream_tls is None:
         return None
@@ -400,15 +421,20 @@ def _cli_target(args: argparse.Namespace, cp: ProxySection) -> Target | None:
         Path(args.upstream_ca) if args.upstream_ca else None,
         args.upstream_host_subject,
         args.upstream_insecure,
+        policy,
     )
 
 
 def _routes(
-    args: argparse.Namespace, config: Config, targets: dict[str, Target], keylog: Path | None
+    args: argparse.Namespace,
+    config: Config,
+    targets: dict[str, Target],
+    keylog: Path | None,
+    main_policy: LinkPolicy | None = None,
 ) -> list[Route]:
     cp = config.proxy
     routes: list[Route] = []
-    main = _cli_target(args, cp)
+    main = _cli_target(args, cp, main_policy)
     if main is None and (args.listen or args.tls_listen):
         raise UserError("--listen and --tls-listen need --upstream or --upstream-tls")
     if main is not None:
@@ -473,7 +499,10 @@ def _connect_front(
 
 
 def _websocket_front(
-    args: argparse.Namespace, cp: ProxySection, keylog: Path | None
+    args: argparse.Namespace,
+    cp: ProxySection,
+    keylog: Path | None,
+    main_policy: LinkPolicy | None = None,
 ) -> Route | None:
     """--ws-listen (or [proxy] ws_listen): browsers reach the main upstream, plain if
     there is one, over WebSocket; --ws-tls adds TLS with the viewer certificate."""
@@ -483,7 +512,7 @@ def _websocket_front(
             if getattr(args, dest):
                 raise UserError(f"{flag} needs --ws-listen (or [proxy] ws_listen)")
         return None
-    main = _cli_target(args, cp)
+    main = _cli_target(args, cp, main_policy)
     if main is None:
         raise UserError("--ws-listen needs --upstream or --upstream-tls")
     listen = host_port(listen_text, _named(args, "ws_listen", "proxy", "ws_listen"), any_port=True)
@@ -618,6 +647,7 @@ async def _serve(
     follow_migration: bool = True,
     keylog: Path | None = None,
     admission: Admission | None = None,
+    tokens: TokenDesk | None = None,
 ) -> None:
     """Serve every front until SIGINT/SIGTERM."""
     state = ProxyState(admission=admission)
@@ -676,9 +706,11 @@ async def _serve(
             api += ", token required" if management.token is not None else ""
             await start(
                 "management", management.listen,
-                f"{api}: /api/sessions /api/spice/connect /metrics",
-                serve_management, management, state, recorder,
+                f"{api}: /api/sessions /api/spice/connect /api/tokens /metrics",
+                serve_management, management, state, recorder, tokens,
             )  # fmt: skip
+        if tokens is not None and tokens.active:
+            nursery.start_soon(tokens.keep_current, state)
         for kind, listeners, what in opened:
             announce(kind, listeners, what)
         print("spicetap proxy ready", flush=True)

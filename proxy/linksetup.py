@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from proxy.core.capmask import CapMask, UnknownCap
@@ -40,7 +40,8 @@ def add_link_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--viewer-password-file", help="inject: the password viewers must give")
     g.add_argument(
         "--viewer-tokens-file",
-        help="inject: lines 'TOKEN [EXPIRY]' (ISO 8601 or Unix time), each good for one session",
+        help="inject: lines 'TOKEN [EXPIRY]' (ISO 8601 or Unix time), each good for one "
+        "session; read again whenever it changes",
     )
     g.add_argument("--server-password-file", help="inject: the server's real password")
 
@@ -74,9 +75,9 @@ def _secret(value: str | None, file: str | None, what: str) -> bytes | None:
     return secret
 
 
-def _tokens(file: str | None) -> list[Token]:
-    if file is None:
-        return []
+def read_tokens(file: str) -> list[Token]:
+    """The viewer tokens file's tokens; UserError naming the file (and a line, never a
+    token) when it cannot be read or parsed. At start, and whenever the file changes."""
     try:
         text = Path(file).read_text(encoding="utf-8")
         return parse_tokens(text, time.time(), time.monotonic())
@@ -86,7 +87,11 @@ def _tokens(file: str | None) -> list[Token]:
         raise UserError(f"viewer tokens file {file}: {exc}") from None
 
 
-def link_policy_from(args: argparse.Namespace, cp: ProxySection) -> LinkPolicy:
+def link_policy_from(
+    args: argparse.Namespace, cp: ProxySection, mintable: bool = False
+) -> LinkPolicy:
+    """`mintable`: the management API may mint tokens (it has a token of its own), so
+    inject needs no viewer password or tokens file to start with."""
     names = [n for arg in args.mask_caps for n in arg.split(",")] or list(cp.mask_caps)
     try:
         mask = CapMask.parse(names)
@@ -104,14 +109,19 @@ def link_policy_from(args: argparse.Namespace, cp: ProxySection) -> LinkPolicy:
             args.server_password_file or cp.server_password_file,
         ),
         "--auth",
+        mintable=mintable,
     )
 
 
-def target_policy(name: str, section: TargetSection, base: LinkPolicy) -> LinkPolicy | None:
-    """[targets.NAME]'s own authentication (mode, inject credentials), None when it has
-    none: the target then follows [proxy]. Capability masking stays the proxy's."""
+def target_policy(
+    name: str, section: TargetSection, base: LinkPolicy, mintable: bool = False
+) -> LinkPolicy | None:
+    """[targets.NAME]'s own authentication (mode, inject credentials), else None when the
+    target follows [proxy] and minted tokens do not concern it (no inject). Capability
+    masking stays the proxy's. Under inject the target's policy is scoped to its name: the
+    tokens minted for it open its routes alone."""
     if not section.own_auth:
-        return None
+        return scoped(base, name) if base.auth == "inject" else None
     where = f"[targets.{name}] auth"
     mode = section.auth or base.auth
     if mode not in AUTH_MODES:
@@ -123,7 +133,13 @@ def target_policy(name: str, section: TargetSection, base: LinkPolicy) -> LinkPo
         section.server_password,
         section.server_password_file,
     )
-    return _policy(base.mask, mode, secrets, where, base.key)
+    return scoped(_policy(base.mask, mode, secrets, where, base.key, mintable=mintable), name)
+
+
+def scoped(policy: LinkPolicy, scope: str) -> LinkPolicy:
+    """The policy for the routes of one target ("" the main upstream): under inject, the
+    tokens minted for that target open them (and no other target's)."""
+    return replace(policy, scope=scope) if policy.auth == "inject" else policy
 
 
 @dataclass(frozen=True)
@@ -150,7 +166,13 @@ class Secrets:
 
 
 def _policy(
-    mask: CapMask, mode: str, secrets: Secrets, where: str, key: TicketKey | None = None
+    mask: CapMask,
+    mode: str,
+    secrets: Secrets,
+    where: str,
+    key: TicketKey | None = None,
+    *,
+    mintable: bool = False,
 ) -> LinkPolicy:
     if mode != "inject":
         if secrets.given():
@@ -160,13 +182,18 @@ def _policy(
     viewer_password = _secret(
         secrets.viewer_password, secrets.viewer_password_file, "viewer password"
     )
-    tokens = _tokens(secrets.viewer_tokens_file)
+    tokens_file = secrets.viewer_tokens_file
+    tokens = read_tokens(tokens_file) if tokens_file is not None else []
     server_password = _secret(
         secrets.server_password, secrets.server_password_file, "server password"
     )
-    if viewer_password is None and not tokens:
-        raise UserError(f"{where} inject needs a viewer password or tokens for viewers to give")
+    # a tokens file may start empty: it is read again whenever it changes
+    if viewer_password is None and tokens_file is None and not mintable:
+        raise UserError(
+            f"{where} inject needs a viewer password, a viewer tokens file, or a management "
+            "API with a token to mint tokens, for viewers to give"
+        )
     if server_password is None:
         raise UserError(f"{where} inject needs the server password (server_password_file)")
-    viewers = ViewerCredentials(viewer_password, tokens)
+    viewers = ViewerCredentials(viewer_password, tokens, tokens_file)
     return LinkPolicy(mask, mode, key or TicketKey.generate(), viewers, server_password)

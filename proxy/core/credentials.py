@@ -7,6 +7,18 @@ first other channel linking within BIND_WINDOW seconds binds it to its connectio
 from then on only links with that id may present it. An expired token starts no new
 session; channels of a session it already opened still link.
 
+Tokens come from two places, both live while the proxy runs: the tokens file, read again
+whenever it changes (load_file), and the management API, which mints one-time tokens for
+one target each (mint). A file token works on every route these credentials serve; a
+minted one only on its target's (the `scope` a route's LinkPolicy carries). A token gone
+from the file starts no new session; one already redeemed stays, so that its session's
+later channels still link and the file cannot make it new again. prune() forgets tokens
+that can no longer admit anything: minted ones past their deadline, redeemed ones whose
+session has been gone for SESSION_GONE seconds.
+
+Channels link in several threads at once, so every call takes the credentials' lock:
+two viewers presenting one token together must not both redeem it.
+
 Time comes in as an argument (monotonic seconds); nothing here reads a clock or a file.
 """
 
@@ -15,6 +27,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
+import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import NamedTuple
@@ -23,6 +37,11 @@ from proxy.core.ticket import MAX_PASSWORD
 
 MAIN = 1  # SPICE_CHANNEL_MAIN
 BIND_WINDOW = 60.0
+# a redeemed token is forgotten once no channel of its session has been seen this long
+# (the shell reports live sessions every few seconds; a session may briefly have only its
+# main channel, whose link carries no connection id)
+SESSION_GONE = 300.0
+MAX_MINTED = 10_000  # minted tokens not yet redeemed, per credentials: the API's bound
 
 
 @dataclass
@@ -31,6 +50,8 @@ class Token:
     expires: float | None = None  # monotonic deadline
     redeemed_at: float | None = None
     session: int | None = None  # the connection id it is bound to
+    scope: str | None = None  # minted: the only routes it opens ("" the main upstream)
+    seen_live: float | None = None  # when its session last had a channel open
 
 
 class Verdict(NamedTuple):
@@ -39,33 +60,68 @@ class Verdict(NamedTuple):
     reason: str
 
 
+class TooManyTokens(Exception):
+    """mint() refused: MAX_MINTED tokens wait to be redeemed."""
+
+
 def _digest(secret: bytes) -> bytes:
-    # compare fixed-size digests: the comparison time says nothing about lengths either
+    # Tokens are looked up by digest: comparing fixed-size digests says nothing about
+    # lengths, and a dict lookup's timing depends on a SHA-256 of what was presented, not on
+    # how much of a secret it shares.
     return hashlib.sha256(secret).digest()
 
 
 class ViewerCredentials:
-    def __init__(self, password: bytes | None = None, tokens: list[Token] | None = None) -> None:
+    def __init__(
+        self,
+        password: bytes | None = None,
+        tokens: Iterable[Token] | None = None,
+        tokens_file: str | None = None,
+    ) -> None:
         self._password = _digest(password) if password is not None else None
-        self.tokens = tokens or []
-        self._token_digests = [_digest(t.secret) for t in self.tokens]
+        self.tokens_file = tokens_file  # where the shell reads file tokens from, if anywhere
+        self._lock = threading.Lock()
+        self._file: dict[bytes, Token] = {}
+        self._kept: dict[bytes, Token] = {}  # redeemed, no longer in the file
+        self._minted: dict[bytes, Token] = {}
+        self._load(tokens or ())
 
     def __repr__(self) -> str:
         has_password = self._password is not None
-        return f"ViewerCredentials(password={has_password}, tokens={len(self.tokens)})"
+        counts = f"tokens={len(self._file)}, minted={len(self._minted)}"
+        return f"ViewerCredentials(password={has_password}, {counts})"
 
-    def check(self, presented: bytes, channel_type: int, connection_id: int, now: float) -> Verdict:
+    @property
+    def has_password(self) -> bool:
+        return self._password is not None
+
+    def counts(self) -> tuple[int, int]:
+        """Tokens from the file, and minted ones held (redeemed or not)."""
+        with self._lock:
+            return len(self._file), len(self._minted)
+
+    def check(
+        self,
+        presented: bytes,
+        channel_type: int,
+        connection_id: int,
+        now: float,
+        scope: str | None = None,
+    ) -> Verdict:
+        """`scope`: the route's target ("" the main upstream, None a route no minted token
+        opens, e.g. the CONNECT front by address)."""
         given = _digest(presented)
-        password_ok = self._password is not None and hmac.compare_digest(given, self._password)
-        token: Token | None = None
-        for candidate, digest in zip(self.tokens, self._token_digests, strict=True):
-            if hmac.compare_digest(given, digest):  # every candidate is compared
-                token = candidate
-        if password_ok:
+        if self._password is not None and hmac.compare_digest(given, self._password):
             return Verdict(True, "password", "viewer password")
-        if token is None:
-            return Verdict(False, None, "wrong viewer password or token")
-        return self._use(token, channel_type, connection_id, now)
+        with self._lock:
+            token = self._file.get(given) or self._kept.get(given)
+            minted = self._minted.get(given)
+            in_scope = minted is not None and scope is not None and minted.scope == scope
+            if token is None and in_scope:
+                token = minted
+            if token is None:
+                return Verdict(False, None, "wrong viewer password or token")
+            return self._use(token, channel_type, connection_id, now)
 
     @staticmethod
     def _use(token: Token, channel_type: int, connection_id: int, now: float) -> Verdict:
@@ -77,12 +133,78 @@ class ViewerCredentials:
             token.redeemed_at = now
             return Verdict(True, "token", "token redeemed by a new session")
         if token.session == connection_id and token.session is not None:
+            token.seen_live = now
             return Verdict(True, "token", "token of this session")
         redeemed = token.redeemed_at
         if token.session is None and redeemed is not None and now - redeemed <= BIND_WINDOW:
             token.session = connection_id
+            token.seen_live = now
             return Verdict(True, "token", "token bound to this session")
         return Verdict(False, "token", "token belongs to another session")
+
+    def mint(self, secret: bytes, expires: float, scope: str, now: float) -> None:
+        """A one-time token for the routes of `scope`, redeemable until `expires`."""
+        if not 0 < len(secret) <= MAX_PASSWORD:
+            raise ValueError(f"a token has 1 to {MAX_PASSWORD} bytes")
+        digest = _digest(secret)
+        with self._lock:
+            if len(self._minted) >= MAX_MINTED:  # room for more, if any expired
+                self._prune(now, None)
+                waiting = sum(t.redeemed_at is None for t in self._minted.values())
+                if waiting >= MAX_MINTED:
+                    raise TooManyTokens(f"{waiting} minted tokens wait to be redeemed")
+            if digest in self._minted or digest in self._file or digest in self._kept:
+                raise ValueError("that token is already known")  # a random one never is
+            self._minted[digest] = Token(secret, expires, scope=scope)
+
+    def load_file(self, tokens: Iterable[Token]) -> None:
+        """The tokens file as it now reads. A token it still lists keeps its state (a
+        redeemed one stays used) and takes its new expiry; a dropped one starts no new
+        session, and if redeemed is kept for its session's channels."""
+        with self._lock:
+            self._load(tokens)
+
+    def _load(self, tokens: Iterable[Token]) -> None:
+        fresh: dict[bytes, Token] = {}
+        for token in tokens:
+            digest = _digest(token.secret)
+            known = self._file.get(digest) or self._kept.pop(digest, None)
+            if known is not None:
+                known.expires = token.expires
+                token = known
+            fresh[digest] = token
+        for digest, token in self._file.items():
+            if digest not in fresh and token.redeemed_at is not None:
+                self._kept[digest] = token
+        self._file = fresh
+
+    def prune(self, now: float, live_sessions: set[int]) -> None:
+        """Forget what can no longer admit anyone. `live_sessions`: the connection ids of
+        the channels open now."""
+        with self._lock:
+            self._prune(now, live_sessions)
+
+    def _prune(self, now: float, live: set[int] | None) -> None:
+        """live None (between the shell's reports): only unredeemed tokens past their
+        deadline go, the rest needs to know which sessions are open."""
+        for table in (self._minted, self._kept, self._file):
+            for digest, token in list(table.items()):
+                if live is not None and token.session in live:
+                    token.seen_live = now
+                if table is self._file or (live is None and token.redeemed_at is not None):
+                    continue
+                if _spent(token, now):
+                    del table[digest]
+
+
+def _spent(token: Token, now: float) -> bool:
+    """Whether the token can admit no channel any more."""
+    if token.redeemed_at is None:  # it could still start a session, until it expires
+        return token.expires is not None and now > token.expires
+    if token.session is None:  # redeemed, never bound: only within the bind window
+        return now - token.redeemed_at > BIND_WINDOW
+    last = token.seen_live if token.seen_live is not None else token.redeemed_at
+    return now - last > SESSION_GONE
 
 
 def parse_tokens(text: str, wall_now: float, mono_now: float) -> list[Token]:

@@ -58,13 +58,17 @@ RESULT_NAMES = LINK.enum_by_value["link_reply_error"]
 
 @dataclass(frozen=True)
 class LinkPolicy:
-    """What the proxy does to every channel's link stage (one per proxy run)."""
+    """What the proxy does to every channel's link stage (one per proxy run, and one per
+    target with its own authentication or minted tokens)."""
 
     mask: CapMask = field(default_factory=CapMask)
     auth: str = "pass-through"
     key: TicketKey | None = None  # spicetap's key pair: intercept and inject
     viewers: ViewerCredentials | None = None  # inject: who may link
     server_password: bytes | None = field(default=None, repr=False)  # inject
+    # inject: the target whose minted tokens open this route ("" the main upstream; None:
+    # none do, e.g. the CONNECT front's allow-listed addresses)
+    scope: str | None = None
 
     def __post_init__(self) -> None:
         if self.auth not in AUTH_MODES:
@@ -267,6 +271,7 @@ class LinkRewriter:
                 self.viewer.channel_type or 0,
                 self.viewer.connection_id,
                 self._now,
+                self.policy.scope,
             )
             if not verdict.ok:
                 self._deny(verdict.reason)

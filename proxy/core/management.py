@@ -35,6 +35,7 @@ DEFAULT_PROBE_TIMEOUT = 5.0
 ROUTES = {
     "/api/sessions": ("GET",),
     "/api/spice/connect": ("POST",),
+    "/api/tokens": ("POST",),
     "/metrics": ("GET",),
 }
 
@@ -158,6 +159,54 @@ def parse_connect(body: bytes) -> ConnectRequest:
     if problem is not None:
         raise bad(problem)
     return ConnectRequest(host.strip("[]"), port, float(timeout), tls, subject, password)
+
+
+# -- POST /api/tokens ------------------------------------------------------------------------
+DEFAULT_TOKEN_TTL = 120.0  # seconds to start the session (oVirt's console tickets: 120 s)
+MAX_TOKEN_TTL = 7 * 24 * 3600.0
+_MINT_KEYS = {"target", "ttl"}
+
+
+@dataclass(frozen=True)
+class MintRequest:
+    target: str | None  # None: the main upstream
+    ttl: float = DEFAULT_TOKEN_TTL
+
+
+def parse_mint(body: bytes) -> MintRequest:
+    """A token request's JSON body (empty: the defaults); HttpError 400 naming the
+    problem."""
+
+    def bad(message: str) -> HttpError:
+        return HttpError(HTTPStatus.BAD_REQUEST, message)
+
+    if not body.strip():
+        return MintRequest(None)
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise bad("the body is not JSON") from None
+    if not isinstance(data, dict):
+        raise bad("the body must be a JSON object")
+    unknown = sorted(set(data) - _MINT_KEYS)
+    if unknown:
+        raise bad(f"unknown key {unknown[0]!r} (known: {', '.join(sorted(_MINT_KEYS))})")
+    target = data.get("target")
+    if target is not None and (not isinstance(target, str) or not target):
+        raise bad('"target" must be a target\'s name (or absent: the main upstream)')
+    ttl = data.get("ttl", DEFAULT_TOKEN_TTL)
+    if (
+        isinstance(ttl, bool)
+        or not isinstance(ttl, int | float)
+        or not math.isfinite(ttl)
+        or not 0 < ttl <= MAX_TOKEN_TTL
+    ):
+        raise bad(f'"ttl" must be a number of seconds, above 0 and at most {MAX_TOKEN_TTL:g}')
+    return MintRequest(target, float(ttl))
+
+
+def minted_json(token: str, target: str | None, expires: float, ttl: float) -> dict[str, Any]:
+    return {"token": token, "target": target, "expires": _iso(expires), "ttl": ttl}
 
 
 def host_is_valid(host: str) -> bool:

@@ -3,6 +3,7 @@ proxy/core/management.py):
 
     GET  /api/sessions        live sessions, their channels and counters, totals
     POST /api/spice/connect   probe a SPICE server, as `spicetap probe --json` answers
+    POST /api/tokens          mint a one-time viewer token (inject mode; needs the API token)
     GET  /metrics             Prometheus text
 
 One request per connection (answered with "Connection: close"): the API is small and
@@ -44,7 +45,9 @@ from proxy.core.management import (
     authorize,
     error_body,
     metrics_text,
+    minted_json,
     parse_connect,
+    parse_mint,
     route,
     sessions_json,
 )
@@ -54,6 +57,7 @@ from proxy.io.guard import guarded
 from proxy.io.probe import ProbeTarget, probe
 from proxy.io.recording import RecordingSink
 from proxy.io.server import ProxyState, peer_address
+from proxy.io.tokens import MintError, TokenDesk
 from proxy.tls import client_context
 
 log = logging.getLogger("spicetap.management")
@@ -89,11 +93,16 @@ class Reply:
 
 class ManagementApi:
     def __init__(
-        self, options: ManagementOptions, state: ProxyState, recorder: RecordingSink | None
+        self,
+        options: ManagementOptions,
+        state: ProxyState,
+        recorder: RecordingSink | None,
+        tokens: TokenDesk | None = None,
     ) -> None:
         self.options = options
         self.state = state
         self.recorder = recorder
+        self.tokens = tokens
         self.probes = trio.CapacityLimiter(MAX_PROBES)
         self.refusals = LogThrottle()  # requests without the token
 
@@ -164,6 +173,8 @@ class ManagementApi:
             channels = self.channels()
             text = metrics_text(channels, self.totals(channels), self.recorder_view(), _rss_bytes())
             return Reply(HTTPStatus.OK, text.encode(), PROMETHEUS)
+        if path == "/api/tokens":
+            return self.mint(body)
         request = parse_connect(body)
         tls = None
         if request.tls:
@@ -192,6 +203,31 @@ class ManagementApi:
         return Reply(
             HTTPStatus.OK, json.dumps(to_json(request.host, request.port, outcome)).encode()
         )
+
+    def mint(self, body: bytes) -> Reply:
+        """POST /api/tokens. Minting hands out access to a VM, so the API must have a token
+        of its own: without one, whoever reaches it could mint."""
+        if self.options.token is None:
+            raise HttpError(
+                HTTPStatus.FORBIDDEN,
+                "minting viewer tokens needs the API's own token (management_token_file)",
+            )
+        request = parse_mint(body)
+        if self.tokens is None:
+            raise HttpError(HTTPStatus.CONFLICT, "no route injects credentials (auth inject)")
+        try:
+            minted = self.tokens.mint(request.target, request.ttl)
+        except MintError as exc:
+            status = {
+                "unknown": HTTPStatus.NOT_FOUND,
+                "not_inject": HTTPStatus.CONFLICT,
+                "full": HTTPStatus.SERVICE_UNAVAILABLE,
+            }[exc.kind]
+            raise HttpError(status, str(exc)) from None
+        data = minted_json(minted.token, request.target, minted.expires, minted.ttl)
+        return Reply(HTTPStatus.CREATED, json.dumps(data).encode(), headers=(
+            ("cache-control", "no-store"),  # a credential: no cache keeps it
+        ))  # fmt: skip
 
     def authorize(self, request: h11.Request, client: tuple[str, int]) -> None:
         """HttpError 401 unless the request carries the token (when there is one)."""
@@ -335,10 +371,11 @@ async def serve_management(
     options: ManagementOptions,
     state: ProxyState,
     recorder: RecordingSink | None,
+    tokens: TokenDesk | None = None,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Listen on options.listen and answer API requests until cancelled."""
-    api = ManagementApi(options, state, recorder)
+    api = ManagementApi(options, state, recorder, tokens)
     host, port = options.listen
     listeners = await trio.open_tcp_listeners(port, host=host)
     # Its own cap, apart from --max-connections: an idle client holds its connection up

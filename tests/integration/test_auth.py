@@ -3,6 +3,9 @@ QEMU's spice-server (with a password) and real spice-gtk clients."""
 
 from __future__ import annotations
 
+import http.client
+import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -180,6 +183,79 @@ def test_inject_token_opens_one_whole_session(tmp_path: Path) -> None:
     assert "token already used by another session" in reasons
     assert "token expired" in reasons
     assert_secrets_absent(proxy, PASSWORD, "tok-7f3a9c", "tok-old")
+
+
+API_TOKEN = "api-token-0123456789abcdef"
+
+
+def mint(proxy: ProxyProcess, **body: Any) -> tuple[int, dict[str, Any]]:
+    """POST /api/tokens on the proxy's management API, with its bearer token."""
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.ports["management"], timeout=30)
+    try:
+        headers = {"Authorization": f"Bearer {API_TOKEN}", "Content-Type": "application/json"}
+        conn.request("POST", "/api/tokens", body=json.dumps(body).encode(), headers=headers)
+        response = conn.getresponse()
+        answer = json.loads(response.read())
+    finally:
+        conn.close()
+    return response.status, answer
+
+
+def wait_for_log(proxy: ProxyProcess, text: str, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while text not in proxy.log():
+        assert time.monotonic() < deadline, f"no {text!r} in the proxy's log"
+        assert proxy.proc.poll() is None
+        time.sleep(0.1)
+
+
+def test_tokens_minted_and_written_while_the_proxy_runs(tmp_path: Path) -> None:
+    """A broker's way: no viewer credential at start; the management API mints one-time
+    tokens per target, and a token added to the tokens file works without a restart."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("# empty at start\n")
+    api_token = tmp_path / "api-token"
+    api_token.write_text(API_TOKEN + "\n")
+    config = write_config(
+        tmp_path,
+        viewer_tokens_file=str(tokens),
+        management="127.0.0.1:0",
+        management_token_file=str(api_token),
+    )
+    with peers(), QemuServer(guest="none", password=PASSWORD) as srv:
+        assert srv.port is not None
+        # a second route to the same server, as target "lab"
+        lab = f'[targets.lab]\nupstream = "127.0.0.1:{srv.port}"\nlisten = "127.0.0.1:0"\n'
+        config.write_text(config.read_text() + lab)
+        extra = ("--config", str(config))
+        with ProxyProcess(srv.port, tmp_path / "rec", tmp_path / "proxy", extra=extra) as proxy:
+            status, main = mint(proxy, ttl=60)
+            assert status == 201 and main["target"] is None, main
+            shot(proxy.port, main["token"], tmp_path / "main.ppm")
+            used = refused(proxy.port, main["token"], tmp_path / "used.ppm")
+            status, for_lab = mint(proxy, target="lab")
+            assert status == 201 and for_lab["ttl"] == 120
+            elsewhere = refused(proxy.port, for_lab["token"], tmp_path / "elsewhere.ppm")
+            shot(proxy.ports["plain:lab"], for_lab["token"], tmp_path / "lab.ppm")
+            status, short = mint(proxy, ttl=0.5)
+            time.sleep(1.0)
+            expired = refused(proxy.port, short["token"], tmp_path / "expired.ppm")
+            assert mint(proxy, target="nope")[0] == 404
+            tokens.write_text("file-token-4d2a\n")
+            wait_for_log(proxy, "read: 1 token(s)")
+            shot(proxy.ports["plain:lab"], "file-token-4d2a", tmp_path / "file.ppm")
+            assert proxy.proc.poll() is None
+    assert all(AUTH_ERROR in text for text in (used, elsewhere, expired))
+    assert "token minted for target 'lab', good for 120 s" in proxy.log()
+    recs = records(proxy)
+    reasons = [r.fields.get("reason") for r in recs if r.kind == "auth"]
+    assert "token already used by another session" in reasons
+    assert "token expired" in reasons
+    assert "wrong viewer password or token" in reasons  # lab's token on the main route
+    ok = [r.fields for r in recs if r.kind == "auth" and r.fields["by"] == "server"]
+    assert len(ok) >= 6 and all(f["credential"] == "token" for f in ok)  # 3 sessions, 2+ each
+    minted = [main["token"], for_lab["token"], short["token"]]
+    assert_secrets_absent(proxy, PASSWORD, API_TOKEN, "file-token-4d2a", *minted)
 
 
 def caps(rec: Any) -> int:

@@ -47,10 +47,22 @@ def test_inject_needs_both_sides_and_reads_secret_files(tmp_path: Path) -> None:
     server.write_text("real-password\n")
     with pytest.raises(UserError, match="server password"):
         link_policy_from(parse("--auth", "inject"), ProxySection(viewer_password="v"))
-    with pytest.raises(UserError, match="viewer password or tokens"):
+    with pytest.raises(UserError, match="a viewer password, a viewer tokens file, or a"):
         link_policy_from(
             parse("--auth", "inject", "--server-password-file", str(server)), ProxySection()
         )
+    # tokens to come: an API that mints them, or a tokens file empty at start
+    minting = link_policy_from(
+        parse("--auth", "inject", "--server-password-file", str(server)),
+        ProxySection(),
+        mintable=True,
+    )
+    assert minting.viewers is not None and minting.viewers.counts() == (0, 0)
+    empty = tmp_path / "tokens"
+    empty.write_text("# none yet\n")
+    args = ("--auth", "inject", "--server-password-file", str(server))
+    later = link_policy_from(parse(*args, "--viewer-tokens-file", str(empty)), ProxySection())
+    assert later.viewers is not None and later.viewers.tokens_file == str(empty)
     policy = link_policy_from(
         parse("--auth", "inject", "--server-password-file", str(server)),
         ProxySection(viewer_password="viewer-pw"),

@@ -4,21 +4,27 @@ The file carries spicetap's CA inline (`ca=`, the PEM with newlines written as "
 host subject of the certificate spicetap presents, so the viewer checks spicetap's TLS with
 nothing installed. TARGET is the address of spicetap's listener (HOST:PORT), or the name of a
 configured target: its own listeners, else the CONNECT front with the name as host.
+With --mint-token the running proxy's management API mints a one-time token for it (inject
+mode), written in as the password; the viewer deletes the file after reading it.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import ssl
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives import serialization
 
+from proxy.core.management import DEFAULT_TOKEN_TTL, MAX_TOKEN_TTL
 from proxy.core.probe import check_password
+from proxy.linksetup import secret_line
+from proxy.mint_client import ManagementApiAddress, mint_token
 from proxy.targets import host_port
 from proxy.tls import (
     TlsSetupError,
@@ -197,7 +203,57 @@ def add_vv_command(sub: Any) -> None:
     p.add_argument("--fullscreen", action="store_true")
     p.add_argument("--delete-this-file", action="store_true", help="the viewer deletes it")
     p.add_argument("-o", "--output", help="file to write (default: standard output)")
+    m = p.add_argument_group("a one-time token from the running proxy (inject mode)")
+    m.add_argument(
+        "--mint-token",
+        action="store_true",
+        help="ask the proxy's management API for a token for TARGET (a name: that target; "
+        "HOST:PORT: the main upstream) and put it in the file, which the viewer deletes",
+    )
+    m.add_argument(
+        "--token-ttl", type=float, default=DEFAULT_TOKEN_TTL, help="seconds to start the session"
+    )
+    m.add_argument("--management", help="HOST:PORT of the API (default: [proxy] management)")
+    m.add_argument(
+        "--management-token-file",
+        help="the API's bearer token (default: [proxy] management_token_file)",
+    )
+    m.add_argument(
+        "--management-tls",
+        action="store_true",
+        help="the API speaks HTTPS with a certificate from spicetap's CA (default: [proxy] "
+        "management_tls)",
+    )
     p.set_defaults(func=cmd_vv)
+
+
+def _minted(args: argparse.Namespace, config: Config) -> str:
+    """A token from the proxy's management API, for --mint-token."""
+    if args.password is not None:
+        raise UserError("--password and --mint-token: give one or the other")
+    if not (0 < args.token_ttl <= MAX_TOKEN_TTL):  # NaN fails this too
+        raise UserError(
+            f"--token-ttl {args.token_ttl:g}: expected 0 < SECONDS <= {MAX_TOKEN_TTL:g}"
+        )
+    cp = config.proxy
+    listen = args.management or cp.management
+    token_file = args.management_token_file or cp.management_token_file
+    if listen is None or token_file is None:
+        raise UserError(
+            "--mint-token needs the API's address and token: --management and "
+            "--management-token-file, or [proxy] management and management_token_file"
+        )
+    where = "--management" if args.management else "[proxy] management"
+    host, port = host_port(listen, where, any_port=True)
+    if port == 0:
+        raise UserError(f"{where} {listen!r}: port 0 is picked at start; give the port it got")
+    bearer = secret_line(token_file, "the API's token file").strip()
+    https = None
+    if args.management_tls or cp.management_tls:
+        https = ssl.create_default_context(cadata=_ca_pem())
+    api = ManagementApiAddress(listen_host(host), port, bearer, https)
+    target = args.target if args.target in config.targets else None
+    return mint_token(api, target, args.token_ttl)
 
 
 def cmd_vv(args: argparse.Namespace) -> int:
@@ -208,7 +264,11 @@ def cmd_vv(args: argparse.Namespace) -> int:
     if args.tls_port is not None and not 0 < args.tls_port < 65536:
         raise UserError(f"--tls-port {args.tls_port}: expected 1-65535")
     _check_values(args)
-    text = viewer_file(args, config).render()
+    viewer = viewer_file(args, config)
+    if args.mint_token:  # once the rest checked out: a token is not minted for nothing
+        # one session's worth: the viewer deletes the file after reading it
+        viewer = replace(viewer, password=_minted(args, config), delete_this_file=True)
+    text = viewer.render()
     if args.output is None:
         sys.stdout.write(text)
         return 0

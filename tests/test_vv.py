@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -111,3 +112,45 @@ def test_named_target_without_any_way_in(
     monkeypatch.setenv("SPICETAP_CONFIG_DIR", str(tmp_path / "cfg"))
     assert main(["vv", "vm1", "--config", str(config)]) == 2
     assert "no CONNECT front" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--password", "pw"], "--password and --mint-token: give one or the other"),
+        ([], "--mint-token needs the API's address and token"),
+        (["--management", "127.0.0.1:0", "--management-token-file", "F"], "port 0 is picked"),
+        (["--management", "127.0.0.1:9", "--management-token-file", "/nonexistent/f"],
+         "the API's token file /nonexistent/f: cannot read"),
+        (["--token-ttl", "nan"], "--token-ttl nan: expected 0 < SECONDS <= 604800"),
+        (["--token-ttl", "0"], "--token-ttl 0: expected"),
+    ],
+)  # fmt: skip
+def test_minting_options_are_checked_before_any_request(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    args: list[str],
+    message: str,
+) -> None:
+    monkeypatch.setenv("SPICETAP_CONFIG_DIR", str(tmp_path / "cfg"))
+    assert main(["vv", "127.0.0.1:5900", "--mint-token", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_an_api_that_is_not_there_is_a_one_line_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("SPICETAP_CONFIG_DIR", str(tmp_path / "cfg"))
+    token = tmp_path / "api-token"
+    token.write_text("api-token-0123456789abcdef\n")
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "out.vv"
+    argv = ["vv", "127.0.0.1:5900", "--mint-token", "--management", f"127.0.0.1:{port}"]
+    assert main([*argv, "--management-token-file", str(token), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"management API http://127.0.0.1:{port}: Connection refused" in err
+    assert err.count("\n") == 1 and "api-token" not in err and not out.exists()

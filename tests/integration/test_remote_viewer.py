@@ -91,3 +91,57 @@ def test_remote_viewer_by_target_name_through_the_connect_front(tmp_path: Path) 
     recs = [r for a in archives for r in iter_records(a, [])]
     assert any(r.channel == "display" and r.name == "draw_copy" for r in recs)
     assert f"CONNECT vm1:{srv.port} (spice)" in proxy.log()
+
+
+def test_remote_viewer_with_a_token_minted_into_its_vv_file(tmp_path: Path) -> None:
+    """A gateway that injects vm1's password: `spicetap vv --mint-token` asks the running
+    proxy's API for a one-time token and writes it into the file; the viewer gets in with
+    it, deletes the file, and the token is nowhere in the archives."""
+    with peers(), QemuServer(guest="none", password="vm1-server-pw") as srv, Xvfb() as xvfb:
+        assert srv.port is not None
+        guest = _guest_screen(srv, tmp_path / "direct.ppm")
+        server_pw = tmp_path / "vm1-password"
+        server_pw.write_text("vm1-server-pw\n")
+        api_token = tmp_path / "api-token"
+        api_token.write_text("api-token-0123456789abcdef\n")
+        config = tmp_path / "gateway.toml"
+        config.write_text(
+            f'[proxy]\nmanagement = "127.0.0.1:0"\nmanagement_token_file = "{api_token}"\n\n'
+            '[connect]\nlisten = "127.0.0.1:0"\n\n'
+            f'[targets.vm1]\nupstream = "127.0.0.1:{srv.port}"\nauth = "inject"\n'
+            f'server_password_file = "{server_pw}"\n'
+        )
+        work = tmp_path / "proxy"
+        with ProxyProcess(0, tmp_path / "rec", work, ("--config", str(config))) as proxy:
+            vv = tmp_path / "vm1.vv"
+            front = f"http://127.0.0.1:{proxy.ports['connect']}"
+            api = f"127.0.0.1:{proxy.ports['management']}"
+            made = _spicetap(work, "vv", "vm1", "--config", str(config), "--proxy", front,
+                             "--mint-token", "--management", api, "-o", str(vv))
+            assert made.returncode == 0, made.stderr
+            text = vv.read_text()
+            assert "delete-this-file=1\n" in text and "password=" in text
+            token = text.split("password=", 1)[1].split("\n", 1)[0]
+            assert len(token) == 32
+            with RemoteViewer(xvfb, [str(vv)], tmp_path / "rv.log") as viewer:
+                wait_for_image(xvfb, guest, viewer)
+                assert not vv.exists()  # the viewer deleted it, token and all
+            # no main upstream here: the API says so, and what it has
+            main = _spicetap(work, "vv", "127.0.0.1:5900", "--config", str(config),
+                             "--mint-token", "--management", api)
+            assert main.returncode == 2 and "404 no main upstream" in main.stderr
+            assert "targets: vm1" in main.stderr and "password=" not in main.stdout
+            wrong = tmp_path / "wrong-token"
+            wrong.write_text("not-the-api-token-0123\n")
+            refused = _spicetap(work, "vv", "vm1", "--config", str(config), "--proxy", front,
+                                "--mint-token", "--management", api,
+                                "--management-token-file", str(wrong))
+            assert refused.returncode == 2 and "401 wrong bearer token" in refused.stderr
+    assert "token minted for target 'vm1'" in proxy.log()
+    archives = proxy.archives()
+    assert archives and all(verify(a).status == "intact" for a in archives)
+    recs = [r for a in archives for r in iter_records(a, [])]
+    auth = [r.fields for r in recs if r.kind == "auth" and r.fields["by"] == "server"]
+    assert auth and all(f["result"] == "OK" and f["credential"] == "token" for f in auth)
+    for blob in [a.read_bytes() for a in archives] + [proxy.log().encode()]:
+        assert token.encode() not in blob and b"vm1-server-pw" not in blob

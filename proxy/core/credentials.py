@@ -60,6 +60,21 @@ class Verdict(NamedTuple):
     reason: str
 
 
+@dataclass
+class Readmission:
+    """One new session at a live migration's destination for the token of the session that
+    migrated: spice-gtk, once moved, links there afresh (connection id 0) with the same
+    token. The migration's listener carries it in its policy; the first such main channel
+    uses it up."""
+
+    digest: bytes = field(repr=False)
+    used: bool = False
+
+
+def readmission_for(presented: bytes) -> Readmission:
+    return Readmission(_digest(presented))
+
+
 class TooManyTokens(Exception):
     """mint() refused: MAX_MINTED tokens wait to be redeemed."""
 
@@ -107,9 +122,11 @@ class ViewerCredentials:
         connection_id: int,
         now: float,
         scope: str | None = None,
+        readmit: Readmission | None = None,
     ) -> Verdict:
         """`scope`: the route's target ("" the main upstream, None a route no minted token
-        opens, e.g. the CONNECT front by address)."""
+        opens, e.g. the CONNECT front by address); `readmit`: at a migration's destination,
+        the migrated session's token may start one session there."""
         given = _digest(presented)
         if self._password is not None and hmac.compare_digest(given, self._password):
             return Verdict(True, "password", "viewer password")
@@ -121,11 +138,25 @@ class ViewerCredentials:
                 token = minted
             if token is None:
                 return Verdict(False, None, "wrong viewer password or token")
+            if (
+                readmit is not None
+                and not readmit.used
+                and readmit.digest == given
+                and channel_type == MAIN
+                and connection_id == 0
+                and token.redeemed_at is not None
+            ):
+                readmit.used = True
+                token.redeemed_at, token.session, token.seen_live = now, None, now
+                return Verdict(True, "token", "token of a session that migrated here")
             return self._use(token, channel_type, connection_id, now)
 
     @staticmethod
     def _use(token: Token, channel_type: int, connection_id: int, now: float) -> Verdict:
-        if channel_type == MAIN:
+        # A main channel links with connection id 0 to start a session; with the session's
+        # id when the session moves to another host (a live migration: spice-gtk links every
+        # channel there again, main first): that is the session's own viewer.
+        if channel_type == MAIN and not (connection_id and token.session == connection_id):
             if token.redeemed_at is not None:
                 return Verdict(False, "token", "token already used by another session")
             if token.expires is not None and now > token.expires:

@@ -34,7 +34,7 @@ from typing import Any
 
 from dissectors.api import LINK
 from proxy.core.capmask import CapMask
-from proxy.core.credentials import ViewerCredentials
+from proxy.core.credentials import MAIN, Readmission, ViewerCredentials, readmission_for
 from proxy.core.framing import (
     C2S,
     CAP_AUTH_SASL,
@@ -69,6 +69,8 @@ class LinkPolicy:
     # inject: the target whose minted tokens open this route ("" the main upstream; None:
     # none do, e.g. the CONNECT front's allow-listed addresses)
     scope: str | None = None
+    # inject, at a live migration's destination: the migrated session's token, once
+    readmit: Readmission | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.auth not in AUTH_MODES:
@@ -124,6 +126,7 @@ class LinkRewriter:
         self.through = {C2S: False, S2C: False}  # that direction's link stage is over
         self.server_key: bytes | None = None  # the server's real public key (DER)
         self.credential: str | None = None  # inject: "password" or "token"
+        self.readmission: Readmission | None = None  # inject: a main channel's token
         self.stopped = False
         self._out: list[Step] = []
         self._now = 0.0
@@ -272,10 +275,14 @@ class LinkRewriter:
                 self.viewer.connection_id,
                 self._now,
                 self.policy.scope,
+                self.policy.readmit,
             )
             if not verdict.ok:
                 self._deny(verdict.reason)
                 return None
+            if verdict.credential == "token" and self.viewer.channel_type == MAIN:
+                # should this session migrate, its token may open one at the destination
+                self.readmission = readmission_for(password)
             self.credential, password = verdict.credential, real
         try:
             return encrypt_ticket(server_key, password)

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from proxy.core.credentials import Readmission
 from proxy.core.framing import C2S, S2C, ChannelError, ChannelFramer, LinkUnit
 from proxy.core.linkrewrite import Deliver, LinkPolicy, LinkRewriter, Note, Refuse
 from proxy.core.migration import (
@@ -138,6 +139,11 @@ class ChannelRelay:
             if policy is not None and policy.active
             else None
         )
+        # inject: a main channel's token, for a new session at a migration's destination,
+        # and the policy the shell made of it there (once: MigrationListeners tells
+        # policies apart by identity)
+        self.readmission: Readmission | None = None
+        self.destination_policy: LinkPolicy | None = None
         self.started = now
         self.last_activity = now
         self.linked = False  # the link stage finished (both sides)
@@ -358,6 +364,7 @@ class ChannelRelay:
                 self._broken(step, commands)
         if rewriter.finished:
             self.rewriter = None  # the rest of the channel takes the plain path
+            self.readmission = rewriter.readmission
         return commands
 
     def peer_closed(self, direction: str, now: float) -> list[Command]:

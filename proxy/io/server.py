@@ -15,7 +15,7 @@ import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -211,7 +211,7 @@ class ChannelProxy:
                         elif isinstance(cmd, Redirect):
                             host = local_address(viewer)[0]
                             at = await self._serve_destination(
-                                cmd, host, migration, upstream_to.policy
+                                cmd, host, migration, self._destination_policy(upstream_to, relay)
                             )
                             await run(_redirected(relay, at))
                         else:
@@ -327,9 +327,8 @@ class ChannelProxy:
         reached_at = viewer.local()[0]
 
         def redirector(cmd: Redirect) -> list[Command]:
-            at = trio.from_thread.run(
-                self._serve_destination, cmd, reached_at, migration, upstream_to.policy
-            )
+            policy = self._destination_policy(upstream_to, relay)
+            at = trio.from_thread.run(self._serve_destination, cmd, reached_at, migration, policy)
             with channel.lock:
                 return _redirected(relay, at)
 
@@ -489,6 +488,19 @@ class ChannelProxy:
                     rec.error(conn, time.monotonic(), cmd.direction, cmd.reason)
             return cmd.reason
         return None
+
+    def _destination_policy(self, upstream_to: Upstream, relay: ChannelRelay) -> LinkPolicy | None:
+        """The link policy at a migration's destination: the source's, and under inject,
+        room for the migrated session's token to start one session there (the viewer links
+        afresh after the move)."""
+        policy = upstream_to.policy or self.link_policy
+        if policy is None or relay.readmission is None:
+            return upstream_to.policy
+        # one per session: its SWITCH_HOST after MIGRATE_BEGIN_SEAMLESS finds the same
+        # listener (MigrationListeners tells policies apart by identity)
+        if relay.destination_policy is None:
+            relay.destination_policy = replace(policy, readmit=relay.readmission)
+        return relay.destination_policy
 
     async def _serve_destination(
         self,

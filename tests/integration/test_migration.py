@@ -72,19 +72,28 @@ def migrate_through_spicetap(
     plain: bool = True,
     sasl: SaslAccount | None = None,
     spice_options: dict[str, str] = SEAMLESS,
+    password: str | None = None,
 ) -> Migrated:
     """Migrate a VM under a spice-gtk client that reaches it through spicetap: `proxy_for`
     (source) gives ProxyProcess's upstream port and extra arguments, `viewer_for` (proxy,
     source) where the client connects. With `tls`, both QEMUs have a TLS port too, with
     certificates of one CA; with `plain` False, only that. With `sasl`, both ask viewers
-    for that SASL account instead of no password. With `check`, what every way of
+    for that SASL account instead of no password; with `password`, both ask for that
+    ticket. With `check`, what every way of
     following must give: the client migrated, every channel the destination serves came
     from spicetap, and its display was recorded."""
     (incoming,) = reserve_ports(1)
     with contextlib.ExitStack() as stack:
         stack.enter_context(peers())
         src = stack.enter_context(
-            QemuServer(guest="boot", spice_options=spice_options, plain=plain, tls=tls, sasl=sasl)
+            QemuServer(
+                guest="boot",
+                spice_options=spice_options,
+                plain=plain,
+                tls=tls,
+                sasl=sasl,
+                password=password,
+            )
         )
         dst_server = QemuServer(
             guest="boot",
@@ -94,6 +103,7 @@ def migrate_through_spicetap(
             plain=plain,
             tls=tls,
             sasl=sasl,
+            password=password,
         )
         dst_server.tls_material = src.tls_material  # one CA, as for hosts of one cluster
         dst = stack.enter_context(dst_server)
@@ -164,6 +174,30 @@ def test_viewer_behind_the_connect_front_follows_a_migration_through_it(tmp_path
     done = migrate_through_spicetap(tmp_path, connect_front, through_front)
     assert "admitted on the CONNECT front" in done.proxy.log()
     assert not [r for r in done.recs if r.kind == "rewrite"]  # passed on as the server sent it
+
+
+def test_a_session_opened_with_a_one_time_token_survives_its_migration(tmp_path: Path) -> None:
+    """Inject mode: the viewer's one-time token opened the session; after the migration its
+    channels link again at spicetap's listener for the destination, main channel included,
+    with the same token, and spicetap logs them in with the server password."""
+    server_pw, tokens, config = (tmp_path / n for n in ("server-pw", "tokens", "spicetap.toml"))
+    server_pw.write_text("migrating-server-pw\n")
+    tokens.write_text("one-time-tok-7c1e\n")
+    config.write_text(
+        f'[proxy]\nauth = "inject"\nserver_password_file = "{server_pw}"\n'
+        f'viewer_tokens_file = "{tokens}"\n'
+    )
+    done = migrate_through_spicetap(
+        tmp_path,
+        lambda src: (src.port or 0, ("--config", str(config))),
+        lambda proxy, _src: SpiceEndpoint(port=proxy.port, password="one-time-tok-7c1e"),
+        password="migrating-server-pw",
+    )
+    auth = [r.fields for r in done.recs if r.kind == "auth"]
+    assert auth and all(f["result"] == "OK" and f["credential"] == "token" for f in auth)
+    for archive in done.proxy.archives():
+        blob = archive.read_bytes()
+        assert b"one-time-tok-7c1e" not in blob and b"migrating-server-pw" not in blob
 
 
 SUBJECT = "C=XX,O=spicetap-test,CN=127.0.0.1"  # spicetap's certificate for the viewer

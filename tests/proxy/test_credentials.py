@@ -16,6 +16,7 @@ from proxy.core.credentials import (
     Token,
     TooManyTokens,
     ViewerCredentials,
+    readmission_for,
 )
 
 MAIN, DISPLAY = 1, 2
@@ -40,6 +41,32 @@ def test_a_minted_token_opens_one_session_of_its_own_target_only() -> None:
     assert creds.check(b"lab-token", MAIN, 0, 3.0, "lab").reason == (
         "token already used by another session"
     )
+
+
+def test_a_migrating_session_links_its_main_channel_again_with_its_token() -> None:
+    """After a live migration spice-gtk links the main channel at the destination with the
+    session's connection id, presenting the same token."""
+    creds = ViewerCredentials(None, [Token(b"t", expires=10.0)])
+    assert open_session(creds, b"t", 0.0, None)
+    assert creds.check(b"t", MAIN, SESSION, 500.0, None).reason == "token of this session"
+    assert not creds.check(b"t", MAIN, SESSION + 1, 500.0, None).ok  # another session's id
+    assert not creds.check(b"t", MAIN, 0, 500.0, None).ok  # a new session
+
+
+def test_a_migrated_session_may_start_one_session_at_its_destination() -> None:
+    """spice-gtk, once moved, links the destination afresh (connection id 0) with the same
+    token: the migration's listener readmits that token, once."""
+    creds = ViewerCredentials(None, [Token(b"t"), Token(b"other")])
+    assert open_session(creds, b"t", 0.0, None)
+    assert open_session(creds, b"other", 0.0, None)
+    readmit = readmission_for(b"t")
+    assert not creds.check(b"t", MAIN, 0, 9.0, None).ok  # elsewhere: still used
+    assert not creds.check(b"other", MAIN, 0, 9.0, None, readmit).ok  # another token
+    verdict = creds.check(b"t", MAIN, 0, 10.0, None, readmit)
+    assert verdict.reason == "token of a session that migrated here"
+    assert creds.check(b"t", DISPLAY, SESSION + 1, 11.0, None).ok  # the new session binds it
+    assert not creds.check(b"t", DISPLAY, SESSION, 11.0, None).ok  # the old one is gone
+    assert not creds.check(b"t", MAIN, 0, 12.0, None, readmit).ok  # once
 
 
 def test_a_minted_token_past_its_deadline_starts_nothing() -> None:

@@ -106,10 +106,6 @@ class ViewerCredentials:
         counts = f"tokens={len(self._file)}, minted={len(self._minted)}"
         return f"ViewerCredentials(password={has_password}, {counts})"
 
-    @property
-    def has_password(self) -> bool:
-        return self._password is not None
-
     def counts(self) -> tuple[int, int]:
         """Tokens from the file, and minted ones held (redeemed or not)."""
         with self._lock:

@@ -116,49 +116,56 @@ class ConnectRequest:
 _CONNECT_KEYS = {"host", "port", "timeout", "tls", "hostSubject", "password"}
 
 
-def parse_connect(body: bytes) -> ConnectRequest:
-    """Validate a connect request's JSON body; HttpError 400 naming the problem. Unknown
-    keys are refused: a misspelt "password" must not silently probe without one."""
+def _bad(message: str) -> HttpError:
+    return HttpError(HTTPStatus.BAD_REQUEST, message)
 
-    def bad(message: str) -> HttpError:
-        return HttpError(HTTPStatus.BAD_REQUEST, message)
 
+def _json_object(body: bytes, known: set[str]) -> dict[str, Any]:
+    """A request's JSON object; HttpError 400 naming the problem. Unknown keys are refused:
+    a misspelt key must not silently fall back to its default."""
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: [[[[...
-        raise bad("the body is not JSON") from None
+        raise _bad("the body is not JSON") from None
     if not isinstance(data, dict):
-        raise bad("the body must be a JSON object")
-    unknown = sorted(set(data) - _CONNECT_KEYS)
+        raise _bad("the body must be a JSON object")
+    unknown = sorted(set(data) - known)
     if unknown:
-        raise bad(f"unknown key {unknown[0]!r} (known: {', '.join(sorted(_CONNECT_KEYS))})")
+        raise _bad(f"unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
+    return data
+
+
+def _seconds(data: dict[str, Any], key: str, default: float, maximum: float) -> float:
+    value = data.get(key, default)
+    # NaN and infinity fail the range check too
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= maximum:
+        raise _bad(f'"{key}" must be a number of seconds, above 0 and at most {maximum:g}')
+    return float(value)
+
+
+def parse_connect(body: bytes) -> ConnectRequest:
+    """Validate a connect request's JSON body; HttpError 400 naming the problem (a
+    misspelt "password" must not silently probe without one)."""
+    data = _json_object(body, _CONNECT_KEYS)
     host, port = data.get("host"), data.get("port")
     if not isinstance(host, str) or not host_is_valid(host.strip("[]")):
-        raise bad('"host" must be a host name or address')
+        raise _bad('"host" must be a host name or address')
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port < 65536:
-        raise bad('"port" must be an integer from 1 to 65535')
-    timeout = data.get("timeout", DEFAULT_PROBE_TIMEOUT)
-    if (
-        isinstance(timeout, bool)
-        or not isinstance(timeout, int | float)
-        or not 0 < timeout <= MAX_PROBE_TIMEOUT
-    ):
-        raise bad(
-            f'"timeout" must be a number of seconds, above 0 and at most {MAX_PROBE_TIMEOUT:g}'
-        )
+        raise _bad('"port" must be an integer from 1 to 65535')
+    timeout = _seconds(data, "timeout", DEFAULT_PROBE_TIMEOUT, MAX_PROBE_TIMEOUT)
     tls = data.get("tls", False)
     if not isinstance(tls, bool):
-        raise bad('"tls" must be true or false')
+        raise _bad('"tls" must be true or false')
     subject = data.get("hostSubject")
     if subject is not None and (not isinstance(subject, str) or not tls):
-        raise bad('"hostSubject" must be a string, and needs "tls": true')
+        raise _bad('"hostSubject" must be a string, and needs "tls": true')
     password = data.get("password")
     if password is not None and not isinstance(password, str):
-        raise bad('"password" must be a string')
+        raise _bad('"password" must be a string')
     problem = check_password(password)
     if problem is not None:
-        raise bad(problem)
-    return ConnectRequest(host.strip("[]"), port, float(timeout), tls, subject, password)
+        raise _bad(problem)
+    return ConnectRequest(host.strip("[]"), port, timeout, tls, subject, password)
 
 
 # -- POST /api/tokens ------------------------------------------------------------------------
@@ -176,33 +183,13 @@ class MintRequest:
 def parse_mint(body: bytes) -> MintRequest:
     """A token request's JSON body (empty: the defaults); HttpError 400 naming the
     problem."""
-
-    def bad(message: str) -> HttpError:
-        return HttpError(HTTPStatus.BAD_REQUEST, message)
-
     if not body.strip():
         return MintRequest(None)
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        raise bad("the body is not JSON") from None
-    if not isinstance(data, dict):
-        raise bad("the body must be a JSON object")
-    unknown = sorted(set(data) - _MINT_KEYS)
-    if unknown:
-        raise bad(f"unknown key {unknown[0]!r} (known: {', '.join(sorted(_MINT_KEYS))})")
+    data = _json_object(body, _MINT_KEYS)
     target = data.get("target")
     if target is not None and (not isinstance(target, str) or not target):
-        raise bad('"target" must be a target\'s name (or absent: the main upstream)')
-    ttl = data.get("ttl", DEFAULT_TOKEN_TTL)
-    if (
-        isinstance(ttl, bool)
-        or not isinstance(ttl, int | float)
-        or not math.isfinite(ttl)
-        or not 0 < ttl <= MAX_TOKEN_TTL
-    ):
-        raise bad(f'"ttl" must be a number of seconds, above 0 and at most {MAX_TOKEN_TTL:g}')
-    return MintRequest(target, float(ttl))
+        raise _bad('"target" must be a target\'s name (or absent: the main upstream)')
+    return MintRequest(target, _seconds(data, "ttl", DEFAULT_TOKEN_TTL, MAX_TOKEN_TTL))
 
 
 def minted_json(token: str, target: str | None, expires: float, ttl: float) -> dict[str, Any]:

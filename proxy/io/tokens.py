@@ -47,10 +47,10 @@ class MintError(Exception):
 
 @dataclass(frozen=True)
 class Minted:
-    token: str = ""
-    scope: str = ""
-    expires: float = 0.0  # wall-clock (Unix) time
-    ttl: float = 0.0
+    token: str
+    scope: str
+    expires: float  # wall-clock (Unix) time
+    ttl: float
 
     def __repr__(self) -> str:  # never the token
         return f"Minted(scope={self.scope!r}, ttl={self.ttl})"
@@ -60,7 +60,9 @@ class Minted:
 class _WatchedFile:
     path: str
     credentials: list[ViewerCredentials]
-    seen: tuple[int, ...] | None  # what stat said when last read (None: not yet)
+    # what stat said when last read; None at first, so that the first look reads it (it
+    # may have changed since the CLI read it)
+    seen: tuple[int, ...] | None = None
     problem: str | None = None  # the last error logged, so it is said once per change
 
 
@@ -78,7 +80,7 @@ class TokenDesk:
             path = creds.tokens_file
             if path is None:
                 continue
-            watched = self._files.setdefault(path, _WatchedFile(path, [], _stat(path)))
+            watched = self._files.setdefault(path, _WatchedFile(path, []))
             watched.credentials.append(creds)
 
     @property
@@ -126,7 +128,7 @@ class TokenDesk:
             await trio.sleep(POLL)
 
     def reread_all(self) -> None:
-        """Every tokens file now, changed or not (tests; a thread or before trio runs)."""
+        """Every tokens file now, changed or not (blocking: not on the trio thread)."""
         for watched in self._files.values():
             watched.seen = None
             self._reread_if_changed(watched)

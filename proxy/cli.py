@@ -20,7 +20,6 @@ from proxy import logs
 from proxy.core import framing
 from proxy.core.admission import Admission, connection_budget, files_needed
 from proxy.core.allow import AllowList, AllowListError
-from proxy.core.management import token_problem
 from proxy.core.relay import Limits, LinkPolicy
 from proxy.core.websocket import origin_is_valid
 from proxy.io import ends
@@ -36,9 +35,9 @@ from proxy.io.tokens import TokenDesk
 from proxy.io.websocket import serve_websocket
 from proxy.linksetup import (
     add_link_options,
+    api_token,
     link_policy_from,
     scoped,
-    secret_line,
     target_policy,
 )
 from proxy.recorder import BACKLOG_POLICIES, RecordingOptions
@@ -572,7 +571,7 @@ def _management(args: argparse.Namespace, cp: ProxySection) -> ManagementOptions
     token = None
     if token_file is not None:
         where = _named(args, "management_token_file", "proxy", "management_token_file")
-        token = _api_token(token_file, where)
+        token = api_token(token_file, where)
     elif not _is_loopback(listen[0]):
         logging.getLogger("spicetap.management").warning(
             "the management API on %s has no token: whoever reaches it may list sessions "
@@ -595,15 +594,6 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:  # a name: only this one surely stays on the machine
         return host == "localhost"
-
-
-def _api_token(path: str, where: str) -> bytes:
-    """The management API's bearer token: the file's first line."""
-    token = secret_line(path, where).strip()
-    problem = token_problem(token)
-    if problem is not None:  # never the token itself: it may be a secret in the wrong file
-        raise UserError(f"{where} {path}: {problem}")
-    return token.encode()
 
 
 def _admission(max_connections: int | None) -> Admission:

@@ -15,6 +15,7 @@ from pathlib import Path
 from proxy.core.capmask import CapMask, UnknownCap
 from proxy.core.credentials import Token, ViewerCredentials, parse_tokens
 from proxy.core.linkrewrite import AUTH_MODES, LinkPolicy
+from proxy.core.management import token_problem
 from proxy.core.ticket import MAX_PASSWORD, TicketKey
 from spicetap.config import ProxySection, TargetSection
 from spicetap.errors import UserError
@@ -54,6 +55,16 @@ def secret_line(file: str, what: str) -> str:
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"{what} {file}: {_unreadable(exc)}") from None
     return text[0] if text else ""
+
+
+def api_token(path: str, where: str) -> bytes:
+    """The management API's bearer token: the file's first line (the proxy's, and what
+    `spicetap vv --mint-token` sends it)."""
+    token = secret_line(path, where).strip()
+    problem = token_problem(token)
+    if problem is not None:  # never the token itself: it may be a secret in the wrong file
+        raise UserError(f"{where} {path}: {problem}")
+    return token.encode()
 
 
 def _unreadable(exc: OSError | UnicodeDecodeError) -> str:

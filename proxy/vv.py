@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import serialization
 
 from proxy.core.management import DEFAULT_TOKEN_TTL, MAX_TOKEN_TTL
 from proxy.core.probe import check_password
-from proxy.linksetup import secret_line
+from proxy.linksetup import api_token
 from proxy.mint_client import ManagementApiAddress, mint_token
 from proxy.targets import host_port
 from proxy.tls import (
@@ -247,7 +247,7 @@ def _minted(args: argparse.Namespace, config: Config) -> str:
     host, port = host_port(listen, where, any_port=True)
     if port == 0:
         raise UserError(f"{where} {listen!r}: port 0 is picked at start; give the port it got")
-    bearer = secret_line(token_file, "the API's token file").strip()
+    bearer = api_token(token_file, "the API's token file").decode()
     https = None
     if args.management_tls or cp.management_tls:
         https = ssl.create_default_context(cadata=_ca_pem())

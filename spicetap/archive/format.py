@@ -102,16 +102,18 @@ def pack_payload(obj: dict[str, Any], with_packer: Any = None) -> bytes:
 _HEAD8 = struct.Struct(">BBB")
 _HEAD16 = struct.Struct(">BBH")
 _HEAD32 = struct.Struct(">BBI")
-CHAIN_HEAD = b"\xc4\x20"  # bin 8, 32 bytes
+CHAIN_SIZE = 32  # both hashes give 32 bytes
+CHAIN_HEAD = bytes((0xC4, CHAIN_SIZE))  # bin 8
+OBJECT_START = 0x92  # fixarray of 2: every object a writer frames
 
 
 def frame_head(size: int) -> bytes:
     """What precedes a payload of `size` bytes in its object."""
     if size < 0x100:
-        return _HEAD8.pack(0x92, 0xC4, size)
+        return _HEAD8.pack(OBJECT_START, 0xC4, size)
     if size < 0x10000:
-        return _HEAD16.pack(0x92, 0xC5, size)
-    return _HEAD32.pack(0x92, 0xC6, size)
+        return _HEAD16.pack(OBJECT_START, 0xC5, size)
+    return _HEAD32.pack(OBJECT_START, 0xC6, size)
 
 
 def bin_head(size: int) -> bytes:

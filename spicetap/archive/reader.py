@@ -175,8 +175,11 @@ class ArchiveReader:
 
     def _entries(self) -> Iterator[Entry]:
         up = self._unpacker
+        # where the object being read begins: tell() moves on inside an object that spans
+        # two reads, so it is taken once an object is whole
+        start = up.tell()
         while True:
-            offset = up.tell()
+            offset = start
             try:
                 obj = up.unpack()
             except msgpack.OutOfData:
@@ -218,6 +221,7 @@ class ArchiveReader:
             if not isinstance(inner, dict):
                 self.damaged = f"payload at byte {offset} is not a map"
                 return
+            start = up.tell()
             yield Entry(obj[0], obj[1], inner, offset)
 
     def _has_leftover(self) -> bool:

@@ -66,6 +66,13 @@ def verify(path: Path, trusted: Ed25519PublicKey | None = None) -> Verdict:
         if end is None:
             stop = reader.stop_offset
             if reader.truncated and stop is not None and not reader.compressed:
+                if _reframed(path, stop, chain, algo):
+                    return Verdict(
+                        "tampered",
+                        count,
+                        f"record {count} (byte {stop}) is whole, but its framing was altered",
+                        first_bad=count,
+                    )
                 later = _later_record(path, stop, count)
                 if later is not None:  # a length was altered: the file goes on past it
                     return Verdict(
@@ -90,6 +97,24 @@ def verify(path: Path, trusted: Ed25519PublicKey | None = None) -> Verdict:
                 first_bad=None,
             )
         return _check_end(end, header_chain, before, count, trusted, reader)
+
+
+def _reframed(path: Path, start: int, chain: bytes, algo: str) -> bool:
+    """Whether the file's last object, which reads as cut short, is in fact whole: its
+    payload and chain are all there and match the hash chain, and only the bytes that frame
+    them (the array marker, a type or a length) were changed. A cut file never reads so:
+    its last object lacks at least its chain's final byte."""
+    with path.open("rb") as f:
+        f.seek(start)
+        data = f.read(SCAN_LIMIT)
+    chain_at = len(data) - len(fmt.CHAIN_HEAD) - fmt.CHAIN_SIZE
+    found = data[-fmt.CHAIN_SIZE :]
+    # the head is 3, 4 or 6 bytes (bin 8, 16, 32 payloads: format.frame_head)
+    return any(
+        fmt.chain_next(chain, data[head:chain_at], algo) == found
+        for head in (3, 4, 6)
+        if head <= chain_at
+    )
 
 
 def _later_record(path: Path, start: int, expected: int) -> int | None:

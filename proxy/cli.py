@@ -7,9 +7,8 @@ import ipaddress
 import logging
 import math
 import signal
-import ssl
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -19,40 +18,24 @@ import trio
 from proxy import logs
 from proxy.core import framing
 from proxy.core.admission import Admission, connection_budget, files_needed
-from proxy.core.allow import AllowList, AllowListError
-from proxy.core.relay import Limits, LinkPolicy
-from proxy.core.websocket import origin_is_valid
+from proxy.core.relay import Limits
+from proxy.fronts import Fronts, build_fronts, named, pick, viewer_context
 from proxy.io import ends
-from proxy.io.connect import ConnectFront, serve_connect
+from proxy.io.connect import serve_connect
 from proxy.io.guard import raise_open_files_limit
 from proxy.io.management import ManagementOptions, serve_management
-from proxy.io.migration import MigrationListeners
 from proxy.io.recording import STOP_TIMEOUT, Recorder, RecordingSink
+from proxy.io.reloading import Rebuild, Reloader, RouteListeners, announce, listener_kind
 from proxy.io.resuming import ResumingRecorder
-from proxy.io.server import ChannelProxy, ProxyState, Upstream, serve_tcp
+from proxy.io.server import ChannelProxy, ProxyState, Routing
 from proxy.io.static import SPICE_HTML5_DIR
 from proxy.io.tokens import TokenDesk
 from proxy.io.websocket import serve_websocket
-from proxy.linksetup import (
-    add_link_options,
-    api_token,
-    link_policy_from,
-    scoped,
-    target_policy,
-)
+from proxy.linksetup import add_link_options, api_token
 from proxy.recorder import BACKLOG_POLICIES, RecordingOptions
-from proxy.targets import ConnectRouter, Target, check_upstream_tls, host_port
-from proxy.tls import (
-    HostCertificates,
-    TlsSetupError,
-    client_context,
-    default_subject,
-    issue_server_cert,
-    listen_host,
-    load_or_create_ca,
-    server_context,
-)
-from spicetap.archive.keys import config_dir, load_or_create_signing_key
+from proxy.targets import forget_client_contexts, host_port
+from proxy.tls import TlsSetupError, client_context
+from spicetap.archive.keys import load_or_create_signing_key
 from spicetap.archive.writer import FlushPolicy, Rotation
 from spicetap.config import Config, ConfigError, ProxySection, load_config
 from spicetap.errors import UserError
@@ -241,18 +224,6 @@ def _nonempty(text: str) -> str:
     return text
 
 
-def _pick(flag: Any, configured: Any) -> Any:
-    return configured if flag is None else flag
-
-
-def _named(args: argparse.Namespace, dest: str, section: str, key: str) -> str:
-    """How an error names a value: by its flag when given there, else by its place in the
-    config file (the flag would send the user looking in the wrong place)."""
-    if getattr(args, dest) is not None or not args.config:
-        return "--" + dest.replace("_", "-")
-    return f"{args.config}: [{section}] {key}"
-
-
 def cmd_proxy(args: argparse.Namespace) -> int:
     from spicetap.cli_inspect import policy_from
 
@@ -287,57 +258,42 @@ def cmd_proxy(args: argparse.Namespace) -> int:
             raise UserError(f"--keylog {args.keylog}: {exc.strerror or exc}") from None
     # the management API may mint viewer tokens when it has a token of its own
     mintable = all(
-        _pick(getattr(args, dest), getattr(cp, dest))
+        pick(getattr(args, dest), getattr(cp, dest))
         for dest in ("management", "management_token_file")
     )
-    # caps to clear, auth mode (secrets never logged)
-    link_policy = link_policy_from(args, cp, mintable)
-    targets = {
-        name: Target.from_section(name, t, target_policy(name, t, link_policy, mintable))
-        for name, t in config.targets.items()
-    }
-    main_policy = scoped(link_policy, "") if link_policy.auth == "inject" else None
-    routes = _routes(args, config, targets, keylog, main_policy)
-    connect = _connect_front(args, config, targets, keylog)
-    websocket = _websocket_front(args, cp, keylog, main_policy)
-    scopes = {name: t.policy or link_policy for name, t in targets.items()}
-    if _cli_target(args, cp) is not None:
-        scopes[""] = main_policy or link_policy
-    tokens = TokenDesk(scopes, link_policy)
-    if not routes and connect is None and websocket is None:
-        raise UserError(
-            "nothing to serve: give --upstream HOST:PORT (or --upstream-tls), "
-            "--connect-listen with --allow, or targets in --config"
-        )
+    # caps to clear, auth mode (secrets never logged), targets, what each listener serves
+    fronts = build_fronts(args, config, keylog, mintable)
+    link_policy = fronts.link_policy
+    tokens = TokenDesk(fronts.scopes, link_policy)
     limits = Limits(
-        link_timeout=_pick(args.link_timeout, cp.link_timeout),
-        idle_timeout=_pick(args.idle_timeout, cp.idle_timeout),
-        max_message=_pick(args.max_message, cp.max_message),
+        link_timeout=pick(args.link_timeout, cp.link_timeout),
+        idle_timeout=pick(args.idle_timeout, cp.idle_timeout),
+        max_message=pick(args.max_message, cp.max_message),
     )
     management = _management(args, cp)
     recorder = None
-    directory = _pick(args.record, cr.directory)
+    directory = pick(args.record, cr.directory)
     if directory and Path(directory).exists() and not Path(directory).is_dir():
-        where = _named(args, "record", "recording", "directory")
+        where = named(args, "record", "recording", "directory")
         raise UserError(f"{where} {directory}: not a directory")
     # before the recording process starts: it inherits the raised limit (an archive per
     # session open at once)
-    admission = _admission(_pick(args.max_connections, cp.max_connections))
+    admission = _admission(pick(args.max_connections, cp.max_connections))
     if directory:
         options = RecordingOptions(
             Path(directory),
             policy=policy_from(args, cr.privacy),
             flush=FlushPolicy(
-                interval=_pick(args.flush_interval, cr.flush_interval),
+                interval=pick(args.flush_interval, cr.flush_interval),
                 max_buffer=cr.max_buffer,
                 fsync=cr.fsync,
                 direct=cr.direct_io,
             ),
             rotation=Rotation(max_bytes=cr.rotate_bytes, max_seconds=cr.rotate_seconds),
-            compress=bool(_pick(args.compress, cr.compress)),
+            compress=bool(pick(args.compress, cr.compress)),
             chain_hash=cr.chain_hash,
-            backlog=_pick(args.backlog, cr.backlog),
-            max_backlog=_pick(args.max_backlog, cr.max_backlog_mb) << 20,
+            backlog=pick(args.backlog, cr.backlog),
+            max_backlog=pick(args.max_backlog, cr.max_backlog_mb) << 20,
             nice=cr.nice,
             max_message=limits.max_message,
         )
@@ -354,7 +310,7 @@ def cmd_proxy(args: argparse.Namespace) -> int:
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "too large"
             raise UserError(
                 f"recording: cannot make its {options.max_backlog >> 20} MiB backlog ring "
-                f"in shared memory ({_named(args, 'max_backlog', 'recording', 'max_backlog_mb')})"
+                f"in shared memory ({named(args, 'max_backlog', 'recording', 'max_backlog_mb')})"
                 f": {why}"
             ) from None
         recorder.start()
@@ -362,10 +318,12 @@ def cmd_proxy(args: argparse.Namespace) -> int:
     # default 5 ms would be each forwarded message's worst case): see proxy/io/pumps.py.
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     try:
-        follow = bool(_pick(args.follow_migration, cp.follow_migration))
+        follow = bool(pick(args.follow_migration, cp.follow_migration))
+        config_path = Path(args.config) if args.config else None
+        rebuild = partial(_rebuild, args, keylog, mintable)
         trio.run(
-            _serve, routes, connect, limits, recorder, websocket, link_policy, management,
-            follow, keylog, admission, tokens,
+            _serve, fronts, limits, recorder, management, follow, keylog, admission, tokens,
+            config, config_path, rebuild,
         )  # fmt: skip
     except BaseExceptionGroup as group:  # trio's nursery wraps what its tasks raise
         cannot = group.subgroup(ListenError)
@@ -387,190 +345,22 @@ def cmd_proxy(args: argparse.Namespace) -> int:
     return 0
 
 
-@dataclass(frozen=True)
-class Route:
-    """One reverse listener and where its viewers go."""
-
-    listen: tuple[str, int]
-    viewer_tls: ssl.SSLContext | None
-    upstream: Upstream
-    target: Target | None = None  # how a migration's destination is checked (its CA)
-    subject: str | None = None  # of the certificate viewer_tls presents
-    origins: tuple[str, ...] = ()  # the WebSocket front's: other pages allowed to connect
-
-
-def _cli_target(
-    args: argparse.Namespace, cp: ProxySection, policy: LinkPolicy | None = None
-) -> Target | None:
-    """The target named on the command line (--upstream/--upstream-tls) or in [proxy];
-    `policy`: its routes' own (inject: scoped to the main upstream's minted tokens)."""
-    plain_up = _pick(args.upstream, cp.upstream)
-    if plain_up is None and args.upstream_tls is None:
-        return None
-    check_upstream_tls(
-        Path(args.upstream_ca) if args.upstream_ca else None,
-        args.upstream_host_subject,
-        args.upstream_insecure,
-        ("--upstream-ca", "--upstream-host-subject", "--upstream-insecure"),
-    )
-    return Target(
-        None,
-        host_port(plain_up, _named(args, "upstream", "proxy", "upstream")) if plain_up else None,
-        host_port(args.upstream_tls, "--upstream-tls") if args.upstream_tls else None,
-        Path(args.upstream_ca) if args.upstream_ca else None,
-        args.upstream_host_subject,
-        args.upstream_insecure,
-        policy,
-    )
-
-
-def _routes(
-    args: argparse.Namespace,
-    config: Config,
-    targets: dict[str, Target],
-    keylog: Path | None,
-    main_policy: LinkPolicy | None = None,
-) -> list[Route]:
-    cp = config.proxy
-    routes: list[Route] = []
-    main = _cli_target(args, cp, main_policy)
-    if main is None and (args.listen or args.tls_listen):
-        raise UserError("--listen and --tls-listen need --upstream or --upstream-tls")
-    if main is not None:
-        if args.listen or (cp.listen and not args.tls_listen and not args.ws_listen):
-            what = _named(args, "listen", "proxy", "listen")
-            listen = host_port(_pick(args.listen, cp.listen), what, any_port=True)
-            routes.append(Route(listen, None, main.upstream(False, keylog), main))
-        if args.tls_listen:
-            listen = host_port(args.tls_listen, "--tls-listen", any_port=True)
-            context = _viewer_context(args, listen, keylog)
-            subject = _subject(args, listen)
-            routes.append(Route(listen, context, main.upstream(True, keylog), main, subject))
-    for name, section in config.targets.items():
-        target = targets[name]
-        if section.listen:
-            where = f"{args.config}: [targets.{name}] listen"
-            listen = host_port(section.listen, where, any_port=True)
-            routes.append(Route(listen, None, target.upstream(False, keylog), target))
-        if section.tls_listen:
-            where = f"{args.config}: [targets.{name}] tls_listen"
-            listen = host_port(section.tls_listen, where, any_port=True)
-            context = _viewer_context(args, listen, keylog)
-            subject = _subject(args, listen)
-            routes.append(Route(listen, context, target.upstream(True, keylog), target, subject))
-    return routes
-
-
-def _connect_front(
-    args: argparse.Namespace, config: Config, targets: dict[str, Target], keylog: Path | None
-) -> tuple[tuple[str, int], ConnectFront] | None:
-    listen_text = _pick(args.connect_listen, config.connect.listen)
-    if listen_text is None:
-        if args.allow:
-            raise UserError("--allow needs --connect-listen (or [connect] listen)")
-        return None
-    what = _named(args, "connect_listen", "connect", "listen")
-    listen = host_port(listen_text, what, any_port=True)
-    section = config.connect
-    if args.allow:
-        try:  # named as flags here; the file's own patterns as [connect] allow below
-            AllowList.parse(args.allow)
-        except AllowListError as exc:
-            raise UserError(f"--{exc}") from None
-        section = replace(section, allow=(*section.allow, *args.allow))
-    if args.upstream_ca and not section.upstream_ca:
-        section = replace(section, upstream_ca=args.upstream_ca)
-    if args.upstream_insecure:
-        section = replace(section, upstream_insecure=True)
-    router = ConnectRouter.from_config(section, targets)
-    if not router.allow.patterns and not targets:
-        raise UserError(
-            "the CONNECT front allows nothing: give --allow HOST:PORT patterns, "
-            "[connect] allow, or [targets.NAME] sections"
-        )
-    try:
-        certificates = HostCertificates(
-            load_or_create_ca(), args.tls_subject, keylog, config_dir() / "issued" / "hosts"
-        )
-    except TlsSetupError as exc:
-        raise UserError(str(exc)) from None
-    return listen, ConnectFront(router, certificates, keylog)
-
-
-def _websocket_front(
-    args: argparse.Namespace,
-    cp: ProxySection,
-    keylog: Path | None,
-    main_policy: LinkPolicy | None = None,
-) -> Route | None:
-    """--ws-listen (or [proxy] ws_listen): browsers reach the main upstream, plain if
-    there is one, over WebSocket; --ws-tls adds TLS with the viewer certificate."""
-    listen_text = _pick(args.ws_listen, cp.ws_listen)
-    if listen_text is None:
-        for dest, flag in (("ws_tls", "--ws-tls"), ("ws_origin", "--ws-origin")):
-            if getattr(args, dest):
-                raise UserError(f"{flag} needs --ws-listen (or [proxy] ws_listen)")
-        return None
-    main = _cli_target(args, cp, main_policy)
-    if main is None:
-        raise UserError("--ws-listen needs --upstream or --upstream-tls")
-    listen = host_port(listen_text, _named(args, "ws_listen", "proxy", "ws_listen"), any_port=True)
-    context = _viewer_context(args, listen, keylog) if args.ws_tls else None
-    origins = tuple(args.ws_origin) or cp.ws_origins
-    named = "--ws-origin" if args.ws_origin else f"{args.config}: [proxy] ws_origins"
-    for origin in origins:  # compared with the browser's Origin header, which has this form
-        if not origin_is_valid(origin):
-            raise UserError(f"{named} {origin!r}: expected * or SCHEME://HOST[:PORT]")
-    return Route(listen, context, main.upstream(False, keylog), origins=origins)
-
-
-def _issued_subject(args: argparse.Namespace, listen: tuple[str, int]) -> str:
-    """The subject of the certificate spicetap issues for a TLS listener."""
-    return str(args.tls_subject or default_subject(listen_host(listen[0])))
-
-
-def _subject(args: argparse.Namespace, listen: tuple[str, int]) -> str | None:
-    """The subject of the certificate a TLS listener presents (None: the user's own)."""
-    if args.tls_cert:
-        return None  # the viewer then checks the host name, as with any certificate
-    return _issued_subject(args, listen)
-
-
-def _viewer_context(
-    args: argparse.Namespace, listen: tuple[str, int], keylog: Path | None
-) -> ssl.SSLContext:
-    try:
-        if args.tls_cert or args.tls_key:
-            if not (args.tls_cert and args.tls_key):
-                raise UserError("--tls-cert and --tls-key go together")
-            if args.tls_subject:
-                raise UserError("--tls-subject names certificates spicetap issues, not --tls-cert")
-            return server_context(Path(args.tls_cert), Path(args.tls_key), keylog)
-        ca = load_or_create_ca()
-        host = listen_host(listen[0])
-        subject = _issued_subject(args, listen)
-        cert, key = issue_server_cert(ca, subject, [host, "localhost"], config_dir() / "issued")
-        return server_context(cert, key, keylog)
-    except TlsSetupError as exc:
-        raise UserError(str(exc)) from None
-
-
 def _management(args: argparse.Namespace, cp: ProxySection) -> ManagementOptions | None:
     """--management (or [proxy] management); probes with "tls": true check servers as the
     TLS upstream is checked (--upstream-ca, --upstream-insecure)."""
-    listen_text = _pick(args.management, cp.management)
+    listen_text = pick(args.management, cp.management)
     if listen_text is None:
         for dest in ("management_token_file", "management_tls"):
-            if _pick(getattr(args, dest), getattr(cp, dest)):
-                where = _named(args, dest, "proxy", dest)
+            if pick(getattr(args, dest), getattr(cp, dest)):
+                where = named(args, dest, "proxy", dest)
                 raise UserError(f"{where} needs --management (or [proxy] management)")
         return None
-    what = _named(args, "management", "proxy", "management")
+    what = named(args, "management", "proxy", "management")
     listen = host_port(listen_text, what, any_port=True)
-    token_file = _pick(args.management_token_file, cp.management_token_file)
+    token_file = pick(args.management_token_file, cp.management_token_file)
     token = None
     if token_file is not None:
-        where = _named(args, "management_token_file", "proxy", "management_token_file")
+        where = named(args, "management_token_file", "proxy", "management_token_file")
         token = api_token(token_file, where)
     elif not _is_loopback(listen[0]):
         logging.getLogger("spicetap.management").warning(
@@ -579,8 +369,8 @@ def _management(args: argparse.Namespace, cp: ProxySection) -> ManagementOptions
             listen_text,
         )
     https = None
-    if _pick(args.management_tls, cp.management_tls):
-        https = _viewer_context(args, listen, None)
+    if pick(args.management_tls, cp.management_tls):
+        https = viewer_context(args, listen, None)
     ca = Path(args.upstream_ca) if args.upstream_ca else None
     try:
         probe_tls = client_context(ca, args.upstream_insecure, None)
@@ -618,31 +408,34 @@ class ListenError(Exception):
     """A listener could not be opened (the message names it and why)."""
 
 
-def announce(kind: str, listeners: list[trio.SocketListener], what: str) -> None:
-    """One log line, and one stdout line scripts and tests read: the bound port (port 0 in
-    --listen lets the system pick one). "spicetap proxy ready" follows the last of them."""
-    host, port = listeners[0].socket.getsockname()[:2]
-    logging.getLogger("spicetap.proxy").info("listening (%s) on %s:%d, %s", kind, host, port, what)
-    print(f"spicetap proxy listening ({kind}) on {host}:{port}", flush=True)
+def _rebuild(
+    args: argparse.Namespace, keylog: Path | None, mintable: bool, config: Config, previous: Fronts
+) -> Fronts:
+    """A reload's fronts: the same flags, the file as it now reads. TLS contexts are made
+    afresh (a CA file may have been replaced)."""
+    forget_client_contexts()
+    return build_fronts(args, config, keylog, mintable, previous)
 
 
 async def _serve(
-    routes: list[Route],
-    connect: tuple[tuple[str, int], ConnectFront] | None,
+    fronts: Fronts,
     limits: Limits,
     recorder: RecordingSink | None,
-    websocket: Route | None = None,
-    link_policy: LinkPolicy | None = None,
     management: ManagementOptions | None = None,
     follow_migration: bool = True,
     keylog: Path | None = None,
     admission: Admission | None = None,
     tokens: TokenDesk | None = None,
+    config: Config | None = None,
+    config_path: Path | None = None,
+    rebuild: Rebuild | None = None,
 ) -> None:
-    """Serve every front until SIGINT/SIGTERM."""
+    """Serve every front until SIGINT/SIGTERM (or SIGHUP without a config file to
+    re-read); SIGHUP with one reloads it."""
     state = ProxyState(admission=admission)
     logger = logging.getLogger("spicetap.proxy")
-    proxy = ChannelProxy(limits, recorder, state, link_policy)
+    proxy = ChannelProxy(limits, recorder, state, fronts.link_policy)
+    tokens = tokens or TokenDesk(fronts.scopes, fronts.link_policy)
     # said once every listener is up: a port that is taken then leaves no "listening" line
     # behind for one that is not served
     opened: list[tuple[str, list[trio.SocketListener], str]] = []
@@ -652,65 +445,62 @@ async def _serve(
             kind: str, where: tuple[str, int], what: str, serve: Any, *args: Any
         ) -> None:
             try:
-                listeners = await nursery.start(serve, *args)
+                serving = await serve(*args)
             except OSError as exc:
                 reason = exc.strerror or str(exc)
                 message = f"cannot listen ({kind}) on {where[0]}:{where[1]}: {reason}"
                 raise ListenError(message) from None
-            opened.append((kind, listeners, what))
+            opened.append((kind, serving.listeners, what))
 
-        for route in routes:
-            kind = "tls" if route.viewer_tls is not None else "plain"
-            if route.upstream.target is not None:
-                kind += f":{route.upstream.target}"
-            migration = None
-            if follow_migration and route.target is not None:
-                migration = MigrationListeners(
-                    proxy,
-                    nursery,
-                    ca=route.target.ca,
-                    insecure=route.target.insecure,
-                    keylog=keylog,
-                    viewer_tls=route.viewer_tls,
-                    tls_subject=route.subject,
-                )
-            await start(
-                kind, route.listen, f"forwarding to {route.upstream.label}",
-                serve_tcp, proxy, route.upstream, *route.listen, route.viewer_tls, migration,
-            )  # fmt: skip
-        if connect is not None:
-            (host, port), front = connect
+        listeners = RouteListeners(proxy, nursery, follow_migration, keylog)
+        for route in fronts.routes:
+            what = f"forwarding to {route.upstream.label}"
+            await start(listener_kind(route), route.listen, what, listeners.open, route)
+        if fronts.connect is not None:
+            (host, port), front = fronts.connect
             front = replace(front, follow_migration=follow_migration)
             await start(
                 "connect", (host, port), "HTTP CONNECT front",
-                serve_connect, proxy, front, host, port,
+                nursery.start, serve_connect, proxy, front, host, port,
             )  # fmt: skip
-        if websocket is not None:
+        ws_routing = None
+        if (websocket := fronts.websocket) is not None:
+            ws_routing = Routing(websocket.upstream)
             await start(
                 "websocket", websocket.listen, f"forwarding to {websocket.upstream.label}",
-                serve_websocket, proxy, websocket.upstream, *websocket.listen,
+                nursery.start, serve_websocket, proxy, ws_routing, *websocket.listen,
                 websocket.viewer_tls, SPICE_HTML5_DIR, websocket.origins,
             )  # fmt: skip
+        reloader = Reloader(
+            config_path, config or Config(), fronts, rebuild, listeners,
+            tokens, ws_routing,
+        )  # fmt: skip
         if management is not None:
             api = "HTTPS API" if management.https is not None else "HTTP API"
             api += ", token required" if management.token is not None else ""
+            paths = "/api/sessions /api/spice/connect /api/tokens /api/reload /metrics"
             await start(
-                "management", management.listen,
-                f"{api}: /api/sessions /api/spice/connect /api/tokens /metrics",
-                serve_management, management, state, recorder, tokens,
+                "management", management.listen, f"{api}: {paths}",
+                nursery.start, serve_management, management, state, recorder, tokens, reloader,
             )  # fmt: skip
-        if tokens is not None and tokens.active:
+        if tokens.active or reloader.reloadable:  # a reload may bring tokens files
             nursery.start_soon(tokens.keep_current, state)
-        for kind, listeners, what in opened:
-            announce(kind, listeners, what)
-        print("spicetap proxy ready", flush=True)
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for _sig in signals:
+        stops = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        # caught before "ready" is said: a script may signal as soon as it reads it
+        with trio.open_signal_receiver(*stops) as signals:
+            for kind, opened_listeners, what in opened:
+                announce(kind, opened_listeners, what)
+            print("spicetap proxy ready", flush=True)
+            async for sig in signals:
+                if sig == signal.SIGHUP and reloader.reloadable:
+                    logger.info("SIGHUP: reloading %s", config_path)
+                    nursery.start_soon(reloader.reload_logged)
+                    continue
                 break
         # Once stopping, another Ctrl-C or SIGTERM (an impatient user, a service manager's
         # second try) must not cut the archives short: the drain is bounded, and SIGKILL
         # remains (after which the recording process still closes every archive).
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in stops:
             signal.signal(sig, signal.SIG_IGN)
         logger.info(
             "stopping: draining archives (at most %.0f s; further stop signals are ignored)",

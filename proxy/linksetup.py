@@ -99,10 +99,14 @@ def read_tokens(file: str) -> list[Token]:
 
 
 def link_policy_from(
-    args: argparse.Namespace, cp: ProxySection, mintable: bool = False
+    args: argparse.Namespace,
+    cp: ProxySection,
+    mintable: bool = False,
+    key: TicketKey | None = None,
 ) -> LinkPolicy:
     """`mintable`: the management API may mint tokens (it has a token of its own), so
-    inject needs no viewer password or tokens file to start with."""
+    inject needs no viewer password or tokens file to start with. `key`: spicetap's key
+    pair so far (a reload keeps it), else a new one where the mode needs it."""
     names = [n for arg in args.mask_caps for n in arg.split(",")] or list(cp.mask_caps)
     try:
         mask = CapMask.parse(names)
@@ -120,6 +124,7 @@ def link_policy_from(
             args.server_password_file or cp.server_password_file,
         ),
         "--auth",
+        key,
         mintable=mintable,
     )
 
@@ -188,7 +193,7 @@ def _policy(
     if mode != "inject":
         if secrets.given():
             raise UserError(f"{where}: viewer and server passwords and tokens are for inject only")
-        key = key or (TicketKey.generate() if mode == "intercept" else None)
+        key = (key or TicketKey.generate()) if mode == "intercept" else None
         return LinkPolicy(mask, mode, key)
     viewer_password = _secret(
         secrets.viewer_password, secrets.viewer_password_file, "viewer password"

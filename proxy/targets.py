@@ -122,9 +122,16 @@ def _client_context(
         raise UserError(str(exc)) from None
 
 
-@dataclass(frozen=True)
+def forget_client_contexts() -> None:
+    """The next upstream TLS connections read their CA files again (a reload)."""
+    _client_context.cache_clear()
+
+
+@dataclass
 class ConnectRouter:
-    """Decides which target a CONNECT host:port reaches, or None: refused."""
+    """Decides which target a CONNECT host:port reaches, or None: refused. A reload
+    replaces its targets and allow-list in place (reconfigure), on the trio thread that
+    routes, so a tunnel never sees half of each."""
 
     targets: dict[str, Target]
     allow: AllowList
@@ -137,6 +144,11 @@ class ConnectRouter:
         """Let viewers CONNECT to `address` until `until` (a live migration's destination,
         where a viewer behind this front goes next)."""
         self.admitted[address] = max(until, self.admitted.get(address, 0.0))
+
+    def reconfigure(self, fresh: ConnectRouter) -> None:
+        """Route as `fresh` does from now on; admitted migration destinations stay."""
+        self.targets, self.allow = fresh.targets, fresh.allow
+        self.ca, self.insecure = fresh.ca, fresh.insecure
 
     @classmethod
     def from_config(cls, section: ConnectSection, targets: dict[str, Target]) -> ConnectRouter:

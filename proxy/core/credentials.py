@@ -184,6 +184,31 @@ class ViewerCredentials:
                 raise ValueError("that token is already known")  # a random one never is
             self._minted[digest] = Token(secret, expires, scope=scope)
 
+    def inherit(self, old: ViewerCredentials) -> None:
+        """A reload made these credentials (a new password, tokens file or server password)
+        for the same owner as `old` (the proxy, or one target): carry on from it. Both
+        then share one lock and the same minted and redeemed tokens, so that a link still
+        checked against `old` (accepted before the reload) and one checked here cannot both
+        redeem a token; a token the file still lists keeps its state."""
+        with old._lock:
+            listed = list(self._file.values())
+            self._lock = old._lock
+            self._minted, self._kept = old._minted, old._kept
+            self._file = dict(old._file)
+            self._load(listed)
+
+    def take_minted(self, scope: str, other: ViewerCredentials) -> None:
+        """Tokens minted for `scope` in `other` are checked here from now on (a reload gave
+        that target credentials of its own, or took them away)."""
+        if other._lock is self._lock:
+            return  # one lineage: the tokens are already shared
+        with other._lock:
+            moving = {d: t for d, t in other._minted.items() if t.scope == scope}
+            for digest in moving:
+                del other._minted[digest]
+        with self._lock:
+            self._minted.update(moving)
+
     def load_file(self, tokens: Iterable[Token]) -> None:
         """The tokens file as it now reads. A token it still lists keeps its state (a
         redeemed one stays used) and takes its new expiry; a dropped one starts no new

@@ -36,6 +36,7 @@ ROUTES = {
     "/api/sessions": ("GET",),
     "/api/spice/connect": ("POST",),
     "/api/tokens": ("POST",),
+    "/api/reload": ("POST",),
     "/metrics": ("GET",),
 }
 
@@ -120,15 +121,20 @@ def _bad(message: str) -> HttpError:
     return HttpError(HTTPStatus.BAD_REQUEST, message)
 
 
-def _json_object(body: bytes, known: set[str]) -> dict[str, Any]:
-    """A request's JSON object; HttpError 400 naming the problem. Unknown keys are refused:
-    a misspelt key must not silently fall back to its default."""
+def _json_dict(body: bytes) -> dict[str, Any]:
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: [[[[...
         raise _bad("the body is not JSON") from None
     if not isinstance(data, dict):
         raise _bad("the body must be a JSON object")
+    return data
+
+
+def _json_object(body: bytes, known: set[str]) -> dict[str, Any]:
+    """A request's JSON object; HttpError 400 naming the problem. Unknown keys are refused:
+    a misspelt key must not silently fall back to its default."""
+    data = _json_dict(body)
     unknown = sorted(set(data) - known)
     if unknown:
         raise _bad(f"unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
@@ -194,6 +200,15 @@ def parse_mint(body: bytes) -> MintRequest:
 
 def minted_json(token: str, target: str | None, expires: float, ttl: float) -> dict[str, Any]:
     return {"token": token, "target": target, "expires": _iso(expires), "ttl": ttl}
+
+
+# -- POST /api/reload --------------------------------------------------------------------------
+
+
+def parse_reload(body: bytes) -> None:
+    """Nothing to ask: an empty body, or an empty JSON object."""
+    if body.strip() and _json_dict(body):
+        raise _bad("POST /api/reload takes no parameters: it re-reads the config file")
 
 
 def host_is_valid(host: str) -> bool:

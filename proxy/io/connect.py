@@ -22,7 +22,14 @@ from proxy.core.linkrewrite import LinkPolicy
 from proxy.core.migration import Destination
 from proxy.io.guard import guarded
 from proxy.io.migration import ServedAt
-from proxy.io.server import ChannelProxy, exception_text, in_thread, peer_address
+from proxy.io.server import (
+    ChannelProxy,
+    Serving,
+    exception_text,
+    in_thread,
+    peer_address,
+    serve_listening,
+)
 from proxy.targets import ConnectRouter, Target
 from proxy.tls import HostCertificates, TlsSetupError
 from spicetap.errors import UserError
@@ -166,15 +173,11 @@ async def serve_connect(
     front: ConnectFront,
     host: str,
     port: int,
-    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[Serving] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     listeners = await trio.open_tcp_listeners(port, host=host)
 
     async def handle(stream: trio.SocketStream) -> None:
         await handle_connect(proxy, front, stream)
 
-    async with trio.open_nursery() as nursery:
-        task_status.started(listeners)
-        await trio.serve_listeners(
-            guarded(handle, "CONNECT front", proxy.state), listeners, handler_nursery=nursery
-        )
+    await serve_listening(listeners, guarded(handle, "CONNECT front", proxy.state), task_status)

@@ -4,6 +4,7 @@ proxy/core/management.py):
     GET  /api/sessions        live sessions, their channels and counters, totals
     POST /api/spice/connect   probe a SPICE server, as `spicetap probe --json` answers
     POST /api/tokens          mint a one-time viewer token (inject mode; needs the API token)
+    POST /api/reload          re-read the config file (as SIGHUP does), say what changed
     GET  /metrics             Prometheus text
 
 One request per connection (answered with "Connection: close"): the API is small and
@@ -48,6 +49,7 @@ from proxy.core.management import (
     minted_json,
     parse_connect,
     parse_mint,
+    parse_reload,
     route,
     sessions_json,
 )
@@ -56,7 +58,8 @@ from proxy.core.throttle import LogThrottle
 from proxy.io.guard import guarded
 from proxy.io.probe import ProbeTarget, probe
 from proxy.io.recording import RecordingSink
-from proxy.io.server import ProxyState, peer_address
+from proxy.io.reloading import Reloader, ReloadFailed
+from proxy.io.server import ProxyState, Serving, peer_address, serve_listening
 from proxy.io.tokens import MintError, TokenDesk
 from proxy.tls import client_context
 
@@ -98,11 +101,13 @@ class ManagementApi:
         state: ProxyState,
         recorder: RecordingSink | None,
         tokens: TokenDesk | None = None,
+        reloader: Reloader | None = None,
     ) -> None:
         self.options = options
         self.state = state
         self.recorder = recorder
         self.tokens = tokens
+        self.reloader = reloader
         self.probes = trio.CapacityLimiter(MAX_PROBES)
         self.refusals = LogThrottle()  # requests without the token
 
@@ -175,6 +180,8 @@ class ManagementApi:
             return Reply(HTTPStatus.OK, text.encode(), PROMETHEUS)
         if path == "/api/tokens":
             return self.mint(body)
+        if path == "/api/reload":
+            return await self.reload(body)
         request = parse_connect(body)
         tls = None
         if request.tls:
@@ -228,6 +235,21 @@ class ManagementApi:
         return Reply(HTTPStatus.CREATED, json.dumps(data).encode(), headers=(
             ("cache-control", "no-store"),  # a credential: no cache keeps it
         ))  # fmt: skip
+
+    async def reload(self, body: bytes) -> Reply:
+        """POST /api/reload: 200 with what changed ("success" false when a listener could
+        not be opened), 422 when the file cannot be used (nothing changed), 409 without
+        a config file."""
+        parse_reload(body)
+        if self.reloader is None or not self.reloader.reloadable:
+            raise HttpError(HTTPStatus.CONFLICT, "no --config file to re-read")
+        log.info("management API: reloading %s", self.reloader.config_path)
+        try:
+            report = await self.reloader.reload()
+        except ReloadFailed as exc:
+            log.error("reload failed, the running config stays: %s", exc)
+            raise HttpError(HTTPStatus.UNPROCESSABLE_ENTITY, str(exc)) from None
+        return Reply(HTTPStatus.OK, json.dumps(report.json()).encode())
 
     def authorize(self, request: h11.Request, client: tuple[str, int]) -> None:
         """HttpError 401 unless the request carries the token (when there is one)."""
@@ -372,19 +394,18 @@ async def serve_management(
     state: ProxyState,
     recorder: RecordingSink | None,
     tokens: TokenDesk | None = None,
-    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+    reloader: Reloader | None = None,
+    task_status: trio.TaskStatus[Serving] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Listen on options.listen and answer API requests until cancelled."""
-    api = ManagementApi(options, state, recorder, tokens)
+    api = ManagementApi(options, state, recorder, tokens, reloader)
     host, port = options.listen
     listeners = await trio.open_tcp_listeners(port, host=host)
     # Its own cap, apart from --max-connections: an idle client holds its connection up
     # to REQUEST_TIMEOUT, and uncounted, a few hundred of them used up the open files the
     # channels need (admission.RESERVED_FILES keeps room for these)
     handle = guarded(api.handle, "management API", _ApiConnections(), "the API's own")
-    async with trio.open_nursery() as nursery:
-        task_status.started(listeners)
-        await trio.serve_listeners(handle, listeners, handler_nursery=nursery)
+    await serve_listening(listeners, handle, task_status)
 
 
 @dataclass

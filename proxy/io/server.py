@@ -436,8 +436,8 @@ class ChannelProxy:
         self.state.total_channels += 1
         if self.recorder is not None:
             route = {**_route(upstream_to, insertion), "tls": tls}
-            if upstream_to.policy is not None:  # the target's own auth heads its archives
-                route.update(upstream_to.policy.describe())
+            if policy is not None:  # per target, and a reload may change the proxy's
+                route.update(policy.describe())
             self.recorder.opened(conn, now, client, ends[0], tls, route, ends[1])
         log.info("channel %d: %s:%d -> %s (%s)", conn, *client, upstream_to.label, insertion)
         return stats
@@ -572,29 +572,62 @@ async def accept_tls(
     return wrapped
 
 
+@dataclass
+class Routing:
+    """Where a listener's viewers go. A reload re-points it: connections accepted from
+    then on go to the new upstream; those already relayed stay where they are."""
+
+    upstream: Upstream
+    migration: Follower | None = None
+
+
+@dataclass(frozen=True)
+class Serving:
+    """A front's listeners, and the scope that accepts on them: cancelling it stops new
+    viewers (the listeners close), while channels already relayed run on to their end."""
+
+    listeners: list[trio.SocketListener]
+    accepting: trio.CancelScope
+
+    def stop(self) -> None:
+        """At once: the port is free when this returns (a reload may listen there again)."""
+        self.accepting.cancel()  # delivered now: no accept is waiting on the sockets below
+        for listener in self.listeners:
+            listener.socket.close()
+
+
+async def serve_listening(
+    listeners: list[trio.SocketListener],
+    handler: Callable[[trio.SocketStream], Awaitable[None]],
+    task_status: trio.TaskStatus[Serving],
+) -> None:
+    """Accept on `listeners` until stopped (Serving.stop) or cancelled; handlers live in a
+    nursery outside the accepting scope, so stopping does not end them."""
+    async with trio.open_nursery() as handlers:
+        with trio.CancelScope() as accepting:
+            task_status.started(Serving(listeners, accepting))
+            # serve_listeners closes each listener as it returns
+            await trio.serve_listeners(handler, listeners, handler_nursery=handlers)
+
+
 async def serve_tcp(
     proxy: ChannelProxy,
-    upstream: Upstream,
+    routing: Routing,
     host: str,
     port: int,
     tls: ssl.SSLContext | None = None,
-    migration: Follower | None = None,
-    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[Serving] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Reverse mode: accept viewers on host:port and relay each to `upstream`; with `tls`,
-    terminate TLS first (spicetap's certificate); with `migration`, follow migrations."""
+    """Reverse mode: accept viewers on host:port and relay each where `routing` points at
+    its arrival; with `tls`, terminate TLS first (spicetap's certificate)."""
     listeners = await trio.open_tcp_listeners(port, host=host)
 
     async def handle(stream: trio.SocketStream) -> None:
+        upstream, migration = routing.upstream, routing.migration
         await proxy.handle_socket(stream, upstream, tls=tls, migration=migration)
 
-    async with trio.open_nursery() as nursery:
-        task_status.started(listeners)
-        await trio.serve_listeners(
-            guarded(handle, f"viewer on {host}:{port}", proxy.state),
-            listeners,
-            handler_nursery=nursery,
-        )
+    handler = guarded(handle, f"viewer on {host}:{port}", proxy.state)
+    await serve_listening(listeners, handler, task_status)
 
 
 def exception_text(exc: BaseException) -> str:

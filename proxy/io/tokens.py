@@ -73,15 +73,24 @@ class TokenDesk:
     allow-listed addresses use it)."""
 
     def __init__(self, scopes: dict[str, LinkPolicy], base: LinkPolicy | None) -> None:
-        self.scopes = scopes
         self._files: dict[str, _WatchedFile] = {}
+        self.reconfigure(scopes, base)
+
+    def reconfigure(self, scopes: dict[str, LinkPolicy], base: LinkPolicy | None) -> None:
+        """The routes as a reload left them. A file watched before and still named is not
+        read again until it changes (the reload read it)."""
+        self.scopes = scopes
         self._credentials = _distinct(p.viewers for p in [*scopes.values(), base] if p)
+        files: dict[str, _WatchedFile] = {}
         for creds in self._credentials:
             path = creds.tokens_file
             if path is None:
                 continue
-            watched = self._files.setdefault(path, _WatchedFile(path, []))
+            before = self._files.get(path)
+            seen = before.seen if before is not None else None
+            watched = files.setdefault(path, _WatchedFile(path, [], seen))
             watched.credentials.append(creds)
+        self._files = files
 
     @property
     def active(self) -> bool:
@@ -117,19 +126,19 @@ class TokenDesk:
         tokens."""
         pruned = time.monotonic()
         while True:
-            for watched in self._files.values():
+            for watched in list(self._files.values()):  # a reload may replace them
                 await trio.to_thread.run_sync(self._reread_if_changed, watched)
             now = time.monotonic()
             if now - pruned >= PRUNE_EVERY:
                 pruned = now
                 live = live_sessions(state)
-                for creds in self._credentials:
+                for creds in list(self._credentials):
                     creds.prune(now, live)
             await trio.sleep(POLL)
 
     def reread_all(self) -> None:
         """Every tokens file now, changed or not (blocking: not on the trio thread)."""
-        for watched in self._files.values():
+        for watched in list(self._files.values()):
             watched.seen = None
             self._reread_if_changed(watched)
 

@@ -32,7 +32,7 @@ from proxy.core.websocket import (
     is_upgrade,
 )
 from proxy.io.guard import guarded
-from proxy.io.server import ChannelProxy, Upstream, accept_tls
+from proxy.io.server import ChannelProxy, Routing, Serving, accept_tls, serve_listening
 from proxy.io.static import SPICE_HTML5_DIR, static_response
 from proxy.io.streams import PeerProtocolError
 
@@ -218,16 +218,16 @@ async def open_websocket(
 
 async def serve_websocket(
     proxy: ChannelProxy,
-    upstream: Upstream,
+    routing: Routing,
     host: str,
     port: int,
     tls: ssl.SSLContext | None = None,
     web_root: Path = SPICE_HTML5_DIR,
     origins: tuple[str, ...] = (),
-    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[Serving] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept browsers on host:port (wss:// with `tls`): spice-html5's files and one
-    WebSocket per SPICE channel, each relayed to `upstream` through `proxy`. Pages from
+    WebSocket per SPICE channel, each relayed where `routing` points through `proxy`. Pages from
     other `origins` than spicetap's own may open WebSockets too."""
     listeners = await trio.open_tcp_listeners(port, host=host)
 
@@ -243,12 +243,10 @@ async def serve_websocket(
         ws = await open_websocket(transport, proxy.limits, web_root, peer, tls is not None, origins)
         if ws is None:
             return
+        upstream = routing.upstream  # where it points once the viewer got this far
         await proxy.handle(
             ws, upstream, viewer_tls=tls is not None, insertion="websocket", client=client
         )
 
-    async with trio.open_nursery() as nursery:
-        task_status.started(listeners)
-        await trio.serve_listeners(
-            guarded(handle, "WebSocket front", proxy.state), listeners, handler_nursery=nursery
-        )
+    handler = guarded(handle, "WebSocket front", proxy.state)
+    await serve_listening(listeners, handler, task_status)

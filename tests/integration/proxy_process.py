@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import TracebackType
@@ -84,6 +85,17 @@ class ProxyProcess:
                 break
         self.kill()
         raise RuntimeError(f"proxy did not start: {line!r}\n{self.log()}")
+
+    def next_line(self, timeout: float = 15.0) -> str:
+        """The proxy's next stdout line (after "ready": a reload's), or "" when none comes
+        within `timeout` seconds."""
+        stdout = self.proc.stdout
+        assert stdout is not None
+        got: list[str] = []
+        reader = threading.Thread(target=lambda: got.append(stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(timeout)
+        return got[0] if got else ""
 
     def log(self) -> str:
         if not self._log.closed:

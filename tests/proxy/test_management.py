@@ -671,8 +671,8 @@ async def test_idle_api_connections_are_capped_apart_from_the_channels(
                 sock.close()
 
     async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(serve_management, options, live_state(), None)
-        port = listeners[0].socket.getsockname()[1]
+        serving = await nursery.start(serve_management, options, live_state(), None)
+        port = serving.listeners[0].socket.getsockname()[1]
         refused, answer = await trio.to_thread.run_sync(clients, port)
         nursery.cancel_scope.cancel()
     assert refused == b"" and answer.startswith(b"HTTP/1.1 200")

@@ -30,7 +30,7 @@ from proxy.core.websocket import (
     encode_frame,
     origin_is_valid,
 )
-from proxy.io.server import ChannelProxy, Upstream
+from proxy.io.server import ChannelProxy, Routing, Upstream
 from proxy.io.static import static_response
 from proxy.io.streams import PeerProtocolError
 from proxy.io.websocket import WebSocketStream, open_websocket, serve_websocket
@@ -576,9 +576,9 @@ async def test_websocket_channel_is_relayed_to_the_upstream() -> None:
             return await trio.open_tcp_stream("127.0.0.1", up_port)
 
         proxy = ChannelProxy(Limits(), None)
-        (ws_listener,) = await nursery.start(
-            serve_websocket, proxy, Upstream(open_upstream, f"127.0.0.1:{up_port}"), "127.0.0.1", 0
-        )
+        routing = Routing(Upstream(open_upstream, f"127.0.0.1:{up_port}"))
+        serving = await nursery.start(serve_websocket, proxy, routing, "127.0.0.1", 0)
+        (ws_listener,) = serving.listeners
         client = await trio.open_tcp_stream("127.0.0.1", ws_listener.socket.getsockname()[1])
         async with client:
             with trio.fail_after(10):

@@ -1,0 +1,85 @@
+"""What a reload of `spicetap proxy`'s config file changes, and what only a restart can.
+
+A reload (SIGHUP, or POST /api/reload) re-reads the file and applies, for connections that
+arrive from then on: targets (added, removed, re-pointed, their TLS checks and
+credentials), reverse listeners (opened, closed, re-pointed), the CONNECT front's
+allow-list and checks, and authentication (mode, passwords, tokens files, masked
+capabilities). The rest is set up once at start: the listeners of the CONNECT, WebSocket
+and management fronts, limits, recording. Those keys are named here so that a reload that
+changes them says they wait for a restart, instead of silently doing nothing.
+
+Pure: configs in, names and plans out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any, Generic, TypeVar
+
+from spicetap.config import Config
+
+K = TypeVar("K", bound=Hashable)
+
+# [proxy] keys read once at start; the others ([proxy] listen, upstream, auth, ...) reload
+PROXY_AT_START = (
+    "link_timeout",
+    "idle_timeout",
+    "max_message",
+    "max_connections",
+    "follow_migration",
+    "ws_listen",
+    "ws_origins",
+    "management",
+    "management_token_file",
+    "management_tls",
+)
+
+
+def restart_needed(old: Config, new: Config) -> list[str]:
+    """The keys that differ between the running config and the file's, and that only a
+    restart applies, as "[section] key"."""
+    names = [f"[proxy] {key}" for key in _differing(old.proxy, new.proxy, PROXY_AT_START)]
+    names += [f"[recording] {key}" for key in _differing(old.recording, new.recording)]
+    names += [f"[connect] {key}" for key in _differing(old.connect, new.connect, ("listen",))]
+    return names
+
+
+def _differing(old: Any, new: Any, keys: tuple[str, ...] | None = None) -> list[str]:
+    names = keys if keys is not None else tuple(f.name for f in fields(old))
+    return [name for name in names if getattr(old, name) != getattr(new, name)]
+
+
+@dataclass(frozen=True)
+class Plan(Generic[K]):
+    """Listeners by key: which to open, which to stop, which to re-point."""
+
+    open: list[K]
+    stop: list[K]
+    keep: list[K]
+
+
+def plan(running: Mapping[K, object], wanted: Mapping[K, object]) -> Plan[K]:
+    """Stop what is no longer wanted, open what is new, re-point the rest; in the order the
+    config gives them (log lines then follow the file)."""
+    return Plan(
+        open=[k for k in wanted if k not in running],
+        stop=[k for k in running if k not in wanted],
+        keep=[k for k in wanted if k in running],
+    )
+
+
+@dataclass(frozen=True)
+class TargetChanges:
+    added: list[str]
+    removed: list[str]
+    changed: list[str]
+
+
+def target_changes(old: Mapping[str, object], new: Mapping[str, object]) -> TargetChanges:
+    """Targets by name, compared by their settings (sections of the config file)."""
+    return TargetChanges(
+        added=[n for n in new if n not in old],
+        removed=[n for n in old if n not in new],
+        changed=[n for n in new if n in old and old[n] != new[n]],
+    )

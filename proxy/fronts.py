@@ -1,0 +1,295 @@
+"""What `spicetap proxy` serves, built from its options and config file: the link policies
+(authentication, masked capabilities), the targets, the reverse routes, the CONNECT front's
+router and the WebSocket front's route. Built once at start, and again at each reload
+(proxy/io/reloading.py), which then carries the viewer credentials' state over
+(carry_credentials) so that a reload never makes a used token new again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ssl
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from proxy.core.allow import AllowList, AllowListError
+from proxy.core.credentials import ViewerCredentials
+from proxy.core.relay import LinkPolicy
+from proxy.core.websocket import origin_is_valid
+from proxy.io.connect import ConnectFront
+from proxy.io.server import Upstream
+from proxy.linksetup import link_policy_from, scoped, target_policy
+from proxy.targets import Address, ConnectRouter, Target, check_upstream_tls, host_port
+from proxy.tls import (
+    HostCertificates,
+    TlsSetupError,
+    default_subject,
+    issue_server_cert,
+    listen_host,
+    load_or_create_ca,
+    server_context,
+)
+from spicetap.archive.keys import config_dir
+from spicetap.config import Config, ProxySection
+from spicetap.errors import UserError
+
+
+def pick(flag: Any, configured: Any) -> Any:
+    return configured if flag is None else flag
+
+
+def named(args: argparse.Namespace, dest: str, section: str, key: str) -> str:
+    """How an error names a value: by its flag when given there, else by its place in the
+    config file (the flag would send the user looking in the wrong place)."""
+    if getattr(args, dest) is not None or not args.config:
+        return "--" + dest.replace("_", "-")
+    return f"{args.config}: [{section}] {key}"
+
+
+@dataclass(frozen=True)
+class Route:
+    """One reverse listener and where its viewers go."""
+
+    listen: tuple[str, int]
+    viewer_tls: ssl.SSLContext | None
+    upstream: Upstream
+    target: Target | None = None  # how a migration's destination is checked (its CA)
+    subject: str | None = None  # of the certificate viewer_tls presents
+    origins: tuple[str, ...] = ()  # the WebSocket front's: other pages allowed to connect
+
+
+def _cli_target(
+    args: argparse.Namespace, cp: ProxySection, policy: LinkPolicy | None = None
+) -> Target | None:
+    """The target named on the command line (--upstream/--upstream-tls) or in [proxy];
+    `policy`: its routes' own (inject: scoped to the main upstream's minted tokens)."""
+    plain_up = pick(args.upstream, cp.upstream)
+    if plain_up is None and args.upstream_tls is None:
+        return None
+    check_upstream_tls(
+        Path(args.upstream_ca) if args.upstream_ca else None,
+        args.upstream_host_subject,
+        args.upstream_insecure,
+        ("--upstream-ca", "--upstream-host-subject", "--upstream-insecure"),
+    )
+    return Target(
+        None,
+        host_port(plain_up, named(args, "upstream", "proxy", "upstream")) if plain_up else None,
+        host_port(args.upstream_tls, "--upstream-tls") if args.upstream_tls else None,
+        Path(args.upstream_ca) if args.upstream_ca else None,
+        args.upstream_host_subject,
+        args.upstream_insecure,
+        policy,
+    )
+
+
+def _routes(
+    args: argparse.Namespace,
+    config: Config,
+    targets: dict[str, Target],
+    keylog: Path | None,
+    main_policy: LinkPolicy | None = None,
+) -> list[Route]:
+    cp = config.proxy
+    routes: list[Route] = []
+    main = _cli_target(args, cp, main_policy)
+    if main is None and (args.listen or args.tls_listen):
+        raise UserError("--listen and --tls-listen need --upstream or --upstream-tls")
+    if main is not None:
+        if args.listen or (cp.listen and not args.tls_listen and not args.ws_listen):
+            what = named(args, "listen", "proxy", "listen")
+            listen = host_port(pick(args.listen, cp.listen), what, any_port=True)
+            routes.append(Route(listen, None, main.upstream(False, keylog), main))
+        if args.tls_listen:
+            listen = host_port(args.tls_listen, "--tls-listen", any_port=True)
+            context = viewer_context(args, listen, keylog)
+            subject = _subject(args, listen)
+            routes.append(Route(listen, context, main.upstream(True, keylog), main, subject))
+    for name, section in config.targets.items():
+        target = targets[name]
+        if section.listen:
+            where = f"{args.config}: [targets.{name}] listen"
+            listen = host_port(section.listen, where, any_port=True)
+            routes.append(Route(listen, None, target.upstream(False, keylog), target))
+        if section.tls_listen:
+            where = f"{args.config}: [targets.{name}] tls_listen"
+            listen = host_port(section.tls_listen, where, any_port=True)
+            context = viewer_context(args, listen, keylog)
+            subject = _subject(args, listen)
+            routes.append(Route(listen, context, target.upstream(True, keylog), target, subject))
+    return routes
+
+
+def _connect_front(
+    args: argparse.Namespace, config: Config, targets: dict[str, Target], keylog: Path | None
+) -> tuple[tuple[str, int], ConnectFront] | None:
+    listen_text = pick(args.connect_listen, config.connect.listen)
+    if listen_text is None:
+        if args.allow:
+            raise UserError("--allow needs --connect-listen (or [connect] listen)")
+        return None
+    what = named(args, "connect_listen", "connect", "listen")
+    listen = host_port(listen_text, what, any_port=True)
+    section = config.connect
+    if args.allow:
+        try:  # named as flags here; the file's own patterns as [connect] allow below
+            AllowList.parse(args.allow)
+        except AllowListError as exc:
+            raise UserError(f"--{exc}") from None
+        section = replace(section, allow=(*section.allow, *args.allow))
+    if args.upstream_ca and not section.upstream_ca:
+        section = replace(section, upstream_ca=args.upstream_ca)
+    if args.upstream_insecure:
+        section = replace(section, upstream_insecure=True)
+    router = ConnectRouter.from_config(section, targets)
+    if not router.allow.patterns and not targets:
+        raise UserError(
+            "the CONNECT front allows nothing: give --allow HOST:PORT patterns, "
+            "[connect] allow, or [targets.NAME] sections"
+        )
+    try:
+        certificates = HostCertificates(
+            load_or_create_ca(), args.tls_subject, keylog, config_dir() / "issued" / "hosts"
+        )
+    except TlsSetupError as exc:
+        raise UserError(str(exc)) from None
+    return listen, ConnectFront(router, certificates, keylog)
+
+
+def _websocket_front(
+    args: argparse.Namespace,
+    cp: ProxySection,
+    keylog: Path | None,
+    main_policy: LinkPolicy | None = None,
+) -> Route | None:
+    """--ws-listen (or [proxy] ws_listen): browsers reach the main upstream, plain if
+    there is one, over WebSocket; --ws-tls adds TLS with the viewer certificate."""
+    listen_text = pick(args.ws_listen, cp.ws_listen)
+    if listen_text is None:
+        for dest, flag in (("ws_tls", "--ws-tls"), ("ws_origin", "--ws-origin")):
+            if getattr(args, dest):
+                raise UserError(f"{flag} needs --ws-listen (or [proxy] ws_listen)")
+        return None
+    main = _cli_target(args, cp, main_policy)
+    if main is None:
+        raise UserError("--ws-listen needs --upstream or --upstream-tls")
+    listen = host_port(listen_text, named(args, "ws_listen", "proxy", "ws_listen"), any_port=True)
+    context = viewer_context(args, listen, keylog) if args.ws_tls else None
+    origins = tuple(args.ws_origin) or cp.ws_origins
+    where = "--ws-origin" if args.ws_origin else f"{args.config}: [proxy] ws_origins"
+    for origin in origins:  # compared with the browser's Origin header, which has this form
+        if not origin_is_valid(origin):
+            raise UserError(f"{where} {origin!r}: expected * or SCHEME://HOST[:PORT]")
+    return Route(listen, context, main.upstream(False, keylog), origins=origins)
+
+
+def _issued_subject(args: argparse.Namespace, listen: tuple[str, int]) -> str:
+    """The subject of the certificate spicetap issues for a TLS listener."""
+    return str(args.tls_subject or default_subject(listen_host(listen[0])))
+
+
+def _subject(args: argparse.Namespace, listen: tuple[str, int]) -> str | None:
+    """The subject of the certificate a TLS listener presents (None: the user's own)."""
+    if args.tls_cert:
+        return None  # the viewer then checks the host name, as with any certificate
+    return _issued_subject(args, listen)
+
+
+def viewer_context(
+    args: argparse.Namespace, listen: tuple[str, int], keylog: Path | None
+) -> ssl.SSLContext:
+    try:
+        if args.tls_cert or args.tls_key:
+            if not (args.tls_cert and args.tls_key):
+                raise UserError("--tls-cert and --tls-key go together")
+            if args.tls_subject:
+                raise UserError("--tls-subject names certificates spicetap issues, not --tls-cert")
+            return server_context(Path(args.tls_cert), Path(args.tls_key), keylog)
+        ca = load_or_create_ca()
+        host = listen_host(listen[0])
+        subject = _issued_subject(args, listen)
+        cert, key = issue_server_cert(ca, subject, [host, "localhost"], config_dir() / "issued")
+        return server_context(cert, key, keylog)
+    except TlsSetupError as exc:
+        raise UserError(str(exc)) from None
+
+
+@dataclass(frozen=True)
+class Fronts:
+    """Everything served that the options and the config file decide, and a reload may
+    change."""
+
+    link_policy: LinkPolicy  # the proxy's own ([proxy], flags)
+    targets: dict[str, Target]
+    routes: list[Route]  # the reverse listeners
+    connect: tuple[Address, ConnectFront] | None
+    websocket: Route | None
+    scopes: dict[str, LinkPolicy]  # by target name, "" the main upstream: minting's view
+
+    def owners(self) -> dict[str | None, ViewerCredentials]:
+        """Inject credentials by owner: None the proxy's, else a target with its own."""
+        base = self.link_policy.viewers
+        owned: dict[str | None, ViewerCredentials] = {} if base is None else {None: base}
+        for name, target in self.targets.items():
+            viewers = target.policy.viewers if target.policy is not None else None
+            if viewers is not None and viewers is not base:
+                owned[name] = viewers
+        return owned
+
+
+def build_fronts(
+    args: argparse.Namespace,
+    config: Config,
+    keylog: Path | None,
+    mintable: bool,
+    previous: Fronts | None = None,
+) -> Fronts:
+    """UserError names what cannot be served. Reads password, token and CA files and may
+    issue certificates; changes nothing that runs (see carry_credentials)."""
+    cp = config.proxy
+    # spicetap's RSA key stays across reloads: a viewer between link reply and ticket
+    # encrypted for the key it was shown
+    key = previous.link_policy.key if previous is not None else None
+    link_policy = link_policy_from(args, cp, mintable, key)
+    targets = {
+        name: Target.from_section(name, t, target_policy(name, t, link_policy, mintable))
+        for name, t in config.targets.items()
+    }
+    main_policy = scoped(link_policy, "") if link_policy.auth == "inject" else None
+    routes = _routes(args, config, targets, keylog, main_policy)
+    connect = _connect_front(args, config, targets, keylog)
+    websocket = _websocket_front(args, cp, keylog, main_policy)
+    scopes = {name: t.policy or link_policy for name, t in targets.items()}
+    if _cli_target(args, cp) is not None:
+        scopes[""] = main_policy or link_policy
+    if not routes and connect is None and websocket is None:
+        raise UserError(
+            "nothing to serve: give --upstream HOST:PORT (or --upstream-tls), "
+            "--connect-listen with --allow, or targets in --config"
+        )
+    return Fronts(link_policy, targets, routes, connect, websocket, scopes)
+
+
+def carry_credentials(old: Fronts, new: Fronts) -> None:
+    """Once a reload's fronts are built: each owner's new credentials carry on from its old
+    ones (tokens used stay used, minted ones stay good), and a target whose credentials
+    changed hands keeps the tokens minted for it. Cannot fail."""
+    before, after = old.owners(), new.owners()
+    for owner, creds in after.items():
+        if owner in before:
+            creds.inherit(before[owner])
+    for scope, policy in new.scopes.items():
+        if policy.viewers is None:
+            continue
+        for creds in before.values():
+            policy.viewers.take_minted(scope, creds)
+
+
+def route_key(route: Route) -> tuple[str, str, int, str]:
+    """A reverse listener's identity across reloads: what it speaks and where. Port 0 (the
+    system picks one, each time) is told apart by the target it serves."""
+    kind = "tls" if route.viewer_tls is not None else "plain"
+    host, port = route.listen
+    target = "" if port or route.target is None or route.target.name is None else route.target.name
+    return (kind, host, port, target)

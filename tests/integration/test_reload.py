@@ -1,0 +1,181 @@
+"""Reloading a gateway's config while viewers use it: two QEMUs, real spice-gtk viewers
+(a scripted client holding a session across the reload, spicy-screenshot for new ones),
+the management API and SIGHUP."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from spicetap.archive.reader import ArchiveReader
+from spicetap.archive.verify import verify
+from spicetap.inputs import iter_records
+from tests.conftest import peers
+from tests.harness import ClientOptions, ClientResult, QemuServer, SpiceEndpoint, run_gi_client
+from tests.harness.images import CURSOR_CELL, differing_pixels
+from tests.harness.screenshot import settled_screenshot, spicy_screenshot
+from tests.integration.proxy_process import ProxyProcess
+from tests.integration.test_auth import AUTH_ERROR, refused, shot, wait_for_log
+
+pytestmark = pytest.mark.peers
+
+
+def _api(proxy: ProxyProcess, method: str, path: str) -> tuple[int, Any]:
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.ports["management"], timeout=60)
+    try:
+        conn.request(method, path)
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
+
+
+def _connect_status(port: int, target: str) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+        return s.recv(4096).split(b"\r\n", 1)[0]
+
+
+def _port_of(listeners: list[str], kind: str) -> int:
+    (where,) = [w for w in listeners if w.startswith(kind + " ")]
+    return int(where.rsplit(":", 1)[1])
+
+
+def test_a_gateway_reload_leaves_sessions_on_and_moves_new_viewers(tmp_path: Path) -> None:
+    with peers(), QemuServer(guest="none") as a, QemuServer(guest="none") as b:
+        assert a.port is not None and b.port is not None
+        config = tmp_path / "gateway.toml"
+        listen = 'listen = "127.0.0.1:0"'
+        config.write_text(
+            f'[proxy]\nmanagement = "127.0.0.1:0"\n\n[connect]\n{listen}\n\n'
+            f'[targets.vm1]\nupstream = "127.0.0.1:{a.port}"\n{listen}\n'
+            f'[targets.old]\nupstream = "127.0.0.1:{a.port}"\n{listen}\n'
+        )
+        extra = ("--config", str(config))
+        with ProxyProcess(0, tmp_path / "rec", tmp_path / "proxy", extra) as proxy:
+            vm1, old = proxy.ports["plain:vm1"], proxy.ports["plain:old"]
+            connect = proxy.ports["connect"]
+            assert _connect_status(connect, f"127.0.0.1:{b.port}") == b"HTTP/1.1 403 Forbidden"
+            # a viewer on vm1 (A) through the reload
+            out: list[ClientResult] = []
+            options = ClientOptions(duration=30, min_duration=12, expect_display=True)
+            session = threading.Thread(
+                target=lambda: out.append(
+                    run_gi_client(SpiceEndpoint(port=vm1), options, tmp_path / "client")
+                )
+            )
+            session.start()
+            for _ in range(100):  # 10 s at most: its channels are up
+                if len(_api(proxy, "GET", "/api/sessions")[1]["sessions"]) == 1:
+                    break
+                time.sleep(0.1)
+            config.write_text(
+                f'[proxy]\nmanagement = "127.0.0.1:0"\n\n'
+                f'[connect]\n{listen}\nallow = ["127.0.0.1:{b.port}"]\n\n'
+                f'[targets.vm1]\nupstream = "127.0.0.1:{b.port}"\n{listen}\n'
+                f'[targets.vm2]\nupstream = "127.0.0.1:{a.port}"\n{listen}\n'
+            )
+            status, report = _api(proxy, "POST", "/api/reload")
+            assert status == 200 and report["success"] is True, report
+            assert report["targets"] == {"added": ["vm2"], "removed": ["old"], "changed": ["vm1"]}
+            listeners = report["listeners"]
+            assert listeners["stopped"] == [f"plain:old 127.0.0.1:{old}"]
+            assert listeners["repointed"] == [f"plain:vm1 127.0.0.1:{vm1} -> 127.0.0.1:{b.port}"]
+            assert report["restartNeeded"] == []
+            vm2 = _port_of(listeners["opened"], "plain:vm2")
+            direct = settled_screenshot(a.endpoint(), tmp_path / "direct.ppm")
+            via_vm2 = spicy_screenshot(SpiceEndpoint(port=vm2), tmp_path / "vm2.ppm")
+            spicy_screenshot(SpiceEndpoint(port=vm1), tmp_path / "vm1.ppm")  # now B
+            with pytest.raises(OSError):
+                socket.create_connection(("127.0.0.1", old), timeout=5).close()
+            assert (
+                _connect_status(connect, f"127.0.0.1:{b.port}")
+                == b"HTTP/1.1 200 Connection established"
+            )
+            session.join(60)
+            # a file that cannot be served leaves it all as it was
+            config.write_text("[targets.vm1\n")
+            proxy.proc.send_signal(signal.SIGHUP)
+            wait_for_log(proxy, "reload failed, the running config stays")
+            spicy_screenshot(SpiceEndpoint(port=vm2), tmp_path / "vm2-again.ppm")
+            assert proxy.proc.poll() is None
+    (client,) = out
+    # the session begun before the reload ran its 12 s with no channel lost
+    assert client.returncode == 0 and not client.summary.get("errors"), client.summary
+    assert client.summary["elapsed"] >= 12
+    assert differing_pixels(via_vm2, direct) <= CURSOR_CELL
+    routed: dict[str, list[str]] = {}
+    for archive in proxy.archives():
+        assert verify(archive).status == "intact", archive
+        with ArchiveReader(archive) as reader:
+            session = reader.header["session"]
+            list(reader.records())
+            assert reader.end is not None
+            if session.get("target") is None:  # the CONNECT tunnel above that carried nothing
+                continue
+            assert reader.end["status"] == "complete", (session, reader.end)
+        routed.setdefault(str(session["target"]), []).append(str(session["server"]))
+    # vm1: the held session on A, the screenshot after the reload on B
+    assert sorted(routed["vm1"]) == sorted([f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"])
+    assert routed["vm2"] == [f"127.0.0.1:{a.port}"] * 2
+    assert "Traceback" not in proxy.log()
+
+
+PASSWORD = "first-pw-1"
+ROTATED = "second-pw-2"
+
+
+def test_a_vm_password_rotated_with_a_reload_and_used_tokens_stay_used(tmp_path: Path) -> None:
+    """Inject mode: the VM's password changes (QMP set_password) and spicetap learns the new
+    one by SIGHUP, with no session dropped; a token used before the reload stays used."""
+    server_pw = tmp_path / "server-pw"
+    server_pw.write_text(PASSWORD + "\n")
+    tokens = tmp_path / "tokens"
+    tokens.write_text("tok-one-4711\ntok-two-4712\ntok-three-4713\n")
+
+    def section(upstream: int, password_file: Path) -> str:
+        return (
+            f'[targets.vm1]\nupstream = "127.0.0.1:{upstream}"\nlisten = "127.0.0.1:0"\n'
+            f'auth = "inject"\nviewer_tokens_file = "{tokens}"\n'
+            f'server_password_file = "{password_file}"\n'
+        )
+
+    with peers(), QemuServer(guest="none", password=PASSWORD) as srv:
+        assert srv.port is not None
+        config = tmp_path / "gateway.toml"
+        config.write_text(section(srv.port, server_pw))
+        extra = ("--config", str(config))
+        with ProxyProcess(0, tmp_path / "rec", tmp_path / "proxy", extra) as proxy:
+            port = proxy.ports["plain:vm1"]
+            shot(port, "tok-one-4711", tmp_path / "one.ppm")
+            srv.qmp("set_password", protocol="spice", password=ROTATED)
+            stale = refused(port, "tok-two-4712", tmp_path / "stale.ppm")
+            rotated = tmp_path / "server-pw-rotated"
+            rotated.write_text(ROTATED + "\n")
+            config.write_text(section(srv.port, rotated))
+            proxy.proc.send_signal(signal.SIGHUP)
+            assert proxy.next_line() == "spicetap proxy reloaded\n"
+            used = refused(port, "tok-one-4711", tmp_path / "used.ppm")
+            shot(port, "tok-three-4713", tmp_path / "three.ppm")
+    assert AUTH_ERROR in stale and AUTH_ERROR in used
+    log = proxy.log()
+    assert "reload: target vm1 changed" in log
+    auth = [
+        r.fields
+        for archive in proxy.archives()
+        for r in iter_records(archive, [])
+        if r.kind == "auth"
+    ]
+    reasons = [(f or {}).get("reason") for f in auth]
+    assert "token already used by another session" in reasons
+    for secret in (PASSWORD, ROTATED, "tok-one-4711", "tok-two-4712", "tok-three-4713"):
+        blobs = [a.read_bytes() for a in proxy.archives()] + [log.encode()]
+        assert all(secret.encode() not in blob for blob in blobs), "a secret was recorded"

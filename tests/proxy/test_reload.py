@@ -1,0 +1,332 @@
+"""Reloading the config file while the proxy serves: what changes, what stays, and that a
+file that cannot be served changes nothing. Real listeners on loopback; the upstreams are
+plain TCP servers that count the connections reaching them (real SPICE peers:
+tests/integration/test_reload.py)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, replace
+from functools import partial
+from pathlib import Path
+
+import pytest
+import trio
+
+from proxy.core.credentials import MAIN, Token, ViewerCredentials
+from proxy.core.management import HttpError
+from proxy.core.relay import Limits
+from proxy.core.reload import plan, restart_needed, target_changes
+from proxy.fronts import Fronts, build_fronts
+from proxy.io.management import ManagementApi, ManagementOptions
+from proxy.io.reloading import Reloader, ReloadFailed, RouteListeners
+from proxy.io.server import ChannelProxy, ProxyState, Routing
+from proxy.io.tokens import TokenDesk
+from spicetap.cli import build_parser
+from spicetap.config import Config, ConnectSection, ProxySection, RecordingSection, load_config
+from tests.integration.proxy_process import ProxyProcess
+
+# --- what a reload may change (pure) ---
+
+
+def test_restart_needed_names_only_what_a_reload_cannot_apply() -> None:
+    old = Config()
+    new = Config(
+        proxy=replace(ProxySection(), upstream="h:1", auth="intercept", management="127.0.0.1:1"),
+        recording=replace(RecordingSection(), compress=True),
+        connect=ConnectSection(listen="127.0.0.1:2", allow=("h:1",)),
+    )
+    assert restart_needed(old, new) == [
+        "[proxy] management",
+        "[recording] compress",
+        "[connect] listen",
+    ]
+    assert restart_needed(new, new) == []
+
+
+def test_plan_stops_opens_and_keeps_in_the_files_order() -> None:
+    steps = plan({"a": 1, "b": 2}, {"c": 3, "b": 4, "d": 5})
+    assert (steps.open, steps.stop, steps.keep) == (["c", "d"], ["a"], ["b"])
+
+
+def test_target_changes_compare_settings() -> None:
+    changes = target_changes({"a": 1, "b": 2, "c": 3}, {"b": 2, "c": 4, "d": 5})
+    assert (changes.added, changes.removed, changes.changed) == (["d"], ["a"], ["c"])
+
+
+# --- credentials across a reload ---
+
+
+def test_inherited_credentials_keep_a_used_token_used() -> None:
+    old = ViewerCredentials(None, [Token(b"t1"), Token(b"t2")], "tokens")
+    assert old.check(b"t1", MAIN, 0, 0.0).ok
+    old.mint(b"m1", 100.0, "vm1", 0.0)
+    # the reload read the same file (and a new password) into fresh credentials
+    fresh = ViewerCredentials(b"pw", [Token(b"t1"), Token(b"t2")], "tokens")
+    fresh.inherit(old)
+    assert fresh.check(b"t1", MAIN, 0, 1.0).reason == "token already used by another session"
+    assert fresh.check(b"t2", MAIN, 0, 1.0).ok
+    assert fresh.check(b"m1", MAIN, 0, 1.0, scope="vm1").ok  # minted before the reload
+    assert fresh.check(b"pw", MAIN, 0, 1.0).ok
+    # a link still checked against the old credentials sees what the new ones did
+    assert not old.check(b"t2", MAIN, 0, 2.0).ok
+
+
+def test_minted_tokens_follow_their_target_to_other_credentials() -> None:
+    shared = ViewerCredentials(b"pw")
+    shared.mint(b"for-vm1", 100.0, "vm1", 0.0)
+    shared.mint(b"for-vm2", 100.0, "vm2", 0.0)
+    own = ViewerCredentials(b"other")
+    own.take_minted("vm1", shared)
+    assert own.check(b"for-vm1", MAIN, 0, 1.0, scope="vm1").ok
+    assert not shared.check(b"for-vm1", MAIN, 0, 1.0, scope="vm1").ok
+    assert shared.check(b"for-vm2", MAIN, 0, 1.0, scope="vm2").ok
+
+
+# --- the reloader, with real listeners ---
+
+
+@dataclass
+class Upstream:
+    """A TCP server that counts the connections reaching it."""
+
+    port: int = 0
+    accepted: int = 0
+    reached: trio.Event = field(default_factory=trio.Event)
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        self.accepted += 1
+        self.reached.set()
+        await stream.aclose()
+
+
+@dataclass
+class Setup:
+    path: Path
+    reloader: Reloader
+    listeners: RouteListeners
+    upstreams: tuple[Upstream, Upstream]
+
+    def write(self, text: str) -> None:
+        a, b = self.upstreams
+        self.path.write_text(text.format(a=a.port, b=b.port))
+
+    def port_of(self, kind: str) -> int:
+        for running in self.listeners.running.values():
+            where = running.where()
+            if where.startswith(kind + " "):
+                return int(where.rsplit(":", 1)[1])
+        raise KeyError(kind)
+
+
+@asynccontextmanager
+async def running(tmp_path: Path, first: str) -> AsyncIterator[Setup]:
+    async with trio.open_nursery() as nursery:
+        upstreams = (Upstream(), Upstream())
+        for up in upstreams:
+            (listener,) = await nursery.start(
+                partial(trio.serve_tcp, up.handle, 0, host="127.0.0.1")
+            )
+            up.port = listener.socket.getsockname()[1]
+        path = tmp_path / "gateway.toml"
+        path.write_text(first.format(a=upstreams[0].port, b=upstreams[1].port))
+        args = build_parser().parse_args(["proxy", "--config", str(path)])
+        config = load_config(path)
+        fronts = build_fronts(args, config, None, False)
+        proxy = ChannelProxy(Limits(link_timeout=2.0), None, ProxyState(), fronts.link_policy)
+        listeners = RouteListeners(proxy, nursery, False, None)
+        for route in fronts.routes:
+            await listeners.open(route)
+        tokens = TokenDesk(fronts.scopes, fronts.link_policy)
+
+        def rebuild(config: Config, previous: Fronts) -> Fronts:
+            return build_fronts(args, config, None, False, previous)
+
+        reloader = Reloader(path, config, fronts, rebuild, listeners, tokens)
+        yield Setup(path, reloader, listeners, upstreams)
+        nursery.cancel_scope.cancel()
+
+
+async def _reach(port: int, upstream: Upstream) -> None:
+    """A viewer connects to `port`; the proxy opens its upstream connection at once."""
+    upstream.reached = trio.Event()
+    with trio.fail_after(5):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await upstream.reached.wait()
+    await stream.aclose()
+
+
+VM1_ON_A = '[targets.vm1]\nupstream = "127.0.0.1:{a}"\nlisten = "127.0.0.1:0"\n'
+OLD_ON_A = '[targets.old]\nupstream = "127.0.0.1:{a}"\nlisten = "127.0.0.1:0"\n'
+
+
+async def test_a_reload_opens_stops_and_repoints_listeners(tmp_path: Path) -> None:
+    async with running(tmp_path, VM1_ON_A + OLD_ON_A) as setup:
+        a, b = setup.upstreams
+        vm1, old = setup.port_of("plain:vm1"), setup.port_of("plain:old")
+        await _reach(vm1, a)
+        # vm1 moves to B on the same listener, old goes, vm2 comes
+        setup.write(
+            '[targets.vm1]\nupstream = "127.0.0.1:{b}"\nlisten = "127.0.0.1:0"\n'
+            '[targets.vm2]\nupstream = "127.0.0.1:{a}"\nlisten = "127.0.0.1:0"\n'
+        )
+        report = await setup.reloader.reload()
+        assert report.targets.added == ["vm2"]
+        assert report.targets.removed == ["old"]
+        assert report.targets.changed == ["vm1"]
+        assert report.stopped == [f"plain:old 127.0.0.1:{old}"]
+        assert report.repointed == [f"plain:vm1 127.0.0.1:{vm1} -> 127.0.0.1:{b.port}"]
+        vm2 = setup.port_of("plain:vm2")
+        assert report.opened == [f"plain:vm2 127.0.0.1:{vm2}"]
+        assert report.failed == [] and report.restart_needed == []
+        assert setup.port_of("plain:vm1") == vm1
+        await _reach(vm1, b)
+        await _reach(vm2, a)
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", old), timeout=2).close()
+
+
+async def test_a_file_that_cannot_be_served_changes_nothing(tmp_path: Path) -> None:
+    async with running(tmp_path, VM1_ON_A) as setup:
+        a, _b = setup.upstreams
+        vm1 = setup.port_of("plain:vm1")
+        before = setup.reloader.fronts
+        for text, problem in (
+            ("[targets.vm1\n", r"gateway\.toml"),  # TOML that does not parse
+            (VM1_ON_A + '[targets.vm2]\nupstream = "nowhere"\n', "expected HOST:PORT"),
+            ('[targets.vm1]\nupstream = "127.0.0.1:{b}"\nauth = "inject"\n', "inject needs"),
+        ):
+            setup.write(text)
+            with pytest.raises(ReloadFailed, match=problem):
+                await setup.reloader.reload()
+            assert setup.reloader.fronts is before
+            await _reach(vm1, a)
+
+
+async def test_a_port_that_is_taken_is_reported_and_tried_again(tmp_path: Path) -> None:
+    async with running(tmp_path, VM1_ON_A) as setup:
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            setup.write(
+                VM1_ON_A
+                + f'[targets.vm2]\nupstream = "127.0.0.1:{{b}}"\nlisten = "127.0.0.1:{port}"\n'
+            )
+            report = await setup.reloader.reload()
+            assert report.failed == [f"plain:vm2 127.0.0.1:{port}: Address already in use"]
+            assert report.json()["success"] is False
+            assert report.targets.added == ["vm2"]
+        report = await setup.reloader.reload()  # the same file, the port now free
+        assert report.opened == [f"plain:vm2 127.0.0.1:{port}"]
+        assert report.targets.added == []
+        await _reach(port, setup.upstreams[1])
+
+
+async def test_a_listener_moves_from_plain_to_tls_on_the_same_port(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SPICETAP_CONFIG_DIR", str(tmp_path / "config"))
+    async with running(tmp_path, VM1_ON_A) as setup:
+        port = setup.port_of("plain:vm1")
+        setup.write(
+            f'[targets.vm1]\nupstream = "127.0.0.1:{{a}}"\ntls_listen = "127.0.0.1:{port}"\n'
+        )
+        report = await setup.reloader.reload()
+        # the plain listener is closed before the TLS one binds its port
+        assert report.stopped == [f"plain:vm1 127.0.0.1:{port}"]
+        assert report.opened == [f"tls:vm1 127.0.0.1:{port}"]
+
+
+async def test_the_main_upstream_moves_its_reverse_and_websocket_routes(tmp_path: Path) -> None:
+    main = (
+        '[proxy]\nupstream = "127.0.0.1:{a}"\nlisten = "127.0.0.1:0"\nws_listen = "127.0.0.1:0"\n'
+    )
+    async with running(tmp_path, main) as setup:
+        _a, b = setup.upstreams
+        websocket = setup.reloader.fronts.websocket
+        assert websocket is not None
+        setup.reloader.websocket = Routing(websocket.upstream)
+        port = setup.port_of("plain")
+        setup.write(main.replace("{a}", "{b}"))
+        report = await setup.reloader.reload()
+        assert report.repointed == [f"plain 127.0.0.1:{port} -> 127.0.0.1:{b.port}"]
+        assert setup.reloader.websocket.upstream.label == f"127.0.0.1:{b.port}"
+        await _reach(port, b)
+
+
+async def test_restart_only_keys_are_named_every_time(tmp_path: Path) -> None:
+    async with running(tmp_path, VM1_ON_A) as setup:
+        setup.write("[proxy]\nidle_timeout = 30\n\n" + VM1_ON_A)
+        assert (await setup.reloader.reload()).restart_needed == ["[proxy] idle_timeout"]
+        assert (await setup.reloader.reload()).restart_needed == ["[proxy] idle_timeout"]
+
+
+async def test_the_api_reloads_and_says_why_not(tmp_path: Path) -> None:
+    async with running(tmp_path, VM1_ON_A) as setup:
+        options = ManagementOptions(("127.0.0.1", 0), None, None, None)
+        api = ManagementApi(options, ProxyState(), None, None, setup.reloader)
+        setup.write(VM1_ON_A + OLD_ON_A)
+        reply = await api.answer("POST", "/api/reload", b"")
+        data = json.loads(reply.body)
+        assert reply.status == 200 and data["success"] is True
+        assert data["targets"] == {"added": ["old"], "removed": [], "changed": []}
+        setup.write("[targets.vm1\n")
+        with pytest.raises(HttpError, match=r"gateway\.toml") as failed:
+            await api.answer("POST", "/api/reload", b"{}")
+        assert failed.value.status == 422
+        with pytest.raises(HttpError, match="takes no parameters") as bad:
+            await api.answer("POST", "/api/reload", b'{"force": true}')
+        assert bad.value.status == 400
+        without = ManagementApi(options, ProxyState(), None, None, None)
+        with pytest.raises(HttpError, match="no --config file") as none:
+            await without.answer("POST", "/api/reload", b"")
+        assert none.value.status == 409
+
+
+# --- the signal, in a real `spicetap proxy` process ---
+
+
+def _wait_for(proxy: ProxyProcess, text: str) -> str:
+    for _ in range(200):  # 10 s at most
+        log = proxy.log()
+        if text in log or proxy.proc.poll() is not None:
+            return log
+        time.sleep(0.05)
+    return proxy.log()
+
+
+def test_sighup_reloads_the_config_file(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text('[targets.vm1]\nupstream = "127.0.0.1:1"\nlisten = "127.0.0.1:0"\n')
+    with ProxyProcess(0, None, tmp_path / "proxy", ("--config", str(config))) as proxy:
+        config.write_text(
+            '[targets.vm1]\nupstream = "127.0.0.1:1"\nlisten = "127.0.0.1:0"\n'
+            '[targets.vm2]\nupstream = "127.0.0.1:2"\nlisten = "127.0.0.1:0"\n'
+        )
+        proxy.proc.send_signal(signal.SIGHUP)
+        lines = [proxy.next_line(), proxy.next_line()]
+        assert lines[0].startswith("spicetap proxy listening (plain:vm2) on 127.0.0.1:")
+        assert lines[1] == "spicetap proxy reloaded\n"
+        log = _wait_for(proxy, "config reloaded")
+        assert "SIGHUP: reloading" in log and "reload: target vm2 added" in log
+        config.write_text("[targets.vm1\n")
+        proxy.proc.send_signal(signal.SIGHUP)
+        assert proxy.next_line() == "spicetap proxy reload failed\n"
+        log = _wait_for(proxy, "reload failed")
+        assert "reload failed, the running config stays: " in log and "not valid TOML" in log
+        assert proxy.proc.poll() is None
+    assert "Traceback" not in proxy.log()
+
+
+def test_sighup_without_a_config_file_stops_the_proxy(tmp_path: Path) -> None:
+    # a closed terminal's hang-up: before, the proxy died at once; now it drains as on SIGTERM
+    with ProxyProcess(1, tmp_path / "rec", tmp_path / "proxy") as proxy:
+        proxy.proc.send_signal(signal.SIGHUP)
+        assert proxy.proc.wait(30) == 0
+    assert "stopping: draining archives" in proxy.log()

@@ -47,7 +47,13 @@ def add_proxy_command(sub: Any) -> None:
     from spicetap.cli_inspect import add_privacy_options
 
     p = sub.add_parser("proxy", help="run the recording proxy in front of a SPICE server")
-    p.add_argument("--config", type=_nonempty, help="TOML file (see config/spicetap.example.toml)")
+    p.add_argument(
+        "--config",
+        type=_nonempty,
+        help="TOML file (see config/spicetap.example.toml), read again on SIGHUP or "
+        "POST /api/reload: targets, listeners, allow-list and authentication change for "
+        "new connections",
+    )
     p.add_argument(
         "--listen", type=_nonempty, help="HOST:PORT viewers connect to (default 127.0.0.1:5900)"
     )

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -142,13 +142,24 @@ class RouteListeners:
         return running
 
     def repoint(self, key: RouteKey, route: Route) -> Route:
-        """New viewers on this listener go where `route` says; returns the route before."""
+        """New viewers on this listener go where `route` says; returns the route before.
+        The listener keeps its TLS context (from flags, which a reload does not change),
+        and its migration listeners while the target's TLS checks stay the same."""
         running = self.running[key]
         before = running.route
-        fresh = self.routing(route)
-        running.routing.upstream, running.routing.migration = fresh.upstream, fresh.migration
+        route = replace(route, viewer_tls=before.viewer_tls, subject=before.subject)
+        migration = running.routing.migration
+        if _checks(before) != _checks(route) or migration is None:
+            migration = self.routing(route).migration
+        running.routing.upstream, running.routing.migration = route.upstream, migration
         running.route = route
         return before
+
+
+def _checks(route: Route) -> tuple[Path | None, bool] | None:
+    """How a migration's destination is checked: its target's CA, or not at all."""
+    target = route.target
+    return None if target is None else (target.ca, target.insecure)
 
 
 class Reloader:
@@ -188,6 +199,8 @@ class Reloader:
                 config, fronts = await trio.to_thread.run_sync(self._build, path, rebuild)
             except (ConfigError, UserError) as exc:
                 raise ReloadFailed(str(exc)) from None
+            except OSError as exc:  # e.g. a certificate that cannot be issued
+                raise ReloadFailed(f"{exc.filename or 'a file'}: {exc.strerror or exc}") from None
             return await self._apply(config, fronts)
 
     def _build(self, path: Path, rebuild: Rebuild) -> tuple[Config, Fronts]:
@@ -222,7 +235,11 @@ class Reloader:
         for key in steps.keep:
             route = wanted[key]
             before = self.listeners.repoint(key, route)
-            if before.upstream.label != route.upstream.label or before.target != route.target:
+            # re-pointed: it forwards elsewhere (other settings of a target show as changed)
+            if (before.upstream.label, before.upstream.target) != (
+                route.upstream.label,
+                route.upstream.target,
+            ):
                 where = self.listeners.running[key].where()
                 repointed.append(f"{where} -> {route.upstream.label}")
                 log.info("reload: %s now forwards to %s", where, route.upstream.label)
@@ -256,9 +273,12 @@ class Reloader:
             await self.reload()
         except ReloadFailed as exc:
             log.error("reload failed, the running config stays: %s", exc)
-            print("spicetap proxy reload failed", flush=True)
+        except Exception:  # a bug must cost the reload, never the proxy and its sessions
+            log.exception("reload failed")
+        else:
+            print("spicetap proxy reloaded", flush=True)
             return
-        print("spicetap proxy reloaded", flush=True)
+        print("spicetap proxy reload failed", flush=True)
 
 
 def announce(kind: str, listeners: list[trio.SocketListener], what: str) -> None:

@@ -260,6 +260,25 @@ async def test_the_main_upstream_moves_its_reverse_and_websocket_routes(tmp_path
         await _reach(port, b)
 
 
+async def test_a_reload_of_the_same_file_changes_nothing(tmp_path: Path) -> None:
+    inject = 'auth = "inject"\nviewer_password = "v-pw"\nserver_password = "s-pw"\n'
+    async with running(tmp_path, VM1_ON_A + inject) as setup:
+        setup.listeners.follow_migration = True
+        key = next(iter(setup.listeners.running))
+        setup.listeners.repoint(key, setup.reloader.fronts.routes[0])
+        migration = setup.listeners.running[key].routing.migration
+        assert migration is not None
+        report = await setup.reloader.reload()
+        assert report.json() == {
+            "success": True,
+            "targets": {"added": [], "removed": [], "changed": []},
+            "listeners": {"opened": [], "stopped": [], "repointed": [], "failed": []},
+            "restartNeeded": [],
+        }
+        # the same checks: migrations under way keep the listeners that serve them
+        assert setup.listeners.running[key].routing.migration is migration
+
+
 async def test_restart_only_keys_are_named_every_time(tmp_path: Path) -> None:
     async with running(tmp_path, VM1_ON_A) as setup:
         setup.write("[proxy]\nidle_timeout = 30\n\n" + VM1_ON_A)

@@ -33,7 +33,7 @@ from proxy.io.tokens import TokenDesk
 from proxy.io.websocket import serve_websocket
 from proxy.linksetup import add_link_options, api_token
 from proxy.recorder import BACKLOG_POLICIES, RecordingOptions
-from proxy.targets import forget_client_contexts, host_port
+from proxy.targets import host_port
 from proxy.tls import TlsSetupError, client_context
 from spicetap.archive.keys import load_or_create_signing_key
 from spicetap.archive.writer import FlushPolicy, Rotation
@@ -270,7 +270,6 @@ def cmd_proxy(args: argparse.Namespace) -> int:
     # caps to clear, auth mode (secrets never logged), targets, what each listener serves
     fronts = build_fronts(args, config, keylog, mintable)
     link_policy = fronts.link_policy
-    tokens = TokenDesk(fronts.scopes, link_policy)
     limits = Limits(
         link_timeout=pick(args.link_timeout, cp.link_timeout),
         idle_timeout=pick(args.idle_timeout, cp.idle_timeout),
@@ -328,8 +327,8 @@ def cmd_proxy(args: argparse.Namespace) -> int:
         config_path = Path(args.config) if args.config else None
         rebuild = partial(_rebuild, args, keylog, mintable)
         trio.run(
-            _serve, fronts, limits, recorder, management, follow, keylog, admission, tokens,
-            config, config_path, rebuild,
+            _serve, fronts, limits, recorder, management, follow, keylog, admission, config,
+            config_path, rebuild,
         )  # fmt: skip
     except BaseExceptionGroup as group:  # trio's nursery wraps what its tasks raise
         cannot = group.subgroup(ListenError)
@@ -417,9 +416,7 @@ class ListenError(Exception):
 def _rebuild(
     args: argparse.Namespace, keylog: Path | None, mintable: bool, config: Config, previous: Fronts
 ) -> Fronts:
-    """A reload's fronts: the same flags, the file as it now reads. TLS contexts are made
-    afresh (a CA file may have been replaced)."""
-    forget_client_contexts()
+    """A reload's fronts: the same flags, the file as it now reads."""
     return build_fronts(args, config, keylog, mintable, previous)
 
 
@@ -431,7 +428,6 @@ async def _serve(
     follow_migration: bool = True,
     keylog: Path | None = None,
     admission: Admission | None = None,
-    tokens: TokenDesk | None = None,
     config: Config | None = None,
     config_path: Path | None = None,
     rebuild: Rebuild | None = None,
@@ -441,7 +437,7 @@ async def _serve(
     state = ProxyState(admission=admission)
     logger = logging.getLogger("spicetap.proxy")
     proxy = ChannelProxy(limits, recorder, state, fronts.link_policy)
-    tokens = tokens or TokenDesk(fronts.scopes, fronts.link_policy)
+    tokens = TokenDesk(fronts.scopes, fronts.link_policy)
     # said once every listener is up: a port that is taken then leaves no "listening" line
     # behind for one that is not served
     opened: list[tuple[str, list[trio.SocketListener], str]] = []

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ssl
 import time
 from dataclasses import dataclass, field
-from functools import cache
+from functools import lru_cache
 from pathlib import Path
 
 from proxy.core.allow import AllowList, AllowListError
@@ -112,19 +112,37 @@ def check_upstream_tls(
             raise UserError(f"{subject_name}: {exc}") from None
 
 
-@cache  # one context per distinct check: CONNECT opens one upstream per channel
 def _client_context(
     ca: Path | None, insecure: bool, keylog: Path | None, check_hostname: bool
+) -> ssl.SSLContext:
+    """The context for one distinct check, made again once its CA file changes (a CA
+    replaced while the proxy runs is used by the next connections, with or without a
+    reload)."""
+    return _context_for(ca, _file_version(ca), insecure, keylog, check_hostname)
+
+
+def _file_version(path: Path | None) -> tuple[int, ...] | None:
+    if path is None:
+        return None
+    try:
+        st = path.stat()
+    except OSError:
+        return None  # the context's own read then says why
+    return (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns)
+
+
+@lru_cache(maxsize=256)  # one context per check: CONNECT opens one upstream per channel
+def _context_for(
+    ca: Path | None,
+    _version: tuple[int, ...] | None,
+    insecure: bool,
+    keylog: Path | None,
+    check_hostname: bool,
 ) -> ssl.SSLContext:
     try:
         return client_context(ca, insecure, keylog, check_hostname=check_hostname)
     except TlsSetupError as exc:
         raise UserError(str(exc)) from None
-
-
-def forget_client_contexts() -> None:
-    """The next upstream TLS connections read their CA files again (a reload)."""
-    _client_context.cache_clear()
 
 
 @dataclass

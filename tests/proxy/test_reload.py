@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from proxy import targets as targets_module
 from proxy.core.credentials import MAIN, Token, ViewerCredentials
 from proxy.core.management import HttpError
 from proxy.core.relay import Limits
@@ -29,6 +30,7 @@ from proxy.io.server import ChannelProxy, ProxyState, Routing
 from proxy.io.tokens import TokenDesk
 from spicetap.cli import build_parser
 from spicetap.config import Config, ConnectSection, ProxySection, RecordingSection, load_config
+from tests.harness import make_tls_material
 from tests.integration.proxy_process import ProxyProcess
 
 # --- what a reload may change (pure) ---
@@ -349,3 +351,14 @@ def test_sighup_without_a_config_file_stops_the_proxy(tmp_path: Path) -> None:
         proxy.proc.send_signal(signal.SIGHUP)
         assert proxy.proc.wait(30) == 0
     assert "stopping: draining archives" in proxy.log()
+
+
+def test_a_replaced_ca_file_is_read_again_by_the_next_connection(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(make_tls_material(tmp_path / "first").ca_file.read_bytes())
+    context = targets_module._client_context(ca, False, None, True)
+    assert targets_module._client_context(ca, False, None, True) is context  # one per check
+    ca.write_bytes(make_tls_material(tmp_path / "second").ca_file.read_bytes())
+    renewed = targets_module._client_context(ca, False, None, True)
+    assert renewed is not context
+    assert renewed.get_ca_certs() != context.get_ca_certs()

@@ -54,6 +54,19 @@ MAX_LINK_SIZE = 64 * 1024  # a link message carries a few caps words; anything h
 MAX_LINK_PENDING = MAX_LINK_SIZE
 
 
+# The start of a viewer's link message: what a channel asks for before anything is relayed
+LINK_ASKS = LINK_HEADER.size + 6  # then the connection id (u32), channel type and id (u8)
+
+
+def link_asks(data: bytes) -> tuple[int, int] | None:
+    """(channel type, connection id) from a viewer's first LINK_ASKS bytes, or None when
+    they are no SPICE link message."""
+    if len(data) < LINK_ASKS or data[:4] != LINK_MAGIC:
+        return None
+    conn, ctype, _cid = struct.unpack_from("<IBB", data, LINK_HEADER.size)
+    return ctype, conn
+
+
 def has_cap(words: tuple[int, ...], bit: int) -> bool:
     word, shift = divmod(bit, 32)
     return word < len(words) and bool(words[word] >> shift & 1)

@@ -24,6 +24,10 @@ MAIN = 1
 MIGRATE_BEGIN = 101
 MIGRATE_SWITCH_HOST = 111
 MIGRATE_BEGIN_SEAMLESS = 116
+# The server's first message on a main channel; its body starts with the session id (u32),
+# which the session's other channels then link with. Held like a migration message (it is
+# a few dozen bytes) so that the relay learns the id: a reload routes by it.
+INIT = 103
 MIGRATION_MESSAGES = {
     MIGRATE_BEGIN: "migrate_begin",
     MIGRATE_SWITCH_HOST: "migrate_switch_host",
@@ -119,7 +123,8 @@ class Held:
 
 class MigrationScanner:
     """Walks the main channel's server-to-viewer messages (after the link stage) and splits
-    the stream into bytes to pass on and migration messages to rewrite."""
+    the stream into bytes to pass on and migration messages to rewrite (and the first
+    INIT, passed on unchanged once read)."""
 
     def __init__(self, mini_header: bool, max_message: int) -> None:
         self.header = MINI_HEADER if mini_header else FULL_HEADER
@@ -129,6 +134,7 @@ class MigrationScanner:
         self.skip = 0  # body bytes of an ordinary message still to pass
         self.held_type: int | None = None
         self.held_size = 0
+        self.init_seen = False
 
     def _size_and_type(self, header: bytes) -> tuple[int, int]:
         if self.mini:
@@ -172,7 +178,9 @@ class MigrationScanner:
             self.pending.clear()
             header = carried + bytes(chunk)
             msg_type, size = self._size_and_type(header)
-            if msg_type in MIGRATION_MESSAGES and size <= self.max_message:
+            held = msg_type in MIGRATION_MESSAGES or (msg_type == INIT and not self.init_seen)
+            self.init_seen = self.init_seen or msg_type == INIT
+            if held and size <= self.max_message:
                 if header_start > start:
                     out.append(Pass(bytes(view[start:header_start])))
                 start = pos

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from proxy.core.credentials import Readmission
-from proxy.core.framing import C2S, S2C, ChannelError, ChannelFramer, LinkUnit
+from proxy.core.framing import C2S, S2C, U32, ChannelError, ChannelFramer, LinkUnit
 from proxy.core.linkrewrite import Deliver, LinkPolicy, LinkRewriter, Note, Refuse
 from proxy.core.migration import (
+    INIT,
     MIGRATION_MESSAGES,
     Destination,
     Held,
@@ -126,6 +127,9 @@ class ChannelRelay:
         # Following migration: the main channel's server stream is scanned once linked
         self.follow_migration = follow_migration
         self.scanner: MigrationScanner | None = None
+        # a main channel's session, once the server's INIT said it (when following
+        # migrations: the scanner reads the main channel's messages)
+        self.session_id: int | None = None
         self.s2c_fed = 0  # server bytes the guard has seen
         self.s2c_link = 0  # ...of which the link stage
         self.waiting: Held | None = None  # a migration message held for Redirect
@@ -172,6 +176,18 @@ class ChannelRelay:
     @property
     def channel_type(self) -> int | None:
         return self.guard.channel_type
+
+    @property
+    def session(self) -> int | None:
+        """The session this channel belongs to: the connection id it linked with, or, for a
+        main channel beginning one (id 0), the id the server's INIT gave; None until
+        known."""
+        guard = self.guard
+        if guard.channel_type is None:
+            return None
+        if guard.channel_type != MAIN or guard.connection_id:
+            return guard.connection_id
+        return self.session_id
 
     def received(
         self, direction: str, data: bytes, now: float, *, sent: bool = False
@@ -276,6 +292,12 @@ class ChannelRelay:
                 return
             if isinstance(part, Pass):
                 commands += (Forward(S2C, part.data), RecordData(S2C, part.data, now))
+                continue
+            if part.msg_type == INIT:
+                if len(part.body) >= U32.size:
+                    (self.session_id,) = U32.unpack_from(part.body)
+                raw = part.header + part.body
+                commands += (Forward(S2C, raw), RecordData(S2C, raw, now))
                 continue
             name = MIGRATION_MESSAGES[part.msg_type]
             try:

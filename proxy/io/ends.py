@@ -117,7 +117,8 @@ class PlainEnd:
         sock.setblocking(True)
         self.sock = sock
         self.send_lock = NEW_LOCK()  # the C forwarder's sends take it too
-        self.prefix = prefix  # bytes a front already read from this socket (e.g. sniffing)
+        # bytes a front already read from this end (e.g. sniffing), received first
+        self.prefix = prefix
 
     def receive(self) -> bytes:
         """The next bytes; b"" at the peer's end of stream. OSError when the socket broke."""
@@ -246,6 +247,9 @@ class TlsEnd(PlainEnd):
             self.sock.sendall(data)
 
     def receive(self) -> bytes:
+        if self.prefix:  # decrypted bytes read ahead and given back (see peek_link)
+            data, self.prefix = self.prefix, b""
+            return data
         if self.core is not None:
             return self.core.receive()
         plain = self._plain

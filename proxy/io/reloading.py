@@ -148,12 +148,20 @@ class RouteListeners:
         running = self.running[key]
         before = running.route
         route = replace(route, viewer_tls=before.viewer_tls, subject=before.subject)
-        migration = running.routing.migration
-        if _checks(before) != _checks(route) or migration is None:
-            migration = self.routing(route).migration
-        running.routing.upstream, running.routing.migration = route.upstream, migration
+        routing = running.routing
+        if _checks(before) != _checks(route) or routing.migration is None:
+            routing.migration = self.routing(route).migration
+        if _destination(before) != _destination(route):
+            # sessions begun there keep it for the channels they open later
+            routing.retired = self.proxy.in_use([before.upstream, *routing.retired])
+        routing.upstream = route.upstream
         running.route = route
         return before
+
+
+def _destination(route: Route) -> tuple[str, str | None]:
+    """Where a listener forwards: the server, and the target's name."""
+    return route.upstream.label, route.upstream.target
 
 
 def _checks(route: Route) -> tuple[Path | None, bool] | None:
@@ -236,10 +244,7 @@ class Reloader:
             route = wanted[key]
             before = self.listeners.repoint(key, route)
             # re-pointed: it forwards elsewhere (other settings of a target show as changed)
-            if (before.upstream.label, before.upstream.target) != (
-                route.upstream.label,
-                route.upstream.target,
-            ):
+            if _destination(before) != _destination(route):
                 where = self.listeners.running[key].where()
                 repointed.append(f"{where} -> {route.upstream.label}")
                 log.info("reload: %s now forwards to %s", where, route.upstream.label)

@@ -14,7 +14,7 @@ import math
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -22,9 +22,10 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 import trio
 
 from proxy.core.admission import Admission
-from proxy.core.framing import C2S, S2C
+from proxy.core.framing import C2S, LINK_ASKS, S2C, link_asks
 from proxy.core.migration import Destination, MigrationUnavailable
 from proxy.core.relay import (
+    MAIN,
     ChannelRelay,
     Close,
     Command,
@@ -92,6 +93,7 @@ class ChannelStats:
     started: float
     relay: ChannelRelay
     closed_reason: str | None = None
+    route: Upstream | None = None  # where it was sent (a reload may re-point its listener)
 
 
 @dataclass
@@ -290,13 +292,13 @@ class ChannelProxy:
         insertion: str = "reverse",
         migration: Follower | None = None,
         prefix: bytes = b"",
+        retired: Sequence[Upstream] = (),
     ) -> None:
         """A viewer on a TCP socket (TLS terminated here with `tls`), relayed by a blocking
         pump thread per direction (proxy/io/pumps.py) to an upstream that opens a blocking
-        end (every Target's does). `prefix`: what a front already read from the viewer."""
-        open_end = upstream_to.open_end
-        if open_end is None:  # a caller's mistake, not a peer's
-            raise ValueError(f"upstream {upstream_to.label} opens no blocking end")
+        end (every Target's does). `prefix`: what a front already read from the viewer.
+        `retired`: where this listener sent viewers before a reload re-pointed it; a
+        channel of a session begun there goes there too."""
         sock = detach(stream)
         viewer: End = PlainEnd(sock, prefix)
         client = viewer.peer()
@@ -313,6 +315,12 @@ class ChannelProxy:
                 tls_used = {"viewer": True}
                 self._attempt_failed(conn, client, upstream_to, insertion, C2S, why, tls_used)
                 return
+        if retired:
+            asks = await in_thread(peek_link, viewer, self.limits.link_timeout)
+            upstream_to = self._session_route(asks, retired) or upstream_to
+        open_end = upstream_to.open_end
+        if open_end is None:  # a caller's mistake, not a peer's
+            raise ValueError(f"upstream {upstream_to.label} opens no blocking end")
         conn = next(self._ids)
         now = time.monotonic()
         viewer_tls = tls is not None
@@ -431,7 +439,7 @@ class ChannelProxy:
             session_gate=gate,
             server_tls=bool(tls.get("server")),
         )
-        stats = ChannelStats(conn, client, upstream_to.label, now, relay)
+        stats = ChannelStats(conn, client, upstream_to.label, now, relay, route=upstream_to)
         self.state.channels[conn] = stats
         self.state.total_channels += 1
         if self.recorder is not None:
@@ -441,6 +449,26 @@ class ChannelProxy:
             self.recorder.opened(conn, now, client, ends[0], tls, route, ends[1])
         log.info("channel %d: %s:%d -> %s (%s)", conn, *client, upstream_to.label, insertion)
         return stats
+
+    def _session_route(
+        self, asks: tuple[int, int] | None, retired: Sequence[Upstream]
+    ) -> Upstream | None:
+        """The retired upstream of the session a channel links to, if it is one of theirs."""
+        if asks is None:
+            return None
+        channel_type, connection_id = asks
+        if channel_type == MAIN and not connection_id:
+            return None  # a new session: where the listener points now
+        for stats in list(self.state.channels.values()):  # one C-level copy: thread-safe
+            route = stats.route
+            if stats.relay.session == connection_id and any(route is r for r in retired):
+                return route
+        return None
+
+    def in_use(self, upstreams: Sequence[Upstream]) -> list[Upstream]:
+        """Those of `upstreams` some open channel was sent to."""
+        used = {id(stats.route) for stats in list(self.state.channels.values())}
+        return [upstream for upstream in upstreams if id(upstream) in used]
 
     def _session_gate(self) -> bool:
         """Whether a new session may begin (any channel's thread): see Admission."""
@@ -575,10 +603,12 @@ async def accept_tls(
 @dataclass
 class Routing:
     """Where a listener's viewers go. A reload re-points it: connections accepted from
-    then on go to the new upstream; those already relayed stay where they are."""
+    then on go to the new upstream (channels of sessions begun on a `retired` one go
+    there); those already relayed stay where they are."""
 
     upstream: Upstream
     migration: Follower | None = None
+    retired: list[Upstream] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -624,10 +654,38 @@ async def serve_tcp(
 
     async def handle(stream: trio.SocketStream) -> None:
         upstream, migration = routing.upstream, routing.migration
-        await proxy.handle_socket(stream, upstream, tls=tls, migration=migration)
+        if routing.retired:  # forgotten once their last channel is gone
+            routing.retired = proxy.in_use(routing.retired)
+        await proxy.handle_socket(
+            stream, upstream, tls=tls, migration=migration, retired=routing.retired
+        )
 
     handler = guarded(handle, f"viewer on {host}:{port}", proxy.state)
     await serve_listening(listeners, handler, task_status)
+
+
+def peek_link(end: End, timeout: float) -> tuple[int, int] | None:
+    """The channel type and connection id a viewer's link message asks for, read within
+    `timeout` seconds (blocking) and given back to `end` to be received again; None when
+    the bytes are no link message, or do not come (the relay then says why)."""
+    data, end.prefix = end.prefix, b""  # received again below otherwise
+    deadline = time.monotonic() + timeout
+    try:
+        for _ in range(LINK_ASKS):  # each receive brings a byte at least
+            left = deadline - time.monotonic()
+            if len(data) >= LINK_ASKS or left <= 0:
+                break
+            end.sock.settimeout(left)
+            chunk = end.receive()
+            if not chunk:
+                break
+            data += chunk
+    except OSError:  # a timeout, a reset: the relay sees the same end
+        pass
+    finally:
+        end.sock.settimeout(None)
+        end.prefix = data
+    return link_asks(data)
 
 
 def exception_text(exc: BaseException) -> str:

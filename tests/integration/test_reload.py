@@ -8,6 +8,7 @@ import http.client
 import json
 import signal
 import socket
+import struct
 import threading
 import time
 from pathlib import Path
@@ -50,9 +51,8 @@ def _port_of(listeners: list[str], kind: str) -> int:
 
 
 def _wait_for_channels(proxy: ProxyProcess) -> None:
-    """Until the one session's channels are all open (their count steady for a second).
-    A channel opened after its listener was re-pointed would go to the new upstream,
-    which does not know the session (see the README: Reloading the configuration)."""
+    """Until the one session's channels are all open (their count steady for a second):
+    the reload is then surely after them (the next test has channels link after it)."""
     counts: list[int] = []
     for _ in range(150):  # 15 s at most
         sessions = _api(proxy, "GET", "/api/sessions")[1]["sessions"]
@@ -190,3 +190,53 @@ def test_a_vm_password_rotated_with_a_reload_and_used_tokens_stay_used(tmp_path:
     for secret in (PASSWORD, ROTATED, "tok-one-4711", "tok-two-4712", "tok-three-4713"):
         blobs = [a.read_bytes() for a in proxy.archives()] + [log.encode()]
         assert all(secret.encode() not in blob for blob in blobs), "a secret was recorded"
+
+
+def test_channels_of_a_session_begun_before_its_target_moved_follow_the_session(
+    tmp_path: Path,
+) -> None:
+    """By hand, so that the order is sure: a session's main channel links on A through
+    vm1; vm1 moves to B; a new session goes to B, and an inputs channel of each session
+    links where its session lives (QEMU refuses a connection id it did not give)."""
+    from tests.integration.test_proxy import _authenticate, _link, _read
+
+    held: list[socket.socket] = []  # the sessions live while their main channels are
+
+    def session_of(main: socket.socket, header: bytes) -> int:
+        held.append(main)
+        _authenticate(main, header)
+        msg_type, size = struct.unpack("<HI", _read(main, 6))  # the mini header
+        assert msg_type == 103  # SPICE_MSG_MAIN_INIT: its body starts with the session id
+        session: int = struct.unpack_from("<I", _read(main, size))[0]
+        return session
+
+    with peers(), QemuServer(guest="none") as a, QemuServer(guest="none") as b:
+        assert a.port is not None and b.port is not None
+        config = tmp_path / "gateway.toml"
+        config.write_text(
+            f'[targets.vm1]\nupstream = "127.0.0.1:{a.port}"\nlisten = "127.0.0.1:0"\n'
+        )
+        extra = ("--config", str(config))
+        with ProxyProcess(0, tmp_path / "rec", tmp_path / "proxy", extra) as proxy:
+            port = proxy.ports["plain:vm1"]
+            on_a = session_of(*_link(port, 1, 0))
+            config.write_text(
+                f'[targets.vm1]\nupstream = "127.0.0.1:{b.port}"\nlisten = "127.0.0.1:0"\n'
+            )
+            proxy.proc.send_signal(signal.SIGHUP)
+            assert proxy.next_line() == "spicetap proxy reloaded\n"
+            on_b = session_of(*_link(port, 1, 0))
+            for session in (on_a, on_b):
+                inputs, header = _link(port, 3, session)
+                assert header[:4] == b"REDQ"
+                _authenticate(inputs, header)  # the link result is OK: its session's QEMU
+                held.append(inputs)
+            assert proxy.proc.poll() is None
+            for sock in held:
+                sock.close()
+    servers: dict[int, set[str]] = {}
+    for archive in proxy.archives():  # named ...-SESSIONID.spta
+        with ArchiveReader(archive) as reader:
+            server = str(reader.header["session"]["server"])
+        servers.setdefault(int(archive.stem.rsplit("-", 1)[1], 16), set()).add(server)
+    assert servers == {on_a: {f"127.0.0.1:{a.port}"}, on_b: {f"127.0.0.1:{b.port}"}}, servers

@@ -250,3 +250,25 @@ def test_a_sasl_main_channel_is_followed_when_no_layer_hides_it(server_tls: bool
     assert relay.unchanged("s2c") == (not server_tls)
     sent = b"".join(data for d, data in chunks if d == "s2c")
     assert _forwarded([c for c in out if getattr(c, "direction", "") == "s2c"]) == sent
+
+
+@pytest.mark.parametrize("cut", [1, 3, 7, 12])
+def test_the_relay_learns_the_session_from_init_and_passes_it_unchanged(cut: int) -> None:
+    """A reload routes a session's later channels by its id: the main channel's INIT says
+    it (held until whole: a few dozen bytes), cut anywhere, and passes on as it came."""
+    from tests.proxy.test_recording import SESSION_ID, init
+
+    relay = ChannelRelay(Limits(), 0.0, follow_migration=True)
+    stream = init() + _mini(4, b"p" * 10) + init(0x1234)  # a second INIT is no session
+    bits = caps_word(1, 3)
+    relay.received("c2s", link_mess(bits, channel_type=1, conn=0), 0.0)  # a new session
+    relay.received("s2c", link_reply(bits), 0.0)
+    relay.received("c2s", TICKET, 0.0)
+    first = relay.received("s2c", OK + stream[:cut], 0.0)
+    assert relay.session is None
+    rest = relay.received("s2c", stream[cut:], 1.0)
+    assert _forwarded(first) + _forwarded(rest) == OK + stream
+    assert relay.session == SESSION_ID
+    display = ChannelRelay(Limits(), 0.0, follow_migration=True)
+    display.received("c2s", link_mess(caps_word(1, 3), channel_type=2, conn=SESSION_ID), 0.0)
+    assert display.session == SESSION_ID  # other channels say it in their link message

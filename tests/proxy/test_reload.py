@@ -362,3 +362,28 @@ def test_a_replaced_ca_file_is_read_again_by_the_next_connection(tmp_path: Path)
     renewed = targets_module._client_context(ca, False, None, True)
     assert renewed is not context
     assert renewed.get_ca_certs() != context.get_ca_certs()
+
+
+def test_peek_link_reads_what_a_channel_asks_for_and_gives_the_bytes_back() -> None:
+    from proxy.io.ends import PlainEnd
+    from proxy.io.server import peek_link
+    from tests.proxy.test_framing import caps_word, link_mess
+
+    message = link_mess(caps_word(1, 3), channel_type=3, conn=0xABCD)
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        end = PlainEnd(ours, prefix=message[:5])  # a front already read a few
+        theirs.sendall(message[5:12])
+        theirs.sendall(message[12:])
+        assert peek_link(end, 5.0) == (3, 0xABCD)
+        received = b""
+        for _ in range(3):  # the bytes read ahead, then the socket's rest
+            if len(received) < len(message):
+                received += end.receive()
+        assert received == message
+        theirs.sendall(b"GET / HTTP/1.1\r\n\r\n" + bytes(8))
+        assert peek_link(end, 5.0) is None  # not SPICE: the relay says so, from the bytes
+        assert end.receive().startswith(b"GET / ")
+        started = time.monotonic()
+        assert peek_link(end, 0.3) is None  # nothing comes: at most the timeout
+        assert time.monotonic() - started < 3

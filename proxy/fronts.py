@@ -286,10 +286,14 @@ def carry_credentials(old: Fronts, new: Fronts) -> None:
             policy.viewers.take_minted(scope, creds)
 
 
+def speaks(route: Route) -> str:
+    """What a reverse listener's viewers speak: "plain" or "tls"."""
+    return "tls" if route.viewer_tls is not None else "plain"
+
+
 def route_key(route: Route) -> tuple[str, str, int, str]:
     """A reverse listener's identity across reloads: what it speaks and where. Port 0 (the
     system picks one, each time) is told apart by the target it serves."""
-    kind = "tls" if route.viewer_tls is not None else "plain"
     host, port = route.listen
     target = "" if port or route.target is None or route.target.name is None else route.target.name
-    return (kind, host, port, target)
+    return (speaks(route), host, port, target)

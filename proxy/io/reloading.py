@@ -20,7 +20,7 @@ from typing import Any
 import trio
 
 from proxy.core.reload import TargetChanges, plan, restart_needed, target_changes
-from proxy.fronts import Fronts, Route, carry_credentials, route_key
+from proxy.fronts import Fronts, Route, carry_credentials, route_key, speaks
 from proxy.io.migration import MigrationListeners
 from proxy.io.server import ChannelProxy, Routing, Serving, serve_tcp
 from proxy.io.tokens import TokenDesk
@@ -91,7 +91,7 @@ class _Running:
 def listener_kind(route: Route) -> str:
     """How log lines and the "listening" lines name a reverse listener: plain or tls, and
     the target's name."""
-    kind = "tls" if route.viewer_tls is not None else "plain"
+    kind = speaks(route)
     return kind if route.upstream.target is None else f"{kind}:{route.upstream.target}"
 
 
@@ -112,23 +112,22 @@ class RouteListeners:
         self.keylog = keylog
         self.running: dict[RouteKey, _Running] = {}
 
-    def routing(self, route: Route) -> Routing:
-        migration = None
-        if self.follow_migration and route.target is not None:
-            migration = MigrationListeners(
-                self.proxy,
-                self.nursery,
-                ca=route.target.ca,
-                insecure=route.target.insecure,
-                keylog=self.keylog,
-                viewer_tls=route.viewer_tls,
-                tls_subject=route.subject,
-            )
-        return Routing(route.upstream, migration)
+    def _migration(self, route: Route) -> MigrationListeners | None:
+        if not self.follow_migration or route.target is None:
+            return None
+        return MigrationListeners(
+            self.proxy,
+            self.nursery,
+            ca=route.target.ca,
+            insecure=route.target.insecure,
+            keylog=self.keylog,
+            viewer_tls=route.viewer_tls,
+            tls_subject=route.subject,
+        )
 
     async def open(self, route: Route) -> Serving:
         """OSError when the address cannot be listened on."""
-        routing = self.routing(route)
+        routing = Routing(route.upstream, self._migration(route))
         serving: Serving = await self.nursery.start(
             serve_tcp, self.proxy, routing, *route.listen, route.viewer_tls
         )
@@ -150,7 +149,7 @@ class RouteListeners:
         route = replace(route, viewer_tls=before.viewer_tls, subject=before.subject)
         routing = running.routing
         if _checks(before) != _checks(route) or routing.migration is None:
-            routing.migration = self.routing(route).migration
+            routing.migration = self._migration(route)
         if _destination(before) != _destination(route):
             # sessions begun there keep it for the channels they open later
             routing.retired = self.proxy.in_use([before.upstream, *routing.retired])

@@ -25,6 +25,7 @@ from tests.harness.images import CURSOR_CELL, differing_pixels
 from tests.harness.screenshot import settled_screenshot, spicy_screenshot
 from tests.integration.proxy_process import ProxyProcess
 from tests.integration.test_auth import AUTH_ERROR, refused, shot, wait_for_log
+from tests.integration.test_connect import _connect_status
 
 pytestmark = pytest.mark.peers
 
@@ -37,12 +38,6 @@ def _api(proxy: ProxyProcess, method: str, path: str) -> tuple[int, Any]:
         return response.status, json.loads(response.read())
     finally:
         conn.close()
-
-
-def _connect_status(port: int, target: str) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
-        return s.recv(4096).split(b"\r\n", 1)[0]
 
 
 def _port_of(listeners: list[str], kind: str) -> int:

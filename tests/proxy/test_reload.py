@@ -32,6 +32,7 @@ from spicetap.cli import build_parser
 from spicetap.config import Config, ConnectSection, ProxySection, RecordingSection, load_config
 from tests.harness import make_tls_material
 from tests.integration.proxy_process import ProxyProcess
+from tests.integration.test_auth import wait_for_log
 
 # --- what a reload may change (pure) ---
 
@@ -313,15 +314,6 @@ async def test_the_api_reloads_and_says_why_not(tmp_path: Path) -> None:
 # --- the signal, in a real `spicetap proxy` process ---
 
 
-def _wait_for(proxy: ProxyProcess, text: str) -> str:
-    for _ in range(200):  # 10 s at most
-        log = proxy.log()
-        if text in log or proxy.proc.poll() is not None:
-            return log
-        time.sleep(0.05)
-    return proxy.log()
-
-
 def test_sighup_reloads_the_config_file(tmp_path: Path) -> None:
     config = tmp_path / "gateway.toml"
     config.write_text('[targets.vm1]\nupstream = "127.0.0.1:1"\nlisten = "127.0.0.1:0"\n')
@@ -334,12 +326,14 @@ def test_sighup_reloads_the_config_file(tmp_path: Path) -> None:
         lines = [proxy.next_line(), proxy.next_line()]
         assert lines[0].startswith("spicetap proxy listening (plain:vm2) on 127.0.0.1:")
         assert lines[1] == "spicetap proxy reloaded\n"
-        log = _wait_for(proxy, "config reloaded")
+        wait_for_log(proxy, "config reloaded")
+        log = proxy.log()
         assert "SIGHUP: reloading" in log and "reload: target vm2 added" in log
         config.write_text("[targets.vm1\n")
         proxy.proc.send_signal(signal.SIGHUP)
         assert proxy.next_line() == "spicetap proxy reload failed\n"
-        log = _wait_for(proxy, "reload failed")
+        wait_for_log(proxy, "reload failed")
+        log = proxy.log()
         assert "reload failed, the running config stays: " in log and "not valid TOML" in log
         assert proxy.proc.poll() is None
     assert "Traceback" not in proxy.log()

@@ -35,6 +35,7 @@ from proxy.linksetup import add_link_options, api_token
 from proxy.recorder import BACKLOG_POLICIES, RecordingOptions
 from proxy.targets import host_port
 from proxy.tls import TlsSetupError, client_context
+from spicetap import interrupts
 from spicetap.archive.keys import load_or_create_signing_key
 from spicetap.archive.writer import FlushPolicy, Rotation
 from spicetap.config import Config, ConfigError, ProxySection, load_config
@@ -490,15 +491,18 @@ async def _serve(
         stops = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
         # caught before "ready" is said: a script may signal as soon as it reads it
         with trio.open_signal_receiver(*stops) as signals:
-            for kind, opened_listeners, what in opened:
-                announce(kind, opened_listeners, what)
-            print("spicetap proxy ready", flush=True)
-            async for sig in signals:
-                if sig == signal.SIGHUP and reloader.reloadable:
-                    logger.info("SIGHUP: reloading %s", config_path)
-                    nursery.start_soon(reloader.reload_logged)
-                    continue
-                break
+            # a Ctrl-C that Python swallowed while we started (spicetap.interrupts) stops
+            # us here, before "ready", as one caught now would
+            if not interrupts.swallowed():
+                for kind, opened_listeners, what in opened:
+                    announce(kind, opened_listeners, what)
+                print("spicetap proxy ready", flush=True)
+                async for sig in signals:
+                    if sig == signal.SIGHUP and reloader.reloadable:
+                        logger.info("SIGHUP: reloading %s", config_path)
+                        nursery.start_soon(reloader.reload_logged)
+                        continue
+                    break
         # Once stopping, another Ctrl-C or SIGTERM (an impatient user, a service manager's
         # second try) must not cut the archives short: the drain is bounded, and SIGKILL
         # remains (after which the recording process still closes every archive).

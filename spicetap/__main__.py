@@ -1,5 +1,5 @@
 import sys
 
-from spicetap.cli import main
+from spicetap.entry import run
 
-sys.exit(main())
+sys.exit(run())

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from spicetap import __version__
+from spicetap import __version__, interrupts
 from spicetap.errors import UserError, one_line, os_error_line
 
 
@@ -75,8 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)  # imports much: Ctrl-C may come meanwhile
-        result: int = args.func(args)
+        with interrupts.kept():
+            with interrupts.deferred():  # imports much: Ctrl-C may come meanwhile
+                args = build_parser().parse_args(argv)
+            if interrupts.swallowed():
+                raise KeyboardInterrupt
+            result: int = args.func(args)
         return result
     except UserError as exc:
         print(one_line(f"spicetap: error: {exc}"), file=sys.stderr)

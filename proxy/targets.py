@@ -94,6 +94,10 @@ class Target:
         return Upstream(opener, label, self.name, end_opener, self.policy, (host, port))
 
 
+def _servers(target: Target) -> tuple[Address, ...]:
+    return tuple(address for address in (target.plain, target.tls) if address is not None)
+
+
 def check_upstream_tls(
     ca: Path | None, subject: str | None, insecure: bool, names: tuple[str, str, str]
 ) -> None:
@@ -157,6 +161,9 @@ class ConnectRouter:
     insecure: bool = False
     # migration destinations announced on this front's sessions, until a monotonic time
     admitted: dict[Address, float] = field(default_factory=dict)
+    # by name, where a target was before a reload moved it (newest first): the sessions
+    # begun there may open more channels (see moved)
+    retired: dict[str, list[Target]] = field(default_factory=dict)
 
     def admit(self, address: Address, until: float) -> None:
         """Let viewers CONNECT to `address` until `until` (a live migration's destination,
@@ -164,9 +171,32 @@ class ConnectRouter:
         self.admitted[address] = max(until, self.admitted.get(address, 0.0))
 
     def reconfigure(self, fresh: ConnectRouter) -> None:
-        """Route as `fresh` does from now on; admitted migration destinations stay."""
+        """Route as `fresh` does from now on; admitted migration destinations stay, and so
+        does where each moved target was."""
+        for name, before in self.targets.items():
+            after = fresh.targets.get(name)
+            if after is not None and _servers(after) != _servers(before):
+                self.retired[name] = [before, *self.retired.get(name, [])]
         self.targets, self.allow = fresh.targets, fresh.allow
         self.ca, self.insecure = fresh.ca, fresh.insecure
+
+    def moved(self, target: Target, live: list[Address]) -> list[Target]:
+        """Where `target` was before reloads moved it, as far as channels are still open
+        there (`live`: the servers of the open channels sent to this name); the rest is
+        forgotten."""
+        if target.name is None or target.name not in self.retired:
+            return []
+        now = set(_servers(target))
+        kept = [
+            before
+            for before in self.retired[target.name]
+            if any(server in live and server not in now for server in _servers(before))
+        ]
+        if kept:
+            self.retired[target.name] = kept
+        else:
+            del self.retired[target.name]
+        return kept
 
     @classmethod
     def from_config(cls, section: ConnectSection, targets: dict[str, Target]) -> ConnectRouter:

@@ -24,7 +24,9 @@ from proxy.io.guard import guarded
 from proxy.io.migration import ServedAt
 from proxy.io.server import (
     ChannelProxy,
+    Rejoin,
     Serving,
+    Upstream,
     exception_text,
     in_thread,
     peer_address,
@@ -151,9 +153,33 @@ async def handle_connect(
         upstream.label,
     )
     follower = ConnectFollower(front.router) if front.follow_migration else None
+    rejoin = _rejoin_moved(proxy, front, target, kind == "tls")
     await proxy.handle_socket(
-        stream, upstream, tls=tls, insertion="connect", migration=follower, prefix=first
-    )
+        stream, upstream, tls=tls, insertion="connect", migration=follower, prefix=first,
+        rejoin=rejoin,
+    )  # fmt: skip
+
+
+def _rejoin_moved(
+    proxy: ChannelProxy, front: ConnectFront, target: Target, tls: bool
+) -> Rejoin | None:
+    """While sessions begun before a reload moved `target` live on, a channel of one of
+    them goes to their server (QEMU refuses a session id it did not give), not the new."""
+    if target.name is None or target.name not in front.router.retired:
+        return None
+    ours = [r for r in proxy.live_routes() if r.target == target.name]
+    moved = front.router.moved(target, [r.address for r in ours if r.address is not None])
+    now = (target.plain, target.tls)
+
+    def rejoin(route: Upstream) -> Upstream | None:
+        if route.target != target.name or route.address is None or route.address in now:
+            return None
+        for before in moved:
+            if route.address in (before.plain, before.tls):
+                return before.upstream(tls, front.keylog)
+        return None
+
+    return rejoin if moved else None
 
 
 async def _certificate_for(front: ConnectFront, host: str) -> ssl.SSLContext | None:

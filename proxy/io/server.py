@@ -292,13 +292,13 @@ class ChannelProxy:
         insertion: str = "reverse",
         migration: Follower | None = None,
         prefix: bytes = b"",
-        retired: Sequence[Upstream] = (),
+        rejoin: Rejoin | None = None,
     ) -> None:
         """A viewer on a TCP socket (TLS terminated here with `tls`), relayed by a blocking
         pump thread per direction (proxy/io/pumps.py) to an upstream that opens a blocking
         end (every Target's does). `prefix`: what a front already read from the viewer.
-        `retired`: where this listener sent viewers before a reload re-pointed it; a
-        channel of a session begun there goes there too."""
+        `rejoin`: set while sessions begun before a reload moved this front's target live
+        on; a channel of one of them goes where its session is."""
         sock = detach(stream)
         viewer: End = PlainEnd(sock, prefix)
         client = viewer.peer()
@@ -315,9 +315,9 @@ class ChannelProxy:
                 tls_used = {"viewer": True}
                 self._attempt_failed(conn, client, upstream_to, insertion, C2S, why, tls_used)
                 return
-        if retired:
+        if rejoin is not None:
             asks = await in_thread(peek_link, viewer, self.limits.link_timeout)
-            upstream_to = self._session_route(asks, retired) or upstream_to
+            upstream_to = self._session_route(asks, rejoin) or upstream_to
         open_end = upstream_to.open_end
         if open_end is None:  # a caller's mistake, not a peer's
             raise ValueError(f"upstream {upstream_to.label} opens no blocking end")
@@ -450,10 +450,8 @@ class ChannelProxy:
         log.info("channel %d: %s:%d -> %s (%s)", conn, *client, upstream_to.label, insertion)
         return stats
 
-    def _session_route(
-        self, asks: tuple[int, int] | None, retired: Sequence[Upstream]
-    ) -> Upstream | None:
-        """The retired upstream of the session a channel links to, if it is one of theirs."""
+    def _session_route(self, asks: tuple[int, int] | None, rejoin: Rejoin) -> Upstream | None:
+        """Where `rejoin` sends a channel of the session it links to, if any."""
         if asks is None:
             return None
         channel_type, connection_id = asks
@@ -461,13 +459,20 @@ class ChannelProxy:
             return None  # a new session: where the listener points now
         for stats in list(self.state.channels.values()):  # one C-level copy: thread-safe
             route = stats.route
-            if stats.relay.session == connection_id and any(route is r for r in retired):
-                return route
+            if stats.relay.session == connection_id and route is not None:
+                chosen = rejoin(route)
+                if chosen is not None:
+                    return chosen
         return None
+
+    def live_routes(self) -> list[Upstream]:
+        """Where the open channels were sent."""
+        channels = list(self.state.channels.values())  # one C-level copy: thread-safe
+        return [stats.route for stats in channels if stats.route is not None]
 
     def in_use(self, upstreams: Sequence[Upstream]) -> list[Upstream]:
         """Those of `upstreams` some open channel was sent to."""
-        used = {id(stats.route) for stats in list(self.state.channels.values())}
+        used = {id(route) for route in self.live_routes()}
         return [upstream for upstream in upstreams if id(upstream) in used]
 
     def _session_gate(self) -> bool:
@@ -657,11 +662,27 @@ async def serve_tcp(
         if routing.retired:  # forgotten once their last channel is gone
             routing.retired = proxy.in_use(routing.retired)
         await proxy.handle_socket(
-            stream, upstream, tls=tls, migration=migration, retired=routing.retired
+            stream, upstream, tls=tls, migration=migration, rejoin=rejoin_retired(routing.retired)
         )
 
     handler = guarded(handle, f"viewer on {host}:{port}", proxy.state)
     await serve_listening(listeners, handler, task_status)
+
+
+Rejoin = Callable[[Upstream], "Upstream | None"]
+"""Given where a channel of the session a new connection links to was sent: where the new
+one goes, or None when that session is not one that stays behind."""
+
+
+def rejoin_retired(retired: Sequence[Upstream]) -> Rejoin | None:
+    """A re-pointed listener's: channels of sessions begun on a retired upstream go there."""
+    if not retired:
+        return None
+
+    def rejoin(route: Upstream) -> Upstream | None:
+        return route if any(route is r for r in retired) else None
+
+    return rejoin
 
 
 def peek_link(end: End, timeout: float) -> tuple[int, int] | None:

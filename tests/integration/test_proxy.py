@@ -138,12 +138,20 @@ def test_past_max_connections_new_ones_are_closed_at_once(tmp_path: Path) -> Non
             assert metrics(proxy)["spicetap_connections_refused_total"] == 1
 
 
-def _link(port: int, channel_type: int, conn: int) -> tuple[socket.socket, bytes]:
-    """Link a channel by hand through the proxy: the socket, and what came back first
-    (b"" when the proxy closed without a word)."""
+def _link(
+    port: int, channel_type: int, conn: int, tunnel: str | None = None
+) -> tuple[socket.socket, bytes]:
+    """Link a channel by hand through the proxy (through its CONNECT front to `tunnel`):
+    the socket, and what came back first (b"" when the proxy closed without a word)."""
     from tests.proxy.test_framing import caps_word, link_mess
 
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    if tunnel is not None:
+        sock.sendall(f"CONNECT {tunnel} HTTP/1.1\r\nHost: {tunnel}\r\n\r\n".encode())
+        head = b""
+        while not head.endswith(b"\r\n\r\n") and len(head) < 4096:  # the answer's head
+            head += _read(sock, 1) or b"\r\n\r\n"
+        assert head.startswith(b"HTTP/1.1 200 "), head
     sock.sendall(link_mess(caps_word(1, 3), channel_type=channel_type, conn=conn))
     return sock, _read(sock, 16)
 

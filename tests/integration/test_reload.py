@@ -187,12 +187,14 @@ def test_a_vm_password_rotated_with_a_reload_and_used_tokens_stay_used(tmp_path:
         assert all(secret.encode() not in blob for blob in blobs), "a secret was recorded"
 
 
+@pytest.mark.parametrize("front", ["listener", "connect"])
 def test_channels_of_a_session_begun_before_its_target_moved_follow_the_session(
-    tmp_path: Path,
+    tmp_path: Path, front: str
 ) -> None:
     """By hand, so that the order is sure: a session's main channel links on A through
-    vm1; vm1 moves to B; a new session goes to B, and an inputs channel of each session
-    links where its session lives (QEMU refuses a connection id it did not give)."""
+    vm1 (its own listener, or CONNECT vm1); vm1 moves to B; a new session goes to B, and
+    an inputs channel of each session links where its session lives (QEMU refuses a
+    connection id it did not give)."""
     from tests.integration.test_proxy import _authenticate, _link, _read
 
     held: list[socket.socket] = []  # the sessions live while their main channels are
@@ -208,21 +210,24 @@ def test_channels_of_a_session_begun_before_its_target_moved_follow_the_session(
     with peers(), QemuServer(guest="none") as a, QemuServer(guest="none") as b:
         assert a.port is not None and b.port is not None
         config = tmp_path / "gateway.toml"
-        config.write_text(
-            f'[targets.vm1]\nupstream = "127.0.0.1:{a.port}"\nlisten = "127.0.0.1:0"\n'
-        )
+        connect = '[connect]\nlisten = "127.0.0.1:0"\n\n'
+        vm1 = '[targets.vm1]\nupstream = "127.0.0.1:{}"\nlisten = "127.0.0.1:0"\n'
+        config.write_text(connect + vm1.format(a.port))
         extra = ("--config", str(config))
         with ProxyProcess(0, tmp_path / "rec", tmp_path / "proxy", extra) as proxy:
-            port = proxy.ports["plain:vm1"]
-            on_a = session_of(*_link(port, 1, 0))
-            config.write_text(
-                f'[targets.vm1]\nupstream = "127.0.0.1:{b.port}"\nlisten = "127.0.0.1:0"\n'
-            )
+
+            def link(channel_type: int, session: int) -> tuple[socket.socket, bytes]:
+                if front == "connect":  # the port named does not matter
+                    return _link(proxy.ports["connect"], channel_type, session, "vm1:5900")
+                return _link(proxy.ports["plain:vm1"], channel_type, session)
+
+            on_a = session_of(*link(1, 0))
+            config.write_text(connect + vm1.format(b.port))
             proxy.proc.send_signal(signal.SIGHUP)
             assert proxy.next_line() == "spicetap proxy reloaded\n"
-            on_b = session_of(*_link(port, 1, 0))
+            on_b = session_of(*link(1, 0))
             for session in (on_a, on_b):
-                inputs, header = _link(port, 3, session)
+                inputs, header = link(3, session)
                 assert header[:4] == b"REDQ"
                 _authenticate(inputs, header)  # the link result is OK: its session's QEMU
                 held.append(inputs)

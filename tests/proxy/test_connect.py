@@ -160,6 +160,26 @@ def test_router_admits_a_migration_destination_for_a_while() -> None:
     assert router.route("10.0.0.8", 5901) is None
 
 
+def test_router_remembers_where_moved_targets_were_while_channels_are_open_there() -> None:
+    a, b, c = ("10.0.0.1", 5900), ("10.0.0.2", 5900), ("10.0.0.3", 5900)
+    section = ConnectSection()
+    router = ConnectRouter.from_config(section, {"vm1": Target("vm1", a, None)})
+    same = {"vm1": Target("vm1", a, None, insecure=True)}  # changed, not moved
+    router.reconfigure(ConnectRouter.from_config(section, same))
+    assert router.retired == {}
+    on_a = same["vm1"]
+    router.reconfigure(ConnectRouter.from_config(section, {"vm1": Target("vm1", b, None)}))
+    router.reconfigure(ConnectRouter.from_config(section, {"vm1": Target("vm1", c, None)}))
+    on_c = router.route("vm1", 1)
+    assert on_c is not None and on_c.plain == c
+    assert [t.plain for t in router.retired["vm1"]] == [b, a]  # newest first
+    assert router.moved(on_c, [a, c]) == [on_a]  # nothing is open on b: forgotten
+    assert router.moved(on_c, [c]) == []
+    assert "vm1" not in router.retired  # nothing left to remember
+    adhoc = Target(None, a, a)
+    assert router.moved(adhoc, [a]) == []
+
+
 HEADERS = st.sampled_from(
     [
         b"Host: h\r\n",

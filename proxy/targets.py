@@ -176,7 +176,10 @@ class ConnectRouter:
         for name, before in self.targets.items():
             after = fresh.targets.get(name)
             if after is not None and _servers(after) != _servers(before):
-                self.retired[name] = [before, *self.retired.get(name, [])]
+                # once per place: moving back and forth makes no list that grows
+                places = (_servers(after), _servers(before))
+                older = [t for t in self.retired.get(name, []) if _servers(t) not in places]
+                self.retired[name] = [before, *older]
         self.targets, self.allow = fresh.targets, fresh.allow
         self.ca, self.insecure = fresh.ca, fresh.insecure
 

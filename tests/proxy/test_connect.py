@@ -173,6 +173,10 @@ def test_router_remembers_where_moved_targets_were_while_channels_are_open_there
     on_c = router.route("vm1", 1)
     assert on_c is not None and on_c.plain == c
     assert [t.plain for t in router.retired["vm1"]] == [b, a]  # newest first
+    for there in (a, c, b, c):  # and back: each place once
+        router.reconfigure(ConnectRouter.from_config(section, {"vm1": Target("vm1", there, None)}))
+    assert [t.plain for t in router.retired["vm1"]] == [b, a]
+    on_a = router.retired["vm1"][1]
     assert router.moved(on_c, [a, c]) == [on_a]  # nothing is open on b: forgotten
     assert router.moved(on_c, [c]) == []
     assert "vm1" not in router.retired  # nothing left to remember

@@ -271,11 +271,7 @@ def cmd_proxy(args: argparse.Namespace) -> int:
     # caps to clear, auth mode (secrets never logged), targets, what each listener serves
     fronts = build_fronts(args, config, keylog, mintable)
     link_policy = fronts.link_policy
-    limits = Limits(
-        link_timeout=pick(args.link_timeout, cp.link_timeout),
-        idle_timeout=pick(args.idle_timeout, cp.idle_timeout),
-        max_message=pick(args.max_message, cp.max_message),
-    )
+    limits = fronts.limits
     management = _management(args, cp)
     recorder = None
     directory = pick(args.record, cr.directory)

@@ -15,7 +15,7 @@ from typing import Any
 
 from proxy.core.allow import AllowList, AllowListError
 from proxy.core.credentials import ViewerCredentials
-from proxy.core.relay import LinkPolicy
+from proxy.core.relay import Limits, LinkPolicy
 from proxy.core.websocket import origin_is_valid
 from proxy.io.connect import ConnectFront
 from proxy.io.server import Upstream
@@ -226,6 +226,9 @@ class Fronts:
     connect: tuple[Address, ConnectFront] | None
     websocket: Route | None
     scopes: dict[str, LinkPolicy]  # by target name, "" the main upstream: minting's view
+    # each new channel's; a reload changes the timeouts (max_message is the recording
+    # process's too, so it stays)
+    limits: Limits
 
     def owners(self) -> dict[str | None, ViewerCredentials]:
         """Inject credentials by owner: None the proxy's, else a target with its own."""
@@ -268,7 +271,12 @@ def build_fronts(
             "nothing to serve: give --upstream HOST:PORT (or --upstream-tls), "
             "--connect-listen with --allow, or targets in --config"
         )
-    return Fronts(link_policy, targets, routes, connect, websocket, scopes)
+    limits = Limits(
+        link_timeout=pick(args.link_timeout, cp.link_timeout),
+        idle_timeout=pick(args.idle_timeout, cp.idle_timeout),
+        max_message=pick(args.max_message, cp.max_message),
+    )
+    return Fronts(link_policy, targets, routes, connect, websocket, scopes, limits)
 
 
 def carry_credentials(old: Fronts, new: Fronts) -> None:

@@ -23,8 +23,6 @@ K = TypeVar("K", bound=Hashable)
 
 # [proxy] keys read once at start; the others ([proxy] listen, upstream, auth, ...) reload
 PROXY_AT_START = (
-    "link_timeout",
-    "idle_timeout",
     "max_message",
     "max_connections",
     "follow_migration",

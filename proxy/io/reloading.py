@@ -220,6 +220,8 @@ class Reloader:
         carry_credentials(old, fronts)
         proxy = self.listeners.proxy
         proxy.link_policy = fronts.link_policy
+        # for channels from now on (a relay keeps the limits it began with)
+        proxy.limits = replace(fronts.limits, max_message=proxy.limits.max_message)
         if old.connect is not None and fronts.connect is not None:
             old.connect[1].router.reconfigure(fronts.connect[1].router)
         self.tokens.reconfigure(fronts.scopes, fronts.link_policy)

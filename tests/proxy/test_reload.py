@@ -284,9 +284,35 @@ async def test_a_reload_of_the_same_file_changes_nothing(tmp_path: Path) -> None
 
 async def test_restart_only_keys_are_named_every_time(tmp_path: Path) -> None:
     async with running(tmp_path, VM1_ON_A) as setup:
-        setup.write("[proxy]\nidle_timeout = 30\n\n" + VM1_ON_A)
-        assert (await setup.reloader.reload()).restart_needed == ["[proxy] idle_timeout"]
-        assert (await setup.reloader.reload()).restart_needed == ["[proxy] idle_timeout"]
+        setup.write("[proxy]\nmax_message = 1024\n\n" + VM1_ON_A)
+        assert (await setup.reloader.reload()).restart_needed == ["[proxy] max_message"]
+        assert (await setup.reloader.reload()).restart_needed == ["[proxy] max_message"]
+
+
+async def test_channels_from_a_reload_on_get_its_timeouts(tmp_path: Path) -> None:
+    async def hold(stream: trio.SocketStream) -> None:  # a server that never answers
+        async with stream:
+            await trio.sleep_forever()
+
+    async with running(tmp_path, VM1_ON_A) as setup, trio.open_nursery() as nursery:
+        (server,) = await nursery.start(partial(trio.serve_tcp, hold, 0, host="127.0.0.1"))
+        port = server.socket.getsockname()[1]
+        proxy = setup.listeners.proxy
+        setup.write(
+            "[proxy]\nlink_timeout = 3\nidle_timeout = 30\nmax_message = 1024\n\n"
+            + VM1_ON_A.replace("{a}", str(port))
+        )
+        report = await setup.reloader.reload()
+        assert report.restart_needed == ["[proxy] max_message"]
+        assert proxy.limits == Limits(link_timeout=3, idle_timeout=30)  # max_message kept
+        async with await trio.open_tcp_stream("127.0.0.1", setup.port_of("plain:vm1")):
+            for _ in range(500):  # 5 s at most, until the channel is relayed
+                if proxy.state.channels:
+                    break
+                await trio.sleep(0.01)
+            (channel,) = proxy.state.channels.values()
+            assert channel.relay.limits == proxy.limits
+        nursery.cancel_scope.cancel()
 
 
 async def test_the_api_reloads_and_says_why_not(tmp_path: Path) -> None:

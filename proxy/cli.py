@@ -464,11 +464,11 @@ async def _serve(
             )  # fmt: skip
         ws_routing = None
         if (websocket := fronts.websocket) is not None:
-            ws_routing = Routing(websocket.upstream)
+            ws_routing = Routing(websocket.upstream, origins=websocket.origins)
             await start(
                 "websocket", websocket.listen, f"forwarding to {websocket.upstream.label}",
                 nursery.start, serve_websocket, proxy, ws_routing, *websocket.listen,
-                websocket.viewer_tls, SPICE_HTML5_DIR, websocket.origins,
+                websocket.viewer_tls, SPICE_HTML5_DIR,
             )  # fmt: skip
         reloader = Reloader(
             config_path, config or Config(), fronts, rebuild, listeners,

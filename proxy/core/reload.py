@@ -27,7 +27,6 @@ PROXY_AT_START = (
     "max_connections",
     "follow_migration",
     "ws_listen",
-    "ws_origins",
     "management",
     "management_token_file",
     "management_tls",

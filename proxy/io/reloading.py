@@ -227,6 +227,7 @@ class Reloader:
         self.tokens.reconfigure(fronts.scopes, fronts.link_policy)
         if self.websocket is not None and fronts.websocket is not None:
             self.websocket.upstream = fronts.websocket.upstream
+            self.websocket.origins = fronts.websocket.origins
         targets = target_changes(self.config.targets, config.targets)
         for name in targets.added:
             log.info("reload: target %s added", name)

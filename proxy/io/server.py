@@ -614,6 +614,7 @@ class Routing:
     upstream: Upstream
     migration: Follower | None = None
     retired: list[Upstream] = field(default_factory=list)
+    origins: tuple[str, ...] = ()  # the WebSocket front's: other pages that may connect
 
 
 @dataclass(frozen=True)

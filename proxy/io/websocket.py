@@ -223,12 +223,11 @@ async def serve_websocket(
     port: int,
     tls: ssl.SSLContext | None = None,
     web_root: Path = SPICE_HTML5_DIR,
-    origins: tuple[str, ...] = (),
     task_status: trio.TaskStatus[Serving] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept browsers on host:port (wss:// with `tls`): spice-html5's files and one
     WebSocket per SPICE channel, each relayed where `routing` points through `proxy`. Pages from
-    other `origins` than spicetap's own may open WebSockets too."""
+    `routing.origins` may open WebSockets too, besides spicetap's own."""
     listeners = await trio.open_tcp_listeners(port, host=host)
 
     async def handle(stream: trio.SocketStream) -> None:
@@ -240,7 +239,8 @@ async def serve_websocket(
                 return
             transport = wrapped
         peer = f"{client[0]}:{client[1]}"
-        ws = await open_websocket(transport, proxy.limits, web_root, peer, tls is not None, origins)
+        secure, origins = tls is not None, routing.origins  # as they are at its arrival
+        ws = await open_websocket(transport, proxy.limits, web_root, peer, secure, origins)
         if ws is None:
             return
         upstream = routing.upstream  # where it points once the viewer got this far

@@ -28,6 +28,7 @@ from proxy.io.management import ManagementApi, ManagementOptions
 from proxy.io.reloading import Reloader, ReloadFailed, RouteListeners
 from proxy.io.server import ChannelProxy, ProxyState, Routing
 from proxy.io.tokens import TokenDesk
+from proxy.io.websocket import serve_websocket
 from spicetap.cli import build_parser
 from spicetap.config import Config, ConnectSection, ProxySection, RecordingSection, load_config
 from tests.harness import make_tls_material
@@ -261,6 +262,35 @@ async def test_the_main_upstream_moves_its_reverse_and_websocket_routes(tmp_path
         assert report.repointed == [f"plain 127.0.0.1:{port} -> 127.0.0.1:{b.port}"]
         assert setup.reloader.websocket.upstream.label == f"127.0.0.1:{b.port}"
         await _reach(port, b)
+
+
+async def test_a_reload_changes_which_pages_may_open_websockets(tmp_path: Path) -> None:
+    main = '[proxy]\nupstream = "127.0.0.1:{a}"\nws_listen = "127.0.0.1:0"\n'
+    async with running(tmp_path, main) as setup, trio.open_nursery() as nursery:
+        websocket = setup.reloader.fronts.websocket
+        assert websocket is not None
+        routing = Routing(websocket.upstream, origins=websocket.origins)
+        setup.reloader.websocket = routing
+        proxy = setup.listeners.proxy
+        serving = await nursery.start(serve_websocket, proxy, routing, "127.0.0.1", 0)
+        port = serving.listeners[0].socket.getsockname()[1]
+
+        async def status_for_the_portal() -> bytes:
+            upgrade = (
+                "GET / HTTP/1.1\r\nHost: spicetap\r\nUpgrade: websocket\r\n"
+                "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                "Sec-WebSocket-Version: 13\r\nOrigin: https://portal.example\r\n\r\n"
+            )
+            with trio.fail_after(5):
+                async with await trio.open_tcp_stream("127.0.0.1", port) as browser:
+                    await browser.send_all(upgrade.encode())
+                    return bytes(await browser.receive_some()).split(b"\r\n", 1)[0]
+
+        assert await status_for_the_portal() == b"HTTP/1.1 403 Forbidden"
+        setup.write(main + 'ws_origins = ["https://portal.example"]\n')
+        assert (await setup.reloader.reload()).restart_needed == []
+        assert await status_for_the_portal() == b"HTTP/1.1 101 Switching Protocols"
+        nursery.cancel_scope.cancel()
 
 
 async def test_a_reload_of_the_same_file_changes_nothing(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import ssl
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -437,3 +438,41 @@ def test_peek_link_reads_what_a_channel_asks_for_and_gives_the_bytes_back() -> N
         started = time.monotonic()
         assert peek_link(end, 0.3) is None  # nothing comes: at most the timeout
         assert time.monotonic() - started < 3
+
+
+def test_peek_link_on_a_tls_end_gives_the_decrypted_bytes_back(tmp_path: Path) -> None:
+    """The CONNECT front and TLS listeners peek after the handshake: the link message
+    comes out of TLS records, and receive() gives it back before reading on."""
+    import threading
+
+    from proxy.io.ends import tls_end
+    from proxy.io.server import peek_link
+    from tests.proxy.test_framing import caps_word, link_mess
+
+    material = make_tls_material(tmp_path)
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(
+        material.x509_dir / "server-cert.pem", material.x509_dir / "server-key.pem"
+    )
+    client = ssl.create_default_context(cafile=str(material.ca_file))
+    message = link_mess(caps_word(1, 3), channel_type=5, conn=0x1234)
+    ours, theirs = socket.socketpair()
+    wrapped = client.wrap_socket(theirs, server_hostname="127.0.0.1", do_handshake_on_connect=False)
+    with ours, wrapped:  # wrapped took theirs over
+
+        def viewer() -> None:
+            wrapped.do_handshake()
+            for piece in (message[:3], message[3:20], message[20:]):  # records of their own
+                wrapped.sendall(piece)
+
+        sender = threading.Thread(target=viewer)
+        sender.start()
+        end = tls_end(ours, server, server_side=True)
+        end.handshake(10.0)
+        assert peek_link(end, 10.0) == (5, 0x1234)
+        received = b""
+        for _ in range(5):  # bounded: the bytes given back, then the records' rest
+            if len(received) < len(message):
+                received += end.receive()
+        sender.join(10)
+        assert received == message

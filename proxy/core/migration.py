@@ -135,6 +135,12 @@ class MigrationScanner:
         self.held_type: int | None = None
         self.held_size = 0
         self.init_seen = False
+        self.header_seen = False  # of any message: the first is INIT, or none will be
+
+    @property
+    def first_read(self) -> bool:
+        """The first message's header is in, and the message is not still held back."""
+        return self.header_seen and self.held_type is None
 
     def _size_and_type(self, header: bytes) -> tuple[int, int]:
         if self.mini:
@@ -178,6 +184,7 @@ class MigrationScanner:
             self.pending.clear()
             header = carried + bytes(chunk)
             msg_type, size = self._size_and_type(header)
+            self.header_seen = True
             held = msg_type in MIGRATION_MESSAGES or (msg_type == INIT and not self.init_seen)
             self.init_seen = self.init_seen or msg_type == INIT
             if held and size <= self.max_message:

@@ -124,11 +124,14 @@ class ChannelRelay:
         # asked, once the viewer's link message is in, whether a new session may begin here
         # (proxy/core/admission.py); a channel of a session already begun needs no leave
         self.session_gate = session_gate
-        # Following migration: the main channel's server stream is scanned once linked
-        self.follow_migration = follow_migration
+        # The main channel's server stream is scanned once linked: for migration messages
+        # when following them (redirects), else up to its first message only, INIT, whose
+        # session id keeps a session's channels together when a reload moves its target
+        # (proxy/io/server.py's rejoin). `scanning` goes off once nothing is to be read.
+        self.redirects = follow_migration
+        self.scanning = True
         self.scanner: MigrationScanner | None = None
-        # a main channel's session, once the server's INIT said it (when following
-        # migrations: the scanner reads the main channel's messages)
+        # a main channel's session, once the server's INIT said it
         self.session_id: int | None = None
         self.s2c_fed = 0  # server bytes the guard has seen
         self.s2c_link = 0  # ...of which the link stage
@@ -167,11 +170,7 @@ class ChannelRelay:
         it before calling received(..., sent=True), which then leaves the Forward out. Not
         during the link stage: the guard must see each side's link unit before the other
         side's answer to it (e.g. the link message before the reply), as the peers did."""
-        return (
-            self.linked
-            and self.rewriter is None
-            and not (direction == S2C and self.follow_migration)
-        )
+        return self.linked and self.rewriter is None and not (direction == S2C and self.scanning)
 
     @property
     def channel_type(self) -> int | None:
@@ -220,7 +219,7 @@ class ChannelRelay:
             return
         if sent:
             commands.append(RecordData(direction, data, now))
-        elif direction == S2C and self.follow_migration:
+        elif direction == S2C and self.scanning:
             self._forward_following(data, events, now, commands)
         else:
             commands += (Forward(direction, data), RecordData(direction, data, now))
@@ -249,8 +248,9 @@ class ChannelRelay:
     def _forward_following(
         self, data: bytes, events: list[Any], now: float, commands: list[Command]
     ) -> None:
-        """The server's side of a channel whose migration messages are followed: the link
-        stage passes as it is; on the main channel, messages go through the scanner."""
+        """The server's side while it is scanned: the link stage passes as it is; on the
+        main channel, messages go through the scanner (all of them when following
+        migrations, else up to INIT)."""
         before = self.s2c_fed
         self.s2c_fed += len(data)
         cut = 0 if self.scanner is not None else len(data)
@@ -260,17 +260,20 @@ class ChannelRelay:
                     self.s2c_link += len(ev.data)
                     if ev.kind == "link_result":
                         clear = self.guard.state[S2C] == "messages"  # no SASL layer
-                        if self.guard.channel_type == MAIN and not self.guard.result and clear:
+                        # not following, a main channel joining a session knows it already
+                        wanted = self.redirects or not self.guard.connection_id
+                        main = self.guard.channel_type == MAIN
+                        if main and not self.guard.result and clear and wanted:
                             self.scanner = MigrationScanner(
                                 self.guard.mini_header, self.limits.max_message
                             )
                             cut = self.s2c_link - before
                         else:
-                            self.follow_migration = False  # nothing to follow here
+                            self.scanning = False  # nothing to read here
                     elif ev.kind == "sasl_result" and self.guard.state[S2C] == "sasl":
                         # accepted, and a security layer follows: nothing more to read
-                        self.follow_migration = False
-                        if self.guard.channel_type == MAIN:  # the operator should know
+                        self.scanning = False
+                        if self.guard.channel_type == MAIN and self.redirects:  # say so
                             commands.append(Log(SASL_LAYER_MIGRATION))
         if any(isinstance(ev, ChannelError) for ev in events):
             cut = len(data)  # the channel closes: pass everything as it came
@@ -299,6 +302,10 @@ class ChannelRelay:
                 raw = part.header + part.body
                 commands += (Forward(S2C, raw), RecordData(S2C, raw, now))
                 continue
+            if not self.redirects:  # not followed: passes as it came
+                raw = part.header + part.body
+                commands += (Forward(S2C, raw), RecordData(S2C, raw, now))
+                continue
             name = MIGRATION_MESSAGES[part.msg_type]
             try:
                 dest = destination(part.msg_type, part.body)
@@ -309,6 +316,14 @@ class ChannelRelay:
                 continue
             self.waiting = part
             commands.append(Redirect(dest, name))
+        scanner = self.scanner
+        if not self.redirects and scanner is not None and scanner.first_read:
+            # the first message is read (INIT, or none): the rest passes unscanned, and
+            # fast; what the scanner holds (a cut header) goes first
+            self.scanner, self.scanning = None, False
+            if scanner.pending:
+                data = bytes(scanner.pending)
+                commands += (Forward(S2C, data), RecordData(S2C, data, now))
 
     def redirected(
         self,

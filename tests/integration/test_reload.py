@@ -187,14 +187,18 @@ def test_a_vm_password_rotated_with_a_reload_and_used_tokens_stay_used(tmp_path:
         assert all(secret.encode() not in blob for blob in blobs), "a secret was recorded"
 
 
-@pytest.mark.parametrize("front", ["listener", "connect"])
+@pytest.mark.parametrize(
+    ("front", "flags"),
+    [("listener", ()), ("connect", ()), ("listener", ("--no-follow-migration",))],
+)
 def test_channels_of_a_session_begun_before_its_target_moved_follow_the_session(
-    tmp_path: Path, front: str
+    tmp_path: Path, front: str, flags: tuple[str, ...]
 ) -> None:
     """By hand, so that the order is sure: a session's main channel links on A through
     vm1 (its own listener, or CONNECT vm1); vm1 moves to B; a new session goes to B, and
     an inputs channel of each session links where its session lives (QEMU refuses a
-    connection id it did not give)."""
+    connection id it did not give). The session's id comes from its main channel's INIT,
+    read whether migrations are followed or not."""
     from tests.integration.test_proxy import _authenticate, _link, _read
 
     held: list[socket.socket] = []  # the sessions live while their main channels are
@@ -213,7 +217,7 @@ def test_channels_of_a_session_begun_before_its_target_moved_follow_the_session(
         connect = '[connect]\nlisten = "127.0.0.1:0"\n\n'
         vm1 = '[targets.vm1]\nupstream = "127.0.0.1:{}"\nlisten = "127.0.0.1:0"\n'
         config.write_text(connect + vm1.format(a.port))
-        extra = ("--config", str(config))
+        extra = ("--config", str(config), *flags)
         with ProxyProcess(0, tmp_path / "rec", tmp_path / "proxy", extra) as proxy:
 
             def link(channel_type: int, session: int) -> tuple[socket.socket, bytes]:

@@ -252,13 +252,17 @@ def test_a_sasl_main_channel_is_followed_when_no_layer_hides_it(server_tls: bool
     assert _forwarded([c for c in out if getattr(c, "direction", "") == "s2c"]) == sent
 
 
+@pytest.mark.parametrize("follow", [True, False])
 @pytest.mark.parametrize("cut", [1, 3, 7, 12])
-def test_the_relay_learns_the_session_from_init_and_passes_it_unchanged(cut: int) -> None:
+def test_the_relay_learns_the_session_from_init_and_passes_it_unchanged(
+    cut: int, follow: bool
+) -> None:
     """A reload routes a session's later channels by its id: the main channel's INIT says
-    it (held until whole: a few dozen bytes), cut anywhere, and passes on as it came."""
+    it (held until whole: a few dozen bytes), cut anywhere, and passes on as it came;
+    not following migrations, the rest then passes unscanned."""
     from tests.proxy.test_recording import SESSION_ID, init
 
-    relay = ChannelRelay(Limits(), 0.0, follow_migration=True)
+    relay = ChannelRelay(Limits(), 0.0, follow_migration=follow)
     stream = init() + _mini(4, b"p" * 10) + init(0x1234)  # a second INIT is no session
     bits = caps_word(1, 3)
     relay.received("c2s", link_mess(bits, channel_type=1, conn=0), 0.0)  # a new session
@@ -269,6 +273,28 @@ def test_the_relay_learns_the_session_from_init_and_passes_it_unchanged(cut: int
     rest = relay.received("s2c", stream[cut:], 1.0)
     assert _forwarded(first) + _forwarded(rest) == OK + stream
     assert relay.session == SESSION_ID
+    assert relay.unchanged("s2c") is not follow  # the fast path, once INIT is read
     display = ChannelRelay(Limits(), 0.0, follow_migration=True)
     display.received("c2s", link_mess(caps_word(1, 3), channel_type=2, conn=SESSION_ID), 0.0)
     assert display.session == SESSION_ID  # other channels say it in their link message
+
+
+def test_not_following_a_main_channel_whose_first_message_is_no_init_is_read_no_further() -> None:
+    relay = ChannelRelay(Limits(), 0.0)
+    stream = _mini(4, b"p" * 10) + _mini(MIGRATE_BEGIN_SEAMLESS, SEAMLESS)
+    bits = caps_word(1, 3)
+    relay.received("c2s", link_mess(bits, channel_type=1, conn=0), 0.0)  # a new session
+    relay.received("s2c", link_reply(bits), 0.0)
+    relay.received("c2s", TICKET, 0.0)
+    commands = relay.received("s2c", OK + stream[:3], 0.0)  # a cut header: kept back
+    assert not relay.unchanged("s2c")
+    commands += relay.received("s2c", stream[3:], 1.0)
+    assert _forwarded(commands) == OK + stream
+    assert not [c for c in commands if isinstance(c, Redirect)]
+    assert relay.session is None and relay.unchanged("s2c")
+
+
+def test_not_following_a_main_channel_that_joins_a_session_is_not_scanned() -> None:
+    relay = ChannelRelay(Limits(), 0.0)
+    _linked_main(relay, b"")  # links with a connection id: a session begun before
+    assert relay.session == 0x1234 and relay.unchanged("s2c")

@@ -296,13 +296,9 @@ class ChannelRelay:
             if isinstance(part, Pass):
                 commands += (Forward(S2C, part.data), RecordData(S2C, part.data, now))
                 continue
-            if part.msg_type == INIT:
-                if len(part.body) >= U32.size:
-                    (self.session_id,) = U32.unpack_from(part.body)
-                raw = part.header + part.body
-                commands += (Forward(S2C, raw), RecordData(S2C, raw, now))
-                continue
-            if not self.redirects:  # not followed: passes as it came
+            if part.msg_type == INIT and len(part.body) >= U32.size:
+                (self.session_id,) = U32.unpack_from(part.body)
+            if part.msg_type == INIT or not self.redirects:  # read only: passes as it came
                 raw = part.header + part.body
                 commands += (Forward(S2C, raw), RecordData(S2C, raw, now))
                 continue

@@ -220,7 +220,7 @@ class ChannelRelay:
         if sent:
             commands.append(RecordData(direction, data, now))
         elif direction == S2C and self.scanning:
-            self._forward_following(data, events, now, commands)
+            self._forward_scanned(data, events, now, commands)
         else:
             commands += (Forward(direction, data), RecordData(direction, data, now))
         for ev in events:
@@ -245,7 +245,7 @@ class ChannelRelay:
         self.closed = True
         return True
 
-    def _forward_following(
+    def _forward_scanned(
         self, data: bytes, events: list[Any], now: float, commands: list[Command]
     ) -> None:
         """The server's side while it is scanned: the link stage passes as it is; on the

@@ -8,7 +8,6 @@ import logging
 import math
 import signal
 import sys
-from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -17,20 +16,24 @@ import trio
 
 from proxy import logs
 from proxy.core import framing
-from proxy.core.admission import Admission, connection_budget, files_needed
+from proxy.core.admission import Admission
 from proxy.core.relay import Limits
 from proxy.fronts import Fronts, build_fronts, named, pick, viewer_context
 from proxy.io import ends
-from proxy.io.connect import serve_connect
-from proxy.io.guard import raise_open_files_limit
+from proxy.io.guard import connection_limit, raise_open_files_limit
 from proxy.io.management import ManagementOptions, serve_management
 from proxy.io.recording import STOP_TIMEOUT, Recorder, RecordingSink
-from proxy.io.reloading import Rebuild, Reloader, RouteListeners, announce, listener_kind
+from proxy.io.reloading import (
+    CONNECT_FRONT,
+    FrontListeners,
+    Rebuild,
+    Reloader,
+    announce,
+    listener_kind,
+)
 from proxy.io.resuming import ResumingRecorder
-from proxy.io.server import ChannelProxy, ProxyState, Routing
-from proxy.io.static import SPICE_HTML5_DIR
+from proxy.io.server import ChannelProxy, ProxyState
 from proxy.io.tokens import TokenDesk
-from proxy.io.websocket import serve_websocket
 from proxy.linksetup import add_link_options, api_token
 from proxy.recorder import BACKLOG_POLICIES, RecordingOptions
 from proxy.targets import host_port
@@ -320,11 +323,10 @@ def cmd_proxy(args: argparse.Namespace) -> int:
     # default 5 ms would be each forwarded message's worst case): see proxy/io/pumps.py.
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     try:
-        follow = bool(pick(args.follow_migration, cp.follow_migration))
         config_path = Path(args.config) if args.config else None
         rebuild = partial(_rebuild, args, keylog, mintable)
         trio.run(
-            _serve, fronts, limits, recorder, management, follow, keylog, admission, config,
+            _serve, fronts, limits, recorder, management, keylog, admission, config,
             config_path, rebuild,
         )  # fmt: skip
     except BaseExceptionGroup as group:  # trio's nursery wraps what its tasks raise
@@ -389,21 +391,13 @@ def _is_loopback(host: str) -> bool:
 
 
 def _admission(max_connections: int | None) -> Admission:
-    """The cap on connections, from --max-connections or the open-files limit (raised to
-    its hard limit first); a cap the limit cannot serve is said once, at start."""
-    files = raise_open_files_limit()
-    budget = connection_budget(files)
-    log = logging.getLogger("spicetap.proxy")
+    limit = connection_limit(max_connections)
     if max_connections is None:
-        log.info("serving up to %d connections at once (open files limit %d)", budget, files)
-        return Admission(budget)
-    if max_connections > budget:
-        log.warning(
-            "--max-connections %d needs about %d open files; the limit is %d: past %d "
-            "connections, new ones may fail", max_connections, files_needed(max_connections),
-            files, budget,
+        logging.getLogger("spicetap.proxy").info(
+            "serving up to %d connections at once (open files limit %d)",
+            limit, raise_open_files_limit(),
         )  # fmt: skip
-    return Admission(max_connections)
+    return Admission(limit)
 
 
 class ListenError(Exception):
@@ -422,7 +416,6 @@ async def _serve(
     limits: Limits,
     recorder: RecordingSink | None,
     management: ManagementOptions | None = None,
-    follow_migration: bool = True,
     keylog: Path | None = None,
     admission: Admission | None = None,
     config: Config | None = None,
@@ -451,29 +444,17 @@ async def _serve(
                 raise ListenError(message) from None
             opened.append((kind, serving.listeners, what))
 
-        listeners = RouteListeners(proxy, nursery, follow_migration, keylog)
+        listeners = FrontListeners(proxy, nursery, fronts.follow_migration, keylog)
         for route in fronts.routes:
             what = f"forwarding to {route.upstream.label}"
             await start(listener_kind(route), route.listen, what, listeners.open, route)
         if fronts.connect is not None:
-            (host, port), front = fronts.connect
-            front = replace(front, follow_migration=follow_migration)
-            await start(
-                "connect", (host, port), "HTTP CONNECT front",
-                nursery.start, serve_connect, proxy, front, host, port,
-            )  # fmt: skip
-        ws_routing = None
+            listen, front = fronts.connect
+            await start("connect", listen, CONNECT_FRONT, listeners.open_connect, listen, front)
         if (websocket := fronts.websocket) is not None:
-            ws_routing = Routing(websocket.upstream, origins=websocket.origins)
-            await start(
-                "websocket", websocket.listen, f"forwarding to {websocket.upstream.label}",
-                nursery.start, serve_websocket, proxy, ws_routing, *websocket.listen,
-                websocket.viewer_tls, SPICE_HTML5_DIR,
-            )  # fmt: skip
-        reloader = Reloader(
-            config_path, config or Config(), fronts, rebuild, listeners,
-            tokens, ws_routing,
-        )  # fmt: skip
+            what = f"forwarding to {websocket.upstream.label}"
+            await start("websocket", websocket.listen, what, listeners.open, websocket)
+        reloader = Reloader(config_path, config or Config(), fronts, rebuild, listeners, tokens)
         if management is not None:
             api = "HTTPS API" if management.https is not None else "HTTP API"
             api += ", token required" if management.token is not None else ""

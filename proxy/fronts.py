@@ -49,7 +49,7 @@ def named(args: argparse.Namespace, dest: str, section: str, key: str) -> str:
 
 @dataclass(frozen=True)
 class Route:
-    """One reverse listener and where its viewers go."""
+    """One reverse listener, or the WebSocket front's (`web`), and where its viewers go."""
 
     listen: tuple[str, int]
     viewer_tls: ssl.SSLContext | None
@@ -57,6 +57,7 @@ class Route:
     target: Target | None = None  # how a migration's destination is checked (its CA)
     subject: str | None = None  # of the certificate viewer_tls presents
     origins: tuple[str, ...] = ()  # the WebSocket front's: other pages allowed to connect
+    web: bool = False  # browsers (spice-html5) over WebSocket, not SPICE viewers
 
 
 def _cli_target(
@@ -181,7 +182,7 @@ def _websocket_front(
     for origin in origins:  # compared with the browser's Origin header, which has this form
         if not origin_is_valid(origin):
             raise UserError(f"{where} {origin!r}: expected * or SCHEME://HOST[:PORT]")
-    return Route(listen, context, main.upstream(False, keylog), origins=origins)
+    return Route(listen, context, main.upstream(False, keylog), origins=origins, web=True)
 
 
 def _issued_subject(args: argparse.Namespace, listen: tuple[str, int]) -> str:
@@ -229,6 +230,8 @@ class Fronts:
     # each new channel's; a reload changes the timeouts (max_message is the recording
     # process's too, so it stays)
     limits: Limits
+    follow_migration: bool = True  # for channels from then on
+    max_connections: int | None = None  # None: what the open-files limit serves
 
     def owners(self) -> dict[str | None, ViewerCredentials]:
         """Inject credentials by owner: None the proxy's, else a target with its own."""
@@ -276,7 +279,11 @@ def build_fronts(
         idle_timeout=pick(args.idle_timeout, cp.idle_timeout),
         max_message=pick(args.max_message, cp.max_message),
     )
-    return Fronts(link_policy, targets, routes, connect, websocket, scopes, limits)
+    follow = bool(pick(args.follow_migration, cp.follow_migration))
+    max_connections = pick(args.max_connections, cp.max_connections)
+    return Fronts(
+        link_policy, targets, routes, connect, websocket, scopes, limits, follow, max_connections
+    )
 
 
 def carry_credentials(old: Fronts, new: Fronts) -> None:
@@ -295,12 +302,14 @@ def carry_credentials(old: Fronts, new: Fronts) -> None:
 
 
 def speaks(route: Route) -> str:
-    """What a reverse listener's viewers speak: "plain" or "tls"."""
+    """What a listener's viewers speak: "plain" or "tls", or "websocket" (either)."""
+    if route.web:
+        return "websocket"
     return "tls" if route.viewer_tls is not None else "plain"
 
 
 def route_key(route: Route) -> tuple[str, str, int, str]:
-    """A reverse listener's identity across reloads: what it speaks and where. Port 0 (the
+    """A listener's identity across reloads: what it speaks and where. Port 0 (the
     system picks one, each time) is told apart by the target it serves."""
     host, port = route.listen
     target = "" if port or route.target is None or route.target.name is None else route.target.name

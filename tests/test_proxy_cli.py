@@ -197,15 +197,17 @@ def test_the_connection_cap_follows_the_open_files_limit(
 
     from proxy import cli as proxy_cli
     from proxy.core.admission import connection_budget
+    from proxy.io import guard
 
     monkeypatch.setattr(proxy_cli, "raise_open_files_limit", lambda: 1024)
+    monkeypatch.setattr(guard, "raise_open_files_limit", lambda: 1024)
     with caplog.at_level(logging.INFO, logger="spicetap.proxy"):
         assert proxy_cli._admission(None).limit == connection_budget(1024) == 448
         assert "serving up to 448 connections at once (open files limit 1024)" in caplog.text
         assert proxy_cli._admission(100).limit == 100
         assert "WARNING" not in caplog.text
         assert proxy_cli._admission(5000).limit == 5000  # the user's word, with a warning
-    assert "--max-connections 5000 needs about 10128 open files; the limit is 1024" in (caplog.text)
+    assert "max_connections 5000 needs about 10128 open files; the limit is 1024" in (caplog.text)
 
 
 @pytest.mark.parametrize(

@@ -83,6 +83,12 @@ class Admission:
     def release(self) -> None:
         self.open -= 1
 
+    def resize(self, limit: int) -> None:
+        """A reload's cap, and its reserve: connections open past it carry on, new ones are
+        closed until fewer are open."""
+        self.limit = limit
+        self.reserve = session_reserve(limit)
+
     def refusals_to_log(self, now: float) -> int:
         """How many refusals a log line should report now; 0: none, or not yet."""
         with self._lock:

@@ -2,11 +2,13 @@
 
 A reload (SIGHUP, or POST /api/reload) re-reads the file and applies, for connections that
 arrive from then on: targets (added, removed, re-pointed, their TLS checks and
-credentials), reverse listeners (opened, closed, re-pointed), the CONNECT front's
-allow-list and checks, and authentication (mode, passwords, tokens files, masked
-capabilities). The rest is set up once at start: the listeners of the CONNECT, WebSocket
-and management fronts, limits, recording. Those keys are named here so that a reload that
-changes them says they wait for a restart, instead of silently doing nothing.
+credentials), listeners (reverse ones, the CONNECT and WebSocket fronts: opened, closed,
+moved, re-pointed), the CONNECT front's allow-list and checks, the WebSocket front's
+origins, authentication (mode, passwords, tokens files, masked capabilities), timeouts, the
+cap on connections and whether migrations are followed. The rest is set up once at start:
+the management front, the largest message (the recording process reads up to it), and
+recording. Those keys are named here so that a reload that changes them says they wait for
+a restart, instead of silently doing nothing.
 
 Pure: configs in, names and plans out.
 """
@@ -24,9 +26,6 @@ K = TypeVar("K", bound=Hashable)
 # [proxy] keys read once at start; the others ([proxy] listen, upstream, auth, ...) reload
 PROXY_AT_START = (
     "max_message",
-    "max_connections",
-    "follow_migration",
-    "ws_listen",
     "management",
     "management_token_file",
     "management_tls",
@@ -38,7 +37,6 @@ def restart_needed(old: Config, new: Config) -> list[str]:
     restart applies, as "[section] key"."""
     names = [f"[proxy] {key}" for key in _differing(old.proxy, new.proxy, PROXY_AT_START)]
     names += [f"[recording] {key}" for key in _differing(old.recording, new.recording)]
-    names += [f"[connect] {key}" for key in _differing(old.connect, new.connect, ("listen",))]
     return names
 
 

@@ -41,12 +41,16 @@ log = logging.getLogger("spicetap.connect")
 RECEIVE = 16 * 1024
 
 
-@dataclass(frozen=True)
+@dataclass
 class ConnectFront:
+    """What the CONNECT front serves with. The running one stays across reloads (its router
+    remembers where moved targets were, its certificates are cached): a reload changes its
+    router in place (ConnectRouter.reconfigure) and whether migrations are followed."""
+
     router: ConnectRouter
     certificates: HostCertificates
     keylog: Path | None
-    follow_migration: bool = True
+    follow_migration: bool = True  # read per tunnel
 
 
 @dataclass(frozen=True)

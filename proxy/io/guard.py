@@ -19,7 +19,7 @@ from typing import Protocol
 
 import trio
 
-from proxy.core.admission import Admission
+from proxy.core.admission import Admission, connection_budget, files_needed
 
 log = logging.getLogger("spicetap.proxy")
 
@@ -71,3 +71,20 @@ def raise_open_files_limit() -> int:
             resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
+def connection_limit(max_connections: int | None) -> int:
+    """The cap on connections: `max_connections` (--max-connections, [proxy]
+    max_connections), or by default what the open-files limit (raised to its hard limit
+    first) serves. A cap the limit cannot serve is said in a warning."""
+    files = raise_open_files_limit()
+    budget = connection_budget(files)
+    if max_connections is None:
+        return budget
+    if max_connections > budget:
+        log.warning(
+            "max_connections %d needs about %d open files; the limit is %d: past %d "
+            "connections, new ones may fail", max_connections, files_needed(max_connections),
+            files, budget,
+        )  # fmt: skip
+    return max_connections

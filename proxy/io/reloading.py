@@ -12,24 +12,30 @@ thing that can fail part-way: it is reported, and the next reload tries it again
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import trio
 
+from proxy.core.admission import Admission
 from proxy.core.reload import TargetChanges, plan, restart_needed, target_changes
 from proxy.fronts import Fronts, Route, carry_credentials, route_key, speaks
+from proxy.io.connect import ConnectFront, serve_connect
+from proxy.io.guard import connection_limit
 from proxy.io.migration import MigrationListeners
 from proxy.io.server import ChannelProxy, Routing, Serving, serve_tcp
 from proxy.io.tokens import TokenDesk
+from proxy.io.websocket import serve_websocket
+from proxy.targets import Address
 from spicetap.config import Config, ConfigError, load_config
 from spicetap.errors import UserError
 
 log = logging.getLogger("spicetap.proxy")
 
 RouteKey = tuple[str, str, int, str]
+CONNECT_FRONT = "HTTP CONNECT front"  # what its "listening" line says it is
 # (config, previous fronts) -> new fronts; blocking (reads files), UserError when unusable
 Rebuild = Callable[[Config, Fronts], Fronts]
 
@@ -88,16 +94,33 @@ class _Running:
         return f"{listener_kind(self.route)} {self.bound[0]}:{self.bound[1]}"
 
 
+@dataclass
+class _RunningConnect:
+    listen: Address  # as configured (port 0: the system picked `bound`)
+    front: ConnectFront  # the one serving: reloads change it in place
+    serving: Serving
+    bound: tuple[str, int]
+
+    def where(self) -> str:
+        return f"connect {self.bound[0]}:{self.bound[1]}"
+
+
 def listener_kind(route: Route) -> str:
-    """How log lines and the "listening" lines name a reverse listener: plain or tls, and
-    the target's name."""
+    """How log lines and the "listening" lines name a listener: plain or tls and the
+    target's name, or websocket."""
     kind = speaks(route)
     return kind if route.upstream.target is None else f"{kind}:{route.upstream.target}"
 
 
-class RouteListeners:
-    """The reverse listeners that run now, by route_key: opened at start and by reloads,
-    stopped and re-pointed by reloads."""
+def _bound(serving: Serving) -> tuple[str, int]:
+    host, port = serving.listeners[0].socket.getsockname()[:2]
+    return str(host), int(port)
+
+
+class FrontListeners:
+    """The listeners that run now: the reverse ones and the WebSocket front's by route_key,
+    and the CONNECT front's. Opened at start and by reloads, stopped, re-pointed and moved
+    by reloads."""
 
     def __init__(
         self,
@@ -111,6 +134,7 @@ class RouteListeners:
         self.follow_migration = follow_migration
         self.keylog = keylog
         self.running: dict[RouteKey, _Running] = {}
+        self.connect: _RunningConnect | None = None
 
     def _migration(self, route: Route) -> MigrationListeners | None:
         if not self.follow_migration or route.target is None:
@@ -127,12 +151,12 @@ class RouteListeners:
 
     async def open(self, route: Route) -> Serving:
         """OSError when the address cannot be listened on."""
-        routing = Routing(route.upstream, self._migration(route))
+        routing = Routing(route.upstream, self._migration(route), origins=route.origins)
+        serve: Any = serve_websocket if route.web else serve_tcp
         serving: Serving = await self.nursery.start(
-            serve_tcp, self.proxy, routing, *route.listen, route.viewer_tls
+            serve, self.proxy, routing, *route.listen, route.viewer_tls
         )
-        host, port = serving.listeners[0].socket.getsockname()[:2]
-        self.running[route_key(route)] = _Running(route, routing, serving, (host, port))
+        self.running[route_key(route)] = _Running(route, routing, serving, _bound(serving))
         return serving
 
     def stop(self, key: RouteKey) -> _Running:
@@ -148,14 +172,37 @@ class RouteListeners:
         before = running.route
         route = replace(route, viewer_tls=before.viewer_tls, subject=before.subject)
         routing = running.routing
-        if _checks(before) != _checks(route) or routing.migration is None:
+        if not self.follow_migration or route.target is None:
+            routing.migration = None
+        elif _checks(before) != _checks(route) or routing.migration is None:
             routing.migration = self._migration(route)
         if _destination(before) != _destination(route):
             # sessions begun there keep it for the channels they open later
             routing.retired = self.proxy.in_use([before.upstream, *routing.retired])
         routing.upstream = route.upstream
+        routing.origins = route.origins
         running.route = route
         return before
+
+    async def open_connect(self, listen: Address, front: ConnectFront) -> Serving:
+        """OSError when the address cannot be listened on."""
+        front.follow_migration = self.follow_migration
+        serving: Serving = await self.nursery.start(serve_connect, self.proxy, front, *listen)
+        self.connect = _RunningConnect(listen, front, serving, _bound(serving))
+        return serving
+
+    def stop_connect(self) -> _RunningConnect:
+        running, self.connect = self.connect, None
+        assert running is not None
+        running.serving.stop()
+        return running
+
+    def follow(self, follow_migration: bool) -> None:
+        """Whether channels from now on follow migrations (re-pointing applies it to the
+        reverse listeners)."""
+        self.follow_migration = follow_migration
+        if self.connect is not None:
+            self.connect.front.follow_migration = follow_migration
 
 
 def _destination(route: Route) -> tuple[str, str | None]:
@@ -178,9 +225,8 @@ class Reloader:
         config: Config,
         fronts: Fronts,
         rebuild: Rebuild | None,
-        listeners: RouteListeners,
+        listeners: FrontListeners,
         tokens: TokenDesk,
-        websocket: Routing | None = None,
     ) -> None:
         self.config_path = config_path
         self.started_with = config  # what restart-only keys are compared with
@@ -189,7 +235,6 @@ class Reloader:
         self.rebuild = rebuild
         self.listeners = listeners
         self.tokens = tokens
-        self.websocket = websocket
         self._lock = trio.Lock()
 
     @property
@@ -218,16 +263,15 @@ class Reloader:
         # no await until the listeners: the other trio tasks see all of this or none
         old = self.fronts
         carry_credentials(old, fronts)
-        proxy = self.listeners.proxy
+        listeners = self.listeners
+        proxy = listeners.proxy
         proxy.link_policy = fronts.link_policy
         # for channels from now on (a relay keeps the limits it began with)
         proxy.limits = replace(fronts.limits, max_message=proxy.limits.max_message)
-        if old.connect is not None and fronts.connect is not None:
-            old.connect[1].router.reconfigure(fronts.connect[1].router)
+        if proxy.state.admission is not None:
+            _resize(proxy.state.admission, fronts.max_connections)
+        listeners.follow(fronts.follow_migration)
         self.tokens.reconfigure(fronts.scopes, fronts.link_policy)
-        if self.websocket is not None and fronts.websocket is not None:
-            self.websocket.upstream = fronts.websocket.upstream
-            self.websocket.origins = fronts.websocket.origins
         targets = target_changes(self.config.targets, config.targets)
         for name in targets.added:
             log.info("reload: target %s added", name)
@@ -235,43 +279,77 @@ class Reloader:
             log.info("reload: target %s removed (its open channels carry on)", name)
         for name in targets.changed:
             log.info("reload: target %s changed (for new connections)", name)
-        wanted = {route_key(route): route for route in fronts.routes}
-        steps = plan(self.listeners.running, wanted)
-        stopped, repointed, opened, failed = [], [], [], []
+        routes = [*fronts.routes, *([fronts.websocket] if fronts.websocket else [])]
+        wanted = {route_key(route): route for route in routes}
+        steps = plan(listeners.running, wanted)
+        report = ReloadReport(targets, [], [], [], [], restart_needed(self.started_with, config))
+        # every listener that goes is closed before any opens: its port may be wanted again
         for key in steps.stop:
-            where = self.listeners.stop(key).where()
-            stopped.append(where)
-            log.info("reload: stopped listening (%s); its open channels carry on", where)
+            _stopped(report, listeners.stop(key).where())
+        connect = self._connect_front(fronts.connect, report)
+        if connect is not None:
+            fronts = replace(fronts, connect=connect)
         for key in steps.keep:
             route = wanted[key]
-            before = self.listeners.repoint(key, route)
+            before = listeners.repoint(key, route)
             # re-pointed: it forwards elsewhere (other settings of a target show as changed)
             if _destination(before) != _destination(route):
-                where = self.listeners.running[key].where()
-                repointed.append(f"{where} -> {route.upstream.label}")
+                where = listeners.running[key].where()
+                report.repointed.append(f"{where} -> {route.upstream.label}")
                 log.info("reload: %s now forwards to %s", where, route.upstream.label)
         self.fronts, self.config = fronts, config
         for key in steps.open:
             route = wanted[key]
-            kind = listener_kind(route)
-            try:
-                serving = await self.listeners.open(route)
-            except OSError as exc:
-                why = exc.strerror or str(exc)
-                failed.append(f"{kind} {route.listen[0]}:{route.listen[1]}: {why}")
-                log.error("reload: cannot listen (%s) on %s:%d: %s", kind, *route.listen, why)
-                continue
-            opened.append(self.listeners.running[key].where())
-            announce(kind, serving.listeners, f"forwarding to {route.upstream.label}")
-        later = restart_needed(self.started_with, config)
-        if later:
+            kind, what = listener_kind(route), f"forwarding to {route.upstream.label}"
+            await self._open(report, kind, route.listen, what, listeners.open, route)
+        if connect is not None and listeners.connect is None:
+            await self._open(
+                report, "connect", connect[0], CONNECT_FRONT, listeners.open_connect, *connect
+            )
+        if report.restart_needed:
             log.warning(
                 "reload: changed in the file, applied at the next start only: %s",
-                ", ".join(later),
+                ", ".join(report.restart_needed),
             )
-        report = ReloadReport(targets, opened, stopped, repointed, failed, later)
         log.info("config reloaded from %s: %s", self.config_path, report.summary())
         return report
+
+    def _connect_front(
+        self, wanted: tuple[Address, ConnectFront] | None, report: ReloadReport
+    ) -> tuple[Address, ConnectFront] | None:
+        """The CONNECT front as the file now has it: the running one reconfigured (its
+        router remembers where moved targets were), on its listener unless the address
+        changed (then closed here, opened by the caller), or a new one; None: none."""
+        running = self.listeners.connect
+        if running is None or wanted is None:
+            if running is not None:
+                _stopped(report, self.listeners.stop_connect().where())
+            return wanted
+        listen, fresh = wanted
+        running.front.router.reconfigure(fresh.router)
+        if listen != running.listen:
+            _stopped(report, self.listeners.stop_connect().where())
+        return listen, running.front
+
+    async def _open(
+        self,
+        report: ReloadReport,
+        kind: str,
+        listen: Address,
+        what: str,
+        open_: Callable[..., Awaitable[Serving]],
+        *args: Any,
+    ) -> None:
+        try:
+            serving = await open_(*args)
+        except OSError as exc:
+            why = exc.strerror or str(exc)
+            report.failed.append(f"{kind} {listen[0]}:{listen[1]}: {why}")
+            log.error("reload: cannot listen (%s) on %s:%d: %s", kind, *listen, why)
+            return
+        host, port = _bound(serving)
+        report.opened.append(f"{kind} {host}:{port}")
+        announce(kind, serving.listeners, what)
 
     async def reload_logged(self) -> None:
         """A reload asked for by SIGHUP: its outcome goes to the log (and a line to stdout
@@ -286,6 +364,18 @@ class Reloader:
             print("spicetap proxy reloaded", flush=True)
             return
         print("spicetap proxy reload failed", flush=True)
+
+
+def _stopped(report: ReloadReport, where: str) -> None:
+    report.stopped.append(where)
+    log.info("reload: stopped listening (%s); its open channels carry on", where)
+
+
+def _resize(admission: Admission, max_connections: int | None) -> None:
+    limit = connection_limit(max_connections)
+    if limit != admission.limit:
+        log.info("reload: serving up to %d connections at once (was %d)", limit, admission.limit)
+        admission.resize(limit)
 
 
 def announce(kind: str, listeners: list[trio.SocketListener], what: str) -> None:

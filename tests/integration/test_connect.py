@@ -28,9 +28,11 @@ from tests.integration.proxy_process import ProxyProcess
 pytestmark = pytest.mark.peers
 
 
-def _connect_status(port: int, target: str, headers: str = "", body: bytes = b"") -> bytes:
-    """The status line the CONNECT front answers for `target`."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+def _connect_status(
+    port: int, target: str, headers: str = "", body: bytes = b"", host: str = "127.0.0.1"
+) -> bytes:
+    """The status line the CONNECT front on host:port answers for `target`."""
+    with socket.create_connection((host, port), timeout=10) as s:
         head = f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{headers}\r\n"
         s.sendall(head.encode() + body)
         return s.recv(4096).split(b"\r\n", 1)[0]

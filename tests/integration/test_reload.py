@@ -112,6 +112,22 @@ def test_a_gateway_reload_leaves_sessions_on_and_moves_new_viewers(tmp_path: Pat
             proxy.proc.send_signal(signal.SIGHUP)
             wait_for_log(proxy, "reload failed, the running config stays")
             spicy_screenshot(SpiceEndpoint(port=vm2), tmp_path / "vm2-again.ppm")
+            # the next reload moves the CONNECT front (targets only: B by vm1's address)
+            config.write_text(
+                f'[proxy]\nmanagement = "127.0.0.1:0"\n\n[connect]\nlisten = "127.0.0.2:0"\n\n'
+                f'[targets.vm1]\nupstream = "127.0.0.1:{b.port}"\n{listen}\n'
+                f'[targets.vm2]\nupstream = "127.0.0.1:{a.port}"\n{listen}\n'
+            )
+            status, report = _api(proxy, "POST", "/api/reload")
+            assert status == 200 and report["success"] is True, report
+            assert report["listeners"]["stopped"] == [f"connect 127.0.0.1:{connect}"]
+            moved = _port_of(report["listeners"]["opened"], "connect")
+            with pytest.raises(OSError):
+                socket.create_connection(("127.0.0.1", connect), timeout=5).close()
+            elsewhere = _connect_status(moved, "127.0.0.1:1", host="127.0.0.2")
+            assert elsewhere == b"HTTP/1.1 403 Forbidden"
+            by_name = SpiceEndpoint(host="vm2", port=5900, proxy=f"http://127.0.0.2:{moved}")
+            spicy_screenshot(by_name, tmp_path / "by-name.ppm")
             assert proxy.proc.poll() is None
     (client,) = out
     # the session begun before the reload ran its 12 s with no channel lost
@@ -131,7 +147,8 @@ def test_a_gateway_reload_leaves_sessions_on_and_moves_new_viewers(tmp_path: Pat
         routed.setdefault(str(session["target"]), []).append(str(session["server"]))
     # vm1: the held session on A, the screenshot after the reload on B
     assert sorted(routed["vm1"]) == sorted([f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"])
-    assert routed["vm2"] == [f"127.0.0.1:{a.port}"] * 2
+    # vm2: by its listener twice, by name through the moved CONNECT front once
+    assert routed["vm2"] == [f"127.0.0.1:{a.port}"] * 3
     assert "Traceback" not in proxy.log()
 
 

@@ -20,16 +20,16 @@ import pytest
 import trio
 
 from proxy import targets as targets_module
+from proxy.core.admission import Admission, session_reserve
 from proxy.core.credentials import MAIN, Token, ViewerCredentials
 from proxy.core.management import HttpError
 from proxy.core.relay import Limits
 from proxy.core.reload import plan, restart_needed, target_changes
 from proxy.fronts import Fronts, build_fronts
 from proxy.io.management import ManagementApi, ManagementOptions
-from proxy.io.reloading import Reloader, ReloadFailed, RouteListeners
-from proxy.io.server import ChannelProxy, ProxyState, Routing
+from proxy.io.reloading import FrontListeners, Reloader, ReloadFailed
+from proxy.io.server import ChannelProxy, ProxyState
 from proxy.io.tokens import TokenDesk
-from proxy.io.websocket import serve_websocket
 from spicetap.cli import build_parser
 from spicetap.config import Config, ConnectSection, ProxySection, RecordingSection, load_config
 from tests.harness import make_tls_material
@@ -42,14 +42,23 @@ from tests.integration.test_auth import wait_for_log
 def test_restart_needed_names_only_what_a_reload_cannot_apply() -> None:
     old = Config()
     new = Config(
-        proxy=replace(ProxySection(), upstream="h:1", auth="intercept", management="127.0.0.1:1"),
+        proxy=replace(
+            ProxySection(),
+            upstream="h:1",
+            auth="intercept",
+            management="127.0.0.1:1",
+            max_message=4096,
+            max_connections=9,
+            follow_migration=False,
+            ws_listen="h:3",
+        ),
         recording=replace(RecordingSection(), compress=True),
         connect=ConnectSection(listen="127.0.0.1:2", allow=("h:1",)),
     )
     assert restart_needed(old, new) == [
+        "[proxy] max_message",
         "[proxy] management",
         "[recording] compress",
-        "[connect] listen",
     ]
     assert restart_needed(new, new) == []
 
@@ -114,7 +123,7 @@ class Upstream:
 class Setup:
     path: Path
     reloader: Reloader
-    listeners: RouteListeners
+    listeners: FrontListeners
     upstreams: tuple[Upstream, Upstream]
 
     def write(self, text: str) -> None:
@@ -144,9 +153,11 @@ async def running(tmp_path: Path, first: str) -> AsyncIterator[Setup]:
         config = load_config(path)
         fronts = build_fronts(args, config, None, False)
         proxy = ChannelProxy(Limits(link_timeout=2.0), None, ProxyState(), fronts.link_policy)
-        listeners = RouteListeners(proxy, nursery, False, None)
-        for route in fronts.routes:
+        listeners = FrontListeners(proxy, nursery, False, None)
+        for route in [*fronts.routes, *([fronts.websocket] if fronts.websocket else [])]:
             await listeners.open(route)
+        if fronts.connect is not None:
+            await listeners.open_connect(*fronts.connect)
         tokens = TokenDesk(fronts.scopes, fronts.link_policy)
 
         def rebuild(config: Config, previous: Fronts) -> Fronts:
@@ -254,44 +265,36 @@ async def test_the_main_upstream_moves_its_reverse_and_websocket_routes(tmp_path
     )
     async with running(tmp_path, main) as setup:
         _a, b = setup.upstreams
-        websocket = setup.reloader.fronts.websocket
-        assert websocket is not None
-        setup.reloader.websocket = Routing(websocket.upstream)
-        port = setup.port_of("plain")
+        port, web = setup.port_of("plain"), setup.port_of("websocket")
         setup.write(main.replace("{a}", "{b}"))
         report = await setup.reloader.reload()
-        assert report.repointed == [f"plain 127.0.0.1:{port} -> 127.0.0.1:{b.port}"]
-        assert setup.reloader.websocket.upstream.label == f"127.0.0.1:{b.port}"
+        assert report.repointed == [
+            f"plain 127.0.0.1:{port} -> 127.0.0.1:{b.port}",
+            f"websocket 127.0.0.1:{web} -> 127.0.0.1:{b.port}",
+        ]
         await _reach(port, b)
+
+
+async def _status_for_the_portal(port: int) -> bytes:
+    upgrade = (
+        "GET / HTTP/1.1\r\nHost: spicetap\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "Sec-WebSocket-Version: 13\r\nOrigin: https://portal.example\r\n\r\n"
+    )
+    with trio.fail_after(5):
+        async with await trio.open_tcp_stream("127.0.0.1", port) as browser:
+            await browser.send_all(upgrade.encode())
+            return bytes(await browser.receive_some()).split(b"\r\n", 1)[0]
 
 
 async def test_a_reload_changes_which_pages_may_open_websockets(tmp_path: Path) -> None:
     main = '[proxy]\nupstream = "127.0.0.1:{a}"\nws_listen = "127.0.0.1:0"\n'
-    async with running(tmp_path, main) as setup, trio.open_nursery() as nursery:
-        websocket = setup.reloader.fronts.websocket
-        assert websocket is not None
-        routing = Routing(websocket.upstream, origins=websocket.origins)
-        setup.reloader.websocket = routing
-        proxy = setup.listeners.proxy
-        serving = await nursery.start(serve_websocket, proxy, routing, "127.0.0.1", 0)
-        port = serving.listeners[0].socket.getsockname()[1]
-
-        async def status_for_the_portal() -> bytes:
-            upgrade = (
-                "GET / HTTP/1.1\r\nHost: spicetap\r\nUpgrade: websocket\r\n"
-                "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                "Sec-WebSocket-Version: 13\r\nOrigin: https://portal.example\r\n\r\n"
-            )
-            with trio.fail_after(5):
-                async with await trio.open_tcp_stream("127.0.0.1", port) as browser:
-                    await browser.send_all(upgrade.encode())
-                    return bytes(await browser.receive_some()).split(b"\r\n", 1)[0]
-
-        assert await status_for_the_portal() == b"HTTP/1.1 403 Forbidden"
+    async with running(tmp_path, main) as setup:
+        port = setup.port_of("websocket")
+        assert await _status_for_the_portal(port) == b"HTTP/1.1 403 Forbidden"
         setup.write(main + 'ws_origins = ["https://portal.example"]\n')
         assert (await setup.reloader.reload()).restart_needed == []
-        assert await status_for_the_portal() == b"HTTP/1.1 101 Switching Protocols"
-        nursery.cancel_scope.cancel()
+        assert await _status_for_the_portal(port) == b"HTTP/1.1 101 Switching Protocols"
 
 
 async def test_a_reload_of_the_same_file_changes_nothing(tmp_path: Path) -> None:
@@ -476,3 +479,109 @@ def test_peek_link_on_a_tls_end_gives_the_decrypted_bytes_back(tmp_path: Path) -
                 received += end.receive()
         sender.join(10)
         assert received == message
+
+
+async def test_every_reload_reaches_the_connect_front_that_serves(tmp_path: Path) -> None:
+    connect = '[connect]\nlisten = "127.0.0.1:0"\nallow = ["127.0.0.1:{port}"]\n'
+    async with running(tmp_path, VM1_ON_A + connect.replace("{port}", "1")) as setup:
+        front = setup.reloader.fronts.connect
+        assert front is not None
+        router = front[1].router  # the one the CONNECT front routes with
+        for port in (2, 3):
+            setup.write(VM1_ON_A + connect.replace("{port}", str(port)))
+            await setup.reloader.reload()
+            assert router.route("127.0.0.1", port) is not None
+            assert router.route("127.0.0.1", port - 1) is None
+
+
+CONNECT_TO_A = '[connect]\nlisten = "{where}:0"\nallow = ["127.0.0.1:{{a}}"]\n'
+
+
+async def _connect_answer(port: int, target: str, host: str = "127.0.0.1") -> bytes:
+    """The status line the CONNECT front on host:port answers for `target`."""
+    with trio.fail_after(5):
+        async with await trio.open_tcp_stream(host, port) as viewer:
+            await viewer.send_all(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+            return bytes(await viewer.receive_some()).split(b"\r\n", 1)[0]
+
+
+async def test_a_reload_opens_moves_and_stops_the_connect_front(tmp_path: Path) -> None:
+    async with running(tmp_path, VM1_ON_A) as setup:
+        a, _b = setup.upstreams
+        listeners = setup.listeners
+        assert listeners.connect is None
+        setup.write(VM1_ON_A + CONNECT_TO_A.format(where="127.0.0.1"))
+        report = await setup.reloader.reload()
+        assert listeners.connect is not None
+        first, front = listeners.connect.bound[1], listeners.connect.front
+        assert report.opened == [f"connect 127.0.0.1:{first}"] and report.restart_needed == []
+        assert (
+            await _connect_answer(first, f"127.0.0.1:{a.port}")
+            == b"HTTP/1.1 200 Connection established"
+        )
+        # another address: a new listener, the same front (its router's memory stays)
+        setup.write(VM1_ON_A + CONNECT_TO_A.format(where="127.0.0.2"))
+        report = await setup.reloader.reload()
+        assert listeners.connect is not None and listeners.connect.front is front
+        moved = listeners.connect.bound
+        assert moved[0] == "127.0.0.2"
+        assert report.stopped == [f"connect 127.0.0.1:{first}"]
+        assert report.opened == [f"connect 127.0.0.2:{moved[1]}"]
+        with pytest.raises(OSError):
+            await trio.open_tcp_stream("127.0.0.1", first)
+        answer = await _connect_answer(moved[1], f"127.0.0.1:{a.port}", moved[0])
+        assert answer == b"HTTP/1.1 200 Connection established"
+        setup.write(VM1_ON_A)
+        report = await setup.reloader.reload()
+        assert report.stopped == [f"connect 127.0.0.2:{moved[1]}"] and listeners.connect is None
+
+
+async def test_a_reload_opens_moves_and_stops_the_websocket_front(tmp_path: Path) -> None:
+    main = (
+        '[proxy]\nupstream = "127.0.0.1:{{a}}"\nlisten = "127.0.0.1:0"\nws_listen = "{where}:0"\n'
+    )
+    async with running(tmp_path, VM1_ON_A) as setup:
+        setup.write(main.format(where="127.0.0.1") + VM1_ON_A)
+        report = await setup.reloader.reload()
+        web = setup.port_of("websocket")
+        assert report.opened == [
+            f"plain 127.0.0.1:{setup.port_of('plain')}",
+            f"websocket 127.0.0.1:{web}",
+        ]
+        assert await _status_for_the_portal(web) == b"HTTP/1.1 403 Forbidden"  # it serves
+        setup.write(main.format(where="127.0.0.2") + VM1_ON_A)
+        report = await setup.reloader.reload()
+        (moved,) = report.opened  # the plain listener stays
+        assert report.stopped == [f"websocket 127.0.0.1:{web}"]
+        assert moved.startswith("websocket 127.0.0.2:")
+        with pytest.raises(OSError):
+            await trio.open_tcp_stream("127.0.0.1", web)
+        setup.write(VM1_ON_A)
+        report = await setup.reloader.reload()
+        assert report.stopped[1:] == [moved] and report.opened == []
+        with pytest.raises(KeyError):
+            setup.port_of("websocket")
+
+
+async def test_a_reload_changes_the_connection_cap_and_migration_following(tmp_path: Path) -> None:
+    connect = CONNECT_TO_A.format(where="127.0.0.1")
+    async with running(tmp_path, VM1_ON_A + connect) as setup:
+        listeners = setup.listeners
+        admission = listeners.proxy.state.admission = Admission(50)
+        assert listeners.connect is not None
+        (vm1,) = listeners.running.values()
+        for follow, cap in ((False, 7), (True, 900), (False, 900)):
+            setup.write(
+                f"[proxy]\nmax_connections = {cap}\nfollow_migration = {str(follow).lower()}\n"
+                + VM1_ON_A
+                + connect
+            )
+            report = await setup.reloader.reload()
+            assert report.restart_needed == [] and report.opened == report.stopped == []
+            assert (admission.limit, admission.reserve) == (cap, session_reserve(cap))
+            assert (vm1.routing.migration is not None) is follow
+            assert listeners.connect.front.follow_migration is follow
+        admission.open = 7
+        setup.write("[proxy]\nmax_connections = 7\n" + VM1_ON_A + connect)
+        await setup.reloader.reload()
+        assert not admission.admit() and admission.refused == 1  # past the new cap

@@ -34,7 +34,7 @@ from proxy.io.reloading import (
 from proxy.io.resuming import ResumingRecorder
 from proxy.io.server import ChannelProxy, ProxyState
 from proxy.io.tokens import TokenDesk
-from proxy.linksetup import add_link_options, api_token
+from proxy.linksetup import add_link_options
 from proxy.recorder import BACKLOG_POLICIES, RecordingOptions
 from proxy.targets import host_port
 from proxy.tls import TlsSetupError, client_context
@@ -275,7 +275,7 @@ def cmd_proxy(args: argparse.Namespace) -> int:
     fronts = build_fronts(args, config, keylog, mintable)
     link_policy = fronts.link_policy
     limits = fronts.limits
-    management = _management(args, cp)
+    management = _management(args, cp, fronts.api_token)
     recorder = None
     directory = pick(args.record, cr.directory)
     if directory and Path(directory).exists() and not Path(directory).is_dir():
@@ -349,9 +349,12 @@ def cmd_proxy(args: argparse.Namespace) -> int:
     return 0
 
 
-def _management(args: argparse.Namespace, cp: ProxySection) -> ManagementOptions | None:
-    """--management (or [proxy] management); probes with "tls": true check servers as the
-    TLS upstream is checked (--upstream-ca, --upstream-insecure)."""
+def _management(
+    args: argparse.Namespace, cp: ProxySection, token: bytes | None
+) -> ManagementOptions | None:
+    """--management (or [proxy] management), `token` read from its token file; probes with
+    "tls": true check servers as the TLS upstream is checked (--upstream-ca,
+    --upstream-insecure)."""
     listen_text = pick(args.management, cp.management)
     if listen_text is None:
         for dest in ("management_token_file", "management_tls"):
@@ -361,12 +364,7 @@ def _management(args: argparse.Namespace, cp: ProxySection) -> ManagementOptions
         return None
     what = named(args, "management", "proxy", "management")
     listen = host_port(listen_text, what, any_port=True)
-    token_file = pick(args.management_token_file, cp.management_token_file)
-    token = None
-    if token_file is not None:
-        where = named(args, "management_token_file", "proxy", "management_token_file")
-        token = api_token(token_file, where)
-    elif not _is_loopback(listen[0]):
+    if token is None and not _is_loopback(listen[0]):
         logging.getLogger("spicetap.management").warning(
             "the management API on %s has no token: whoever reaches it may list sessions "
             "and make spicetap connect anywhere (--management-token-file)",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import ssl
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from proxy.core.relay import Limits, LinkPolicy
 from proxy.core.websocket import origin_is_valid
 from proxy.io.connect import ConnectFront
 from proxy.io.server import Upstream
-from proxy.linksetup import link_policy_from, scoped, target_policy
+from proxy.linksetup import api_token, link_policy_from, scoped, target_policy
 from proxy.targets import Address, ConnectRouter, Target, check_upstream_tls, host_port
 from proxy.tls import (
     HostCertificates,
@@ -232,6 +232,8 @@ class Fronts:
     limits: Limits
     follow_migration: bool = True  # for channels from then on
     max_connections: int | None = None  # None: what the open-files limit serves
+    # the management API's bearer token (read again at each reload: rotation); None: none
+    api_token: bytes | None = field(default=None, repr=False)
 
     def owners(self) -> dict[str | None, ViewerCredentials]:
         """Inject credentials by owner: None the proxy's, else a target with its own."""
@@ -282,7 +284,19 @@ def build_fronts(
     follow = bool(pick(args.follow_migration, cp.follow_migration))
     max_connections = pick(args.max_connections, cp.max_connections)
     return Fronts(
-        link_policy, targets, routes, connect, websocket, scopes, limits, follow, max_connections
+        link_policy, targets, routes, connect, websocket, scopes, limits, follow, max_connections,
+        management_token(args, cp),
+    )  # fmt: skip
+
+
+def management_token(args: argparse.Namespace, cp: ProxySection) -> bytes | None:
+    """The management API's token, when it has one (without the API, the file is refused
+    at start: proxy/cli.py _management)."""
+    token_file = pick(args.management_token_file, cp.management_token_file)
+    if token_file is None or pick(args.management, cp.management) is None:
+        return None
+    return api_token(
+        token_file, named(args, "management_token_file", "proxy", "management_token_file")
     )
 
 

@@ -321,6 +321,7 @@ def test_an_api_beyond_loopback_without_a_token_is_warned_about(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     from proxy.cli import _management
+    from proxy.fronts import management_token
     from spicetap.cli import build_parser
     from spicetap.config import ProxySection
 
@@ -334,7 +335,7 @@ def test_an_api_beyond_loopback_without_a_token_is_warned_about(
     ):
         caplog.clear()
         args = build_parser().parse_args(["proxy", "--management", listen])
-        options = _management(args, ProxySection())
+        options = _management(args, ProxySection(), management_token(args, ProxySection()))
         assert options is not None and options.token is None and options.https is None
         said = [r.getMessage() for r in caplog.records if "has no token" in r.getMessage()]
         assert bool(said) == warned, listen
@@ -344,7 +345,7 @@ def test_an_api_beyond_loopback_without_a_token_is_warned_about(
     args = build_parser().parse_args(
         ["proxy", "--management", "0.0.0.0:0", "--management-token-file", str(token)]
     )
-    options = _management(args, ProxySection())
+    options = _management(args, ProxySection(), management_token(args, ProxySection()))
     assert options is not None and options.token == b"0123456789abcdef0123456789abcdef"
     assert "0123456789abcdef" not in repr(options)  # a logged options object keeps it
     assert not [r for r in caplog.records if "has no token" in r.getMessage()]
@@ -361,7 +362,7 @@ def test_https_for_the_api_from_the_config_file(
     path = tmp_path / "spicetap.toml"
     path.write_text('[proxy]\nmanagement = "127.0.0.1:0"\nmanagement_tls = true\n')
     args = build_parser().parse_args(["proxy", "--config", str(path)])
-    options = _management(args, load_config(path).proxy)
+    options = _management(args, load_config(path).proxy, None)
     assert options is not None and options.https is not None  # issued by spicetap's CA
     assert (tmp_path / "ca-cert.pem").is_file()
     path.write_text('[proxy]\nupstream = "127.0.0.1:1"\nmanagement_tls = true\n')

@@ -5,10 +5,10 @@ arrive from then on: targets (added, removed, re-pointed, their TLS checks and
 credentials), listeners (reverse ones, the CONNECT and WebSocket fronts: opened, closed,
 moved, re-pointed), the CONNECT front's allow-list and checks, the WebSocket front's
 origins, authentication (mode, passwords, tokens files, masked capabilities), timeouts, the
-cap on connections and whether migrations are followed. The rest is set up once at start:
-the management front, the largest message (the recording process reads up to it), and
-recording. Those keys are named here so that a reload that changes them says they wait for
-a restart, instead of silently doing nothing.
+cap on connections, whether migrations are followed, and the management API's token. The
+rest is set up once at start: the management front's address and TLS, the largest message
+(the recording process reads up to it), and recording. Those keys are named here so that
+a reload that changes them says they wait for a restart, instead of silently doing nothing.
 
 Pure: configs in, names and plans out.
 """
@@ -27,7 +27,6 @@ K = TypeVar("K", bound=Hashable)
 PROXY_AT_START = (
     "max_message",
     "management",
-    "management_token_file",
     "management_tls",
 )
 

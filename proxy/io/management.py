@@ -26,7 +26,7 @@ import os
 import ssl
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http import HTTPStatus
 from pathlib import Path
 
@@ -55,6 +55,7 @@ from proxy.core.management import (
 )
 from proxy.core.probe import to_json
 from proxy.core.throttle import LogThrottle
+from proxy.fronts import Fronts
 from proxy.io.guard import guarded
 from proxy.io.probe import ProbeTarget, probe
 from proxy.io.recording import RecordingSink
@@ -251,6 +252,20 @@ class ManagementApi:
             raise HttpError(HTTPStatus.UNPROCESSABLE_ENTITY, str(exc)) from None
         return Reply(HTTPStatus.OK, json.dumps(report.json()).encode())
 
+    def reconfigure(self, fronts: Fronts) -> None:
+        """After a reload: the token file as it now reads (rotated, added or removed)."""
+        token = fronts.api_token
+        if token == self.options.token:
+            return
+        self.options = replace(self.options, token=token)
+        if token is not None:  # never the token itself
+            log.info("management API: its token changed; requests need the new one")
+            return
+        log.warning(
+            "management API on %s:%d: no token any more, whoever reaches it is answered",
+            *self.options.listen,
+        )
+
     def authorize(self, request: h11.Request, client: tuple[str, int]) -> None:
         """HttpError 401 unless the request carries the token (when there is one)."""
         token = self.options.token
@@ -399,6 +414,8 @@ async def serve_management(
 ) -> None:
     """Listen on options.listen and answer API requests until cancelled."""
     api = ManagementApi(options, state, recorder, tokens, reloader)
+    if reloader is not None:
+        reloader.on_applied.append(api.reconfigure)
     host, port = options.listen
     listeners = await trio.open_tcp_listeners(port, host=host)
     # Its own cap, apart from --max-connections: an idle client holds its connection up

@@ -235,6 +235,8 @@ class Reloader:
         self.rebuild = rebuild
         self.listeners = listeners
         self.tokens = tokens
+        # told of each applied reload's fronts (the management API: its token)
+        self.on_applied: list[Callable[[Fronts], None]] = []
         self._lock = trio.Lock()
 
     @property
@@ -298,6 +300,8 @@ class Reloader:
                 report.repointed.append(f"{where} -> {route.upstream.label}")
                 log.info("reload: %s now forwards to %s", where, route.upstream.label)
         self.fronts, self.config = fronts, config
+        for apply in self.on_applied:
+            apply(fronts)
         for key in steps.open:
             route = wanted[key]
             kind, what = listener_kind(route), f"forwarding to {route.upstream.label}"

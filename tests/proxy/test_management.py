@@ -408,11 +408,11 @@ def test_management_from_the_config_file(tmp_path: Any) -> None:
     path.write_text('[proxy]\nupstream = "127.0.0.1:5930"\nmanagement = "127.0.0.1:0"\n')
     config = load_config(path)
     args = build_parser().parse_args(["proxy", "--config", str(path)])
-    options = _management(args, config.proxy)
+    options = _management(args, config.proxy, None)
     assert options is not None and options.listen == ("127.0.0.1", 0)
     assert options.tls is not None  # probes with "tls": true have a context to check with
     flag = build_parser().parse_args(["proxy", "--management", "[::1]:9000"])
-    from_flag = _management(flag, config.proxy)  # the option wins over the file
+    from_flag = _management(flag, config.proxy, None)  # the option wins over the file
     assert from_flag is not None and from_flag.listen == ("::1", 9000)
 
 

@@ -26,7 +26,7 @@ from proxy.core.management import HttpError
 from proxy.core.relay import Limits
 from proxy.core.reload import plan, restart_needed, target_changes
 from proxy.fronts import Fronts, build_fronts
-from proxy.io.management import ManagementApi, ManagementOptions
+from proxy.io.management import ManagementApi, ManagementOptions, serve_management
 from proxy.io.reloading import FrontListeners, Reloader, ReloadFailed
 from proxy.io.server import ChannelProxy, ProxyState
 from proxy.io.tokens import TokenDesk
@@ -585,3 +585,40 @@ async def test_a_reload_changes_the_connection_cap_and_migration_following(tmp_p
         setup.write("[proxy]\nmax_connections = 7\n" + VM1_ON_A + connect)
         await setup.reloader.reload()
         assert not admission.admit() and admission.refused == 1  # past the new cap
+
+
+async def test_a_reload_rotates_the_management_apis_token(tmp_path: Path) -> None:
+    old, new = "old-token-0123456789abcdef", "new-token-0123456789abcdef"
+    token_file = tmp_path / "api-token"
+    token_file.write_text(old + "\n")
+    main = f'[proxy]\nmanagement = "127.0.0.1:0"\nmanagement_token_file = "{token_file}"\n'
+    async with running(tmp_path, main + VM1_ON_A) as setup, trio.open_nursery() as nursery:
+        token = setup.reloader.fronts.api_token
+        options = ManagementOptions(("127.0.0.1", 0), None, token, None)
+        serving = await nursery.start(
+            serve_management, options, ProxyState(), None, None, setup.reloader
+        )
+        port = serving.listeners[0].socket.getsockname()[1]
+
+        async def status(bearer: str) -> bytes:
+            request = (
+                f"GET /api/sessions HTTP/1.1\r\nHost: api\r\n"
+                f"Authorization: Bearer {bearer}\r\nConnection: close\r\n\r\n"
+            )
+            with trio.fail_after(5):
+                async with await trio.open_tcp_stream("127.0.0.1", port) as client:
+                    await client.send_all(request.encode())
+                    return bytes(await client.receive_some()).split(b"\r\n", 1)[0]
+
+        assert await status(old) == b"HTTP/1.1 200 OK"
+        token_file.write_text(new + "\n")  # the same file, another token: no key changed
+        report = await setup.reloader.reload()
+        assert report.restart_needed == []
+        assert await status(old) == b"HTTP/1.1 401 Unauthorized"
+        assert await status(new) == b"HTTP/1.1 200 OK"
+        assert new not in repr(setup.reloader.fronts)  # a logged Fronts keeps it
+        token_file.write_text("short\n")  # unusable: the reload fails, the token stays
+        with pytest.raises(ReloadFailed, match="api-token"):
+            await setup.reloader.reload()
+        assert await status(new) == b"HTTP/1.1 200 OK"
+        nursery.cancel_scope.cancel()

@@ -283,7 +283,7 @@ def cmd_proxy(args: argparse.Namespace) -> int:
         raise UserError(f"{where} {directory}: not a directory")
     # before the recording process starts: it inherits the raised limit (an archive per
     # session open at once)
-    admission = _admission(pick(args.max_connections, cp.max_connections))
+    admission = _admission(fronts.max_connections)
     if directory:
         options = RecordingOptions(
             Path(directory),

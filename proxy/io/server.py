@@ -317,7 +317,7 @@ class ChannelProxy:
                 return
         if rejoin is not None:
             asks = await in_thread(peek_link, viewer, self.limits.link_timeout)
-            upstream_to = self._session_route(asks, rejoin) or upstream_to
+            upstream_to = self.session_route(asks, rejoin) or upstream_to
         open_end = upstream_to.open_end
         if open_end is None:  # a caller's mistake, not a peer's
             raise ValueError(f"upstream {upstream_to.label} opens no blocking end")
@@ -450,7 +450,7 @@ class ChannelProxy:
         log.info("channel %d: %s:%d -> %s (%s)", conn, *client, upstream_to.label, insertion)
         return stats
 
-    def _session_route(self, asks: tuple[int, int] | None, rejoin: Rejoin) -> Upstream | None:
+    def session_route(self, asks: tuple[int, int] | None, rejoin: Rejoin) -> Upstream | None:
         """Where `rejoin` sends a channel of the session it links to, if any."""
         if asks is None:
             return None

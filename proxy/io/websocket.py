@@ -18,6 +18,7 @@ from pathlib import Path
 
 import trio
 
+from proxy.core.framing import LINK_ASKS, link_asks
 from proxy.core.http import MAX_HEAD, HeadReader, HttpError, Request, error_response
 from proxy.core.relay import Limits
 from proxy.core.websocket import (
@@ -32,9 +33,17 @@ from proxy.core.websocket import (
     is_upgrade,
 )
 from proxy.io.guard import guarded
-from proxy.io.server import ChannelProxy, Routing, Serving, accept_tls, serve_listening
+from proxy.io.server import (
+    ChannelProxy,
+    Routing,
+    Serving,
+    Upstream,
+    accept_tls,
+    rejoin_retired,
+    serve_listening,
+)
 from proxy.io.static import SPICE_HTML5_DIR, static_response
-from proxy.io.streams import PeerProtocolError
+from proxy.io.streams import PeerProtocolError, PrefixedStream
 
 log = logging.getLogger("spicetap.proxy")
 
@@ -216,6 +225,29 @@ async def open_websocket(
     return WebSocketStream(transport, WebSocketConnection(limits.max_message), rest, peer)
 
 
+async def _rejoin(
+    proxy: ChannelProxy, retired: list[Upstream], ws: WebSocketStream, upstream: Upstream
+) -> tuple[Upstream, trio.abc.Stream]:
+    """While sessions begun before a reload moved the upstream live on, a channel of one of
+    them goes to their server (QEMU refuses a session id it did not give): its link
+    message's first bytes are read to tell, then given back."""
+    rejoin = rejoin_retired(retired)
+    if rejoin is None:
+        return upstream, ws
+    seen = b""
+    with trio.move_on_after(proxy.limits.link_timeout):
+        try:
+            while len(seen) < LINK_ASKS:  # each receive brings a byte at least
+                chunk = await ws.receive_some(LINK_ASKS - len(seen))
+                if not chunk:
+                    break
+                seen += chunk
+        except (trio.BrokenResourceError, trio.ClosedResourceError, PeerProtocolError):
+            pass  # the relay meets it again, and says so
+    chosen = proxy.session_route(link_asks(seen), rejoin)
+    return chosen or upstream, PrefixedStream(ws, seen)
+
+
 async def serve_websocket(
     proxy: ChannelProxy,
     routing: Routing,
@@ -244,8 +276,12 @@ async def serve_websocket(
         if ws is None:
             return
         upstream = routing.upstream  # where it points once the viewer got this far
+        viewer: trio.abc.Stream = ws
+        if routing.retired:  # forgotten once their last channel is gone
+            routing.retired = proxy.in_use(routing.retired)
+            upstream, viewer = await _rejoin(proxy, routing.retired, ws, upstream)
         await proxy.handle(
-            ws, upstream, viewer_tls=tls is not None, insertion="websocket", client=client
+            viewer, upstream, viewer_tls=tls is not None, insertion="websocket", client=client
         )
 
     handler = guarded(handle, "WebSocket front", proxy.state)

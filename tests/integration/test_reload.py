@@ -23,6 +23,7 @@ from tests.conftest import peers
 from tests.harness import ClientOptions, ClientResult, QemuServer, SpiceEndpoint, run_gi_client
 from tests.harness.images import CURSOR_CELL, differing_pixels
 from tests.harness.screenshot import settled_screenshot, spicy_screenshot
+from tests.harness.wsbridge import websocket_channel
 from tests.integration.proxy_process import ProxyProcess
 from tests.integration.test_auth import AUTH_ERROR, refused, shot, wait_for_log
 from tests.integration.test_connect import _connect_status
@@ -206,17 +207,24 @@ def test_a_vm_password_rotated_with_a_reload_and_used_tokens_stay_used(tmp_path:
 
 @pytest.mark.parametrize(
     ("front", "flags"),
-    [("listener", ()), ("connect", ()), ("listener", ("--no-follow-migration",))],
+    [
+        ("listener", ()),
+        ("connect", ()),
+        ("listener", ("--no-follow-migration",)),
+        ("websocket", ()),
+    ],
 )
 def test_channels_of_a_session_begun_before_its_target_moved_follow_the_session(
     tmp_path: Path, front: str, flags: tuple[str, ...]
 ) -> None:
     """By hand, so that the order is sure: a session's main channel links on A through
-    vm1 (its own listener, or CONNECT vm1); vm1 moves to B; a new session goes to B, and
+    vm1 (its own listener, or CONNECT vm1; or the WebSocket front, [proxy] upstream being
+    A); vm1 moves to B; a new session goes to B, and
     an inputs channel of each session links where its session lives (QEMU refuses a
     connection id it did not give). The session's id comes from its main channel's INIT,
     read whether migrations are followed or not."""
     from tests.integration.test_proxy import _authenticate, _link, _read
+    from tests.proxy.test_framing import caps_word, link_mess
 
     held: list[socket.socket] = []  # the sessions live while their main channels are
 
@@ -233,6 +241,10 @@ def test_channels_of_a_session_begun_before_its_target_moved_follow_the_session(
         config = tmp_path / "gateway.toml"
         connect = '[connect]\nlisten = "127.0.0.1:0"\n\n'
         vm1 = '[targets.vm1]\nupstream = "127.0.0.1:{}"\nlisten = "127.0.0.1:0"\n'
+        if front == "websocket":  # (listen: not the default port, 5900)
+            connect = ""
+            vm1 = '[proxy]\nupstream = "127.0.0.1:{}"\nlisten = "127.0.0.1:0"\n'
+            vm1 += 'ws_listen = "127.0.0.1:0"\n'
         config.write_text(connect + vm1.format(a.port))
         extra = ("--config", str(config), *flags)
         with ProxyProcess(0, tmp_path / "rec", tmp_path / "proxy", extra) as proxy:
@@ -240,6 +252,10 @@ def test_channels_of_a_session_begun_before_its_target_moved_follow_the_session(
             def link(channel_type: int, session: int) -> tuple[socket.socket, bytes]:
                 if front == "connect":  # the port named does not matter
                     return _link(proxy.ports["connect"], channel_type, session, "vm1:5900")
+                if front == "websocket":
+                    sock = websocket_channel(proxy.ports["websocket"])
+                    sock.sendall(link_mess(caps_word(1, 3), channel_type, conn=session))
+                    return sock, _read(sock, 16)
                 return _link(proxy.ports["plain:vm1"], channel_type, session)
 
             on_a = session_of(*link(1, 0))

@@ -16,11 +16,14 @@ MAX_HEAD = 8192  # the front's answer to the upgrade, at most
 MAX_READS = 100_000  # per pump: far more than a test's channel carries
 
 
-def client_frame(payload: bytes) -> bytes:
-    """One binary frame (FIN, opcode 2), masked, with a payload under 126 bytes."""
+def client_frame(payload: bytes, masked: bool = True) -> bytes:
+    """One binary frame (FIN, opcode 2) with a payload under 126 bytes, masked as a client
+    must (unmasked: a browser breaking the protocol)."""
     assert len(payload) < 126
-    masked = bytes(b ^ MASK[i % 4] for i, b in enumerate(payload))
-    return bytes([0x82, 0x80 | len(payload)]) + MASK + masked
+    head = bytes([0x82, (0x80 if masked else 0) | len(payload)])
+    if not masked:
+        return head + payload
+    return head + MASK + bytes(b ^ MASK[i % 4] for i, b in enumerate(payload))
 
 
 def _server_frame(buf: bytes) -> tuple[int, bytes, int] | None:
@@ -49,8 +52,9 @@ def _end(sock: socket.socket) -> None:
     sock.close()
 
 
-def websocket_channel(port: int, timeout: float = 30.0) -> socket.socket:
-    """Open a WebSocket on the front at 127.0.0.1:port; the socket to speak SPICE on."""
+def upgraded(port: int, timeout: float) -> tuple[socket.socket, bytes]:
+    """A connection to the WebSocket front at 127.0.0.1:port, upgraded: the socket, and
+    the frame bytes that came with the front's answer."""
     front = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     front.sendall(
         b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
@@ -63,7 +67,12 @@ def websocket_channel(port: int, timeout: float = 30.0) -> socket.socket:
         assert chunk, head
         head += chunk
     assert head.startswith(b"HTTP/1.1 101 "), head
-    early = head.split(b"\r\n\r\n", 1)[1]
+    return front, head.split(b"\r\n\r\n", 1)[1]
+
+
+def websocket_channel(port: int, timeout: float = 30.0) -> socket.socket:
+    """Open a WebSocket on the front at 127.0.0.1:port; the socket to speak SPICE on."""
+    front, early = upgraded(port, timeout)
     ours, theirs = socket.socketpair()
     ours.settimeout(timeout)
     theirs.settimeout(timeout)

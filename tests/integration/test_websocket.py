@@ -5,7 +5,6 @@ and records the session like any other."""
 from __future__ import annotations
 
 import http.client
-import socket
 import ssl
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from spicetap.archive.verify import verify
 from spicetap.inputs import AnyRecord, iter_records
 from tests.conftest import peers
 from tests.harness import HeadlessChromium, QemuServer, need_spice_html5
+from tests.harness.wsbridge import client_frame, upgraded
 from tests.integration.proxy_process import ProxyProcess
 
 pytestmark = pytest.mark.peers
@@ -126,16 +126,6 @@ def test_spice_html5_in_chromium_is_drawn_and_recorded(tmp_path: Path, tls: bool
     assert any(r.channel == "display" and r.name == "init" and r.direction == "c2s" for r in recs)
 
 
-def _ws_frame(payload: bytes, masked: bool = True) -> bytes:
-    """One binary frame (RFC 6455 5.2): FIN + opcode 2, then the length; a client masks."""
-    assert len(payload) < 126
-    mask = b"\x01\x02\x03\x04"
-    head = bytes([0x82, (0x80 if masked else 0) | len(payload)])
-    if not masked:
-        return head + payload
-    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-
-
 def test_a_browser_breaking_the_websocket_protocol_is_a_recorded_error(tmp_path: Path) -> None:
     """An unmasked client frame ends that channel with a close frame (1002), and the
     archive says why: an error of the viewer, not a plain close."""
@@ -143,21 +133,11 @@ def test_a_browser_breaking_the_websocket_protocol_is_a_recorded_error(tmp_path:
         assert srv.port is not None
         front = ("--ws-listen", "127.0.0.1:0")
         with ProxyProcess(srv.port, tmp_path / "rec", tmp_path / "proxy", front) as proxy:
-            with socket.create_connection(("127.0.0.1", proxy.ports["websocket"]), 10) as s:
-                s.sendall(
-                    b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-                    b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
-                    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-                )
-                head = b""
-                while b"\r\n\r\n" not in head:
-                    chunk = s.recv(4096)
-                    assert chunk, head
-                    head += chunk
-                assert head.startswith(b"HTTP/1.1 101 "), head
-                s.sendall(_ws_frame(b"REDQ\x02\x00\x00\x00"))  # the start of a link
-                s.sendall(_ws_frame(b"more", masked=False))
-                answer = b""
+            s, early = upgraded(proxy.ports["websocket"], 10)
+            with s:
+                s.sendall(client_frame(b"REDQ\x02\x00\x00\x00"))  # the start of a link
+                s.sendall(client_frame(b"more", masked=False))
+                answer = early
                 for _ in range(100):  # bounded: until the proxy hangs up
                     chunk = s.recv(4096)
                     if not chunk:

@@ -31,7 +31,7 @@ from proxy.tls import (
     server_context,
 )
 from spicetap.archive.keys import config_dir
-from spicetap.config import Config, ProxySection
+from spicetap.config import DEFAULT_LISTEN, Config, ProxySection
 from spicetap.errors import UserError
 
 
@@ -98,9 +98,12 @@ def _routes(
     if main is None and (args.listen or args.tls_listen):
         raise UserError("--listen and --tls-listen need --upstream or --upstream-tls")
     if main is not None:
-        if args.listen or (cp.listen and not args.tls_listen and not args.ws_listen):
+        listen_text = pick(args.listen, cp.listen)
+        if listen_text is None and not (args.tls_listen or pick(args.ws_listen, cp.ws_listen)):
+            listen_text = DEFAULT_LISTEN
+        if listen_text is not None:
             what = named(args, "listen", "proxy", "listen")
-            listen = host_port(pick(args.listen, cp.listen), what, any_port=True)
+            listen = host_port(listen_text, what, any_port=True)
             routes.append(Route(listen, None, main.upstream(False, keylog), main))
         if args.tls_listen:
             listen = host_port(args.tls_listen, "--tls-listen", any_port=True)

@@ -23,9 +23,14 @@ class ConfigError(ValueError):
     pass
 
 
+DEFAULT_LISTEN = "127.0.0.1:5900"
+
+
 @dataclass(frozen=True)
 class ProxySection:
-    listen: str = "127.0.0.1:5900"
+    # None: DEFAULT_LISTEN, unless the main upstream is served only on other fronts
+    # (--tls-listen, ws_listen): a port nobody asked for is not opened
+    listen: str | None = None
     upstream: str | None = None
     link_timeout: float = 10.0
     idle_timeout: float | None = None

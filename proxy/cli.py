@@ -389,12 +389,12 @@ def _is_loopback(host: str) -> bool:
 
 
 def _admission(max_connections: int | None) -> Admission:
-    limit = connection_limit(max_connections)
+    files = raise_open_files_limit()
+    limit = connection_limit(max_connections, files)
     if max_connections is None:
         logging.getLogger("spicetap.proxy").info(
-            "serving up to %d connections at once (open files limit %d)",
-            limit, raise_open_files_limit(),
-        )  # fmt: skip
+            "serving up to %d connections at once (open files limit %d)", limit, files
+        )
     return Admission(limit)
 
 

@@ -73,15 +73,14 @@ def raise_open_files_limit() -> int:
     return soft if soft != resource.RLIM_INFINITY else 1 << 20
 
 
-def connection_limit(max_connections: int | None) -> int:
+def connection_limit(max_connections: int | None, files: int, *, warn: bool = True) -> int:
     """The cap on connections: `max_connections` (--max-connections, [proxy]
-    max_connections), or by default what the open-files limit (raised to its hard limit
-    first) serves. A cap the limit cannot serve is said in a warning."""
-    files = raise_open_files_limit()
+    max_connections), or by default what `files` open files (raise_open_files_limit)
+    serve. A cap they cannot serve is said in a warning, if `warn`."""
     budget = connection_budget(files)
     if max_connections is None:
         return budget
-    if max_connections > budget:
+    if warn and max_connections > budget:
         log.warning(
             "max_connections %d needs about %d open files; the limit is %d: past %d "
             "connections, new ones may fail", max_connections, files_needed(max_connections),

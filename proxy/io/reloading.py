@@ -23,7 +23,7 @@ from proxy.core.admission import Admission
 from proxy.core.reload import TargetChanges, plan, restart_needed, target_changes
 from proxy.fronts import Fronts, Route, carry_credentials, route_key, speaks
 from proxy.io.connect import ConnectFront, serve_connect
-from proxy.io.guard import connection_limit
+from proxy.io.guard import connection_limit, raise_open_files_limit
 from proxy.io.migration import MigrationListeners
 from proxy.io.server import ChannelProxy, Routing, Serving, serve_tcp
 from proxy.io.tokens import TokenDesk
@@ -271,7 +271,7 @@ class Reloader:
         # for channels from now on (a relay keeps the limits it began with)
         proxy.limits = replace(fronts.limits, max_message=proxy.limits.max_message)
         if proxy.state.admission is not None:
-            _resize(proxy.state.admission, fronts.max_connections)
+            _resize(proxy.state.admission, fronts.max_connections, old.max_connections)
         listeners.follow(fronts.follow_migration)
         self.tokens.reconfigure(fronts.scopes, fronts.link_policy)
         targets = target_changes(self.config.targets, config.targets)
@@ -375,8 +375,11 @@ def _stopped(report: ReloadReport, where: str) -> None:
     log.info("reload: stopped listening (%s); its open channels carry on", where)
 
 
-def _resize(admission: Admission, max_connections: int | None) -> None:
-    limit = connection_limit(max_connections)
+def _resize(admission: Admission, max_connections: int | None, before: int | None) -> None:
+    # the open-files limit is read again (an operator may have raised it), but a cap it
+    # cannot serve was warned about when it was set: not at every reload
+    files = raise_open_files_limit()
+    limit = connection_limit(max_connections, files, warn=max_connections != before)
     if limit != admission.limit:
         log.info("reload: serving up to %d connections at once (was %d)", limit, admission.limit)
         admission.resize(limit)

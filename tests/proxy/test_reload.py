@@ -587,6 +587,21 @@ async def test_a_reload_changes_the_connection_cap_and_migration_following(tmp_p
         assert not admission.admit() and admission.refused == 1  # past the new cap
 
 
+async def test_a_cap_beyond_the_open_files_limit_is_warned_about_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    too_many = 1 << 40  # beyond any open-files limit
+    async with running(tmp_path, VM1_ON_A) as setup:
+        setup.listeners.proxy.state.admission = Admission(50)
+        warned = []
+        for cap in (too_many, too_many, 9, too_many):
+            caplog.clear()
+            setup.write(f"[proxy]\nmax_connections = {cap}\n" + VM1_ON_A)
+            await setup.reloader.reload()
+            warned.append("new ones may fail" in caplog.text)
+        assert warned == [True, False, False, True]  # when set, not at every reload
+
+
 async def test_a_reload_rotates_the_management_apis_token(tmp_path: Path) -> None:
     old, new = "old-token-0123456789abcdef", "new-token-0123456789abcdef"
     token_file = tmp_path / "api-token"

@@ -8,6 +8,7 @@ import logging
 import math
 import signal
 import sys
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -35,12 +36,12 @@ from proxy.io.resuming import ResumingRecorder
 from proxy.io.server import ChannelProxy, ProxyState
 from proxy.io.tokens import TokenDesk
 from proxy.linksetup import add_link_options
-from proxy.recorder import BACKLOG_POLICIES, RecordingOptions
+from proxy.recorder import BACKLOG_POLICIES
+from proxy.recording_options import recording_options
 from proxy.targets import host_port
 from proxy.tls import TlsSetupError, client_context
 from spicetap import interrupts
 from spicetap.archive.keys import load_or_create_signing_key
-from spicetap.archive.writer import FlushPolicy, Rotation
 from spicetap.config import Config, ConfigError, ProxySection, load_config
 from spicetap.errors import UserError
 
@@ -235,8 +236,6 @@ def _nonempty(text: str) -> str:
 
 
 def cmd_proxy(args: argparse.Namespace) -> int:
-    from spicetap.cli_inspect import policy_from
-
     logs.configure(logging.DEBUG if args.verbose else logging.INFO)
     if framing.WITHOUT_C is not None:
         logging.getLogger("spicetap.proxy").warning(
@@ -277,31 +276,12 @@ def cmd_proxy(args: argparse.Namespace) -> int:
     limits = fronts.limits
     management = _management(args, cp, fronts.api_token)
     recorder = None
-    directory = pick(args.record, cr.directory)
-    if directory and Path(directory).exists() and not Path(directory).is_dir():
-        where = named(args, "record", "recording", "directory")
-        raise UserError(f"{where} {directory}: not a directory")
+    options = recording_options(args, cr, limits.max_message)
+    fronts = replace(fronts, recording=options)
     # before the recording process starts: it inherits the raised limit (an archive per
     # session open at once)
     admission = _admission(fronts.max_connections)
-    if directory:
-        options = RecordingOptions(
-            Path(directory),
-            policy=policy_from(args, cr.privacy),
-            flush=FlushPolicy(
-                interval=pick(args.flush_interval, cr.flush_interval),
-                max_buffer=cr.max_buffer,
-                fsync=cr.fsync,
-                direct=cr.direct_io,
-            ),
-            rotation=Rotation(max_bytes=cr.rotate_bytes, max_seconds=cr.rotate_seconds),
-            compress=bool(pick(args.compress, cr.compress)),
-            chain_hash=cr.chain_hash,
-            backlog=pick(args.backlog, cr.backlog),
-            max_backlog=pick(args.max_backlog, cr.max_backlog_mb) << 20,
-            nice=cr.nice,
-            max_message=limits.max_message,
-        )
+    if options is not None:
         # each session adds how it came in (insertion, upstream, target); each connection's
         # open record says which legs were TLS
         meta = {"viewer": None, **link_policy.describe()}  # auth mode, masked caps
@@ -310,7 +290,8 @@ def cmd_proxy(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as exc:
             raise UserError(f"signing key: {exc}") from None
         try:
-            recorder = ResumingRecorder(partial(Recorder, options, meta, key), cr.resume_after)
+            make = partial(Recorder, meta=meta, signing_key=key)
+            recorder = ResumingRecorder(make, options)
         except (OSError, OverflowError) as exc:  # a file size limit (ulimit -f), or absurd
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "too large"
             raise UserError(
@@ -405,8 +386,20 @@ class ListenError(Exception):
 def _rebuild(
     args: argparse.Namespace, keylog: Path | None, mintable: bool, config: Config, previous: Fronts
 ) -> Fronts:
-    """A reload's fronts: the same flags, the file as it now reads."""
-    return build_fronts(args, config, keylog, mintable, previous)
+    """A reload's fronts: the same flags, the file as it now reads. A new recording
+    directory is made here, so that one that cannot be fails the reload."""
+    fronts = build_fronts(args, config, keylog, mintable, previous)
+    recording = None
+    if previous.recording is not None:  # else nothing records: a restart starts it
+        recording = recording_options(args, config.recording, previous.recording.max_message)
+        if recording is not None:
+            recording.directory.mkdir(parents=True, exist_ok=True)
+    return replace(fronts, recording=recording)
+
+
+def _recording_reloaded(recorder: RecordingSink, fronts: Fronts) -> None:
+    if fronts.recording is not None:  # None: the file stops recording, which waits for a restart
+        recorder.reconfigure(fronts.recording)
 
 
 async def _serve(
@@ -453,6 +446,8 @@ async def _serve(
             what = f"forwarding to {websocket.upstream.label}"
             await start("websocket", websocket.listen, what, listeners.open, websocket)
         reloader = Reloader(config_path, config or Config(), fronts, rebuild, listeners, tokens)
+        if recorder is not None:
+            reloader.on_applied.append(partial(_recording_reloaded, recorder))
         if management is not None:
             api = "HTTPS API" if management.https is not None else "HTTP API"
             api += ", token required" if management.token is not None else ""

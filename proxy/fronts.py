@@ -20,6 +20,7 @@ from proxy.core.websocket import origin_is_valid
 from proxy.io.connect import ConnectFront
 from proxy.io.server import Upstream
 from proxy.linksetup import api_token, link_policy_from, scoped, target_policy
+from proxy.recorder import RecordingOptions
 from proxy.targets import Address, ConnectRouter, Target, check_upstream_tls, host_port
 from proxy.tls import (
     HostCertificates,
@@ -237,6 +238,9 @@ class Fronts:
     max_connections: int | None = None  # None: what the open-files limit serves
     # the management API's bearer token (read again at each reload: rotation); None: none
     api_token: bytes | None = field(default=None, repr=False)
+    # what new sessions' archives get (set by the proxy's command, not build_fronts);
+    # None: nothing is recorded
+    recording: RecordingOptions | None = None
 
     def owners(self) -> dict[str | None, ViewerCredentials]:
         """Inject credentials by owner: None the proxy's, else a target with its own."""

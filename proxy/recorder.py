@@ -55,12 +55,16 @@ class RecordingOptions:
     # The proxy's --max-message: the recording process frames what the proxy relays with
     # the same limit (a smaller one would refuse messages the proxy let through).
     max_message: int = DEFAULT_MAX_MESSAGE
+    # The proxy's alone: seconds after a recording failure (a full disk) before new
+    # connections get a new recording process (proxy/io/resuming.py).
+    resume_after: float = 30.0
 
 
 @dataclass
 class _Session:
     writer: ArchiveWriter
     t0: float
+    policy: PrivacyPolicy  # the one its header describes, whatever a reload brings later
     conns: set[int] = field(default_factory=set)
     closed: set[int] = field(default_factory=set)
 
@@ -94,6 +98,9 @@ class RecorderWorker:
     def handle(self, item: tuple[Any, ...]) -> None:
         kind, conn, t = item[0], item[1], item[2]
         b = self.builder
+        if kind == "options":  # a reload's: for sessions opened from now on
+            self.options = item[3]
+            return
         if kind == "data":
             records = b.data(conn, t, item[3], item[4])
         elif kind == "open":
@@ -137,7 +144,7 @@ class RecorderWorker:
             session.conns.add(rec.connection)
             keys.append(key)
             self.report(("session", rec.connection, key))
-        obj = to_archive(rec, session.t0, self.options.policy)
+        obj = to_archive(rec, session.t0, session.policy)
         if obj is not None:
             session.writer.write(obj)
 
@@ -177,7 +184,7 @@ class RecorderWorker:
             compress=self.options.compress,
             chain_hash=self.options.chain_hash,
         )
-        session = _Session(writer, rec.time)
+        session = _Session(writer, rec.time, self.options.policy)
         self.sessions[key] = session  # first: the archive is written to whatever follows
         log.info("recording session %s to %s", label, path)
         self.report(("archive", str(path)))  # the proxy keeps the list

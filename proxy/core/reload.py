@@ -31,11 +31,23 @@ PROXY_AT_START = (
 )
 
 
+# [recording] keys read once at start: the ring's size and the recording process's
+# niceness. The others apply to sessions that begin after the reload; a directory given or
+# taken away (recording started or stopped) waits for a restart too.
+RECORDING_AT_START = (
+    "max_backlog_mb",
+    "nice",
+)
+
+
 def restart_needed(old: Config, new: Config) -> list[str]:
     """The keys that differ between the running config and the file's, and that only a
     restart applies, as "[section] key"."""
     names = [f"[proxy] {key}" for key in _differing(old.proxy, new.proxy, PROXY_AT_START)]
-    names += [f"[recording] {key}" for key in _differing(old.recording, new.recording)]
+    if (old.recording.directory is None) != (new.recording.directory is None):
+        names.append("[recording] directory")
+    keys = _differing(old.recording, new.recording, RECORDING_AT_START)
+    names += [f"[recording] {key}" for key in keys]
     return names
 
 

@@ -33,6 +33,7 @@ import sys
 import threading
 import time
 from collections import defaultdict, deque
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -70,6 +71,9 @@ STOP_TIMEOUT = 60.0  # seconds the recording process gets to drain and sign on s
 # dear in a VM: measured, the first 1 GiB burst cost the process 880k page faults per GB.
 MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=4194304:glibc.malloc.trim_threshold=67108864"
 _STOP = ("stop", 0, 0.0)
+# RecordingOptions' fields as a reload's log line names them
+REWORDED = {"policy": "privacy switches", "flush": "flushing", "compress": "compression",
+            "chain_hash": "hash chain", "backlog": "backlog policy"}  # fmt: skip
 
 
 class RecordingSink(Protocol):
@@ -117,6 +121,7 @@ class RecordingSink(Protocol):
     ) -> None: ...
     def error(self, conn: int, t: float, direction: str, reason: str) -> None: ...
     def closed(self, conn: int, t: float, reason: str) -> None: ...
+    def reconfigure(self, options: RecordingOptions) -> None: ...
 
 
 class Recorder:
@@ -288,6 +293,28 @@ class Recorder:
 
     def closed(self, conn: int, t: float, reason: str) -> None:
         self._put(("close", conn, t, reason))
+
+    def reconfigure(self, options: RecordingOptions) -> None:
+        """Sessions whose first record comes after this get archives made as `options`
+        say; the archives of those begun before keep theirs (each header describes the
+        privacy policy and format its records follow). The ring's size, the recording
+        process's niceness and the largest message are set at start and stay."""
+        options = replace(
+            options,
+            max_backlog=self.options.max_backlog,
+            nice=self.options.nice,
+            max_message=self.options.max_message,
+        )
+        changed = [
+            REWORDED.get(f.name, f.name)
+            for f in fields(options)
+            if getattr(options, f.name) != getattr(self.options, f.name)
+        ]
+        if not changed:
+            return
+        log.info("recording: sessions from now on follow the new %s", ", ".join(changed))
+        self.options = options  # data() reads the backlog policy from any thread: one store
+        self._put(("options", 0, time.monotonic(), options))  # in order with the items
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         """Drain the backlog, let the recording process close every archive (signed), and

@@ -4,11 +4,11 @@ A Recorder (proxy/io/recording.py) stops for good when its process fails: a full
 quota, a crash. Forwarding goes on unrecorded (or the `close` policy turns viewers away),
 and until now only a restart of the proxy, which drops every session, brought recording
 back. Here a new Recorder, a fresh recording process, takes the connections that open
-RETRY_AFTER seconds or more after the failure, and again after each further failure: once
-the disk has room, new sessions are recorded again. Connections opened before stay with
-the recorder they began on: a failed one answers them by the policy, as before. The failed
-recorder is stopped in the background; its archives (cut where writing failed, `verify`
-says `truncated`) stay listed.
+`resume_after` seconds (RecordingOptions) or more after the failure, and again after each
+further failure: once the disk has room, new sessions are recorded again. Connections
+opened before stay with the recorder they began on: a failed one answers them by the
+policy, as before. The failed recorder is stopped in the background; its archives (cut
+where writing failed, `verify` says `truncated`) stay listed.
 
 Callers use it as they would a Recorder: opened() and closed() from the listeners' thread,
 data(), event() and error() from any channel's thread.
@@ -24,24 +24,24 @@ from pathlib import Path
 from typing import Any
 
 from proxy.io.recording import Recorder
+from proxy.recorder import RecordingOptions
 
 log = logging.getLogger("spicetap.recorder")
 
-RETRY_AFTER = 30.0  # seconds after a failure before a new recording process is tried
 RETIRE_TIMEOUT = 10.0  # for a failed recorder's process to be done
 
 
 class ResumingRecorder:
     def __init__(
         self,
-        make: Callable[[], Recorder],
-        retry_after: float = RETRY_AFTER,
+        make: Callable[[RecordingOptions], Recorder],
+        options: RecordingOptions,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._make = make
-        self.retry_after = retry_after
+        self.options = options  # a resumed recording's, and when (a reload changes them)
         self._clock = clock
-        self.current = make()
+        self.current = make(options)
         # each connection stays with the recorder it began on (read from any thread: a
         # dict lookup is atomic, and a connection's entry changes only at open and close)
         self._recorder_of: dict[int, Recorder] = {}
@@ -122,6 +122,11 @@ class ResumingRecorder:
         self._of(conn).closed(conn, t, reason)
         self._recorder_of.pop(conn, None)
 
+    def reconfigure(self, options: RecordingOptions) -> None:
+        """For sessions from now on, and for a recording that resumes later."""
+        self.options = options
+        self.current.reconfigure(options)
+
     def stop(self, timeout: float = 60.0) -> None:
         self.current.stop(timeout)
         for _rec, thread in self._retired:
@@ -137,14 +142,14 @@ class ResumingRecorder:
         if old.failed is None or old.failed_at is None:
             return
         now = self._clock()
-        if now - old.failed_at < self.retry_after or now < self._next_try:
+        if now - old.failed_at < self.options.resume_after or now < self._next_try:
             return
         try:
-            fresh = self._make()
+            fresh = self._make(self.options)
             fresh.start()
         except OSError as exc:  # no memory for its ring, no process: later, again
             log.error("recording cannot resume yet: %s", exc)
-            self._next_try = now + self.retry_after
+            self._next_try = now + self.options.resume_after
             return
         retiring = threading.Thread(target=_retire, args=(old,), daemon=True)
         retiring.start()
@@ -165,4 +170,4 @@ def _retire(rec: Recorder) -> None:
     rec.release_ring()
 
 
-__all__ = ["RETRY_AFTER", "ResumingRecorder"]
+__all__ = ["ResumingRecorder"]

@@ -277,3 +277,35 @@ def test_channels_of_a_session_begun_before_its_target_moved_follow_the_session(
             server = str(reader.header["session"]["server"])
         servers.setdefault(int(archive.stem.rsplit("-", 1)[1], 16), set()).add(server)
     assert servers == {on_a: {f"127.0.0.1:{a.port}"}, on_b: {f"127.0.0.1:{b.port}"}}, servers
+
+
+def test_a_reload_changes_how_sessions_from_then_on_are_recorded(tmp_path: Path) -> None:
+    """[recording] changed and SIGHUP: a session begun after the reload is recorded to the
+    new directory, compressed, without pixels; the one before keeps its archive's settings
+    and the proxy says which settings changed."""
+    before, after = tmp_path / "before", tmp_path / "after"
+    with peers(), QemuServer(guest="none") as srv:
+        config = tmp_path / "spicetap.toml"
+        main = f'[proxy]\nupstream = "127.0.0.1:{srv.port}"\nlisten = "127.0.0.1:0"\n'
+        config.write_text(main + f'[recording]\ndirectory = "{before}"\n')
+        with ProxyProcess(0, None, tmp_path / "proxy", ("--config", str(config))) as proxy:
+            spicy_screenshot(SpiceEndpoint(port=proxy.port), tmp_path / "one.ppm")
+            config.write_text(
+                main + f'[recording]\ndirectory = "{after}"\ncompress = true\n'
+                "[recording.privacy]\ndisplay = false\n"
+            )
+            proxy.proc.send_signal(signal.SIGHUP)
+            assert proxy.next_line() == "spicetap proxy reloaded\n"
+            spicy_screenshot(SpiceEndpoint(port=proxy.port), tmp_path / "two.ppm")
+    assert "follow the new directory, privacy switches, compression" in proxy.log()
+    (first,) = before.glob("*.spta")
+    (second,) = after.glob("*.spta.zst")
+    pixels = {}
+    for archive in (first, second):
+        assert verify(archive).status == "intact"
+        with ArchiveReader(archive) as reader:
+            assert reader.header["policy"]["display"] is (archive == first)
+        draws = [r for r in iter_records(archive, []) if (r.name or "").startswith("draw_")]
+        assert draws, f"{archive.name}: the screenshot's drawing was not recorded"
+        pixels[archive] = {r.redacted is None for r in draws}  # type: ignore[union-attr]
+    assert pixels == {first: {True}, second: {False}}

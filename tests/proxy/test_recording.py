@@ -10,6 +10,7 @@ import random
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from proxy.core import recwire
 from proxy.core.framing import DEFAULT_MAX_MESSAGE
 from proxy.io.recording import MIN_RING, Recorder, RecordingSink
 from proxy.recorder import UNLINKED, RecorderWorker, RecordingOptions
+from spicetap.archive.privacy import PrivacyPolicy
 from spicetap.archive.reader import ArchiveReader
 from spicetap.archive.verify import verify
 from spicetap.inputs import iter_records
@@ -44,15 +46,23 @@ def init(session_id: int = SESSION_ID) -> bytes:
     return mini(MSG_MAIN_INIT, encode(MAIN, "s2c", MSG_MAIN_INIT, fields))
 
 
+def main_link(session_id: int = SESSION_ID) -> list[tuple[float, str, bytes]]:
+    """A main channel's bytes up to its INIT, with times."""
+    bits = caps_word(1, 3)
+    return [
+        (0.1, "c2s", link_mess(bits, channel_type=MAIN, conn=0)),
+        (0.1, "s2c", link_reply(bits)),
+        (0.2, "c2s", TICKET),
+        (0.2, "s2c", OK),
+        (0.3, "s2c", init(session_id)),
+    ]
+
+
 def main_channel(rec: RecordingSink, conn: int = 0, pings: int = 3) -> None:
     """A main channel as the pumps report it: link stage, INIT, a few unknown-to-us bytes."""
     rec.opened(conn, 0.0, ("127.0.0.1", 40000 + conn), ("127.0.0.1", 5900))
-    bits = caps_word(1, 3)
-    rec.data(conn, 0.1, "c2s", link_mess(bits, channel_type=MAIN, conn=0))
-    rec.data(conn, 0.1, "s2c", link_reply(bits))
-    rec.data(conn, 0.2, "c2s", TICKET)
-    rec.data(conn, 0.2, "s2c", OK)
-    rec.data(conn, 0.3, "s2c", init())
+    for t, direction, data in main_link():
+        rec.data(conn, t, direction, data)
     for i in range(pings):
         rec.data(conn, 0.4 + i, "s2c", mini(4, bytes(8)))  # PING: id, timestamp... short
 
@@ -619,9 +629,9 @@ def test_recording_resumes_for_connections_opened_after_a_failure(
     signed archive, while the connection that began on the dead one stays unrecorded."""
     from proxy.io.resuming import ResumingRecorder
 
-    options = RecordingOptions(tmp_path, backlog=policy)
+    options = RecordingOptions(tmp_path, backlog=policy, resume_after=30.0)
     clock = [0.0]
-    rec = ResumingRecorder(lambda: Recorder(options, {}, None), 30.0, lambda: clock[0])
+    rec = ResumingRecorder(lambda o: Recorder(o, {}, None), options, lambda: clock[0])
     rec.start()
     first = rec.current
     assert first.process is not None
@@ -634,19 +644,80 @@ def test_recording_resumes_for_connections_opened_after_a_failure(
     rec.opened(1, 1.0, ("127.0.0.1", 40001), ("127.0.0.1", 5900))
     assert rec.current is first and rec.resumed == 0
     assert rec.data(1, 1.1, "c2s", b"x") == (policy == "gap")
+    # a reload meanwhile: the new recording process follows it, when it says
+    (tmp_path / "later").mkdir()
+    rec.reconfigure(replace(options, directory=tmp_path / "later", resume_after=60.0))
     clock[0] = first.failed_at + 31.0
+    rec.opened(3, 1.0, ("127.0.0.1", 40003), ("127.0.0.1", 5900))
+    assert rec.current is first and rec.resumed == 0
+    clock[0] = first.failed_at + 61.0
     main_channel(rec, conn=2, pings=2)
     assert rec.current is not first and rec.resumed == 1 and rec.failed is None
     assert rec.data(0, 5.0, "s2c", b"y") == (policy == "gap")  # still the dead one's
     assert rec.refusal(0) == "recording failed" and rec.refusal(2) == "recording backlog"
     wait_for(lambda: rec.conn_session.get(2) == SESSION_ID)
-    for conn in (0, 1, 2):
+    for conn in (0, 1, 2, 3):
         rec.closed(conn, 9.0, "viewer closed")
     rec.stop()
     assert first.process.returncode is not None  # reaped in the background
     resumed = [a for a in rec.archives if a not in first.archives]
     (archive,) = resumed
+    assert archive.parent == tmp_path / "later"
     assert verify(archive).status == "intact"
     records = list(iter_records(archive, []))
     assert {r.connection for r in records} == {2}  # nothing of the dead recorder's
     assert [r for r in records if r.name == "init"]
+
+
+INPUTS, KEY_DOWN = 3, 101
+
+
+def inputs_channel(rec: RecordingSink, conn: int, session_id: int, t: float) -> None:
+    """An inputs channel of a session through its link stage, then one key press."""
+    rec.opened(conn, t, ("127.0.0.1", 40000 + conn), ("127.0.0.1", 5900))
+    bits = caps_word(1, 3)
+    rec.data(conn, t, "c2s", link_mess(bits, channel_type=INPUTS, conn=session_id))
+    rec.data(conn, t, "s2c", link_reply(bits))
+    rec.data(conn, t, "c2s", TICKET)
+    rec.data(conn, t, "s2c", OK)
+    key_down(rec, conn, t)
+
+
+def key_down(rec: RecordingSink, conn: int, t: float) -> None:
+    rec.data(conn, t, "c2s", mini(KEY_DOWN, encode(INPUTS, "c2s", KEY_DOWN, {"code": 0x1E})))
+
+
+def test_a_reconfigured_recording_changes_new_sessions_archives_only(tmp_path: Path) -> None:
+    """What a reload changes in [recording] applies to sessions that begin after it: their
+    archives go to the new directory, compressed, with the new privacy switches. A session
+    begun before keeps its archive's settings, for its later channels too: its header
+    describes the policy every record in it follows."""
+    before = RecordingOptions(tmp_path / "before")
+    rec = Recorder(before, {}, None)
+    rec.start()
+    main_channel(rec, conn=0)  # session A
+    inputs_channel(rec, 1, SESSION_ID, 1.0)
+    after = replace(before, directory=tmp_path / "after", compress=True,
+                    policy=PrivacyPolicy(keys="none"))  # fmt: skip
+    (tmp_path / "after").mkdir()  # as a reload does, before it applies
+    rec.reconfigure(after)
+    key_down(rec, 1, 2.0)
+    inputs_channel(rec, 2, SESSION_ID, 2.0)  # a later channel of session A
+    other = 0x0B
+    rec.opened(3, 3.0, ("127.0.0.1", 40003), ("127.0.0.1", 5900))  # session B
+    for t, direction, data in main_link(other):
+        rec.data(3, t, direction, data)
+    inputs_channel(rec, 4, other, 3.0)
+    for conn in range(5):
+        rec.closed(conn, 9.0, "viewer closed")
+    rec.stop()
+    first, second = rec.archives
+    assert first.parent == tmp_path / "before" and first.suffix == ".spta"
+    assert second.parent == tmp_path / "after" and second.name.endswith(".spta.zst")
+    keys = {}
+    for archive in (first, second):
+        with ArchiveReader(archive) as reader:
+            keys[archive] = reader.header["policy"]["keys"]
+        pressed = [r for r in iter_records(archive, []) if r.name == "key_down"]
+        keys[archive] = (keys[archive], len(pressed))
+    assert keys == {first: ("text", 3), second: ("none", 0)}

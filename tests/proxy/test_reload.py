@@ -52,15 +52,21 @@ def test_restart_needed_names_only_what_a_reload_cannot_apply() -> None:
             follow_migration=False,
             ws_listen="h:3",
         ),
-        recording=replace(RecordingSection(), compress=True),
+        recording=replace(RecordingSection(), compress=True, nice=0, rotate_bytes=1 << 30),
         connect=ConnectSection(listen="127.0.0.1:2", allow=("h:1",)),
     )
     assert restart_needed(old, new) == [
         "[proxy] max_message",
         "[proxy] management",
-        "[recording] compress",
+        "[recording] nice",
     ]
     assert restart_needed(new, new) == []
+    # recording started or stopped waits for a restart; moved, it applies to new sessions
+    recording = [replace(RecordingSection(), directory=d) for d in (None, "/a", "/b")]
+    assert restart_needed(Config(recording=recording[0]), Config(recording=recording[1])) == [
+        "[recording] directory"
+    ]
+    assert restart_needed(Config(recording=recording[1]), Config(recording=recording[2])) == []
 
 
 def test_plan_stops_opens_and_keeps_in_the_files_order() -> None:

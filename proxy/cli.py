@@ -6,8 +6,10 @@ import argparse
 import ipaddress
 import logging
 import math
+import os
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -18,7 +20,7 @@ import trio
 from proxy import logs
 from proxy.core import framing
 from proxy.core.admission import Admission
-from proxy.core.relay import Limits
+from proxy.core.relay import MAIN, Limits
 from proxy.fronts import Fronts, build_fronts, named, pick, viewer_context
 from proxy.io import ends
 from proxy.io.guard import connection_limit, raise_open_files_limit
@@ -33,6 +35,7 @@ from proxy.io.reloading import (
     listener_kind,
 )
 from proxy.io.resuming import ResumingRecorder
+from proxy.io.sdnotify import ServiceManager
 from proxy.io.server import ChannelProxy, ProxyState
 from proxy.io.tokens import TokenDesk
 from proxy.linksetup import add_link_options
@@ -275,6 +278,11 @@ def cmd_proxy(args: argparse.Namespace) -> int:
     link_policy = fronts.link_policy
     limits = fronts.limits
     management = _management(args, cp, fronts.api_token)
+    # systemd's variables are this process's alone: the recording process does not
+    # inherit them (sd_notify(3)'s unset_environment)
+    service = ServiceManager()
+    for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+        os.environ.pop(name, None)
     recorder = None
     options = recording_options(args, cr, limits.max_message)
     fronts = replace(fronts, recording=options)
@@ -308,7 +316,7 @@ def cmd_proxy(args: argparse.Namespace) -> int:
         rebuild = partial(_rebuild, args, keylog, mintable)
         trio.run(
             _serve, fronts, limits, recorder, management, keylog, admission, config,
-            config_path, rebuild,
+            config_path, rebuild, service,
         )  # fmt: skip
     except BaseExceptionGroup as group:  # trio's nursery wraps what its tasks raise
         cannot = group.subgroup(ListenError)
@@ -397,6 +405,27 @@ def _rebuild(
     return replace(fronts, recording=recording)
 
 
+async def _reload_told(
+    reloader: Reloader, service: ServiceManager, status: Callable[[], str]
+) -> None:
+    """A SIGHUP's reload, with systemd told it runs (ExecReload's wait ends at READY)."""
+    service.reloading()
+    await reloader.reload_logged()
+    service.ready(status())
+
+
+def _status(state: ProxyState, recorder: RecordingSink | None) -> str:
+    """One line for `systemctl status`."""
+    channels = list(state.channels.values())
+    sessions = sum(1 for ch in channels if ch.relay.guard.channel_type == MAIN)
+    line = f"{sessions} session(s), {len(channels)} channel(s) open"
+    if recorder is None:
+        return line + "; not recording"
+    if recorder.failed is not None:
+        return line + f"; recording failed: {recorder.failed}"
+    return line + "; recording"
+
+
 def _recording_reloaded(recorder: RecordingSink, fronts: Fronts) -> None:
     if fronts.recording is not None:  # None: the file stops recording, which waits for a restart
         recorder.reconfigure(fronts.recording)
@@ -412,9 +441,11 @@ async def _serve(
     config: Config | None = None,
     config_path: Path | None = None,
     rebuild: Rebuild | None = None,
+    service: ServiceManager | None = None,
 ) -> None:
     """Serve every front until SIGINT/SIGTERM (or SIGHUP without a config file to
-    re-read); SIGHUP with one reloads it."""
+    re-read); SIGHUP with one reloads it. `service`: systemd, told of each step."""
+    service = service or ServiceManager({})
     state = ProxyState(admission=admission)
     logger = logging.getLogger("spicetap.proxy")
     proxy = ChannelProxy(limits, recorder, state, fronts.link_policy)
@@ -467,12 +498,16 @@ async def _serve(
                 for kind, opened_listeners, what in opened:
                     announce(kind, opened_listeners, what)
                 print("spicetap proxy ready", flush=True)
+                status = partial(_status, state, recorder)
+                service.ready(status())
+                nursery.start_soon(service.keep_alive, status)
                 async for sig in signals:
                     if sig == signal.SIGHUP and reloader.reloadable:
                         logger.info("SIGHUP: reloading %s", config_path)
-                        nursery.start_soon(reloader.reload_logged)
+                        nursery.start_soon(_reload_told, reloader, service, status)
                         continue
                     break
+        service.stopping("stopping: draining archives")
         # Once stopping, another Ctrl-C or SIGTERM (an impatient user, a service manager's
         # second try) must not cut the archives short: the drain is bounded, and SIGKILL
         # remains (after which the recording process still closes every archive).

@@ -187,6 +187,9 @@ class RecordBuilder:
         self.views = views
         self.conns: dict[int, _Conn] = {}
         self.main_session: dict[int, int] = {}  # main connection -> session id
+        # connections whose records wait (for their link message, or a main channel's
+        # INIT): records let go meanwhile are later than theirs (see iter_capture)
+        self.holding: set[int] = set()
 
     def opened(
         self,
@@ -368,6 +371,14 @@ class RecordBuilder:
         )
 
     def _release(self, c: _Conn, records: list[Record], force: bool = False) -> list[Record]:
+        out = self._let_go(c, records, force)
+        if c.held:
+            self.holding.add(c.number)
+        else:
+            self.holding.discard(c.number)
+        return out
+
+    def _let_go(self, c: _Conn, records: list[Record], force: bool) -> list[Record]:
         """The records that may go out now. Until the link message names the channel, its
         session is unknown: they wait for it, so that a link header read apart from the
         link message (and the open record) joins the session's archive, not one beside it;

@@ -1,7 +1,8 @@
-"""Records of every SPICE connection in a pcap/pcapng capture, in capture order."""
+"""Records of every SPICE connection in a pcap/pcapng capture, in time order."""
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,19 +31,57 @@ def _records(builder: RecordBuilder, ev: StreamEvent) -> list[Record]:
     return []
 
 
+# Records kept back while a connection's wait, at most: past this they go out as they came.
+REORDER_MAX = 4096
+
+
+class TimeOrder:
+    """A builder's records in time order across connections. A main channel's link stage
+    waits in the builder for INIT (which names the session), and records of other
+    connections let go meanwhile are later than it: they are kept back until it comes,
+    then merged with it by time. Each connection's own records keep their order."""
+
+    def __init__(self, builder: RecordBuilder) -> None:
+        self.builder = builder
+        self.kept: list[Record] = []
+
+    def put(self, records: list[Record]) -> list[Record]:
+        if self.builder.holding and len(self.kept) + len(records) < REORDER_MAX:
+            self.kept += records
+            return []
+        if not self.kept:
+            return records
+        self.kept += records
+        return self.flush()
+
+    def flush(self) -> list[Record]:
+        by_connection: dict[int, list[Record]] = {}
+        for rec in self.kept:
+            by_connection.setdefault(rec.connection, []).append(rec)
+        self.kept = []
+        # merge takes heads only: a connection's records never overtake one another
+        return list(heapq.merge(*by_connection.values(), key=_time))
+
+
+def _time(rec: Record) -> float:
+    return rec.time
+
+
 def iter_capture(path: Path, problems: list[str] | None = None) -> Iterator[Record]:
     """Yield records; a damaged tail of the file is appended to `problems`.
 
     Raises CaptureError when the file cannot be read at all.
     """
     builder = RecordBuilder()
+    order = TimeOrder(builder)
     reassembler = TcpReassembler()
     with read_packets(path) as reader:
         for segment in reader:
             for ev in reassembler.feed(segment):
-                yield from _records(builder, ev)
+                yield from order.put(_records(builder, ev))
     for ev in reassembler.finish():
-        yield from _records(builder, ev)
+        yield from order.put(_records(builder, ev))
+    yield from order.flush()
     if problems is not None:
         if reader.problem:
             problems.append(reader.problem)

@@ -15,8 +15,11 @@ from spicetap.archive.records import to_archive
 from spicetap.capture import StreamData, TcpReassembler, read_packets
 from spicetap.cli import main
 from spicetap.records import Record, RecordBuilder
-from spicetap.show import iter_capture
+from spicetap.show import REORDER_MAX, TimeOrder, iter_capture
+from tests.capture.builders import stream_frames, write_pcap
 from tests.conftest import ELEVEN_CHANNELS
+from tests.proxy.test_framing import OK, TICKET, caps_word, link_mess, link_reply
+from tests.proxy.test_recording import init
 
 JSON_KEYS = {
     "time",
@@ -235,3 +238,44 @@ def test_an_empty_filter_is_refused_not_taken_as_none(
         "(a filter is empty)\n",
     )
     assert not out.exists()
+
+
+def test_a_main_channel_waiting_for_init_prints_in_time_order(tmp_path: Path) -> None:
+    """A main channel's link stage waits for INIT (which names its session); a display
+    channel of another session links meanwhile. Its records come out after the main
+    channel's earlier link stage, not before (each connection's own order kept)."""
+    bits = caps_word(1, 3)
+    main_channel = stream_frames(
+        [(True, link_mess(bits, channel_type=1, conn=0)), (False, link_reply(bits)),
+         (True, TICKET), (False, OK), (False, init(0x77))],
+        ts0=100.0,
+    )  # fmt: skip
+    other = (("10.0.0.1", 40001), ("10.0.0.2", 5900))
+    display = stream_frames(  # its link message at 100.0075: between OK and INIT
+        [(True, link_mess(bits, channel_type=2, conn=0x99)), (False, link_reply(bits))],
+        ts0=100.0035,
+        endpoints=other,
+    )
+    capture = write_pcap(tmp_path / "two.pcap", sorted(main_channel + display))
+    got = [(r.time, r.channel, r.kind) for r in iter_capture(capture)]
+    assert got == sorted(got, key=lambda r: r[0])
+    links = [channel for _t, channel, kind in got if kind == "link"]
+    assert links == ["main"] * 6 + ["display"] * 4  # headers and bodies: link, reply, ...
+
+
+def _rec(conn: int, t: float) -> Record:
+    return Record(t, None, conn, "main", 0, "s2c", "message", 4, "ping", b"")
+
+
+def test_records_kept_back_are_bounded_and_keep_each_connections_order() -> None:
+    builder = RecordBuilder()
+    order = TimeOrder(builder)
+    builder.holding.add(1)  # connection 1's records wait in the builder
+    assert order.put([_rec(2, 5.0), _rec(2, 4.0)]) == []  # kept back
+    builder.holding.clear()
+    out = order.put([_rec(1, 1.0), _rec(1, 6.0)])
+    # merged by time, but connection 2's 5.0 never overtakes its own 4.0 behind it
+    assert [(r.connection, r.time) for r in out] == [(1, 1.0), (2, 5.0), (2, 4.0), (1, 6.0)]
+    builder.holding.add(1)  # a hold that never ends lets go at REORDER_MAX records
+    kept = [order.put([_rec(2, float(n))]) for n in range(REORDER_MAX)]
+    assert kept[:-1] == [[]] * (REORDER_MAX - 1) and len(kept[-1]) == REORDER_MAX

@@ -232,8 +232,10 @@ def stream_frames(
     server_isn: int = 5000,
     close: bool = True,
     ts0: float = 1_700_000_000.0,
+    endpoints: tuple[tuple[str, int], tuple[str, int]] = (CLIENT, SERVER),
 ) -> list[Frame]:
-    """A whole Ethernet/IPv4 connection: handshake, the chunks in order, FINs."""
+    """A whole Ethernet/IPv4 connection: handshake, the chunks in order, FINs; one frame
+    each millisecond from ts0."""
     frames: list[Frame] = []
     seq = {True: client_isn + 1, False: server_isn + 1}
     ts = ts0
@@ -242,7 +244,8 @@ def stream_frames(
         nonlocal ts
         ts += 0.001
         s = seq[c2s] if seq_used is None else seq_used
-        frames.append((ts, v4_segment(s, payload, flags, ack=seq[not c2s], c2s=c2s)))
+        segment = v4_segment(s, payload, flags, ack=seq[not c2s], c2s=c2s, endpoints=endpoints)
+        frames.append((ts, segment))
 
     add(True, SYN, seq_used=client_isn)
     add(False, SYN | ACK, seq_used=server_isn)

@@ -397,11 +397,11 @@ def _rebuild(
     """A reload's fronts: the same flags, the file as it now reads. A new recording
     directory is made here, so that one that cannot be fails the reload."""
     fronts = build_fronts(args, config, keylog, mintable, previous)
-    recording = None
-    if previous.recording is not None:  # else nothing records: a restart starts it
-        recording = recording_options(args, config.recording, previous.recording.max_message)
-        if recording is not None:
-            recording.directory.mkdir(parents=True, exist_ok=True)
+    recording = previous.recording
+    if recording is not None:  # else nothing records: a restart starts it
+        # no directory now: recording goes on as it was until a restart stops it
+        recording = recording_options(args, config.recording, recording.max_message) or recording
+        recording.directory.mkdir(parents=True, exist_ok=True)
     return replace(fronts, recording=recording)
 
 
@@ -427,7 +427,7 @@ def _status(state: ProxyState, recorder: RecordingSink | None) -> str:
 
 
 def _recording_reloaded(recorder: RecordingSink, fronts: Fronts) -> None:
-    if fronts.recording is not None:  # None: the file stops recording, which waits for a restart
+    if fronts.recording is not None:
         recorder.reconfigure(fronts.recording)
 
 

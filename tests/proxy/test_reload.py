@@ -30,6 +30,7 @@ from proxy.io.management import ManagementApi, ManagementOptions, serve_manageme
 from proxy.io.reloading import FrontListeners, Reloader, ReloadFailed
 from proxy.io.server import ChannelProxy, ProxyState
 from proxy.io.tokens import TokenDesk
+from proxy.recording_options import recording_options
 from spicetap.cli import build_parser
 from spicetap.config import Config, ConnectSection, ProxySection, RecordingSection, load_config
 from tests.harness import make_tls_material
@@ -643,3 +644,23 @@ async def test_a_reload_rotates_the_management_apis_token(tmp_path: Path) -> Non
             await setup.reloader.reload()
         assert await status(new) == b"HTTP/1.1 200 OK"
         nursery.cancel_scope.cancel()
+
+
+def test_a_file_without_a_recording_directory_leaves_recording_as_it_was(tmp_path: Path) -> None:
+    """Recording stopped by the file waits for a restart; the reloads after it still
+    apply [recording] once the directory is back."""
+    from proxy.cli import _rebuild
+
+    path = tmp_path / "gateway.toml"
+    args = build_parser().parse_args(["proxy", "--config", str(path)])
+    first, later = tmp_path / "first", tmp_path / "later"
+    path.write_text(VM1_ON_A.format(a=1) + f'[recording]\ndirectory = "{first}"\n')
+    fronts = build_fronts(args, load_config(path), None, False)
+    fronts = replace(fronts, recording=recording_options(args, load_config(path).recording, 99))
+    path.write_text(VM1_ON_A.format(a=1))  # no directory
+    kept = _rebuild(args, None, False, load_config(path), fronts)
+    assert kept.recording == fronts.recording
+    path.write_text(VM1_ON_A.format(a=1) + f'[recording]\ndirectory = "{later}"\n')
+    moved = _rebuild(args, None, False, load_config(path), kept).recording
+    assert moved is not None and moved.directory == later and later.is_dir()
+    assert moved.max_message == 99  # the recording process's, set at start

@@ -186,6 +186,12 @@ def add_proxy_command(sub: Any) -> None:
         "from spicetap's CA for the API's address)",
     )
     p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument(
+        "--log-format",
+        choices=logs.FORMATS,
+        help="log lines as text (default) or one JSON object each, with the event's fields "
+        "(channel, viewer, upstream, bytes...) for a log shipper",
+    )
     add_link_options(p)
     add_privacy_options(p)
     p.set_defaults(func=cmd_proxy)
@@ -239,7 +245,15 @@ def _nonempty(text: str) -> str:
 
 
 def cmd_proxy(args: argparse.Namespace) -> int:
-    logs.configure(logging.DEBUG if args.verbose else logging.INFO)
+    try:
+        config = load_config(Path(args.config)) if args.config else Config()
+    except ConfigError as exc:
+        raise UserError(str(exc)) from None
+    log_format = pick(args.log_format, config.proxy.log_format)
+    if log_format not in logs.FORMATS:
+        where = named(args, "log_format", "proxy", "log_format")
+        raise UserError(f"{where} {log_format!r}: expected one of {', '.join(logs.FORMATS)}")
+    logs.configure(logging.DEBUG if args.verbose else logging.INFO, log_format)
     if framing.WITHOUT_C is not None:
         logging.getLogger("spicetap.proxy").warning(
             "the C framer is not built (%s): recording frames in Python, several times "
@@ -256,10 +270,6 @@ def cmd_proxy(args: argparse.Namespace) -> int:
         logging.getLogger("spicetap.proxy").warning(
             "TLS channels forward in Python, more slowly: %s", ends.TLS_WITHOUT_C
         )
-    try:
-        config = load_config(Path(args.config)) if args.config else Config()
-    except ConfigError as exc:
-        raise UserError(str(exc)) from None
     cp, cr = config.proxy, config.recording
     keylog = Path(args.keylog) if args.keylog else None
     if keylog is not None:
@@ -334,7 +344,13 @@ def cmd_proxy(args: argparse.Namespace) -> int:
             cut = set(recorder.cut)
             for path in recorder.archives:
                 note = " (cut short: recording failed; `spicetap verify` says what is intact)"
-                print(f"recorded {path}{note if path in cut else ''}", file=sys.stderr)
+                if log_format == "json":  # every line of stderr an object, this one too
+                    fields = {"event": "archive_recorded", "path": str(path), "cut": path in cut}
+                    logging.getLogger("spicetap.proxy").info(
+                        "recorded %s%s", path, note if path in cut else "", extra={"fields": fields}
+                    )
+                else:
+                    print(f"recorded {path}{note if path in cut else ''}", file=sys.stderr)
     return 0
 
 

@@ -186,7 +186,9 @@ class RecorderWorker:
         )
         session = _Session(writer, rec.time, self.options.policy)
         self.sessions[key] = session  # first: the archive is written to whatever follows
-        log.info("recording session %s to %s", label, path)
+        fields = {"event": "archive_opened", "session": key if isinstance(key, int) else None,
+                  "path": str(path)}  # fmt: skip
+        log.info("recording session %s to %s", label, path, extra={"fields": fields})
         self.report(("archive", str(path)))  # the proxy keeps the list
         return session
 

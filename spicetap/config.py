@@ -52,6 +52,7 @@ class ProxySection:
     management: str | None = None  # HOST:PORT of the management HTTP API (--management)
     management_token_file: str | None = None  # its bearer token (first line)
     management_tls: bool = False  # HTTPS, with the viewer certificate
+    log_format: str = "text"  # or "json": one object per line (--log-format)
 
 
 @dataclass(frozen=True)

@@ -223,6 +223,10 @@ def test_the_connection_cap_follows_the_open_files_limit(
             '[proxy]\nupstream = "127.0.0.1:1"\n[recording]\ndirectory = "/dev/null"\n',
             "[recording] directory /dev/null: not a directory",
         ),
+        (
+            '[proxy]\nupstream = "127.0.0.1:1"\nlog_format = "xml"\n',
+            "[proxy] log_format 'xml': expected one of text, json",
+        ),
     ],
 )
 def test_bad_values_from_the_config_file_are_named_by_file_and_key(
@@ -241,7 +245,7 @@ def test_bad_values_from_the_config_file_are_named_by_file_and_key(
     assert (
         err
         == f"spicetap: error: {config}: {names}"
-        + ("" if "directory" in names else ": expected HOST:PORT")
+        + ("" if "directory" in names or "log_format" in names else ": expected HOST:PORT")
         + "\n"
     )
 

@@ -28,6 +28,7 @@ PROXY_AT_START = (
     "max_message",
     "management",
     "management_tls",
+    "log_format",
 )
 
 

@@ -198,8 +198,9 @@ class Recorder:
         path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
         tunables = ":".join(filter(None, [os.environ.get("GLIBC_TUNABLES"), MALLOC_TUNABLES]))
         env = {**os.environ, "PYTHONPATH": path, "GLIBC_TUNABLES": tunables}
+        argv = [str(theirs.fileno()), str(memory_fd), logs.style()]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "proxy.io.recording", str(theirs.fileno()), str(memory_fd)],
+            [sys.executable, "-m", "proxy.io.recording", *argv],
             pass_fds=(theirs.fileno(), memory_fd),
             stdin=subprocess.DEVNULL,
             env=env,
@@ -567,7 +568,7 @@ def main(argv: list[str]) -> int:
     # vanishes (end-of-file).
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
-    logs.configure(logging.INFO)
+    logs.configure(logging.INFO, argv[3] if len(argv) > 3 else "text")
     with socket.socket(fileno=int(argv[1])) as sock, mmap.mmap(int(argv[2]), 0) as memory:
         ring = ByteRing(memory)
         try:

@@ -23,6 +23,7 @@ import trio
 
 from proxy.core.admission import Admission
 from proxy.core.framing import C2S, LINK_ASKS, S2C, link_asks
+from proxy.core.management import channel_name
 from proxy.core.migration import Destination, MigrationUnavailable
 from proxy.core.relay import (
     MAIN,
@@ -309,7 +310,8 @@ class ChannelProxy:
             except OSError as exc:
                 self.state.errors += 1
                 why = f"TLS handshake failed: {exception_text(exc)}"
-                log.warning("viewer %s:%d: %s", *client, why)
+                fields = {"event": "viewer_refused", "viewer": f"{client[0]}:{client[1]}"}
+                log.warning("viewer %s:%d: %s", *client, why, extra={"fields": fields})
                 viewer.close()
                 conn = next(self._ids)
                 tls_used = {"viewer": True}
@@ -381,7 +383,11 @@ class ChannelProxy:
         except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
             self.state.errors += 1
             why = f"cannot reach upstream {upstream_to.label}: {exception_text(exc)}"
-            log.warning("channel %d from %s:%d: %s", conn, *client, why)
+            fields = {
+                "event": "upstream_unreachable", "conn": conn,
+                "viewer": f"{client[0]}:{client[1]}", "upstream": upstream_to.label,
+            }  # fmt: skip
+            log.warning("channel %d from %s:%d: %s", conn, *client, why, extra={"fields": fields})
             tls = {"viewer": viewer_tls}
             self._attempt_failed(conn, client, upstream_to, insertion, S2C, why, tls)
             return None
@@ -447,7 +453,15 @@ class ChannelProxy:
             if policy is not None:  # per target, and a reload may change the proxy's
                 route.update(policy.describe())
             self.recorder.opened(conn, now, client, ends[0], tls, route, ends[1])
-        log.info("channel %d: %s:%d -> %s (%s)", conn, *client, upstream_to.label, insertion)
+        fields = {
+            "event": "channel_open", "conn": conn, "viewer": f"{client[0]}:{client[1]}",
+            "upstream": upstream_to.label, "target": upstream_to.target, "insertion": insertion,
+            "tls_viewer": bool(tls.get("viewer")), "tls_server": bool(tls.get("server")),
+        }  # fmt: skip
+        log.info(
+            "channel %d: %s:%d -> %s (%s)", conn, *client, upstream_to.label, insertion,
+            extra={"fields": fields},
+        )  # fmt: skip
         return stats
 
     def session_route(self, asks: tuple[int, int] | None, rejoin: Rejoin) -> Upstream | None:
@@ -498,7 +512,16 @@ class ChannelProxy:
             self.state.closed_messages[direction] += relay.messages[direction]
         if self.recorder is not None:
             self.recorder.closed(stats.conn, time.monotonic(), reason)
-        log.info("channel %d closed: %s", stats.conn, reason)
+        guard = relay.guard
+        fields = {
+            "event": "channel_closed", "conn": stats.conn, "reason": reason,
+            "channel": channel_name(guard.channel_type),
+            "session": relay.session,
+            "seconds": round(time.monotonic() - stats.started, 3),
+            "bytes_c2s": relay.bytes["c2s"], "bytes_s2c": relay.bytes["s2c"],
+            "messages_c2s": relay.messages["c2s"], "messages_s2c": relay.messages["s2c"],
+        }  # fmt: skip
+        log.info("channel %d closed: %s", stats.conn, reason, extra={"fields": fields})
 
     def _effect(self, stats: ChannelStats, cmd: Command) -> str | None:
         """What both shells do the same way: record, log, account for a close. Returns a
@@ -513,7 +536,8 @@ class ChannelProxy:
             if rec is not None:
                 rec.event(conn, cmd.time, cmd.direction, cmd.kind, cmd.name, cmd.fields, cmd.raw)
         elif isinstance(cmd, Log):
-            log.warning("channel %d: %s", conn, cmd.message)
+            fields = {"event": "channel_warning", "conn": conn}
+            log.warning("channel %d: %s", conn, cmd.message, extra={"fields": fields})
         elif isinstance(cmd, Close):
             if cmd.error:
                 self.state.errors += 1

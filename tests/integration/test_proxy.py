@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -582,3 +583,34 @@ def test_wrong_upstream_subject_fails_cleanly(tmp_path: Path) -> None:
             assert proxy.proc.poll() is None
     assert result.returncode != 0
     assert "is not the expected 'C=XX,O=someone-else,CN=127.0.0.1'" in proxy.log()
+
+
+def test_json_logs_give_each_channels_events_as_fields(tmp_path: Path) -> None:
+    """--log-format json: every line of the proxy and of its recording process is one JSON
+    object; each channel spicy-screenshot opened has an open and a close event whose
+    fields agree with what crossed (the display channel's bytes), and the archive's."""
+    extra = ("--log-format", "json")
+    with peers(), QemuServer(guest="none") as srv:
+        assert srv.port is not None
+        with ProxyProcess(srv.port, tmp_path / "rec", tmp_path / "proxy", extra) as proxy:
+            spicy_screenshot(SpiceEndpoint(port=proxy.port), tmp_path / "via.ppm")
+    lines = proxy.log().splitlines()
+    events = [json.loads(line) for line in lines]  # raises on any line that is not JSON
+    assert all({"time", "level", "logger", "message"} <= set(e) for e in events)
+    opened = {e["conn"]: e for e in events if e.get("event") == "channel_open"}
+    closed = {e["conn"]: e for e in events if e.get("event") == "channel_closed"}
+    assert len(opened) >= 2 and set(opened) == set(closed)  # main and display at least
+    assert {e["upstream"] for e in opened.values()} == {f"127.0.0.1:{srv.port}"}
+    assert all(e["insertion"] == "reverse" and not e["tls_viewer"] for e in opened.values())
+    (session,) = {e["session"] for e in closed.values()}
+    (archive,) = proxy.archives()
+    recs = list(iter_records(archive, []))
+    for e in closed.values():  # the counts agree with the bytes the archive recorded
+        for direction in ("c2s", "s2c"):
+            ours = [r for r in recs if r.connection == e["conn"] and r.direction == direction]
+            # the ticket is kept as its length only
+            sizes = [len(r.raw) or (r.redacted or {}).get("len", 0) for r in ours]  # type: ignore[union-attr]
+            assert e[f"bytes_{direction}"] == sum(sizes) > 0, (e, direction)
+    (written,) = [e for e in events if e.get("event") == "archive_opened"]
+    assert written["logger"] == "spicetap.recorder"  # from the recording process
+    assert written["path"] == str(archive) and written["session"] == session

@@ -9,15 +9,18 @@ import sys
 from proxy.logs import LOG_FORMAT, MAX_MESSAGE, JsonFormatter, OneLineFormatter, one_line
 
 
-def _formatted(msg: str, *args: object, exc: bool = False) -> str:
+def _record(name: str, msg: str, args: tuple[object, ...], exc: bool) -> logging.LogRecord:
     exc_info = None
     if exc:
         try:
             raise ValueError("a bug")
         except ValueError:
             exc_info = sys.exc_info()
-    record = logging.LogRecord("spicetap.migration", logging.INFO, "f", 1, msg, args, exc_info)
-    return OneLineFormatter(LOG_FORMAT).format(record)
+    return logging.LogRecord(name, logging.WARNING, "f", 1, msg, args, exc_info)
+
+
+def _formatted(msg: str, *args: object, exc: bool = False) -> str:
+    return OneLineFormatter(LOG_FORMAT).format(_record("spicetap.migration", msg, args, exc))
 
 
 def test_a_peers_newlines_cannot_forge_a_line() -> None:
@@ -44,13 +47,7 @@ def test_a_traceback_still_follows_on_its_own_lines() -> None:
 
 
 def _json(msg: str, *args: object, exc: bool = False, **fields: object) -> str:
-    exc_info = None
-    if exc:
-        try:
-            raise ValueError("a bug")
-        except ValueError:
-            exc_info = sys.exc_info()
-    record = logging.LogRecord("spicetap.proxy", logging.WARNING, "f", 1, msg, args, exc_info)
+    record = _record("spicetap.proxy", msg, args, exc)
     if fields:
         record.fields = fields
     return JsonFormatter().format(record)

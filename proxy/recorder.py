@@ -98,9 +98,6 @@ class RecorderWorker:
     def handle(self, item: tuple[Any, ...]) -> None:
         kind, conn, t = item[0], item[1], item[2]
         b = self.builder
-        if kind == "options":  # a reload's: for sessions opened from now on
-            self.options = item[3]
-            return
         if kind == "data":
             records = b.data(conn, t, item[3], item[4])
         elif kind == "open":
@@ -117,6 +114,9 @@ class RecorderWorker:
             records = b.error(conn, t, item[3], item[4])
         elif kind == "event":
             records = b.event(conn, t, *item[3:])
+        elif kind == "options":  # a reload's: for sessions opened from now on
+            self.options = item[3]
+            return
         else:
             records = b.closed(conn, t, item[3])
         for rec in records:

@@ -31,10 +31,6 @@ class ServiceManager:
         self._sock: socket.socket | None = None
         self._failed = False
 
-    @property
-    def present(self) -> bool:
-        return self.address is not None
-
     def ready(self, status: str) -> None:
         self.notify(f"READY=1\nSTATUS={status}")
 

@@ -97,7 +97,7 @@ def test_keep_alive_pings_the_watchdog_at_half_its_interval(
 def test_without_systemd_nothing_is_sent_and_a_lost_systemd_is_said_once(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    assert not ServiceManager({}).present
+    assert ServiceManager({}).address is None
     ServiceManager({}).ready("up")  # does nothing
     gone = ServiceManager({"NOTIFY_SOCKET": str(tmp_path / "nobody")})
     for _ in range(3):

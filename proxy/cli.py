@@ -9,7 +9,6 @@ import math
 import os
 import signal
 import sys
-from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -421,15 +420,6 @@ def _rebuild(
     return replace(fronts, recording=recording)
 
 
-async def _reload_told(
-    reloader: Reloader, service: ServiceManager, status: Callable[[], str]
-) -> None:
-    """A SIGHUP's reload, with systemd told it runs (ExecReload's wait ends at READY)."""
-    service.reloading()
-    await reloader.reload_logged()
-    service.ready(status())
-
-
 def _status(state: ProxyState, recorder: RecordingSink | None) -> str:
     """One line for `systemctl status`."""
     channels = list(state.channels.values())
@@ -517,10 +507,14 @@ async def _serve(
                 status = partial(_status, state, recorder)
                 service.ready(status())
                 nursery.start_soon(service.keep_alive, status)
+                # SIGHUP's reloads and the management API's alike (ExecReload's wait ends
+                # at READY)
+                reloader.on_begin.append(service.reloading)
+                reloader.on_end.append(lambda: service.ready(status()))
                 async for sig in signals:
                     if sig == signal.SIGHUP and reloader.reloadable:
                         logger.info("SIGHUP: reloading %s", config_path)
-                        nursery.start_soon(_reload_told, reloader, service, status)
+                        nursery.start_soon(reloader.reload_logged)
                         continue
                     break
         service.stopping("stopping: draining archives")

@@ -237,6 +237,10 @@ class Reloader:
         self.tokens = tokens
         # told of each applied reload's fronts (the management API: its token)
         self.on_applied: list[Callable[[Fronts], None]] = []
+        # told as each reload begins and ends, however asked for and whatever its outcome
+        # (systemd's RELOADING, then READY)
+        self.on_begin: list[Callable[[], None]] = []
+        self.on_end: list[Callable[[], None]] = []
         self._lock = trio.Lock()
 
     @property
@@ -249,13 +253,22 @@ class Reloader:
         if path is None or rebuild is None:
             raise ReloadFailed("no --config file to re-read")
         async with self._lock:
+            for begin in self.on_begin:
+                begin()
             try:
-                config, fronts = await trio.to_thread.run_sync(self._build, path, rebuild)
-            except (ConfigError, UserError) as exc:
-                raise ReloadFailed(str(exc)) from None
-            except OSError as exc:  # e.g. a certificate that cannot be issued
-                raise ReloadFailed(f"{exc.filename or 'a file'}: {exc.strerror or exc}") from None
-            return await self._apply(config, fronts)
+                return await self._reload(path, rebuild)
+            finally:
+                for end in self.on_end:
+                    end()
+
+    async def _reload(self, path: Path, rebuild: Rebuild) -> ReloadReport:
+        try:
+            config, fronts = await trio.to_thread.run_sync(self._build, path, rebuild)
+        except (ConfigError, UserError) as exc:
+            raise ReloadFailed(str(exc)) from None
+        except OSError as exc:  # e.g. a certificate that cannot be issued
+            raise ReloadFailed(f"{exc.filename or 'a file'}: {exc.strerror or exc}") from None
+        return await self._apply(config, fronts)
 
     def _build(self, path: Path, rebuild: Rebuild) -> tuple[Config, Fronts]:
         config = load_config(path)

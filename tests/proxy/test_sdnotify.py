@@ -3,6 +3,7 @@ socket named by NOTIFY_SOCKET (a path, or "@" and a name in the abstract namespa
 
 from __future__ import annotations
 
+import http.client
 import os
 import signal
 import socket
@@ -125,7 +126,7 @@ def test_the_proxy_tells_systemd_each_step_and_keeps_its_variables_to_itself(
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))
         upstream = closed.getsockname()[1]  # nothing listens there: no viewer comes anyway
-    extra = ("--config", str(config))
+    extra = ("--config", str(config), "--management", "127.0.0.1:0")
     with ProxyProcess(upstream, tmp_path / "rec", tmp_path / "proxy", extra) as proxy:
         ready = _until(sock, "READY")
         assert ready["STATUS"] == "0 session(s), 0 channel(s) open; recording"
@@ -137,5 +138,14 @@ def test_the_proxy_tells_systemd_each_step_and_keeps_its_variables_to_itself(
         assert proxy.next_line() == "spicetap proxy reloaded\n"
         assert _until(sock, "RELOADING")["RELOADING"] == "1"
         assert _until(sock, "READY")["READY"] == "1"  # the reload is over
+        # the management API's reload is told too (systemd shows the unit reloading)
+        api = http.client.HTTPConnection("127.0.0.1", proxy.ports["management"], timeout=30)
+        try:
+            api.request("POST", "/api/reload")
+            assert api.getresponse().status == 200
+        finally:
+            api.close()
+        assert _until(sock, "RELOADING")["STATUS"] == "reloading the config"
+        assert _until(sock, "READY")["READY"] == "1"
         assert proxy.stop() == 0
     assert _until(sock, "STOPPING")["STATUS"] == "stopping: draining archives"

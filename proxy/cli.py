@@ -20,7 +20,7 @@ from proxy import logs
 from proxy.core import framing
 from proxy.core.admission import Admission
 from proxy.core.relay import MAIN, Limits
-from proxy.fronts import Fronts, build_fronts, named, pick, viewer_context
+from proxy.fronts import Fronts, build_fronts, management_certificate, named, pick
 from proxy.io import ends
 from proxy.io.guard import connection_limit, raise_open_files_limit
 from proxy.io.management import ManagementOptions, serve_management
@@ -131,6 +131,7 @@ def add_proxy_command(sub: Any) -> None:
     w.add_argument(
         "--ws-tls",
         action="store_true",
+        default=None,  # not given: [proxy] ws_tls decides
         help="wss:// and https:// on --ws-listen, with the certificate --tls-listen would use",
     )
     w.add_argument(
@@ -376,7 +377,7 @@ def _management(
         )
     https = None
     if pick(args.management_tls, cp.management_tls):
-        https = viewer_context(args, listen, None)
+        https = management_certificate(args, cp, listen).context
     ca = Path(args.upstream_ca) if args.upstream_ca else None
     try:
         probe_tls = client_context(ca, args.upstream_insecure, None)

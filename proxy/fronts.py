@@ -25,14 +25,13 @@ from proxy.targets import Address, ConnectRouter, Target, check_upstream_tls, ho
 from proxy.tls import (
     HostCertificates,
     TlsSetupError,
-    default_subject,
-    issue_server_cert,
     listen_host,
     load_or_create_ca,
-    server_context,
+    parse_subject,
 )
+from proxy.viewer_certs import CertificateChoice, ViewerCertificate, ViewerCertificates
 from spicetap.archive.keys import config_dir
-from spicetap.config import DEFAULT_LISTEN, Config, ProxySection
+from spicetap.config import DEFAULT_LISTEN, Config, ProxySection, TargetSection
 from spicetap.errors import UserError
 
 
@@ -53,12 +52,22 @@ class Route:
     """One reverse listener, or the WebSocket front's (`web`), and where its viewers go."""
 
     listen: tuple[str, int]
-    viewer_tls: ssl.SSLContext | None
+    viewer_tls: ViewerCertificate | None  # what viewers are shown; None: plain
     upstream: Upstream
     target: Target | None = None  # how a migration's destination is checked (its CA)
-    subject: str | None = None  # of the certificate viewer_tls presents
     origins: tuple[str, ...] = ()  # the WebSocket front's: other pages allowed to connect
     web: bool = False  # browsers (spice-html5) over WebSocket, not SPICE viewers
+
+    @property
+    def context(self) -> ssl.SSLContext | None:
+        return None if self.viewer_tls is None else self.viewer_tls.context
+
+    @property
+    def subject(self) -> str | None:
+        """The subject a migration tells viewers to expect: an issued certificate's (a
+        user's own is checked by host name, as with any certificate)."""
+        tls = self.viewer_tls
+        return None if tls is None or tls.source is not None else tls.subject
 
 
 def _cli_target(
@@ -91,6 +100,7 @@ def _routes(
     config: Config,
     targets: dict[str, Target],
     keylog: Path | None,
+    certificates: FrontCertificates,
     main_policy: LinkPolicy | None = None,
 ) -> list[Route]:
     cp = config.proxy
@@ -108,9 +118,8 @@ def _routes(
             routes.append(Route(listen, None, main.upstream(False, keylog), main))
         if args.tls_listen:
             listen = host_port(args.tls_listen, "--tls-listen", any_port=True)
-            context = viewer_context(args, listen, keylog)
-            subject = _subject(args, listen)
-            routes.append(Route(listen, context, main.upstream(True, keylog), main, subject))
+            shown = certificates.present(certificates.proxy_choice, listen)
+            routes.append(Route(listen, shown, main.upstream(True, keylog), main))
     for name, section in config.targets.items():
         target = targets[name]
         if section.listen:
@@ -120,9 +129,8 @@ def _routes(
         if section.tls_listen:
             where = f"{args.config}: [targets.{name}] tls_listen"
             listen = host_port(section.tls_listen, where, any_port=True)
-            context = viewer_context(args, listen, keylog)
-            subject = _subject(args, listen)
-            routes.append(Route(listen, context, target.upstream(True, keylog), target, subject))
+            shown = certificates.present(certificates.target_choice(name, section), listen)
+            routes.append(Route(listen, shown, target.upstream(True, keylog), target))
     return routes
 
 
@@ -154,8 +162,9 @@ def _connect_front(
             "[connect] allow, or [targets.NAME] sections"
         )
     try:
+        subject = pick(args.tls_subject, config.proxy.tls_subject)
         certificates = HostCertificates(
-            load_or_create_ca(), args.tls_subject, keylog, config_dir() / "issued" / "hosts"
+            load_or_create_ca(), subject, keylog, config_dir() / "issued" / "hosts"
         )
     except TlsSetupError as exc:
         raise UserError(str(exc)) from None
@@ -166,58 +175,97 @@ def _websocket_front(
     args: argparse.Namespace,
     cp: ProxySection,
     keylog: Path | None,
+    certificates: FrontCertificates,
     main_policy: LinkPolicy | None = None,
 ) -> Route | None:
     """--ws-listen (or [proxy] ws_listen): browsers reach the main upstream, plain if
-    there is one, over WebSocket; --ws-tls adds TLS with the viewer certificate."""
+    there is one, over WebSocket; --ws-tls (ws_tls) adds TLS with the viewer certificate."""
     listen_text = pick(args.ws_listen, cp.ws_listen)
+    tls = bool(pick(args.ws_tls, cp.ws_tls))
     if listen_text is None:
-        for dest, flag in (("ws_tls", "--ws-tls"), ("ws_origin", "--ws-origin")):
-            if getattr(args, dest):
-                raise UserError(f"{flag} needs --ws-listen (or [proxy] ws_listen)")
+        if tls:
+            where = named(args, "ws_tls", "proxy", "ws_tls")
+            raise UserError(f"{where} needs --ws-listen (or [proxy] ws_listen)")
+        if args.ws_origin:
+            raise UserError("--ws-origin needs --ws-listen (or [proxy] ws_listen)")
         return None
     main = _cli_target(args, cp, main_policy)
     if main is None:
         raise UserError("--ws-listen needs --upstream or --upstream-tls")
     listen = host_port(listen_text, named(args, "ws_listen", "proxy", "ws_listen"), any_port=True)
-    context = viewer_context(args, listen, keylog) if args.ws_tls else None
+    shown = certificates.present(certificates.proxy_choice, listen) if tls else None
     origins = tuple(args.ws_origin) or cp.ws_origins
     where = "--ws-origin" if args.ws_origin else f"{args.config}: [proxy] ws_origins"
     for origin in origins:  # compared with the browser's Origin header, which has this form
         if not origin_is_valid(origin):
             raise UserError(f"{where} {origin!r}: expected * or SCHEME://HOST[:PORT]")
-    return Route(listen, context, main.upstream(False, keylog), origins=origins, web=True)
+    return Route(listen, shown, main.upstream(False, keylog), origins=origins, web=True)
 
 
-def _issued_subject(args: argparse.Namespace, listen: tuple[str, int]) -> str:
-    """The subject of the certificate spicetap issues for a TLS listener."""
-    return str(args.tls_subject or default_subject(listen_host(listen[0])))
+class FrontCertificates:
+    """What each TLS front presents, as the flags and the file say: [proxy]'s choice (the
+    flags', else the file's), or a target's own. UserError names what cannot be used."""
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        cp: ProxySection,
+        keylog: Path | None,
+        kept: list[ViewerCertificate] | None = None,
+    ) -> None:
+        self.args = args
+        issued = config_dir() / "issued"
+        self.made = ViewerCertificates(load_or_create_ca, issued, keylog, kept or ())
+        names = tuple(named(args, key, "proxy", key) for key in _CHOICE_KEYS)
+        self.proxy_choice = _choice(
+            pick(args.tls_cert, cp.tls_cert),
+            pick(args.tls_key, cp.tls_key),
+            pick(args.tls_subject, cp.tls_subject),
+            names,
+        )
+
+    def target_choice(self, name: str, section: TargetSection) -> CertificateChoice:
+        """A target with a certificate or subject of its own presents it; else [proxy]'s."""
+        own = (section.tls_cert, section.tls_key, section.tls_subject)
+        if all(value is None for value in own):
+            return self.proxy_choice
+        where = f"{self.args.config}: [targets.{name}] "
+        return _choice(*own, tuple(where + key for key in _CHOICE_KEYS))
+
+    def present(self, choice: CertificateChoice, listen: tuple[str, int]) -> ViewerCertificate:
+        try:
+            return self.made.present(choice, listen_host(listen[0]))
+        except TlsSetupError as exc:
+            raise UserError(str(exc)) from None
 
 
-def _subject(args: argparse.Namespace, listen: tuple[str, int]) -> str | None:
-    """The subject of the certificate a TLS listener presents (None: the user's own)."""
-    if args.tls_cert:
-        return None  # the viewer then checks the host name, as with any certificate
-    return _issued_subject(args, listen)
+_CHOICE_KEYS = ("tls_cert", "tls_key", "tls_subject")
 
 
-def viewer_context(
-    args: argparse.Namespace, listen: tuple[str, int], keylog: Path | None
-) -> ssl.SSLContext:
-    try:
-        if args.tls_cert or args.tls_key:
-            if not (args.tls_cert and args.tls_key):
-                raise UserError("--tls-cert and --tls-key go together")
-            if args.tls_subject:
-                raise UserError("--tls-subject names certificates spicetap issues, not --tls-cert")
-            return server_context(Path(args.tls_cert), Path(args.tls_key), keylog)
-        ca = load_or_create_ca()
-        host = listen_host(listen[0])
-        subject = _issued_subject(args, listen)
-        cert, key = issue_server_cert(ca, subject, [host, "localhost"], config_dir() / "issued")
-        return server_context(cert, key, keylog)
-    except TlsSetupError as exc:
-        raise UserError(str(exc)) from None
+def _choice(
+    cert: str | None, key: str | None, subject: str | None, names: tuple[str, ...]
+) -> CertificateChoice:
+    """names: how errors name the three (flags, or places in the file)."""
+    if (cert is None) != (key is None):
+        raise UserError(f"{names[0]} and {names[1]} go together")
+    if cert is not None and subject is not None:
+        raise UserError(f"{names[2]} names certificates spicetap issues, not {names[0]}")
+    if subject is not None:
+        try:
+            parse_subject(subject)
+        except TlsSetupError as exc:
+            raise UserError(f"{names[2]}: {exc}") from None
+    return CertificateChoice(
+        Path(cert) if cert is not None else None, Path(key) if key is not None else None, subject
+    )
+
+
+def management_certificate(
+    args: argparse.Namespace, cp: ProxySection, listen: tuple[str, int]
+) -> ViewerCertificate:
+    """What the management API presents over HTTPS: the viewers' certificate."""
+    certificates = FrontCertificates(args, cp, None)
+    return certificates.present(certificates.proxy_choice, listen)
 
 
 @dataclass(frozen=True)
@@ -241,6 +289,10 @@ class Fronts:
     # what new sessions' archives get (set by the proxy's command, not build_fronts);
     # None: nothing is recorded
     recording: RecordingOptions | None = None
+
+    def fronts(self) -> list[Route]:
+        """The reverse listeners and the WebSocket front's."""
+        return [*self.routes, *([self.websocket] if self.websocket is not None else [])]
 
     def owners(self) -> dict[str | None, ViewerCredentials]:
         """Inject credentials by owner: None the proxy's, else a target with its own."""
@@ -272,9 +324,11 @@ def build_fronts(
         for name, t in config.targets.items()
     }
     main_policy = scoped(link_policy, "") if link_policy.auth == "inject" else None
-    routes = _routes(args, config, targets, keylog, main_policy)
+    kept = [r.viewer_tls for r in previous.fronts() if r.viewer_tls] if previous else []
+    certificates = FrontCertificates(args, cp, keylog, kept)
+    routes = _routes(args, config, targets, keylog, certificates, main_policy)
     connect = _connect_front(args, config, targets, keylog)
-    websocket = _websocket_front(args, cp, keylog, main_policy)
+    websocket = _websocket_front(args, cp, keylog, certificates, main_policy)
     scopes = {name: t.policy or link_policy for name, t in targets.items()}
     if _cli_target(args, cp) is not None:
         scopes[""] = main_policy or link_policy

@@ -15,6 +15,7 @@ import ipaddress
 import logging
 import os
 import ssl
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -263,6 +264,31 @@ def server_context(cert: Path, key: Path, keylog: Path | None) -> ssl.SSLContext
     return ctx
 
 
+def context_from_pem(
+    chain: bytes, key: rsa.RSAPrivateKey, folder: Path, keylog: Path | None
+) -> ssl.SSLContext:
+    """OpenSSL loads certificates and keys from files only: each goes to a file of its
+    own in `folder` (mode 0600, a name no other process or thread uses), is loaded, and
+    is removed; the key then lives in memory only."""
+    folder.mkdir(parents=True, exist_ok=True)
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    paths: list[Path] = []
+    try:
+        for data in (chain, key_pem):
+            fd, name = tempfile.mkstemp(dir=folder, suffix=".pem")  # mode 0600
+            paths.append(Path(name))
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        return server_context(paths[0], paths[1], keylog)
+    finally:
+        for path in paths:
+            path.unlink(missing_ok=True)
+
+
 def client_context(
     ca_file: Path | None, insecure: bool, keylog: Path | None, *, check_hostname: bool = False
 ) -> ssl.SSLContext:
@@ -315,7 +341,8 @@ class HostCertificates:
     All hosts share one key, made at the first use: a key per host cost about 0.1 s of CPU
     each, which any allowed viewer could make spicetap spend again and again (every
     spelling of a name, every address of an allowed block). Issuing is then a signature.
-    The key is kept in `folder`; a certificate is written there only to be loaded."""
+    The key is kept in memory; it and a certificate are written to `folder` only to be
+    loaded (context_from_pem)."""
 
     def __init__(
         self, ca: Ca, subject: str | None, keylog: Path | None, folder: Path, limit: int = 256
@@ -323,7 +350,7 @@ class HostCertificates:
         self.ca, self.subject, self.keylog, self.folder = ca, subject, keylog, folder
         self.limit = limit
         self._contexts: dict[str, ssl.SSLContext] = {}
-        self._key: tuple[rsa.RSAPrivateKey, Path] | None = None
+        self._key: rsa.RSAPrivateKey | None = None
         self._lock = threading.Lock()  # contexts are made in worker threads
 
     def context_for(self, host: str) -> ssl.SSLContext:
@@ -341,16 +368,6 @@ class HostCertificates:
 
     def _issue(self, host: str) -> ssl.SSLContext:
         if self._key is None:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-            key_path = self.folder / "spicetap-hosts-key.pem"
-            write_key(key, key_path)
-            self._key = key, key_path
-        key, key_path = self._key
-        cert = server_cert(self.ca, self.subject or default_subject(host), [host], key)
-        cert_path = self.folder / f"cert-{os.getpid()}-{threading.get_ident()}.pem"
-        cert_path.write_bytes(chain_pem(self.ca, cert))
-        try:  # OpenSSL loads certificates from files only
-            return server_context(cert_path, key_path, self.keylog)
-        finally:
-            cert_path.unlink(missing_ok=True)
+            self._key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        cert = server_cert(self.ca, self.subject or default_subject(host), [host], self._key)
+        return context_from_pem(chain_pem(self.ca, cert), self._key, self.folder, self.keylog)

@@ -33,7 +33,7 @@ from proxy.tls import (
     load_or_create_ca,
     parse_subject,
 )
-from spicetap.config import Config, ConfigError, load_config
+from spicetap.config import Config, ConfigError, TargetSection, load_config
 from spicetap.errors import UserError
 
 
@@ -101,10 +101,24 @@ def viewer_file(args: argparse.Namespace, config: Config) -> ViewerFile:
     host = listen_host(host)
     tls_port = port if args.tls_only else args.tls_port
     plain = None if args.tls_only else port
-    subject = args.host_subject or default_subject(host)
-    ca = _ca_pem() if tls_port is not None else None
-    tls_subject = subject if tls_port else None
-    return ViewerFile(host, plain, tls_port, ca, tls_subject, proxy=args.proxy, **extras)
+    ca, subject = _checks(args, config, None, host) if tls_port else (None, None)
+    return ViewerFile(host, plain, tls_port, ca, subject, proxy=args.proxy, **extras)
+
+
+def _checks(
+    args: argparse.Namespace, config: Config, section: TargetSection | None, host: str
+) -> tuple[str | None, str | None]:
+    """What a viewer checks a TLS listener with, as the proxy's config sets it up: spicetap's
+    CA and the subject it issues to ([proxy] tls_subject, or the target's own), or, for
+    the operator's own certificate (tls_cert), nothing: the viewer checks that against its
+    own trust store, by host name."""
+    own = section is not None and any(
+        value is not None for value in (section.tls_cert, section.tls_key, section.tls_subject)
+    )
+    chosen = section if own and section is not None else config.proxy
+    if chosen.tls_cert is not None and args.host_subject is None:
+        return None, None
+    return _ca_pem(), args.host_subject or chosen.tls_subject or default_subject(host)
 
 
 def _named(
@@ -116,14 +130,9 @@ def _named(
         plain = host_port(section.listen, f"{where} listen") if section.listen else None
         tls = host_port(section.tls_listen, f"{where} tls_listen") if section.tls_listen else None
         host = listen_host((plain or tls or ("", 0))[0])
-        subject = args.host_subject or default_subject(host)
+        ca, subject = _checks(args, config, section, host) if tls else (None, None)
         return ViewerFile(
-            host,
-            plain[1] if plain else None,
-            tls[1] if tls else None,
-            _ca_pem() if tls else None,
-            subject if tls else None,
-            **extras,
+            host, plain[1] if plain else None, tls[1] if tls else None, ca, subject, **extras
         )
     front = args.proxy
     if front is None and config.connect.listen:
@@ -143,14 +152,11 @@ def _named(
         if section.upstream_tls
         else None
     )
+    # the CONNECT front always shows a certificate spicetap's CA issues to the name asked for
+    subject = args.host_subject or config.proxy.tls_subject or default_subject(name)
+    ca = _ca_pem() if tls_port else None
     return ViewerFile(
-        name,
-        plain_port,
-        tls_port,
-        _ca_pem() if tls_port else None,
-        (args.host_subject or default_subject(name)) if tls_port else None,
-        proxy=front,
-        **extras,
+        name, plain_port, tls_port, ca, subject if tls_port else None, proxy=front, **extras
     )
 
 
@@ -193,7 +199,8 @@ def add_vv_command(sub: Any) -> None:
     p.add_argument("--tls-only", action="store_true", help="PORT in TARGET is a TLS listener")
     p.add_argument(
         "--host-subject",
-        help="subject of spicetap's certificate if --tls-subject was given to the proxy",
+        help="subject of spicetap's certificate if --tls-subject was given to the proxy "
+        "(--config: its tls_subject is read there)",
     )
     p.add_argument(
         "--proxy", help="http://HOST:PORT of spicetap's CONNECT front (default: [connect] listen)"

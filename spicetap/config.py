@@ -48,11 +48,18 @@ class ProxySection:
     server_password_file: str | None = None
     follow_migration: bool = True  # keep viewers on spicetap through a live migration
     ws_listen: str | None = None  # WebSocket front for spice-html5 (--ws-listen)
+    ws_tls: bool = False  # wss:// and https:// there (--ws-tls)
     ws_origins: tuple[str, ...] = ()  # other pages allowed to open its WebSockets
     management: str | None = None  # HOST:PORT of the management HTTP API (--management)
     management_token_file: str | None = None  # its bearer token (first line)
     management_tls: bool = False  # HTTPS, with the viewer certificate
     log_format: str = "text"  # or "json": one object per line (--log-format)
+    # what TLS fronts present to viewers (--tls-cert, --tls-key, --tls-subject): the
+    # user's chain and key (read again at each reload: renewals), or none and one
+    # spicetap's CA issues to tls_subject (default O=spicetap,CN=<listen host>)
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_subject: str | None = None
 
 
 @dataclass(frozen=True)
@@ -67,6 +74,10 @@ class TargetSection:
     upstream_insecure: bool = False
     listen: str | None = None
     tls_listen: str | None = None
+    # what its tls_listen presents, when not [proxy]'s (a host subject of its own)
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_subject: str | None = None
     # this target's own authentication (else [proxy]'s): mode and inject credentials
     auth: str | None = None
     viewer_password: str | None = None

@@ -138,3 +138,31 @@ def test_an_api_that_is_not_there_is_a_one_line_error(
     err = capsys.readouterr().err
     assert f"management API http://127.0.0.1:{port}: Connection refused" in err
     assert err.count("\n") == 1 and "api-token" not in err and not out.exists()
+
+
+def test_the_config_says_which_certificate_a_tls_listener_shows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The subject the proxy's certificate carries, as its config file sets it: [proxy]
+    tls_subject, a target's own; the operator's own certificate is checked by the viewer's
+    trust store and host name, so the file names neither spicetap's CA nor a subject."""
+    config = tmp_path / "c.toml"
+    config.write_text(
+        '[proxy]\ntls_subject = "O=Example,CN=gw"\n\n[connect]\nlisten = "127.0.0.1:3128"\n\n'
+        '[targets.vm1]\nupstream = "10.0.0.5:5900"\ntls_listen = "127.0.0.1:5911"\n\n'
+        '[targets.vm2]\nupstream = "10.0.0.6:5900"\ntls_listen = "127.0.0.1:5912"\n'
+        'tls_subject = "C=XX,O=Example,CN=hv2"\n\n'
+        '[targets.vm3]\nupstream = "10.0.0.7:5900"\ntls_listen = "127.0.0.1:5913"\n'
+        'tls_cert = "/etc/gw/cert.pem"\ntls_key = "/etc/gw/key.pem"\n\n'
+        '[targets.vm4]\nupstream_tls = "10.0.0.8:5901"\n'
+    )
+    subjects = {}
+    for name in ("vm1", "vm2", "vm3", "vm4"):
+        vv = _vv(tmp_path, monkeypatch, name, "--config", str(config))
+        subjects[name] = (vv.get("host-subject"), "ca" in vv)
+    assert subjects == {
+        "vm1": ("O=Example,CN=gw", True),
+        "vm2": ("C=XX,O=Example,CN=hv2", True),
+        "vm3": (None, False),
+        "vm4": ("O=Example,CN=gw", True),  # through the CONNECT front
+    }

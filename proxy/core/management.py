@@ -18,7 +18,7 @@ import ipaddress
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, NamedTuple
@@ -399,11 +399,21 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
+@dataclass(frozen=True)
+class CertificateView:
+    """A TLS front's certificate, as an operator's alerts watch it."""
+
+    listener: str  # "KIND HOST:PORT"
+    subject: str
+    not_after: float  # Unix time
+
+
 def metrics_text(
     channels: list[ChannelView],
     totals: Totals,
     recorder: RecorderView | None,
     rss_bytes: int | None,
+    certificates: Sequence[CertificateView] = (),
 ) -> str:
     m = _Metrics()
     m.family("spicetap_channels_open", "gauge", "Channel connections being relayed now.")
@@ -485,6 +495,19 @@ def metrics_text(
             "Recording processes started again after one failed (a full disk, a crash).",
         )
         m.sample("spicetap_recorder_resumed_total", recorder.resumed)
+    if certificates:
+        m.family(
+            "spicetap_tls_certificate_expiry_timestamp_seconds",
+            "gauge",
+            "When the certificate a TLS front shows viewers expires (Unix time).",
+        )
+        for cert in certificates:
+            m.sample(
+                "spicetap_tls_certificate_expiry_timestamp_seconds",
+                cert.not_after,
+                listener=cert.listener,
+                subject=cert.subject,
+            )
     if rss_bytes is not None:
         m.family("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.")
         m.sample("process_resident_memory_bytes", rss_bytes)

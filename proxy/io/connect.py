@@ -45,7 +45,8 @@ RECEIVE = 16 * 1024
 class ConnectFront:
     """What the CONNECT front serves with. The running one stays across reloads (its router
     remembers where moved targets were, its certificates are cached): a reload changes its
-    router in place (ConnectRouter.reconfigure) and whether migrations are followed."""
+    router in place (ConnectRouter.reconfigure), whether migrations are followed, and its
+    certificates when their subject or CA changes."""
 
     router: ConnectRouter
     certificates: HostCertificates

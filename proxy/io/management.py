@@ -37,6 +37,7 @@ from proxy.core.admission import Admission
 from proxy.core.framing import C2S, S2C
 from proxy.core.http import MAX_HEAD, BoundedServer
 from proxy.core.management import (
+    CertificateView,
     ChannelView,
     ConnectionCounts,
     Headers,
@@ -156,6 +157,14 @@ class ManagementApi:
         mapping = dict(self.recorder.conn_session)  # one C-level copy: safe across threads
         return {conn: key for conn, key in mapping.items() if isinstance(key, int)}
 
+    def certificates(self) -> list[CertificateView]:
+        if self.reloader is None:
+            return []
+        return [
+            CertificateView(where, cert.subject, cert.not_after.timestamp())
+            for where, cert in self.reloader.listeners.certificates()
+        ]
+
     def recorder_view(self) -> RecorderView | None:
         rec = self.recorder
         if rec is None:
@@ -177,7 +186,8 @@ class ManagementApi:
             return Reply(HTTPStatus.OK, json.dumps(data).encode())
         if path == "/metrics":
             channels = self.channels()
-            text = metrics_text(channels, self.totals(channels), self.recorder_view(), _rss_bytes())
+            totals, certificates = self.totals(channels), self.certificates()
+            text = metrics_text(channels, totals, self.recorder_view(), _rss_bytes(), certificates)
             return Reply(HTTPStatus.OK, text.encode(), PROMETHEUS)
         if path == "/api/tokens":
             return self.mint(body)

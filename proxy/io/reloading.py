@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from proxy.io.server import ChannelProxy, Routing, Serving, serve_tcp
 from proxy.io.tokens import TokenDesk
 from proxy.io.websocket import serve_websocket
 from proxy.targets import Address
+from proxy.viewer_certs import ViewerCertificate
 from spicetap.config import Config, ConfigError, load_config
 from spicetap.errors import UserError
 
@@ -52,6 +53,7 @@ class ReloadReport:
     repointed: list[str]  # "KIND HOST:PORT -> UPSTREAM"
     failed: list[str]  # "KIND HOST:PORT: why"
     restart_needed: list[str]  # "[section] key"
+    renewed: list[str] = field(default_factory=list)  # "KIND HOST:PORT: its new certificate"
 
     def json(self) -> dict[str, Any]:
         return {
@@ -66,6 +68,7 @@ class ReloadReport:
                 "stopped": self.stopped,
                 "repointed": self.repointed,
                 "failed": self.failed,
+                "renewed": self.renewed,
             },
             "restartNeeded": self.restart_needed,
         }
@@ -77,6 +80,8 @@ class ReloadReport:
             f"{len(self.opened)} listener(s) opened, {len(self.stopped)} stopped, "
             f"{len(self.repointed)} re-pointed",
         ]
+        if self.renewed:
+            parts.append(f"{len(self.renewed)} show a new certificate")
         if self.failed:
             parts.append(f"{len(self.failed)} could not be opened")
         return "; ".join(parts)
@@ -145,17 +150,16 @@ class FrontListeners:
             ca=route.target.ca,
             insecure=route.target.insecure,
             keylog=self.keylog,
-            viewer_tls=route.viewer_tls,
+            viewer_tls=route.context,
             tls_subject=route.subject,
         )
 
     async def open(self, route: Route) -> Serving:
         """OSError when the address cannot be listened on."""
-        routing = Routing(route.upstream, self._migration(route), origins=route.origins)
+        migration = self._migration(route)
+        routing = Routing(route.upstream, migration, origins=route.origins, tls=route.context)
         serve: Any = serve_websocket if route.web else serve_tcp
-        serving: Serving = await self.nursery.start(
-            serve, self.proxy, routing, *route.listen, route.viewer_tls
-        )
+        serving: Serving = await self.nursery.start(serve, self.proxy, routing, *route.listen)
         self.running[route_key(route)] = _Running(route, routing, serving, _bound(serving))
         return serving
 
@@ -165,17 +169,23 @@ class FrontListeners:
         return running
 
     def repoint(self, key: RouteKey, route: Route) -> Route:
-        """New viewers on this listener go where `route` says; returns the route before.
-        The listener keeps its TLS context (from flags, which a reload does not change),
-        and its migration listeners while the target's TLS checks stay the same."""
+        """New viewers on this listener go where `route` says, and are shown its
+        certificate; returns the route before. The listener keeps its migration listeners
+        while the target's TLS checks and the certificate stay the same."""
         running = self.running[key]
         before = running.route
-        route = replace(route, viewer_tls=before.viewer_tls, subject=before.subject)
+        renewed = before.viewer_tls != route.viewer_tls  # by fingerprint, subject, source
+        if not renewed:
+            route = replace(route, viewer_tls=before.viewer_tls)
         routing = running.routing
+        routing.tls = tls = route.context
         if not self.follow_migration or route.target is None:
             routing.migration = None
         elif _checks(before) != _checks(route) or routing.migration is None:
             routing.migration = self._migration(route)
+        elif renewed and isinstance(routing.migration, MigrationListeners):
+            # migrations from now on show it; those under way keep theirs
+            routing.migration.viewer_tls, routing.migration.tls_subject = tls, route.subject
         if _destination(before) != _destination(route):
             # sessions begun there keep it for the channels they open later
             routing.retired = self.proxy.in_use([before.upstream, *routing.retired])
@@ -183,6 +193,14 @@ class FrontListeners:
         routing.origins = route.origins
         running.route = route
         return before
+
+    def certificates(self) -> list[tuple[str, ViewerCertificate]]:
+        """What each TLS listener shows viewers now, by "KIND HOST:PORT"."""
+        return [
+            (running.where(), running.route.viewer_tls)
+            for running in self.running.values()
+            if running.route.viewer_tls is not None
+        ]
 
     async def open_connect(self, listen: Address, front: ConnectFront) -> Serving:
         """OSError when the address cannot be listened on."""
@@ -294,8 +312,7 @@ class Reloader:
             log.info("reload: target %s removed (its open channels carry on)", name)
         for name in targets.changed:
             log.info("reload: target %s changed (for new connections)", name)
-        routes = [*fronts.routes, *([fronts.websocket] if fronts.websocket else [])]
-        wanted = {route_key(route): route for route in routes}
+        wanted = {route_key(route): route for route in fronts.fronts()}
         steps = plan(listeners.running, wanted)
         report = ReloadReport(targets, [], [], [], [], restart_needed(self.started_with, config))
         # every listener that goes is closed before any opens: its port may be wanted again
@@ -307,11 +324,15 @@ class Reloader:
         for key in steps.keep:
             route = wanted[key]
             before = listeners.repoint(key, route)
+            where = listeners.running[key].where()
             # re-pointed: it forwards elsewhere (other settings of a target show as changed)
             if _destination(before) != _destination(route):
-                where = listeners.running[key].where()
                 report.repointed.append(f"{where} -> {route.upstream.label}")
                 log.info("reload: %s now forwards to %s", where, route.upstream.label)
+            shown = listeners.running[key].route.viewer_tls
+            if shown is not None and shown != before.viewer_tls:
+                report.renewed.append(f"{where}: {shown.describe()}")
+                log.info("reload: %s shows viewers a new certificate: %s", where, shown.describe())
         self.fronts, self.config = fronts, config
         for apply in self.on_applied:
             apply(fronts)
@@ -344,6 +365,11 @@ class Reloader:
             return wanted
         listen, fresh = wanted
         running.front.router.reconfigure(fresh.router)
+        certificates = running.front.certificates
+        if (certificates.subject, certificates.ca.cert) != (
+            fresh.certificates.subject, fresh.certificates.ca.cert
+        ):  # [proxy] tls_subject changed, or the CA was replaced: viewers from now on
+            running.front.certificates = fresh.certificates
         if listen != running.listen:
             _stopped(report, self.listeners.stop_connect().where())
         return listen, running.front

@@ -302,34 +302,39 @@ class ChannelProxy:
         on; a channel of one of them goes where its session is."""
         sock = detach(stream)
         viewer: End = PlainEnd(sock, prefix)
-        client = viewer.peer()
-        if tls is not None:
-            viewer = tls_end(sock, tls, server_side=True, prefix=prefix)
-            try:
-                await in_thread(viewer.handshake, self.limits.link_timeout)
-            except OSError as exc:
-                self.state.errors += 1
-                why = f"TLS handshake failed: {exception_text(exc)}"
-                fields = {"event": "viewer_refused", "viewer": f"{client[0]}:{client[1]}"}
-                log.warning("viewer %s:%d: %s", *client, why, extra={"fields": fields})
+        try:  # until the relay owns it: a stop (cancelled) closes it here
+            client = viewer.peer()
+            if tls is not None:
+                viewer = tls_end(sock, tls, server_side=True, prefix=prefix)
+                try:
+                    await in_thread(viewer.handshake, self.limits.link_timeout)
+                except OSError as exc:
+                    self.state.errors += 1
+                    why = f"TLS handshake failed: {exception_text(exc)}"
+                    fields = {"event": "viewer_refused", "viewer": f"{client[0]}:{client[1]}"}
+                    log.warning("viewer %s:%d: %s", *client, why, extra={"fields": fields})
+                    viewer.close()
+                    conn = next(self._ids)
+                    tls_used = {"viewer": True}
+                    self._attempt_failed(conn, client, upstream_to, insertion, C2S, why, tls_used)
+                    return
+            if rejoin is not None:
+                asks = await in_thread(peek_link, viewer, self.limits.link_timeout)
+                upstream_to = self.session_route(asks, rejoin) or upstream_to
+            open_end = upstream_to.open_end
+            if open_end is None:  # a caller's mistake, not a peer's
+                raise ValueError(f"upstream {upstream_to.label} opens no blocking end")
+            conn = next(self._ids)
+            now = time.monotonic()
+            upstream = await self._connect(
+                conn, client, upstream_to, open_end, insertion, tls is not None
+            )
+            if upstream is None:
                 viewer.close()
-                conn = next(self._ids)
-                tls_used = {"viewer": True}
-                self._attempt_failed(conn, client, upstream_to, insertion, C2S, why, tls_used)
                 return
-        if rejoin is not None:
-            asks = await in_thread(peek_link, viewer, self.limits.link_timeout)
-            upstream_to = self.session_route(asks, rejoin) or upstream_to
-        open_end = upstream_to.open_end
-        if open_end is None:  # a caller's mistake, not a peer's
-            raise ValueError(f"upstream {upstream_to.label} opens no blocking end")
-        conn = next(self._ids)
-        now = time.monotonic()
-        viewer_tls = tls is not None
-        upstream = await self._connect(conn, client, upstream_to, open_end, insertion, viewer_tls)
-        if upstream is None:
+        except BaseException:
             viewer.close()
-            return
+            raise
         tls_used = {"viewer": viewer.tls, "server": upstream.tls}
         ends = (upstream.peer(), upstream.local())
         stats = self._begin(conn, now, client, upstream_to, insertion, migration, tls_used, ends)
@@ -639,6 +644,8 @@ class Routing:
     migration: Follower | None = None
     retired: list[Upstream] = field(default_factory=list)
     origins: tuple[str, ...] = ()  # the WebSocket front's: other pages that may connect
+    # TLS terminated here with it (None: plain); a reload swaps in a renewed certificate
+    tls: ssl.SSLContext | None = None
 
 
 @dataclass(frozen=True)
@@ -675,15 +682,14 @@ async def serve_tcp(
     routing: Routing,
     host: str,
     port: int,
-    tls: ssl.SSLContext | None = None,
     task_status: trio.TaskStatus[Serving] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Reverse mode: accept viewers on host:port and relay each where `routing` points at
-    its arrival; with `tls`, terminate TLS first (spicetap's certificate)."""
+    its arrival; with `routing.tls`, terminate TLS first (spicetap's certificate)."""
     listeners = await trio.open_tcp_listeners(port, host=host)
 
     async def handle(stream: trio.SocketStream) -> None:
-        upstream, migration = routing.upstream, routing.migration
+        upstream, migration, tls = routing.upstream, routing.migration, routing.tls
         if routing.retired:  # forgotten once their last channel is gone
             routing.retired = proxy.in_use(routing.retired)
         await proxy.handle_socket(

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import ssl
 from pathlib import Path
 
 import trio
@@ -253,11 +252,10 @@ async def serve_websocket(
     routing: Routing,
     host: str,
     port: int,
-    tls: ssl.SSLContext | None = None,
     web_root: Path = SPICE_HTML5_DIR,
     task_status: trio.TaskStatus[Serving] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Accept browsers on host:port (wss:// with `tls`): spice-html5's files and one
+    """Accept browsers on host:port (wss:// with `routing.tls`): spice-html5's files and one
     WebSocket per SPICE channel, each relayed where `routing` points through `proxy`. Pages from
     `routing.origins` may open WebSockets too, besides spicetap's own."""
     listeners = await trio.open_tcp_listeners(port, host=host)
@@ -265,6 +263,7 @@ async def serve_websocket(
     async def handle(stream: trio.SocketStream) -> None:
         client = _address(stream)
         transport: trio.abc.Stream = stream
+        tls = routing.tls  # as it is at its arrival (a reload may renew the certificate)
         if tls is not None:
             wrapped = await accept_tls(proxy, stream, tls)
             if wrapped is None:

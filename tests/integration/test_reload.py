@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import shutil
 import signal
 import socket
 import struct
@@ -15,13 +16,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
 
 from spicetap.archive.reader import ArchiveReader
 from spicetap.archive.verify import verify
 from spicetap.inputs import iter_records
 from tests.conftest import peers
-from tests.harness import ClientOptions, ClientResult, QemuServer, SpiceEndpoint, run_gi_client
+from tests.harness import (
+    ClientOptions,
+    ClientResult,
+    QemuServer,
+    SpiceEndpoint,
+    make_tls_material,
+    run_gi_client,
+)
 from tests.harness.images import CURSOR_CELL, differing_pixels
+from tests.harness.procs import PeerFailed
 from tests.harness.screenshot import settled_screenshot, spicy_screenshot
 from tests.harness.wsbridge import websocket_channel
 from tests.integration.proxy_process import ProxyProcess
@@ -309,3 +319,69 @@ def test_a_reload_changes_how_sessions_from_then_on_are_recorded(tmp_path: Path)
         assert draws, f"{archive.name}: the screenshot's drawing was not recorded"
         pixels[archive] = {r.redacted is None for r in draws}  # type: ignore[union-attr]
     assert pixels == {first: {True}, second: {False}}
+
+
+def test_a_renewed_certificate_is_shown_to_new_viewers_with_no_session_dropped(
+    tmp_path: Path,
+) -> None:
+    """The operator's certificate renewed in place (as certbot or an internal CA's agent
+    does), then SIGHUP: spice-gtk viewers from then on are shown the new one (a viewer
+    that trusts only the old CA is refused), and a TLS session begun before goes on."""
+    first, second = make_tls_material(tmp_path / "a"), make_tls_material(tmp_path / "b")
+    live = tmp_path / "live"
+    live.mkdir()
+
+    def install(material: Path) -> None:
+        shutil.copy(material / "server-cert.pem", live / "cert.pem")
+        shutil.copy(material / "server-key.pem", live / "key.pem")
+
+    install(first.x509_dir)
+    # two VMs: spice-server lets one client in at a time (a new one ends the held session)
+    with peers(), QemuServer(guest="boot") as a, QemuServer(guest="boot") as b:
+        assert a.port is not None and b.port is not None
+        config = tmp_path / "gateway.toml"
+        config.write_text(
+            f'[proxy]\nmanagement = "127.0.0.1:0"\n'
+            f'tls_cert = "{live / "cert.pem"}"\ntls_key = "{live / "key.pem"}"\n\n'
+            f'[targets.vm1]\nupstream = "127.0.0.1:{a.port}"\ntls_listen = "127.0.0.1:0"\n'
+            f'[targets.vm2]\nupstream = "127.0.0.1:{b.port}"\ntls_listen = "127.0.0.1:0"\n'
+        )
+        extra = ("--config", str(config))
+        with ProxyProcess(0, tmp_path / "rec", tmp_path / "proxy", extra) as proxy:
+            vm1, vm2 = proxy.ports["tls:vm1"], proxy.ports["tls:vm2"]
+            out: list[ClientResult] = []
+            options = ClientOptions(duration=30, min_duration=12, expect_display=True)
+            held = SpiceEndpoint(tls_port=vm1, ca_file=first.ca_file)
+            session = threading.Thread(
+                target=lambda: out.append(run_gi_client(held, options, tmp_path / "client"))
+            )
+            session.start()
+            _wait_for_channels(proxy)
+            install(second.x509_dir)
+            proxy.proc.send_signal(signal.SIGHUP)
+            assert proxy.next_line() == "spicetap proxy reloaded\n"
+            for name, port in (("vm1", vm1), ("vm2", vm2)):  # one file, shown by both
+                wait_for_log(proxy, f"reload: tls:{name} 127.0.0.1:{port} shows viewers a new")
+            shot = spicy_screenshot(
+                SpiceEndpoint(tls_port=vm2, ca_file=second.ca_file), tmp_path / "after.ppm"
+            )
+            with pytest.raises(PeerFailed):
+                old_ca = SpiceEndpoint(tls_port=vm2, ca_file=first.ca_file)
+                spicy_screenshot(old_ca, tmp_path / "refused.ppm", timeout=20)
+            session.join(60)
+            metrics = http.client.HTTPConnection("127.0.0.1", proxy.ports["management"], 30)
+            try:
+                metrics.request("GET", "/metrics")
+                text = metrics.getresponse().read().decode()
+            finally:
+                metrics.close()
+    assert shot.stat().st_size > 1000
+    (client,) = out
+    # the session begun before the reload ran its 12 s with no channel lost
+    assert client.returncode == 0 and not client.summary.get("errors"), client.summary
+    assert client.summary["elapsed"] >= 12
+    renewed = x509.load_pem_x509_certificate((second.x509_dir / "server-cert.pem").read_bytes())
+    gauge = "spicetap_tls_certificate_expiry_timestamp_seconds{"
+    lines = [ln for ln in text.splitlines() if ln.startswith(gauge)]
+    assert len(lines) == 2, lines
+    assert all(ln.endswith(f" {int(renewed.not_valid_after_utc.timestamp())}") for ln in lines)

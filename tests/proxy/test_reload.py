@@ -161,7 +161,7 @@ async def running(tmp_path: Path, first: str) -> AsyncIterator[Setup]:
         fronts = build_fronts(args, config, None, False)
         proxy = ChannelProxy(Limits(link_timeout=2.0), None, ProxyState(), fronts.link_policy)
         listeners = FrontListeners(proxy, nursery, False, None)
-        for route in [*fronts.routes, *([fronts.websocket] if fronts.websocket else [])]:
+        for route in fronts.fronts():
             await listeners.open(route)
         if fronts.connect is not None:
             await listeners.open_connect(*fronts.connect)
@@ -316,7 +316,9 @@ async def test_a_reload_of_the_same_file_changes_nothing(tmp_path: Path) -> None
         assert report.json() == {
             "success": True,
             "targets": {"added": [], "removed": [], "changed": []},
-            "listeners": {"opened": [], "stopped": [], "repointed": [], "failed": []},
+            "listeners": {
+                "opened": [], "stopped": [], "repointed": [], "failed": [], "renewed": []
+            },
             "restartNeeded": [],
         }
         # the same checks: migrations under way keep the listeners that serve them

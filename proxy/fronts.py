@@ -21,13 +21,19 @@ from proxy.io.connect import ConnectFront
 from proxy.io.server import Upstream
 from proxy.linksetup import api_token, link_policy_from, scoped, target_policy
 from proxy.recorder import RecordingOptions
-from proxy.targets import Address, ConnectRouter, Target, check_upstream_tls, host_port
+from proxy.targets import (
+    Address,
+    ConnectRouter,
+    Target,
+    check_subject_text,
+    check_upstream_tls,
+    host_port,
+)
 from proxy.tls import (
     HostCertificates,
     TlsSetupError,
     listen_host,
     load_or_create_ca,
-    parse_subject,
 )
 from proxy.viewer_certs import CertificateChoice, ViewerCertificate, ViewerCertificates
 from spicetap.archive.keys import config_dir
@@ -251,10 +257,7 @@ def _choice(
     if cert is not None and subject is not None:
         raise UserError(f"{names[2]} names certificates spicetap issues, not {names[0]}")
     if subject is not None:
-        try:
-            parse_subject(subject)
-        except TlsSetupError as exc:
-            raise UserError(f"{names[2]}: {exc}") from None
+        check_subject_text(subject, names[2])
     return CertificateChoice(
         Path(cert) if cert is not None else None, Path(key) if key is not None else None, subject
     )

@@ -110,10 +110,16 @@ def check_upstream_tls(
             f"{insecure_name} turns off the check {given} asks for: give only one of them"
         )
     if subject is not None:
-        try:
-            parse_subject(subject)
-        except TlsSetupError as exc:
-            raise UserError(f"{subject_name}: {exc}") from None
+        check_subject_text(subject, subject_name)
+
+
+def check_subject_text(subject: str, name: str) -> None:
+    """UserError, naming the option or place in the file, when `subject` is no
+    "C=..,O=..,CN=.." a certificate could carry."""
+    try:
+        parse_subject(subject)
+    except TlsSetupError as exc:
+        raise UserError(f"{name}: {exc}") from None
 
 
 def _client_context(

@@ -22,6 +22,7 @@ from proxy.core.admission import Admission
 from proxy.core.relay import MAIN, Limits
 from proxy.fronts import Fronts, build_fronts, management_certificate, named, pick
 from proxy.io import ends
+from proxy.io.certwatch import keep_certificates_current
 from proxy.io.guard import connection_limit, raise_open_files_limit
 from proxy.io.management import ManagementOptions, serve_management
 from proxy.io.recording import STOP_TIMEOUT, Recorder, RecordingSink
@@ -496,6 +497,8 @@ async def _serve(
             )  # fmt: skip
         if tokens.active or reloader.reloadable:  # a reload may bring tokens files
             nursery.start_soon(tokens.keep_current, state)
+        # what spicetap's CA issued is issued again before it ends, reload or not
+        nursery.start_soon(keep_certificates_current, reloader)
         stops = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
         # caught before "ready" is said: a script may signal as soon as it reads it
         with trio.open_signal_receiver(*stops) as signals:

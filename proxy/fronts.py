@@ -35,8 +35,12 @@ from proxy.tls import (
     listen_host,
     load_or_create_ca,
 )
-from proxy.viewer_certs import CertificateChoice, ViewerCertificate, ViewerCertificates
-from spicetap.archive.keys import config_dir
+from proxy.viewer_certs import (
+    CertificateChoice,
+    ViewerCertificate,
+    ViewerCertificates,
+    issued_folder,
+)
 from spicetap.config import DEFAULT_LISTEN, Config, ProxySection, TargetSection
 from spicetap.errors import UserError
 
@@ -170,7 +174,7 @@ def _connect_front(
     try:
         subject = pick(args.tls_subject, config.proxy.tls_subject)
         certificates = HostCertificates(
-            load_or_create_ca(), subject, keylog, config_dir() / "issued" / "hosts"
+            load_or_create_ca(), subject, keylog, issued_folder() / "hosts"
         )
     except TlsSetupError as exc:
         raise UserError(str(exc)) from None
@@ -220,8 +224,7 @@ class FrontCertificates:
         kept: list[ViewerCertificate] | None = None,
     ) -> None:
         self.args = args
-        issued = config_dir() / "issued"
-        self.made = ViewerCertificates(load_or_create_ca, issued, keylog, kept or ())
+        self.made = ViewerCertificates(load_or_create_ca, issued_folder(), keylog, kept or ())
         names = tuple(named(args, key, "proxy", key) for key in _CHOICE_KEYS)
         self.proxy_choice = _choice(
             pick(args.tls_cert, cp.tls_cert),

@@ -34,6 +34,7 @@ from proxy.tls import (
     server_cert,
     server_context,
 )
+from spicetap.archive.keys import config_dir
 
 log = logging.getLogger("spicetap.proxy")
 
@@ -42,6 +43,11 @@ log = logging.getLogger("spicetap.proxy")
 REISSUE_BEFORE = datetime.timedelta(days=30)
 # a certificate this close to its end is warned about at each start and reload
 WARN_BEFORE = datetime.timedelta(days=14)
+
+
+def issued_folder() -> Path:
+    """Where issued certificates and keys are written, only to be loaded (and removed)."""
+    return config_dir() / "issued"
 
 
 @dataclass(frozen=True)

@@ -259,7 +259,7 @@ class Reloader:
         # (systemd's RELOADING, then READY)
         self.on_begin: list[Callable[[], None]] = []
         self.on_end: list[Callable[[], None]] = []
-        self._lock = trio.Lock()
+        self.lock = trio.Lock()  # one reload, or certificate renewal, at a time
 
     @property
     def reloadable(self) -> bool:
@@ -270,7 +270,7 @@ class Reloader:
         path, rebuild = self.config_path, self.rebuild
         if path is None or rebuild is None:
             raise ReloadFailed("no --config file to re-read")
-        async with self._lock:
+        async with self.lock:
             for begin in self.on_begin:
                 begin()
             try:

@@ -5,16 +5,21 @@ viewer: tests/integration/test_certificate_renewal.py)."""
 
 from __future__ import annotations
 
+import logging
 import shutil
 import socket
 import ssl
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from proxy.io import certwatch
+from proxy.io.certwatch import renew_certificates
 from proxy.io.management import ManagementApi, ManagementOptions
 from proxy.io.migration import MigrationListeners
 from proxy.io.reloading import ReloadFailed
@@ -168,3 +173,57 @@ async def test_the_connect_front_issues_to_the_subject_the_file_now_names(
         await setup.reloader.reload()
         issued = front.front.certificates
         assert issued is not kept and issued.subject == "O=Example,CN=second"
+
+
+async def test_an_issued_certificate_near_its_end_is_issued_again_while_the_proxy_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No reload needed: what spicetap's CA issued is issued again once within 30 days of
+    its end, shown from then on, and kept by the next reload; the operator's own
+    certificate near its end is said in the log (renewing it is theirs)."""
+    monkeypatch.setenv("SPICETAP_CONFIG_DIR", str(tmp_path / "config"))
+    material = make_tls_material(tmp_path / "a")  # valid for 30 days
+    live = tmp_path / "live"
+    _install(material.x509_dir, live)
+    theirs = '\n[targets.vm2]\nupstream = "127.0.0.1:{b}"\ntls_listen = "127.0.0.1:0"\n'
+    theirs += f'tls_cert = "{live / "cert.pem"}"\ntls_key = "{live / "key.pem"}"\n'
+    async with running(tmp_path, TLS_VM1 + theirs) as setup:
+        port = setup.port_of("tls:vm1")
+        ca_file = tmp_path / "config" / "ca-cert.pem"
+        before = await shown(port, ca_file)
+        issued = x509.load_der_x509_certificate(before).not_valid_after_utc
+        # half a year on: nothing is due
+        assert await renew_certificates(setup.reloader, issued - timedelta(days=180)) == []
+        assert await shown(port, ca_file) == before
+        with caplog.at_level(logging.INFO, logger="spicetap.proxy"):
+            renewed = await renew_certificates(setup.reloader, issued - timedelta(days=29))
+        assert renewed == [f"tls:vm1 127.0.0.1:{port}"]
+        after = await shown(port, ca_file)
+        assert after != before and _subject(after) == _subject(before)
+        said = [r.getMessage() for r in caplog.records]
+        assert any(m.startswith(f"certificates: tls:vm1 127.0.0.1:{port} shows") for m in said)
+        # the operator's, 30-day certificate is long expired by then
+        assert any("(from " in m and "expired on" in m for m in said), said
+        # the next reload keeps the new one
+        assert (await setup.reloader.reload()).renewed == []
+        assert await shown(port, ca_file) == after
+
+
+def test_the_watch_looks_twice_a_day(monkeypatch: pytest.MonkeyPatch) -> None:
+    looked: list[float] = []
+
+    async def counted(reloader: object, now: object = None) -> list[str]:
+        looked.append(trio.current_time())
+        if len(looked) == 1:
+            raise OSError("the CA cannot be read")  # said, and looked at again later
+        return []
+
+    async def main() -> float:
+        start = trio.current_time()
+        with trio.move_on_after(certwatch.CHECK_INTERVAL * 2.5):
+            await certwatch.keep_certificates_current(None)  # type: ignore[arg-type]
+        return start
+
+    monkeypatch.setattr(certwatch, "renew_certificates", counted)
+    start = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert [round(t - start) for t in looked] == [43200, 86400]

@@ -31,9 +31,11 @@ MAIN = LINK.enum_names["channel_type"]["MAIN"]
 MAX_PROBE_TIMEOUT = 30.0  # seconds: an API request must stay short
 DEFAULT_PROBE_TIMEOUT = 5.0
 
+SESSION_PATH = "/api/sessions/"  # + a session's connectionId: that session
 # path -> allowed methods
 ROUTES = {
     "/api/sessions": ("GET",),
+    SESSION_PATH + "{id}": ("DELETE",),
     "/api/spice/connect": ("POST",),
     "/api/tokens": ("POST",),
     "/api/reload": ("POST",),
@@ -88,6 +90,8 @@ def authorize(authorization: bytes | None, token: bytes) -> None:
 def route(method: str, target: str) -> str:
     """The path a request goes to; HttpError 404/405 when there is none."""
     path = target.split("?", 1)[0]
+    if path.startswith(SESSION_PATH) and path != SESSION_PATH:
+        path = SESSION_PATH + "{id}"
     methods = ROUTES.get(path)
     if methods is None:
         raise HttpError(HTTPStatus.NOT_FOUND, f"no such path: {path}")
@@ -97,6 +101,15 @@ def route(method: str, target: str) -> str:
             HTTPStatus.METHOD_NOT_ALLOWED, f"{path} takes {allowed}", (("allow", allowed),)
         )
     return path
+
+
+def session_id(target: str) -> int:
+    """The connectionId in /api/sessions/ID (as GET /api/sessions gives it); HttpError
+    404 when it is not one (SPICE's ids are 32-bit, never 0)."""
+    text = target.split("?", 1)[0].removeprefix(SESSION_PATH)
+    if not (text.isascii() and text.isdigit() and len(text) <= 10 and 0 < int(text) < 1 << 32):
+        raise HttpError(HTTPStatus.NOT_FOUND, f"no such session: {text[:40]!r}")
+    return int(text)
 
 
 def error_body(message: str) -> bytes:

@@ -440,6 +440,15 @@ class ChannelRelay:
         reason = f"{who} broke the protocol: {reason}"
         return [*commands, Log(reason), Close(reason, True, direction)]
 
+    def terminate(self, reason: str, now: float) -> list[Command]:
+        """The operator ends the channel (the management API): what migration following
+        holds back goes out first, then the channel closes, not as an error of a peer's."""
+        if self.closed:
+            return []
+        commands = self._held_back(now)
+        self.closed = True
+        return [*commands, Close(reason, False)]  # its close line says why
+
     def _held_back(self, now: float) -> list[Command]:
         """The server's bytes migration following holds (a message awaiting its redirect and
         what queued behind it, a cut header), unchanged: the archive loses nothing."""

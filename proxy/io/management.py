@@ -37,6 +37,7 @@ from proxy.core.admission import Admission
 from proxy.core.framing import C2S, S2C
 from proxy.core.http import MAX_HEAD, BoundedServer
 from proxy.core.management import (
+    SESSION_PATH,
     CertificateView,
     ChannelView,
     ConnectionCounts,
@@ -46,12 +47,14 @@ from proxy.core.management import (
     Totals,
     authorize,
     error_body,
+    group_sessions,
     metrics_text,
     minted_json,
     parse_connect,
     parse_mint,
     parse_reload,
     route,
+    session_id,
     sessions_json,
 )
 from proxy.core.probe import to_json
@@ -66,6 +69,10 @@ from proxy.io.tokens import MintError, TokenDesk
 from proxy.tls import client_context
 
 log = logging.getLogger("spicetap.management")
+
+# what an ended session's channels close with (their log lines, their archive)
+SESSION_ENDED = "ended by the operator (management API)"
+ENDING_WAIT = 5.0  # seconds; a channel a pump holds is ended by its ticker (every 0.5 s)
 
 MAX_BODY = 64 * 1024
 REQUEST_TIMEOUT = 10.0  # to receive a whole request
@@ -184,6 +191,8 @@ class ManagementApi:
             channels = self.channels()
             data = sessions_json(channels, self.totals(channels), self.known_sessions())
             return Reply(HTTPStatus.OK, json.dumps(data).encode())
+        if path == SESSION_PATH + "{id}":
+            return await self.end_session(session_id(target))
         if path == "/metrics":
             channels = self.channels()
             totals, certificates = self.totals(channels), self.certificates()
@@ -221,6 +230,35 @@ class ManagementApi:
         return Reply(
             HTTPStatus.OK, json.dumps(to_json(request.host, request.port, outcome)).encode()
         )
+
+    async def end_session(self, sid: int) -> Reply:
+        """DELETE /api/sessions/ID: every channel of the session is closed, its archive
+        saying why; 200 once they are gone ("success"
+        false when one outlasted the wait), 404 when there is no such session."""
+        grouped = group_sessions(self.channels(), self.known_sessions())
+        members = next((m for s, m in grouped if s == sid), None)
+        if members is None:
+            raise HttpError(HTTPStatus.NOT_FOUND, f"no session {sid} (GET /api/sessions)")
+        conns = [ch.conn for ch in members]
+        fields = {"event": "session_ended", "session": sid, "channels": len(conns)}
+        log.info(
+            "management API: ending session %d (%d channel(s)) at the operator's request",
+            sid, len(conns), extra={"fields": fields},
+        )  # fmt: skip
+        # each marked first: the server, seeing the main channel go, may close the others
+        # before they are ended here, and that is this end too
+        ending = [stats for conn in conns if (stats := self.state.channels.get(conn))]
+        for stats in ending:
+            stats.ending = SESSION_ENDED
+        for stats in ending:
+            stats.end(SESSION_ENDED)
+        for _ in range(round(ENDING_WAIT / 0.05)):  # a poll, bounded: the pumps are threads
+            if not any(conn in self.state.channels for conn in conns):
+                break
+            await trio.sleep(0.05)
+        still = [conn for conn in conns if conn in self.state.channels]
+        data = {"success": not still, "connectionId": sid, "channels": conns, "open": still}
+        return Reply(HTTPStatus.OK, json.dumps(data).encode())
 
     def mint(self, body: bytes) -> Reply:
         """POST /api/tokens. Minting hands out access to a VM, so the API must have a token

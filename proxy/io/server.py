@@ -95,6 +95,16 @@ class ChannelStats:
     relay: ChannelRelay
     closed_reason: str | None = None
     route: Upstream | None = None  # where it was sent (a reload may re-point its listener)
+    # set by the management API: the channel ends, saying this (at once by `ender` when it
+    # can, else by its ticker); the shell sets `ender`
+    ending: str | None = None
+    ender: Callable[[str], None] | None = None
+
+    def end(self, why: str) -> None:
+        """The operator ends this channel (from the trio thread)."""
+        self.ending = why
+        if self.ender is not None:
+            self.ender(why)
 
 
 @dataclass
@@ -273,8 +283,13 @@ class ChannelProxy:
                 async def ticker() -> None:
                     while True:
                         await trio.sleep(TICK)
-                        await run(relay.tick(time.monotonic()))
+                        now, ending = time.monotonic(), stats.ending
+                        await run(relay.terminate(ending, now) if ending else relay.tick(now))
 
+                def end(why: str) -> None:
+                    nursery.start_soon(run, relay.terminate(why, time.monotonic()))
+
+                stats.ender = end
                 nursery.start_soon(pump, viewer, "c2s")
                 nursery.start_soon(pump, upstream, "s2c")
                 nursery.start_soon(ticker)
@@ -350,6 +365,7 @@ class ChannelProxy:
         channel = ThreadedChannel(
             conn, relay, viewer, upstream, partial(self._effect, stats), redirector
         )
+        stats.ender = lambda why: channel.tick(time.monotonic(), why)
         try:
             async with trio.open_nursery() as nursery:
 
@@ -357,7 +373,7 @@ class ChannelProxy:
                     try:
                         while True:
                             await trio.sleep(TICK)
-                            channel.tick(time.monotonic())
+                            channel.tick(time.monotonic(), stats.ending)
                     finally:  # cancelled from outside (the proxy stops): wake the pumps
                         channel.finish("proxy stopped")
 
@@ -509,6 +525,9 @@ class ChannelProxy:
         return False
 
     def _end(self, stats: ChannelStats, reason: str) -> None:
+        # what follows an operator's end (the server closing a session's other channels as
+        # its main one goes) is that end too
+        reason = stats.ending or reason
         relay = stats.relay
         stats.closed_reason = reason
         self.state.channels.pop(stats.conn, None)

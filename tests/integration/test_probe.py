@@ -18,7 +18,9 @@ from typing import Any
 
 import pytest
 
+from proxy.io.management import SESSION_ENDED
 from spicetap.cli import main
+from spicetap.inputs import iter_records
 from tests.conftest import peers
 from tests.harness import (
     ClientOptions,
@@ -432,6 +434,55 @@ def test_sessions_and_metrics_follow_a_real_viewer(
         key = f'spicetap_bytes_total{{direction="{direction}"}}'
         assert after[key] > during[key] >= before[key]  # counters only grow, closed included
     assert after['spicetap_messages_total{direction="s2c"}'] > 10
+
+
+def test_the_operator_ends_a_session_and_its_archive_says_why(
+    proxy: ProxyProcess, plain_qemu: QemuServer, tmp_path: Path
+) -> None:
+    """DELETE /api/sessions/ID, as a bastion's operator would end a user's session: every
+    channel closes, the viewer is disconnected at once, each channel's close is recorded
+    with the reason, and the proxy serves the next viewer."""
+    thread, result = viewer_in_background(SpiceEndpoint(port=proxy.port), tmp_path / "client", 40)
+    try:
+
+        def live_session() -> Any:
+            _, data = api_call(proxy, "GET", "/api/sessions")
+            full = [s for s in data["sessions"] if len(s["channels"]) >= 5]
+            return full and full[0]
+
+        session = wait_for(live_session, "a session with its channels in /api/sessions")
+        sid = session["connectionId"]
+        status, missing = api_call(proxy, "DELETE", f"/api/sessions/{sid ^ 1}")
+        assert status == 404 and "no session" in missing["error"]
+        status, ended = api_call(proxy, "DELETE", f"/api/sessions/{sid}")
+        assert status == 200, ended
+        assert ended["success"] is True and ended["open"] == []
+        assert ended["connectionId"] == sid and len(ended["channels"]) >= 5
+        _, after = api_call(proxy, "GET", "/api/sessions")
+        assert sid not in [s["connectionId"] for s in after["sessions"]]
+    finally:
+        thread.join(60)
+    (client,) = result
+    events = client.summary["events"]
+    opened = {e.removesuffix(" opened") for _, e in events if e.endswith(" opened")}
+    closed = {e.removesuffix(" closed"): t for t, e in events if e.endswith(" closed")}
+    # spice-gtk saw each channel closed at once, long before the end of its 40 s
+    assert set(closed) == opened and max(closed.values()) < 20, events
+    assert f"ending session {sid} (" in proxy.log()
+
+    def ended_archive() -> Any:
+        for archive in proxy.archives():
+            closes = [r for r in iter_records(archive, []) if r.kind == "close"]
+            if any(r.name == SESSION_ENDED for r in closes):
+                return closes
+        return None
+
+    closes = wait_for(ended_archive, "the ended session's archive")
+    assert [r.name for r in closes].count(SESSION_ENDED) == len(ended["channels"])
+    # the next viewer is served as before
+    again, out = viewer_in_background(SpiceEndpoint(port=proxy.port), tmp_path / "next", 6)
+    again.join(60)
+    assert out and out[0].returncode == 0, out[0].summary if out else None
 
 
 def test_a_locked_https_api_probes_qemu_for_the_token_only(

@@ -24,6 +24,7 @@ from proxy.core.management import (
     metrics_text,
     parse_connect,
     route,
+    session_id,
     sessions_json,
 )
 from proxy.core.relay import ChannelRelay, Limits
@@ -70,6 +71,15 @@ def test_routes_and_their_errors() -> None:
     with pytest.raises(HttpError) as na:
         route("GET", "/api/spice/connect")
     assert na.value.status == 405 and na.value.headers == (("allow", "POST"),)
+    assert route("DELETE", "/api/sessions/42") == "/api/sessions/{id}"
+    assert session_id("/api/sessions/42") == 42
+    with pytest.raises(HttpError) as get_one:
+        route("GET", "/api/sessions/42")  # GET /api/sessions lists them all
+    assert get_one.value.status == 405 and get_one.value.headers == (("allow", "DELETE"),)
+    for bad in ("0", "-1", "4294967296", "1e3", "x", "٣"):  # not a SPICE connection id
+        with pytest.raises(HttpError, match="no such session") as no_such:
+            session_id("/api/sessions/" + bad)
+        assert no_such.value.status == 404
 
 
 def test_connect_request_minimal_and_full() -> None:

@@ -713,3 +713,41 @@ def test_the_trio_shell_ends_a_channel_whose_gone_side_never_ends_its_stream() -
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     assert ch.closed() == ["viewer closed during the link stage"]
+
+
+def test_both_shells_end_a_channel_when_the_operator_says() -> None:
+    """DELETE /api/sessions/ID: the trio shell's channel (CONNECT, WebSocket) ends at once
+    with the operator's reason, not at its ticker's next turn (trio's clock, virtual here,
+    would then have moved on); the threaded shell's likewise (the next test)."""
+    ch = _TrioChannel()
+    waited: list[float] = []
+
+    async def main() -> None:
+        with trio.fail_after(TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ch.handle)
+                for direction, data in _link_stage(caps_word(1, 3)):
+                    sender, receiver = (
+                        (ch.viewer, ch.server) if direction == "c2s" else (ch.server, ch.viewer)
+                    )
+                    await sender.send_all(data)
+                    assert await _receive(receiver, len(data)) == data
+                (stats,) = ch.proxy.state.channels.values()
+                asked = trio.current_time()
+                stats.end("ended by the operator")
+            waited.append(trio.current_time() - asked)
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert waited == [0.0]
+    assert ch.closed() == ["ended by the operator"]
+
+
+def test_the_threaded_shell_ends_a_channel_when_the_operator_says() -> None:
+    recorder, relay, channel, viewer, server, ends, pumps = _recorded_channel(PlainEnd)
+    channel.tick(time.monotonic(), "ended by the operator")
+    for pump in pumps:
+        pump.join(TIMEOUT)
+    assert channel.reason == "ended by the operator"
+    assert not any(pump.is_alive() for pump in pumps)
+    for s in (viewer, server, *ends):
+        s.close()

@@ -60,6 +60,16 @@ def test_link_stage_timeout_and_idle_timeout() -> None:
     assert any(isinstance(c, Close) and "idle" in c.reason for c in idle.tick(31.0))
 
 
+def test_the_operator_ends_a_channel_once_and_not_as_an_error() -> None:
+    relay = ChannelRelay(Limits(), 0.0)
+    linked(relay)
+    assert relay.terminate("ended by the operator", 5.0) == [
+        Close("ended by the operator", error=False)
+    ]
+    assert relay.terminate("again", 6.0) == [] and relay.tick(100.0) == []
+    assert relay.peer_closed("c2s", 7.0) == []  # its end is said once
+
+
 def test_peer_vanishing_mid_message_is_an_error_not_a_crash() -> None:
     relay = ChannelRelay(Limits(), 0.0)
     linked(relay)

@@ -8,6 +8,7 @@ are not half-closed, and TLS streams cannot be).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -287,7 +288,8 @@ class ChannelProxy:
                         await run(relay.terminate(ending, now) if ending else relay.tick(now))
 
                 def end(why: str) -> None:
-                    nursery.start_soon(run, relay.terminate(why, time.monotonic()))
+                    with contextlib.suppress(RuntimeError):  # closed: it is ending already
+                        nursery.start_soon(run, relay.terminate(why, time.monotonic()))
 
                 stats.ender = end
                 nursery.start_soon(pump, viewer, "c2s")

@@ -652,6 +652,15 @@ class _TrioChannel:
     def closed(self) -> list[str]:
         return [args[2] for name, args in self.calls.calls if name == "closed"]
 
+    async def link(self) -> None:
+        """The link stage, each message seen to reach the other side."""
+        for direction, data in _link_stage(caps_word(1, 3)):
+            sender, receiver = (
+                (self.viewer, self.server) if direction == "c2s" else (self.server, self.viewer)
+            )
+            await sender.send_all(data)
+            assert await _receive(receiver, len(data)) == data
+
 
 async def _receive(stream: trio.abc.Stream, size: int) -> bytes:
     got = b""
@@ -673,12 +682,7 @@ def test_the_trio_shell_relays_what_a_viewer_sent_before_a_send_found_it_gone() 
         with trio.fail_after(TIMEOUT):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(ch.handle)
-                for direction, data in _link_stage(caps_word(1, 3)):
-                    sender, receiver = (
-                        (ch.viewer, ch.server) if direction == "c2s" else (ch.server, ch.viewer)
-                    )
-                    await sender.send_all(data)
-                    assert await _receive(receiver, len(data)) == data
+                await ch.link()
                 ch.wrapped.gone = True
                 await ch.server.send_all(mini(4, b"p" * 40))
                 await ch.wrapped.refused.wait()
@@ -726,12 +730,7 @@ def test_both_shells_end_a_channel_when_the_operator_says() -> None:
         with trio.fail_after(TIMEOUT):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(ch.handle)
-                for direction, data in _link_stage(caps_word(1, 3)):
-                    sender, receiver = (
-                        (ch.viewer, ch.server) if direction == "c2s" else (ch.server, ch.viewer)
-                    )
-                    await sender.send_all(data)
-                    assert await _receive(receiver, len(data)) == data
+                await ch.link()
                 (stats,) = ch.proxy.state.channels.values()
                 asked = trio.current_time()
                 stats.end("ended by the operator")
@@ -743,11 +742,11 @@ def test_both_shells_end_a_channel_when_the_operator_says() -> None:
 
 
 def test_the_threaded_shell_ends_a_channel_when_the_operator_says() -> None:
-    recorder, relay, channel, viewer, server, ends, pumps = _recorded_channel(PlainEnd)
+    _recorder, relay, channel, viewer, server, ends, pumps = _recorded_channel(PlainEnd)
     channel.tick(time.monotonic(), "ended by the operator")
     for pump in pumps:
         pump.join(TIMEOUT)
-    assert channel.reason == "ended by the operator"
+    assert relay.closed and channel.reason == "ended by the operator"
     assert not any(pump.is_alive() for pump in pumps)
     for s in (viewer, server, *ends):
         s.close()

@@ -235,10 +235,10 @@ class FrontCertificates:
 
     def target_choice(self, name: str, section: TargetSection) -> CertificateChoice:
         """A target with a certificate or subject of its own presents it; else [proxy]'s."""
-        own = (section.tls_cert, section.tls_key, section.tls_subject)
-        if all(value is None for value in own):
+        if not section.own_certificate:
             return self.proxy_choice
         where = f"{self.args.config}: [targets.{name}] "
+        own = (section.tls_cert, section.tls_key, section.tls_subject)
         return _choice(*own, tuple(where + key for key in _CHOICE_KEYS))
 
     def present(self, choice: CertificateChoice, listen: tuple[str, int]) -> ViewerCertificate:

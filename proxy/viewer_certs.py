@@ -178,14 +178,7 @@ class ViewerCertificates:
         return self._made[key]
 
     def _checked(self, cert: ViewerCertificate) -> ViewerCertificate:
-        """Said at each start and reload while it lasts: a certificate viewers refuse, or
-        soon will (it is still served: the plain fronts and the other certificates are
-        not held back by it)."""
-        problem = cert.problem(self.now)
-        if problem is not None:
-            refused = self.now >= cert.not_after or self.now < cert.not_before
-            level = logging.ERROR if refused else logging.WARNING
-            log.log(level, "the TLS certificate %s %s", cert.named(), problem)
+        say_problem(cert, self.now)
         return cert
 
     def _kept_for(self, subject: str, host: str, issuer: str) -> ViewerCertificate | None:
@@ -194,3 +187,14 @@ class ViewerCertificates:
             if cert.subject == subject and cert.issued_for == (host, issuer) and fresh:
                 return cert
         return None
+
+
+def say_problem(cert: ViewerCertificate, now: datetime.datetime) -> None:
+    """Said at each start and reload, and twice a day, while it lasts: a certificate
+    viewers refuse (an error), or soon will (a warning). It is still served: the plain
+    fronts and the other certificates are not held back by it."""
+    problem = cert.problem(now)
+    if problem is not None:
+        refused = now >= cert.not_after or now < cert.not_before
+        level = logging.ERROR if refused else logging.WARNING
+        log.log(level, "the TLS certificate %s %s", cert.named(), problem)

@@ -112,9 +112,7 @@ def _checks(
     CA and the subject it issues to ([proxy] tls_subject, or the target's own), or, for
     the operator's own certificate (tls_cert), nothing: the viewer checks that against its
     own trust store, by host name."""
-    own = section is not None and any(
-        value is not None for value in (section.tls_cert, section.tls_key, section.tls_subject)
-    )
+    own = section is not None and section.own_certificate
     chosen = section if own and section is not None else config.proxy
     if chosen.tls_cert is not None and args.host_subject is None:
         return None, None

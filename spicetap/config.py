@@ -90,6 +90,11 @@ class TargetSection:
     def own_auth(self) -> bool:
         return any(getattr(self, f) is not None for f in TARGET_AUTH_FIELDS)
 
+    @property
+    def own_certificate(self) -> bool:
+        """Its tls_listen shows a certificate of its own, not [proxy]'s."""
+        return any(v is not None for v in (self.tls_cert, self.tls_key, self.tls_subject))
+
 
 TARGET_AUTH_FIELDS = (
     "auth",

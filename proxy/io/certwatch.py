@@ -24,6 +24,7 @@ from proxy.viewer_certs import (
     ViewerCertificate,
     ViewerCertificates,
     issued_folder,
+    say_problem,
 )
 
 log = logging.getLogger("spicetap.proxy")
@@ -40,9 +41,7 @@ async def keep_certificates_current(reloader: Reloader, interval: float = CHECK_
             log.exception("certificates: could not look at the TLS listeners' certificates")
 
 
-async def renew_certificates(
-    reloader: Reloader, now: datetime.datetime | None = None
-) -> list[str]:
+async def renew_certificates(reloader: Reloader, now: datetime.datetime | None = None) -> list[str]:
     """Issue again what nears its end, warn of the rest; returns the listeners ("KIND
     HOST:PORT") that show a new certificate."""
     async with reloader.lock:  # not while a reload builds its own
@@ -55,8 +54,8 @@ async def renew_certificates(
                 continue
             if cert.issued_for is not None and cert.not_after - now <= REISSUE_BEFORE:
                 due[key] = cert
-            elif (problem := cert.problem(now)) is not None:
-                log.warning("the TLS certificate %s %s", cert.named(), problem)
+            else:
+                say_problem(cert, now)
         if not due:
             return []
         made = ViewerCertificates(load_or_create_ca, issued_folder(), listeners.keylog, now=now)

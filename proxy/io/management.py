@@ -233,8 +233,8 @@ class ManagementApi:
 
     async def end_session(self, sid: int) -> Reply:
         """DELETE /api/sessions/ID: every channel of the session is closed, its archive
-        saying why; 200 once they are gone ("success"
-        false when one outlasted the wait), 404 when there is no such session."""
+        saying why; 200 once they are gone ("success" false when one outlasted the
+        wait), 404 when there is no such session."""
         grouped = group_sessions(self.channels(), self.known_sessions())
         members = next((m for s, m in grouped if s == sid), None)
         if members is None:

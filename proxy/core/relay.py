@@ -155,6 +155,9 @@ class ChannelRelay:
         self.last_activity = now
         self.linked = False  # the link stage finished (both sides)
         self.closed = False
+        # the operator's reason to end the channel (the management API): its next tick
+        # ends it, and whatever ends it from then on is that end
+        self.ending: str | None = None
         self.bytes = {C2S: 0, S2C: 0}  # delivered (and so recorded): see crossed()
         self.messages = self.guard.walked  # counted by the guard's header walk
 
@@ -466,6 +469,8 @@ class ChannelRelay:
     def tick(self, now: float) -> list[Command]:
         if self.closed:
             return []
+        if self.ending is not None:
+            return self.terminate(self.ending, now)
         if not self.linked and now - self.started > self.limits.link_timeout:
             self.closed = True
             reason = f"link stage not finished after {self.limits.link_timeout:g} s"

@@ -249,7 +249,7 @@ class ManagementApi:
         # before they are ended here, and that is this end too
         ending = [stats for conn in conns if (stats := self.state.channels.get(conn))]
         for stats in ending:
-            stats.ending = SESSION_ENDED
+            stats.relay.ending = SESSION_ENDED
         for stats in ending:
             stats.end(SESSION_ENDED)
         for _ in range(round(ENDING_WAIT / 0.05)):  # a poll, bounded: the pumps are threads

@@ -137,19 +137,17 @@ class ThreadedChannel:
             self.run(commands)
         return delivered == len(data)
 
-    def tick(self, now: float, ending: str | None = None) -> None:
+    def tick(self, now: float) -> None:
         """The relay's timers, from the trio thread; skipped while a pump holds the lock
         (it may be waiting on the trio thread to serve a migration). A side a send found
-        gone gets SINK_GONE_GRACE to end its own pump (see broken). `ending`: why the
-        operator ends the channel, when they do."""
+        gone gets SINK_GONE_GRACE to end its own pump (see broken)."""
         broken_at = self.broken_at
         if broken_at is not None and now - broken_at > SINK_GONE_GRACE:
             self.finish(f"{'server' if C2S in self.broken else 'viewer'} closed")
             return
         if self.lock.acquire(blocking=False):
             try:
-                relay = self.relay
-                commands = relay.terminate(ending, now) if ending else relay.tick(now)
+                commands = self.relay.tick(now)
             finally:
                 self.lock.release()
             self.run(commands)

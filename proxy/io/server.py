@@ -96,16 +96,15 @@ class ChannelStats:
     relay: ChannelRelay
     closed_reason: str | None = None
     route: Upstream | None = None  # where it was sent (a reload may re-point its listener)
-    # set by the management API: the channel ends, saying this (at once by `ender` when it
-    # can, else by its ticker); the shell sets `ender`
-    ending: str | None = None
-    ender: Callable[[str], None] | None = None
+    # the shell's: ticks the relay now, not at its ticker's next turn
+    ender: Callable[[], None] | None = None
 
     def end(self, why: str) -> None:
-        """The operator ends this channel (from the trio thread)."""
-        self.ending = why
+        """The operator ends this channel (from the trio thread): at once by `ender` when
+        it can, else by its ticker."""
+        self.relay.ending = why
         if self.ender is not None:
-            self.ender(why)
+            self.ender()
 
 
 @dataclass
@@ -284,12 +283,11 @@ class ChannelProxy:
                 async def ticker() -> None:
                     while True:
                         await trio.sleep(TICK)
-                        now, ending = time.monotonic(), stats.ending
-                        await run(relay.terminate(ending, now) if ending else relay.tick(now))
+                        await run(relay.tick(time.monotonic()))
 
-                def end(why: str) -> None:
+                def end() -> None:
                     with contextlib.suppress(RuntimeError):  # closed: it is ending already
-                        nursery.start_soon(run, relay.terminate(why, time.monotonic()))
+                        nursery.start_soon(run, relay.tick(time.monotonic()))
 
                 stats.ender = end
                 nursery.start_soon(pump, viewer, "c2s")
@@ -367,7 +365,7 @@ class ChannelProxy:
         channel = ThreadedChannel(
             conn, relay, viewer, upstream, partial(self._effect, stats), redirector
         )
-        stats.ender = lambda why: channel.tick(time.monotonic(), why)
+        stats.ender = lambda: channel.tick(time.monotonic())
         try:
             async with trio.open_nursery() as nursery:
 
@@ -375,7 +373,7 @@ class ChannelProxy:
                     try:
                         while True:
                             await trio.sleep(TICK)
-                            channel.tick(time.monotonic(), stats.ending)
+                            channel.tick(time.monotonic())
                     finally:  # cancelled from outside (the proxy stops): wake the pumps
                         channel.finish("proxy stopped")
 
@@ -529,8 +527,8 @@ class ChannelProxy:
     def _end(self, stats: ChannelStats, reason: str) -> None:
         # what follows an operator's end (the server closing a session's other channels as
         # its main one goes) is that end too
-        reason = stats.ending or reason
         relay = stats.relay
+        reason = relay.ending or reason
         stats.closed_reason = reason
         self.state.channels.pop(stats.conn, None)
         for direction in ("c2s", "s2c"):

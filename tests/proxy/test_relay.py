@@ -68,6 +68,10 @@ def test_the_operator_ends_a_channel_once_and_not_as_an_error() -> None:
     ]
     assert relay.terminate("again", 6.0) == [] and relay.tick(100.0) == []
     assert relay.peer_closed("c2s", 7.0) == []  # its end is said once
+    asked = ChannelRelay(Limits(), 0.0)  # asked through `ending`: the next tick ends it
+    linked(asked)
+    asked.ending = "ended by the operator"
+    assert asked.tick(1.0) == [Close("ended by the operator", error=False)]
 
 
 def test_peer_vanishing_mid_message_is_an_error_not_a_crash() -> None:

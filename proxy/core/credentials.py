@@ -14,7 +14,10 @@ minted one only on its target's (the `scope` a route's LinkPolicy carries). A to
 from the file starts no new session; one already redeemed stays, so that its session's
 later channels still link and the file cannot make it new again. prune() forgets tokens
 that can no longer admit anything: minted ones past their deadline, redeemed ones whose
-session has been gone for SESSION_GONE seconds.
+session has been gone for SESSION_GONE seconds. When the operator ends a session (the
+management API), revoke() makes its token admit nothing more: spice-server takes a main
+channel that links with an old session's connection id as that session coming back, so
+without it the ended viewer could link again with the token it still holds.
 
 Channels link in several threads at once, so every call takes the credentials' lock:
 two viewers presenting one token together must not both redeem it.
@@ -52,6 +55,7 @@ class Token:
     session: int | None = None  # the connection id it is bound to
     scope: str | None = None  # minted: the only routes it opens ("" the main upstream)
     seen_live: float | None = None  # when its session last had a channel open
+    revoked: bool = False  # the operator ended its session: it admits nothing more
 
 
 class Verdict(NamedTuple):
@@ -72,14 +76,15 @@ class Readmission:
 
 
 def readmission_for(presented: bytes) -> Readmission:
-    return Readmission(_digest(presented))
+    return Readmission(token_digest(presented))
 
 
 class TooManyTokens(Exception):
     """mint() refused: MAX_MINTED tokens wait to be redeemed."""
 
 
-def _digest(secret: bytes) -> bytes:
+def token_digest(secret: bytes) -> bytes:
+    """What a channel keeps of the token it linked with, to revoke it by (revoke())."""
     # Tokens are looked up by digest: comparing fixed-size digests says nothing about
     # lengths, and a dict lookup's timing depends on a SHA-256 of what was presented, not on
     # how much of a secret it shares.
@@ -93,7 +98,7 @@ class ViewerCredentials:
         tokens: Iterable[Token] | None = None,
         tokens_file: str | None = None,
     ) -> None:
-        self._password = _digest(password) if password is not None else None
+        self._password = token_digest(password) if password is not None else None
         self.tokens_file = tokens_file  # where the shell reads file tokens from, if anywhere
         self._lock = threading.Lock()
         self._file: dict[bytes, Token] = {}
@@ -123,7 +128,7 @@ class ViewerCredentials:
         """`scope`: the route's target ("" the main upstream, None a route no minted token
         opens, e.g. the CONNECT front by address); `readmit`: at a migration's destination,
         the migrated session's token may start one session there."""
-        given = _digest(presented)
+        given = token_digest(presented)
         if self._password is not None and hmac.compare_digest(given, self._password):
             return Verdict(True, "password", "viewer password")
         with self._lock:
@@ -134,6 +139,8 @@ class ViewerCredentials:
                 token = minted
             if token is None:
                 return Verdict(False, None, "wrong viewer password or token")
+            if token.revoked:
+                return Verdict(False, "token", "token revoked: the operator ended its session")
             if (
                 readmit is not None
                 and not readmit.used
@@ -173,7 +180,7 @@ class ViewerCredentials:
         """A one-time token for the routes of `scope`, redeemable until `expires`."""
         if not 0 < len(secret) <= MAX_PASSWORD:
             raise ValueError(f"a token has 1 to {MAX_PASSWORD} bytes")
-        digest = _digest(secret)
+        digest = token_digest(secret)
         with self._lock:
             if len(self._minted) >= MAX_MINTED:  # room for more, if any expired
                 self._prune(now, None)
@@ -183,6 +190,20 @@ class ViewerCredentials:
             if digest in self._minted or digest in self._file or digest in self._kept:
                 raise ValueError("that token is already known")  # a random one never is
             self._minted[digest] = Token(secret, expires, scope=scope)
+
+    def revoke(self, digest: bytes) -> bool:
+        """The token with this digest (token_digest) admits no channel from now on, not
+        even of its own session: the operator ended that session. False if unknown here.
+        A revoked token is kept as long as a redeemed one would be (prune), a file token
+        as long as the file lists it: rereading the file cannot make it new again."""
+        with self._lock:
+            found = [token for table in self._tables() if (token := table.get(digest))]
+            for token in found:
+                token.revoked = True
+        return bool(found)
+
+    def _tables(self) -> tuple[dict[bytes, Token], ...]:
+        return (self._file, self._kept, self._minted)
 
     def inherit(self, old: ViewerCredentials) -> None:
         """A reload made these credentials (a new password, tokens file or server password)
@@ -219,7 +240,7 @@ class ViewerCredentials:
     def _load(self, tokens: Iterable[Token]) -> None:
         fresh: dict[bytes, Token] = {}
         for token in tokens:
-            digest = _digest(token.secret)
+            digest = token_digest(token.secret)
             known = self._file.get(digest) or self._kept.pop(digest, None)
             if known is not None:
                 known.expires = token.expires
@@ -239,7 +260,7 @@ class ViewerCredentials:
     def _prune(self, now: float, live: set[int] | None) -> None:
         """live None (between the shell's reports): only unredeemed tokens past their
         deadline go, the rest needs to know which sessions are open."""
-        for table in (self._minted, self._kept, self._file):
+        for table in self._tables():
             for digest, token in list(table.items()):
                 if live is not None and token.session in live:
                     token.seen_live = now

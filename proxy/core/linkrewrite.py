@@ -34,7 +34,13 @@ from typing import Any
 
 from dissectors.api import LINK
 from proxy.core.capmask import CapMask
-from proxy.core.credentials import MAIN, Readmission, ViewerCredentials, readmission_for
+from proxy.core.credentials import (
+    MAIN,
+    Readmission,
+    ViewerCredentials,
+    readmission_for,
+    token_digest,
+)
 from proxy.core.framing import (
     C2S,
     CAP_AUTH_SASL,
@@ -127,6 +133,7 @@ class LinkRewriter:
         self.server_key: bytes | None = None  # the server's real public key (DER)
         self.credential: str | None = None  # inject: "password" or "token"
         self.readmission: Readmission | None = None  # inject: a main channel's token
+        self.token: bytes | None = None  # inject: the token's digest, to revoke it by
         self.stopped = False
         self._out: list[Step] = []
         self._now = 0.0
@@ -280,6 +287,8 @@ class LinkRewriter:
             if not verdict.ok:
                 self._deny(verdict.reason)
                 return None
+            if verdict.credential == "token":
+                self.token = token_digest(password)
             if verdict.credential == "token" and self.viewer.channel_type == MAIN:
                 # should this session migrate, its token may open one at the destination
                 self.readmission = readmission_for(password)

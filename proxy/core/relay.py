@@ -150,6 +150,7 @@ class ChannelRelay:
         # and the policy the shell made of it there (once: MigrationListeners tells
         # policies apart by identity)
         self.readmission: Readmission | None = None
+        self.token: bytes | None = None  # inject: the digest of the token it linked with
         self.destination_policy: LinkPolicy | None = None
         self.started = now
         self.last_activity = now
@@ -400,7 +401,7 @@ class ChannelRelay:
                 self._broken(step, commands)
         if rewriter.finished:
             self.rewriter = None  # the rest of the channel takes the plain path
-            self.readmission = rewriter.readmission
+            self.readmission, self.token = rewriter.readmission, rewriter.token
         return commands
 
     def peer_closed(self, direction: str, now: float) -> list[Command]:

@@ -2,6 +2,7 @@
 proxy/core/management.py):
 
     GET  /api/sessions        live sessions, their channels and counters, totals
+    DELETE /api/sessions/ID   end a session (and revoke the viewer token it linked with)
     POST /api/spice/connect   probe a SPICE server, as `spicetap probe --json` answers
     POST /api/tokens          mint a one-time viewer token (inject mode; needs the API token)
     POST /api/reload          re-read the config file (as SIGHUP does), say what changed
@@ -233,21 +234,28 @@ class ManagementApi:
 
     async def end_session(self, sid: int) -> Reply:
         """DELETE /api/sessions/ID: every channel of the session is closed, its archive
-        saying why; 200 once they are gone ("success" false when one outlasted the
-        wait), 404 when there is no such session."""
+        saying why, and the viewer token it linked with revoked (inject mode); 200 once
+        they are gone ("success" false when one outlasted the wait), 404 when there is no
+        such session."""
         grouped = group_sessions(self.channels(), self.known_sessions())
         members = next((m for s, m in grouped if s == sid), None)
         if members is None:
             raise HttpError(HTTPStatus.NOT_FOUND, f"no session {sid} (GET /api/sessions)")
         conns = [ch.conn for ch in members]
-        fields = {"event": "session_ended", "session": sid, "channels": len(conns)}
+        ending = [stats for conn in conns if (stats := self.state.channels.get(conn))]
+        # first, so that no channel links with it as the session goes (inject mode)
+        tokens = [t for stats in ending if (t := stats.relay.token) is not None]
+        revoked = self.tokens.revoke(tokens) if self.tokens is not None else 0
+        fields = {
+            "event": "session_ended", "session": sid, "channels": len(conns),
+            "tokens_revoked": revoked,
+        }  # fmt: skip
         log.info(
-            "management API: ending session %d (%d channel(s)) at the operator's request",
-            sid, len(conns), extra={"fields": fields},
+            "management API: ending session %d (%d channel(s)%s) at the operator's request",
+            sid, len(conns), ", its token revoked" if revoked else "", extra={"fields": fields},
         )  # fmt: skip
         # each marked first: the server, seeing the main channel go, may close the others
         # before they are ended here, and that is this end too
-        ending = [stats for conn in conns if (stats := self.state.channels.get(conn))]
         for stats in ending:
             stats.relay.ending = SESSION_ENDED
         for stats in ending:
@@ -257,7 +265,10 @@ class ManagementApi:
                 break
             await trio.sleep(0.05)
         still = [conn for conn in conns if conn in self.state.channels]
-        data = {"success": not still, "connectionId": sid, "channels": conns, "open": still}
+        data = {
+            "success": not still, "connectionId": sid, "channels": conns, "open": still,
+            "tokensRevoked": revoked,
+        }  # fmt: skip
         return Reply(HTTPStatus.OK, json.dumps(data).encode())
 
     def mint(self, body: bytes) -> Reply:

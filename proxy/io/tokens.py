@@ -121,6 +121,16 @@ class TokenDesk:
         log.info("token minted for %s, good for %g s to start one session", what, ttl)
         return Minted(token, scope, expires, ttl)
 
+    def revoke(self, digests: Iterable[bytes]) -> int:
+        """The tokens these channels linked with (their relays' `token`) admit nothing
+        more: how many were found."""
+        found = set()
+        for digest in set(digests):
+            for creds in self._credentials:  # a file's token is in each route that reads it
+                if creds.revoke(digest):
+                    found.add(digest)
+        return len(found)
+
     async def keep_current(self, state: ProxyState) -> None:
         """Until cancelled: read changed tokens files, and let the credentials forget spent
         tokens."""

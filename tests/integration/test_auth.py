@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import struct
 import time
 from pathlib import Path
 from typing import Any
@@ -256,6 +257,64 @@ def test_tokens_minted_and_written_while_the_proxy_runs(tmp_path: Path) -> None:
     assert len(ok) >= 6 and all(f["credential"] == "token" for f in ok)  # 3 sessions, 2+ each
     minted = [main["token"], for_lab["token"], short["token"]]
     assert_secrets_absent(proxy, PASSWORD, API_TOKEN, "file-token-4d2a", *minted)
+
+
+def relink(port: int, token: str, channel_type: int, conn: int) -> int:
+    """A channel linked by hand with `token`: the link result (0 OK, 7 PERMISSION_DENIED)."""
+    from proxy.core.probe import encrypt_ticket
+    from tests.integration.test_proxy import _link, _read
+
+    sock, header = _link(port, channel_type, conn)
+    with sock:
+        assert header[:4] == b"REDQ", header
+        reply = _read(sock, struct.unpack_from("<I", header, 12)[0])
+        assert struct.unpack_from("<I", reply)[0] == 0  # SPICE_LINK_ERR_OK: a key follows
+        sock.sendall(encrypt_ticket(reply[4:166], token.encode()))  # 162 bytes of DER
+        result: int = struct.unpack("<I", _read(sock, 4))[0]
+    return result
+
+
+def test_an_ended_sessions_token_cannot_bring_it_back(tmp_path: Path) -> None:
+    """spice-server takes a main channel linking with an old session's connection id as
+    that session coming back. So when the operator ends a session (DELETE
+    /api/sessions/ID), the token it linked with is revoked: the viewer still holding it,
+    linking again with its session's id, is refused by spicetap."""
+    from tests.integration.test_probe import api_call, viewer_in_background, wait_for
+
+    tokens = tmp_path / "tokens"
+    tokens.write_text("tok-ended-1b7e\n")
+    config = write_config(tmp_path, viewer_tokens_file=str(tokens), management="127.0.0.1:0")
+    with peers(), QemuServer(guest="none", password=PASSWORD) as srv:
+        assert srv.port is not None
+        extra = ("--config", str(config))
+        with ProxyProcess(srv.port, tmp_path / "rec", tmp_path / "proxy", extra=extra) as proxy:
+            viewer = SpiceEndpoint(port=proxy.port, password="tok-ended-1b7e")
+            thread, out = viewer_in_background(viewer, tmp_path / "client", 40)
+            try:
+
+                def live_session() -> Any:
+                    _, data = api_call(proxy, "GET", "/api/sessions")
+                    full = [s for s in data["sessions"] if len(s["channels"]) >= 4]
+                    return full and full[0]
+
+                sid = wait_for(live_session, "the viewer's session")["connectionId"]
+                # while it runs, its token links its channels (an inputs channel here)
+                assert relink(proxy.port, "tok-ended-1b7e", 3, sid) == 0
+                status, ended = api_call(proxy, "DELETE", f"/api/sessions/{sid}")
+                assert status == 200 and ended["success"], ended
+                assert ended["tokensRevoked"] == 1
+            finally:
+                thread.join(60)
+            assert relink(proxy.port, "tok-ended-1b7e", 1, sid) == 7  # PERMISSION_DENIED
+            tokens.write_text("tok-ended-1b7e\n# the file rewritten, the token listed\n")
+            wait_for_log(proxy, "read: 1 token(s)")
+            assert relink(proxy.port, "tok-ended-1b7e", 1, sid) == 7
+            assert proxy.proc.poll() is None
+    assert out and out[0].returncode == 0, out[0].summary if out else None
+    assert f"ending session {sid} (" in proxy.log() and "its token revoked" in proxy.log()
+    reasons = [r.fields.get("reason") for r in records(proxy) if r.kind == "auth"]
+    assert reasons.count("token revoked: the operator ended its session") == 2
+    assert_secrets_absent(proxy, PASSWORD, "tok-ended-1b7e")
 
 
 def caps(rec: Any) -> int:

@@ -17,6 +17,7 @@ from proxy.core.credentials import (
     TooManyTokens,
     ViewerCredentials,
     readmission_for,
+    token_digest,
 )
 
 MAIN, DISPLAY = 1, 2
@@ -67,6 +68,46 @@ def test_a_migrated_session_may_start_one_session_at_its_destination() -> None:
     assert creds.check(b"t", DISPLAY, SESSION + 1, 11.0, None).ok  # the new session binds it
     assert not creds.check(b"t", DISPLAY, SESSION, 11.0, None).ok  # the old one is gone
     assert not creds.check(b"t", MAIN, 0, 12.0, None, readmit).ok  # once
+
+
+REVOKED = "token revoked: the operator ended its session"
+
+
+@pytest.mark.parametrize("source", ["file", "minted", "kept"])
+def test_the_token_of_a_session_the_operator_ended_admits_nothing_more(source: str) -> None:
+    """spice-server takes a main channel linking with an ended session's connection id as
+    that session coming back: before revoke() the token let it in, after it nothing."""
+    creds = ViewerCredentials(None, [Token(b"t")] if source != "minted" else [])
+    if source == "minted":
+        creds.mint(b"t", 100.0, "lab", 0.0)
+    assert open_session(creds, b"t", 0.0, "lab")
+    if source == "kept":  # dropped from the file while its session ran
+        creds.load_file([])
+    assert creds.check(b"t", MAIN, SESSION, 2.0, "lab").ok  # the way back in, until...
+    assert creds.revoke(token_digest(b"t"))
+    for channel, conn in ((MAIN, SESSION), (DISPLAY, SESSION), (MAIN, 0)):
+        verdict = creds.check(b"t", channel, conn, 3.0, "lab", readmission_for(b"t"))
+        assert (verdict.ok, verdict.reason) == (False, REVOKED), (channel, conn)
+    assert not creds.revoke(token_digest(b"never-seen"))
+
+
+def test_a_revoked_file_token_stays_revoked_when_the_file_is_read_again() -> None:
+    creds = ViewerCredentials(None, [Token(b"t"), Token(b"other")])
+    assert open_session(creds, b"t", 0.0, None)
+    creds.revoke(token_digest(b"t"))
+    creds.load_file([Token(b"t", expires=500.0), Token(b"other")])
+    creds.prune(SESSION_GONE * 2, set())  # file tokens are kept while listed
+    assert creds.check(b"t", MAIN, SESSION, 1.0, None).reason == REVOKED
+    assert creds.check(b"other", MAIN, 0, 1.0, None).ok  # only that token
+
+
+def test_revoking_reaches_credentials_a_reload_carried_on() -> None:
+    old = ViewerCredentials(b"pw", [Token(b"t")])
+    assert open_session(old, b"t", 0.0, None)
+    new = ViewerCredentials(b"new-pw", [Token(b"t")])
+    new.inherit(old)
+    assert new.revoke(token_digest(b"t"))
+    assert old.check(b"t", DISPLAY, SESSION, 1.0, None).reason == REVOKED  # a link from before
 
 
 def test_a_minted_token_past_its_deadline_starts_nothing() -> None:

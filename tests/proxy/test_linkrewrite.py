@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.core.capmask import CapMask, UnknownCap
-from proxy.core.credentials import Token, ViewerCredentials, parse_tokens
+from proxy.core.credentials import Token, ViewerCredentials, parse_tokens, token_digest
 from proxy.core.framing import C2S, S2C, ChannelFramer, LinkUnit, Message
 from proxy.core.linkrewrite import LinkPolicy
 from proxy.core.relay import (
@@ -263,6 +263,7 @@ def test_inject_logs_in_with_the_server_password() -> None:
     }
     assert b"viewer-pw" not in repr(w.commands).encode()
     assert PASSWORD not in repr(w.commands).encode()
+    assert w.relay.token is None  # a shared password: nothing one session's end revokes
 
 
 def test_inject_refuses_a_wrong_viewer_password_without_telling_the_server() -> None:
@@ -333,6 +334,9 @@ def test_inject_over_a_relay_with_a_token() -> None:
     assert linked_through(again, b"one-time") == b""  # a second session: refused
     display = wire(policy)  # a channel of the first session binds it
     assert linked_through(display, b"one-time", channel=DISPLAY)
+    # each channel keeps what the operator's end of its session revokes the token by
+    assert w.relay.token == display.relay.token == token_digest(b"one-time")
+    assert again.relay.token is None
 
 
 # -- tickets and records ---------------------------------------------------------------------

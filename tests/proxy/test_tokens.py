@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import trio
 
-from proxy.core.credentials import Token, ViewerCredentials
+from proxy.core.credentials import Token, ViewerCredentials, token_digest
 from proxy.core.linkrewrite import LinkPolicy
 from proxy.core.management import HttpError, parse_mint, route
 from proxy.core.ticket import TicketKey
@@ -63,6 +63,28 @@ def test_a_minted_token_opens_its_target_once() -> None:
     assert main.scope == "" and opens(desk.scopes[""], main.token)
     own = desk.mint("own", 60.0)
     assert opens(desk.scopes["own"], own.token) and not opens(desk.scopes["lab"], own.token)
+
+
+def test_revoking_a_sessions_token_reaches_every_route_it_opens(tmp_path: Path) -> None:
+    """A file token is checked by every route whose credentials read that file (here the
+    shared ones and a target's own): revoked in all of them, counted once."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("file-tok\n")
+    desk, shared = gateway(tokens)
+    own = desk.scopes["own"].viewers
+    assert own is not None
+    own.tokens_file = str(tokens)
+    desk.reconfigure(desk.scopes, inject(shared))
+    desk.reread_all()
+    minted = desk.mint("lab", 60.0)
+    assert opens(desk.scopes["lab"], minted.token) and opens(desk.scopes[""], "file-tok")
+    digests = [token_digest(t.encode()) for t in (minted.token, "file-tok", "file-tok", "x")]
+    assert desk.revoke(digests) == 2
+    for scope, token in (("lab", minted.token), ("", "file-tok"), ("own", "file-tok")):
+        policy = desk.scopes[scope]
+        assert policy.viewers is not None
+        verdict = policy.viewers.check(token.encode(), MAIN, 7, time.monotonic(), scope)
+        assert verdict.reason == "token revoked: the operator ended its session", scope
 
 
 def test_minting_for_what_cannot_take_a_token_says_why() -> None:

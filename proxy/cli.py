@@ -20,7 +20,7 @@ from proxy import logs
 from proxy.core import framing
 from proxy.core.admission import Admission
 from proxy.core.relay import MAIN, Limits
-from proxy.fronts import Fronts, build_fronts, management_certificate, named, pick
+from proxy.fronts import Fronts, build_fronts, named, pick
 from proxy.io import ends
 from proxy.io.certwatch import keep_certificates_current
 from proxy.io.guard import connection_limit, raise_open_files_limit
@@ -43,6 +43,7 @@ from proxy.recorder import BACKLOG_POLICIES
 from proxy.recording_options import recording_options
 from proxy.targets import host_port
 from proxy.tls import TlsSetupError, client_context
+from proxy.viewer_certs import ViewerCertificate
 from spicetap import interrupts
 from spicetap.archive.keys import load_or_create_signing_key
 from spicetap.config import Config, ConfigError, ProxySection, load_config
@@ -288,7 +289,7 @@ def cmd_proxy(args: argparse.Namespace) -> int:
     fronts = build_fronts(args, config, keylog, mintable)
     link_policy = fronts.link_policy
     limits = fronts.limits
-    management = _management(args, cp, fronts.api_token)
+    management = _management(args, cp, fronts.api_token, fronts.management_tls)
     # systemd's variables are this process's alone: the recording process does not
     # inherit them (sd_notify(3)'s unset_environment)
     service = ServiceManager()
@@ -356,11 +357,14 @@ def cmd_proxy(args: argparse.Namespace) -> int:
 
 
 def _management(
-    args: argparse.Namespace, cp: ProxySection, token: bytes | None
+    args: argparse.Namespace,
+    cp: ProxySection,
+    token: bytes | None,
+    certificate: ViewerCertificate | None = None,
 ) -> ManagementOptions | None:
-    """--management (or [proxy] management), `token` read from its token file; probes with
-    "tls": true check servers as the TLS upstream is checked (--upstream-ca,
-    --upstream-insecure)."""
+    """--management (or [proxy] management), `token` read from its token file, HTTPS with
+    `certificate` (build_fronts makes both); probes with "tls": true check servers as the
+    TLS upstream is checked (--upstream-ca, --upstream-insecure)."""
     listen_text = pick(args.management, cp.management)
     if listen_text is None:
         for dest in ("management_token_file", "management_tls"):
@@ -376,9 +380,7 @@ def _management(
             "and make spicetap connect anywhere (--management-token-file)",
             listen_text,
         )
-    https = None
-    if pick(args.management_tls, cp.management_tls):
-        https = management_certificate(args, cp, listen).context
+    https = certificate.context if certificate is not None else None
     ca = Path(args.upstream_ca) if args.upstream_ca else None
     try:
         probe_tls = client_context(ca, args.upstream_insecure, None)

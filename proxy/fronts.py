@@ -266,11 +266,23 @@ def _choice(
     )
 
 
-def management_certificate(
-    args: argparse.Namespace, cp: ProxySection, listen: tuple[str, int]
-) -> ViewerCertificate:
-    """What the management API presents over HTTPS: the viewers' certificate."""
-    certificates = FrontCertificates(args, cp, None)
+def _management_certificate(
+    args: argparse.Namespace, cp: ProxySection, previous: Fronts | None
+) -> ViewerCertificate | None:
+    """What the management API presents over HTTPS: [proxy]'s choice, as for viewers.
+    Whether the API speaks HTTPS waits for a restart; its certificate follows each reload
+    (a renewed file, a new subject) as the listeners' do. Its TLS keys are never logged:
+    its requests carry the API's token."""
+    listen_text = pick(args.management, cp.management)
+    if previous is not None:
+        on = previous.management_tls is not None  # as the proxy started
+    else:  # (--management-tls without the API is refused by the proxy command)
+        on = listen_text is not None and bool(pick(args.management_tls, cp.management_tls))
+    if not on or listen_text is None:
+        return None
+    kept = [previous.management_tls] if previous and previous.management_tls else []
+    certificates = FrontCertificates(args, cp, None, kept)
+    listen = host_port(listen_text, named(args, "management", "proxy", "management"), any_port=True)
     return certificates.present(certificates.proxy_choice, listen)
 
 
@@ -295,6 +307,8 @@ class Fronts:
     # what new sessions' archives get (set by the proxy's command, not build_fronts);
     # None: nothing is recorded
     recording: RecordingOptions | None = None
+    # what the management API presents over HTTPS; None: it speaks plain HTTP, or is off
+    management_tls: ViewerCertificate | None = None
 
     def fronts(self) -> list[Route]:
         """The reverse listeners and the WebSocket front's."""
@@ -353,6 +367,7 @@ def build_fronts(
     return Fronts(
         link_policy, targets, routes, connect, websocket, scopes, limits, follow, max_connections,
         management_token(args, cp),
+        management_tls=_management_certificate(args, cp, previous),
     )  # fmt: skip
 
 

@@ -359,15 +359,21 @@ def test_https_for_the_api_from_the_config_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from proxy.cli import _management
+    from proxy.fronts import build_fronts
     from spicetap.cli import build_parser
     from spicetap.config import load_config
 
     monkeypatch.setenv("SPICETAP_CONFIG_DIR", str(tmp_path))
     path = tmp_path / "spicetap.toml"
-    path.write_text('[proxy]\nmanagement = "127.0.0.1:0"\nmanagement_tls = true\n')
+    path.write_text(
+        '[proxy]\nupstream = "127.0.0.1:1"\nmanagement = "127.0.0.1:0"\nmanagement_tls = true\n'
+    )
     args = build_parser().parse_args(["proxy", "--config", str(path)])
-    options = _management(args, load_config(path).proxy, None)
-    assert options is not None and options.https is not None  # issued by spicetap's CA
+    config = load_config(path)
+    fronts = build_fronts(args, config, None, False)
+    assert fronts.management_tls is not None  # issued by spicetap's CA
+    options = _management(args, config.proxy, None, fronts.management_tls)
+    assert options is not None and options.https is fronts.management_tls.context
     assert (tmp_path / "ca-cert.pem").is_file()
     path.write_text('[proxy]\nupstream = "127.0.0.1:1"\nmanagement_tls = true\n')
     assert main(["proxy", "--config", str(path)]) == 2

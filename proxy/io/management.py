@@ -168,9 +168,13 @@ class ManagementApi:
     def certificates(self) -> list[CertificateView]:
         if self.reloader is None:
             return []
+        shown = self.reloader.listeners.certificates()
+        own = self.reloader.fronts.management_tls
+        if own is not None and self.options.https is not None:
+            shown.append(("management {}:{}".format(*self.options.listen), own))
         return [
             CertificateView(where, cert.subject, cert.not_after.timestamp())
-            for where, cert in self.reloader.listeners.certificates()
+            for where, cert in shown
         ]
 
     def recorder_view(self) -> RecorderView | None:
@@ -342,13 +346,20 @@ class ManagementApi:
                 )  # fmt: skip
             raise
 
+    def https(self) -> ssl.SSLContext | None:
+        """What a new connection is served with: None for plain HTTP (as the proxy
+        started), else the certificate as the last reload or renewal left it."""
+        if self.options.https is None:
+            return None
+        latest = self.reloader.fronts.management_tls if self.reloader is not None else None
+        return latest.context if latest is not None else self.options.https
+
     async def handle(self, stream: trio.abc.Stream) -> None:
         client = peer_address(stream)
-        if self.options.https is not None:
+        https = self.https()
+        if https is not None:
             # https_compatible: HTTP clients may hang up without TLS's close_notify
-            stream = trio.SSLStream(
-                stream, self.options.https, server_side=True, https_compatible=True
-            )
+            stream = trio.SSLStream(stream, https, server_side=True, https_compatible=True)
         conn = BoundedServer()
         method = ""
         try:

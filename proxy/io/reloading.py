@@ -333,6 +333,10 @@ class Reloader:
             if shown is not None and shown != before.viewer_tls:
                 report.renewed.append(f"{where}: {shown.describe()}")
                 log.info("reload: %s shows viewers a new certificate: %s", where, shown.describe())
+        shown = fronts.management_tls  # the management API's HTTPS, from its next request
+        if shown is not None and shown != old.management_tls:
+            report.renewed.append(f"management API: {shown.describe()}")
+            log.info("reload: the management API shows a new certificate: %s", shown.describe())
         self.fronts, self.config = fronts, config
         for apply in self.on_applied:
             apply(fronts)

@@ -9,6 +9,7 @@ import json
 import shutil
 import signal
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -41,8 +42,19 @@ from tests.integration.test_connect import _connect_status
 pytestmark = pytest.mark.peers
 
 
-def _api(proxy: ProxyProcess, method: str, path: str) -> tuple[int, Any]:
-    conn = http.client.HTTPConnection("127.0.0.1", proxy.ports["management"], timeout=60)
+def _connection(proxy: ProxyProcess, ca_file: Path | None) -> http.client.HTTPConnection:
+    """To the management API: over HTTPS trusting only `ca_file`'s CA, if given."""
+    port = proxy.ports["management"]
+    if ca_file is None:
+        return http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    context = ssl.create_default_context(cafile=str(ca_file))
+    return http.client.HTTPSConnection("127.0.0.1", port, timeout=60, context=context)
+
+
+def _api(
+    proxy: ProxyProcess, method: str, path: str, ca_file: Path | None = None
+) -> tuple[int, Any]:
+    conn = _connection(proxy, ca_file)
     try:
         conn.request(method, path)
         response = conn.getresponse()
@@ -56,12 +68,12 @@ def _port_of(listeners: list[str], kind: str) -> int:
     return int(where.rsplit(":", 1)[1])
 
 
-def _wait_for_channels(proxy: ProxyProcess) -> None:
+def _wait_for_channels(proxy: ProxyProcess, ca_file: Path | None = None) -> None:
     """Until the one session's channels are all open (their count steady for a second):
     the reload is then surely after them (the next test has channels link after it)."""
     counts: list[int] = []
     for _ in range(150):  # 15 s at most
-        sessions = _api(proxy, "GET", "/api/sessions")[1]["sessions"]
+        sessions = _api(proxy, "GET", "/api/sessions", ca_file)[1]["sessions"]
         counts.append(len(sessions[0]["channels"]) if len(sessions) == 1 else 0)
         if len(counts) > 10 and counts[-1] >= 4 and len(set(counts[-10:])) == 1:
             return
@@ -326,7 +338,8 @@ def test_a_renewed_certificate_is_shown_to_new_viewers_with_no_session_dropped(
 ) -> None:
     """The operator's certificate renewed in place (as certbot or an internal CA's agent
     does), then SIGHUP: spice-gtk viewers from then on are shown the new one (a viewer
-    that trusts only the old CA is refused), and a TLS session begun before goes on."""
+    that trusts only the old CA is refused), and a TLS session begun before goes on. The
+    management API's HTTPS shows the new one as well."""
     first, second = make_tls_material(tmp_path / "a"), make_tls_material(tmp_path / "b")
     live = tmp_path / "live"
     live.mkdir()
@@ -341,7 +354,7 @@ def test_a_renewed_certificate_is_shown_to_new_viewers_with_no_session_dropped(
         assert a.port is not None and b.port is not None
         config = tmp_path / "gateway.toml"
         config.write_text(
-            f'[proxy]\nmanagement = "127.0.0.1:0"\n'
+            f'[proxy]\nmanagement = "127.0.0.1:0"\nmanagement_tls = true\n'
             f'tls_cert = "{live / "cert.pem"}"\ntls_key = "{live / "key.pem"}"\n\n'
             f'[targets.vm1]\nupstream = "127.0.0.1:{a.port}"\ntls_listen = "127.0.0.1:0"\n'
             f'[targets.vm2]\nupstream = "127.0.0.1:{b.port}"\ntls_listen = "127.0.0.1:0"\n'
@@ -356,7 +369,7 @@ def test_a_renewed_certificate_is_shown_to_new_viewers_with_no_session_dropped(
                 target=lambda: out.append(run_gi_client(held, options, tmp_path / "client"))
             )
             session.start()
-            _wait_for_channels(proxy)
+            _wait_for_channels(proxy, first.ca_file)
             install(second.x509_dir)
             proxy.proc.send_signal(signal.SIGHUP)
             assert proxy.next_line() == "spicetap proxy reloaded\n"
@@ -369,7 +382,10 @@ def test_a_renewed_certificate_is_shown_to_new_viewers_with_no_session_dropped(
                 old_ca = SpiceEndpoint(tls_port=vm2, ca_file=first.ca_file)
                 spicy_screenshot(old_ca, tmp_path / "refused.ppm", timeout=20)
             session.join(60)
-            metrics = http.client.HTTPConnection("127.0.0.1", proxy.ports["management"], 30)
+            # the management API's HTTPS shows the renewed certificate too
+            with pytest.raises(ssl.SSLCertVerificationError):
+                _api(proxy, "GET", "/api/sessions", first.ca_file)
+            metrics = _connection(proxy, second.ca_file)
             try:
                 metrics.request("GET", "/metrics")
                 text = metrics.getresponse().read().decode()
@@ -383,5 +399,5 @@ def test_a_renewed_certificate_is_shown_to_new_viewers_with_no_session_dropped(
     renewed = x509.load_pem_x509_certificate((second.x509_dir / "server-cert.pem").read_bytes())
     gauge = "spicetap_tls_certificate_expiry_timestamp_seconds{"
     lines = [ln for ln in text.splitlines() if ln.startswith(gauge)]
-    assert len(lines) == 2, lines
+    assert len(lines) == 3, lines  # both listeners' and the API's
     assert all(ln.endswith(f" {int(renewed.not_valid_after_utc.timestamp())}") for ln in lines)

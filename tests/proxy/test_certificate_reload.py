@@ -20,12 +20,12 @@ from cryptography.hazmat.primitives import serialization
 
 from proxy.io import certwatch
 from proxy.io.certwatch import renew_certificates
-from proxy.io.management import ManagementApi, ManagementOptions
+from proxy.io.management import ManagementApi, ManagementOptions, serve_management
 from proxy.io.migration import MigrationListeners
 from proxy.io.reloading import ReloadFailed
 from proxy.io.server import ProxyState
 from tests.harness import make_tls_material
-from tests.proxy.test_reload import running
+from tests.proxy.test_reload import Setup, running
 
 TLS_VM1 = '[targets.vm1]\nupstream = "127.0.0.1:{a}"\ntls_listen = "127.0.0.1:0"\n'
 
@@ -227,3 +227,100 @@ def test_the_watch_looks_twice_a_day(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(certwatch, "renew_certificates", counted)
     start = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     assert [round(t - start) for t in looked] == [43200, 86400]
+
+
+MANAGEMENT_TLS = 'management = "127.0.0.1:0"\nmanagement_tls = true\n'
+
+
+async def _serve_api(setup: Setup, nursery: trio.Nursery) -> int:
+    """The management API over HTTPS, as the proxy starts it: its port."""
+    options = ManagementOptions(("127.0.0.1", 0), None, None, _context(setup))
+    serving = await nursery.start(
+        serve_management, options, ProxyState(), None, None, setup.reloader
+    )
+    port: int = serving.listeners[0].socket.getsockname()[1]
+    return port
+
+
+async def test_the_management_api_shows_a_renewed_certificate_from_the_reload_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The API's HTTPS presents [proxy]'s certificate, read again at each reload like the
+    listeners'; it says so in the reload's report and in /metrics."""
+    monkeypatch.setenv("SPICETAP_CONFIG_DIR", str(tmp_path / "config"))
+    first, second = make_tls_material(tmp_path / "a"), make_tls_material(tmp_path / "b")
+    live = tmp_path / "live"
+    _install(first.x509_dir, live)
+    config = _file_config(live).replace("[proxy]\n", "[proxy]\n" + MANAGEMENT_TLS)
+    async with running(tmp_path, config) as setup, trio.open_nursery() as nursery:
+        port = await _serve_api(setup, nursery)
+        assert await shown(port, first.ca_file) == _der(first.x509_dir / "server-cert.pem")
+        assert (await setup.reloader.reload()).renewed == []
+
+        _install(second.x509_dir, live)
+        report = await setup.reloader.reload()
+        assert len(report.renewed) == 2  # the viewers' listener and the API
+        assert "management API: C=XX,O=spicetap-test,CN=127.0.0.1 (from " in report.renewed[-1]
+        assert await shown(port, second.ca_file) == _der(second.x509_dir / "server-cert.pem")
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await shown(port, first.ca_file)
+        options = ManagementOptions(("127.0.0.1", 9000), None, None, _context(setup))
+        api = ManagementApi(options, ProxyState(), None, None, setup.reloader)
+        text = (await api.answer("GET", "/metrics", b"")).body.decode()
+        end = x509.load_pem_x509_certificate((live / "cert.pem").read_bytes()).not_valid_after_utc
+        assert (
+            'spicetap_tls_certificate_expiry_timestamp_seconds{listener="management '
+            f'127.0.0.1:9000",subject="C=XX,O=spicetap-test,CN=127.0.0.1"}} '
+            f"{int(end.timestamp())}"
+        ) in text.splitlines()
+        nursery.cancel_scope.cancel()
+
+
+def _context(setup: Setup) -> ssl.SSLContext:
+    cert = setup.reloader.fronts.management_tls
+    assert cert is not None
+    return cert.context
+
+
+async def test_the_management_apis_issued_certificate_is_issued_again_near_its_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No reload needed (the twice-a-day watch); the API's certificate is issued on its
+    own, apart from the viewers' listener's, whose TLS keys a key log may hold."""
+    monkeypatch.setenv("SPICETAP_CONFIG_DIR", str(tmp_path / "config"))
+    config = "[proxy]\n" + MANAGEMENT_TLS + "\n" + TLS_VM1
+    async with running(tmp_path, config) as setup, trio.open_nursery() as nursery:
+        port = await _serve_api(setup, nursery)
+        ca_file = tmp_path / "config" / "ca-cert.pem"
+        before = await shown(port, ca_file)
+        assert before != await shown(setup.port_of("tls:vm1"), ca_file)
+        assert (await setup.reloader.reload()).renewed == []  # kept, not issued again
+        assert await shown(port, ca_file) == before
+        issued = x509.load_der_x509_certificate(before).not_valid_after_utc
+        renewed = await renew_certificates(setup.reloader, issued - timedelta(days=29))
+        assert sorted(renewed) == sorted(
+            [f"tls:vm1 127.0.0.1:{setup.port_of('tls:vm1')}", "management API"]
+        )
+        after = await shown(port, ca_file)
+        assert after != before and _subject(after) == _subject(before)
+        assert (await setup.reloader.reload()).renewed == []  # the next reload keeps it
+        assert await shown(port, ca_file) == after
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_api_started_over_plain_http_stays_plain_across_reloads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """management_tls waits for a restart: turned on in the file, the API does not switch
+    to HTTPS under its clients (the reload says a restart is needed)."""
+    monkeypatch.setenv("SPICETAP_CONFIG_DIR", str(tmp_path / "config"))
+    plain = '[proxy]\nmanagement = "127.0.0.1:0"\n\n' + TLS_VM1
+    async with running(tmp_path, plain) as setup:
+        setup.write(plain.replace("\n\n", "\nmanagement_tls = true\n\n", 1))
+        report = await setup.reloader.reload()
+        assert report.restart_needed == ["[proxy] management_tls"]
+        assert setup.reloader.fronts.management_tls is None
+        api = ManagementApi(
+            ManagementOptions(("127.0.0.1", 0)), ProxyState(), None, None, setup.reloader
+        )
+        assert api.https() is None

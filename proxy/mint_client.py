@@ -28,11 +28,16 @@ class ManagementApiAddress:
         return f"{scheme}://{host}:{self.port}"
 
 
-def mint_token(api: ManagementApiAddress, target: str | None, ttl: float) -> str:
-    """A fresh token for `target` (None: the main upstream), good for `ttl` seconds."""
+def mint_token(
+    api: ManagementApiAddress, target: str | None, ttl: float, user: str | None = None
+) -> str:
+    """A fresh token for `target` (None: the main upstream), good for `ttl` seconds, for
+    `user` if named."""
     body: dict[str, object] = {"ttl": ttl}
     if target is not None:
         body["target"] = target
+    if user is not None:
+        body["user"] = user
     conn: http.client.HTTPConnection
     if api.https is not None:
         conn = http.client.HTTPSConnection(api.host, api.port, timeout=TIMEOUT, context=api.https)

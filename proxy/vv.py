@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives import serialization
 
+from proxy.core.credentials import user_problem
 from proxy.core.management import DEFAULT_TOKEN_TTL, MAX_TOKEN_TTL
 from proxy.core.probe import check_password
 from proxy.linksetup import api_token
@@ -218,6 +219,11 @@ def add_vv_command(sub: Any) -> None:
     m.add_argument(
         "--token-ttl", type=float, default=DEFAULT_TOKEN_TTL, help="seconds to start the session"
     )
+    m.add_argument(
+        "--token-user",
+        metavar="NAME",
+        help="whom the token is for: the session, its archive and the API name them",
+    )
     m.add_argument("--management", help="HOST:PORT of the API (default: [proxy] management)")
     m.add_argument(
         "--management-token-file",
@@ -240,6 +246,8 @@ def _minted(args: argparse.Namespace, config: Config) -> str:
         raise UserError(
             f"--token-ttl {args.token_ttl:g}: expected 0 < SECONDS <= {MAX_TOKEN_TTL:g}"
         )
+    if args.token_user is not None and (problem := user_problem(args.token_user)):
+        raise UserError(f"--token-user: {problem}")
     cp = config.proxy
     listen = args.management or cp.management
     token_file = args.management_token_file or cp.management_token_file
@@ -258,7 +266,7 @@ def _minted(args: argparse.Namespace, config: Config) -> str:
         https = ssl.create_default_context(cadata=_ca_pem())
     api = ManagementApiAddress(listen_host(host), port, bearer, https)
     target = args.target if args.target in config.targets else None
-    return mint_token(api, target, args.token_ttl)
+    return mint_token(api, target, args.token_ttl, args.token_user)
 
 
 def cmd_vv(args: argparse.Namespace) -> int:

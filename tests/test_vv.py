@@ -98,6 +98,7 @@ def test_named_target_through_the_connect_front(
          "the API's token file /none/f: cannot read"),
         (["h:1", "--mint-token", "--token-ttl", "nan"], "--token-ttl nan: expected 0 < SECONDS"),
         (["h:1", "--mint-token", "--token-ttl", "0"], "--token-ttl 0: expected"),
+        (["h:1", "--mint-token", "--token-user", ""], "--token-user: a user name is not empty"),
     ],
 )  # fmt: skip
 def test_bad_targets_are_one_line_errors(

@@ -56,12 +56,14 @@ class Token:
     scope: str | None = None  # minted: the only routes it opens ("" the main upstream)
     seen_live: float | None = None  # when its session last had a channel open
     revoked: bool = False  # the operator ended its session: it admits nothing more
+    user: str | None = None  # whom the broker gave it to: sessions it opens say so
 
 
 class Verdict(NamedTuple):
     ok: bool
     credential: str | None  # "password" | "token": which kind matched, never which one
     reason: str
+    user: str | None = None  # the token's user, when it names one
 
 
 @dataclass
@@ -140,7 +142,8 @@ class ViewerCredentials:
             if token is None:
                 return Verdict(False, None, "wrong viewer password or token")
             if token.revoked:
-                return Verdict(False, "token", "token revoked: the operator ended its session")
+                reason = "token revoked: the operator ended its session"
+                return Verdict(False, "token", reason, token.user)
             if (
                 readmit is not None
                 and not readmit.used
@@ -151,8 +154,8 @@ class ViewerCredentials:
             ):
                 readmit.used = True
                 token.redeemed_at, token.session, token.seen_live = now, None, now
-                return Verdict(True, "token", "token of a session that migrated here")
-            return self._use(token, channel_type, connection_id, now)
+                return Verdict(True, "token", "token of a session that migrated here", token.user)
+            return self._use(token, channel_type, connection_id, now)._replace(user=token.user)
 
     @staticmethod
     def _use(token: Token, channel_type: int, connection_id: int, now: float) -> Verdict:
@@ -176,8 +179,11 @@ class ViewerCredentials:
             return Verdict(True, "token", "token bound to this session")
         return Verdict(False, "token", "token belongs to another session")
 
-    def mint(self, secret: bytes, expires: float, scope: str, now: float) -> None:
-        """A one-time token for the routes of `scope`, redeemable until `expires`."""
+    def mint(
+        self, secret: bytes, expires: float, scope: str, now: float, user: str | None = None
+    ) -> None:
+        """A one-time token for the routes of `scope`, redeemable until `expires`; the
+        sessions it opens are `user`'s, if named."""
         if not 0 < len(secret) <= MAX_PASSWORD:
             raise ValueError(f"a token has 1 to {MAX_PASSWORD} bytes")
         digest = token_digest(secret)
@@ -189,7 +195,7 @@ class ViewerCredentials:
                     raise TooManyTokens(f"{waiting} minted tokens wait to be redeemed")
             if digest in self._minted or digest in self._file or digest in self._kept:
                 raise ValueError("that token is already known")  # a random one never is
-            self._minted[digest] = Token(secret, expires, scope=scope)
+            self._minted[digest] = Token(secret, expires, scope=scope, user=user)
 
     def revoke(self, digest: bytes) -> bool:
         """The token with this digest (token_digest) admits no channel from now on, not
@@ -243,7 +249,7 @@ class ViewerCredentials:
             digest = token_digest(token.secret)
             known = self._file.get(digest) or self._kept.pop(digest, None)
             if known is not None:
-                known.expires = token.expires
+                known.expires, known.user = token.expires, token.user
                 token = known
             fresh[digest] = token
         for digest, token in self._file.items():
@@ -281,7 +287,8 @@ def _spent(token: Token, now: float) -> bool:
 
 
 def parse_tokens(text: str, wall_now: float, mono_now: float) -> list[Token]:
-    """Lines `TOKEN [EXPIRY]` (EXPIRY: ISO 8601 with a time zone, or Unix seconds); `#`
+    """Lines `TOKEN [EXPIRY] [user=NAME]` (EXPIRY: ISO 8601 with a time zone, or Unix
+    seconds; NAME: whom a broker gave the token to, said by the sessions it opens); `#`
     starts a comment. Expiry is turned into a monotonic deadline. Errors name the line,
     never the token."""
     tokens: list[Token] = []
@@ -289,16 +296,38 @@ def parse_tokens(text: str, wall_now: float, mono_now: float) -> list[Token]:
         parts = line.split("#", 1)[0].split()
         if not parts:
             continue
+        user = None
+        if len(parts) > 1 and parts[-1].startswith(USER_PREFIX):
+            user = parts.pop()[len(USER_PREFIX) :]
+            problem = user_problem(user)
+            if problem is not None:
+                raise ValueError(f"line {number}: {problem}")
         if len(parts) > 2:
-            raise ValueError(f"line {number}: expected TOKEN [EXPIRY]")
+            raise ValueError(f"line {number}: expected TOKEN [EXPIRY] [user=NAME]")
         secret = parts[0].encode()
         if len(secret) > MAX_PASSWORD:  # a viewer could never present it
             raise ValueError(f"line {number}: a token is at most {MAX_PASSWORD} bytes")
         expires = None
         if len(parts) == 2:
             expires = mono_now + _wall_time(parts[1], number) - wall_now
-        tokens.append(Token(secret, expires))
+        tokens.append(Token(secret, expires, user=user))
     return tokens
+
+
+USER_PREFIX = "user="
+MAX_USER = 128  # characters: a name or an id a broker knows its users by
+
+
+def user_problem(user: str) -> str | None:
+    """Why `user` cannot name a token's user (it goes to logs, archives and the API), or
+    None."""
+    if not user:
+        return "a user name is not empty"
+    if len(user) > MAX_USER:
+        return f"a user name is at most {MAX_USER} characters"
+    if not user.isprintable():  # no line breaks or control characters in a log line
+        return "a user name has printable characters only"
+    return None
 
 
 def _wall_time(text: str, number: int) -> float:

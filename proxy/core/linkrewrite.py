@@ -134,6 +134,7 @@ class LinkRewriter:
         self.credential: str | None = None  # inject: "password" or "token"
         self.readmission: Readmission | None = None  # inject: a main channel's token
         self.token: bytes | None = None  # inject: the token's digest, to revoke it by
+        self.user: str | None = None  # inject: whom the token was given to, if it says
         self.stopped = False
         self._out: list[Step] = []
         self._now = 0.0
@@ -216,6 +217,8 @@ class LinkRewriter:
             fields = {"mode": self.policy.auth, "result": RESULT_NAMES.get(code, code)}
             if self.credential is not None:
                 fields["credential"] = self.credential
+            if self.user is not None:
+                fields["user"] = self.user
             self._out.append(Note(S2C, "auth", self.policy.auth, {**fields, "by": "server"}))
 
     def _link_mess(self, data: bytes) -> tuple[bytes, Note | None]:
@@ -284,6 +287,7 @@ class LinkRewriter:
                 self.policy.scope,
                 self.policy.readmit,
             )
+            self.user = verdict.user
             if not verdict.ok:
                 self._deny(verdict.reason)
                 return None
@@ -303,6 +307,8 @@ class LinkRewriter:
         """Answer the viewer PERMISSION_DENIED ourselves; nothing goes upstream."""
         self._out.append(Deliver(S2C, U32.pack(PERMISSION_DENIED)))
         fields = {"mode": self.policy.auth, "result": "PERMISSION_DENIED", "by": "spicetap"}
+        if self.user is not None:  # a token that names its user, refused
+            fields["user"] = self.user
         self._out.append(Note(S2C, "auth", self.policy.auth, {**fields, "reason": reason}))
         self._stop(Refuse(f"viewer authentication refused by spicetap: {reason}"))
 

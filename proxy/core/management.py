@@ -24,6 +24,7 @@ from http import HTTPStatus
 from typing import Any, NamedTuple
 
 from dissectors.api import LINK, SPICE
+from proxy.core.credentials import user_problem
 from proxy.core.probe import check_password
 
 DIRECTIONS = ("c2s", "s2c")
@@ -190,13 +191,14 @@ def parse_connect(body: bytes) -> ConnectRequest:
 # -- POST /api/tokens ------------------------------------------------------------------------
 DEFAULT_TOKEN_TTL = 120.0  # seconds to start the session (oVirt's console tickets: 120 s)
 MAX_TOKEN_TTL = 7 * 24 * 3600.0
-_MINT_KEYS = {"target", "ttl"}
+_MINT_KEYS = {"target", "ttl", "user"}
 
 
 @dataclass(frozen=True)
 class MintRequest:
     target: str | None  # None: the main upstream
     ttl: float = DEFAULT_TOKEN_TTL
+    user: str | None = None  # whom the broker gives it to: its sessions say so
 
 
 def parse_mint(body: bytes) -> MintRequest:
@@ -208,11 +210,19 @@ def parse_mint(body: bytes) -> MintRequest:
     target = data.get("target")
     if target is not None and (not isinstance(target, str) or not target):
         raise _bad('"target" must be a target\'s name (or absent: the main upstream)')
-    return MintRequest(target, _seconds(data, "ttl", DEFAULT_TOKEN_TTL, MAX_TOKEN_TTL))
+    user = data.get("user")
+    if user is not None:
+        problem = user_problem(user) if isinstance(user, str) else "a user name is a string"
+        if problem is not None:
+            raise _bad(f'"user": {problem}')
+    ttl = _seconds(data, "ttl", DEFAULT_TOKEN_TTL, MAX_TOKEN_TTL)
+    return MintRequest(target, ttl, user)
 
 
-def minted_json(token: str, target: str | None, expires: float, ttl: float) -> dict[str, Any]:
-    return {"token": token, "target": target, "expires": _iso(expires), "ttl": ttl}
+def minted_json(
+    token: str, target: str | None, expires: float, ttl: float, user: str | None = None
+) -> dict[str, Any]:
+    return {"token": token, "target": target, "expires": _iso(expires), "ttl": ttl, "user": user}
 
 
 # -- POST /api/reload --------------------------------------------------------------------------
@@ -255,6 +265,7 @@ class ChannelView:
     linked: bool
     bytes: Mapping[str, int]
     messages: Mapping[str, int]
+    user: str | None = None  # inject: whom its token was given to, if it says
 
 
 class ConnectionCounts(NamedTuple):
@@ -361,6 +372,7 @@ def sessions_json(
         sessions.append(
             {
                 "connectionId": sid,
+                "user": next((c.user for c in members if c.user is not None), None),
                 "viewer": f"{first.viewer[0]}:{first.viewer[1]}",
                 "upstream": first.upstream,
                 "started": _iso(first.started),

@@ -151,6 +151,7 @@ class ChannelRelay:
         # policies apart by identity)
         self.readmission: Readmission | None = None
         self.token: bytes | None = None  # inject: the digest of the token it linked with
+        self.user: str | None = None  # inject: whom that token was given to, if it says
         self.destination_policy: LinkPolicy | None = None
         self.started = now
         self.last_activity = now
@@ -402,6 +403,7 @@ class ChannelRelay:
         if rewriter.finished:
             self.rewriter = None  # the rest of the channel takes the plain path
             self.readmission, self.token = rewriter.readmission, rewriter.token
+            self.user = rewriter.user
         return commands
 
     def peer_closed(self, direction: str, now: float) -> list[Command]:

@@ -139,6 +139,7 @@ class ManagementApi:
                     linked=relay.linked,
                     bytes=dict(relay.bytes),
                     messages=dict(relay.messages),
+                    user=relay.user,
                 )
             )
         return views
@@ -287,7 +288,7 @@ class ManagementApi:
         if self.tokens is None:
             raise HttpError(HTTPStatus.CONFLICT, "no route injects credentials (auth inject)")
         try:
-            minted = self.tokens.mint(request.target, request.ttl)
+            minted = self.tokens.mint(request.target, request.ttl, request.user)
         except MintError as exc:
             status = {
                 "unknown": HTTPStatus.NOT_FOUND,
@@ -295,7 +296,7 @@ class ManagementApi:
                 "full": HTTPStatus.SERVICE_UNAVAILABLE,
             }[exc.kind]
             raise HttpError(status, str(exc)) from None
-        data = minted_json(minted.token, request.target, minted.expires, minted.ttl)
+        data = minted_json(minted.token, request.target, minted.expires, minted.ttl, request.user)
         return Reply(HTTPStatus.CREATED, json.dumps(data).encode(), headers=(
             ("cache-control", "no-store"),  # a credential: no cache keeps it
         ))  # fmt: skip

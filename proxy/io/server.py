@@ -545,6 +545,8 @@ class ChannelProxy:
             "bytes_c2s": relay.bytes["c2s"], "bytes_s2c": relay.bytes["s2c"],
             "messages_c2s": relay.messages["c2s"], "messages_s2c": relay.messages["s2c"],
         }  # fmt: skip
+        if relay.user is not None:  # inject: the token's user (POST /api/tokens "user")
+            fields["user"] = relay.user
         log.info("channel %d closed: %s", stats.conn, reason, extra={"fields": fields})
 
     def _effect(self, stats: ChannelStats, cmd: Command) -> str | None:

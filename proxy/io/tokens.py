@@ -97,7 +97,7 @@ class TokenDesk:
         """Whether keep_current has anything to do."""
         return bool(self._credentials)
 
-    def mint(self, target: str | None, ttl: float) -> Minted:
+    def mint(self, target: str | None, ttl: float, user: str | None = None) -> Minted:
         scope = target or ""
         policy = self.scopes.get(scope)
         what = f"target {target!r}" if target else "the main upstream"
@@ -114,11 +114,12 @@ class TokenDesk:
         token = secrets.token_urlsafe(TOKEN_BYTES)
         now = time.monotonic()
         try:
-            policy.viewers.mint(token.encode(), now + ttl, scope, now)
+            policy.viewers.mint(token.encode(), now + ttl, scope, now, user)
         except TooManyTokens as exc:
             raise MintError("full", str(exc)) from None
         expires = time.time() + ttl
-        log.info("token minted for %s, good for %g s to start one session", what, ttl)
+        whose = f" (user {user})" if user is not None else ""
+        log.info("token minted for %s%s, good for %g s to start one session", what, whose, ttl)
         return Minted(token, scope, expires, ttl)
 
     def revoke(self, digests: Iterable[bytes]) -> int:

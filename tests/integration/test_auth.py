@@ -230,7 +230,7 @@ def test_tokens_minted_and_written_while_the_proxy_runs(tmp_path: Path) -> None:
         config.write_text(config.read_text() + lab)
         extra = ("--config", str(config))
         with ProxyProcess(srv.port, tmp_path / "rec", tmp_path / "proxy", extra=extra) as proxy:
-            status, main = mint(proxy, ttl=60)
+            status, main = mint(proxy, ttl=60, user="alice@corp")
             assert status == 201 and main["target"] is None, main
             shot(proxy.port, main["token"], tmp_path / "main.ppm")
             used = refused(proxy.port, main["token"], tmp_path / "used.ppm")
@@ -255,6 +255,10 @@ def test_tokens_minted_and_written_while_the_proxy_runs(tmp_path: Path) -> None:
     assert "wrong viewer password or token" in reasons  # lab's token on the main route
     ok = [r.fields for r in recs if r.kind == "auth" and r.fields["by"] == "server"]
     assert len(ok) >= 6 and all(f["credential"] == "token" for f in ok)  # 3 sessions, 2+ each
+    # the session the token minted for alice opened says whose it is, on every channel
+    alices = [f for f in ok if f.get("user") == "alice@corp"]
+    assert len(alices) >= 2 and len(alices) == len([f for f in ok if "user" in f])
+    assert "token minted for the main upstream (user alice@corp)" in proxy.log()
     minted = [main["token"], for_lab["token"], short["token"]]
     assert_secrets_absent(proxy, PASSWORD, API_TOKEN, "file-token-4d2a", *minted)
 
@@ -282,7 +286,7 @@ def test_an_ended_sessions_token_cannot_bring_it_back(tmp_path: Path) -> None:
     from tests.integration.test_probe import api_call, viewer_in_background, wait_for
 
     tokens = tmp_path / "tokens"
-    tokens.write_text("tok-ended-1b7e\n")
+    tokens.write_text("tok-ended-1b7e user=carol\n")
     config = write_config(tmp_path, viewer_tokens_file=str(tokens), management="127.0.0.1:0")
     with peers(), QemuServer(guest="none", password=PASSWORD) as srv:
         assert srv.port is not None
@@ -297,7 +301,9 @@ def test_an_ended_sessions_token_cannot_bring_it_back(tmp_path: Path) -> None:
                     full = [s for s in data["sessions"] if len(s["channels"]) >= 4]
                     return full and full[0]
 
-                sid = wait_for(live_session, "the viewer's session")["connectionId"]
+                session = wait_for(live_session, "the viewer's session")
+                sid = session["connectionId"]
+                assert session["user"] == "carol"  # whom the broker gave the token to
                 # while it runs, its token links its channels (an inputs channel here)
                 assert relink(proxy.port, "tok-ended-1b7e", 3, sid) == 0
                 status, ended = api_call(proxy, "DELETE", f"/api/sessions/{sid}")
@@ -306,14 +312,15 @@ def test_an_ended_sessions_token_cannot_bring_it_back(tmp_path: Path) -> None:
             finally:
                 thread.join(60)
             assert relink(proxy.port, "tok-ended-1b7e", 1, sid) == 7  # PERMISSION_DENIED
-            tokens.write_text("tok-ended-1b7e\n# the file rewritten, the token listed\n")
+            tokens.write_text("tok-ended-1b7e user=carol\n# the file rewritten, the token listed\n")
             wait_for_log(proxy, "read: 1 token(s)")
             assert relink(proxy.port, "tok-ended-1b7e", 1, sid) == 7
             assert proxy.proc.poll() is None
     assert out and out[0].returncode == 0, out[0].summary if out else None
     assert f"ending session {sid} (" in proxy.log() and "its token revoked" in proxy.log()
-    reasons = [r.fields.get("reason") for r in records(proxy) if r.kind == "auth"]
-    assert reasons.count("token revoked: the operator ended its session") == 2
+    auth = [r.fields for r in records(proxy) if r.kind == "auth"]
+    revoked = [f for f in auth if f.get("reason", "").startswith("token revoked: the operator")]
+    assert len(revoked) == 2 and all(f["user"] == "carol" for f in revoked)
     assert_secrets_absent(proxy, PASSWORD, "tok-ended-1b7e")
 
 

@@ -117,7 +117,8 @@ def test_remote_viewer_with_a_token_minted_into_its_vv_file(tmp_path: Path) -> N
             front = f"http://127.0.0.1:{proxy.ports['connect']}"
             api = f"127.0.0.1:{proxy.ports['management']}"
             made = _spicetap(work, "vv", "vm1", "--config", str(config), "--proxy", front,
-                             "--mint-token", "--management", api, "-o", str(vv))
+                             "--mint-token", "--management", api, "--token-user", "dana",
+                             "-o", str(vv))
             assert made.returncode == 0, made.stderr
             text = vv.read_text()
             assert "delete-this-file=1\n" in text and "password=" in text
@@ -137,12 +138,13 @@ def test_remote_viewer_with_a_token_minted_into_its_vv_file(tmp_path: Path) -> N
                                 "--mint-token", "--management", api,
                                 "--management-token-file", str(wrong))
             assert refused.returncode == 2 and "401 wrong bearer token" in refused.stderr
-    assert "token minted for target 'vm1'" in proxy.log()
+    assert "token minted for target 'vm1' (user dana)" in proxy.log()
     archives = proxy.archives()
     assert archives and all(verify(a).status == "intact" for a in archives)
     recs = [r for a in archives for r in iter_records(a, [])]
     auth = [r.fields or {} for r in recs if r.kind == "auth"]
     auth = [f for f in auth if f["by"] == "server"]
     assert auth and all(f["result"] == "OK" and f["credential"] == "token" for f in auth)
+    assert all(f["user"] == "dana" for f in auth)  # whose the session was
     for blob in [a.read_bytes() for a in archives] + [proxy.log().encode()]:
         assert token.encode() not in blob and b"vm1-server-pw" not in blob

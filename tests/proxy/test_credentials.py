@@ -91,6 +91,20 @@ def test_the_token_of_a_session_the_operator_ended_admits_nothing_more(source: s
     assert not creds.revoke(token_digest(b"never-seen"))
 
 
+def test_a_token_names_its_user_to_every_channel_it_admits_or_not() -> None:
+    creds = ViewerCredentials(b"pw", [Token(b"file-tok", user="bob")])
+    creds.mint(b"minted", 100.0, "", 0.0, user="alice")
+    assert creds.check(b"minted", MAIN, 0, 1.0, "").user == "alice"
+    assert creds.check(b"minted", DISPLAY, SESSION, 2.0, "").user == "alice"
+    refused = creds.check(b"minted", MAIN, 0, 3.0, "")  # a second session: who tried
+    assert not refused.ok and refused.user == "alice"
+    assert creds.check(b"file-tok", MAIN, 0, 1.0, None).user == "bob"
+    assert creds.check(b"pw", MAIN, 0, 1.0, None).user is None  # a shared password
+    assert creds.check(b"nope", MAIN, 0, 1.0, None).user is None
+    creds.load_file([Token(b"file-tok", user="carol")])  # the broker says it again
+    assert creds.check(b"file-tok", DISPLAY, 9, 2.0, None).user == "carol"
+
+
 def test_a_revoked_file_token_stays_revoked_when_the_file_is_read_again() -> None:
     creds = ViewerCredentials(None, [Token(b"t"), Token(b"other")])
     assert open_session(creds, b"t", 0.0, None)

@@ -320,6 +320,20 @@ def test_a_token_expiry_that_is_no_time_is_refused(expiry: str) -> None:
         parse_tokens(f"ok 2000000000\nsecret-token {expiry}", 946684800.0, 0.0)
 
 
+def test_a_tokens_file_line_may_name_the_tokens_user() -> None:
+    text = "t1 2000-01-01T00:00:10Z user=alice@corp\nt2 user=bob # a comment\nt3\n"
+    t1, t2, t3 = parse_tokens(text, 946684800.0, 0.0)
+    assert (t1.user, t1.expires) == ("alice@corp", 10.0)
+    assert (t2.user, t2.expires, t3.user) == ("bob", None, None)
+    for bad, says in [
+        ("t user=", "line 1: a user name is not empty"),
+        ("t 1 2 user=x", r"line 1: expected TOKEN \[EXPIRY\] \[user=NAME\]"),
+        ("t user=" + "x" * 129, "line 1: a user name is at most 128 characters"),
+    ]:
+        with pytest.raises(ValueError, match=says):
+            parse_tokens(bad, 946684800.0, 0.0)
+
+
 def test_a_token_no_viewer_could_present_is_refused() -> None:
     with pytest.raises(ValueError, match="line 1: a token is at most 60 bytes") as exc:
         parse_tokens("t" * 61, 946684800.0, 0.0)
@@ -337,6 +351,22 @@ def test_inject_over_a_relay_with_a_token() -> None:
     # each channel keeps what the operator's end of its session revokes the token by
     assert w.relay.token == display.relay.token == token_digest(b"one-time")
     assert again.relay.token is None
+
+
+def test_the_auth_records_name_the_tokens_user() -> None:
+    policy = inject_policy(tokens=[Token(b"alices", user="alice")])
+    w = wire(policy)
+    assert linked_through(w, b"alices")
+    (ok,) = w.events("auth")
+    assert ok.fields["user"] == "alice" and ok.fields["result"] == "OK"
+    assert w.relay.user == "alice"
+    again = wire(policy)
+    assert linked_through(again, b"alices") == b""  # a second session, refused: who tried
+    (refused,) = again.events("auth")
+    assert refused.fields["user"] == "alice" and refused.fields["by"] == "spicetap"
+    other = wire(inject_policy())
+    assert linked_through(other, b"viewer-pw")
+    assert "user" not in other.events("auth")[0].fields and other.relay.user is None
 
 
 # -- tickets and records ---------------------------------------------------------------------

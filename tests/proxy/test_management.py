@@ -7,6 +7,7 @@ import contextlib
 import json
 import re
 import time
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -197,6 +198,15 @@ def test_sessions_json() -> None:
         "messages": {"c2s": 10, "s2c": 50},
     }
     json.dumps(data)  # JSON-ready as it is
+    assert session["user"] is None  # no token naming its user
+
+
+def test_a_session_says_whose_it_is_once_a_channel_knows() -> None:
+    """The main channel links with its token before the session has an id; the user its
+    token names shows on the session (a main channel alone, or after a display)."""
+    main = replace(view(0, MAIN, 0, 0.0), user="alice")
+    (session,) = sessions_json([main, view(1, DISPLAY, 5, 1.5)], TOTALS)["sessions"]
+    assert session["user"] == "alice"
 
 
 # -- metrics ---------------------------------------------------------------------------------

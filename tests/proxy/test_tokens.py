@@ -147,6 +147,7 @@ def test_token_requests() -> None:
     assert route("POST", "/api/tokens") == "/api/tokens"
     assert parse_mint(b"") == parse_mint(b"{}")
     assert parse_mint(b'{"target": "lab", "ttl": 30}').target == "lab"
+    assert parse_mint(b'{"user": "Alice Smith"}').user == "Alice Smith"
     for body, says in [
         (b"[]", "JSON object"),
         (b'{"target": 5}', '"target"'),
@@ -156,6 +157,10 @@ def test_token_requests() -> None:
         (b'{"ttl": 1e9}', '"ttl"'),
         (b'{"ttl": NaN}', '"ttl"'),
         (b'{"tll": 5}', "unknown key 'tll'"),
+        (b'{"user": ""}', '"user": a user name is not empty'),
+        (b'{"user": 7}', '"user": a user name is a string'),
+        (b'{"user": "a\\nb"}', '"user": a user name has printable characters only'),
+        (b'{"user": "' + b"x" * 129 + b'"}', '"user": a user name is at most 128'),
     ]:
         with pytest.raises(HttpError, match=says) as exc:
             parse_mint(body)
@@ -169,13 +174,17 @@ def api(desk: TokenDesk | None, token: bool = True) -> ManagementApi:
 
 async def test_minting_over_http() -> None:
     desk, _ = gateway()
-    body = json.dumps({"target": "lab", "ttl": 90}).encode()
+    body = json.dumps({"target": "lab", "ttl": 90, "user": "alice@corp"}).encode()
     status, headers, reply = await exchange(api(desk), request("POST", "/api/tokens", body, BEARER))
     assert status == 201 and headers["cache-control"] == "no-store"
     data = json.loads(reply)
-    assert set(data) == {"token", "target", "expires", "ttl"}
+    assert set(data) == {"token", "target", "expires", "ttl", "user"}
     assert data["target"] == "lab" and data["ttl"] == 90 and data["expires"].endswith("+00:00")
-    assert opens(desk.scopes["lab"], data["token"])
+    assert data["user"] == "alice@corp"
+    policy = desk.scopes["lab"]
+    assert policy.viewers is not None
+    verdict = policy.viewers.check(data["token"].encode(), MAIN, 0, time.monotonic(), "lab")
+    assert verdict.ok and verdict.user == "alice@corp"  # its sessions say whose they are
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, NamedTuple
+from urllib.parse import parse_qsl
 
 from dissectors.api import LINK, SPICE
 from proxy.core.credentials import user_problem
@@ -35,7 +36,7 @@ DEFAULT_PROBE_TIMEOUT = 5.0
 SESSION_PATH = "/api/sessions/"  # + a session's connectionId: that session
 # path -> allowed methods
 ROUTES = {
-    "/api/sessions": ("GET",),
+    "/api/sessions": ("GET", "DELETE"),
     SESSION_PATH + "{id}": ("DELETE",),
     "/api/spice/connect": ("POST",),
     "/api/tokens": ("POST",),
@@ -102,6 +103,29 @@ def route(method: str, target: str) -> str:
             HTTPStatus.METHOD_NOT_ALLOWED, f"{path} takes {allowed}", (("allow", allowed),)
         )
     return path
+
+
+def user_query(target: str) -> str | None:
+    """NAME in /api/sessions?user=NAME (None without a query); HttpError 400 for any
+    other query."""
+    query = target.partition("?")[2]
+    if not query:
+        return None
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True, max_num_fields=2)
+    except ValueError:
+        pairs = []
+    if len(pairs) != 1 or pairs[0][0] != "user":
+        raise _bad("the query: expected user=NAME, and nothing else")
+    problem = user_problem(pairs[0][1])
+    if problem is not None:
+        raise _bad(f"user: {problem}")
+    return pairs[0][1]
+
+
+def session_user(members: Iterable[ChannelView]) -> str | None:
+    """Whose a session is: the user its channels' token names, if any."""
+    return next((c.user for c in members if c.user is not None), None)
 
 
 def session_id(target: str) -> int:
@@ -362,17 +386,25 @@ def _channel_json(ch: ChannelView) -> dict[str, Any]:
 
 
 def sessions_json(
-    channels: list[ChannelView], totals: Totals, known: Mapping[int, int] | None = None
+    channels: list[ChannelView],
+    totals: Totals,
+    known: Mapping[int, int] | None = None,
+    user: str | None = None,
 ) -> dict[str, Any]:
-    """GET /api/sessions: live sessions with their channels and counters, plus totals.
-    Directions: c2s is viewer to server, s2c server to viewer."""
+    """GET /api/sessions: live sessions (`user`'s only, if named) with their channels and
+    counters, plus totals (the proxy's). Directions: c2s is viewer to server, s2c server
+    to viewer."""
     sessions = []
-    for sid, members in group_sessions(channels, known):
+    grouped = group_sessions(channels, known)
+    for sid, members in grouped:
+        whose = session_user(members)
+        if user is not None and whose != user:
+            continue
         first = members[0]
         sessions.append(
             {
                 "connectionId": sid,
-                "user": next((c.user for c in members if c.user is not None), None),
+                "user": whose,
                 "viewer": f"{first.viewer[0]}:{first.viewer[1]}",
                 "upstream": first.upstream,
                 "started": _iso(first.started),
@@ -384,7 +416,7 @@ def sessions_json(
     return {
         "sessions": sessions,
         "totals": {
-            "sessions": len(sessions),
+            "sessions": len(grouped),
             "channelsOpen": totals.channels_open,
             "channelsTotal": totals.channels_total,
             "channelErrors": totals.errors,

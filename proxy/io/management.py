@@ -2,7 +2,9 @@
 proxy/core/management.py):
 
     GET  /api/sessions        live sessions, their channels and counters, totals
+                              (?user=NAME: that user's only)
     DELETE /api/sessions/ID   end a session (and revoke the viewer token it linked with)
+    DELETE /api/sessions?user=NAME   end every session of that user
     POST /api/spice/connect   probe a SPICE server, as `spicetap probe --json` answers
     POST /api/tokens          mint a one-time viewer token (inject mode; needs the API token)
     POST /api/reload          re-read the config file (as SIGHUP does), say what changed
@@ -30,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from http import HTTPStatus
 from pathlib import Path
+from typing import Any
 
 import h11
 import trio
@@ -56,7 +59,9 @@ from proxy.core.management import (
     parse_reload,
     route,
     session_id,
+    session_user,
     sessions_json,
+    user_query,
 )
 from proxy.core.probe import to_json
 from proxy.core.throttle import LogThrottle
@@ -65,7 +70,7 @@ from proxy.io.guard import guarded
 from proxy.io.probe import ProbeTarget, probe
 from proxy.io.recording import RecordingSink
 from proxy.io.reloading import Reloader, ReloadFailed
-from proxy.io.server import ProxyState, Serving, peer_address, serve_listening
+from proxy.io.server import ChannelStats, ProxyState, Serving, peer_address, serve_listening
 from proxy.io.tokens import MintError, TokenDesk
 from proxy.tls import client_context
 
@@ -194,8 +199,16 @@ class ManagementApi:
     async def answer(self, method: str, target: str, body: bytes) -> Reply:
         path = route(method, target)
         if path == "/api/sessions":
+            user = user_query(target)
+            if method == "DELETE":
+                if user is None:
+                    raise HttpError(
+                        HTTPStatus.BAD_REQUEST,
+                        "name a session (/api/sessions/ID) or a user (/api/sessions?user=NAME)",
+                    )
+                return await self.end_user_sessions(user)
             channels = self.channels()
-            data = sessions_json(channels, self.totals(channels), self.known_sessions())
+            data = sessions_json(channels, self.totals(channels), self.known_sessions(), user)
             return Reply(HTTPStatus.OK, json.dumps(data).encode())
         if path == SESSION_PATH + "{id}":
             return await self.end_session(session_id(target))
@@ -246,35 +259,62 @@ class ManagementApi:
         members = next((m for s, m in grouped if s == sid), None)
         if members is None:
             raise HttpError(HTTPStatus.NOT_FOUND, f"no session {sid} (GET /api/sessions)")
-        conns = [ch.conn for ch in members]
-        ending = [stats for conn in conns if (stats := self.state.channels.get(conn))]
-        # first, so that no channel links with it as the session goes (inject mode)
-        tokens = [t for stats in ending if (t := stats.relay.token) is not None]
-        revoked = self.tokens.revoke(tokens) if self.tokens is not None else 0
-        fields = {
-            "event": "session_ended", "session": sid, "channels": len(conns),
-            "tokens_revoked": revoked,
-        }  # fmt: skip
-        log.info(
-            "management API: ending session %d (%d channel(s)%s) at the operator's request",
-            sid, len(conns), ", its token revoked" if revoked else "", extra={"fields": fields},
-        )  # fmt: skip
+        (data,) = await self._end_sessions([(sid, members)])
+        return Reply(HTTPStatus.OK, json.dumps(data).encode())
+
+    async def end_user_sessions(self, user: str) -> Reply:
+        """DELETE /api/sessions?user=NAME: every session whose token names that user, as
+        DELETE /api/sessions/ID ends one (none is no error: the user is out)."""
+        grouped = group_sessions(self.channels(), self.known_sessions())
+        picked = [(s, m) for s, m in grouped if session_user(m) == user]
+        ended = await self._end_sessions(picked)
+        data = {"success": all(e["success"] for e in ended), "user": user, "sessions": ended}
+        return Reply(HTTPStatus.OK, json.dumps(data).encode())
+
+    async def _end_sessions(
+        self, sessions: list[tuple[int | None, list[ChannelView]]]
+    ) -> list[dict[str, Any]]:
+        """End these sessions together, each answered as DELETE /api/sessions/ID is (a
+        session still without its id: None)."""
+        ending: list[tuple[int | None, list[int], list[ChannelStats], int]] = []
+        for sid, members in sessions:
+            conns = [ch.conn for ch in members]
+            stats = [st for conn in conns if (st := self.state.channels.get(conn))]
+            # first, so that no channel links with it as the session goes (inject mode)
+            tokens = [t for st in stats if (t := st.relay.token) is not None]
+            revoked = self.tokens.revoke(tokens) if self.tokens is not None else 0
+            user = session_user(members)
+            fields = {
+                "event": "session_ended", "session": sid, "channels": len(conns),
+                "tokens_revoked": revoked, "user": user,
+            }  # fmt: skip
+            log.info(
+                "management API: ending session %s (%s%d channel(s)%s) at the operator's "
+                "request",
+                sid, f"user {user}, " if user is not None else "", len(conns),
+                ", its token revoked" if revoked else "", extra={"fields": fields},
+            )  # fmt: skip
+            ending.append((sid, conns, stats, revoked))
         # each marked first: the server, seeing the main channel go, may close the others
         # before they are ended here, and that is this end too
-        for stats in ending:
-            stats.relay.ending = SESSION_ENDED
-        for stats in ending:
-            stats.end(SESSION_ENDED)
+        marked = [st for _sid, _conns, stats, _revoked in ending for st in stats]
+        for st in marked:
+            st.relay.ending = SESSION_ENDED
+        for st in marked:
+            st.end(SESSION_ENDED)
+        every = [conn for _sid, conns, _stats, _revoked in ending for conn in conns]
         for _ in range(round(ENDING_WAIT / 0.05)):  # a poll, bounded: the pumps are threads
-            if not any(conn in self.state.channels for conn in conns):
+            if not any(conn in self.state.channels for conn in every):
                 break
             await trio.sleep(0.05)
-        still = [conn for conn in conns if conn in self.state.channels]
-        data = {
-            "success": not still, "connectionId": sid, "channels": conns, "open": still,
-            "tokensRevoked": revoked,
-        }  # fmt: skip
-        return Reply(HTTPStatus.OK, json.dumps(data).encode())
+        answers = []
+        for sid, conns, _stats, revoked in ending:
+            still = [conn for conn in conns if conn in self.state.channels]
+            answers.append({
+                "success": not still, "connectionId": sid, "channels": conns, "open": still,
+                "tokensRevoked": revoked,
+            })  # fmt: skip
+        return answers
 
     def mint(self, body: bytes) -> Reply:
         """POST /api/tokens. Minting hands out access to a VM, so the API must have a token

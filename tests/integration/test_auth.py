@@ -280,9 +280,9 @@ def relink(port: int, token: str, channel_type: int, conn: int) -> int:
 
 def test_an_ended_sessions_token_cannot_bring_it_back(tmp_path: Path) -> None:
     """spice-server takes a main channel linking with an old session's connection id as
-    that session coming back. So when the operator ends a session (DELETE
-    /api/sessions/ID), the token it linked with is revoked: the viewer still holding it,
-    linking again with its session's id, is refused by spicetap."""
+    that session coming back. So when the operator ends a session (here all of one user's:
+    DELETE /api/sessions?user=NAME), the token it linked with is revoked: the viewer still
+    holding it, linking again with its session's id, is refused by spicetap."""
     from tests.integration.test_probe import api_call, viewer_in_background, wait_for
 
     tokens = tmp_path / "tokens"
@@ -297,18 +297,22 @@ def test_an_ended_sessions_token_cannot_bring_it_back(tmp_path: Path) -> None:
             try:
 
                 def live_session() -> Any:
-                    _, data = api_call(proxy, "GET", "/api/sessions")
+                    _, data = api_call(proxy, "GET", "/api/sessions?user=carol")
                     full = [s for s in data["sessions"] if len(s["channels"]) >= 4]
                     return full and full[0]
 
-                session = wait_for(live_session, "the viewer's session")
+                session = wait_for(live_session, "carol's session")
                 sid = session["connectionId"]
                 assert session["user"] == "carol"  # whom the broker gave the token to
+                _, nobody = api_call(proxy, "GET", "/api/sessions?user=dave")
+                assert nobody["sessions"] == [] and nobody["totals"]["sessions"] == 1
                 # while it runs, its token links its channels (an inputs channel here)
                 assert relink(proxy.port, "tok-ended-1b7e", 3, sid) == 0
-                status, ended = api_call(proxy, "DELETE", f"/api/sessions/{sid}")
-                assert status == 200 and ended["success"], ended
-                assert ended["tokensRevoked"] == 1
+                # the operator ends all of carol's sessions (here, the one)
+                status, ended = api_call(proxy, "DELETE", "/api/sessions?user=carol")
+                assert status == 200 and ended["success"] and ended["user"] == "carol", ended
+                (one,) = ended["sessions"]
+                assert one["connectionId"] == sid and one["tokensRevoked"] == 1
             finally:
                 thread.join(60)
             assert relink(proxy.port, "tok-ended-1b7e", 1, sid) == 7  # PERMISSION_DENIED
@@ -317,7 +321,8 @@ def test_an_ended_sessions_token_cannot_bring_it_back(tmp_path: Path) -> None:
             assert relink(proxy.port, "tok-ended-1b7e", 1, sid) == 7
             assert proxy.proc.poll() is None
     assert out and out[0].returncode == 0, out[0].summary if out else None
-    assert f"ending session {sid} (" in proxy.log() and "its token revoked" in proxy.log()
+    assert f"ending session {sid} (user carol, " in proxy.log()
+    assert "its token revoked" in proxy.log()
     auth = [r.fields for r in records(proxy) if r.kind == "auth"]
     revoked = [f for f in auth if f.get("reason", "").startswith("token revoked: the operator")]
     assert len(revoked) == 2 and all(f["user"] == "carol" for f in revoked)

@@ -27,6 +27,7 @@ from proxy.core.management import (
     route,
     session_id,
     sessions_json,
+    user_query,
 )
 from proxy.core.relay import ChannelRelay, Limits
 from proxy.io import management as shell
@@ -209,6 +210,21 @@ def test_a_session_says_whose_it_is_once_a_channel_knows() -> None:
     assert session["user"] == "alice"
 
 
+def test_one_users_sessions() -> None:
+    """GET /api/sessions?user=NAME lists that user's sessions; the totals stay the
+    proxy's."""
+    alice = [replace(view(0, MAIN, 5, 0.0), user="alice"), view(1, DISPLAY, 5, 0.5)]
+    bob = [replace(view(2, MAIN, 7, 1.0, viewer="10.0.0.2"), user="bob")]
+    channels = [*alice, *bob, view(3, MAIN, 9, 2.0, viewer="10.0.0.3")]
+    everyone = sessions_json(channels, TOTALS)
+    assert [s["user"] for s in everyone["sessions"]] == ["alice", "bob", None]
+    only = sessions_json(channels, TOTALS, None, user_query("/api/sessions?user=alice"))
+    assert [s["connectionId"] for s in only["sessions"]] == [5]
+    assert only["totals"]["sessions"] == 3
+    assert user_query("/api/sessions?user=Alice%20Smith") == "Alice Smith"
+    assert user_query("/api/sessions") is None
+
+
 # -- metrics ---------------------------------------------------------------------------------
 SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[a-z_]+="[^"\\]*",?)*\})? (-?[0-9.e+]+)$')
 
@@ -340,7 +356,11 @@ async def test_metrics_over_http() -> None:
     [
         (b"GARBAGE\r\n\r\n", 400),
         (request("GET", "/nothing"), 404),
-        (request("DELETE", "/api/sessions"), 405),
+        (request("DELETE", "/api/sessions"), 400),  # whose? (/api/sessions?user=NAME)
+        (request("PUT", "/api/sessions"), 405),
+        (request("GET", "/api/sessions?usr=a"), 400),
+        (request("GET", "/api/sessions?user=a&user=b"), 400),
+        (request("DELETE", "/api/sessions?user="), 400),
         (request("POST", "/api/spice/connect", b"{}"), 400),
         (request("POST", "/api/spice/connect", b"x" * 70_000), 413),
         (b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X-Pad: y\r\n" * 3000, 431),  # never ends
@@ -353,7 +373,7 @@ async def test_bad_requests_get_an_error_status_and_json(raw: bytes, status: int
     assert got == status
     assert "error" in json.loads(body)
     if status == 405:
-        assert headers["allow"] == "GET"
+        assert headers["allow"] == "GET, DELETE"
 
 
 async def test_chunked_body_over_the_limit_is_413() -> None:
@@ -391,7 +411,7 @@ async def test_client_vanishing_mid_request_is_quiet(caplog: Any, sent: bytes) -
 async def test_head_gets_the_headers_without_a_body() -> None:
     """h11 refuses a body in a reply to HEAD: the client once got no reply at all."""
     status, headers, body = await exchange(api(), request("HEAD", "/api/sessions"))
-    assert status == 405 and headers["allow"] == "GET" and body == b""
+    assert status == 405 and headers["allow"] == "GET, DELETE" and body == b""
     status, _, body = await exchange(api(), request("HEAD", "/nowhere"))
     assert status == 404 and body == b""
 

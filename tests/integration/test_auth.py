@@ -283,7 +283,7 @@ def test_an_ended_sessions_token_cannot_bring_it_back(tmp_path: Path) -> None:
     that session coming back. So when the operator ends a session (here all of one user's:
     DELETE /api/sessions?user=NAME), the token it linked with is revoked: the viewer still
     holding it, linking again with its session's id, is refused by spicetap."""
-    from tests.integration.test_probe import api_call, viewer_in_background, wait_for
+    from tests.integration.test_probe import api_call, viewer_in_background, wait_for_session
 
     tokens = tmp_path / "tokens"
     tokens.write_text("tok-ended-1b7e user=carol\n")
@@ -295,13 +295,7 @@ def test_an_ended_sessions_token_cannot_bring_it_back(tmp_path: Path) -> None:
             viewer = SpiceEndpoint(port=proxy.port, password="tok-ended-1b7e")
             thread, out = viewer_in_background(viewer, tmp_path / "client", 40)
             try:
-
-                def live_session() -> Any:
-                    _, data = api_call(proxy, "GET", "/api/sessions?user=carol")
-                    full = [s for s in data["sessions"] if len(s["channels"]) >= 4]
-                    return full and full[0]
-
-                session = wait_for(live_session, "carol's session")
+                session = wait_for_session(proxy, 4, "?user=carol")
                 sid = session["connectionId"]
                 assert session["user"] == "carol"  # whom the broker gave the token to
                 _, nobody = api_call(proxy, "GET", "/api/sessions?user=dave")

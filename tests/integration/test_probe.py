@@ -262,6 +262,18 @@ def wait_for(check: Callable[[], Any], what: str, timeout: float = 20.0) -> Any:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def wait_for_session(proxy: ProxyProcess, channels: int, query: str = "") -> Any:
+    """The first session in GET /api/sessions (with `query`, e.g. "?user=NAME") once it
+    has `channels` channels open."""
+
+    def live_session() -> Any:
+        _, data = api_call(proxy, "GET", "/api/sessions" + query)
+        full = [s for s in data["sessions"] if len(s["channels"]) >= channels]
+        return full and full[0]
+
+    return wait_for(live_session, f"a session of {channels} channels in /api/sessions{query}")
+
+
 def test_probe_leaves_the_connected_viewer_alone_unless_full_link(
     plain_qemu: QemuServer, tmp_path: Path
 ) -> None:
@@ -444,14 +456,7 @@ def test_the_operator_ends_a_session_and_its_archive_says_why(
     with the reason, and the proxy serves the next viewer."""
     thread, result = viewer_in_background(SpiceEndpoint(port=proxy.port), tmp_path / "client", 40)
     try:
-
-        def live_session() -> Any:
-            _, data = api_call(proxy, "GET", "/api/sessions")
-            full = [s for s in data["sessions"] if len(s["channels"]) >= 5]
-            return full and full[0]
-
-        session = wait_for(live_session, "a session with its channels in /api/sessions")
-        sid = session["connectionId"]
+        sid = wait_for_session(proxy, 5)["connectionId"]
         status, missing = api_call(proxy, "DELETE", f"/api/sessions/{sid ^ 1}")
         assert status == 404 and "no session" in missing["error"]
         status, ended = api_call(proxy, "DELETE", f"/api/sessions/{sid}")

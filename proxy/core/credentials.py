@@ -77,10 +77,6 @@ class Readmission:
     used: bool = False
 
 
-def readmission_for(presented: bytes) -> Readmission:
-    return Readmission(token_digest(presented))
-
-
 class TooManyTokens(Exception):
     """mint() refused: MAX_MINTED tokens wait to be redeemed."""
 

@@ -34,13 +34,7 @@ from typing import Any
 
 from dissectors.api import LINK
 from proxy.core.capmask import CapMask
-from proxy.core.credentials import (
-    MAIN,
-    Readmission,
-    ViewerCredentials,
-    readmission_for,
-    token_digest,
-)
+from proxy.core.credentials import MAIN, Readmission, ViewerCredentials, token_digest
 from proxy.core.framing import (
     C2S,
     CAP_AUTH_SASL,
@@ -293,9 +287,9 @@ class LinkRewriter:
                 return None
             if verdict.credential == "token":
                 self.token = token_digest(password)
-            if verdict.credential == "token" and self.viewer.channel_type == MAIN:
-                # should this session migrate, its token may open one at the destination
-                self.readmission = readmission_for(password)
+                if self.viewer.channel_type == MAIN:
+                    # should this session migrate, its token may open one at the destination
+                    self.readmission = Readmission(self.token)
             self.credential, password = verdict.credential, real
         try:
             return encrypt_ticket(server_key, password)

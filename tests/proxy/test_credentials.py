@@ -13,10 +13,10 @@ from proxy.core.credentials import (
     BIND_WINDOW,
     MAX_MINTED,
     SESSION_GONE,
+    Readmission,
     Token,
     TooManyTokens,
     ViewerCredentials,
-    readmission_for,
     token_digest,
 )
 
@@ -60,7 +60,7 @@ def test_a_migrated_session_may_start_one_session_at_its_destination() -> None:
     creds = ViewerCredentials(None, [Token(b"t"), Token(b"other")])
     assert open_session(creds, b"t", 0.0, None)
     assert open_session(creds, b"other", 0.0, None)
-    readmit = readmission_for(b"t")
+    readmit = Readmission(token_digest(b"t"))
     assert not creds.check(b"t", MAIN, 0, 9.0, None).ok  # elsewhere: still used
     assert not creds.check(b"other", MAIN, 0, 9.0, None, readmit).ok  # another token
     verdict = creds.check(b"t", MAIN, 0, 10.0, None, readmit)
@@ -86,7 +86,7 @@ def test_the_token_of_a_session_the_operator_ended_admits_nothing_more(source: s
     assert creds.check(b"t", MAIN, SESSION, 2.0, "lab").ok  # the way back in, until...
     assert creds.revoke(token_digest(b"t"))
     for channel, conn in ((MAIN, SESSION), (DISPLAY, SESSION), (MAIN, 0)):
-        verdict = creds.check(b"t", channel, conn, 3.0, "lab", readmission_for(b"t"))
+        verdict = creds.check(b"t", channel, conn, 3.0, "lab", Readmission(token_digest(b"t")))
         assert (verdict.ok, verdict.reason) == (False, REVOKED), (channel, conn)
     assert not creds.revoke(token_digest(b"never-seen"))
 

@@ -112,6 +112,9 @@ class Refuse:
     """spicetap ended the link itself (after delivering its own link result)."""
 
     reason: str
+    # the viewer's credentials were wrong (or its ticket unreadable): a failed attempt
+    # to count against its address (lockout.py); not when the server's key was at fault
+    viewer_failed: bool = True
 
 
 Step = Deliver | Note | Refuse | ChannelError
@@ -263,7 +266,7 @@ class LinkRewriter:
         key, server_key = self.policy.key, self.server_key
         assert key is not None  # LinkPolicy checks it for these modes
         if server_key is None:
-            self._deny("no public key from the server to encrypt for")
+            self._deny("no public key from the server to encrypt for", viewer_failed=False)
             return None
         try:
             password = key.decrypt(ticket)
@@ -293,18 +296,18 @@ class LinkRewriter:
             self.credential, password = verdict.credential, real
         try:
             return encrypt_ticket(server_key, password)
-        except TicketError as exc:
-            self._deny(str(exc))
+        except TicketError as exc:  # the server's key cannot take it
+            self._deny(str(exc), viewer_failed=False)
             return None
 
-    def _deny(self, reason: str) -> None:
+    def _deny(self, reason: str, *, viewer_failed: bool = True) -> None:
         """Answer the viewer PERMISSION_DENIED ourselves; nothing goes upstream."""
         self._out.append(Deliver(S2C, U32.pack(PERMISSION_DENIED)))
         fields = {"mode": self.policy.auth, "result": "PERMISSION_DENIED", "by": "spicetap"}
         if self.user is not None:  # a token that names its user, refused
             fields["user"] = self.user
         self._out.append(Note(S2C, "auth", self.policy.auth, {**fields, "reason": reason}))
-        self._stop(Refuse(f"viewer authentication refused by spicetap: {reason}"))
+        self._stop(Refuse(f"viewer authentication refused by spicetap: {reason}", viewer_failed))
 
 
 __all__ = ["AUTH_MODES", "Deliver", "LinkPolicy", "LinkRewriter", "Note", "Refuse", "Step"]

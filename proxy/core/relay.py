@@ -20,7 +20,14 @@ from typing import Any
 
 from proxy.core.credentials import Readmission
 from proxy.core.framing import C2S, S2C, U32, ChannelError, ChannelFramer, LinkUnit
-from proxy.core.linkrewrite import Deliver, LinkPolicy, LinkRewriter, Note, Refuse
+from proxy.core.linkrewrite import (
+    PERMISSION_DENIED,
+    Deliver,
+    LinkPolicy,
+    LinkRewriter,
+    Note,
+    Refuse,
+)
 from proxy.core.migration import (
     INIT,
     MIGRATION_MESSAGES,
@@ -106,7 +113,16 @@ class Redirect:
     message: str  # migrate_begin, migrate_begin_seamless or migrate_switch_host
 
 
-Command = Forward | RecordData | RecordEvent | Close | Log | Redirect
+@dataclass(frozen=True, slots=True)
+class AuthFailed:
+    """The viewer's credentials were refused, by spicetap's inject check or by the server
+    (PERMISSION_DENIED after a ticket, or SASL's failure): the shell counts it against the
+    viewer's address (proxy/core/lockout.py)."""
+
+    by: str  # "spicetap" or "server"
+
+
+Command = Forward | RecordData | RecordEvent | Close | Log | Redirect | AuthFailed
 
 
 class ChannelRelay:
@@ -153,6 +169,9 @@ class ChannelRelay:
         self.token: bytes | None = None  # inject: the digest of the token it linked with
         self.user: str | None = None  # inject: whom that token was given to, if it says
         self.destination_policy: LinkPolicy | None = None
+        # inject: the server checks spicetap's own password, so its refusal is no failure
+        # of the viewer's (which spicetap checked already)
+        self.server_checks_viewer = policy is None or policy.auth != "inject"
         self.started = now
         self.last_activity = now
         self.linked = False  # the link stage finished (both sides)
@@ -233,11 +252,21 @@ class ChannelRelay:
                 self._broken(ev, commands)
                 return
             if isinstance(ev, LinkUnit):
+                if ev.direction == S2C and self._viewer_refused(ev):
+                    commands.append(AuthFailed("server"))
                 # done: a result (after a ticket or SASL; with a SASL security layer, SASL's
                 # own: what follows is opaque), or a refused link (e.g. NEED_SECURED)
                 refused = ev.kind == "link_reply" and bool(self.guard.link_error)
                 if refused or self.guard.link_over:
                     self.linked = True
+
+    def _viewer_refused(self, unit: LinkUnit) -> bool:
+        """Whether the server's `unit` refuses the viewer's credentials: PERMISSION_DENIED
+        as the link result (after a ticket or SASL), or SASL's own result not 0."""
+        if not self.server_checks_viewer or unit.kind not in ("link_result", "sasl_result"):
+            return False
+        code: int = U32.unpack(unit.data)[0]
+        return code == PERMISSION_DENIED if unit.kind == "link_result" else code != 0
 
     def _session_refused(self) -> bool:
         """A main channel linking with connection id 0 begins a new session: refused (the
@@ -397,6 +426,8 @@ class ChannelRelay:
                 )
             elif isinstance(step, Refuse):
                 self.closed = True
+                if step.viewer_failed:
+                    commands.append(AuthFailed("spicetap"))
                 commands += (Log(step.reason), Close(step.reason, error=False))
             else:
                 self._broken(step, commands)
@@ -509,6 +540,7 @@ def _dest_fields(dest: Destination) -> dict[str, Any]:
 
 __all__ = [
     "S2C",
+    "AuthFailed",
     "ChannelRelay",
     "Close",
     "Command",

@@ -19,6 +19,7 @@ import trio
 from proxy import logs
 from proxy.core import framing
 from proxy.core.admission import Admission
+from proxy.core.lockout import Lockout
 from proxy.core.relay import MAIN, Limits
 from proxy.fronts import Fronts, build_fronts, named, pick
 from proxy.io import ends
@@ -168,6 +169,16 @@ def add_proxy_command(sub: Any) -> None:
         "it new ones are closed at once. Default: what the open-files limit allows",
     )
     p.add_argument(
+        "--lockout-failures",
+        type=_failures,
+        metavar="N",
+        help="lock a viewer address out after N failed authentications (a wrong password "
+        "or token, refused by spicetap or the server) within --lockout-window; its links "
+        "are then refused for --lockout-seconds. 0: never. Default 10",
+    )
+    p.add_argument("--lockout-window", type=_positive_seconds, metavar="SECONDS")
+    p.add_argument("--lockout-seconds", type=_positive_seconds, metavar="SECONDS")
+    p.add_argument(
         "--management",
         type=_nonempty,
         metavar="HOST:PORT",
@@ -238,6 +249,12 @@ def _positive_mb(text: str) -> int:
 
 def _positive_connections(text: str) -> int:
     return _positive_int(text, "connections")
+
+
+def _failures(text: str) -> int:
+    if text.strip() == "0":
+        return 0
+    return _positive_int(text, "failures, or 0")
 
 
 def _nonempty(text: str) -> str:
@@ -456,7 +473,7 @@ async def _serve(
     """Serve every front until SIGINT/SIGTERM (or SIGHUP without a config file to
     re-read); SIGHUP with one reloads it. `service`: systemd, told of each step."""
     service = service or ServiceManager({})
-    state = ProxyState(admission=admission)
+    state = ProxyState(admission=admission, lockout=Lockout(fronts.lockout))
     logger = logging.getLogger("spicetap.proxy")
     proxy = ChannelProxy(limits, recorder, state, fronts.link_policy)
     tokens = TokenDesk(fronts.scopes, fronts.link_policy)
@@ -492,7 +509,8 @@ async def _serve(
         if management is not None:
             api = "HTTPS API" if management.https is not None else "HTTP API"
             api += ", token required" if management.token is not None else ""
-            paths = "/api/sessions /api/spice/connect /api/tokens /api/reload /metrics"
+            paths = "/api/sessions /api/spice/connect /api/tokens /api/reload /api/lockouts "
+            paths += "/metrics"
             await start(
                 "management", management.listen, f"{api}: {paths}",
                 nursery.start, serve_management, management, state, recorder, tokens, reloader,

@@ -15,6 +15,7 @@ from typing import Any
 
 from proxy.core.allow import AllowList, AllowListError
 from proxy.core.credentials import ViewerCredentials
+from proxy.core.lockout import LockoutPolicy
 from proxy.core.relay import Limits, LinkPolicy
 from proxy.core.websocket import origin_is_valid
 from proxy.io.connect import ConnectFront
@@ -302,6 +303,7 @@ class Fronts:
     limits: Limits
     follow_migration: bool = True  # for channels from then on
     max_connections: int | None = None  # None: what the open-files limit serves
+    lockout: LockoutPolicy = field(default_factory=LockoutPolicy)
     # the management API's bearer token (read again at each reload: rotation); None: none
     api_token: bytes | None = field(default=None, repr=False)
     # what new sessions' archives get (set by the proxy's command, not build_fronts);
@@ -364,9 +366,14 @@ def build_fronts(
     )
     follow = bool(pick(args.follow_migration, cp.follow_migration))
     max_connections = pick(args.max_connections, cp.max_connections)
+    lockout = LockoutPolicy(
+        failures=pick(args.lockout_failures, cp.lockout_failures),
+        window=pick(args.lockout_window, cp.lockout_window),
+        duration=pick(args.lockout_seconds, cp.lockout_seconds),
+    )
     return Fronts(
         link_policy, targets, routes, connect, websocket, scopes, limits, follow, max_connections,
-        management_token(args, cp),
+        lockout, management_token(args, cp),
         management_tls=_management_certificate(args, cp, previous),
     )  # fmt: skip
 

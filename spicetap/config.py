@@ -38,6 +38,11 @@ class ProxySection:
     # connections served at once (each holds two file descriptors); None: what the
     # open-files limit allows (proxy/core/admission.py)
     max_connections: int | None = None
+    # lock out a viewer address after this many failed authentications within
+    # lockout_window seconds, for lockout_seconds (proxy/core/lockout.py); 0: never
+    lockout_failures: int = 10
+    lockout_window: float = 300.0
+    lockout_seconds: float = 300.0
     # link-stage rewrites (proxy/core/linkrewrite.py): caps to clear, authentication mode
     mask_caps: tuple[str, ...] = ()  # "display:codec_h264", "common:mini_header", ...
     auth: str = "pass-through"  # or "intercept", "inject"
@@ -153,9 +158,9 @@ _TYPES = {int: "an integer", float: "a number", bool: "true or false", str: "a s
 TARGET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 
 
-# Numbers that may be zero (a flush on every record, no buffer) or negative (niceness, whose
-# range the recorder checks); every other number must be positive.
-MAY_BE_ZERO = {"flush_interval", "max_buffer"}
+# Numbers that may be zero (a flush on every record, no buffer, no lockout) or negative
+# (niceness, whose range the recorder checks); every other number must be positive.
+MAY_BE_ZERO = {"flush_interval", "max_buffer", "lockout_failures"}
 MAY_BE_NEGATIVE = {"nice"}
 MAY_BE_EMPTY = {"server_password", "viewer_password"}  # a SPICE ticket may be empty
 

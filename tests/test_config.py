@@ -54,6 +54,8 @@ def test_example_config_loads() -> None:
         ("[proxy]\nidle_timeout = inf\n", "idle_timeout = inf: expected a positive number"),
         ("[proxy]\nmax_message = -1\n", "max_message = -1: expected a positive number"),
         ("[proxy]\nmax_connections = 0\n", "max_connections = 0: expected a positive number"),
+        ("[proxy]\nlockout_failures = -2\n", "lockout_failures = -2: expected 0 or more"),
+        ("[proxy]\nlockout_seconds = 0\n", "lockout_seconds = 0: expected a positive number"),
         ("[recording]\nflush_interval = -1\n", "flush_interval = -1: expected 0 or more"),
         ("[recording]\nrotate_seconds = 0\n", "rotate_seconds = 0: expected a positive number"),
         ("[proxy]\nupstream = ''\n", "[proxy] upstream = '': expected a value"),

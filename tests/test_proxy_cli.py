@@ -103,6 +103,8 @@ def test_bad_fronts_are_one_line_errors(
         (["proxy", "--idle-timeout", "0"], "spicetap proxy: error: argument --idle-timeout"),
         (["proxy", "--max-message", "-1"], "spicetap proxy: error: argument --max-message"),
         (["proxy", "--max-connections", "0"], "spicetap proxy: error: argument --max-connecti"),
+        (["proxy", "--lockout-failures", "-1"], "spicetap proxy: error: argument --lockout-fail"),
+        (["proxy", "--lockout-window", "0"], "spicetap proxy: error: argument --lockout-window"),
         (["proxy", "--flush-interval", "inf"], "spicetap proxy: error: argument --flush-interval"),
         (["proxy", "--upstream", ""], "spicetap proxy: error: argument --upstream: expected a"),
         (["proxy", "--tls-listen", " "], "spicetap proxy: error: argument --tls-listen"),

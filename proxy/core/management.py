@@ -26,6 +26,7 @@ from urllib.parse import parse_qsl
 
 from dissectors.api import LINK, SPICE
 from proxy.core.credentials import user_problem
+from proxy.core.lockout import IPV6_PREFIX, Entry, LockoutPolicy
 from proxy.core.probe import check_password
 
 DIRECTIONS = ("c2s", "s2c")
@@ -41,6 +42,7 @@ ROUTES = {
     "/api/spice/connect": ("POST",),
     "/api/tokens": ("POST",),
     "/api/reload": ("POST",),
+    "/api/lockouts": ("GET", "DELETE"),
     "/metrics": ("GET",),
 }
 
@@ -121,6 +123,59 @@ def user_query(target: str) -> str | None:
     if problem is not None:
         raise _bad(f"user: {problem}")
     return pairs[0][1]
+
+
+def address_query(target: str) -> str | None:
+    """ADDRESS in /api/lockouts?address=ADDRESS (None without a query): an IP address, or
+    an IPv6 /64 as GET /api/lockouts lists it; HttpError 400 for anything else."""
+    query = target.partition("?")[2]
+    if not query:
+        return None
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True, max_num_fields=2)
+    except ValueError:
+        pairs = []
+    if len(pairs) != 1 or pairs[0][0] != "address":
+        raise _bad("the query: expected address=ADDRESS, and nothing else")
+    address = pairs[0][1]
+    try:
+        if "/" in address:
+            network = ipaddress.IPv6Network(address)
+            if network.prefixlen != IPV6_PREFIX:
+                raise ValueError(address)
+        else:
+            ipaddress.ip_address(address)
+    except ValueError:
+        raise _bad(f"address: {address[:60]!r} is no IP address (nor an IPv6 /64)") from None
+    return address
+
+
+def lockouts_json(
+    entries: Sequence[Entry], policy: LockoutPolicy, counts: LockoutCounts
+) -> dict[str, Any]:
+    """GET /api/lockouts: the addresses locked out, and those with failures counted."""
+    return {
+        "policy": {
+            "failures": policy.failures,
+            "window": policy.window,
+            "duration": policy.duration,
+        },
+        "addresses": [
+            {
+                "address": e.address,
+                "failures": e.failures,
+                "locked": e.locked_for > 0,
+                "lockedFor": math.ceil(e.locked_for),
+            }
+            for e in entries
+        ],
+        "totals": {
+            "failures": counts.failures,
+            "lockouts": counts.lockouts,
+            "refused": counts.refused,
+            "lockedNow": counts.locked_now,
+        },
+    }
 
 
 def session_user(members: Iterable[ChannelView]) -> str | None:
@@ -301,6 +356,15 @@ class ConnectionCounts(NamedTuple):
     sessions_refused: int  # new sessions refused in the reserve kept for running ones
 
 
+class LockoutCounts(NamedTuple):
+    """Failed authentications and lockouts (proxy/core/lockout.py), since start."""
+
+    failures: int  # viewers' credentials refused, by spicetap or a server
+    lockouts: int  # addresses locked out
+    refused: int  # connections refused while their address was locked out
+    locked_now: int
+
+
 @dataclass(frozen=True)
 class Totals:
     channels_open: int
@@ -309,6 +373,7 @@ class Totals:
     bytes: Mapping[str, int]  # every channel so far, open or closed
     messages: Mapping[str, int]
     connections: ConnectionCounts | None = None  # None: no cap
+    lockout: LockoutCounts | None = None
 
 
 @dataclass(frozen=True)
@@ -527,6 +592,26 @@ def metrics_text(
             "New sessions refused in the connections kept for sessions already begun.",
         )
         m.sample("spicetap_sessions_refused_total", sessions_refused)
+    if totals.lockout is not None:
+        failures, lockouts, refused, locked_now = totals.lockout
+        m.family(
+            "spicetap_auth_failures_total",
+            "counter",
+            "Viewers' credentials refused (by spicetap's inject check or by a server).",
+        )
+        m.sample("spicetap_auth_failures_total", failures)
+        m.family(
+            "spicetap_lockouts_total", "counter", "Viewer addresses locked out after failures."
+        )
+        m.sample("spicetap_lockouts_total", lockouts)
+        m.family(
+            "spicetap_lockout_refused_total",
+            "counter",
+            "Connections refused because their address was locked out.",
+        )
+        m.sample("spicetap_lockout_refused_total", refused)
+        m.family("spicetap_addresses_locked_out", "gauge", "Viewer addresses locked out now.")
+        m.sample("spicetap_addresses_locked_out", locked_now)
     if recorder is not None:
         m.family(
             "spicetap_recorder_backlog", "gauge", "Items waiting for room in the recording ring."

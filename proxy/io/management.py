@@ -8,6 +8,8 @@ proxy/core/management.py):
     POST /api/spice/connect   probe a SPICE server, as `spicetap probe --json` answers
     POST /api/tokens          mint a one-time viewer token (inject mode; needs the API token)
     POST /api/reload          re-read the config file (as SIGHUP does), say what changed
+    GET  /api/lockouts        viewer addresses locked out after failed authentications
+    DELETE /api/lockouts?address=ADDRESS   release one (without the query: every one)
     GET  /metrics             Prometheus text
 
 One request per connection (answered with "Connection: close"): the API is small and
@@ -40,6 +42,7 @@ import trio
 from proxy.core.admission import Admission
 from proxy.core.framing import C2S, S2C
 from proxy.core.http import MAX_HEAD, BoundedServer
+from proxy.core.lockout import address_key
 from proxy.core.management import (
     SESSION_PATH,
     CertificateView,
@@ -47,11 +50,14 @@ from proxy.core.management import (
     ConnectionCounts,
     Headers,
     HttpError,
+    LockoutCounts,
     RecorderView,
     Totals,
+    address_query,
     authorize,
     error_body,
     group_sessions,
+    lockouts_json,
     metrics_text,
     minted_json,
     parse_connect,
@@ -162,6 +168,18 @@ class ManagementApi:
             connections=None
             if (a := s.admission) is None
             else ConnectionCounts(a.open, a.refused, a.limit, a.sessions_refused),
+            lockout=None if s.lockout is None else self.lockout_counts(),
+        )
+
+    def lockout_counts(self) -> LockoutCounts:
+        lockout = self.state.lockout
+        assert lockout is not None
+        now = time.monotonic()
+        return LockoutCounts(
+            lockout.failures_total,
+            lockout.lockouts_total,
+            lockout.refused_total,
+            lockout.locked_count(now),
         )
 
     def known_sessions(self) -> dict[int, int]:
@@ -221,6 +239,8 @@ class ManagementApi:
             return self.mint(body)
         if path == "/api/reload":
             return await self.reload(body)
+        if path == "/api/lockouts":
+            return self.lockouts(method, address_query(target))
         request = parse_connect(body)
         tls = None
         if request.tls:
@@ -340,6 +360,29 @@ class ManagementApi:
         return Reply(HTTPStatus.CREATED, json.dumps(data).encode(), headers=(
             ("cache-control", "no-store"),  # a credential: no cache keeps it
         ))  # fmt: skip
+
+    def lockouts(self, method: str, address: str | None) -> Reply:
+        """GET /api/lockouts: addresses locked out or with failures counted (`address`'s
+        only, if named); DELETE: release `address` (or every address), 200 saying which
+        were locked."""
+        lockout = self.state.lockout
+        if lockout is None:
+            raise HttpError(HTTPStatus.CONFLICT, "no lockout in this proxy")
+        if method == "DELETE":
+            released = lockout.release(address)
+            fields = {"event": "lockout_released", "addresses": released}
+            log.info(
+                "management API: %s released from lockout",
+                ", ".join(released) or "no locked address", extra={"fields": fields},
+            )  # fmt: skip
+            data = {"success": True, "released": released}
+            return Reply(HTTPStatus.OK, json.dumps(data).encode())
+        entries = lockout.entries(time.monotonic())
+        if address is not None:
+            key = address_key(address)
+            entries = [e for e in entries if e.address == key]
+        data = lockouts_json(entries, lockout.policy, self.lockout_counts())
+        return Reply(HTTPStatus.OK, json.dumps(data).encode())
 
     async def reload(self, body: bytes) -> Reply:
         """POST /api/reload: 200 with what changed ("success" false when a listener could

@@ -303,6 +303,11 @@ class Reloader:
         proxy.limits = replace(fronts.limits, max_message=proxy.limits.max_message)
         if proxy.state.admission is not None:
             _resize(proxy.state.admission, fronts.max_connections, old.max_connections)
+        lockout = proxy.state.lockout
+        if lockout is not None and lockout.policy != fronts.lockout:
+            # the addresses' counts and locks stay: a reload is no way out of a lockout
+            lockout.policy = fronts.lockout
+            log.info("reload: lockout: %s", fronts.lockout.describe())
         listeners.follow(fronts.follow_migration)
         self.tokens.reconfigure(fronts.scopes, fronts.link_policy)
         targets = target_changes(self.config.targets, config.targets)

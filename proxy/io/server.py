@@ -24,10 +24,12 @@ import trio
 
 from proxy.core.admission import Admission
 from proxy.core.framing import C2S, LINK_ASKS, S2C, link_asks
+from proxy.core.lockout import Lockout, address_key
 from proxy.core.management import channel_name
 from proxy.core.migration import Destination, MigrationUnavailable
 from proxy.core.relay import (
     MAIN,
+    AuthFailed,
     ChannelRelay,
     Close,
     Command,
@@ -42,6 +44,7 @@ from proxy.core.relay import (
 )
 from proxy.io.ends import End, PlainEnd, tls_end, tls_error_text
 from proxy.io.guard import guarded
+from proxy.io.lockout import refuse_link, refuse_link_blocking
 from proxy.io.oserrors import os_reason
 from proxy.io.pumps import SINK_GONE_GRACE, ThreadedChannel
 from proxy.io.recording import RecordingSink
@@ -115,6 +118,8 @@ class ProxyState:
     total_channels: int = 0
     errors: int = 0
     admission: Admission | None = None  # None: no cap on connections
+    # viewer addresses that fail authentication too often (None: not counted)
+    lockout: Lockout | None = None
     # bytes and messages of channels already closed, so the metrics' totals only grow
     closed_bytes: dict[str, int] = field(default_factory=lambda: {"c2s": 0, "s2c": 0})
     closed_messages: dict[str, int] = field(default_factory=lambda: {"c2s": 0, "s2c": 0})
@@ -175,9 +180,14 @@ class ChannelProxy:
         trio (the shell for fronts that hand over a stream: CONNECT, WebSocket). `client`
         overrides the viewer's address (e.g. the browser behind a WebSocket); with
         `migration`, a live migration's destination is served there so the viewer stays."""
+        client = client or peer_address(viewer)
+        if self._locked_out(client, upstream_to, insertion, {"viewer": viewer_tls}):
+            with trio.move_on_after(self.limits.link_timeout):
+                await refuse_link(viewer)
+            await trio.aclose_forcefully(viewer)
+            return
         conn = next(self._ids)
         now = time.monotonic()
-        client = client or peer_address(viewer)
         opener = upstream_to.open
         upstream = await self._connect(conn, client, upstream_to, opener, insertion, viewer_tls)
         if upstream is None:
@@ -333,6 +343,10 @@ class ChannelProxy:
                     tls_used = {"viewer": True}
                     self._attempt_failed(conn, client, upstream_to, insertion, C2S, why, tls_used)
                     return
+            if self._locked_out(client, upstream_to, insertion, {"viewer": viewer.tls}):
+                await in_thread(refuse_link_blocking, viewer, self.limits.link_timeout)
+                viewer.close()
+                return
             if rejoin is not None:
                 asks = await in_thread(peek_link, viewer, self.limits.link_timeout)
                 upstream_to = self.session_route(asks, rejoin) or upstream_to
@@ -412,6 +426,52 @@ class ChannelProxy:
             tls = {"viewer": viewer_tls}
             self._attempt_failed(conn, client, upstream_to, insertion, S2C, why, tls)
             return None
+
+    def _locked_out(
+        self, client: tuple[str, int], upstream_to: Upstream, insertion: str, tls: dict[str, bool]
+    ) -> bool:
+        """Whether the viewer's address is locked out (proxy/core/lockout.py): then the
+        caller refuses its link. Logged (throttled: a locked-out viewer may keep trying
+        fast), and recorded as an attempt refused on the viewer's side."""
+        lockout = self.state.lockout
+        if lockout is None:
+            return False
+        now = time.monotonic()
+        left = lockout.locked_for(client[0], now)
+        if not left:
+            return False
+        why = (
+            f"address {address_key(client[0])} locked out after repeated failed "
+            f"authentications ({math.ceil(left)} s left): link refused"
+        )
+        count = lockout.refusals_to_log(now)
+        if count:
+            fields = {"event": "viewer_refused", "viewer": f"{client[0]}:{client[1]}"}
+            log.warning(
+                "viewer %s:%d: %s (%d connection(s) from locked-out addresses refused)",
+                *client, why, count, extra={"fields": fields},
+            )  # fmt: skip
+        self._attempt_failed(next(self._ids), client, upstream_to, insertion, C2S, why, tls)
+        return True
+
+    def _auth_failed(self, stats: ChannelStats, by: str) -> None:
+        """A viewer's credentials were refused: counted against its address."""
+        lockout = self.state.lockout
+        if lockout is None:
+            return
+        locked = lockout.failed(stats.viewer[0], time.monotonic())
+        if locked is None:
+            return
+        policy = lockout.policy
+        fields = {
+            "event": "viewer_locked_out", "conn": stats.conn, "address": locked.address,
+            "failures": locked.failures, "seconds": locked.seconds, "refused_by": by,
+        }  # fmt: skip
+        log.warning(
+            "viewer address %s locked out for %g s: %d failed authentications within %g s",
+            locked.address, locked.seconds, locked.failures, policy.window,
+            extra={"fields": fields},
+        )  # fmt: skip
 
     def refused(
         self, client: tuple[str, int], upstream_to: Upstream, insertion: str, reason: str
@@ -561,6 +621,8 @@ class ChannelProxy:
         elif isinstance(cmd, RecordEvent):
             if rec is not None:
                 rec.event(conn, cmd.time, cmd.direction, cmd.kind, cmd.name, cmd.fields, cmd.raw)
+        elif isinstance(cmd, AuthFailed):
+            self._auth_failed(stats, cmd.by)
         elif isinstance(cmd, Log):
             fields = {"event": "channel_warning", "conn": conn}
             log.warning("channel %d: %s", conn, cmd.message, extra={"fields": fields})

@@ -4,16 +4,20 @@ an error on the side at fault, close), on loopback sockets."""
 
 from __future__ import annotations
 
+import time
+from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
 import trio
 
+from proxy.core.lockout import LINK_REFUSAL, Lockout, LockoutPolicy
 from proxy.core.relay import Limits
-from proxy.io.server import ChannelProxy, Upstream, tcp_end_opener, tcp_opener
+from proxy.io.server import ChannelProxy, ProxyState, Upstream, tcp_end_opener, tcp_opener
 from proxy.tls import issue_server_cert, load_or_create_ca, server_context
 from tests.harness.procs import reserve_ports
+from tests.proxy.test_framing import caps_word, link_mess
 
 
 class Calls:
@@ -172,3 +176,57 @@ def test_servers_that_stall_their_handshakes_keep_no_other_server_waiting(
         silent.close()
         good.close()
     assert len(held) == 45 and took < 5
+
+
+@pytest.mark.parametrize("threaded", [True, False])
+def test_a_locked_out_viewer_is_refused_its_link_and_no_server_is_asked(threaded: bool) -> None:
+    """The viewer gets the link reply spice-server refuses a link with; the upstream (a
+    listener here) never sees a connection; the attempt is recorded with the reason."""
+    calls = Calls()
+    lockout = Lockout(LockoutPolicy(failures=2, duration=600))
+    proxy = ChannelProxy(Limits(link_timeout=5.0), cast(Any, calls), ProxyState(lockout=lockout))
+    link = link_mess(caps_word(1, 3))
+    answers: list[bytes] = []
+    asked: list[bool] = []
+
+    async def main() -> None:
+        with trio.socket.socket() as server:
+            await server.bind(("127.0.0.1", 0))
+            server.listen(1)
+            port = server.getsockname()[1]
+            upstream = Upstream(
+                tcp_opener("127.0.0.1", port), f"127.0.0.1:{port}", None,
+                tcp_end_opener("127.0.0.1", port), None, ("127.0.0.1", port),
+            )  # fmt: skip
+            for attempt in range(2):
+                lockout.failed("127.0.0.1", time.monotonic())  # e.g. two wrong passwords
+                viewer, stream = await _viewer_and_accepted()
+                await viewer.send_all(link[:7])  # in two parts: the rest after a while
+                async with trio.open_nursery() as nursery:
+                    if threaded:
+                        nursery.start_soon(proxy.handle_socket, stream, upstream)
+                    else:
+                        nursery.start_soon(partial(proxy.handle, stream, upstream))
+                    await trio.sleep(0.1)
+                    await viewer.send_all(link[7:])
+                    with trio.fail_after(10):
+                        answer = b""
+                        while chunk := await viewer.receive_some(4096):
+                            answer += chunk
+                answers.append(answer)
+                await viewer.aclose()
+                if attempt == 0:  # one failure: not yet locked, so the server was asked
+                    with trio.fail_after(5):
+                        accepted, _ = await server.accept()
+                    accepted.close()
+                    answers.pop()
+            with trio.move_on_after(0.3):
+                await server.accept()
+                asked.append(True)
+
+    trio.run(main)
+    assert answers == [LINK_REFUSAL] and not asked
+    refusal = [args for name, args in calls.calls if name == "error"][-1]
+    assert refusal[2] == "c2s"
+    assert refusal[3].startswith("address 127.0.0.1 locked out after repeated failed")
+    assert lockout.refused_total == 1

@@ -132,3 +132,20 @@ def test_unusable_certificate_settings_are_named_where_the_file_has_them(
     with pytest.raises(UserError) as failed:
         _fronts(tmp_path, [], f"[proxy]\n{UPSTREAM}{section}")
     assert message.format(path=tmp_path / "gateway.toml") in str(failed.value)
+
+
+def test_the_lockout_comes_from_the_flags_over_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SPICETAP_CONFIG_DIR", str(tmp_path / "ca"))
+    text = "[proxy]\n" + UPSTREAM + "lockout_failures = 0\nlockout_window = 60\n"
+    fronts = _fronts(tmp_path, [], "[proxy]\n" + UPSTREAM)
+    assert (fronts.lockout.failures, fronts.lockout.window, fronts.lockout.duration) == (
+        10, 300.0, 300.0,
+    )  # fmt: skip
+    fronts = _fronts(tmp_path, [], text)
+    assert not fronts.lockout.active and fronts.lockout.window == 60
+    fronts = _fronts(tmp_path, ["--lockout-failures", "4", "--lockout-seconds", "9"], text)
+    assert (fronts.lockout.failures, fronts.lockout.window, fronts.lockout.duration) == (
+        4, 60.0, 9.0,
+    )  # fmt: skip

@@ -15,6 +15,7 @@ import trio
 import trio.testing
 
 from proxy.core import management as core
+from proxy.core.lockout import Lockout, LockoutPolicy
 from proxy.core.management import (
     ChannelView,
     ConnectRequest,
@@ -717,3 +718,61 @@ async def test_idle_api_connections_are_capped_apart_from_the_channels(
         nursery.cancel_scope.cancel()
     assert refused == b"" and answer.startswith(b"HTTP/1.1 200")
     assert "32 open, the limit (the API's own)" in caplog.text
+
+
+# -- lockouts --------------------------------------------------------------------------------
+def locked_state() -> ProxyState:
+    lockout = Lockout(LockoutPolicy(failures=2, window=60, duration=300))
+    now = time.monotonic()
+    for host in ("10.0.0.9", "10.0.0.9", "2001:db8::5", "10.0.0.3"):
+        lockout.failed(host, now)
+    lockout.locked_for("10.0.0.9", now)  # one connection turned away
+    return ProxyState(lockout=lockout)
+
+
+async def test_lockouts_are_listed_and_released_over_http() -> None:
+    state = locked_state()
+    status, _, body = await exchange(api(state), request("GET", "/api/lockouts"))
+    assert status == 200
+    data = json.loads(body)
+    assert data["policy"] == {"failures": 2, "window": 60, "duration": 300}
+    assert data["totals"] == {"failures": 4, "lockouts": 1, "refused": 1, "lockedNow": 1}
+    first, *rest = data["addresses"]
+    assert first["address"] == "10.0.0.9" and first["locked"]
+    assert 299 <= first["lockedFor"] <= 300
+    assert [(e["address"], e["failures"], e["locked"]) for e in rest] == [
+        ("10.0.0.3", 1, False),
+        ("2001:db8::/64", 1, False),
+    ]
+    query = "/api/lockouts?address=2001:db8::77"  # any address of the /64
+    status, _, body = await exchange(api(state), request("GET", query))
+    assert [e["address"] for e in json.loads(body)["addresses"]] == ["2001:db8::/64"]
+    deleted = request("DELETE", "/api/lockouts?address=10.0.0.9")
+    status, _, body = await exchange(api(state), deleted)
+    assert (status, json.loads(body)) == (200, {"success": True, "released": ["10.0.0.9"]})
+    assert state.lockout is not None and not state.lockout.locked_for("10.0.0.9", time.monotonic())
+    status, _, body = await exchange(api(state), request("DELETE", "/api/lockouts"))
+    assert json.loads(body)["released"] == []  # the others had failures, no lock
+    status, _, body = await exchange(api(state), request("GET", "/api/lockouts"))
+    assert json.loads(body)["addresses"] == []
+
+
+@pytest.mark.parametrize(
+    "query", ["?address=", "?address=10.0.0.300", "?addr=10.0.0.1", "?address=2001:db8::/48"]
+)
+async def test_a_lockout_query_that_is_no_address_is_400(query: str) -> None:
+    status, _, body = await exchange(api(locked_state()), request("GET", "/api/lockouts" + query))
+    assert status == 400 and "address" in json.loads(body)["error"]
+
+
+async def test_lockout_counters_in_the_metrics() -> None:
+    status, _, body = await exchange(api(locked_state()), request("GET", "/metrics"))
+    m = parse_metrics(body.decode())
+    assert m["spicetap_auth_failures_total"] == 4
+    assert m["spicetap_lockouts_total"] == 1
+    assert m["spicetap_lockout_refused_total"] == 1
+    assert m["spicetap_addresses_locked_out"] == 1
+    status, _, body = await exchange(api(), request("GET", "/metrics"))  # no lockout: none
+    assert "spicetap_lockouts_total" not in body.decode()
+    status, _, _ = await exchange(api(), request("GET", "/api/lockouts"))
+    assert status == 409

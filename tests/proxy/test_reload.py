@@ -6,6 +6,7 @@ tests/integration/test_reload.py)."""
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import socket
 import ssl
@@ -22,6 +23,7 @@ import trio
 from proxy import targets as targets_module
 from proxy.core.admission import Admission, session_reserve
 from proxy.core.credentials import MAIN, Token, ViewerCredentials
+from proxy.core.lockout import Lockout, LockoutPolicy
 from proxy.core.management import HttpError
 from proxy.core.relay import Limits
 from proxy.core.reload import plan, restart_needed, target_changes
@@ -594,6 +596,27 @@ async def test_a_reload_changes_the_connection_cap_and_migration_following(tmp_p
         setup.write("[proxy]\nmax_connections = 7\n" + VM1_ON_A + connect)
         await setup.reloader.reload()
         assert not admission.admit() and admission.refused == 1  # past the new cap
+
+
+async def test_a_reload_changes_the_lockout_and_keeps_what_it_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    async with running(tmp_path, VM1_ON_A) as setup:
+        lockout = setup.listeners.proxy.state.lockout = Lockout(LockoutPolicy(failures=5))
+        now = time.monotonic()
+        for _ in range(3):
+            lockout.failed("10.0.0.9", now)
+        setup.write("[proxy]\nlockout_failures = 4\nlockout_seconds = 60\n" + VM1_ON_A)
+        await setup.reloader.reload()
+        assert lockout.policy == LockoutPolicy(failures=4, duration=60)
+        assert "reload: lockout: 4 failed authentications within 300 s" in caplog.text
+        assert lockout.failed("10.0.0.9", now) is not None  # the three before still count
+        caplog.clear()
+        setup.write("[proxy]\nlockout_failures = 0\n" + VM1_ON_A)
+        await setup.reloader.reload()
+        assert "reload: lockout: off" in caplog.text
+        assert lockout.locked_for("10.0.0.9", now) > 0  # a reload is no way out of a lock
 
 
 async def test_a_cap_beyond_the_open_files_limit_is_warned_about_once(

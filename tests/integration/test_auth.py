@@ -402,3 +402,45 @@ def test_each_target_has_its_own_injected_credentials(tmp_path: Path) -> None:
     assert {h["target"] for h in headers} == {"vm1", "vm2"}
     assert all(h["auth"] == "inject" for h in headers)
     assert_secrets_absent(proxy, *secrets["vm1"], *secrets["vm2"])
+
+
+LINK_ERROR = "main channel event: 22"  # SPICE_CHANNEL_ERROR_LINK: the link itself refused
+
+
+def test_repeated_wrong_passwords_lock_the_address_out(tmp_path: Path) -> None:
+    """Pass-through: QEMU refuses three wrong passwords (spicetap counts them from the
+    link results it relays); from then on spicetap refuses the address's links itself,
+    the right password too, and QEMU hears of none of them; the operator sees it in the
+    API and /metrics, releases the address, and the right password works again."""
+    from tests.integration.test_probe import api_call, metrics
+
+    extra = ("--lockout-failures", "3", "--lockout-seconds", "600", "--management", "127.0.0.1:0")
+    with peers(), QemuServer(guest="none", password=PASSWORD) as srv:
+        assert srv.port is not None
+        with ProxyProcess(srv.port, tmp_path / "rec", tmp_path / "proxy", extra=extra) as proxy:
+            wrong = [refused(proxy.port, f"guess{i}", tmp_path / f"{i}.ppm") for i in range(3)]
+            wait_for_log(proxy, "viewer address 127.0.0.1 locked out for 600 s")
+            upstream_opened = proxy.log().count(f"-> 127.0.0.1:{srv.port}")
+            locked_out = refused(proxy.port, PASSWORD, tmp_path / "right.ppm")
+            assert proxy.log().count(f"-> 127.0.0.1:{srv.port}") == upstream_opened
+            status, listed = api_call(proxy, "GET", "/api/lockouts")
+            assert status == 200
+            (entry,) = listed["addresses"]
+            assert entry["address"] == "127.0.0.1" and entry["locked"]
+            assert 0 < entry["lockedFor"] <= 600
+            assert listed["totals"]["failures"] == 3 and listed["totals"]["lockouts"] == 1
+            counters = metrics(proxy)
+            assert counters["spicetap_addresses_locked_out"] == 1
+            assert counters["spicetap_lockout_refused_total"] >= 1
+            status, released = api_call(proxy, "DELETE", "/api/lockouts?address=127.0.0.1")
+            assert (status, released["released"]) == (200, ["127.0.0.1"])
+            shot(proxy.port, PASSWORD, tmp_path / "again.ppm")
+            assert proxy.proc.poll() is None
+    assert all(AUTH_ERROR in error for error in wrong)
+    assert LINK_ERROR in locked_out and AUTH_ERROR not in locked_out
+    recs = records(proxy)
+    assert results(recs).count("PERMISSION_DENIED") == 3
+    said = "address 127.0.0.1 locked out after repeated failed authentications"
+    turned_away = [r for r in recs if r.kind == "error" and (r.error or "").startswith(said)]
+    assert turned_away and all(r.direction == "c2s" for r in turned_away)
+    assert_secrets_absent(proxy, PASSWORD, "guess0")

@@ -151,24 +151,21 @@ def address_query(target: str) -> str | None:
 
 
 def lockouts_json(
-    entries: Sequence[Entry], policy: LockoutPolicy, counts: LockoutCounts
+    entries: Sequence[Entry],
+    policy: LockoutPolicy,
+    counts: LockoutCounts,
+    api: Sequence[Entry] = (),
 ) -> dict[str, Any]:
-    """GET /api/lockouts: the addresses locked out, and those with failures counted."""
+    """GET /api/lockouts: the viewer addresses locked out, and those with failures
+    counted; `api`: the same for addresses sending this API wrong tokens."""
     return {
         "policy": {
             "failures": policy.failures,
             "window": policy.window,
             "duration": policy.duration,
         },
-        "addresses": [
-            {
-                "address": e.address,
-                "failures": e.failures,
-                "locked": e.locked_for > 0,
-                "lockedFor": math.ceil(e.locked_for),
-            }
-            for e in entries
-        ],
+        "addresses": [_entry_json(e) for e in entries],
+        "api": [_entry_json(e) for e in api],
         "totals": {
             "failures": counts.failures,
             "lockouts": counts.lockouts,
@@ -176,6 +173,11 @@ def lockouts_json(
             "lockedNow": counts.locked_now,
         },
     }
+
+
+def _entry_json(e: Entry) -> dict[str, Any]:
+    left = math.ceil(e.locked_for)
+    return {"address": e.address, "failures": e.failures, "locked": left > 0, "lockedFor": left}
 
 
 def session_user(members: Iterable[ChannelView]) -> str | None:

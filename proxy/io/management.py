@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import ssl
 import time
@@ -42,7 +43,7 @@ import trio
 from proxy.core.admission import Admission
 from proxy.core.framing import C2S, S2C
 from proxy.core.http import MAX_HEAD, BoundedServer
-from proxy.core.lockout import address_key
+from proxy.core.lockout import Lockout, LockoutPolicy, address_key
 from proxy.core.management import (
     SESSION_PATH,
     CertificateView,
@@ -131,6 +132,10 @@ class ManagementApi:
         self.reloader = reloader
         self.probes = trio.CapacityLimiter(MAX_PROBES)
         self.refusals = LogThrottle()  # requests without the token
+        # addresses that keep sending wrong tokens, apart from viewers' (an operator whose
+        # viewer is locked out may still release it here); the viewers' policy
+        policy = state.lockout.policy if state.lockout is not None else LockoutPolicy()
+        self.guesses = Lockout(policy)
 
     # -- snapshots -------------------------------------------------------------------------
     def channels(self) -> list[ChannelView]:
@@ -369,7 +374,7 @@ class ManagementApi:
         if lockout is None:
             raise HttpError(HTTPStatus.CONFLICT, "no lockout in this proxy")
         if method == "DELETE":
-            released = lockout.release(address)
+            released = sorted({*lockout.release(address), *self.guesses.release(address)})
             fields = {"event": "lockout_released", "addresses": released}
             log.info(
                 "management API: %s released from lockout",
@@ -377,11 +382,13 @@ class ManagementApi:
             )  # fmt: skip
             data = {"success": True, "released": released}
             return Reply(HTTPStatus.OK, json.dumps(data).encode())
-        entries = lockout.entries(time.monotonic())
+        now = time.monotonic()
+        entries, api = lockout.entries(now), self.guesses.entries(now)
         if address is not None:
             key = address_key(address)
             entries = [e for e in entries if e.address == key]
-        data = lockouts_json(entries, lockout.policy, self.lockout_counts())
+            api = [e for e in api if e.address == key]
+        data = lockouts_json(entries, lockout.policy, self.lockout_counts(), api)
         return Reply(HTTPStatus.OK, json.dumps(data).encode())
 
     async def reload(self, body: bytes) -> Reply:
@@ -400,7 +407,9 @@ class ManagementApi:
         return Reply(HTTPStatus.OK, json.dumps(report.json()).encode())
 
     def reconfigure(self, fronts: Fronts) -> None:
-        """After a reload: the token file as it now reads (rotated, added or removed)."""
+        """After a reload: the token file as it now reads (rotated, added or removed), and
+        the lockout's settings."""
+        self.guesses.policy = fronts.lockout
         token = fronts.api_token
         if token == self.options.token:
             return
@@ -414,13 +423,25 @@ class ManagementApi:
         )
 
     def authorize(self, request: h11.Request, client: tuple[str, int]) -> None:
-        """HttpError 401 unless the request carries the token (when there is one)."""
+        """HttpError 401 unless the request carries the token (when there is one); 429
+        from an address locked out for sending wrong ones (proxy/core/lockout.py)."""
         token = self.options.token
         if token is None:
             return
+        now = time.monotonic()
+        left = math.ceil(self.guesses.locked_for(client[0], now))
+        if left:
+            raise HttpError(
+                HTTPStatus.TOO_MANY_REQUESTS,
+                f"too many wrong tokens from {address_key(client[0])}: try again in {left} s",
+                (("retry-after", str(left)),),
+            )
+        given = dict(request.headers).get(b"authorization")
         try:
-            authorize(dict(request.headers).get(b"authorization"), token)
+            authorize(given, token)
         except HttpError as exc:
+            if given is not None:  # a wrong token (none at all is no guess)
+                self._guessed(client[0], now)
             self.refusals.happened()
             count = self.refusals.to_log(trio.current_time())
             if count:
@@ -429,6 +450,16 @@ class ManagementApi:
                     count, exc.message, *client,
                 )  # fmt: skip
             raise
+
+    def _guessed(self, host: str, now: float) -> None:
+        locked = self.guesses.failed(host, now)
+        if locked is not None:
+            fields = {"event": "api_locked_out", "address": locked.address}
+            log.warning(
+                "management API: address %s locked out for %g s: %d wrong tokens within %g s",
+                locked.address, locked.seconds, locked.failures, self.guesses.policy.window,
+                extra={"fields": fields},
+            )  # fmt: skip
 
     def https(self) -> ssl.SSLContext | None:
         """What a new connection is served with: None for plain HTTP (as the proxy

@@ -614,6 +614,29 @@ async def test_every_path_wants_the_token_when_there_is_one(caplog: Any) -> None
     assert all(TOKEN not in r.getMessage() for r in caplog.records)
 
 
+async def test_an_address_sending_wrong_tokens_is_locked_out_of_the_api(caplog: Any) -> None:
+    """Apart from viewers' failures: the memory stream's client has no address ("?")."""
+    state = ProxyState(lockout=Lockout(LockoutPolicy(failures=3, duration=120)))
+    a = locked_api(state)
+    bearer = f"Authorization: Bearer {TOKEN}\r\n"
+    for _ in range(5):  # no token at all is no guess
+        assert (await exchange(a, request("GET", "/metrics")))[0] == 401
+    for _ in range(3):
+        wrong = await exchange(a, request("GET", "/metrics", extra="Authorization: Bearer x\r\n"))
+        assert wrong[0] == 401
+    status, headers, body = await exchange(a, request("GET", "/metrics", extra=bearer))
+    assert status == 429 and 119 <= int(headers["retry-after"]) <= 120
+    assert json.loads(body)["error"].startswith("too many wrong tokens from ?: try again in")
+    assert "management API: address ? locked out for 120 s: 3 wrong tokens" in caplog.text
+    data = json.loads(a.lockouts("GET", None).body)
+    assert data["addresses"] == [] and data["api"][0]["address"] == "?"
+    assert data["api"][0]["locked"]  # viewers' counts are not the API's
+    assert state.lockout is not None and not state.lockout.entries(time.monotonic())
+    released = json.loads(a.lockouts("DELETE", None).body)["released"]
+    assert released == ["?"]
+    assert (await exchange(a, request("GET", "/metrics", extra=bearer)))[0] == 200
+
+
 async def test_a_refused_request_is_answered_before_its_body_is_sent() -> None:
     """The head decides: a client without the token gets 401 without sending its body, and
     one that asked for "100 Continue" is not invited to send it."""

@@ -668,6 +668,12 @@ async def test_a_reload_rotates_the_management_apis_token(tmp_path: Path) -> Non
         with pytest.raises(ReloadFailed, match="api-token"):
             await setup.reloader.reload()
         assert await status(new) == b"HTTP/1.1 200 OK"
+        # the lockout's settings reach the API's count of wrong tokens (one so far)
+        token_file.write_text(new + "\n")
+        setup.write(main + "lockout_failures = 2\n" + VM1_ON_A)
+        await setup.reloader.reload()
+        assert await status(old) == b"HTTP/1.1 401 Unauthorized"
+        assert await status(new) == b"HTTP/1.1 429 Too Many Requests"
         nursery.cancel_scope.cancel()
 
 

@@ -107,9 +107,9 @@ def route(method: str, target: str) -> str:
     return path
 
 
-def user_query(target: str) -> str | None:
-    """NAME in /api/sessions?user=NAME (None without a query); HttpError 400 for any
-    other query."""
+def _one_query(target: str, key: str, placeholder: str) -> str | None:
+    """The value of `target`'s query `key=VALUE` (None without a query); HttpError 400 for
+    any other query."""
     query = target.partition("?")[2]
     if not query:
         return None
@@ -117,27 +117,26 @@ def user_query(target: str) -> str | None:
         pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True, max_num_fields=2)
     except ValueError:
         pairs = []
-    if len(pairs) != 1 or pairs[0][0] != "user":
-        raise _bad("the query: expected user=NAME, and nothing else")
-    problem = user_problem(pairs[0][1])
-    if problem is not None:
-        raise _bad(f"user: {problem}")
+    if len(pairs) != 1 or pairs[0][0] != key:
+        raise _bad(f"the query: expected {key}={placeholder}, and nothing else")
     return pairs[0][1]
+
+
+def user_query(target: str) -> str | None:
+    """NAME in /api/sessions?user=NAME (None without a query); HttpError 400 for any
+    other query."""
+    user = _one_query(target, "user", "NAME")
+    if user is not None and (problem := user_problem(user)) is not None:
+        raise _bad(f"user: {problem}")
+    return user
 
 
 def address_query(target: str) -> str | None:
     """ADDRESS in /api/lockouts?address=ADDRESS (None without a query): an IP address, or
     an IPv6 /64 as GET /api/lockouts lists it; HttpError 400 for anything else."""
-    query = target.partition("?")[2]
-    if not query:
+    address = _one_query(target, "address", "ADDRESS")
+    if address is None:
         return None
-    try:
-        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True, max_num_fields=2)
-    except ValueError:
-        pairs = []
-    if len(pairs) != 1 or pairs[0][0] != "address":
-        raise _bad("the query: expected address=ADDRESS, and nothing else")
-    address = pairs[0][1]
     try:
         if "/" in address:
             network = ipaddress.IPv6Network(address)

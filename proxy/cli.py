@@ -69,6 +69,15 @@ def add_proxy_command(sub: Any) -> None:
     )
     p.add_argument("--upstream", type=_nonempty, help="HOST:PORT of the SPICE server")
     p.add_argument(
+        "--proxy-protocol-from",
+        action="append",
+        default=[],
+        metavar="NETWORK",
+        help="a load balancer (an address or network: 10.0.0.0/8) in front of the reverse "
+        "listeners whose connections begin with a PROXY protocol header (v1 or v2) naming "
+        "the viewer; required from it (repeatable)",
+    )
+    p.add_argument(
         "--record", type=_nonempty, metavar="DIR", help="write one archive per session into DIR"
     )
     p.add_argument("--compress", action="store_true", default=None, help="zstd-compress archives")
@@ -144,6 +153,14 @@ def add_proxy_command(sub: Any) -> None:
         metavar="ORIGIN",
         help="a web page origin (https://portal.example:8443) allowed to open spicetap's "
         "WebSockets besides spicetap's own page (repeatable; * allows any)",
+    )
+    w.add_argument(
+        "--ws-trusted-proxy",
+        action="append",
+        default=[],
+        metavar="NETWORK",
+        help="a reverse proxy (an address or network: 10.0.0.0/8) in front of --ws-listen "
+        "whose Forwarded or X-Forwarded-For header names the browser (repeatable)",
     )
     t.add_argument(
         "--keylog",

@@ -13,8 +13,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from proxy.core.allow import AllowList, AllowListError
+from proxy.core.allow import AllowList, AllowListError, IpNetwork
 from proxy.core.credentials import ViewerCredentials
+from proxy.core.forwarded import parse_trusted
 from proxy.core.lockout import LockoutPolicy
 from proxy.core.relay import Limits, LinkPolicy
 from proxy.core.websocket import origin_is_valid
@@ -67,6 +68,8 @@ class Route:
     upstream: Upstream
     target: Target | None = None  # how a migration's destination is checked (its CA)
     origins: tuple[str, ...] = ()  # the WebSocket front's: other pages allowed to connect
+    trusted: tuple[IpNetwork, ...] = ()  # the WebSocket front's: reverse proxies believed
+    proxied: tuple[IpNetwork, ...] = ()  # a reverse one's: load balancers sending PROXY headers
     web: bool = False  # browsers (spice-html5) over WebSocket, not SPICE viewers
 
     @property
@@ -199,6 +202,8 @@ def _websocket_front(
             raise UserError(f"{where} needs --ws-listen (or [proxy] ws_listen)")
         if args.ws_origin:
             raise UserError("--ws-origin needs --ws-listen (or [proxy] ws_listen)")
+        if args.ws_trusted_proxy:
+            raise UserError("--ws-trusted-proxy needs --ws-listen (or [proxy] ws_listen)")
         return None
     main = _cli_target(args, cp, main_policy)
     if main is None:
@@ -210,7 +215,21 @@ def _websocket_front(
     for origin in origins:  # compared with the browser's Origin header, which has this form
         if not origin_is_valid(origin):
             raise UserError(f"{where} {origin!r}: expected * or SCHEME://HOST[:PORT]")
-    return Route(listen, shown, main.upstream(False, keylog), origins=origins, web=True)
+    trusted = _networks(args, "ws_trusted_proxy", cp.ws_trusted_proxies, "ws_trusted_proxies")
+    upstream = main.upstream(False, keylog)
+    return Route(listen, shown, upstream, origins=origins, trusted=trusted, web=True)
+
+
+def _networks(
+    args: argparse.Namespace, dest: str, configured: tuple[str, ...], key: str
+) -> tuple[IpNetwork, ...]:
+    """Addresses and networks a repeatable flag gives, else the [proxy] key."""
+    flagged: list[str] = getattr(args, dest)
+    try:
+        return parse_trusted(flagged or configured)
+    except ValueError as exc:
+        where = "--" + dest.replace("_", "-") if flagged else f"{args.config}: [proxy] {key}"
+        raise UserError(f"{where}: {exc}") from None
 
 
 class FrontCertificates:
@@ -349,6 +368,10 @@ def build_fronts(
     kept = [r.viewer_tls for r in previous.fronts() if r.viewer_tls] if previous else []
     certificates = FrontCertificates(args, cp, keylog, kept)
     routes = _routes(args, config, targets, keylog, certificates, main_policy)
+    proxied = _networks(args, "proxy_protocol_from", cp.proxy_protocol_from, "proxy_protocol_from")
+    routes = [replace(route, proxied=proxied) for route in routes]
+    if proxied and not routes:
+        raise UserError("--proxy-protocol-from needs a reverse listener (--listen, --tls-listen)")
     connect = _connect_front(args, config, targets, keylog)
     websocket = _websocket_front(args, cp, keylog, certificates, main_policy)
     scopes = {name: t.policy or link_policy for name, t in targets.items()}

@@ -104,6 +104,8 @@ class RecorderWorker:
             extra: dict[str, Any] = {"tls": item[5]} if item[5] else {}
             if item[7] is not None:
                 extra["via"] = f"{item[7][0]}:{item[7][1]}"
+            if item[6] and "forwarded_by" in item[6]:  # each connection's, linked or not
+                extra["forwarded_by"] = item[6]["forwarded_by"]
             b.opened(conn, t, item[3], item[4], extra or None)
             self.viewers[conn] = f"{item[3][0]}:{item[3][1]}"
             self.routes[conn] = item[6] or {}

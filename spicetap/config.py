@@ -55,6 +55,10 @@ class ProxySection:
     ws_listen: str | None = None  # WebSocket front for spice-html5 (--ws-listen)
     ws_tls: bool = False  # wss:// and https:// there (--ws-tls)
     ws_origins: tuple[str, ...] = ()  # other pages allowed to open its WebSockets
+    # reverse proxies in front of it whose Forwarded/X-Forwarded-For are believed
+    ws_trusted_proxies: tuple[str, ...] = ()
+    # load balancers in front of the reverse listeners that send a PROXY protocol header
+    proxy_protocol_from: tuple[str, ...] = ()
     management: str | None = None  # HOST:PORT of the management HTTP API (--management)
     management_token_file: str | None = None  # its bearer token (first line)
     management_tls: bool = False  # HTTPS, with the viewer certificate

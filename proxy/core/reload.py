@@ -4,13 +4,13 @@ A reload (SIGHUP, or POST /api/reload) re-reads the file and applies, for connec
 arrive from then on: targets (added, removed, re-pointed, their TLS checks and
 credentials), listeners (reverse ones, the CONNECT and WebSocket fronts: opened, closed,
 moved, re-pointed), the certificates TLS listeners show (files read again: renewals), the
-CONNECT front's allow-list and checks, the WebSocket front's origins, authentication
-(mode, passwords, tokens files, masked capabilities), timeouts, the cap on connections,
-whether migrations are followed, and the management API's token. The rest is set up once
-at start: the management front's address and TLS (its certificate too), the largest
-message (the recording process reads up to it), and recording. Those keys are named here
-so that a reload that changes them says they wait for a restart, instead of silently
-doing nothing.
+CONNECT front's allow-list and checks, the WebSocket front's origins and trusted proxies,
+authentication (mode, passwords, tokens files, masked capabilities), timeouts, the cap on
+connections, whether migrations are followed, and the management API's token. The rest is
+set up once at start: the management front's address and TLS (its certificate too), the
+largest message (the recording process reads up to it), and recording. Those keys are
+named here so that a reload that changes them says they wait for a restart, instead of
+silently doing nothing.
 
 Pure: configs in, names and plans out.
 """

@@ -23,6 +23,7 @@ import re
 import struct
 from dataclasses import dataclass
 
+from proxy.core.forwarded import Forwarding
 from proxy.core.http import HttpError, Request, response
 
 # §1.3: Sec-WebSocket-Accept = base64(SHA-1(key + this GUID))
@@ -65,32 +66,43 @@ def origin_is_valid(allowed: str) -> bool:
     return origin is not None and int((origin[2] or ":0")[1:]) < 65536  # [2]: ":PORT"
 
 
-def origin_refusal(request: Request, tls: bool, allowed: tuple[str, ...]) -> HttpError | None:
+def origin_refusal(
+    request: Request, tls: bool, allowed: tuple[str, ...], told: Forwarding | None = None
+) -> HttpError | None:
     """Why a browser page may not open this WebSocket (cross-site WebSocket hijacking: a page
     from elsewhere must not drive a viewer's browser into a SPICE session), or None.
     Browsers always send Origin (RFC 6455 §4.1); accepted are spicetap's own page (the
-    origin of the Host asked for), an origin the operator allows ("*": any), and clients
-    that send none, which are not browsers."""
+    origin of the Host asked for; behind a trusted reverse proxy, of the scheme and Host
+    it says the browser used, if it says), an origin the operator allows ("*": any), and
+    clients that send none, which are not browsers."""
     origin = request.headers.get("origin")
     if origin is None:
         return None
     origin = origin.strip().lower().rstrip("/")
-    own = f"{'https' if tls else 'http'}://{request.headers.get('host', '').strip().lower()}"
+    scheme = "https" if tls else "http"
+    host = request.headers.get("host", "").strip().lower()
+    if told is not None and told.proxy is not None:
+        scheme, host = told.proto or scheme, told.host or host
+    own = f"{scheme}://{host}"
     if origin == own or "*" in allowed or origin in {a.lower().rstrip("/") for a in allowed}:
         return None
     return HttpError(403, f"origin {origin} is not allowed (see --ws-origin)")
 
 
 def accept(
-    request: Request, tls: bool = False, origins: tuple[str, ...] = ()
+    request: Request,
+    tls: bool = False,
+    origins: tuple[str, ...] = (),
+    told: Forwarding | None = None,
 ) -> tuple[bytes, str | None] | HttpError:
     """The 101 response and the chosen subprotocol, or why the upgrade is refused. `tls`:
-    the page was served over https; `origins`: other pages' origins allowed to connect."""
+    the page was served over https; `origins`: other pages' origins allowed to connect;
+    `told`: what a trusted reverse proxy said of the browser."""
     if request.method != "GET" or request.version < "1.1":
         return HttpError(400, "a WebSocket upgrade is a GET over HTTP/1.1")
     if "host" not in request.headers:
         return HttpError(400, "no Host header")
-    refused = origin_refusal(request, tls, origins)
+    refused = origin_refusal(request, tls, origins, told)
     if refused is not None:
         return refused
     if not is_upgrade(request):

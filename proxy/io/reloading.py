@@ -157,7 +157,10 @@ class FrontListeners:
     async def open(self, route: Route) -> Serving:
         """OSError when the address cannot be listened on."""
         migration = self._migration(route)
-        routing = Routing(route.upstream, migration, origins=route.origins, tls=route.context)
+        routing = Routing(
+            route.upstream, migration, origins=route.origins, trusted=route.trusted,
+            proxied=route.proxied, tls=route.context,
+        )  # fmt: skip
         serve: Any = serve_websocket if route.web else serve_tcp
         serving: Serving = await self.nursery.start(serve, self.proxy, routing, *route.listen)
         self.running[route_key(route)] = _Running(route, routing, serving, _bound(serving))
@@ -191,6 +194,8 @@ class FrontListeners:
             routing.retired = self.proxy.in_use([before.upstream, *routing.retired])
         routing.upstream = route.upstream
         routing.origins = route.origins
+        routing.trusted = route.trusted
+        routing.proxied = route.proxied
         running.route = route
         return before
 

@@ -23,10 +23,13 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 import trio
 
 from proxy.core.admission import Admission
+from proxy.core.allow import IpNetwork
+from proxy.core.forwarded import is_trusted
 from proxy.core.framing import C2S, LINK_ASKS, S2C, link_asks
 from proxy.core.lockout import Lockout, address_key
 from proxy.core.management import channel_name
 from proxy.core.migration import Destination, MigrationUnavailable
+from proxy.core.proxyproto import ProxyHeader, ProxyHeaderError
 from proxy.core.relay import (
     MAIN,
     AuthFailed,
@@ -46,6 +49,7 @@ from proxy.io.ends import End, PlainEnd, tls_end, tls_error_text
 from proxy.io.guard import guarded
 from proxy.io.lockout import refuse_link, refuse_link_blocking
 from proxy.io.oserrors import os_reason
+from proxy.io.proxyproto import read_proxy_header
 from proxy.io.pumps import SINK_GONE_GRACE, ThreadedChannel
 from proxy.io.recording import RecordingSink
 from proxy.io.streams import PeerProtocolError, Sent, send_counted
@@ -175,13 +179,16 @@ class ChannelProxy:
         insertion: str = "reverse",
         client: tuple[str, int] | None = None,
         migration: Follower | None = None,
+        forwarded_by: tuple[str, int] | None = None,
     ) -> None:
         """Relay one viewer channel connection to `upstream_to` until either side ends, in
         trio (the shell for fronts that hand over a stream: CONNECT, WebSocket). `client`
-        overrides the viewer's address (e.g. the browser behind a WebSocket); with
+        overrides the viewer's address (e.g. the browser behind a WebSocket, or, told by
+        the trusted reverse proxy `forwarded_by`, the browser behind that); with
         `migration`, a live migration's destination is served there so the viewer stays."""
         client = client or peer_address(viewer)
-        if self._locked_out(client, upstream_to, insertion, {"viewer": viewer_tls}):
+        tls_asked = {"viewer": viewer_tls}
+        if self._locked_out(client, upstream_to, insertion, tls_asked, forwarded_by):
             with trio.move_on_after(self.limits.link_timeout):
                 await refuse_link(viewer)
             await trio.aclose_forcefully(viewer)
@@ -189,13 +196,17 @@ class ChannelProxy:
         conn = next(self._ids)
         now = time.monotonic()
         opener = upstream_to.open
-        upstream = await self._connect(conn, client, upstream_to, opener, insertion, viewer_tls)
+        upstream = await self._connect(
+            conn, client, upstream_to, opener, insertion, viewer_tls, forwarded_by
+        )
         if upstream is None:
             await trio.aclose_forcefully(viewer)
             return
         tls = {"viewer": viewer_tls, "server": isinstance(upstream, trio.SSLStream)}
         ends = (peer_address(upstream), local_address(upstream))
-        stats = self._begin(conn, now, client, upstream_to, insertion, migration, tls, ends)
+        stats = self._begin(
+            conn, now, client, upstream_to, insertion, migration, tls, ends, forwarded_by
+        )
         relay = stats.relay
         reason = "closed"
         try:
@@ -319,18 +330,28 @@ class ChannelProxy:
         migration: Follower | None = None,
         prefix: bytes = b"",
         rejoin: Rejoin | None = None,
+        proxied: tuple[IpNetwork, ...] = (),
     ) -> None:
         """A viewer on a TCP socket (TLS terminated here with `tls`), relayed by a blocking
         pump thread per direction (proxy/io/pumps.py) to an upstream that opens a blocking
         end (every Target's does). `prefix`: what a front already read from the viewer.
         `rejoin`: set while sessions begun before a reload moved this front's target live
-        on; a channel of one of them goes where its session is."""
+        on; a channel of one of them goes where its session is. `proxied`: load balancers
+        whose connections begin with a PROXY protocol header naming the viewer."""
         sock = detach(stream)
-        viewer: End = PlainEnd(sock, prefix)
+        plain = PlainEnd(sock, prefix)
+        viewer: End = plain
         try:  # until the relay owns it: a stop (cancelled) closes it here
             client = viewer.peer()
+            forwarded_by = None
+            if proxied and is_trusted(client[0], proxied):
+                told = await self._proxy_header(plain, client, upstream_to, insertion, tls)
+                if told is None:
+                    return
+                if told.source is not None:  # else the balancer's own (a health check)
+                    forwarded_by, client = client, told.source
             if tls is not None:
-                viewer = tls_end(sock, tls, server_side=True, prefix=prefix)
+                viewer = tls_end(sock, tls, server_side=True, prefix=plain.prefix)
                 try:
                     await in_thread(viewer.handshake, self.limits.link_timeout)
                 except OSError as exc:
@@ -341,9 +362,12 @@ class ChannelProxy:
                     viewer.close()
                     conn = next(self._ids)
                     tls_used = {"viewer": True}
-                    self._attempt_failed(conn, client, upstream_to, insertion, C2S, why, tls_used)
+                    self._attempt_failed(
+                        conn, client, upstream_to, insertion, C2S, why, tls_used, forwarded_by
+                    )
                     return
-            if self._locked_out(client, upstream_to, insertion, {"viewer": viewer.tls}):
+            tls_asked = {"viewer": viewer.tls}
+            if self._locked_out(client, upstream_to, insertion, tls_asked, forwarded_by):
                 await in_thread(refuse_link_blocking, viewer, self.limits.link_timeout)
                 viewer.close()
                 return
@@ -356,7 +380,7 @@ class ChannelProxy:
             conn = next(self._ids)
             now = time.monotonic()
             upstream = await self._connect(
-                conn, client, upstream_to, open_end, insertion, tls is not None
+                conn, client, upstream_to, open_end, insertion, tls is not None, forwarded_by
             )
             if upstream is None:
                 viewer.close()
@@ -366,7 +390,9 @@ class ChannelProxy:
             raise
         tls_used = {"viewer": viewer.tls, "server": upstream.tls}
         ends = (upstream.peer(), upstream.local())
-        stats = self._begin(conn, now, client, upstream_to, insertion, migration, tls_used, ends)
+        stats = self._begin(
+            conn, now, client, upstream_to, insertion, migration, tls_used, ends, forwarded_by
+        )
         relay = stats.relay
         reached_at = viewer.local()[0]
 
@@ -401,6 +427,28 @@ class ChannelProxy:
             viewer.close()
             self._end(stats, channel.reason or "closed")
 
+    async def _proxy_header(
+        self,
+        plain: PlainEnd,
+        client: tuple[str, int],
+        upstream_to: Upstream,
+        insertion: str,
+        tls: ssl.SSLContext | None,
+    ) -> ProxyHeader | None:
+        """A load balancer's PROXY header, read from `plain`; None when it sent none (the
+        connection is closed: logged, counted, recorded as an attempt of the balancer's)."""
+        try:
+            return await in_thread(read_proxy_header, plain, self.limits.link_timeout)
+        except (ProxyHeaderError, OSError) as exc:
+            self.state.errors += 1
+            why = f"PROXY protocol: {exception_text(exc)}"
+            fields = {"event": "viewer_refused", "viewer": f"{client[0]}:{client[1]}"}
+            log.warning("load balancer %s:%d: %s", *client, why, extra={"fields": fields})
+            plain.close()
+            conn, tls_asked = next(self._ids), {"viewer": tls is not None}
+            self._attempt_failed(conn, client, upstream_to, insertion, C2S, why, tls_asked)
+            return None
+
     async def _connect(
         self,
         conn: int,
@@ -409,6 +457,7 @@ class ChannelProxy:
         opener: Callable[[], Awaitable[T]],
         insertion: str,
         viewer_tls: bool,
+        forwarded_by: tuple[str, int] | None = None,
     ) -> T | None:
         """The server side as `opener` opens it, or None when it cannot be reached: logged,
         and recorded as a failed attempt."""
@@ -424,11 +473,16 @@ class ChannelProxy:
             }  # fmt: skip
             log.warning("channel %d from %s:%d: %s", conn, *client, why, extra={"fields": fields})
             tls = {"viewer": viewer_tls}
-            self._attempt_failed(conn, client, upstream_to, insertion, S2C, why, tls)
+            self._attempt_failed(conn, client, upstream_to, insertion, S2C, why, tls, forwarded_by)
             return None
 
     def _locked_out(
-        self, client: tuple[str, int], upstream_to: Upstream, insertion: str, tls: dict[str, bool]
+        self,
+        client: tuple[str, int],
+        upstream_to: Upstream,
+        insertion: str,
+        tls: dict[str, bool],
+        forwarded_by: tuple[str, int] | None = None,
     ) -> bool:
         """Whether the viewer's address is locked out (proxy/core/lockout.py): then the
         caller refuses its link. Logged (throttled: a locked-out viewer may keep trying
@@ -451,7 +505,8 @@ class ChannelProxy:
                 "viewer %s:%d: %s (%d connection(s) from locked-out addresses refused)",
                 *client, why, count, extra={"fields": fields},
             )  # fmt: skip
-        self._attempt_failed(next(self._ids), client, upstream_to, insertion, C2S, why, tls)
+        conn = next(self._ids)
+        self._attempt_failed(conn, client, upstream_to, insertion, C2S, why, tls, forwarded_by)
         return True
 
     def _auth_failed(self, stats: ChannelStats, by: str) -> None:
@@ -491,6 +546,7 @@ class ChannelProxy:
         side: str,
         reason: str,
         tls: dict[str, bool] | None = None,
+        forwarded_by: tuple[str, int] | None = None,
     ) -> None:
         """A viewer connection that ended before it became a channel: its TLS handshake
         failed (side c2s) or its server could not be reached (s2c). Recorded all the same,
@@ -500,7 +556,8 @@ class ChannelProxy:
             return
         now = time.monotonic()
         server = upstream_to.address or (upstream_to.label, 0)
-        self.recorder.opened(conn, now, client, server, tls, _route(upstream_to, insertion))
+        route = _route(upstream_to, insertion, forwarded_by)
+        self.recorder.opened(conn, now, client, server, tls, route)
         self.recorder.error(conn, now, side, reason)
         self.recorder.closed(conn, now, reason)
 
@@ -514,6 +571,7 @@ class ChannelProxy:
         migration: Follower | None,
         tls: dict[str, bool],
         ends: tuple[tuple[str, int], tuple[str, int]],
+        forwarded_by: tuple[str, int] | None = None,
     ) -> ChannelStats:
         """A channel is relayed: counted, announced to the recorder, logged."""
         policy = upstream_to.policy or self.link_policy
@@ -530,7 +588,7 @@ class ChannelProxy:
         self.state.channels[conn] = stats
         self.state.total_channels += 1
         if self.recorder is not None:
-            route = {**_route(upstream_to, insertion), "tls": tls}
+            route = {**_route(upstream_to, insertion, forwarded_by), "tls": tls}
             if policy is not None:  # per target, and a reload may change the proxy's
                 route.update(policy.describe())
             self.recorder.opened(conn, now, client, ends[0], tls, route, ends[1])
@@ -539,6 +597,8 @@ class ChannelProxy:
             "upstream": upstream_to.label, "target": upstream_to.target, "insertion": insertion,
             "tls_viewer": bool(tls.get("viewer")), "tls_server": bool(tls.get("server")),
         }  # fmt: skip
+        if forwarded_by is not None:
+            fields["forwarded_by"] = f"{forwarded_by[0]}:{forwarded_by[1]}"
         log.info(
             "channel %d: %s:%d -> %s (%s)", conn, *client, upstream_to.label, insertion,
             extra={"fields": fields},
@@ -675,9 +735,15 @@ def _redirected(relay: ChannelRelay, at: ServedAt | str | None) -> list[Command]
     return relay.redirected(at.host, at.port, at.tls_port, at.cert_subject, time.monotonic())
 
 
-def _route(upstream_to: Upstream, insertion: str) -> dict[str, Any]:
-    """How a viewer connection came in and where it was headed, for the recorder."""
-    return {"insertion": insertion, "server": upstream_to.label, "target": upstream_to.target}
+def _route(
+    upstream_to: Upstream, insertion: str, forwarded_by: tuple[str, int] | None = None
+) -> dict[str, Any]:
+    """How a viewer connection came in and where it was headed, for the recorder; the
+    trusted reverse proxy that told the viewer's address, if one did."""
+    route = {"insertion": insertion, "server": upstream_to.label, "target": upstream_to.target}
+    if forwarded_by is not None:
+        route["forwarded_by"] = f"{forwarded_by[0]}:{forwarded_by[1]}"
+    return route
 
 
 async def in_thread(fn: Callable[..., T], *args: Any) -> T:
@@ -727,6 +793,10 @@ class Routing:
     migration: Follower | None = None
     retired: list[Upstream] = field(default_factory=list)
     origins: tuple[str, ...] = ()  # the WebSocket front's: other pages that may connect
+    # the WebSocket front's: reverse proxies whose forwarding headers are believed
+    trusted: tuple[IpNetwork, ...] = ()
+    # a reverse listener's: load balancers that begin their connections with a PROXY header
+    proxied: tuple[IpNetwork, ...] = ()
     # TLS terminated here with it (None: plain); a reload swaps in a renewed certificate
     tls: ssl.SSLContext | None = None
 
@@ -776,7 +846,12 @@ async def serve_tcp(
         if routing.retired:  # forgotten once their last channel is gone
             routing.retired = proxy.in_use(routing.retired)
         await proxy.handle_socket(
-            stream, upstream, tls=tls, migration=migration, rejoin=rejoin_retired(routing.retired)
+            stream,
+            upstream,
+            tls=tls,
+            migration=migration,
+            rejoin=rejoin_retired(routing.retired),
+            proxied=routing.proxied,
         )
 
     handler = guarded(handle, f"viewer on {host}:{port}", proxy.state)

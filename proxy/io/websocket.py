@@ -17,6 +17,8 @@ from pathlib import Path
 
 import trio
 
+from proxy.core.allow import IpNetwork
+from proxy.core.forwarded import Forwarding, forwarding
 from proxy.core.framing import LINK_ASKS, link_asks
 from proxy.core.http import MAX_HEAD, HeadReader, HttpError, Request, error_response
 from proxy.core.relay import Limits
@@ -56,7 +58,8 @@ class WebSocketStream(trio.abc.Stream):
     """An accepted WebSocket as a byte stream: send_all sends one binary message,
     receive_some returns payload bytes, b"" once the browser closed (or broke the
     protocol: then it was sent a close frame saying why, that is logged, and receive_some
-    raises PeerProtocolError once the payload before it was returned)."""
+    raises PeerProtocolError once the payload before it was returned). `told`: whom the
+    browser is, as the request said (through trusted reverse proxies)."""
 
     def __init__(
         self,
@@ -64,10 +67,12 @@ class WebSocketStream(trio.abc.Stream):
         connection: WebSocketConnection,
         early: bytes = b"",
         peer: str = "?",
+        told: Forwarding | None = None,
     ) -> None:
         self.transport = transport
         self.connection = connection
         self.peer = peer
+        self.told = told
         self._early = early  # frame bytes that arrived with the request head
         self._incoming = bytearray()  # payload not yet returned: at most one read's worth
         self._eof = False
@@ -179,16 +184,27 @@ async def _read_request(transport: trio.abc.Stream) -> tuple[Request | HttpError
     return HttpError(431, "request head too long"), b""
 
 
+def _shown(told: Forwarding) -> str:
+    """A browser's address for a log line, with the reverse proxy that told it."""
+    client = f"{told.client[0]}:{told.client[1]}"
+    if told.proxy is None:
+        return client
+    return f"{client} (via {told.proxy[0]}:{told.proxy[1]})"
+
+
 async def open_websocket(
     transport: trio.abc.Stream,
     limits: Limits,
     web_root: Path,
-    peer: str,
+    client: tuple[str, int],
     tls: bool = False,
     origins: tuple[str, ...] = (),
+    trusted: tuple[IpNetwork, ...] = (),
 ) -> WebSocketStream | None:
-    """Answer one request on a new connection: a WebSocket (returned, upgraded) or a
-    file or an error page (sent; the connection is closed and None returned)."""
+    """Answer one request on a new connection from `client`: a WebSocket (returned,
+    upgraded) or a file or an error page (sent; the connection is closed and None
+    returned). `trusted`: reverse proxies whose forwarding headers say whom they relay."""
+    peer = f"{client[0]}:{client[1]}"
     request: Request | HttpError | None = None
     rest = b""
     with trio.move_on_after(limits.link_timeout), contextlib.suppress(*_GONE):
@@ -201,13 +217,15 @@ async def open_websocket(
         with trio.move_on_after(limits.link_timeout):
             await _finish(transport, error_response(request))
         return None
+    told = forwarding(request.headers, client, trusted)
+    peer = _shown(told)
     if not is_upgrade(request):
         page = await static_response(web_root, request)
         log.debug("websocket port, %s: %s %s", peer, request.method, request.target)
         with trio.move_on_after(limits.link_timeout):
             await _finish(transport, page)
         return None
-    accepted = accept(request, tls, origins)
+    accepted = accept(request, tls, origins, told)
     if isinstance(accepted, HttpError):
         log.warning("websocket from %s refused: %s", peer, accepted.reason)
         extra = [("Sec-WebSocket-Version", VERSION)] if accepted.status == 426 else []
@@ -221,7 +239,8 @@ async def open_websocket(
     except (*_GONE, trio.TooSlowError):
         await trio.aclose_forcefully(transport)
         return None
-    return WebSocketStream(transport, WebSocketConnection(limits.max_message), rest, peer)
+    connection = WebSocketConnection(limits.max_message)
+    return WebSocketStream(transport, connection, rest, peer, told)
 
 
 async def _rejoin(
@@ -269,18 +288,26 @@ async def serve_websocket(
             if wrapped is None:
                 return
             transport = wrapped
-        peer = f"{client[0]}:{client[1]}"
-        secure, origins = tls is not None, routing.origins  # as they are at its arrival
-        ws = await open_websocket(transport, proxy.limits, web_root, peer, secure, origins)
+        # as they are at its arrival
+        secure, origins, trusted = tls is not None, routing.origins, routing.trusted
+        ws = await open_websocket(
+            transport, proxy.limits, web_root, client, secure, origins, trusted
+        )
         if ws is None:
             return
+        told = ws.told or Forwarding(client)
         upstream = routing.upstream  # where it points once the viewer got this far
         viewer: trio.abc.Stream = ws
         if routing.retired:  # forgotten once their last channel is gone
             routing.retired = proxy.in_use(routing.retired)
             upstream, viewer = await _rejoin(proxy, routing.retired, ws, upstream)
         await proxy.handle(
-            viewer, upstream, viewer_tls=tls is not None, insertion="websocket", client=client
+            viewer,
+            upstream,
+            viewer_tls=tls is not None,
+            insertion="websocket",
+            client=told.client,
+            forwarded_by=told.proxy,
         )
 
     handler = guarded(handle, "WebSocket front", proxy.state)

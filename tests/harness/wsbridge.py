@@ -52,14 +52,17 @@ def _end(sock: socket.socket) -> None:
     sock.close()
 
 
-def upgraded(port: int, timeout: float) -> tuple[socket.socket, bytes]:
-    """A connection to the WebSocket front at 127.0.0.1:port, upgraded: the socket, and
-    the frame bytes that came with the front's answer."""
+def upgraded(
+    port: int, timeout: float, headers: dict[str, str] | None = None
+) -> tuple[socket.socket, bytes]:
+    """A connection to the WebSocket front at 127.0.0.1:port, upgraded (with `headers`
+    besides the upgrade's): the socket, and the frame bytes that came with the answer."""
     front = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    more = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
     front.sendall(
         b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
         b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
-        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n" + more.encode() + b"\r\n"
     )
     head = b""
     while b"\r\n\r\n" not in head and len(head) < MAX_HEAD:

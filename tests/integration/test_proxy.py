@@ -30,6 +30,7 @@ from tests.harness import (
     spicy_screenshot,
 )
 from tests.harness.client import ClientResult
+from tests.harness.haproxy import PROXY_SOURCE, Haproxy
 from tests.harness.images import CURSOR_CELL, differing_pixels
 from tests.harness.procs import PeerFailed, wait_until
 from tests.harness.screenshot import settled_screenshot
@@ -614,3 +615,55 @@ def test_json_logs_give_each_channels_events_as_fields(tmp_path: Path) -> None:
     (written,) = [e for e in events if e.get("event") == "archive_opened"]
     assert written["logger"] == "spicetap.recorder"  # from the recording process
     assert written["path"] == str(archive) and written["session"] == session
+
+
+@pytest.mark.parametrize("send", ["send-proxy", "send-proxy-v2"])
+def test_a_load_balancer_names_the_viewer_with_the_proxy_protocol(
+    tmp_path: Path, send: str
+) -> None:
+    """spicy-screenshot -> haproxy (TCP mode, PROXY header v1 or v2, from 127.0.0.2) ->
+    spicetap -> QEMU: the session is the viewer's address and port as haproxy saw them,
+    recorded with the balancer that told them, and QEMU sees none of the header. A
+    viewer straight from a trusted address without a header is refused, and recorded."""
+    front = ("--proxy-protocol-from", PROXY_SOURCE)
+    with peers(), QemuServer(guest="none") as srv:
+        assert srv.port is not None
+        with ProxyProcess(srv.port, tmp_path / "rec", tmp_path / "proxy", front) as proxy:
+            with Haproxy(proxy.port, tmp_path / "haproxy", send) as haproxy:
+                shot = spicy_screenshot(SpiceEndpoint(port=haproxy.port), tmp_path / "via.ppm")
+            # from the trusted address, a link with no header before it
+            with socket.socket() as c:
+                c.bind((PROXY_SOURCE, 0))
+                c.settimeout(5)
+                c.connect(("127.0.0.1", proxy.port))
+                c.sendall(struct.pack("<4sIII", b"REDQ", 2, 2, 18))
+                assert c.recv(16) == b""  # refused before any server heard
+            wait_until(
+                lambda: "PROXY protocol: no PROXY protocol header" in proxy.log(),
+                timeout=10,
+                what="the refusal logged",
+            )
+            log = proxy.log()
+    assert shot.stat().st_size > 1000
+    assert "bad link magic" not in log  # the server got the viewer's bytes, no header
+    sessions = {}
+    for archive in proxy.archives():
+        assert verify(archive).status == "intact"
+        with ArchiveReader(archive) as reader:
+            sessions[archive.name] = reader.header["session"]
+    linked = [s for s in sessions.values() if s.get("id") is not None]
+    assert len(linked) == 1, sessions
+    (session,) = linked
+    host, port = session["viewer"].rsplit(":", 1)
+    assert host == "127.0.0.1" and int(port) > 0, session  # spicy's own end, as haproxy saw
+    assert session["forwarded_by"].startswith(f"{PROXY_SOURCE}:"), session
+    recs = [r for a in proxy.archives() for r in iter_records(a, [])]
+    opens = [r.fields or {} for r in recs if r.kind == "open"]
+    behind = [f for f in opens if "forwarded_by" in f]
+    assert len(behind) >= 2, opens  # main and display at least
+    for fields in behind:  # each channel's own port
+        assert fields["client"].startswith("127.0.0.1:"), fields
+        assert not fields["client"].endswith(":0"), fields
+        assert fields["forwarded_by"].startswith(f"{PROXY_SOURCE}:"), fields
+    refused = [r.error or "" for r in recs if r.kind == "error" and "PROXY" in (r.error or "")]
+    assert refused and refused[0].startswith("PROXY protocol: no PROXY protocol header"), refused

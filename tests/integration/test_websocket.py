@@ -16,6 +16,8 @@ from spicetap.archive.verify import verify
 from spicetap.inputs import AnyRecord, iter_records
 from tests.conftest import peers
 from tests.harness import HeadlessChromium, QemuServer, need_spice_html5
+from tests.harness.haproxy import PROXY_SOURCE, Haproxy
+from tests.harness.procs import need_program
 from tests.harness.wsbridge import client_frame, upgraded
 from tests.integration.proxy_process import ProxyProcess
 
@@ -151,3 +153,52 @@ def test_a_browser_breaking_the_websocket_protocol_is_a_recorded_error(tmp_path:
         e and e.startswith("viewer broke the protocol: WebSocket: ") and "mask" in e for e in errors
     ), errors
     assert not any(r.kind == "close" and r.name == "viewer closed" for r in records), records
+
+
+def test_spice_html5_behind_a_reverse_proxy_is_the_browser_it_forwards(tmp_path: Path) -> None:
+    """Chromium -> haproxy (HTTP mode, X-Forwarded-For, Host rewritten) -> spicetap's
+    WebSocket front -> QEMU. With haproxy's address trusted, the session is the browser's
+    (127.0.0.1), recorded with the proxy that told it (127.0.0.2), and the page behind it
+    may open its WebSockets though the Host spicetap sees is haproxy's backend name. A
+    client that sends X-Forwarded-For itself, straight to spicetap, is not believed."""
+    front = ("--ws-listen", "127.0.0.1:0", "--ws-trusted-proxy", PROXY_SOURCE)
+    with peers():
+        need_spice_html5()
+        need_program("haproxy", "haproxy")
+        with QemuServer(guest="boot") as srv:
+            assert srv.port is not None
+            with ProxyProcess(srv.port, tmp_path / "rec", tmp_path / "proxy", front) as proxy:
+                direct = proxy.ports["websocket"]
+                with (
+                    Haproxy(direct, tmp_path / "haproxy") as haproxy,
+                    HeadlessChromium(tmp_path / "chromium") as browser,
+                ):
+                    page = browser.open_spice_html5(
+                        f"http://127.0.0.1:{haproxy.port}/spice_auto.html", min_nonblank=5000
+                    )
+                # straight to spicetap, a forged header is the client's own word
+                s, _ = upgraded(direct, 10, {"X-Forwarded-For": "192.0.2.66"})
+                with s:
+                    s.sendall(client_frame(b"REDQ"))  # then hangs up inside its link
+                    time.sleep(0.5)
+                log = proxy.log()
+    assert page.nonblank >= 5000 and page.colours >= 2, page
+    assert not page.dialogs, page.dialogs
+    assert "192.0.2.66" not in log
+    archives = proxy.archives()
+    sessions = {}
+    for archive in archives:
+        with ArchiveReader(archive) as reader:
+            sessions[archive.name] = reader.header["session"]
+    linked = [s for s in sessions.values() if s.get("id") is not None]
+    assert len(linked) == 1, sessions
+    (session,) = linked
+    assert session["viewer"] == "127.0.0.1:0", session  # X-Forwarded-For tells no port
+    assert session["forwarded_by"].startswith(f"{PROXY_SOURCE}:"), session
+    opens = [(r.fields or {}) for a in archives for r in iter_records(a, []) if r.kind == "open"]
+    behind = [f for f in opens if "forwarded_by" in f]
+    assert len(behind) >= 4, opens  # main, display, inputs, cursor at least
+    assert all(f["client"] == "127.0.0.1:0" for f in behind), behind
+    assert all(f["forwarded_by"].startswith(f"{PROXY_SOURCE}:") for f in behind), behind
+    (forged,) = [f for f in opens if "forwarded_by" not in f]
+    assert forged["client"].startswith("127.0.0.1:") and forged["client"] != "127.0.0.1:0"

@@ -23,6 +23,7 @@ import trio
 from proxy import targets as targets_module
 from proxy.core.admission import Admission, session_reserve
 from proxy.core.credentials import MAIN, Token, ViewerCredentials
+from proxy.core.forwarded import parse_trusted
 from proxy.core.lockout import Lockout, LockoutPolicy
 from proxy.core.management import HttpError
 from proxy.core.relay import Limits
@@ -284,11 +285,11 @@ async def test_the_main_upstream_moves_its_reverse_and_websocket_routes(tmp_path
         await _reach(port, b)
 
 
-async def _status_for_the_portal(port: int) -> bytes:
+async def _status_for_the_portal(port: int, extra: str = "") -> bytes:
     upgrade = (
         "GET / HTTP/1.1\r\nHost: spicetap\r\nUpgrade: websocket\r\n"
         "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-        "Sec-WebSocket-Version: 13\r\nOrigin: https://portal.example\r\n\r\n"
+        f"Sec-WebSocket-Version: 13\r\nOrigin: https://portal.example\r\n{extra}\r\n"
     )
     with trio.fail_after(5):
         async with await trio.open_tcp_stream("127.0.0.1", port) as browser:
@@ -304,6 +305,26 @@ async def test_a_reload_changes_which_pages_may_open_websockets(tmp_path: Path) 
         setup.write(main + 'ws_origins = ["https://portal.example"]\n')
         assert (await setup.reloader.reload()).restart_needed == []
         assert await _status_for_the_portal(port) == b"HTTP/1.1 101 Switching Protocols"
+        # the portal is spicetap's own page behind a reverse proxy: once trusted, it says so
+        behind = "X-Forwarded-For: 192.0.2.1\r\nX-Forwarded-Proto: https\r\n"
+        behind += "X-Forwarded-Host: portal.example\r\n"
+        setup.write(main)
+        await setup.reloader.reload()
+        assert await _status_for_the_portal(port, behind) == b"HTTP/1.1 403 Forbidden"
+        setup.write(main + 'ws_trusted_proxies = ["127.0.0.1"]\n')
+        assert (await setup.reloader.reload()).restart_needed == []
+        assert await _status_for_the_portal(port, behind) == b"HTTP/1.1 101 Switching Protocols"
+
+
+async def test_a_reload_names_the_load_balancers_that_send_proxy_headers(
+    tmp_path: Path,
+) -> None:
+    async with running(tmp_path, VM1_ON_A) as setup:
+        (running_vm1,) = setup.listeners.running.values()
+        assert running_vm1.routing.proxied == ()
+        setup.write('[proxy]\nproxy_protocol_from = ["10.0.0.0/8"]\n\n' + VM1_ON_A)
+        assert (await setup.reloader.reload()).restart_needed == []
+        assert running_vm1.routing.proxied == parse_trusted(["10.0.0.0/8"])
 
 
 async def test_a_reload_of_the_same_file_changes_nothing(tmp_path: Path) -> None:

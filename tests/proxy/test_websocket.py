@@ -408,7 +408,8 @@ def test_random_messages_split_at_random_points(messages: list[bytes], data: st.
 async def _upgraded(early: bytes = b"") -> tuple[WebSocketStream, trio.abc.Stream]:
     client, server = trio.testing.memory_stream_pair()
     await client.send_all(CHROMIUM_UPGRADE + early)
-    ws = await open_websocket(server, Limits(max_message=1 << 16), Path("/nonexistent"), "test")
+    limits = Limits(max_message=1 << 16)
+    ws = await open_websocket(server, limits, Path("/nonexistent"), ("test", 0))
     assert ws is not None
     answer = await client.receive_some()
     assert answer.startswith(b"HTTP/1.1 101 ") and ACCEPT.encode() in answer
@@ -468,7 +469,7 @@ async def _http(raw: bytes, root: Path) -> bytes:
     client, server = trio.testing.memory_stream_pair()
     await client.send_all(raw)
     await client.send_eof()  # as a browser does once it has the response: no lingering
-    assert await open_websocket(server, Limits(), root, "test") is None
+    assert await open_websocket(server, Limits(), root, ("test", 0)) is None
     out = b""
     for _ in range(100):
         chunk = await client.receive_some()
@@ -547,7 +548,7 @@ async def test_refused_upgrade_says_why_and_426_names_the_version() -> None:
 async def test_silent_connection_times_out_quietly() -> None:
     _client, server = trio.testing.memory_stream_pair()
     with trio.fail_after(2):
-        assert await open_websocket(server, Limits(link_timeout=0.2), Path("/x"), "t") is None
+        assert await open_websocket(server, Limits(link_timeout=0.2), Path("/x"), ("t", 0)) is None
 
 
 # --- one channel relayed over real loopback TCP, through the shared ChannelProxy ---

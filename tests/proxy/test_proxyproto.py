@@ -1,0 +1,238 @@
+"""The PROXY protocol header a load balancer sends before a viewer's bytes: parsed
+(versions 1 and 2, split anywhere, refused when it is none), read from a socket, and
+used by the reverse front: the viewer named in it is the channel's, and the server gets
+the viewer's bytes without it."""
+
+from __future__ import annotations
+
+import re
+import socket
+import struct
+from functools import partial
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+import trio
+from hypothesis import given
+from hypothesis import strategies as st
+
+from proxy.core.forwarded import parse_trusted
+from proxy.core.proxyproto import (
+    V2_SIGNATURE,
+    ProxyHeader,
+    ProxyHeaderError,
+    parse_proxy_header,
+)
+from proxy.core.relay import Limits
+from proxy.io.ends import PlainEnd
+from proxy.io.proxyproto import read_proxy_header
+from proxy.io.server import ChannelProxy, Upstream, tcp_end_opener, tcp_opener
+from tests.proxy.test_attempts import Calls, _attempt, _viewer_and_accepted
+from tests.proxy.test_framing import caps_word, link_mess, link_reply
+
+LINK = link_mess(caps_word(1, 3))
+
+
+def v2(command: int, family: int, addresses: bytes, tlvs: bytes = b"") -> bytes:
+    """A version 2 header, laid out from the spec independently of the parser."""
+    body = addresses + tlvs
+    return V2_SIGNATURE + bytes([command, family]) + struct.pack("!H", len(body)) + body
+
+
+V2_TCP4 = v2(0x21, 0x11, socket.inet_aton("192.0.2.7") + socket.inet_aton("10.0.0.1")
+             + struct.pack("!HH", 51234, 5900))  # fmt: skip
+V2_TCP6 = v2(
+    0x21,
+    0x21,
+    socket.inet_pton(socket.AF_INET6, "2001:db8::7")
+    + socket.inet_pton(socket.AF_INET6, "2001:db8::1")
+    + struct.pack("!HH", 443, 5901),
+    tlvs=b"\x01\x00\x02h2" + b"\x04\x00\x00",  # ALPN, NOOP: skipped
+)
+
+
+@pytest.mark.parametrize(
+    ("header", "source"),
+    [
+        (b"PROXY TCP4 192.0.2.7 10.0.0.1 51234 5900\r\n", ("192.0.2.7", 51234)),
+        (b"PROXY TCP6 2001:db8::7 2001:db8::1 443 5901\r\n", ("2001:db8::7", 443)),
+        (b"PROXY UNKNOWN\r\n", None),
+        (b"PROXY UNKNOWN ffff:f::1 ffff:f::2 1 2\r\n", None),
+        (V2_TCP4, ("192.0.2.7", 51234)),
+        (V2_TCP6, ("2001:db8::7", 443)),
+        (v2(0x20, 0x00, b""), None),  # LOCAL: the balancer's own health check
+        (v2(0x21, 0x31, b"\x00" * 216), None),  # a UNIX socket: no address to tell
+    ],
+)
+def test_headers_of_both_versions_split_anywhere(
+    header: bytes, source: tuple[str, int] | None
+) -> None:
+    data = header + LINK
+    for cut in range(len(header)):
+        assert parse_proxy_header(data[:cut]) is None, cut
+    assert parse_proxy_header(data) == ProxyHeader(source, len(header))
+    assert data[len(header) :] == LINK
+
+
+@pytest.mark.parametrize(
+    ("data", "why"),
+    [
+        (LINK, "no PROXY protocol header"),  # a viewer straight from the balancer's network
+        (b"\x16\x03\x01\x02\x00", "no PROXY protocol header"),  # a TLS ClientHello
+        (b"PRXY TCP4", "no PROXY protocol header"),
+        (b"\r\n\r\n\x00\r\nQUIZ\n", "no PROXY protocol header"),
+        (b"PROXY TCP4 192.0.2.7 10.0.0.1 51234" + b" " * 80, "longer than 107 bytes"),
+        (b"PROXY TCP5 192.0.2.7 10.0.0.1 1 2\r\n", "not understood"),
+        (b"PROXY TCP4 192.0.2.7 10.0.0.1 1\r\n", "not understood"),
+        (b"PROXY TCP4 192.0.2.7 10.0.0.1 01 2\r\n", "not understood"),  # leading zero
+        (b"PROXY TCP4 192.0.2.7 10.0.0.1 65536 2\r\n", "not understood"),
+        (b"PROXY TCP4 192.0.2.700 10.0.0.1 1 2\r\n", "not understood"),
+        (b"PROXY TCP4 2001:db8::7 10.0.0.1 1 2\r\n", "addresses not TCP4"),
+        (b"PROXY TCP4 192.0.2.7  10.0.0.1 1 2\r\n", "not understood"),  # two spaces
+        (v2(0x22, 0x11, b"\x00" * 12), "command byte 0x22"),
+        (v2(0x11, 0x11, b"\x00" * 12), "command byte 0x11"),  # version 1 in v2's form
+        (v2(0x21, 0x11, b"\x00" * 11), "addresses cut short (11 bytes)"),
+        (v2(0x21, 0x21, b"\x00" * 35), "addresses cut short (35 bytes)"),
+    ],
+)
+def test_what_is_no_header_says_so(data: bytes, why: str) -> None:
+    with pytest.raises(ProxyHeaderError, match=re.escape(why)):
+        parse_proxy_header(data)
+
+
+@given(st.binary(max_size=300))
+def test_any_bytes_are_a_header_none_yet_or_an_error(data: bytes) -> None:
+    try:
+        header = parse_proxy_header(data)
+    except ProxyHeaderError:
+        return
+    assert header is None or header.length <= len(data)
+
+
+def _pair() -> tuple[socket.socket, socket.socket]:
+    return socket.socketpair()
+
+
+def test_reading_gives_back_what_came_after_the_header() -> None:
+    ours, theirs = _pair()
+    with ours, theirs:
+        theirs.sendall(V2_TCP4 + LINK[:5])
+        end = PlainEnd(ours)
+        assert read_proxy_header(end, 5).source == ("192.0.2.7", 51234)
+        theirs.sendall(LINK[5:])
+        got = end.receive()
+        while len(got) < len(LINK):
+            got += end.receive()
+        assert got == LINK
+        assert ours.gettimeout() is None  # blocking again, for the pumps
+
+
+def test_reading_fails_on_eof_silence_and_other_bytes() -> None:
+    ours, theirs = _pair()
+    with ours, theirs:
+        theirs.sendall(b"PROXY TCP4 ")
+        theirs.shutdown(socket.SHUT_WR)
+        with pytest.raises(ProxyHeaderError, match="ended before its PROXY header was whole"):
+            read_proxy_header(PlainEnd(ours), 5)
+    ours, theirs = _pair()
+    with ours, theirs, pytest.raises(TimeoutError):
+        read_proxy_header(PlainEnd(ours), 0.2)
+    ours, theirs = _pair()
+    with ours, theirs:
+        theirs.sendall(LINK)
+        with pytest.raises(ProxyHeaderError, match="no PROXY protocol header"):
+            read_proxy_header(PlainEnd(ours), 5)
+
+
+def _serve_one(proxied: bool, sent: bytes) -> tuple[ChannelProxy, Calls, bytes, list[Any]]:
+    """A viewer connection from 127.0.0.1 (the balancer, trusted when `proxied`) that sends
+    `sent`, relayed by the threaded shell to a server that reads a link message and
+    answers it: the proxy, its recorder's calls, what the server got, the channels."""
+    calls = Calls()
+    proxy = ChannelProxy(Limits(link_timeout=2), cast(Any, calls))
+    got = bytearray()
+    seen: list[Any] = []
+
+    async def server(stream: trio.SocketStream) -> None:
+        with trio.move_on_after(5):
+            while len(got) < len(LINK):
+                data = await stream.receive_some()
+                if not data:
+                    return
+                got.extend(data)
+            await stream.send_all(link_reply(caps_word(1, 3)))
+            await trio.sleep(5)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            (up,) = await nursery.start(partial(trio.serve_tcp, server, 0, host="127.0.0.1"))
+            port = up.socket.getsockname()[1]
+            upstream = Upstream(
+                tcp_opener("127.0.0.1", port), f"127.0.0.1:{port}", "vm1",
+                tcp_end_opener("127.0.0.1", port), None, ("127.0.0.1", port),
+            )  # fmt: skip
+            viewer, stream = await _viewer_and_accepted()
+            balancers = parse_trusted(["127.0.0.1"] if proxied else ["192.0.2.0/24"])
+            nursery.start_soon(partial(proxy.handle_socket, stream, upstream, proxied=balancers))
+            with trio.fail_after(10):
+                await viewer.send_all(sent)
+                answer = await viewer.receive_some()
+            if answer:
+                seen.extend(proxy.state.channels.values())
+            await viewer.aclose()
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    return proxy, calls, bytes(got), seen
+
+
+@pytest.mark.parametrize("header", [V2_TCP4, b"PROXY TCP4 192.0.2.7 10.0.0.1 51234 5900\r\n"])
+def test_the_reverse_front_relays_the_viewer_a_balancer_names(header: bytes) -> None:
+    _proxy, calls, got, channels = _serve_one(True, header + LINK)
+    assert got == LINK  # the header is spicetap's, not the server's
+    (channel,) = channels
+    assert channel.viewer == ("192.0.2.7", 51234)
+    (opened,) = [args for name, args in calls.calls if name == "opened"]
+    _conn, _t, client, _server, _tls, route, *_ = opened
+    assert client == ("192.0.2.7", 51234)
+    assert route["forwarded_by"].startswith("127.0.0.1:")
+
+
+def test_untrusted_peers_bytes_go_through_unchanged() -> None:
+    """Only the named balancers' headers are read: anyone else's bytes are theirs, relayed
+    as they came (here the server would refuse them as no SPICE)."""
+    sent = b"PROXY TCP4 192.0.2.7 10.0.0.1 51234 5900\r\n" + LINK
+    _proxy, _calls, got, _channels = _serve_one(False, sent)
+    # the server read at least a link message's worth of them, as they were sent
+    assert len(got) >= len(LINK) and sent.startswith(got)
+
+
+def test_a_trusted_balancer_without_a_header_is_refused_and_recorded() -> None:
+    proxy, calls, got, channels = _serve_one(True, LINK)
+    assert got == b"" and not channels
+    opened, error, _closed = _attempt(calls)
+    assert opened[2][0] == "127.0.0.1"  # the balancer itself
+    assert error[3].startswith("PROXY protocol: no PROXY protocol header"), error
+    assert proxy.state.errors == 1
+
+
+def test_proxy_protocol_options_are_checked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from spicetap.cli import main
+    from spicetap.config import load_config
+
+    up = ["--upstream", "127.0.0.1:1", "--listen", "127.0.0.1:0"]
+    assert main(["proxy", *up, "--proxy-protocol-from", "lb.example"]) == 2
+    err = capsys.readouterr().err
+    assert "--proxy-protocol-from: 'lb.example' is not an IP address or network" in err
+    web_only = ["--upstream", "127.0.0.1:1", "--ws-listen", "127.0.0.1:0"]
+    assert main(["proxy", *web_only, "--proxy-protocol-from", "10.0.0.0/8"]) == 2
+    assert "--proxy-protocol-from needs a reverse listener" in capsys.readouterr().err
+    config = tmp_path / "c.toml"
+    config.write_text('[proxy]\nproxy_protocol_from = ["10.0.0.0/8", "::1"]\n')
+    assert load_config(config).proxy.proxy_protocol_from == ("10.0.0.0/8", "::1")
+    config.write_text('[proxy]\nproxy_protocol_from = ["10.0.0.0/40"]\n')
+    assert main(["proxy", "--config", str(config), *up]) == 2
+    assert f"{config}: [proxy] proxy_protocol_from: '10.0.0.0/40'" in capsys.readouterr().err

@@ -346,6 +346,11 @@ class ChannelView:
     bytes: Mapping[str, int]
     messages: Mapping[str, int]
     user: str | None = None  # inject: whom its token was given to, if it says
+    forwarded_by: tuple[str, int] | None = None  # the proxy or balancer that named the viewer
+
+
+def _address(address: tuple[str, int] | None) -> str | None:
+    return None if address is None else f"{address[0]}:{address[1]}"
 
 
 class ConnectionCounts(NamedTuple):
@@ -442,7 +447,8 @@ def _channel_json(ch: ChannelView) -> dict[str, Any]:
         "channel": channel_name(ch.channel_type),
         "channelType": ch.channel_type,
         "channelId": ch.channel_id,
-        "viewer": f"{ch.viewer[0]}:{ch.viewer[1]}",
+        "viewer": _address(ch.viewer),
+        "forwardedBy": _address(ch.forwarded_by),
         "upstream": ch.upstream,
         "started": _iso(ch.started),
         "linked": ch.linked,
@@ -471,7 +477,8 @@ def sessions_json(
             {
                 "connectionId": sid,
                 "user": whose,
-                "viewer": f"{first.viewer[0]}:{first.viewer[1]}",
+                "viewer": _address(first.viewer),
+                "forwardedBy": _address(first.forwarded_by),
                 "upstream": first.upstream,
                 "started": _iso(first.started),
                 "bytes": _both(c.bytes for c in members),

@@ -156,6 +156,7 @@ class ManagementApi:
                     bytes=dict(relay.bytes),
                     messages=dict(relay.messages),
                     user=relay.user,
+                    forwarded_by=stats.forwarded_by,
                 )
             )
         return views

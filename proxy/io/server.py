@@ -103,6 +103,7 @@ class ChannelStats:
     relay: ChannelRelay
     closed_reason: str | None = None
     route: Upstream | None = None  # where it was sent (a reload may re-point its listener)
+    forwarded_by: tuple[str, int] | None = None  # the proxy or balancer that named the viewer
     # the shell's: ticks the relay now, not at its ticker's next turn
     ender: Callable[[], None] | None = None
 
@@ -584,7 +585,10 @@ class ChannelProxy:
             session_gate=gate,
             server_tls=bool(tls.get("server")),
         )
-        stats = ChannelStats(conn, client, upstream_to.label, now, relay, route=upstream_to)
+        stats = ChannelStats(
+            conn, client, upstream_to.label, now, relay, route=upstream_to,
+            forwarded_by=forwarded_by,
+        )  # fmt: skip
         self.state.channels[conn] = stats
         self.state.total_channels += 1
         if self.recorder is not None:

@@ -191,6 +191,7 @@ async def test_the_websocket_front_relays_a_browser_behind_a_proxy(
             assert answer.startswith(b"HTTP/1.1 101 "), answer
             (channel,) = proxy.state.channels.values()
             assert channel.viewer == ("203.0.113.9", 0)
+            assert channel.forwarded_by is not None and channel.forwarded_by[0] == "127.0.0.1"
             (opened,) = [r for r in caplog.records if "-> 127.0.0.1" in r.getMessage()]
             fields = opened.__dict__["fields"]
             assert fields["viewer"] == "203.0.113.9:0"

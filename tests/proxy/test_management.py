@@ -185,12 +185,20 @@ def test_sessions_json() -> None:
         "channelType": 2,
         "channelId": 0,
         "viewer": "10.0.0.1:40001",
+        "forwardedBy": None,
         "upstream": "127.0.0.1:5930",
         "started": "1970-01-01T00:00:01.500+00:00",
         "linked": True,
         "bytes": {"c2s": 10, "s2c": 20},
         "messages": {"c2s": 1, "s2c": 2},
     }
+    assert session["forwardedBy"] is None
+    # behind a trusted proxy or balancer: the viewer it named, and which one it was
+    behind = replace(view(0, MAIN, 0, 0.0), viewer=("203.0.113.9", 0),
+                     forwarded_by=("10.0.0.2", 41000))  # fmt: skip
+    (session,) = sessions_json([behind], TOTALS)["sessions"]
+    assert (session["viewer"], session["forwardedBy"]) == ("203.0.113.9:0", "10.0.0.2:41000")
+    assert session["channels"][0]["forwardedBy"] == "10.0.0.2:41000"
     assert data["totals"] == {
         "sessions": 1,
         "channelsOpen": 2,

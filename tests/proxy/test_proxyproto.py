@@ -193,6 +193,7 @@ def test_the_reverse_front_relays_the_viewer_a_balancer_names(header: bytes) -> 
     assert got == LINK  # the header is spicetap's, not the server's
     (channel,) = channels
     assert channel.viewer == ("192.0.2.7", 51234)
+    assert channel.forwarded_by[0] == "127.0.0.1"  # the balancer
     (opened,) = [args for name, args in calls.calls if name == "opened"]
     _conn, _t, client, _server, _tls, route, *_ = opened
     assert client == ("192.0.2.7", 51234)

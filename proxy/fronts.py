@@ -69,7 +69,7 @@ class Route:
     target: Target | None = None  # how a migration's destination is checked (its CA)
     origins: tuple[str, ...] = ()  # the WebSocket front's: other pages allowed to connect
     trusted: tuple[IpNetwork, ...] = ()  # the WebSocket front's: reverse proxies believed
-    proxied: tuple[IpNetwork, ...] = ()  # a reverse one's: load balancers sending PROXY headers
+    proxied: tuple[IpNetwork, ...] = ()  # load balancers that send PROXY headers
     web: bool = False  # browsers (spice-html5) over WebSocket, not SPICE viewers
 
     @property
@@ -370,10 +370,15 @@ def build_fronts(
     routes = _routes(args, config, targets, keylog, certificates, main_policy)
     proxied = _networks(args, "proxy_protocol_from", cp.proxy_protocol_from, "proxy_protocol_from")
     routes = [replace(route, proxied=proxied) for route in routes]
-    if proxied and not routes:
-        raise UserError("--proxy-protocol-from needs a reverse listener (--listen, --tls-listen)")
     connect = _connect_front(args, config, targets, keylog)
     websocket = _websocket_front(args, cp, keylog, certificates, main_policy)
+    if websocket is not None:
+        websocket = replace(websocket, proxied=proxied)
+    if proxied and not routes and websocket is None:
+        raise UserError(
+            "--proxy-protocol-from needs a reverse listener (--listen, --tls-listen) "
+            "or the WebSocket front (--ws-listen)"
+        )
     scopes = {name: t.policy or link_policy for name, t in targets.items()}
     if _cli_target(args, cp) is not None:
         scopes[""] = main_policy or link_policy

@@ -24,6 +24,7 @@ V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 V2_FIXED = 16
 V2_LOCAL, V2_PROXY = 0x20, 0x21  # version 2 with the LOCAL (a health check) or PROXY command
 V2_TCP4, V2_TCP6 = 0x11, 0x21  # AF_INET or AF_INET6, over STREAM
+MAX_HEADER = V2_FIXED + 0xFFFF  # version 2's length field bounds it
 _V2_ADDRESSES = {V2_TCP4: (4, "!4s4sHH"), V2_TCP6: (16, "!16s16sHH")}
 
 
@@ -103,6 +104,24 @@ def _v2(data: bytes) -> ProxyHeader | None:
         raise ProxyHeaderError(f"PROXY v2 addresses cut short ({length} bytes)")
     source, _destination, port, _port_to = struct.unpack_from(layout, data, V2_FIXED)
     return ProxyHeader((str(ipaddress.ip_address(source)), port), total)  # TLVs after: skipped
+
+
+class ProxyHeaderReader:
+    """Bytes in as they arrive, the header out once whole; `rest` is what followed it."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.rest = b""
+
+    def feed(self, data: bytes) -> ProxyHeader | None:
+        """ProxyHeaderError when the bytes are no header, or too many came for one."""
+        self.data += data
+        header = parse_proxy_header(self.data)
+        if header is not None:
+            self.rest = self.data[header.length :]
+        elif len(self.data) > MAX_HEADER:
+            raise ProxyHeaderError("PROXY protocol header too long")
+        return header
 
 
 def _shown(line: bytes) -> str:

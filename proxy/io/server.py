@@ -445,9 +445,9 @@ class ChannelProxy:
             why = f"PROXY protocol: {exception_text(exc)}"
             fields = {"event": "viewer_refused", "viewer": f"{client[0]}:{client[1]}"}
             log.warning("load balancer %s:%d: %s", *client, why, extra={"fields": fields})
-            plain.close()
             conn, tls_asked = next(self._ids), {"viewer": tls is not None}
             self._attempt_failed(conn, client, upstream_to, insertion, C2S, why, tls_asked)
+            plain.close()
             return None
 
     async def _connect(
@@ -799,7 +799,7 @@ class Routing:
     origins: tuple[str, ...] = ()  # the WebSocket front's: other pages that may connect
     # the WebSocket front's: reverse proxies whose forwarding headers are believed
     trusted: tuple[IpNetwork, ...] = ()
-    # a reverse listener's: load balancers that begin their connections with a PROXY header
+    # load balancers that begin their connections with a PROXY header (reverse, WebSocket)
     proxied: tuple[IpNetwork, ...] = ()
     # TLS terminated here with it (None: plain); a reload swaps in a renewed certificate
     tls: ssl.SSLContext | None = None

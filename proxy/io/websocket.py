@@ -18,9 +18,10 @@ from pathlib import Path
 import trio
 
 from proxy.core.allow import IpNetwork
-from proxy.core.forwarded import Forwarding, forwarding
+from proxy.core.forwarded import Forwarding, forwarding, is_trusted
 from proxy.core.framing import LINK_ASKS, link_asks
 from proxy.core.http import MAX_HEAD, HeadReader, HttpError, Request, error_response
+from proxy.core.proxyproto import ProxyHeader, ProxyHeaderError
 from proxy.core.relay import Limits
 from proxy.core.websocket import (
     ABNORMAL,
@@ -34,12 +35,14 @@ from proxy.core.websocket import (
     is_upgrade,
 )
 from proxy.io.guard import guarded
+from proxy.io.proxyproto import receive_proxy_header
 from proxy.io.server import (
     ChannelProxy,
     Routing,
     Serving,
     Upstream,
     accept_tls,
+    exception_text,
     rejoin_retired,
     serve_listening,
 )
@@ -266,6 +269,22 @@ async def _rejoin(
     return chosen or upstream, PrefixedStream(ws, seen)
 
 
+async def _proxy_header(
+    proxy: ChannelProxy, stream: trio.SocketStream, client: tuple[str, int], upstream: Upstream
+) -> tuple[ProxyHeader, bytes] | None:
+    """A load balancer's PROXY header and what followed it; None when it sent none (closed,
+    logged, recorded as the balancer's failed attempt)."""
+    try:
+        with trio.fail_after(proxy.limits.link_timeout):
+            return await receive_proxy_header(stream)
+    except (ProxyHeaderError, trio.TooSlowError, *_GONE) as exc:
+        why = f"PROXY protocol: {exception_text(exc)}"
+        log.warning("load balancer %s:%d on the websocket port: %s", *client, why)
+        proxy.refused(client, upstream, "websocket", why)  # recorded before it is gone
+        await trio.aclose_forcefully(stream)
+        return None
+
+
 async def serve_websocket(
     proxy: ChannelProxy,
     routing: Routing,
@@ -282,6 +301,15 @@ async def serve_websocket(
     async def handle(stream: trio.SocketStream) -> None:
         client = _address(stream)
         transport: trio.abc.Stream = stream
+        balancer = None  # a load balancer's, that named `client` in a PROXY header
+        if routing.proxied and is_trusted(client[0], routing.proxied):
+            told_by = await _proxy_header(proxy, stream, client, routing.upstream)
+            if told_by is None:
+                return
+            header, rest = told_by
+            transport = PrefixedStream(stream, rest)
+            if header.source is not None:  # else the balancer's own (a health check)
+                balancer, client = client, header.source
         tls = routing.tls  # as it is at its arrival (a reload may renew the certificate)
         if tls is not None:
             wrapped = await accept_tls(proxy, stream, tls)
@@ -307,7 +335,7 @@ async def serve_websocket(
             viewer_tls=tls is not None,
             insertion="websocket",
             client=told.client,
-            forwarded_by=told.proxy,
+            forwarded_by=told.proxy or balancer,
         )
 
     handler = guarded(handle, "WebSocket front", proxy.state)

@@ -202,3 +202,34 @@ def test_spice_html5_behind_a_reverse_proxy_is_the_browser_it_forwards(tmp_path:
     assert all(f["forwarded_by"].startswith(f"{PROXY_SOURCE}:") for f in behind), behind
     (forged,) = [f for f in opens if "forwarded_by" not in f]
     assert forged["client"].startswith("127.0.0.1:") and forged["client"] != "127.0.0.1:0"
+
+
+def test_spice_html5_behind_a_tcp_balancer_with_the_proxy_protocol(tmp_path: Path) -> None:
+    """Chromium -> haproxy (TCP mode, send-proxy-v2, from 127.0.0.2) -> spicetap's
+    WebSocket front -> QEMU: the PROXY header comes before the HTTP request, and names
+    the browser's own address and port for each channel."""
+    front = ("--ws-listen", "127.0.0.1:0", "--proxy-protocol-from", PROXY_SOURCE)
+    with peers():
+        need_spice_html5()
+        need_program("haproxy", "haproxy")
+        with QemuServer(guest="boot") as srv:
+            assert srv.port is not None
+            with ProxyProcess(srv.port, tmp_path / "rec", tmp_path / "proxy", front) as proxy:
+                direct = proxy.ports["websocket"]
+                with (
+                    Haproxy(direct, tmp_path / "haproxy", "send-proxy-v2") as haproxy,
+                    HeadlessChromium(tmp_path / "chromium") as browser,
+                ):
+                    page = browser.open_spice_html5(
+                        f"http://127.0.0.1:{haproxy.port}/spice_auto.html", min_nonblank=5000
+                    )
+    assert page.nonblank >= 5000 and page.colours >= 2, page
+    opens = [
+        (r.fields or {}) for a in proxy.archives() for r in iter_records(a, []) if r.kind == "open"
+    ]
+    behind = [f for f in opens if "forwarded_by" in f]
+    assert len(behind) >= 4 and len(behind) == len(opens), opens
+    for fields in behind:
+        assert fields["client"].startswith("127.0.0.1:"), fields
+        assert not fields["client"].endswith(":0"), fields  # the PROXY header tells ports
+        assert fields["forwarded_by"].startswith(f"{PROXY_SOURCE}:"), fields

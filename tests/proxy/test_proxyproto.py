@@ -27,9 +27,11 @@ from proxy.core.proxyproto import (
 from proxy.core.relay import Limits
 from proxy.io.ends import PlainEnd
 from proxy.io.proxyproto import read_proxy_header
-from proxy.io.server import ChannelProxy, Upstream, tcp_end_opener, tcp_opener
+from proxy.io.server import ChannelProxy, Routing, Upstream, tcp_end_opener, tcp_opener
+from proxy.io.websocket import serve_websocket
 from tests.proxy.test_attempts import Calls, _attempt, _viewer_and_accepted
 from tests.proxy.test_framing import caps_word, link_mess, link_reply
+from tests.proxy.test_websocket import CHROMIUM_UPGRADE, client_frame
 
 LINK = link_mess(caps_word(1, 3))
 
@@ -228,8 +230,8 @@ def test_proxy_protocol_options_are_checked(
     assert main(["proxy", *up, "--proxy-protocol-from", "lb.example"]) == 2
     err = capsys.readouterr().err
     assert "--proxy-protocol-from: 'lb.example' is not an IP address or network" in err
-    web_only = ["--upstream", "127.0.0.1:1", "--ws-listen", "127.0.0.1:0"]
-    assert main(["proxy", *web_only, "--proxy-protocol-from", "10.0.0.0/8"]) == 2
+    connect_only = ["--connect-listen", "127.0.0.1:0", "--allow", "127.0.0.1:1"]
+    assert main(["proxy", *connect_only, "--proxy-protocol-from", "10.0.0.0/8"]) == 2
     assert "--proxy-protocol-from needs a reverse listener" in capsys.readouterr().err
     config = tmp_path / "c.toml"
     config.write_text('[proxy]\nproxy_protocol_from = ["10.0.0.0/8", "::1"]\n')
@@ -237,3 +239,51 @@ def test_proxy_protocol_options_are_checked(
     config.write_text('[proxy]\nproxy_protocol_from = ["10.0.0.0/40"]\n')
     assert main(["proxy", "--config", str(config), *up]) == 2
     assert f"{config}: [proxy] proxy_protocol_from: '10.0.0.0/40'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("header", [V2_TCP4, b"PROXY TCP4 192.0.2.7 10.0.0.1 51234 5900\r\n", b""])
+async def test_the_websocket_front_reads_a_balancers_header_first(header: bytes) -> None:
+    """An L4 balancer before the WebSocket front: its header comes before the HTTP request
+    (before TLS, with wss://); without one, from a trusted balancer, nothing is served."""
+    calls = Calls()
+    proxy = ChannelProxy(Limits(link_timeout=2), cast(Any, calls))
+    got = bytearray()
+    linked = trio.Event()
+
+    async def server(stream: trio.SocketStream) -> None:
+        while len(got) < len(LINK):
+            data = await stream.receive_some()
+            if not data:
+                return
+            got.extend(data)
+        linked.set()
+        await stream.send_all(link_reply(caps_word(1, 3)))
+        await trio.sleep(5)
+
+    async with trio.open_nursery() as nursery:
+        (up,) = await nursery.start(partial(trio.serve_tcp, server, 0, host="127.0.0.1"))
+        port = up.socket.getsockname()[1]
+        upstream = Upstream(tcp_opener("127.0.0.1", port), f"127.0.0.1:{port}")
+        routing = Routing(upstream, proxied=parse_trusted(["127.0.0.1"]))
+        serving = await nursery.start(serve_websocket, proxy, routing, "127.0.0.1", 0, Path("/x"))
+        web = serving.listeners[0].socket.getsockname()[1]
+        async with await trio.open_tcp_stream("127.0.0.1", web) as browser:
+            with trio.fail_after(10):
+                await browser.send_all(header + CHROMIUM_UPGRADE + client_frame(0x2, LINK))
+                try:
+                    answer = await browser.receive_some()
+                except trio.BrokenResourceError:  # closed with our bytes unread: a reset
+                    answer = b""
+                if header:
+                    await linked.wait()
+        if header:
+            assert answer.startswith(b"HTTP/1.1 101 "), answer
+            assert bytes(got) == LINK
+            (channel,) = proxy.state.channels.values()
+            assert channel.viewer == ("192.0.2.7", 51234)
+            assert channel.forwarded_by is not None and channel.forwarded_by[0] == "127.0.0.1"
+        else:
+            assert answer == b"" and not got
+            _opened, error, _closed = _attempt(calls)
+            assert error[3].startswith("PROXY protocol: no PROXY protocol header"), error
+        nursery.cancel_scope.cancel()

@@ -4,9 +4,11 @@ and records the session like any other."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import ssl
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ from spicetap.archive.reader import ArchiveReader
 from spicetap.archive.verify import verify
 from spicetap.inputs import AnyRecord, iter_records
 from tests.conftest import peers
-from tests.harness import HeadlessChromium, QemuServer, need_spice_html5
+from tests.harness import HeadlessChromium, PageResult, QemuServer, need_spice_html5
 from tests.harness.haproxy import PROXY_SOURCE, Haproxy
 from tests.harness.procs import need_program
 from tests.harness.wsbridge import client_frame, upgraded
@@ -155,6 +157,27 @@ def test_a_browser_breaking_the_websocket_protocol_is_a_recorded_error(tmp_path:
     assert not any(r.kind == "close" and r.name == "viewer closed" for r in records), records
 
 
+@contextlib.contextmanager
+def _html5_behind_haproxy(
+    tmp_path: Path, front: tuple[str, ...], mode: str
+) -> Iterator[tuple[ProxyProcess, PageResult]]:
+    """spice-html5 in Chromium drawn through haproxy (`mode`, from PROXY_SOURCE) and
+    spicetap's WebSocket front (`front`) in front of QEMU: spicetap still running, the page."""
+    need_spice_html5()
+    need_program("haproxy", "haproxy")
+    with QemuServer(guest="boot") as srv:
+        assert srv.port is not None
+        with ProxyProcess(srv.port, tmp_path / "rec", tmp_path / "proxy", front) as proxy:
+            with (
+                Haproxy(proxy.ports["websocket"], tmp_path / "haproxy", mode) as haproxy,
+                HeadlessChromium(tmp_path / "chromium") as browser,
+            ):
+                page = browser.open_spice_html5(
+                    f"http://127.0.0.1:{haproxy.port}/spice_auto.html", min_nonblank=5000
+                )
+            yield proxy, page
+
+
 def test_spice_html5_behind_a_reverse_proxy_is_the_browser_it_forwards(tmp_path: Path) -> None:
     """Chromium -> haproxy (HTTP mode, X-Forwarded-For, Host rewritten) -> spicetap's
     WebSocket front -> QEMU. With haproxy's address trusted, the session is the browser's
@@ -162,26 +185,13 @@ def test_spice_html5_behind_a_reverse_proxy_is_the_browser_it_forwards(tmp_path:
     may open its WebSockets though the Host spicetap sees is haproxy's backend name. A
     client that sends X-Forwarded-For itself, straight to spicetap, is not believed."""
     front = ("--ws-listen", "127.0.0.1:0", "--ws-trusted-proxy", PROXY_SOURCE)
-    with peers():
-        need_spice_html5()
-        need_program("haproxy", "haproxy")
-        with QemuServer(guest="boot") as srv:
-            assert srv.port is not None
-            with ProxyProcess(srv.port, tmp_path / "rec", tmp_path / "proxy", front) as proxy:
-                direct = proxy.ports["websocket"]
-                with (
-                    Haproxy(direct, tmp_path / "haproxy") as haproxy,
-                    HeadlessChromium(tmp_path / "chromium") as browser,
-                ):
-                    page = browser.open_spice_html5(
-                        f"http://127.0.0.1:{haproxy.port}/spice_auto.html", min_nonblank=5000
-                    )
-                # straight to spicetap, a forged header is the client's own word
-                s, _ = upgraded(direct, 10, {"X-Forwarded-For": "192.0.2.66"})
-                with s:
-                    s.sendall(client_frame(b"REDQ"))  # then hangs up inside its link
-                    time.sleep(0.5)
-                log = proxy.log()
+    with peers(), _html5_behind_haproxy(tmp_path, front, "http") as (proxy, page):
+        # straight to spicetap, a forged header is the client's own word
+        s, _ = upgraded(proxy.ports["websocket"], 10, {"X-Forwarded-For": "192.0.2.66"})
+        with s:
+            s.sendall(client_frame(b"REDQ"))  # then hangs up inside its link
+            time.sleep(0.5)
+        log = proxy.log()
     assert page.nonblank >= 5000 and page.colours >= 2, page
     assert not page.dialogs, page.dialogs
     assert "192.0.2.66" not in log
@@ -209,20 +219,8 @@ def test_spice_html5_behind_a_tcp_balancer_with_the_proxy_protocol(tmp_path: Pat
     WebSocket front -> QEMU: the PROXY header comes before the HTTP request, and names
     the browser's own address and port for each channel."""
     front = ("--ws-listen", "127.0.0.1:0", "--proxy-protocol-from", PROXY_SOURCE)
-    with peers():
-        need_spice_html5()
-        need_program("haproxy", "haproxy")
-        with QemuServer(guest="boot") as srv:
-            assert srv.port is not None
-            with ProxyProcess(srv.port, tmp_path / "rec", tmp_path / "proxy", front) as proxy:
-                direct = proxy.ports["websocket"]
-                with (
-                    Haproxy(direct, tmp_path / "haproxy", "send-proxy-v2") as haproxy,
-                    HeadlessChromium(tmp_path / "chromium") as browser,
-                ):
-                    page = browser.open_spice_html5(
-                        f"http://127.0.0.1:{haproxy.port}/spice_auto.html", min_nonblank=5000
-                    )
+    with peers(), _html5_behind_haproxy(tmp_path, front, "send-proxy-v2") as (proxy, page):
+        pass
     assert page.nonblank >= 5000 and page.colours >= 2, page
     opens = [
         (r.fields or {}) for a in proxy.archives() for r in iter_records(a, []) if r.kind == "open"

@@ -5,7 +5,6 @@ and the WebSocket front using what they say."""
 from __future__ import annotations
 
 import logging
-from functools import partial
 from pathlib import Path
 
 import pytest
@@ -14,8 +13,9 @@ import trio
 from proxy.core.forwarded import Forwarding, forwarding, hops, is_trusted, parse_trusted
 from proxy.core.relay import Limits
 from proxy.core.websocket import accept
-from proxy.io.server import ChannelProxy, Routing, Upstream
+from proxy.io.server import ChannelProxy, Routing
 from proxy.io.websocket import serve_websocket
+from tests.proxy.linkserver import LinkServer
 from tests.proxy.test_framing import caps_word, link_mess, link_reply
 from tests.proxy.test_websocket import CHROMIUM_UPGRADE, client_frame, request
 
@@ -145,35 +145,17 @@ async def test_the_websocket_front_relays_a_browser_behind_a_proxy(
     trusted: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    got = trio.Event()
-    link, reply = link_mess(caps_word(1, 3)), link_reply(caps_word(1, 3))
-
-    async def fake_server(stream: trio.SocketStream) -> None:
-        received = b""
-        while len(received) < len(link):
-            data = await stream.receive_some()
-            if not data:
-                break
-            received += data
-        await stream.send_all(reply)
-        got.set()
-        await trio.sleep(5)
-
+    link = link_mess(caps_word(1, 3))
+    server = LinkServer(link, link_reply(caps_word(1, 3)))
     head = CHROMIUM_UPGRADE.replace(
         b"Host: 127.0.0.1:5959", b"Host: backend:5959\r\nX-Forwarded-For: 203.0.113.9"
     ).replace(b"Origin: http://127.0.0.1:5959", b"Origin: https://vdi.example")
     head = head.replace(b"\r\n\r\n", b"\r\nX-Forwarded-Proto: https\r\n"
                         b"X-Forwarded-Host: vdi.example\r\n\r\n")  # fmt: skip
     async with trio.open_nursery() as nursery:
-        (up,) = await nursery.start(partial(trio.serve_tcp, fake_server, 0, host="127.0.0.1"))
-        up_port = up.socket.getsockname()[1]
-
-        async def open_upstream() -> trio.abc.Stream:
-            return await trio.open_tcp_stream("127.0.0.1", up_port)
-
         proxy = ChannelProxy(Limits(), None)
         networks = parse_trusted(["127.0.0.0/8"] if trusted else ["192.0.2.0/24"])
-        routing = Routing(Upstream(open_upstream, f"127.0.0.1:{up_port}"), trusted=networks)
+        routing = Routing(await server.start(nursery), trusted=networks)
         serving = await nursery.start(serve_websocket, proxy, routing, "127.0.0.1", 0, Path("/x"))
         port = serving.listeners[0].socket.getsockname()[1]
         client = await trio.open_tcp_stream("127.0.0.1", port)
@@ -182,7 +164,7 @@ async def test_the_websocket_front_relays_a_browser_behind_a_proxy(
                 await client.send_all(head + client_frame(0x2, link))
                 answer = await client.receive_some()
                 if trusted:
-                    await got.wait()
+                    await server.linked.wait()
         if not trusted:  # the page's origin is not the Host this request names: 403
             assert answer.startswith(b"HTTP/1.1 403 "), answer
             assert b"origin https://vdi.example is not allowed" in answer
@@ -192,7 +174,8 @@ async def test_the_websocket_front_relays_a_browser_behind_a_proxy(
             (channel,) = proxy.state.channels.values()
             assert channel.viewer == ("203.0.113.9", 0)
             assert channel.forwarded_by is not None and channel.forwarded_by[0] == "127.0.0.1"
-            (opened,) = [r for r in caplog.records if "-> 127.0.0.1" in r.getMessage()]
+            (opened,) = [r for r in caplog.records if r.getMessage().startswith("channel ")
+                         and "-> 127.0.0.1" in r.getMessage()]  # fmt: skip
             fields = opened.__dict__["fields"]
             assert fields["viewer"] == "203.0.113.9:0"
             assert fields["forwarded_by"].startswith("127.0.0.1:")

@@ -27,8 +27,9 @@ from proxy.core.proxyproto import (
 from proxy.core.relay import Limits
 from proxy.io.ends import PlainEnd
 from proxy.io.proxyproto import read_proxy_header
-from proxy.io.server import ChannelProxy, Routing, Upstream, tcp_end_opener, tcp_opener
+from proxy.io.server import ChannelProxy, Routing
 from proxy.io.websocket import serve_websocket
+from tests.proxy.linkserver import LinkServer
 from tests.proxy.test_attempts import Calls, _attempt, _viewer_and_accepted
 from tests.proxy.test_framing import caps_word, link_mess, link_reply
 from tests.proxy.test_websocket import CHROMIUM_UPGRADE, client_frame
@@ -153,27 +154,12 @@ def _serve_one(proxied: bool, sent: bytes) -> tuple[ChannelProxy, Calls, bytes, 
     answers it: the proxy, its recorder's calls, what the server got, the channels."""
     calls = Calls()
     proxy = ChannelProxy(Limits(link_timeout=2), cast(Any, calls))
-    got = bytearray()
+    server = LinkServer(LINK, link_reply(caps_word(1, 3)))
     seen: list[Any] = []
-
-    async def server(stream: trio.SocketStream) -> None:
-        with trio.move_on_after(5):
-            while len(got) < len(LINK):
-                data = await stream.receive_some()
-                if not data:
-                    return
-                got.extend(data)
-            await stream.send_all(link_reply(caps_word(1, 3)))
-            await trio.sleep(5)
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            (up,) = await nursery.start(partial(trio.serve_tcp, server, 0, host="127.0.0.1"))
-            port = up.socket.getsockname()[1]
-            upstream = Upstream(
-                tcp_opener("127.0.0.1", port), f"127.0.0.1:{port}", "vm1",
-                tcp_end_opener("127.0.0.1", port), None, ("127.0.0.1", port),
-            )  # fmt: skip
+            upstream = await server.start(nursery)
             viewer, stream = await _viewer_and_accepted()
             balancers = parse_trusted(["127.0.0.1"] if proxied else ["192.0.2.0/24"])
             nursery.start_soon(partial(proxy.handle_socket, stream, upstream, proxied=balancers))
@@ -186,7 +172,7 @@ def _serve_one(proxied: bool, sent: bytes) -> tuple[ChannelProxy, Calls, bytes, 
             nursery.cancel_scope.cancel()
 
     trio.run(main)
-    return proxy, calls, bytes(got), seen
+    return proxy, calls, bytes(server.got), seen
 
 
 @pytest.mark.parametrize("header", [V2_TCP4, b"PROXY TCP4 192.0.2.7 10.0.0.1 51234 5900\r\n"])
@@ -247,24 +233,11 @@ async def test_the_websocket_front_reads_a_balancers_header_first(header: bytes)
     (before TLS, with wss://); without one, from a trusted balancer, nothing is served."""
     calls = Calls()
     proxy = ChannelProxy(Limits(link_timeout=2), cast(Any, calls))
-    got = bytearray()
-    linked = trio.Event()
-
-    async def server(stream: trio.SocketStream) -> None:
-        while len(got) < len(LINK):
-            data = await stream.receive_some()
-            if not data:
-                return
-            got.extend(data)
-        linked.set()
-        await stream.send_all(link_reply(caps_word(1, 3)))
-        await trio.sleep(5)
+    server = LinkServer(LINK, link_reply(caps_word(1, 3)))
+    got = server.got
 
     async with trio.open_nursery() as nursery:
-        (up,) = await nursery.start(partial(trio.serve_tcp, server, 0, host="127.0.0.1"))
-        port = up.socket.getsockname()[1]
-        upstream = Upstream(tcp_opener("127.0.0.1", port), f"127.0.0.1:{port}")
-        routing = Routing(upstream, proxied=parse_trusted(["127.0.0.1"]))
+        routing = Routing(await server.start(nursery), proxied=parse_trusted(["127.0.0.1"]))
         serving = await nursery.start(serve_websocket, proxy, routing, "127.0.0.1", 0, Path("/x"))
         web = serving.listeners[0].socket.getsockname()[1]
         async with await trio.open_tcp_stream("127.0.0.1", web) as browser:
@@ -275,7 +248,7 @@ async def test_the_websocket_front_reads_a_balancers_header_first(header: bytes)
                 except trio.BrokenResourceError:  # closed with our bytes unread: a reset
                     answer = b""
                 if header:
-                    await linked.wait()
+                    await server.linked.wait()
         if header:
             assert answer.startswith(b"HTTP/1.1 101 "), answer
             assert bytes(got) == LINK

@@ -8,7 +8,6 @@ import base64
 import hashlib
 import os
 import struct
-from functools import partial
 from pathlib import Path
 
 import pytest
@@ -30,10 +29,11 @@ from proxy.core.websocket import (
     encode_frame,
     origin_is_valid,
 )
-from proxy.io.server import ChannelProxy, Routing, Upstream
+from proxy.io.server import ChannelProxy, Routing
 from proxy.io.static import static_response
 from proxy.io.streams import PeerProtocolError
 from proxy.io.websocket import WebSocketStream, open_websocket, serve_websocket
+from tests.proxy.linkserver import LinkServer
 from tests.proxy.test_framing import caps_word, link_mess, link_reply
 
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="  # RFC 6455 §1.3's example key...
@@ -555,29 +555,11 @@ async def test_silent_connection_times_out_quietly() -> None:
 
 
 async def test_websocket_channel_is_relayed_to_the_upstream() -> None:
-    got = trio.Event()
-    received = bytearray()
     link, reply = link_mess(caps_word(1, 3)), link_reply(caps_word(1, 3))
-
-    async def fake_server(stream: trio.SocketStream) -> None:
-        while len(received) < len(link):
-            data = await stream.receive_some()
-            if not data:
-                break
-            received.extend(data)
-        await stream.send_all(reply)
-        got.set()
-        await trio.sleep(5)
-
+    server = LinkServer(link, reply)
     async with trio.open_nursery() as nursery:
-        (up,) = await nursery.start(partial(trio.serve_tcp, fake_server, 0, host="127.0.0.1"))
-        up_port = up.socket.getsockname()[1]
-
-        async def open_upstream() -> trio.abc.Stream:
-            return await trio.open_tcp_stream("127.0.0.1", up_port)
-
         proxy = ChannelProxy(Limits(), None)
-        routing = Routing(Upstream(open_upstream, f"127.0.0.1:{up_port}"))
+        routing = Routing(await server.start(nursery))
         serving = await nursery.start(serve_websocket, proxy, routing, "127.0.0.1", 0)
         (ws_listener,) = serving.listeners
         client = await trio.open_tcp_stream("127.0.0.1", ws_listener.socket.getsockname()[1])
@@ -587,9 +569,9 @@ async def test_websocket_channel_is_relayed_to_the_upstream() -> None:
                 answer = b""
                 while not answer.endswith(encode_frame(0x2, reply)):  # bounded by fail_after
                     answer += await client.receive_some()
-                await got.wait()
+                await server.linked.wait()
         assert answer.startswith(b"HTTP/1.1 101 ")
-        assert bytes(received) == link
+        assert bytes(server.got) == link
         (channel,) = proxy.state.channels.values()
         assert channel.viewer[0] == "127.0.0.1"
         nursery.cancel_scope.cancel()

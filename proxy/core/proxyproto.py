@@ -25,6 +25,7 @@ V2_FIXED = 16
 V2_LOCAL, V2_PROXY = 0x20, 0x21  # version 2 with the LOCAL (a health check) or PROXY command
 V2_TCP4, V2_TCP6 = 0x11, 0x21  # AF_INET or AF_INET6, over STREAM
 MAX_HEADER = V2_FIXED + 0xFFFF  # version 2's length field bounds it
+_NOT_A_HEADER = "no PROXY protocol header (the connection begins with other bytes)"
 _V2_ADDRESSES = {V2_TCP4: (4, "!4s4sHH"), V2_TCP6: (16, "!16s16sHH")}
 
 
@@ -51,12 +52,12 @@ def parse_proxy_header(data: bytes) -> ProxyHeader | None:
         return _v2(data)
     if not data:
         return None
-    raise ProxyHeaderError("no PROXY protocol header (the connection begins with other bytes)")
+    raise ProxyHeaderError(_NOT_A_HEADER)
 
 
 def _v1(data: bytes) -> ProxyHeader | None:
     if not (data[: len(V1_PREFIX)] == V1_PREFIX[: len(data)]):
-        raise ProxyHeaderError("no PROXY protocol header (the connection begins with other bytes)")
+        raise ProxyHeaderError(_NOT_A_HEADER)
     end = data.find(b"\r\n", 0, V1_MAX)
     if end < 0:
         if len(data) >= V1_MAX:
@@ -88,7 +89,7 @@ def _port(word: bytes) -> int:
 
 def _v2(data: bytes) -> ProxyHeader | None:
     if data[: len(V2_SIGNATURE)] != V2_SIGNATURE[: len(data)]:
-        raise ProxyHeaderError("no PROXY protocol header (the connection begins with other bytes)")
+        raise ProxyHeaderError(_NOT_A_HEADER)
     if len(data) < V2_FIXED:
         return None
     command, family, length = data[12], data[13], struct.unpack_from("!H", data, 14)[0]

@@ -89,6 +89,10 @@ class RecorderWorker:
         self.conn_keys: dict[int, list[Any]] = {}
         self.viewers: dict[int, str] = {}  # connection -> the viewer's address
         self.routes: dict[int, dict[str, Any]] = {}  # connection -> insertion, upstream...
+        # connection -> whom it authenticated as (inject: a token naming its user), from its
+        # auth event: known before a main channel's INIT lets its records (held till then)
+        # open the session's archive, so the header can say whose the session is
+        self.users: dict[int, str] = {}
 
     def tick(self) -> None:
         """Call while idle: time-based flushes."""
@@ -115,6 +119,8 @@ class RecorderWorker:
         elif kind == "error":
             records = b.error(conn, t, item[3], item[4])
         elif kind == "event":
+            if item[4] == "auth" and isinstance(item[6].get("user"), str):
+                self.users[conn] = item[6]["user"]
             records = b.event(conn, t, *item[3:])
         elif kind == "options":  # a reload's: for sessions opened from now on
             self.options = item[3]
@@ -126,6 +132,7 @@ class RecorderWorker:
         if kind == "close":
             self.viewers.pop(conn, None)
             self.routes.pop(conn, None)
+            self.users.pop(conn, None)
             if self._connection_closed(conn):
                 self.report(("gone", conn))
 
@@ -171,6 +178,8 @@ class RecorderWorker:
                 **self.routes.get(rec.connection, {}),
                 "viewer": self.viewers.get(rec.connection),
             }
+            if rec.connection in self.users:
+                about["user"] = self.users[rec.connection]
         header = {
             "dissector": dissector_hashes(),
             "session": {**self.meta, **about, "id": key if isinstance(key, int) else None},

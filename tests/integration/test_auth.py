@@ -62,9 +62,16 @@ def records(proxy: ProxyProcess) -> list[Any]:
 
 
 def header_session(proxy: ProxyProcess) -> dict[str, Any]:
-    with ArchiveReader(proxy.archives()[0]) as reader:
-        session: dict[str, Any] = reader.header["session"]
-    return session
+    return header_sessions(proxy)[0]
+
+
+def header_sessions(proxy: ProxyProcess) -> list[dict[str, Any]]:
+    """What each archive's header says of its session."""
+    sessions = []
+    for archive in proxy.archives():
+        with ArchiveReader(archive) as reader:
+            sessions.append(reader.header["session"])
+    return sessions
 
 
 def assert_secrets_absent(proxy: ProxyProcess, *secrets: str) -> None:
@@ -258,6 +265,9 @@ def test_tokens_minted_and_written_while_the_proxy_runs(tmp_path: Path) -> None:
     # the session the token minted for alice opened says whose it is, on every channel
     alices = [f for f in ok if f.get("user") == "alice@corp"]
     assert len(alices) >= 2 and len(alices) == len([f for f in ok if "user" in f])
+    # so does its archive's header; the other two sessions' tokens named nobody
+    users = sorted(str(s.get("user")) for s in header_sessions(proxy) if s["id"] is not None)
+    assert users == ["None", "None", "alice@corp"], users
     assert "token minted for the main upstream (user alice@corp)" in proxy.log()
     minted = [main["token"], for_lab["token"], short["token"]]
     assert_secrets_absent(proxy, PASSWORD, API_TOKEN, "file-token-4d2a", *minted)

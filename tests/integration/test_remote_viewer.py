@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from spicetap.archive.reader import ArchiveReader
 from spicetap.archive.verify import verify
 from spicetap.inputs import iter_records
 from tests.conftest import peers
@@ -146,5 +147,10 @@ def test_remote_viewer_with_a_token_minted_into_its_vv_file(tmp_path: Path) -> N
     auth = [f for f in auth if f["by"] == "server"]
     assert auth and all(f["result"] == "OK" and f["credential"] == "token" for f in auth)
     assert all(f["user"] == "dana" for f in auth)  # whose the session was
+    sessions = []
+    for archive in archives:
+        with ArchiveReader(archive) as reader:
+            sessions.append(reader.header["session"])
+    assert {s.get("user") for s in sessions if s["id"] is not None} == {"dana"}, sessions
     for blob in [a.read_bytes() for a in archives] + [proxy.log().encode()]:
         assert token.encode() not in blob and b"vm1-server-pw" not in blob

@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from spicetap.about import ArchiveSeen, about, describe
 from spicetap.archive.keys import load_or_create_signing_key, trusted_public_key
 from spicetap.archive.privacy import PolicyError, PrivacyPolicy
 from spicetap.errors import UserError, one_line
@@ -45,10 +47,14 @@ def progress(what: str) -> Iterator[Callable[[int], None]]:
 
 
 def _records(
-    args: argparse.Namespace, problems: list[str], origin: list[float] | None = None
+    args: argparse.Namespace,
+    problems: list[str],
+    origin: list[float] | None = None,
+    seen: ArchiveSeen | None = None,
 ) -> Iterator[AnyRecord]:
     """Records of the input that pass the filter; `origin` receives the time of the input's
-    first record, which is where the filter's `time` and show's times count from."""
+    first record, which is where the filter's `time` and show's times count from; `seen`
+    an archive's header and end record."""
     flt = None
     if getattr(args, "filter", None) is not None:  # -f '' is an empty filter, refused
         try:
@@ -57,7 +63,7 @@ def _records(
             raise UserError(str(exc)) from None
     t0: float | None = None
     try:
-        for rec in iter_records(Path(args.input), problems):
+        for rec in iter_records(Path(args.input), problems, seen):
             if t0 is None:
                 t0 = rec.time
                 if origin is not None:
@@ -98,22 +104,26 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
     problems: list[str] = []
     stats = Stats()
+    seen = ArchiveSeen()
     with progress("reading") as tick:
-        for i, rec in enumerate(_records(args, problems)):
+        for i, rec in enumerate(_records(args, problems, seen=seen)):
             stats.add(rec)
             if i % 4096 == 0:
                 tick(i)
     _report(problems)
-    data = stats.to_dict()
+    data = {"archive": about(seen), **stats.to_dict()}
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
     console = Console()
     cov = data["coverage"]
     console.print(
-        f"[b]{args.input}[/b]: {data['duration']:.3f} s, {data['connections']} "
+        f"[b]{escape(args.input)}[/b]: {data['duration']:.3f} s, {data['connections']} "
         f"connections, sessions {data['sessions']}, records {data['records']}"
     )
+    if data["archive"] is not None:
+        for text in describe(data["archive"]):
+            console.print(text, markup=False, highlight=False, soft_wrap=True)  # one line
     table = Table("channel", "dir", "message", "count", "bytes", "msg/s", "KB/s")
     for channel, info in data["channels"].items():
         for m in info["messages"]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+from spicetap.about import ArchiveSeen
 from spicetap.archive import format as fmt
 from spicetap.archive.importer import dissector_hashes
 from spicetap.archive.reader import ArchiveError, ArchiveReader
@@ -49,8 +50,11 @@ def check_input(path: Path) -> None:
         )
 
 
-def iter_records(path: Path, problems: list[str]) -> Iterator[AnyRecord]:
-    """Records of an archive or a capture; a damaged or truncated tail lands in `problems`."""
+def iter_records(
+    path: Path, problems: list[str], seen: ArchiveSeen | None = None
+) -> Iterator[AnyRecord]:
+    """Records of an archive or a capture; a damaged or truncated tail lands in `problems`;
+    an archive's header, and its end record once reached, in `seen`."""
     check_input(path)
     if is_archive(path):
         try:
@@ -63,6 +67,8 @@ def iter_records(path: Path, problems: list[str]) -> Iterator[AnyRecord]:
             except MalformedRecord as exc:
                 raise InputError(f"{path}: damaged archive header ({exc})") from None
             same = reader.header.get("dissector") == dissector_hashes()
+            if seen is not None:
+                seen.header = reader.header
             for obj in reader.records():
                 try:
                     rec = from_archive(obj, started, same)
@@ -71,6 +77,8 @@ def iter_records(path: Path, problems: list[str]) -> Iterator[AnyRecord]:
                     problems.append(f"{path}: a malformed record was skipped ({exc})")
                     continue
                 yield rec
+            if seen is not None:
+                seen.end = reader.end
             if reader.truncated or reader.damaged:
                 problems.append(f"{path}: {reader.damaged or 'truncated'}")
             after = reader.bytes_after_end() if reader.end is not None else None

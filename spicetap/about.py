@@ -1,0 +1,149 @@
+"""What an archive says of its session, for `spicetap stats`: who (the viewer's address,
+the balancer or reverse proxy that named it, the user a token was given to), how it came
+in and where it went (insertion, server, target, TLS on each leg, the auth mode, masked
+capabilities), when it started and how it ended, and what the recording kept (privacy).
+
+The header and the end record are written by spicetap, but a damaged or forged archive
+may hold anything there: every value is checked for its type and shown escaped, on one
+line, and what is missing or odd is left out rather than guessed."""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from typing import Any
+
+from spicetap.errors import one_line
+
+
+@dataclass
+class ArchiveSeen:
+    """Filled by iter_records while it reads an archive: its header, then its end record
+    (None when the archive ends without one: cut short, or still being written)."""
+
+    header: dict[str, Any] | None = None
+    end: dict[str, Any] | None = None
+
+
+def about(seen: ArchiveSeen) -> dict[str, Any] | None:
+    """The archive's session as plain JSON-ready values; None for a capture."""
+    header = seen.header
+    if header is None:
+        return None
+    session = header.get("session")
+    out: dict[str, Any] = {
+        "session": _plain(session) if isinstance(session, dict) else {},
+        "started": _time(header.get("started")),
+        "part": header.get("part") if _is_int(header.get("part")) else 1,
+        "policy": _plain(header["policy"]) if isinstance(header.get("policy"), dict) else {},
+        "end": None,
+    }
+    end = seen.end
+    if end is not None:
+        status = end.get("status")
+        out["end"] = {
+            "status": status if isinstance(status, str) else None,
+            "ended": _time(end.get("ended")),
+            "signed": isinstance(end.get("signature"), bytes),
+        }
+    return out
+
+
+def describe(info: dict[str, Any]) -> list[str]:
+    """`about`'s answer as a few lines for people."""
+    session = info["session"]
+    sid = session.get("id")
+    if session.get("unlinked"):
+        who = "connections that never linked a SPICE channel (one archive per proxy run)"
+    elif _is_int(sid):
+        who = f"session {sid:08x}"
+    else:
+        who = "connections of no session (refused or cut before the server named one)"
+    if info["part"] != 1:
+        who += f", part {info['part']}"
+    end = info["end"]
+    if end is None:
+        ending = "no end record (cut short, or still being recorded)"
+    else:
+        ending = f"ended {end['ended'] or '(time unknown)'}: {end['status'] or '?'}"
+        ending += "" if end["signed"] else " (unsigned)"
+    lines = [f"{who}; started {info['started'] or '(time unknown)'}; {ending}"]
+    lines.append(_who(session))
+    lines.append(_route(session))
+    policy = info["policy"]
+    if policy:
+        kept = ", ".join(f"{k} {_word(v)}" for k, v in policy.items())
+        lines.append(f"privacy: {kept}")
+    return [one_line(line) for line in lines if line]
+
+
+def _who(session: dict[str, Any]) -> str:
+    parts = []
+    if session.get("viewer") is not None:
+        parts.append(f"viewer {session['viewer']}")
+    if session.get("forwarded_by") is not None:
+        parts.append(f"named by {session['forwarded_by']}")
+    if session.get("user") is not None:
+        parts.append(f"user {session['user']}")
+    if session.get("source") is not None:  # `spicetap import`
+        parts.append(f"imported from {session['source']}")
+    return ", ".join(parts)
+
+
+def _route(session: dict[str, Any]) -> str:
+    parts = []
+    if session.get("insertion") is not None:
+        parts.append(f"insertion {session['insertion']}")
+    if session.get("server") is not None:
+        to = f"server {session['server']}"
+        if session.get("target") is not None:
+            to += f" (target {session['target']})"
+        parts.append(to)
+    tls = session.get("tls")
+    if isinstance(tls, dict):
+        parts.append(f"TLS viewer {_word(tls.get('viewer'))}, server {_word(tls.get('server'))}")
+    if session.get("auth") is not None:
+        parts.append(f"auth {session['auth']}")
+    masked = session.get("mask_caps")
+    if isinstance(masked, list) and masked:
+        parts.append("masked capabilities " + " ".join(str(m) for m in masked))
+    return "; ".join(parts)
+
+
+def _word(value: Any) -> str:
+    if value is None:
+        return "unknown"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
+def _plain(obj: dict[Any, Any]) -> dict[str, Any]:
+    """`obj` with string keys and JSON-ready values only (bytes and odd types dropped)."""
+    out: dict[str, Any] = {}
+    for key, value in obj.items():
+        if not isinstance(key, str):
+            continue
+        if isinstance(value, dict):
+            out[key] = _plain(value)
+        elif isinstance(value, list):
+            out[key] = [v for v in value if isinstance(v, str | int | float | bool)]
+        elif value is None or isinstance(value, str | int | float | bool):
+            out[key] = value
+    return out
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _time(value: Any) -> str | None:
+    """Seconds since the epoch as ISO 8601 local time with its offset; None if not a sane
+    time."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        moment = datetime.datetime.fromtimestamp(value).astimezone()
+    except (OverflowError, OSError, ValueError):
+        return None
+    return moment.isoformat(timespec="seconds")

@@ -74,8 +74,8 @@ def add_proxy_command(sub: Any) -> None:
         default=[],
         metavar="NETWORK",
         help="a load balancer (an address or network: 10.0.0.0/8) in front of the reverse "
-        "listeners whose connections begin with a PROXY protocol header (v1 or v2) naming "
-        "the viewer; required from it (repeatable)",
+        "listeners, the WebSocket or the CONNECT front, whose connections begin with a PROXY "
+        "protocol header (v1 or v2) naming the viewer; required from it (repeatable)",
     )
     p.add_argument(
         "--record", type=_nonempty, metavar="DIR", help="write one archive per session into DIR"

@@ -374,10 +374,12 @@ def build_fronts(
     websocket = _websocket_front(args, cp, keylog, certificates, main_policy)
     if websocket is not None:
         websocket = replace(websocket, proxied=proxied)
-    if proxied and not routes and websocket is None:
+    if connect is not None:
+        connect[1].proxied = proxied
+    if proxied and not routes and websocket is None and connect is None:
         raise UserError(
-            "--proxy-protocol-from needs a reverse listener (--listen, --tls-listen) "
-            "or the WebSocket front (--ws-listen)"
+            "--proxy-protocol-from needs a reverse listener (--listen, --tls-listen), "
+            "the WebSocket front (--ws-listen) or the CONNECT front (--connect-listen)"
         )
     scopes = {name: t.policy or link_policy for name, t in targets.items()}
     if _cli_target(args, cp) is not None:

@@ -4,7 +4,9 @@ Per proxy connection: read the CONNECT request (proxy.core.connect), ask the rou
 that target may be reached, answer, then sniff the tunnel's first byte. A viewer that speaks
 TLS (it CONNECTed to a tls-port) gets spicetap's certificate for the host it named, and the
 server side is TLS again; plain SPICE stays plain. Then the channel is relayed like any
-other, through the shared ChannelProxy.
+other, through the shared ChannelProxy. From a trusted load balancer
+(`--proxy-protocol-from`) a PROXY protocol header comes before the request and names the
+viewer.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from pathlib import Path
 
 import trio
 
+from proxy.core.allow import IpNetwork
 from proxy.core.connect import ConnectHandshake, ConnectRequest, Refusal, tunnel_kind
+from proxy.core.forwarded import is_trusted
 from proxy.core.linkrewrite import LinkPolicy
 from proxy.core.migration import Destination
 from proxy.io.guard import guarded
@@ -32,6 +36,7 @@ from proxy.io.server import (
     peer_address,
     serve_listening,
 )
+from proxy.io.streams import PrefixedStream
 from proxy.targets import ConnectRouter, Target
 from proxy.tls import HostCertificates, TlsSetupError
 from spicetap.errors import UserError
@@ -52,6 +57,7 @@ class ConnectFront:
     certificates: HostCertificates
     keylog: Path | None
     follow_migration: bool = True  # read per tunnel
+    proxied: tuple[IpNetwork, ...] = ()  # load balancers that send PROXY headers; per tunnel
 
 
 @dataclass(frozen=True)
@@ -100,15 +106,36 @@ async def _first_bytes(stream: trio.abc.Stream, already: bytes) -> bytes:
     return data
 
 
+def _no_target_yet(stream: trio.SocketStream) -> Upstream:
+    """Where a connection refused before its CONNECT request is recorded as headed: this
+    front's own address (no target was named); never opened."""
+    host, port = stream.socket.getsockname()[:2]
+
+    async def unopened() -> trio.abc.Stream:
+        raise OSError("no CONNECT request was read")
+
+    return Upstream(unopened, f"{host}:{port} (CONNECT front)", address=(host, port))
+
+
 async def handle_connect(
     proxy: ChannelProxy, front: ConnectFront, stream: trio.SocketStream
 ) -> None:
     viewer = peer_address(stream)
+    balancer = None  # a load balancer's, that named `viewer` in a PROXY header
+    source: trio.abc.Stream = stream
+    if front.proxied and is_trusted(viewer[0], front.proxied):
+        told = await proxy.receive_proxy_header(stream, viewer, _no_target_yet(stream), "connect")
+        if told is None:
+            return
+        header, rest = told
+        source = PrefixedStream(stream, rest)
+        if header.source is not None:  # else the balancer's own (a health check)
+            balancer, viewer = viewer, header.source
     handshake = ConnectHandshake()
     target: Target | None = None
     try:
         with trio.fail_after(proxy.limits.link_timeout):
-            request = await _read_request(stream, handshake)
+            request = await _read_request(source, handshake)
             if isinstance(request, ConnectRequest):
                 target = front.router.route(request.host, request.port)
                 if target is None:
@@ -121,7 +148,9 @@ async def handle_connect(
                 await trio.aclose_forcefully(stream)
                 return
             await stream.send_all(handshake.accept())
-            first = await _first_bytes(stream, handshake.tunnel_data)
+            first = await _first_bytes(source, handshake.tunnel_data)
+            if isinstance(source, PrefixedStream):  # the balancer's rest, if unread yet
+                first, source.prefix = first + source.prefix, b""
     except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
         log.warning("viewer %s:%d: CONNECT failed: %s", *viewer, exception_text(exc))
         await trio.aclose_forcefully(stream)
@@ -140,7 +169,7 @@ async def handle_connect(
             f"(starts {first[:8]!r})"
         )
         log.warning("viewer %s:%d: %s", *viewer, why)
-        proxy.refused(viewer, upstream, "connect", f"{why}: closed, nothing relayed")
+        proxy.refused(viewer, upstream, "connect", f"{why}: closed, nothing relayed", balancer)
         await trio.aclose_forcefully(stream)
         return
     tls = None
@@ -161,7 +190,7 @@ async def handle_connect(
     rejoin = _rejoin_moved(proxy, front, target, kind == "tls")
     await proxy.handle_socket(
         stream, upstream, tls=tls, insertion="connect", migration=follower, prefix=first,
-        rejoin=rejoin,
+        rejoin=rejoin, named=(viewer, balancer) if balancer else None,
     )  # fmt: skip
 
 

@@ -379,6 +379,7 @@ class Reloader:
             return wanted
         listen, fresh = wanted
         running.front.router.reconfigure(fresh.router)
+        running.front.proxied = fresh.proxied
         certificates = running.front.certificates
         if (certificates.subject, certificates.ca.cert) != (
             fresh.certificates.subject, fresh.certificates.ca.cert

@@ -49,7 +49,7 @@ from proxy.io.ends import End, PlainEnd, tls_end, tls_error_text
 from proxy.io.guard import guarded
 from proxy.io.lockout import refuse_link, refuse_link_blocking
 from proxy.io.oserrors import os_reason
-from proxy.io.proxyproto import read_proxy_header
+from proxy.io.proxyproto import read_proxy_header, receive_proxy_header
 from proxy.io.pumps import SINK_GONE_GRACE, ThreadedChannel
 from proxy.io.recording import RecordingSink
 from proxy.io.streams import PeerProtocolError, Sent, send_counted
@@ -332,19 +332,21 @@ class ChannelProxy:
         prefix: bytes = b"",
         rejoin: Rejoin | None = None,
         proxied: tuple[IpNetwork, ...] = (),
+        named: tuple[tuple[str, int], tuple[str, int]] | None = None,
     ) -> None:
         """A viewer on a TCP socket (TLS terminated here with `tls`), relayed by a blocking
         pump thread per direction (proxy/io/pumps.py) to an upstream that opens a blocking
         end (every Target's does). `prefix`: what a front already read from the viewer.
         `rejoin`: set while sessions begun before a reload moved this front's target live
         on; a channel of one of them goes where its session is. `proxied`: load balancers
-        whose connections begin with a PROXY protocol header naming the viewer."""
+        whose connections begin with a PROXY protocol header naming the viewer; `named`:
+        (viewer, balancer) when the front read such a header itself (CONNECT's comes before
+        its request)."""
         sock = detach(stream)
         plain = PlainEnd(sock, prefix)
         viewer: End = plain
         try:  # until the relay owns it: a stop (cancelled) closes it here
-            client = viewer.peer()
-            forwarded_by = None
+            client, forwarded_by = named or (viewer.peer(), None)
             if proxied and is_trusted(client[0], proxied):
                 told = await self._proxy_header(plain, client, upstream_to, insertion, tls)
                 if told is None:
@@ -450,6 +452,29 @@ class ChannelProxy:
             plain.close()
             return None
 
+    async def receive_proxy_header(
+        self,
+        stream: trio.SocketStream,
+        client: tuple[str, int],
+        upstream_to: Upstream,
+        insertion: str,
+    ) -> tuple[ProxyHeader, bytes] | None:
+        """What the trio fronts (WebSocket, CONNECT) read first from a trusted balancer:
+        its PROXY header and the bytes after it; None when it sent none (closed, logged,
+        counted, recorded as the balancer's attempt before the connection goes)."""
+        try:
+            with trio.fail_after(self.limits.link_timeout):
+                return await receive_proxy_header(stream)
+        except (ProxyHeaderError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+            why = f"PROXY protocol: {exception_text(exc)}"
+            fields = {"event": "viewer_refused", "viewer": f"{client[0]}:{client[1]}"}
+            log.warning(
+                "load balancer %s:%d (%s): %s", *client, insertion, why, extra={"fields": fields}
+            )
+            self.refused(client, upstream_to, insertion, why)
+            await trio.aclose_forcefully(stream)
+            return None
+
     async def _connect(
         self,
         conn: int,
@@ -530,13 +555,19 @@ class ChannelProxy:
         )  # fmt: skip
 
     def refused(
-        self, client: tuple[str, int], upstream_to: Upstream, insertion: str, reason: str
+        self,
+        client: tuple[str, int],
+        upstream_to: Upstream,
+        insertion: str,
+        reason: str,
+        forwarded_by: tuple[str, int] | None = None,
     ) -> None:
         """A viewer connection a front turned away before relaying anything (the CONNECT
         front's tunnel that carries neither TLS nor SPICE): counted and recorded as an
         attempt that failed on the viewer's side."""
         self.state.errors += 1
-        self._attempt_failed(next(self._ids), client, upstream_to, insertion, C2S, reason)
+        conn = next(self._ids)
+        self._attempt_failed(conn, client, upstream_to, insertion, C2S, reason, None, forwarded_by)
 
     def _attempt_failed(
         self,

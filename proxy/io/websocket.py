@@ -21,7 +21,6 @@ from proxy.core.allow import IpNetwork
 from proxy.core.forwarded import Forwarding, forwarding, is_trusted
 from proxy.core.framing import LINK_ASKS, link_asks
 from proxy.core.http import MAX_HEAD, HeadReader, HttpError, Request, error_response
-from proxy.core.proxyproto import ProxyHeader, ProxyHeaderError
 from proxy.core.relay import Limits
 from proxy.core.websocket import (
     ABNORMAL,
@@ -35,14 +34,12 @@ from proxy.core.websocket import (
     is_upgrade,
 )
 from proxy.io.guard import guarded
-from proxy.io.proxyproto import receive_proxy_header
 from proxy.io.server import (
     ChannelProxy,
     Routing,
     Serving,
     Upstream,
     accept_tls,
-    exception_text,
     rejoin_retired,
     serve_listening,
 )
@@ -269,22 +266,6 @@ async def _rejoin(
     return chosen or upstream, PrefixedStream(ws, seen)
 
 
-async def _proxy_header(
-    proxy: ChannelProxy, stream: trio.SocketStream, client: tuple[str, int], upstream: Upstream
-) -> tuple[ProxyHeader, bytes] | None:
-    """A load balancer's PROXY header and what followed it; None when it sent none (closed,
-    logged, recorded as the balancer's failed attempt)."""
-    try:
-        with trio.fail_after(proxy.limits.link_timeout):
-            return await receive_proxy_header(stream)
-    except (ProxyHeaderError, trio.TooSlowError, *_GONE) as exc:
-        why = f"PROXY protocol: {exception_text(exc)}"
-        log.warning("load balancer %s:%d on the websocket port: %s", *client, why)
-        proxy.refused(client, upstream, "websocket", why)  # recorded before it is gone
-        await trio.aclose_forcefully(stream)
-        return None
-
-
 async def serve_websocket(
     proxy: ChannelProxy,
     routing: Routing,
@@ -303,7 +284,9 @@ async def serve_websocket(
         transport: trio.abc.Stream = stream
         balancer = None  # a load balancer's, that named `client` in a PROXY header
         if routing.proxied and is_trusted(client[0], routing.proxied):
-            told_by = await _proxy_header(proxy, stream, client, routing.upstream)
+            told_by = await proxy.receive_proxy_header(
+                stream, client, routing.upstream, "websocket"
+            )
             if told_by is None:
                 return
             header, rest = told_by

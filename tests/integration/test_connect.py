@@ -20,8 +20,9 @@ from tests.harness import (
     run_gi_client,
     spicy_screenshot,
 )
+from tests.harness.haproxy import PROXY_SOURCE, Haproxy
 from tests.harness.images import CURSOR_CELL, differing_pixels, distinct_colours, read_ppm
-from tests.harness.procs import PeerFailed
+from tests.harness.procs import PeerFailed, wait_until
 from tests.harness.screenshot import settled_screenshot
 from tests.integration.proxy_process import ProxyProcess
 
@@ -167,3 +168,56 @@ def test_named_target_by_connect_and_by_its_own_listener(tmp_path: Path) -> None
     headers = [_session_header(a) for a in proxy.archives()]
     assert sorted(str(h["insertion"]) for h in headers) == ["connect", "reverse"]
     assert all(h["target"] == "vm1" for h in headers)
+
+
+def test_a_load_balancer_before_the_connect_front_names_the_viewer(tmp_path: Path) -> None:
+    """spicy-screenshot (SPICE_PROXY) -> haproxy in TCP mode (send-proxy-v2, from
+    127.0.0.2) -> the CONNECT front -> QEMU: each channel is spicy's own address and port,
+    recorded with the balancer that named it, and neither the header nor the CONNECT
+    request reaches QEMU. From the trusted address a request without a header is refused
+    before it is read, and recorded."""
+    with peers(), QemuServer(guest="none") as srv:
+        assert srv.port is not None
+        extra = (
+            *("--connect-listen", "127.0.0.1:0", "--allow", f"127.0.0.1:{srv.port}"),
+            *("--proxy-protocol-from", PROXY_SOURCE),
+        )
+        with ProxyProcess(0, tmp_path / "rec", tmp_path / "proxy", extra) as proxy:
+            at = proxy.ports["connect"]
+            with Haproxy(at, tmp_path / "haproxy", "send-proxy-v2") as haproxy:
+                balancer = f"http://127.0.0.1:{haproxy.port}"
+                endpoint = SpiceEndpoint(port=srv.port, proxy=balancer)
+                shot = spicy_screenshot(endpoint, tmp_path / "via.ppm")
+            with socket.socket() as c:  # the trusted address, no header before its request
+                c.bind((PROXY_SOURCE, 0))
+                c.settimeout(5)
+                c.connect(("127.0.0.1", at))
+                c.sendall(f"CONNECT 127.0.0.1:{srv.port} HTTP/1.1\r\n\r\n".encode())
+                assert c.recv(64) == b""  # no answer: refused before the request was read
+            wait_until(
+                lambda: "PROXY protocol: no PROXY protocol header" in proxy.log(),
+                timeout=10,
+                what="the refusal logged",
+            )
+            log = proxy.log()
+    assert distinct_colours(read_ppm(shot)[2]) > 1  # SeaBIOS' text came through
+    assert "bad link magic" not in log and "CONNECT refused" not in log
+    recs = [r for a in proxy.archives() for r in iter_records(a, [])]
+    opens = [r.fields or {} for r in recs if r.kind == "open"]
+    behind = [f for f in opens if "forwarded_by" in f]
+    assert len(behind) >= 2, opens  # main and display at least
+    for fields in behind:  # each channel's own port, as haproxy saw it
+        assert fields["client"].startswith("127.0.0.1:"), fields
+        assert not fields["client"].endswith(":0"), fields
+        assert fields["forwarded_by"].startswith(f"{PROXY_SOURCE}:"), fields
+    linked = [_session_header(a) for a in proxy.archives()]
+    linked = [s for s in linked if s.get("id") is not None]
+    assert len(linked) == 1 and linked[0]["insertion"] == "connect", linked
+    assert str(linked[0]["forwarded_by"]).startswith(f"{PROXY_SOURCE}:"), linked
+    refused = [r for r in recs if r.kind == "error" and "PROXY" in (r.error or "")]
+    assert refused and str(refused[0].error).startswith("PROXY protocol: no PROXY protocol")
+    (opened,) = [
+        r.fields or {} for r in recs if r.kind == "open" and r.connection == refused[0].connection
+    ]
+    assert opened["client"].startswith(f"{PROXY_SOURCE}:")  # the balancer itself
+    assert opened["server"] == f"127.0.0.1:{at}", opened  # the front: no target was named

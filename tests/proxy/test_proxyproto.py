@@ -1,7 +1,7 @@
 """The PROXY protocol header a load balancer sends before a viewer's bytes: parsed
 (versions 1 and 2, split anywhere, refused when it is none), read from a socket, and
-used by the reverse front: the viewer named in it is the channel's, and the server gets
-the viewer's bytes without it."""
+used by the reverse, WebSocket and CONNECT fronts: the viewer named in it is the channel's,
+and the server gets the viewer's bytes without it."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
+from proxy.core.allow import AllowList
 from proxy.core.forwarded import parse_trusted
 from proxy.core.proxyproto import (
     V2_SIGNATURE,
@@ -25,10 +26,12 @@ from proxy.core.proxyproto import (
     parse_proxy_header,
 )
 from proxy.core.relay import Limits
+from proxy.io.connect import ConnectFront, serve_connect
 from proxy.io.ends import PlainEnd
 from proxy.io.proxyproto import read_proxy_header
 from proxy.io.server import ChannelProxy, Routing
 from proxy.io.websocket import serve_websocket
+from proxy.targets import ConnectRouter
 from tests.proxy.linkserver import LinkServer
 from tests.proxy.test_attempts import Calls, _attempt, _viewer_and_accepted
 from tests.proxy.test_framing import caps_word, link_mess, link_reply
@@ -216,9 +219,6 @@ def test_proxy_protocol_options_are_checked(
     assert main(["proxy", *up, "--proxy-protocol-from", "lb.example"]) == 2
     err = capsys.readouterr().err
     assert "--proxy-protocol-from: 'lb.example' is not an IP address or network" in err
-    connect_only = ["--connect-listen", "127.0.0.1:0", "--allow", "127.0.0.1:1"]
-    assert main(["proxy", *connect_only, "--proxy-protocol-from", "10.0.0.0/8"]) == 2
-    assert "--proxy-protocol-from needs a reverse listener" in capsys.readouterr().err
     config = tmp_path / "c.toml"
     config.write_text('[proxy]\nproxy_protocol_from = ["10.0.0.0/8", "::1"]\n')
     assert load_config(config).proxy.proxy_protocol_from == ("10.0.0.0/8", "::1")
@@ -260,3 +260,69 @@ async def test_the_websocket_front_reads_a_balancers_header_first(header: bytes)
             _opened, error, _closed = _attempt(calls)
             assert error[3].startswith("PROXY protocol: no PROXY protocol header"), error
         nursery.cancel_scope.cancel()
+
+
+async def _through_the_connect_front(
+    header: bytes, tunnel: bytes
+) -> tuple[list[Any], Calls, bytes, bytes, int]:
+    """`header`, a CONNECT request to a server that reads a link message, then `tunnel`,
+    from 127.0.0.1, a trusted balancer: the channels once linked, the recorder's calls,
+    the front's answer, what the server got, the front's port."""
+    seen: list[Any] = []
+    calls = Calls()
+    proxy = ChannelProxy(Limits(link_timeout=2), cast(Any, calls))
+    server = LinkServer(LINK, link_reply(caps_word(1, 3)))
+    async with trio.open_nursery() as nursery:
+        upstream = await server.start(nursery)
+        assert upstream.address is not None
+        host, port = upstream.address
+        router = ConnectRouter({}, AllowList.parse([f"{host}:{port}"]))
+        front = ConnectFront(router, cast(Any, None), None, proxied=parse_trusted(["127.0.0.1"]))
+        serving = await nursery.start(serve_connect, proxy, front, "127.0.0.1", 0)
+        at = serving.listeners[0].socket.getsockname()[1]
+        request = f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode()
+        async with await trio.open_tcp_stream("127.0.0.1", at) as viewer:
+            with trio.fail_after(10):
+                await viewer.send_all(header + request + tunnel)
+                answer = b""
+                try:
+                    while chunk := await viewer.receive_some():
+                        answer += chunk
+                        if tunnel == LINK:
+                            await server.linked.wait()
+                            seen.extend(proxy.state.channels.values())
+                            break
+                except trio.BrokenResourceError:  # closed with our bytes unread: a reset
+                    pass
+        nursery.cancel_scope.cancel()
+    return seen, calls, answer, bytes(server.got), at
+
+
+@pytest.mark.parametrize("header", [V2_TCP4, b"PROXY TCP4 192.0.2.7 10.0.0.1 51234 5900\r\n"])
+async def test_the_connect_front_reads_a_balancers_header_first(header: bytes) -> None:
+    """An L4 balancer before the CONNECT front: its header comes before the CONNECT request,
+    here in the same segment as the request and the link message."""
+    channels, _calls, answer, got, _at = await _through_the_connect_front(header, LINK)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer
+    assert got == LINK  # neither the header nor the request reach the server
+    (channel,) = channels
+    assert channel.viewer == ("192.0.2.7", 51234)
+    assert channel.forwarded_by is not None and channel.forwarded_by[0] == "127.0.0.1"
+
+
+def test_the_connect_fronts_refusals_behind_a_balancer_are_recorded() -> None:
+    """Without a header from a trusted balancer no request is read: recorded as the
+    balancer's attempt, headed for the front itself (no target named yet). A tunnel that
+    carries no SPICE is recorded as the named viewer's, with the balancer that named it."""
+    _channels, calls, answer, got, at = trio.run(_through_the_connect_front, b"", LINK)
+    assert answer == b"" and got == b""
+    opened, error, _closed = _attempt(calls)
+    assert opened[2][0] == "127.0.0.1" and opened[3] == ("127.0.0.1", at), opened
+    assert error[3].startswith("PROXY protocol: no PROXY protocol header"), error
+    ssh = b"SSH-2.0-OpenSSH_9.2p1\r\n"
+    _channels, calls, answer, got, _at = trio.run(_through_the_connect_front, V2_TCP4, ssh)
+    assert answer.startswith(b"HTTP/1.1 200 ") and got == b""
+    opened, error, _closed = _attempt(calls)
+    assert opened[2] == ("192.0.2.7", 51234)
+    assert opened[5]["forwarded_by"].startswith("127.0.0.1:"), opened
+    assert "carries neither TLS nor SPICE" in error[3], error

@@ -319,12 +319,17 @@ async def test_a_reload_changes_which_pages_may_open_websockets(tmp_path: Path) 
 async def test_a_reload_names_the_load_balancers_that_send_proxy_headers(
     tmp_path: Path,
 ) -> None:
-    async with running(tmp_path, VM1_ON_A) as setup:
+    connect = '[connect]\nlisten = "127.0.0.1:0"\nallow = ["127.0.0.1:1"]\n'
+    async with running(tmp_path, VM1_ON_A + connect) as setup:
         (running_vm1,) = setup.listeners.running.values()
-        assert running_vm1.routing.proxied == ()
-        setup.write('[proxy]\nproxy_protocol_from = ["10.0.0.0/8"]\n\n' + VM1_ON_A)
+        assert setup.listeners.connect is not None
+        front = setup.listeners.connect.front
+        assert running_vm1.routing.proxied == () and front.proxied == ()
+        setup.write('[proxy]\nproxy_protocol_from = ["10.0.0.0/8"]\n\n' + VM1_ON_A + connect)
         assert (await setup.reloader.reload()).restart_needed == []
         assert running_vm1.routing.proxied == parse_trusted(["10.0.0.0/8"])
+        assert setup.listeners.connect.front is front  # the one serving, reconfigured
+        assert front.proxied == parse_trusted(["10.0.0.0/8"])
 
 
 async def test_a_reload_of_the_same_file_changes_nothing(tmp_path: Path) -> None:

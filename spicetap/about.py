@@ -41,10 +41,12 @@ def about(seen: ArchiveSeen) -> dict[str, Any] | None:
     end = seen.end
     if end is not None:
         status = end.get("status")
+        started, ended = _seconds(header.get("started")), _seconds(end.get("ended"))
         out["end"] = {
             "status": status if isinstance(status, str) else None,
-            "ended": _time(end.get("ended")),
+            "ended": _time(ended),
             "signed": isinstance(end.get("signature"), bytes),
+            "seconds": ended - started if started is not None and ended is not None else None,
         }
     return out
 
@@ -65,7 +67,10 @@ def describe(info: dict[str, Any]) -> list[str]:
     if end is None:
         ending = "no end record (cut short, or still being recorded)"
     else:
-        ending = f"ended {end['ended'] or '(time unknown)'}: {end['status'] or '?'}"
+        ending = f"ended {end['ended'] or '(time unknown)'}"
+        if end["seconds"] is not None:
+            ending += f" ({duration(end['seconds'])})"
+        ending += f": {end['status'] or '?'}"
         ending += "" if end["signed"] else " (unsigned)"
     lines = [f"{who}; started {info['started'] or '(time unknown)'}; {ending}"]
     lines.append(_who(session))
@@ -75,6 +80,16 @@ def describe(info: dict[str, Any]) -> list[str]:
         kept = ", ".join(f"{k} {_word(v)}" for k, v in policy.items())
         lines.append(f"privacy: {kept}")
     return [one_line(line) for line in lines if line]
+
+
+def duration(seconds: float) -> str:
+    """12.3 s, 5 min 03 s, 2 h 04 min."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    whole = int(seconds)
+    if whole < 3600:
+        return f"{whole // 60} min {whole % 60:02d} s"
+    return f"{whole // 3600} h {whole % 3600 // 60:02d} min"
 
 
 def _who(session: dict[str, Any]) -> str:
@@ -137,10 +152,16 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _seconds(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
 def _time(value: Any) -> str | None:
     """Seconds since the epoch as ISO 8601 local time with its offset; None if not a sane
     time."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if _seconds(value) is None:
         return None
     try:
         moment = datetime.datetime.fromtimestamp(value).astimezone()

@@ -1,4 +1,5 @@
-"""Inspector subcommands: show, stats, import, export, verify (archives and captures)."""
+"""Inspector subcommands: show, stats, sessions, import, export, verify (archives and
+captures)."""
 
 from __future__ import annotations
 
@@ -24,11 +25,12 @@ from spicetap.inputs import AnyRecord, InputError, check_input, is_archive, iter
 from spicetap.outputs import output_file
 from spicetap.render import line, to_json, tree
 
+WIDE = 220  # columns for tables written to a file or a pipe, not a terminal
 VERIFY_EXIT = {"intact": 0, "truncated": 1, "tampered": 3}
 
 
 @contextmanager
-def progress(what: str) -> Iterator[Callable[[int], None]]:
+def progress(what: str, unit: str = "records") -> Iterator[Callable[[int], None]]:
     """A live counter on a terminal; silent otherwise (pipes, CI logs)."""
     console = Console(stderr=True)
     if not console.is_terminal:
@@ -37,7 +39,7 @@ def progress(what: str) -> Iterator[Callable[[int], None]]:
     with Progress(
         SpinnerColumn(),
         TextColumn("{task.description}"),
-        TextColumn("{task.completed:,} records"),
+        TextColumn("{task.completed:,} " + unit),
         TimeElapsedColumn(),
         console=console,
         transient=True,
@@ -233,6 +235,73 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return worst
 
 
+def cmd_sessions(args: argparse.Namespace) -> int:
+    from spicetap.about import duration
+    from spicetap.listing import ListingError, archive_files, matches, summary
+
+    try:
+        paths = archive_files(Path(p) for p in args.paths)
+    except OSError as exc:
+        raise UserError(str(exc)) from None
+    problems: list[str] = []
+    found: list[tuple[float, dict[str, Any]]] = []
+    with progress("listing", "archives") as tick:
+        for i, path in enumerate(paths):
+            try:
+                started, info = summary(path)
+            except ListingError as exc:
+                problems.append(f"{exc}: skipped")
+                continue
+            if matches(info, args.user):
+                found.append((started, info))
+            tick(i + 1)
+    _report(problems)
+    found.sort(key=lambda item: item[0])
+    listed = [info for _started, info in found]
+    if args.json:
+        print(json.dumps(listed, indent=2))
+        return 0
+    table = Table()
+    for title in ("started", "session", "user", "viewer", "route", "ended", "archive"):
+        table.add_column(title, overflow="fold")  # whole values, never cut with "…"
+    for info in listed:
+        session, end = info["session"], info["end"]
+        sid = session.get("id")
+        route = " ".join(
+            str(v) for v in (session.get("insertion"), session.get("server")) if v is not None
+        )
+        if session.get("target") is not None:
+            route += f" ({session['target']})"
+        viewer = str(session.get("viewer") or "")
+        if session.get("forwarded_by") is not None:
+            viewer += f" via {session['forwarded_by']}"
+        ended = "no end record"
+        if end is not None:
+            ended = str(end["status"])
+            if end["seconds"] is not None:
+                ended += f" after {duration(end['seconds'])}"
+        table.add_row(
+            *(
+                escape(one_line(text))
+                for text in (
+                    str(info["started"]),
+                    f"{sid:08x}" if isinstance(sid, int) and not isinstance(sid, bool) else "-",
+                    str(session.get("user") or ""),
+                    viewer,
+                    route,
+                    ended,
+                    Path(info["path"]).name,
+                )
+            )
+        )
+    console = Console()
+    if not console.is_terminal:  # a file or a pipe: lines as long as the values
+        console = Console(width=WIDE)
+    console.print(table)
+    print(f"{len(listed)} of {len(paths)} archives" + (f" (user {args.user})" if args.user else ""))
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from spicetap.export import export_json, export_pcap
 
@@ -269,6 +338,17 @@ def add_commands(sub: Any) -> None:
     inputs(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser(
+        "sessions",
+        help="list recorded sessions: when, whose, from where, to what, how they ended",
+    )
+    p.add_argument(
+        "paths", nargs="+", metavar="PATH", help="archives, or folders to search for them"
+    )
+    p.add_argument("--user", help="only sessions of this user (a token's, under inject)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_sessions)
 
     p = sub.add_parser("import", help="convert a pcap/pcapng capture into an archive")
     p.add_argument("input", help="a .pcap or .pcapng capture")

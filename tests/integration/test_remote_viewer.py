@@ -3,6 +3,7 @@ from a `spicetap vv` file with spicetap's CA inline, and through the CONNECT fro
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 
 from spicetap.archive.reader import ArchiveReader
 from spicetap.archive.verify import verify
+from spicetap.cli import main as spicetap_main
 from spicetap.inputs import iter_records
 from tests.conftest import peers
 from tests.harness import QemuServer
@@ -94,7 +96,9 @@ def test_remote_viewer_by_target_name_through_the_connect_front(tmp_path: Path) 
     assert f"CONNECT vm1:{srv.port} (spice)" in proxy.log()
 
 
-def test_remote_viewer_with_a_token_minted_into_its_vv_file(tmp_path: Path) -> None:
+def test_remote_viewer_with_a_token_minted_into_its_vv_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A gateway that injects vm1's password: `spicetap vv --mint-token` asks the running
     proxy's API for a one-time token and writes it into the file; the viewer gets in with
     it, deletes the file, and the token is nowhere in the archives."""
@@ -152,5 +156,9 @@ def test_remote_viewer_with_a_token_minted_into_its_vv_file(tmp_path: Path) -> N
         with ArchiveReader(archive) as reader:
             sessions.append(reader.header["session"])
     assert {s.get("user") for s in sessions if s["id"] is not None} == {"dana"}, sessions
+    # an auditor finds dana's session among the recordings
+    assert spicetap_main(["sessions", "--json", "--user", "dana", str(archives[0].parent)]) == 0
+    (found,) = json.loads(capsys.readouterr().out)
+    assert found["session"]["id"] is not None and found["end"]["status"] == "complete"
     for blob in [a.read_bytes() for a in archives] + [proxy.log().encode()]:
         assert token.encode() not in blob and b"vm1-server-pw" not in blob

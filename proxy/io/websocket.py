@@ -294,8 +294,8 @@ async def serve_websocket(
             if header.source is not None:  # else the balancer's own (a health check)
                 balancer, client = client, header.source
         tls = routing.tls  # as it is at its arrival (a reload may renew the certificate)
-        if tls is not None:
-            wrapped = await accept_tls(proxy, stream, tls)
+        if tls is not None:  # over what came after a balancer's header, if one sent it
+            wrapped = await accept_tls(proxy, transport, tls)
             if wrapped is None:
                 return
             transport = wrapped

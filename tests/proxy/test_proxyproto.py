@@ -326,3 +326,61 @@ def test_the_connect_fronts_refusals_behind_a_balancer_are_recorded() -> None:
     assert opened[2] == ("192.0.2.7", 51234)
     assert opened[5]["forwarded_by"].startswith("127.0.0.1:"), opened
     assert "carries neither TLS nor SPICE" in error[3], error
+
+
+class _SentWith(trio.abc.Stream):
+    """A stream whose first send carries `first` ahead of it, in one write: a balancer's
+    PROXY header in the same segment as the browser's TLS ClientHello."""
+
+    def __init__(self, stream: trio.abc.Stream, first: bytes) -> None:
+        self.stream, self.first = stream, first
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        data, self.first = self.first + bytes(data), b""
+        await self.stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        return bytes(await self.stream.receive_some(max_bytes))
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+async def test_tls_that_came_with_the_header_reaches_the_websocket_fronts_tls(
+    tmp_path: Path,
+) -> None:
+    """wss:// behind a balancer: the ClientHello in the header's own segment is what TLS
+    reads first (it was read with the header, and once went nowhere)."""
+    import ssl
+
+    from proxy.tls import issue_server_cert, load_or_create_ca, server_context
+
+    ca = load_or_create_ca(tmp_path)
+    cert, key = issue_server_cert(ca, "O=test,CN=127.0.0.1", ["127.0.0.1"], tmp_path / "s")
+    trust = ssl.create_default_context(cafile=str(tmp_path / "ca-cert.pem"))
+    proxy = ChannelProxy(Limits(link_timeout=2), cast(Any, Calls()))
+    server = LinkServer(LINK, link_reply(caps_word(1, 3)))
+    upgrade = CHROMIUM_UPGRADE.replace(b"Origin: http://", b"Origin: https://")
+    async with trio.open_nursery() as nursery:
+        routing = Routing(
+            await server.start(nursery),
+            tls=server_context(cert, key, None),
+            proxied=parse_trusted(["127.0.0.1"]),
+        )
+        serving = await nursery.start(serve_websocket, proxy, routing, "127.0.0.1", 0, Path("/x"))
+        web = serving.listeners[0].socket.getsockname()[1]
+        tcp = await trio.open_tcp_stream("127.0.0.1", web)
+        browser = trio.SSLStream(_SentWith(tcp, V2_TCP4), trust, server_hostname="127.0.0.1")
+        with trio.fail_after(10):
+            await browser.send_all(upgrade + client_frame(0x2, LINK))
+            answer = await browser.receive_some()
+            await server.linked.wait()
+        assert answer.startswith(b"HTTP/1.1 101 "), answer
+        assert bytes(server.got) == LINK
+        (channel,) = proxy.state.channels.values()
+        assert channel.viewer == ("192.0.2.7", 51234)
+        await trio.aclose_forcefully(browser)
+        nursery.cancel_scope.cancel()

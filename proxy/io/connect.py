@@ -124,13 +124,10 @@ async def handle_connect(
     balancer = None  # a load balancer's, that named `viewer` in a PROXY header
     source: trio.abc.Stream = stream
     if front.proxied and is_trusted(viewer[0], front.proxied):
-        told = await proxy.receive_proxy_header(stream, viewer, _no_target_yet(stream), "connect")
-        if told is None:
+        named = await proxy.behind_balancer(stream, viewer, _no_target_yet(stream), "connect")
+        if named is None:
             return
-        header, rest = told
-        source = PrefixedStream(stream, rest)
-        if header.source is not None:  # else the balancer's own (a health check)
-            balancer, viewer = viewer, header.source
+        source, viewer, balancer = named
     handshake = ConnectHandshake()
     target: Target | None = None
     try:

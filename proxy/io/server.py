@@ -52,7 +52,7 @@ from proxy.io.oserrors import os_reason
 from proxy.io.proxyproto import read_proxy_header, receive_proxy_header
 from proxy.io.pumps import SINK_GONE_GRACE, ThreadedChannel
 from proxy.io.recording import RecordingSink
-from proxy.io.streams import PeerProtocolError, Sent, send_counted
+from proxy.io.streams import PeerProtocolError, PrefixedStream, Sent, send_counted
 from proxy.tls import check_subject
 
 if TYPE_CHECKING:
@@ -452,19 +452,21 @@ class ChannelProxy:
             plain.close()
             return None
 
-    async def receive_proxy_header(
+    async def behind_balancer(
         self,
         stream: trio.SocketStream,
         client: tuple[str, int],
         upstream_to: Upstream,
         insertion: str,
-    ) -> tuple[ProxyHeader, bytes] | None:
-        """What the trio fronts (WebSocket, CONNECT) read first from a trusted balancer:
-        its PROXY header and the bytes after it; None when it sent none (closed, logged,
-        counted, recorded as the balancer's attempt before the connection goes)."""
+    ) -> tuple[trio.abc.Stream, tuple[str, int], tuple[str, int] | None] | None:
+        """What the trio fronts (WebSocket, CONNECT) do first with a trusted balancer's
+        connection: read its PROXY header. Returns the stream to read on (what came after
+        the header first), the viewer, and the balancer when the header named a viewer
+        (LOCAL or UNKNOWN: a health check, the balancer's own); None when it sent none
+        (closed, logged, counted, recorded as the balancer's attempt before it goes)."""
         try:
             with trio.fail_after(self.limits.link_timeout):
-                return await receive_proxy_header(stream)
+                header, rest = await receive_proxy_header(stream)
         except (ProxyHeaderError, trio.TooSlowError, trio.BrokenResourceError) as exc:
             why = f"PROXY protocol: {exception_text(exc)}"
             fields = {"event": "viewer_refused", "viewer": f"{client[0]}:{client[1]}"}
@@ -474,6 +476,9 @@ class ChannelProxy:
             self.refused(client, upstream_to, insertion, why)
             await trio.aclose_forcefully(stream)
             return None
+        if header.source is None:
+            return PrefixedStream(stream, rest), client, None
+        return PrefixedStream(stream, rest), header.source, client
 
     async def _connect(
         self,

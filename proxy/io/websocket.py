@@ -284,15 +284,10 @@ async def serve_websocket(
         transport: trio.abc.Stream = stream
         balancer = None  # a load balancer's, that named `client` in a PROXY header
         if routing.proxied and is_trusted(client[0], routing.proxied):
-            told_by = await proxy.receive_proxy_header(
-                stream, client, routing.upstream, "websocket"
-            )
-            if told_by is None:
+            named = await proxy.behind_balancer(stream, client, routing.upstream, "websocket")
+            if named is None:
                 return
-            header, rest = told_by
-            transport = PrefixedStream(stream, rest)
-            if header.source is not None:  # else the balancer's own (a health check)
-                balancer, client = client, header.source
+            transport, client, balancer = named
         tls = routing.tls  # as it is at its arrival (a reload may renew the certificate)
         if tls is not None:  # over what came after a balancer's header, if one sent it
             wrapped = await accept_tls(proxy, transport, tls)

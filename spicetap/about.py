@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from spicetap.errors import one_line
@@ -80,6 +81,35 @@ def describe(info: dict[str, Any]) -> list[str]:
         kept = ", ".join(f"{k} {_word(v)}" for k, v in policy.items())
         lines.append(f"privacy: {kept}")
     return [one_line(line) for line in lines if line]
+
+
+def row(info: dict[str, Any]) -> tuple[str, ...]:
+    """`about`'s answer as `spicetap sessions`' columns: started, session, user, viewer,
+    route, ended, archive (when `info` has its path)."""
+    session, end = info["session"], info["end"]
+    sid = session.get("id")
+    route = " ".join(
+        str(v) for v in (session.get("insertion"), session.get("server")) if v is not None
+    )
+    if session.get("target") is not None:
+        route += f" ({session['target']})"
+    viewer = str(session.get("viewer") or "")
+    if session.get("forwarded_by") is not None:
+        viewer += f" via {session['forwarded_by']}"
+    ended = "no end record"
+    if end is not None:
+        ended = str(end["status"])
+        if end["seconds"] is not None:
+            ended += f" after {duration(end['seconds'])}"
+    return (
+        str(info["started"]),
+        f"{sid:08x}" if _is_int(sid) else "-",
+        str(session.get("user") or ""),
+        viewer,
+        route,
+        ended,
+        Path(str(info.get("path", ""))).name,
+    )
 
 
 def duration(seconds: float) -> str:

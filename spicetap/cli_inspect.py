@@ -236,7 +236,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_sessions(args: argparse.Namespace) -> int:
-    from spicetap.about import duration
+    from spicetap.about import row
     from spicetap.listing import ListingError, archive_files, matches, summary
 
     try:
@@ -247,6 +247,7 @@ def cmd_sessions(args: argparse.Namespace) -> int:
     found: list[tuple[float, dict[str, Any]]] = []
     with progress("listing", "archives") as tick:
         for i, path in enumerate(paths):
+            tick(i + 1)
             try:
                 started, info = summary(path)
             except ListingError as exc:
@@ -254,7 +255,6 @@ def cmd_sessions(args: argparse.Namespace) -> int:
                 continue
             if matches(info, args.user):
                 found.append((started, info))
-            tick(i + 1)
     _report(problems)
     found.sort(key=lambda item: item[0])
     listed = [info for _started, info in found]
@@ -265,35 +265,7 @@ def cmd_sessions(args: argparse.Namespace) -> int:
     for title in ("started", "session", "user", "viewer", "route", "ended", "archive"):
         table.add_column(title, overflow="fold")  # whole values, never cut with "…"
     for info in listed:
-        session, end = info["session"], info["end"]
-        sid = session.get("id")
-        route = " ".join(
-            str(v) for v in (session.get("insertion"), session.get("server")) if v is not None
-        )
-        if session.get("target") is not None:
-            route += f" ({session['target']})"
-        viewer = str(session.get("viewer") or "")
-        if session.get("forwarded_by") is not None:
-            viewer += f" via {session['forwarded_by']}"
-        ended = "no end record"
-        if end is not None:
-            ended = str(end["status"])
-            if end["seconds"] is not None:
-                ended += f" after {duration(end['seconds'])}"
-        table.add_row(
-            *(
-                escape(one_line(text))
-                for text in (
-                    str(info["started"]),
-                    f"{sid:08x}" if isinstance(sid, int) and not isinstance(sid, bool) else "-",
-                    str(session.get("user") or ""),
-                    viewer,
-                    route,
-                    ended,
-                    Path(info["path"]).name,
-                )
-            )
-        )
+        table.add_row(*(escape(one_line(text)) for text in row(info)))
     console = Console()
     if not console.is_terminal:  # a file or a pipe: lines as long as the values
         console = Console(width=WIDE)

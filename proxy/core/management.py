@@ -486,10 +486,13 @@ def sessions_json(
                 "channels": [_channel_json(c) for c in members],
             }
         )
+    # a connection that has not sent its link message yet is listed on its own, but is no
+    # session: counting each would make a viewer opening its channels look like several
+    begun = sum(1 for sid, members in grouped if sid is not None or members[0].channel_type)
     return {
         "sessions": sessions,
         "totals": {
-            "sessions": len(grouped),
+            "sessions": begun,
             "channelsOpen": totals.channels_open,
             "channelsTotal": totals.channels_total,
             "channelErrors": totals.errors,

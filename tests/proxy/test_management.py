@@ -230,6 +230,10 @@ def test_one_users_sessions() -> None:
     only = sessions_json(channels, TOTALS, None, user_query("/api/sessions?user=alice"))
     assert [s["connectionId"] for s in only["sessions"]] == [5]
     assert only["totals"]["sessions"] == 3
+    # a connection still to send its link message is listed, but is not a session
+    linking = sessions_json([*channels, view(4, None, None, 2.5, viewer="10.0.0.2")], TOTALS)
+    assert [s["connectionId"] for s in linking["sessions"]] == [5, 7, 9, None]
+    assert linking["totals"]["sessions"] == 3
     assert user_query("/api/sessions?user=Alice%20Smith") == "Alice Smith"
     assert user_query("/api/sessions") is None
 

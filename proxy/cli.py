@@ -224,6 +224,12 @@ def add_proxy_command(sub: Any) -> None:
     )
     add_link_options(p)
     add_privacy_options(p)
+    p.add_argument(
+        "--sasl-user",
+        action="store_true",
+        help="read from SASL logins the user name each viewer gives (never its password) "
+        "and name it in logs, the API and archives ([recording.privacy] sasl_user)",
+    )
     p.set_defaults(func=cmd_proxy)
 
 
@@ -493,6 +499,7 @@ async def _serve(
     state = ProxyState(admission=admission, lockout=Lockout(fronts.lockout))
     logger = logging.getLogger("spicetap.proxy")
     proxy = ChannelProxy(limits, recorder, state, fronts.link_policy)
+    proxy.sasl_user = fronts.sasl_user
     tokens = TokenDesk(fronts.scopes, fronts.link_policy)
     # said once every listener is up: a port that is taken then leaves no "listening" line
     # behind for one that is not served

@@ -330,6 +330,9 @@ class Fronts:
     recording: RecordingOptions | None = None
     # what the management API presents over HTTPS; None: it speaks plain HTTP, or is off
     management_tls: ViewerCertificate | None = None
+    # read whom viewers log in as over SASL (--sasl-user, [recording.privacy] sasl_user):
+    # for channels from then on
+    sasl_user: bool = False
 
     def fronts(self) -> list[Route]:
         """The reverse listeners and the WebSocket front's."""
@@ -405,6 +408,7 @@ def build_fronts(
         link_policy, targets, routes, connect, websocket, scopes, limits, follow, max_connections,
         lockout, management_token(args, cp),
         management_tls=_management_certificate(args, cp, previous),
+        sasl_user=args.sasl_user or config.recording.privacy.sasl_user,
     )  # fmt: skip
 
 

@@ -89,9 +89,10 @@ class RecorderWorker:
         self.conn_keys: dict[int, list[Any]] = {}
         self.viewers: dict[int, str] = {}  # connection -> the viewer's address
         self.routes: dict[int, dict[str, Any]] = {}  # connection -> insertion, upstream...
-        # connection -> whom it authenticated as (inject: a token naming its user), from its
-        # auth event: known before a main channel's INIT lets its records (held till then)
-        # open the session's archive, so the header can say whose the session is
+        # connection -> whom it authenticated as (inject: a token naming its user; SASL with
+        # sasl_user: the name it logged in with), from its auth event: known before a main
+        # channel's INIT lets its records (held till then) open the session's archive, so
+        # the header can say whose the session is
         self.users: dict[int, str] = {}
 
     def tick(self) -> None:
@@ -119,8 +120,11 @@ class RecorderWorker:
         elif kind == "error":
             records = b.error(conn, t, item[3], item[4])
         elif kind == "event":
-            if item[4] == "auth" and isinstance(item[6].get("user"), str):
-                self.users[conn] = item[6]["user"]
+            said = item[6]
+            # a refused SASL login names whom the viewer claimed to be: not the session's
+            accepted = said.get("outcome", "accepted") == "accepted"
+            if item[4] == "auth" and isinstance(said.get("user"), str) and accepted:
+                self.users[conn] = said["user"]
             records = b.event(conn, t, *item[3:])
         elif kind == "options":  # a reload's: for sessions opened from now on
             self.options = item[3]

@@ -159,6 +159,7 @@ def policy_from(args: argparse.Namespace, base: PrivacyPolicy | None = None) -> 
             files=base.files if args.files is None else args.files,
             display=base.display and not args.no_display,
             audio=base.audio and not args.no_audio,
+            sasl_user=base.sasl_user or bool(getattr(args, "sasl_user", False)),  # proxy's
         )
     except PolicyError as exc:
         raise UserError(str(exc)) from None

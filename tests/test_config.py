@@ -17,6 +17,7 @@ def test_example_config_loads() -> None:
     assert config.proxy.upstream == "127.0.0.1:5930"
     assert config.recording.flush_interval == 0.1
     assert config.recording.privacy.keys == "text"
+    assert config.recording.privacy.sasl_user is False
     assert (config.recording.max_backlog_mb, config.recording.nice) == (512, 10)
     assert config.recording.chain_hash == "blake3"
     assert config.connect.allow == ("127.0.0.1:5930-5939",)
@@ -41,6 +42,7 @@ def test_example_config_loads() -> None:
         ("[proxy]\nlink_timeout = true\n", "link_timeout = true: expected a number"),
         ("[connect]\nallow = [1, 'a']\n", "allow = [1, 'a']: expected a list of strings"),
         ("[recording.privacy]\ndisplay = 'no'\n", "display = 'no': expected true or false"),
+        ("[recording.privacy]\nsasl_user = 1\n", "sasl_user = 1: expected true or false"),
         ("[proxy\n", "not valid TOML"),
         ("[connect]\nallow = '1.2.3.4:5'\n", "allow = '1.2.3.4:5': expected a list of strings"),
         ("[connect]\nallow = [5]\n", "allow = [5]: expected a list of strings"),

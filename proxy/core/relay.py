@@ -39,6 +39,7 @@ from proxy.core.migration import (
     destination,
     rewrite,
 )
+from proxy.core.saslident import SaslIdentity
 
 MAIN = 1
 SESSION_REFUSED = (
@@ -96,6 +97,9 @@ SASL_LAYER_MIGRATION = (
     "live migration would send this viewer to the new host directly, past spicetap "
     "(TLS on the server leg avoids it)"
 )
+# The auth event that says whom a viewer logged in as over SASL, and how it went: only with
+# the user's leave (ChannelRelay's sasl_user), never the password or proof.
+SASL_LOGIN = "sasl_login"
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +139,7 @@ class ChannelRelay:
         follow_migration: bool = False,
         session_gate: Callable[[], bool] | None = None,
         server_tls: bool = False,
+        sasl_user: bool = False,
     ) -> None:
         self.limits = limits
         # asked, once the viewer's link message is in, whether a new session may begin here
@@ -167,7 +172,14 @@ class ChannelRelay:
         # policies apart by identity)
         self.readmission: Readmission | None = None
         self.token: bytes | None = None  # inject: the digest of the token it linked with
-        self.user: str | None = None  # inject: whom that token was given to, if it says
+        # inject: whom that token was given to, if it says; SASL: the name the viewer
+        # logged in with, when sasl_user allows reading it
+        self.user: str | None = None
+        self.sasl = SaslIdentity() if sasl_user else None
+        # SASL: the server owes the viewer an answer to its data; spice-server refuses a
+        # password by closing then (red-sasl.cpp: a failed step ends the link)
+        self.sasl_owed = False
+        self.sasl_over = False  # SASL's result came (what follows is the link, or a layer)
         self.destination_policy: LinkPolicy | None = None
         # inject: the server checks spicetap's own password, so its refusal is no failure
         # of the viewer's (which spicetap checked already)
@@ -241,12 +253,15 @@ class ChannelRelay:
         if gate and self._session_refused():
             commands.append(Close(SESSION_REFUSED, error=False))
             return
+        mark = len(commands)
         if sent:
             commands.append(RecordData(direction, data, now))
         elif direction == S2C and self.scanning:
             self._forward_scanned(data, events, now, commands)
         else:
             commands += (Forward(direction, data), RecordData(direction, data, now))
+        if self.guard.auth == "sasl" and not self.sasl_over:
+            self._sasl_steps(events, now, commands, mark)
         for ev in events:
             if isinstance(ev, ChannelError):
                 self._broken(ev, commands)
@@ -267,6 +282,40 @@ class ChannelRelay:
             return False
         code: int = U32.unpack(unit.data)[0]
         return code == PERMISSION_DENIED if unit.kind == "link_result" else code != 0
+
+    def _sasl_steps(
+        self, events: list[Any], now: float, commands: list[Command], mark: int
+    ) -> None:
+        """Follow SASL's exchange (not a security layer after it) through `events`. A login
+        said goes before the recording of the bytes that brought it (commands from `mark`
+        on), forwarding still first: with the link result and INIT often in the same
+        chunk, the recorder knows the session's user before INIT opens its archive."""
+        said: list[Command] = []
+        for unit in events:
+            if not isinstance(unit, LinkUnit) or self.sasl_over:
+                continue
+            if unit.kind == "sasl":
+                self.sasl_owed = unit.direction == C2S
+                if self.sasl is not None:
+                    (self.sasl.client if unit.direction == C2S else self.sasl.server)(unit.data)
+            elif unit.kind == "sasl_result":
+                self.sasl_over, self.sasl_owed = True, False
+                accepted = U32.unpack(unit.data)[0] == 0
+                self._sasl_login("accepted" if accepted else "refused", now, said)
+        if said:
+            data = (i for i in range(mark, len(commands)) if isinstance(commands[i], RecordData))
+            at = next(data, len(commands))
+            commands[at:at] = said
+
+    def _sasl_login(self, outcome: str, now: float, commands: list[Command]) -> None:
+        """Whom the viewer logged in as, and how it went, if sasl_user allows saying."""
+        if self.sasl is None or self.sasl.mechanism is None:
+            return
+        fields = {**self.sasl.fields(), "outcome": outcome}
+        if outcome == "accepted":
+            self.user = self.sasl.user
+        self.sasl = None  # said once
+        commands.append(RecordEvent(S2C, "auth", SASL_LOGIN, fields, b"", now))
 
     def _session_refused(self) -> bool:
         """A main channel linking with connection id 0 begins a new session: refused (the
@@ -457,7 +506,11 @@ class ChannelRelay:
             reason = f"{who} vanished in the middle of a message ({', '.join(said)})"
             return [*commands, Log(reason), Close(reason, True, direction, True)]
         if not self.linked and self.guard.channel_type is not None:
-            if self.guard.auth == "sasl":  # how spice-server refuses a failed SASL step
+            if self.guard.auth == "sasl":
+                refused = direction == S2C and self.sasl_owed
+                if refused and self.server_checks_viewer:  # spice-server's SASL refusal
+                    commands.append(AuthFailed("server"))
+                self._sasl_login("refused" if refused else "unfinished", now, commands)
                 return [*commands, Close(f"{who} closed during SASL", False, direction)]
             # A server must answer the link; a viewer may give up on it (its user left).
             reason = f"{who} closed during the link stage"

@@ -304,6 +304,7 @@ class Reloader:
         listeners = self.listeners
         proxy = listeners.proxy
         proxy.link_policy = fronts.link_policy
+        proxy.sasl_user = fronts.sasl_user
         # for channels from now on (a relay keeps the limits it began with)
         proxy.limits = replace(fronts.limits, max_message=proxy.limits.max_message)
         if proxy.state.admission is not None:

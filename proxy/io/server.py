@@ -32,6 +32,7 @@ from proxy.core.migration import Destination, MigrationUnavailable
 from proxy.core.proxyproto import ProxyHeader, ProxyHeaderError
 from proxy.core.relay import (
     MAIN,
+    SASL_LOGIN,
     AuthFailed,
     ChannelRelay,
     Close,
@@ -169,6 +170,9 @@ class ChannelProxy:
         self.recorder = recorder
         self.state = state or ProxyState()
         self.link_policy = link_policy  # rewrites of the link stage (caps, auth), if any
+        # whether to read whom viewers log in as over SASL ([recording.privacy] sasl_user):
+        # for channels from then on
+        self.sasl_user = False
         self._ids = itertools.count()
 
     async def handle(
@@ -620,6 +624,7 @@ class ChannelProxy:
             follow_migration=migration is not None,
             session_gate=gate,
             server_tls=bool(tls.get("server")),
+            sasl_user=self.sasl_user,
         )
         stats = ChannelStats(
             conn, client, upstream_to.label, now, relay, route=upstream_to,
@@ -721,6 +726,8 @@ class ChannelProxy:
         elif isinstance(cmd, RecordEvent):
             if rec is not None:
                 rec.event(conn, cmd.time, cmd.direction, cmd.kind, cmd.name, cmd.fields, cmd.raw)
+            if cmd.name == SASL_LOGIN:
+                _log_sasl_login(conn, cmd.fields)
         elif isinstance(cmd, AuthFailed):
             self._auth_failed(stats, cmd.by)
         elif isinstance(cmd, Log):
@@ -763,6 +770,15 @@ class ChannelProxy:
             return await migration.serve(cmd.destination, reached_at, policy)
         except MigrationUnavailable as exc:
             return str(exc)
+
+
+def _log_sasl_login(conn: int, said: dict[str, Any]) -> None:
+    """One line per SASL login the relay read (sasl_user): whom, by what, how it went."""
+    who = said.get("user", "a user it does not name in clear")
+    text = f"SASL login as {who} ({said['sasl_mechanism']}): {said['outcome']}"
+    fields = {"event": SASL_LOGIN, "conn": conn, **said}
+    level = logging.INFO if said["outcome"] == "accepted" else logging.WARNING
+    log.log(level, "channel %d: %s", conn, text, extra={"fields": fields})
 
 
 def _redirected(relay: ChannelRelay, at: ServedAt | str | None) -> list[Command]:

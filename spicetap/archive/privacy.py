@@ -6,7 +6,10 @@ Tickets, SASL exchanges and passwords are never kept, whatever the policy. The r
 - clipboard: "content" keeps it; "hash" keeps type, length and SHA-256 only;
 - files: "content" keeps transferred bytes; "metadata" keeps transfer id, name and size;
 - display: False drops pixel data (images, video frames), keeping geometry;
-- audio: False drops audio samples, keeping timing and format.
+- audio: False drops audio samples, keeping timing and format;
+- sasl_user: True reads from the SASL exchange the name a viewer logs in as (never its
+  password or proof: proxy/core/saslident.py) and keeps it in an `auth` record, the logs
+  and the API; the exchange itself is still kept as lengths only.
 A redacted record keeps its length and the reason; its raw bytes are gone, so replay of
 those records is impossible by design.
 """
@@ -48,6 +51,7 @@ class PrivacyPolicy:
     files: str = "content"
     display: bool = True
     audio: bool = True
+    sasl_user: bool = False
     # decide()'s answers by record kind: a recording asks once per message
     _decisions: dict[tuple[Any, ...], Decision] = field(
         default_factory=dict, init=False, repr=False, compare=False, hash=False
@@ -58,13 +62,14 @@ class PrivacyPolicy:
             value = getattr(self, name)
             if value not in allowed:
                 raise PolicyError(f"privacy.{name} = {value!r}: expected one of {allowed}")
-        for name in ("display", "audio"):
+        for name in ("display", "audio", "sasl_user"):
             if not isinstance(getattr(self, name), bool):
                 raise PolicyError(f"privacy.{name} must be true or false")
 
     def describe(self) -> dict[str, Any]:
         settings = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
-        return {**settings, "tickets": "never", "passwords": "never", "sasl": "never"}
+        sasl = "the user name only" if self.sasl_user else "never"
+        return {**settings, "tickets": "never", "passwords": "never", "sasl": sasl}
 
     def decision(
         self, channel: str, direction: str, kind: str, name: str | None, agents: frozenset[int]

@@ -74,7 +74,10 @@ def test_the_policy_describes_its_settings_not_its_memory() -> None:
         "files": "metadata",
         "display": False,
         "audio": True,
+        "sasl_user": False,
         "tickets": "never",
         "passwords": "never",
         "sasl": "never",
     }
+    said = dataclasses.replace(policy, sasl_user=True).describe()
+    assert (said["sasl_user"], said["sasl"]) == (True, "the user name only")

@@ -128,7 +128,7 @@ class QemuServer:
     guest: "boot" (animated boot sector, ready at once), "linux" (agent, audio,
     port echo, USB reads; boots in ~6-14 s), "none" (SeaBIOS screen only).
     plain/tls: which listening ports to open. password: ticket auth, else
-    disable-ticketing (unless sasl). sasl: Cyrus SASL (DIGEST-MD5) with this one account,
+    disable-ticketing (unless sasl). sasl: Cyrus SASL with this one account (and its mechanism),
     from a private config and sasldb made in the run dir (SASL_CONF_PATH in QEMU's
     environment). wait_ready: wait for the guest's READY line on the serial console
     (default: yes, except for "none"). spice_options: extra -spice key=values.

@@ -11,7 +11,10 @@ which is encrypted there: spicetap cannot tell which session it belongs to, so i
 recorded in an archive of its own ("unassigned"), beside the session's archive.
 
 Over TLS spice-server asks for no security layer (qop=auth): after the exchange the channels
-carry clear SPICE, which spicetap dissects, and the whole session is one archive."""
+carry clear SPICE, which spicetap dissects, and the whole session is one archive.
+
+With --sasl-user spicetap reads whom each login was for (never the password or proof), for
+every mechanism spice-gtk and spice-server share over TLS; by default it reads nobody's."""
 
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from proxy.core.relay import SASL_LAYER_MIGRATION
+from proxy.core.relay import SASL_LAYER_MIGRATION, SASL_LOGIN
 from spicetap.archive.reader import ArchiveReader
 from spicetap.archive.verify import verify
 from spicetap.cli import main
@@ -338,3 +341,80 @@ def test_probe_says_the_server_wants_sasl(
     assert "the server offers only SASL" in lines[0]
     assert "  auth methods: sasl" in lines
     assert "AUTH_SASL" in next(line for line in lines if line.startswith("  capabilities:"))
+
+
+def sasl_logins(recs: list[Any]) -> list[dict[str, Any]]:
+    return [r.fields for r in recs if r.kind == "auth" and r.name == SASL_LOGIN]
+
+
+@pytest.mark.parametrize("mechanism", ["plain", "login", "cram-md5", "scram-sha-256", "digest-md5"])
+def test_sasl_user_names_whom_each_mechanism_logged_in(
+    mechanism: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """TLS on both legs, the server offering one mechanism: with --sasl-user the name the
+    viewer gave is in the log, in each channel's `sasl_login` record and in the archive's
+    header, and `spicetap sessions --user` finds the session; the password is nowhere and
+    the exchange itself is still kept as lengths."""
+    account = SaslAccount(ACCOUNT.username, ACCOUNT.password, mechanism)
+    with peers(), QemuServer(guest="none", plain=False, tls=True, sasl=account) as srv:
+        assert srv.tls_port is not None and srv.tls_material is not None
+        tlsm = srv.tls_material
+        extra = (
+            *tls_both_legs(srv.tls_port, tlsm.ca_file, tlsm.host_subject),
+            *("--tls-subject", SUBJECT, "--sasl-user"),
+        )
+        with ProxyProcess(0, tmp_path / "rec", tmp_path / "proxy", extra=extra) as proxy:
+            endpoint = SpiceEndpoint(
+                tls_port=proxy.port,
+                ca_file=tmp_path / "proxy" / "config" / "ca-cert.pem",
+                host_subject=SUBJECT,
+                username=account.username,
+                password=account.password,
+            )
+            options = ClientOptions(duration=20, expect_channels=4, expect_display=True)
+            result = run_gi_client(endpoint, options, tmp_path / "client")
+    assert result.returncode == 0, (result.summary, proxy.log()[-2000:])
+    (name, recs), *others = archived(proxy).items()
+    assert not others  # one session: main's INIT was read
+    with ArchiveReader(proxy.archives()[0]) as reader:
+        assert reader.header["session"]["user"] == account.username
+        assert reader.header["policy"]["sasl"] == "the user name only"
+    logins = sasl_logins(recs)
+    accepted = [f for f in logins if f["outcome"] == "accepted"]
+    assert len(accepted) >= 4, logins  # main, display, inputs, cursor at least
+    for said in accepted:
+        assert said["sasl_mechanism"] == mechanism.upper() and said["user"] == account.username
+        assert set(said) <= {"sasl_mechanism", "user", "outcome", "realm"}, said
+    exchange = [r for r in recs if r.kind == "link" and r.name == "sasl"]
+    assert exchange and all(r.raw == b"" and r.redacted for r in exchange)
+    line = f"SASL login as {account.username} ({mechanism.upper()}): accepted"
+    assert proxy.log().count(line) == len(accepted)
+    assert_nothing_secret(proxy, account.password)
+    assert main(["sessions", "--json", "--user", account.username, str(tmp_path / "rec")]) == 0
+    (listed,) = json.loads(capsys.readouterr().out)
+    assert listed["session"]["user"] == account.username
+    assert name.endswith(f"{listed['session']['id']:08x}")
+
+
+def test_a_refused_sasl_password_is_named_and_counts_toward_the_lockout(
+    sasl_qemu: QemuServer, tmp_path: Path
+) -> None:
+    """spice-server refuses a wrong DIGEST-MD5 password by hanging up on the viewer's
+    answer: spicetap counts that as a failed login (one locks the address out here), and
+    with --sasl-user says whose it was. The right password is then turned away by
+    spicetap itself."""
+    extra = ("--sasl-user", "--lockout-failures", "1", "--lockout-seconds", "600")
+    with proxy_for(sasl_qemu, tmp_path, *extra) as proxy:
+        refused = connect(proxy, WRONG_PASSWORD, tmp_path / "bad", channels=1)
+        locked_out = connect(proxy, ACCOUNT.password, tmp_path / "good", channels=1)
+        assert proxy.proc.poll() is None
+    assert refused.returncode == 2 and refused.opened == [], refused.summary
+    assert locked_out.returncode == 2 and locked_out.opened == [], locked_out.summary
+    log = proxy.log()
+    assert f"SASL login as {ACCOUNT.username} (DIGEST-MD5): refused" in log
+    assert "viewer address 127.0.0.1 locked out for 600 s" in log
+    recs = [r for recs in archived(proxy).values() for r in recs]
+    (login,) = sasl_logins(recs)  # the second viewer never reached the server
+    assert login["user"] == ACCOUNT.username and login["outcome"] == "refused"
+    assert login["sasl_mechanism"] == "DIGEST-MD5"
+    assert_nothing_secret(proxy, ACCOUNT.password, WRONG_PASSWORD)

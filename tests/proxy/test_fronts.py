@@ -149,3 +149,19 @@ def test_the_lockout_comes_from_the_flags_over_the_file(
     assert (fronts.lockout.failures, fronts.lockout.window, fronts.lockout.duration) == (
         4, 60.0, 9.0,
     )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("flags", "privacy", "expected"),
+    [
+        ([], "", False),  # the default: SASL's exchange is a secret, its user name too
+        (["--sasl-user"], "", True),
+        ([], "[recording.privacy]\nsasl_user = true\n", True),
+        ([], "[recording.privacy]\nsasl_user = false\n", False),
+    ],
+)
+def test_sasl_user_names_are_read_only_when_asked(
+    flags: list[str], privacy: str, expected: bool, tmp_path: Path
+) -> None:
+    fronts = _fronts(tmp_path, flags, f"[proxy]\n{UPSTREAM}{privacy}")
+    assert fronts.sasl_user is expected

@@ -724,19 +724,26 @@ def test_a_reconfigured_recording_changes_new_sessions_archives_only(tmp_path: P
 
 
 def test_the_archive_header_names_the_user_a_token_was_given_to(tmp_path: Path) -> None:
-    """Under inject a token may name its user (POST /api/tokens "user"): the main channel's
-    auth event says so before INIT, so the session's archive header carries it; a session
-    whose viewers named nobody has no user in its header."""
+    """Under inject a token may name its user (POST /api/tokens "user"), and with
+    sasl_user the relay reads whom a SASL login was for: the main channel's auth event says
+    so before INIT, so the session's archive header carries it; a session whose viewers
+    named nobody, or only a name the server refused, has no user in its header."""
     worker = RecorderWorker(RecordingOptions(tmp_path), {}, None)
-    for conn, user in ((1, "alice@corp"), (2, None)):
+    inject = {"mode": "inject", "result": "OK", "by": "server"}
+    sasl = {"sasl_mechanism": "PLAIN", "user": "bob"}
+    said = {
+        1: ("inject", {**inject, "user": "alice@corp"}),
+        2: ("inject", inject),
+        3: ("sasl_login", {**sasl, "outcome": "accepted"}),
+        4: ("sasl_login", {**sasl, "user": "mallory", "outcome": "refused"}),
+    }
+    for conn, (name, fields) in said.items():
         worker.handle(("open", conn, 1.0, ("127.0.0.1", 41000 + conn), ("127.0.0.1", 5900),
                        None, {"auth": "inject"}, None))  # fmt: skip
         for t, d, data in main_link(SESSION_ID + conn):
             worker.handle(("data", conn, t, d, data))
             if d == "c2s" and data is TICKET:
-                fields = {"mode": "inject", "result": "OK", "by": "server"}
-                fields |= {"user": user} if user else {}
-                worker.handle(("event", conn, t, "s2c", "auth", "inject", fields, b""))
+                worker.handle(("event", conn, t, "s2c", "auth", name, fields, b""))
         worker.handle(("close", conn, 2.0, "viewer closed"))
     assert worker.users == {}  # forgotten with the connection
     users = {}
@@ -744,4 +751,7 @@ def test_the_archive_header_names_the_user_a_token_was_given_to(tmp_path: Path) 
         with ArchiveReader(archive) as reader:
             session = reader.header["session"]
             users[session["id"]] = session.get("user")
-    assert users == {SESSION_ID + 1: "alice@corp", SESSION_ID + 2: None}
+    assert users == {
+        SESSION_ID + 1: "alice@corp", SESSION_ID + 2: None, SESSION_ID + 3: "bob",
+        SESSION_ID + 4: None,
+    }  # fmt: skip

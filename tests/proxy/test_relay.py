@@ -6,7 +6,16 @@ from collections.abc import Sequence
 
 import pytest
 
-from proxy.core.relay import SESSION_REFUSED, ChannelRelay, Close, Forward, Limits, Log, RecordData
+from proxy.core.relay import (
+    SESSION_REFUSED,
+    AuthFailed,
+    ChannelRelay,
+    Close,
+    Forward,
+    Limits,
+    Log,
+    RecordData,
+)
 from tests.proxy.test_framing import OK, TICKET, caps_word, link_mess, link_reply, mini
 from tests.proxy.test_sasl_framing import exchange
 
@@ -261,10 +270,11 @@ def test_the_link_stage_buffers_at_most_64_kib_for_the_other_side(refused: bool)
 
 
 def test_a_server_hanging_up_in_sasl_is_how_it_refuses_not_an_error() -> None:
-    """spice-server closes the connection when a SASL step fails (a wrong password)."""
+    """spice-server closes the connection when a SASL step fails (a wrong password): a
+    failed login (the lockout counts it), not an error of the channel."""
     relay = ChannelRelay(Limits(), 0.0)
     for direction, data in exchange()[:7]:  # up to the client's answer
         relay.received(direction, data, 0.0)
     assert not relay.linked
     cmds = relay.peer_closed("s2c", 1.0)
-    assert cmds == [Close("server closed during SASL", False, "s2c")]
+    assert cmds == [AuthFailed("server"), Close("server closed during SASL", False, "s2c")]

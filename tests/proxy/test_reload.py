@@ -624,6 +624,16 @@ async def test_a_reload_changes_the_connection_cap_and_migration_following(tmp_p
         assert not admission.admit() and admission.refused == 1  # past the new cap
 
 
+async def test_a_reload_turns_reading_sasl_user_names_on_and_off(tmp_path: Path) -> None:
+    async with running(tmp_path, VM1_ON_A) as setup:
+        proxy = setup.listeners.proxy
+        assert proxy.sasl_user is False
+        for on in (True, False, True):
+            setup.write(VM1_ON_A + f"[recording.privacy]\nsasl_user = {str(on).lower()}\n")
+            report = await setup.reloader.reload()
+            assert report.restart_needed == [] and proxy.sasl_user is on
+
+
 async def test_a_reload_changes_the_lockout_and_keeps_what_it_counted(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

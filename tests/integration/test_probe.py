@@ -30,7 +30,7 @@ from tests.harness import (
     run_gi_client,
 )
 from tests.harness.client import ClientResult
-from tests.harness.procs import reserve_ports
+from tests.harness.procs import reserve_ports, tail
 from tests.integration.proxy_process import REPO, ProxyProcess
 
 pytestmark = pytest.mark.peers
@@ -487,7 +487,8 @@ def test_the_operator_ends_a_session_and_its_archive_says_why(
     # the next viewer is served as before
     again, out = viewer_in_background(SpiceEndpoint(port=proxy.port), tmp_path / "next", 6)
     again.join(60)
-    assert out and out[0].returncode == 0, out[0].summary if out else None
+    said = (out[0].summary if out else None, plain_qemu.alive(), tail(plain_qemu.qemu_log))
+    assert out and out[0].returncode == 0, (*said, proxy.log()[-3000:])
 
 
 def test_a_locked_https_api_probes_qemu_for_the_token_only(

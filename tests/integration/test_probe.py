@@ -524,7 +524,7 @@ def test_a_locked_https_api_probes_qemu_for_the_token_only(
             return int(code), text
 
         status, answer = curl(f"Authorization: Bearer {token}")
-        assert status == 200 and json.loads(answer)["success"] is True
+        assert status == 200 and json.loads(answer)["success"] is True, (answer, plain_qemu.alive())
         assert json.loads(answer)["protocolVersion"] == "2.2"
         status, answer = curl()
         assert status == 401 and json.loads(answer) == {"error": "a bearer token is required"}

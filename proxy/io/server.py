@@ -774,8 +774,8 @@ class ChannelProxy:
 
 def _log_sasl_login(conn: int, said: dict[str, Any]) -> None:
     """One line per SASL login the relay read (sasl_user): whom, by what, how it went."""
-    who = said.get("user", "a user it does not name in clear")
-    text = f"SASL login as {who} ({said['sasl_mechanism']}): {said['outcome']}"
+    who = f"as {said['user']}" if "user" in said else "of a user not named in clear"
+    text = f"SASL login {who} ({said['sasl_mechanism']}): {said['outcome']}"
     fields = {"event": SASL_LOGIN, "conn": conn, **said}
     level = logging.INFO if said["outcome"] == "accepted" else logging.WARNING
     log.log(level, "channel %d: %s", conn, text, extra={"fields": fields})

@@ -317,6 +317,13 @@ class ChannelRelay:
         self.sasl = None  # said once
         commands.append(RecordEvent(S2C, "auth", SASL_LOGIN, fields, b"", now))
 
+    def _sasl_cut(self, now: float) -> list[Command]:
+        """The channel ends otherwise than by a peer's close mid-exchange (a timeout, the
+        operator, a broken stream): a login begun is said as unfinished."""
+        commands: list[Command] = []
+        self._sasl_login("unfinished", now, commands)
+        return commands
+
     def _session_refused(self) -> bool:
         """A main channel linking with connection id 0 begins a new session: refused (the
         link message not forwarded) when the gate says no. Asked once per channel."""
@@ -504,6 +511,7 @@ class ChannelRelay:
             said = [f"{came} bytes of it came"] if came else []
             said += [f"{due} more were due"] if due else []
             reason = f"{who} vanished in the middle of a message ({', '.join(said)})"
+            commands += self._sasl_cut(now)
             return [*commands, Log(reason), Close(reason, True, direction, True)]
         if not self.linked and self.guard.channel_type is not None:
             if self.guard.auth == "sasl":
@@ -528,7 +536,7 @@ class ChannelRelay:
         self.closed = True
         who = "viewer" if direction == C2S else "server"
         reason = f"{who} broke the protocol: {reason}"
-        return [*commands, Log(reason), Close(reason, True, direction)]
+        return [*commands, *self._sasl_cut(now), Log(reason), Close(reason, True, direction)]
 
     def terminate(self, reason: str, now: float) -> list[Command]:
         """The operator ends the channel (the management API): what migration following
@@ -537,7 +545,7 @@ class ChannelRelay:
             return []
         commands = self._held_back(now)
         self.closed = True
-        return [*commands, Close(reason, False)]  # its close line says why
+        return [*commands, *self._sasl_cut(now), Close(reason, False)]  # its close line says why
 
     def _held_back(self, now: float) -> list[Command]:
         """The server's bytes migration following holds (a message awaiting its redirect and
@@ -561,7 +569,7 @@ class ChannelRelay:
         if not self.linked and now - self.started > self.limits.link_timeout:
             self.closed = True
             reason = f"link stage not finished after {self.limits.link_timeout:g} s"
-            return [Log(reason), Close(reason, error=True)]
+            return [*self._sasl_cut(now), Log(reason), Close(reason, error=True)]
         idle = self.limits.idle_timeout
         if idle is not None and now - self.last_activity > idle:
             self.closed = True

@@ -241,3 +241,22 @@ def test_the_login_is_said_after_forwarding_before_recording_the_bytes_that_brou
     assert logins(commands) == [
         {"sasl_mechanism": "DIGEST-MD5", "user": "u", "outcome": "accepted"}
     ]
+
+
+def test_a_login_cut_by_a_timeout_the_operator_or_a_broken_stream_is_unfinished() -> None:
+    begun = exchange()[:7]  # the viewer has answered; the server has not
+    endings = {
+        "link timeout": lambda r: r.tick(100.0),
+        "operator": lambda r: r.terminate("ended by the operator", 2.0),
+        "broken stream": lambda r: r.peer_failed(S2C, "bad WebSocket frame", 2.0),
+        "cut field": lambda r: r.received(C2S, b"\x09\0\0\0abc", 2.0) + r.peer_closed(C2S, 2.0),
+    }
+    for how, end in endings.items():
+        relay = ChannelRelay(Limits(link_timeout=10.0), 0.0, sasl_user=True)
+        commands = run(relay, begun)
+        assert logins(commands) == [], how
+        commands = end(relay)
+        (login,) = logins(commands)
+        assert login["outcome"] == "unfinished" and login["user"] == "u", how
+        assert not failures(commands), how
+        assert relay.tick(200.0) == [] and logins(relay.peer_closed(S2C, 3.0)) == []  # once

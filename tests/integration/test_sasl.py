@@ -22,6 +22,7 @@ import http.client
 import json
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,27 @@ def sasl_qemu() -> Iterator[QemuServer]:
 def proxy_for(srv: QemuServer, work: Path, *extra: str) -> ProxyProcess:
     assert srv.port is not None
     return ProxyProcess(srv.port, work / "rec", work / "proxy", extra=extra)
+
+
+@contextmanager
+def tls_sasl_proxy(
+    account: SaslAccount, tmp_path: Path, *extra: str
+) -> Iterator[tuple[ProxyProcess, SpiceEndpoint]]:
+    """QEMU with SASL on a TLS port only, spicetap before it with TLS on both legs (and
+    `extra` flags), and the endpoint of a viewer logging in through it as `account`."""
+    with peers(), QemuServer(guest="none", plain=False, tls=True, sasl=account) as srv:
+        assert srv.tls_port is not None and srv.tls_material is not None
+        tlsm = srv.tls_material
+        legs = tls_both_legs(srv.tls_port, tlsm.ca_file, tlsm.host_subject)
+        flags = (*legs, "--tls-subject", SUBJECT, *extra)
+        with ProxyProcess(0, tmp_path / "rec", tmp_path / "proxy", extra=flags) as proxy:
+            yield proxy, SpiceEndpoint(
+                tls_port=proxy.port,
+                ca_file=tmp_path / "proxy" / "config" / "ca-cert.pem",
+                host_subject=SUBJECT,
+                username=account.username,
+                password=account.password,
+            )
 
 
 def connect(proxy: ProxyProcess, password: str, work: Path, channels: int) -> ClientResult:
@@ -207,32 +229,12 @@ def test_sasl_over_tls_is_dissected_after_its_exchange(tmp_path: Path) -> None:
     """TLS on both legs: spice-server and spice-gtk agree on no SASL security layer, so
     once SASL's result is in, every channel carries clear SPICE. The archive dissects it,
     the main channel's INIT names the session, and all 11 channels are one archive."""
-    with (
-        peers(),
-        QemuServer(guest="none", plain=False, tls=True, sasl=ACCOUNT) as srv,
-    ):
-        assert srv.tls_port is not None and srv.tls_material is not None
-        tlsm = srv.tls_material
-        extra = (
-            *tls_both_legs(srv.tls_port, tlsm.ca_file, tlsm.host_subject),
-            "--tls-subject",
-            SUBJECT,
-            "--management",
-            "127.0.0.1:0",
+    with tls_sasl_proxy(ACCOUNT, tmp_path, "--management", "127.0.0.1:0") as (proxy, endpoint):
+        options = ClientOptions(
+            duration=20, expect_channels=ALL_CHANNELS, expect_display=True, smartcard=True
         )
-        with ProxyProcess(0, tmp_path / "rec", tmp_path / "proxy", extra=extra) as proxy:
-            endpoint = SpiceEndpoint(
-                tls_port=proxy.port,
-                ca_file=tmp_path / "proxy" / "config" / "ca-cert.pem",
-                host_subject=SUBJECT,
-                username=ACCOUNT.username,
-                password=ACCOUNT.password,
-            )
-            options = ClientOptions(
-                duration=20, expect_channels=ALL_CHANNELS, expect_display=True, smartcard=True
-            )
-            result = run_gi_client(endpoint, options, tmp_path / "client")
-            relayed = relayed_bytes(proxy)
+        result = run_gi_client(endpoint, options, tmp_path / "client")
+        relayed = relayed_bytes(proxy)
     assert result.returncode == 0, (result.summary, proxy.log()[-2000:])
     assert len(result.opened) == ALL_CHANNELS and not result.summary["errors"]
     archives = archived(proxy)
@@ -356,23 +358,9 @@ def test_sasl_user_names_whom_each_mechanism_logged_in(
     header, and `spicetap sessions --user` finds the session; the password is nowhere and
     the exchange itself is still kept as lengths."""
     account = SaslAccount(ACCOUNT.username, ACCOUNT.password, mechanism)
-    with peers(), QemuServer(guest="none", plain=False, tls=True, sasl=account) as srv:
-        assert srv.tls_port is not None and srv.tls_material is not None
-        tlsm = srv.tls_material
-        extra = (
-            *tls_both_legs(srv.tls_port, tlsm.ca_file, tlsm.host_subject),
-            *("--tls-subject", SUBJECT, "--sasl-user"),
-        )
-        with ProxyProcess(0, tmp_path / "rec", tmp_path / "proxy", extra=extra) as proxy:
-            endpoint = SpiceEndpoint(
-                tls_port=proxy.port,
-                ca_file=tmp_path / "proxy" / "config" / "ca-cert.pem",
-                host_subject=SUBJECT,
-                username=account.username,
-                password=account.password,
-            )
-            options = ClientOptions(duration=20, expect_channels=4, expect_display=True)
-            result = run_gi_client(endpoint, options, tmp_path / "client")
+    with tls_sasl_proxy(account, tmp_path, "--sasl-user") as (proxy, endpoint):
+        options = ClientOptions(duration=20, expect_channels=4, expect_display=True)
+        result = run_gi_client(endpoint, options, tmp_path / "client")
     assert result.returncode == 0, (result.summary, proxy.log()[-2000:])
     (name, recs), *others = archived(proxy).items()
     assert not others  # one session: main's INIT was read

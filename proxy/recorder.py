@@ -35,6 +35,13 @@ BACKLOG_POLICIES = ("gap", "close")
 # scan, another protocol) share one archive per run instead of one each.
 UNLINKED = ("unlinked",)
 Report = Callable[[tuple[Any, ...]], None]
+# With sasl_user, the archive a channel still linking would open waits (this much at most)
+# for that channel's login, so that its header names the user: on a plain server leg SASL
+# hides the main channel's INIT, and another channel opens the session's archive.
+WAIT_RECORDS = 64
+WAIT_BYTES = 1 << 20
+# records after which a channel's login can say no more: it is done, or was never begun
+_LINK_OVER_KINDS = frozenset({"message", "agent", "close", "error", "gap"})
 
 
 @dataclass(frozen=True)
@@ -94,6 +101,7 @@ class RecorderWorker:
         # channel's INIT lets its records (held till then) open the session's archive, so
         # the header can say whose the session is
         self.users: dict[int, str] = {}
+        self.waiting: dict[Any, list[Record]] = {}  # session -> records before its archive
 
     def tick(self) -> None:
         """Call while idle: time-based flushes."""
@@ -151,7 +159,37 @@ class RecorderWorker:
         key = self._session_key(rec)
         session = self.sessions.get(key)
         if session is None:
-            session = self._open_session(key, rec)
+            held = self.waiting.get(key)
+            if held is None and not self._waits(key, rec):
+                session = self._open_session(key, rec, self.users.get(rec.connection))
+            else:
+                held = self.waiting.setdefault(key, [])
+                held.append(rec)
+                if not self._wait_over(held):
+                    return
+                self._open_waiting(key)
+                return
+        self._append(session, key, rec)
+
+    def _waits(self, key: Any, rec: Record) -> bool:
+        """Whether the archive `rec` would open waits for its channel's login."""
+        linking = rec.connection not in self.users and not _link_over(rec)
+        return self.options.policy.sasl_user and isinstance(key, int) and linking
+
+    def _wait_over(self, held: list[Record]) -> bool:
+        last = held[-1]
+        if last.connection in self.users or _link_over(last) or len(held) >= WAIT_RECORDS:
+            return True
+        return sum(len(r.raw) for r in held) >= WAIT_BYTES
+
+    def _open_waiting(self, key: Any) -> None:
+        held = self.waiting.pop(key)
+        user = next((self.users[r.connection] for r in held if r.connection in self.users), None)
+        session = self._open_session(key, held[0], user)
+        for rec in held:
+            self._append(session, key, rec)
+
+    def _append(self, session: _Session, key: Any, rec: Record) -> None:
         keys = self.conn_keys.setdefault(rec.connection, [])
         if not keys or keys[-1] != key:
             session.conns.add(rec.connection)
@@ -161,7 +199,7 @@ class RecorderWorker:
         if obj is not None:
             session.writer.write(obj)
 
-    def _open_session(self, key: Any, rec: Record) -> _Session:
+    def _open_session(self, key: Any, rec: Record, user: str | None) -> _Session:
         wall = time.time() - (time.monotonic() - rec.time)
         stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(wall))
         if isinstance(key, int):
@@ -182,8 +220,8 @@ class RecorderWorker:
                 **self.routes.get(rec.connection, {}),
                 "viewer": self.viewers.get(rec.connection),
             }
-            if rec.connection in self.users:
-                about["user"] = self.users[rec.connection]
+            if user is not None:
+                about["user"] = user
         header = {
             "dissector": dissector_hashes(),
             "session": {**self.meta, **about, "id": key if isinstance(key, int) else None},
@@ -236,6 +274,11 @@ class RecorderWorker:
                     self._write(rec)
             except OSError as exc:  # the disk's doing, said in one line
                 log.error("recording the end of connection %d failed: %s", conn, exc)
+        for key in list(self.waiting):  # a safety net: the close records above end waits
+            try:
+                self._open_waiting(key)
+            except OSError as exc:
+                log.error("recording session %s failed: %s", key, exc)
         for session in self.sessions.values():
             try:
                 session.writer.close(status)
@@ -244,3 +287,10 @@ class RecorderWorker:
                 with contextlib.suppress(OSError):  # the proxy may be gone too
                     self.report(("cut", str(session.writer.paths[-1])))
         self.sessions.clear()
+
+
+def _link_over(rec: Record) -> bool:
+    """Whether `rec` shows its channel past its login (or past where one could be)."""
+    if rec.kind in _LINK_OVER_KINDS or rec.name == "link_result":
+        return True
+    return rec.kind == "auth" and rec.name == "sasl_login"

@@ -406,3 +406,25 @@ def test_a_refused_sasl_password_is_named_and_counts_toward_the_lockout(
     assert login["user"] == ACCOUNT.username and login["outcome"] == "refused"
     assert login["sasl_mechanism"] == "DIGEST-MD5"
     assert_nothing_secret(proxy, ACCOUNT.password, WRONG_PASSWORD)
+
+
+def test_sasl_user_names_the_session_on_a_plain_server_leg_too(
+    sasl_qemu: QemuServer, tmp_path: Path
+) -> None:
+    """On plain TCP the main channel's INIT is inside SASL's security layer, so the
+    session's archive is opened by another channel: it waits for that channel's login, and
+    both archives (the session's, and the main channel's own) name the user."""
+    with proxy_for(sasl_qemu, tmp_path, "--sasl-user") as proxy:
+        result = connect(proxy, ACCOUNT.password, tmp_path / "client", channels=4)
+    assert result.returncode == 0, (result.summary, proxy.log()[-2000:])
+    archives = archived(proxy)
+    assert len(archives) == 2 and sum("unassigned" in name for name in archives) == 1
+    for archive in proxy.archives():
+        with ArchiveReader(archive) as reader:
+            assert reader.header["session"].get("user") == ACCOUNT.username, archive.name
+    logins = [f for recs in archives.values() for f in sasl_logins(recs)]
+    assert len(logins) >= 4 and all(f["user"] == ACCOUNT.username for f in logins)
+    for recs in archives.values():
+        for conn in by_connection(recs).values():
+            assert conn[0].kind == "open" and conn[-1].kind == "close"  # nothing lost
+    assert_nothing_secret(proxy, ACCOUNT.password)

@@ -5,12 +5,17 @@ server that hangs up on the viewer's answer counted as a refused login."""
 from __future__ import annotations
 
 import struct
+from pathlib import Path
 
 import pytest
 
 from proxy.core.framing import C2S, S2C
 from proxy.core.relay import SASL_LOGIN, AuthFailed, ChannelRelay, Command, Limits, RecordEvent
 from proxy.core.saslident import LONGEST, SaslIdentity
+from proxy.recorder import WAIT_RECORDS, RecorderWorker, RecordingOptions
+from spicetap.archive.privacy import PrivacyPolicy
+from spicetap.archive.reader import ArchiveReader
+from spicetap.inputs import iter_records
 from tests.proxy.test_framing import mini
 from tests.proxy.test_sasl_framing import exchange
 from tests.proxy.test_sasl_framing import field as sasl_field
@@ -260,3 +265,61 @@ def test_a_login_cut_by_a_timeout_the_operator_or_a_broken_stream_is_unfinished(
         assert login["outcome"] == "unfinished" and login["user"] == "u", how
         assert not failures(commands), how
         assert relay.tick(200.0) == [] and logins(relay.peer_closed(S2C, 3.0)) == []  # once
+
+
+def _sasl_display_channel(worker: RecorderWorker, login: dict[str, str] | None) -> None:
+    """A display channel of session 0x5EC7 logging in over SASL on a plain server leg
+    (a security layer follows), as the relay hands it to the recorder: its login event,
+    if any, before the bytes of SASL's result."""
+    worker.handle(("open", 1, 1.0, ("127.0.0.1", 41001), ("127.0.0.1", 5900), None, {}, None))
+    *before, (_, result), _link_result = exchange(channel_type=2, conn=0x5EC7)
+    for direction, data in before:
+        worker.handle(("data", 1, 1.0, direction, data))
+    if login is not None:
+        worker.handle(("event", 1, 1.1, S2C, "auth", SASL_LOGIN, login, b""))
+    worker.handle(("data", 1, 1.1, S2C, result + b"layer bytes"))
+    worker.handle(("close", 1, 2.0, "viewer closed"))
+
+
+def test_the_archive_another_channel_opens_waits_for_its_login(tmp_path: Path) -> None:
+    """On a plain server leg SASL hides the main channel's INIT, so a session's archive is
+    opened by another channel, still linking: with sasl_user it waits for that channel's
+    login, so the header names the user; nothing is lost or reordered meanwhile."""
+    login = {"sasl_mechanism": "DIGEST-MD5", "user": "u", "outcome": "accepted"}
+    archives = {}
+    for allowed in (True, False):
+        folder = tmp_path / str(allowed)
+        folder.mkdir()
+        options = RecordingOptions(folder, policy=PrivacyPolicy(sasl_user=allowed))
+        worker = RecorderWorker(options, {}, None)
+        _sasl_display_channel(worker, login if allowed else None)
+        assert worker.waiting == {}
+        (archives[allowed],) = folder.glob("*.spta")
+    users = {}
+    for allowed, archive in archives.items():
+        with ArchiveReader(archive) as reader:
+            users[allowed] = reader.header["session"].get("user")
+    assert users == {True: "u", False: None}
+    kept = {a: [(r.kind, r.name) for r in iter_records(p, []) if r.kind != "auth"]
+            for a, p in archives.items()}  # fmt: skip
+    assert kept[True] == kept[False] and kept[True][0] == ("open", None)
+    assert kept[True][-1][0] == "close" and ("link", "sasl_result") in kept[True]
+
+
+def test_an_archive_waits_for_a_login_only_so_long(tmp_path: Path) -> None:
+    options = RecordingOptions(tmp_path, policy=PrivacyPolicy(sasl_user=True))
+    worker = RecorderWorker(options, {}, None)
+    worker.handle(("open", 1, 1.0, ("127.0.0.1", 41001), ("127.0.0.1", 5900), None, {}, None))
+    for direction, data in exchange(channel_type=2, conn=0x5EC7)[:5]:
+        worker.handle(("data", 1, 1.0, direction, data))
+    for _ in range(WAIT_RECORDS):  # a server that never finishes: challenges, answers
+        worker.handle(("data", 1, 1.0, S2C, sasl_field(b"more?\0") + b"\0"))
+        worker.handle(("data", 1, 1.0, C2S, sasl_field(b"yes\0")))
+        if worker.sessions:
+            break
+    assert worker.waiting == {} and list(worker.sessions) == [0x5EC7]
+    worker.close_all("stopped")
+    (archive,) = tmp_path.glob("*.spta")
+    with ArchiveReader(archive) as reader:
+        assert "user" not in reader.header["session"]
+    assert len([r for r in iter_records(archive, []) if r.name == "sasl"]) > WAIT_RECORDS / 2

@@ -20,6 +20,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from proxy.core.endpoint import endpoint_text
 from proxy.core.framing import DEFAULT_MAX_MESSAGE
 from spicetap.archive.format import DEFAULT_CHAIN_HASH
 from spicetap.archive.importer import dissector_hashes
@@ -116,11 +117,11 @@ class RecorderWorker:
         elif kind == "open":
             extra: dict[str, Any] = {"tls": item[5]} if item[5] else {}
             if item[7] is not None:
-                extra["via"] = f"{item[7][0]}:{item[7][1]}"
+                extra["via"] = endpoint_text(item[7])
             if item[6] and "forwarded_by" in item[6]:  # each connection's, linked or not
                 extra["forwarded_by"] = item[6]["forwarded_by"]
             b.opened(conn, t, item[3], item[4], extra or None)
-            self.viewers[conn] = f"{item[3][0]}:{item[3][1]}"
+            self.viewers[conn] = endpoint_text(item[3])
             self.routes[conn] = item[6] or {}
             records = []
         elif kind == "gap":

@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 from dissectors.agent import AgentMessage, AgentReassembler
 from dissectors.api import LINK, SPICE, Decoded, Dialect, decode, message_type
 from dissectors.errors import DecodeError, Malformed, covered_bytes
+from proxy.core.endpoint import endpoint_text
 from proxy.core.framing import (
     C2S,
     DEFAULT_MAX_MESSAGE,
@@ -207,8 +208,8 @@ class RecordBuilder:
             c.framer.sasl_layer = False  # spice-server adds no SASL layer over TLS
         if client is not None and server is not None:
             c.open_fields = {
-                "client": f"{client[0]}:{client[1]}",
-                "server": f"{server[0]}:{server[1]}",
+                "client": endpoint_text(client),
+                "server": endpoint_text(server),
                 **(extra or {}),
             }
             c.open_time = ts

@@ -63,7 +63,7 @@ def test_stats_says_whose_session_it_was_and_how_it_came_and_ended(
     first = next(i for i, line in enumerate(lines) if line.startswith(f"session {SESSION_ID:08x}"))
     when, who, route, privacy = lines[first : first + 4]  # one line each, however long
     assert "; started " in when and when.endswith(": complete")  # signed: not "unsigned"
-    assert who == "viewer 192.0.2.7:0, named by 10.0.0.2:0, user alice@corp"
+    assert who == "viewer 192.0.2.7, named by 10.0.0.2:0, user alice@corp"
     assert route == (
         "insertion websocket; server 10.1.2.3:5900 (target vm1); TLS viewer yes, server no; "
         "auth inject; masked capabilities MJPEG"

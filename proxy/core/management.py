@@ -26,6 +26,7 @@ from urllib.parse import parse_qsl
 
 from dissectors.api import LINK, SPICE
 from proxy.core.credentials import user_problem
+from proxy.core.endpoint import endpoint_text
 from proxy.core.lockout import IPV6_PREFIX, Entry, LockoutPolicy
 from proxy.core.probe import check_password
 
@@ -350,7 +351,7 @@ class ChannelView:
 
 
 def _address(address: tuple[str, int] | None) -> str | None:
-    return None if address is None else f"{address[0]}:{address[1]}"
+    return None if address is None else endpoint_text(address)
 
 
 class ConnectionCounts(NamedTuple):

@@ -21,6 +21,7 @@ import trio
 
 from proxy.core.allow import IpNetwork
 from proxy.core.connect import ConnectHandshake, ConnectRequest, Refusal, tunnel_kind
+from proxy.core.endpoint import endpoint_text
 from proxy.core.forwarded import is_trusted
 from proxy.core.linkrewrite import LinkPolicy
 from proxy.core.migration import Destination
@@ -114,7 +115,8 @@ def _no_target_yet(stream: trio.SocketStream) -> Upstream:
     async def unopened() -> trio.abc.Stream:
         raise OSError("no CONNECT request was read")
 
-    return Upstream(unopened, f"{host}:{port} (CONNECT front)", address=(host, port))
+    label = f"{endpoint_text((host, port))} (CONNECT front)"
+    return Upstream(unopened, label, address=(host, port))
 
 
 async def handle_connect(
@@ -139,7 +141,8 @@ async def handle_connect(
                     request = Refusal(403, f"{request.host}:{request.port} is not allowed")
             if isinstance(request, Refusal):
                 status, reason = request.status, request.reason
-                log.warning("viewer %s:%d: CONNECT refused (%d): %s", *viewer, status, reason)
+                shown = endpoint_text(viewer)
+                log.warning("viewer %s: CONNECT refused (%d): %s", shown, status, reason)
                 proxy.state.errors += 1
                 await stream.send_all(handshake.refuse(request))
                 await trio.aclose_forcefully(stream)
@@ -149,7 +152,7 @@ async def handle_connect(
             if isinstance(source, PrefixedStream):  # the balancer's rest, if unread yet
                 first, source.prefix = first + source.prefix, b""
     except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-        log.warning("viewer %s:%d: CONNECT failed: %s", *viewer, exception_text(exc))
+        log.warning("viewer %s: CONNECT failed: %s", endpoint_text(viewer), exception_text(exc))
         await trio.aclose_forcefully(stream)
         return
     assert target is not None
@@ -157,7 +160,7 @@ async def handle_connect(
     try:
         upstream = target.upstream(kind == "tls", front.keylog)
     except UserError as exc:
-        log.warning("viewer %s:%d: %s", *viewer, exc)
+        log.warning("viewer %s: %s", endpoint_text(viewer), exc)
         await trio.aclose_forcefully(stream)
         return
     if kind is None:  # nothing is relayed; the archive of unlinked connections says so
@@ -165,7 +168,7 @@ async def handle_connect(
             f"tunnel to {request.host}:{request.port} carries neither TLS nor SPICE "
             f"(starts {first[:8]!r})"
         )
-        log.warning("viewer %s:%d: %s", *viewer, why)
+        log.warning("viewer %s: %s", endpoint_text(viewer), why)
         proxy.refused(viewer, upstream, "connect", f"{why}: closed, nothing relayed", balancer)
         await trio.aclose_forcefully(stream)
         return
@@ -176,10 +179,9 @@ async def handle_connect(
             await trio.aclose_forcefully(stream)
             return
     log.info(
-        "viewer %s:%d: CONNECT %s:%d (%s) -> %s",
-        *viewer,
-        request.host,
-        request.port,
+        "viewer %s: CONNECT %s (%s) -> %s",
+        endpoint_text(viewer),
+        endpoint_text((request.host, request.port)),
         kind,
         upstream.label,
     )

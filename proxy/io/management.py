@@ -41,6 +41,7 @@ import h11
 import trio
 
 from proxy.core.admission import Admission
+from proxy.core.endpoint import endpoint_text
 from proxy.core.framing import C2S, S2C
 from proxy.core.http import MAX_HEAD, BoundedServer
 from proxy.core.lockout import Lockout, LockoutPolicy, address_key
@@ -271,7 +272,8 @@ class ManagementApi:
             outcome = await probe(target_)
         finally:
             self.probes.release()
-        log.info("probe %s:%d: %s", request.host, request.port, outcome.error or "link ok")
+        where = endpoint_text((request.host, request.port))
+        log.info("probe %s: %s", where, outcome.error or "link ok")
         return Reply(
             HTTPStatus.OK, json.dumps(to_json(request.host, request.port, outcome)).encode()
         )
@@ -419,8 +421,8 @@ class ManagementApi:
             log.info("management API: its token changed; requests need the new one")
             return
         log.warning(
-            "management API on %s:%d: no token any more, whoever reaches it is answered",
-            *self.options.listen,
+            "management API on %s: no token any more, whoever reaches it is answered",
+            endpoint_text(self.options.listen),
         )
 
     def authorize(self, request: h11.Request, client: tuple[str, int]) -> None:
@@ -447,8 +449,8 @@ class ManagementApi:
             count = self.refusals.to_log(trio.current_time())
             if count:
                 log.warning(
-                    "management API: %d request(s) refused (%s), the last from %s:%d",
-                    count, exc.message, *client,
+                    "management API: %d request(s) refused (%s), the last from %s",
+                    count, exc.message, endpoint_text(client),
                 )  # fmt: skip
             raise
 

@@ -20,6 +20,7 @@ from typing import Any
 import trio
 
 from proxy.core.admission import Admission
+from proxy.core.endpoint import endpoint_text
 from proxy.core.reload import TargetChanges, plan, restart_needed, target_changes
 from proxy.fronts import Fronts, Route, carry_credentials, route_key, speaks
 from proxy.io.connect import ConnectFront, serve_connect
@@ -96,7 +97,7 @@ class _Running:
 
     def where(self) -> str:
         """KIND HOST:PORT"""
-        return f"{listener_kind(self.route)} {self.bound[0]}:{self.bound[1]}"
+        return f"{listener_kind(self.route)} {endpoint_text(self.bound)}"
 
 
 @dataclass
@@ -107,7 +108,7 @@ class _RunningConnect:
     bound: tuple[str, int]
 
     def where(self) -> str:
-        return f"connect {self.bound[0]}:{self.bound[1]}"
+        return f"connect {endpoint_text(self.bound)}"
 
 
 def listener_kind(route: Route) -> str:
@@ -407,7 +408,7 @@ class Reloader:
             log.error("reload: cannot listen (%s) on %s:%d: %s", kind, *listen, why)
             return
         host, port = _bound(serving)
-        report.opened.append(f"{kind} {host}:{port}")
+        report.opened.append(f"{kind} {endpoint_text((host, port))}")
         announce(kind, serving.listeners, what)
 
     async def reload_logged(self) -> None:
@@ -444,5 +445,5 @@ def announce(kind: str, listeners: list[trio.SocketListener], what: str) -> None
     """One log line, and one stdout line scripts and tests read: the bound port (port 0 in
     --listen lets the system pick one). "spicetap proxy ready" follows the last of them."""
     host, port = listeners[0].socket.getsockname()[:2]
-    log.info("listening (%s) on %s:%d, %s", kind, host, port, what)
-    print(f"spicetap proxy listening ({kind}) on {host}:{port}", flush=True)
+    log.info("listening (%s) on %s, %s", kind, endpoint_text((host, port)), what)
+    print(f"spicetap proxy listening ({kind}) on {endpoint_text((host, port))}", flush=True)

@@ -24,6 +24,7 @@ import trio
 
 from proxy.core.admission import Admission
 from proxy.core.allow import IpNetwork
+from proxy.core.endpoint import endpoint_text
 from proxy.core.forwarded import is_trusted
 from proxy.core.framing import C2S, LINK_ASKS, S2C, link_asks
 from proxy.core.lockout import Lockout, address_key
@@ -364,8 +365,9 @@ class ChannelProxy:
                 except OSError as exc:
                     self.state.errors += 1
                     why = f"TLS handshake failed: {exception_text(exc)}"
-                    fields = {"event": "viewer_refused", "viewer": f"{client[0]}:{client[1]}"}
-                    log.warning("viewer %s:%d: %s", *client, why, extra={"fields": fields})
+                    shown = endpoint_text(client)
+                    fields = {"event": "viewer_refused", "viewer": shown}
+                    log.warning("viewer %s: %s", shown, why, extra={"fields": fields})
                     viewer.close()
                     conn = next(self._ids)
                     tls_used = {"viewer": True}
@@ -449,8 +451,9 @@ class ChannelProxy:
         except (ProxyHeaderError, OSError) as exc:
             self.state.errors += 1
             why = f"PROXY protocol: {exception_text(exc)}"
-            fields = {"event": "viewer_refused", "viewer": f"{client[0]}:{client[1]}"}
-            log.warning("load balancer %s:%d: %s", *client, why, extra={"fields": fields})
+            shown = endpoint_text(client)
+            fields = {"event": "viewer_refused", "viewer": shown}
+            log.warning("load balancer %s: %s", shown, why, extra={"fields": fields})
             conn, tls_asked = next(self._ids), {"viewer": tls is not None}
             self._attempt_failed(conn, client, upstream_to, insertion, C2S, why, tls_asked)
             plain.close()
@@ -473,9 +476,10 @@ class ChannelProxy:
                 header, rest = await receive_proxy_header(stream)
         except (ProxyHeaderError, trio.TooSlowError, trio.BrokenResourceError) as exc:
             why = f"PROXY protocol: {exception_text(exc)}"
-            fields = {"event": "viewer_refused", "viewer": f"{client[0]}:{client[1]}"}
+            shown = endpoint_text(client)
+            fields = {"event": "viewer_refused", "viewer": shown}
             log.warning(
-                "load balancer %s:%d (%s): %s", *client, insertion, why, extra={"fields": fields}
+                "load balancer %s (%s): %s", shown, insertion, why, extra={"fields": fields}
             )
             self.refused(client, upstream_to, insertion, why)
             await trio.aclose_forcefully(stream)
@@ -504,9 +508,11 @@ class ChannelProxy:
             why = f"cannot reach upstream {upstream_to.label}: {exception_text(exc)}"
             fields = {
                 "event": "upstream_unreachable", "conn": conn,
-                "viewer": f"{client[0]}:{client[1]}", "upstream": upstream_to.label,
+                "viewer": endpoint_text(client), "upstream": upstream_to.label,
             }  # fmt: skip
-            log.warning("channel %d from %s:%d: %s", conn, *client, why, extra={"fields": fields})
+            log.warning(
+                "channel %d from %s: %s", conn, endpoint_text(client), why, extra={"fields": fields}
+            )
             tls = {"viewer": viewer_tls}
             self._attempt_failed(conn, client, upstream_to, insertion, S2C, why, tls, forwarded_by)
             return None
@@ -535,10 +541,10 @@ class ChannelProxy:
         )
         count = lockout.refusals_to_log(now)
         if count:
-            fields = {"event": "viewer_refused", "viewer": f"{client[0]}:{client[1]}"}
+            fields = {"event": "viewer_refused", "viewer": endpoint_text(client)}
             log.warning(
-                "viewer %s:%d: %s (%d connection(s) from locked-out addresses refused)",
-                *client, why, count, extra={"fields": fields},
+                "viewer %s: %s (%d connection(s) from locked-out addresses refused)",
+                endpoint_text(client), why, count, extra={"fields": fields},
             )  # fmt: skip
         conn = next(self._ids)
         self._attempt_failed(conn, client, upstream_to, insertion, C2S, why, tls, forwarded_by)
@@ -638,14 +644,14 @@ class ChannelProxy:
                 route.update(policy.describe())
             self.recorder.opened(conn, now, client, ends[0], tls, route, ends[1])
         fields = {
-            "event": "channel_open", "conn": conn, "viewer": f"{client[0]}:{client[1]}",
+            "event": "channel_open", "conn": conn, "viewer": endpoint_text(client),
             "upstream": upstream_to.label, "target": upstream_to.target, "insertion": insertion,
             "tls_viewer": bool(tls.get("viewer")), "tls_server": bool(tls.get("server")),
         }  # fmt: skip
         if forwarded_by is not None:
-            fields["forwarded_by"] = f"{forwarded_by[0]}:{forwarded_by[1]}"
+            fields["forwarded_by"] = endpoint_text(forwarded_by)
         log.info(
-            "channel %d: %s:%d -> %s (%s)", conn, *client, upstream_to.label, insertion,
+            "channel %d: %s -> %s (%s)", conn, endpoint_text(client), upstream_to.label, insertion,
             extra={"fields": fields},
         )  # fmt: skip
         return stats
@@ -798,7 +804,7 @@ def _route(
     trusted reverse proxy that told the viewer's address, if one did."""
     route = {"insertion": insertion, "server": upstream_to.label, "target": upstream_to.target}
     if forwarded_by is not None:
-        route["forwarded_by"] = f"{forwarded_by[0]}:{forwarded_by[1]}"
+        route["forwarded_by"] = endpoint_text(forwarded_by)
     return route
 
 
@@ -830,8 +836,8 @@ async def accept_tls(
     except (trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
         proxy.state.errors += 1
         log.warning(
-            "viewer %s:%d: TLS handshake failed: %s",
-            *peer_address(stream),
+            "viewer %s: TLS handshake failed: %s",
+            endpoint_text(peer_address(stream)),
             exception_text(exc.__cause__ or exc),
         )
         await trio.aclose_forcefully(stream)
@@ -910,7 +916,7 @@ async def serve_tcp(
             proxied=routing.proxied,
         )
 
-    handler = guarded(handle, f"viewer on {host}:{port}", proxy.state)
+    handler = guarded(handle, f"viewer on {endpoint_text((host, port))}", proxy.state)
     await serve_listening(listeners, handler, task_status)
 
 

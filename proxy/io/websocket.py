@@ -18,6 +18,7 @@ from pathlib import Path
 import trio
 
 from proxy.core.allow import IpNetwork
+from proxy.core.endpoint import endpoint_text
 from proxy.core.forwarded import Forwarding, forwarding, is_trusted
 from proxy.core.framing import LINK_ASKS, link_asks
 from proxy.core.http import MAX_HEAD, HeadReader, HttpError, Request, error_response
@@ -186,10 +187,10 @@ async def _read_request(transport: trio.abc.Stream) -> tuple[Request | HttpError
 
 def _shown(told: Forwarding) -> str:
     """A browser's address for a log line, with the reverse proxy that told it."""
-    client = f"{told.client[0]}:{told.client[1]}"
+    client = endpoint_text(told.client)
     if told.proxy is None:
         return client
-    return f"{client} (via {told.proxy[0]}:{told.proxy[1]})"
+    return f"{client} (via {endpoint_text(told.proxy)})"
 
 
 async def open_websocket(
@@ -204,7 +205,7 @@ async def open_websocket(
     """Answer one request on a new connection from `client`: a WebSocket (returned,
     upgraded) or a file or an error page (sent; the connection is closed and None
     returned). `trusted`: reverse proxies whose forwarding headers say whom they relay."""
-    peer = f"{client[0]}:{client[1]}"
+    peer = endpoint_text(client)
     request: Request | HttpError | None = None
     rest = b""
     with trio.move_on_after(limits.link_timeout), contextlib.suppress(*_GONE):

@@ -54,7 +54,7 @@ class ProxyProcess:
         self.log_path = work / "proxy.log"
         self.record = record
         argv = [sys.executable, "-m", "spicetap", "proxy", *extra]
-        if upstream_port and "--tls-listen" not in extra:
+        if upstream_port and not {"--tls-listen", "--listen"} & set(extra):
             argv += ["--listen", "127.0.0.1:0"]
         if upstream_port:  # 0: the upstream comes from a --config file in `extra`
             argv += ["--upstream", f"127.0.0.1:{upstream_port}"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import struct
@@ -34,7 +35,7 @@ from tests.harness.haproxy import PROXY_SOURCE, Haproxy
 from tests.harness.images import CURSOR_CELL, differing_pixels
 from tests.harness.procs import PeerFailed, wait_until
 from tests.harness.screenshot import settled_screenshot
-from tests.integration.proxy_process import ProxyProcess, tls_both_legs
+from tests.integration.proxy_process import ProxyProcess, run_spicetap, tls_both_legs
 
 pytestmark = pytest.mark.peers
 
@@ -48,6 +49,33 @@ def test_screenshot_through_proxy_equals_direct(tmp_path: Path) -> None:
     assert differing_pixels(via, direct) <= CURSOR_CELL  # SeaBIOS' cursor may blink between
     (archive,) = proxy.archives()
     assert verify(archive).status == "intact"
+
+
+def test_an_ipv6_viewer_is_named_with_its_address_in_brackets(tmp_path: Path) -> None:
+    """spicy-screenshot over IPv6 loopback -> spicetap (--listen [::1]:0) -> QEMU on IPv4:
+    the picture comes through, and the log, the archive's header and open records, and the
+    listing name the viewer "[::1]:PORT", whose port cannot be read as the address's."""
+    extra = ("--listen", "[::1]:0")
+    with peers(), QemuServer(guest="none") as srv:
+        assert srv.port is not None
+        with ProxyProcess(srv.port, tmp_path / "rec", tmp_path / "proxy", extra) as proxy:
+            direct = settled_screenshot(srv.endpoint(), tmp_path / "direct.ppm")
+            via = spicy_screenshot(SpiceEndpoint(host="::1", port=proxy.port), tmp_path / "v.ppm")
+    assert differing_pixels(via, direct) <= CURSOR_CELL
+    bracketed = re.compile(r"\[::1\]:(\d+)")
+    (archive,) = proxy.archives()
+    with ArchiveReader(archive) as reader:
+        viewer = reader.header["session"]["viewer"]
+    assert bracketed.fullmatch(viewer) and viewer != f"[::1]:{proxy.port}", viewer
+    opens = [r.fields or {} for r in iter_records(archive, []) if r.kind == "open"]
+    assert len(opens) >= 2 and all(bracketed.fullmatch(f["client"]) for f in opens), opens
+    assert {f["server"] for f in opens} == {f"127.0.0.1:{srv.port}"}, opens
+    log = proxy.log()
+    assert f"listening (plain) on [::1]:{proxy.port}" in log, log
+    assert re.search(rf"channel \d+: \[::1\]:\d+ -> 127\.0\.0\.1:{srv.port} ", log), log
+    listed = run_spicetap(tmp_path / "cfg", "sessions", "--json", str(tmp_path / "rec"))
+    assert listed.returncode == 0, listed.stderr
+    assert viewer in listed.stdout, listed.stdout
 
 
 def test_connections_that_never_link_share_one_archive(tmp_path: Path) -> None:

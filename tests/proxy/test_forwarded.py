@@ -177,7 +177,7 @@ async def test_the_websocket_front_relays_a_browser_behind_a_proxy(
             (opened,) = [r for r in caplog.records if r.getMessage().startswith("channel ")
                          and "-> 127.0.0.1" in r.getMessage()]  # fmt: skip
             fields = opened.__dict__["fields"]
-            assert fields["viewer"] == "203.0.113.9:0"
+            assert fields["viewer"] == "203.0.113.9"
             assert fields["forwarded_by"].startswith("127.0.0.1:")
         nursery.cancel_scope.cancel()
 

@@ -197,7 +197,7 @@ def test_sessions_json() -> None:
     behind = replace(view(0, MAIN, 0, 0.0), viewer=("203.0.113.9", 0),
                      forwarded_by=("10.0.0.2", 41000))  # fmt: skip
     (session,) = sessions_json([behind], TOTALS)["sessions"]
-    assert (session["viewer"], session["forwardedBy"]) == ("203.0.113.9:0", "10.0.0.2:41000")
+    assert (session["viewer"], session["forwardedBy"]) == ("203.0.113.9", "10.0.0.2:41000")
     assert session["channels"][0]["forwardedBy"] == "10.0.0.2:41000"
     assert data["totals"] == {
         "sessions": 1,

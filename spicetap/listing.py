@@ -1,8 +1,9 @@
 """`spicetap sessions`: the recorded sessions in archives and folders of them, one line each
 (when, whose, from where, to what, how long, how it ended), from each archive's header and
 end record alone. An uncompressed archive's end record is read from its last bytes
-(spicetap.archive.tail); a compressed one is read through. Integrity is `spicetap verify`'s:
-a listing trusts what the files say."""
+(spicetap.archive.tail), a compressed one's from its last zstd frame
+(spicetap.archive.zstdtail); one whose frames are damaged is read through. Integrity is
+`spicetap verify`'s: a listing trusts what the files say."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ from typing import Any
 
 from spicetap.about import ArchiveSeen, about
 from spicetap.archive import format as fmt
-from spicetap.archive.reader import ArchiveError, ArchiveReader
+from spicetap.archive.reader import ArchiveError, ArchiveReader, migrate
 from spicetap.archive.shape import MalformedRecord, started_of
 from spicetap.archive.tail import end_at_tail
+from spicetap.archive.zstdtail import TailUnreadable, compressed_end_at_tail
 
 SUFFIXES = (fmt.SUFFIX, fmt.ZSTD_SUFFIX)
 
@@ -46,12 +48,13 @@ def summary(path: Path) -> tuple[float, dict[str, Any]]:
         with ArchiveReader(path) as reader:
             seen = ArchiveSeen(header=reader.header)
             started = started_of(reader.header)
-            if reader.compressed:
+            try:
+                end = compressed_end_at_tail(path) if reader.compressed else end_at_tail(path)
+                seen.end = None if end is None else migrate(reader.version, reader.header, end)
+            except TailUnreadable:  # damaged frames: what the reader makes of them
                 for _record in reader.records():
                     pass
                 seen.end = reader.end
-            else:
-                seen.end = end_at_tail(path)
     except (ArchiveError, MalformedRecord) as exc:
         why = str(exc) if isinstance(exc, ArchiveError) else f"{path}: {exc}"
         raise ListingError(why) from None

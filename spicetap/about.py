@@ -39,6 +39,7 @@ def about(seen: ArchiveSeen) -> dict[str, Any] | None:
         "policy": _plain(header["policy"]) if isinstance(header.get("policy"), dict) else {},
         "end": None,
     }
+    out["users"] = _users(out["session"].get("user"), seen.end)
     end = seen.end
     if end is not None:
         status = end.get("status")
@@ -50,6 +51,16 @@ def about(seen: ArchiveSeen) -> dict[str, Any] | None:
             "seconds": ended - started if started is not None and ended is not None else None,
         }
     return out
+
+
+def _users(user: Any, end: dict[str, Any] | None) -> list[str]:
+    """Whose the archive's sessions were: the header's user (the proxy's archives), or the
+    end record's `users`, the names of accepted SASL logins (`spicetap import`)."""
+    named = [user] if isinstance(user, str) else []
+    told = end.get("users") if end is not None else None
+    if isinstance(told, list):
+        named += [u for u in told if isinstance(u, str) and u not in named]
+    return named
 
 
 def describe(info: dict[str, Any]) -> list[str]:
@@ -74,7 +85,7 @@ def describe(info: dict[str, Any]) -> list[str]:
         ending += f": {end['status'] or '?'}"
         ending += "" if end["signed"] else " (unsigned)"
     lines = [f"{who}; started {info['started'] or '(time unknown)'}; {ending}"]
-    lines.append(_who(session))
+    lines.append(_who(session, info["users"]))
     lines.append(_route(session))
     policy = info["policy"]
     if policy:
@@ -104,7 +115,7 @@ def row(info: dict[str, Any]) -> tuple[str, ...]:
     return (
         str(info["started"]),
         f"{sid:08x}" if _is_int(sid) else "-",
-        str(session.get("user") or ""),
+        ", ".join(info["users"]),
         viewer,
         route,
         ended,
@@ -122,14 +133,14 @@ def duration(seconds: float) -> str:
     return f"{whole // 3600} h {whole % 3600 // 60:02d} min"
 
 
-def _who(session: dict[str, Any]) -> str:
+def _who(session: dict[str, Any], users: list[str]) -> str:
     parts = []
     if session.get("viewer") is not None:
         parts.append(f"viewer {session['viewer']}")
     if session.get("forwarded_by") is not None:
         parts.append(f"named by {session['forwarded_by']}")
-    if session.get("user") is not None:
-        parts.append(f"user {session['user']}")
+    if users:
+        parts.append(f"user{'s' if len(users) > 1 else ''} {', '.join(users)}")
     if session.get("source") is not None:  # `spicetap import`
         parts.append(f"imported from {session['source']}")
     return ", ".join(parts)

@@ -159,7 +159,7 @@ def policy_from(args: argparse.Namespace, base: PrivacyPolicy | None = None) -> 
             files=base.files if args.files is None else args.files,
             display=base.display and not args.no_display,
             audio=base.audio and not args.no_audio,
-            sasl_user=base.sasl_user or bool(getattr(args, "sasl_user", False)),  # proxy's
+            sasl_user=base.sasl_user or bool(getattr(args, "sasl_user", False)),  # proxy, import
         )
     except PolicyError as exc:
         raise UserError(str(exc)) from None
@@ -319,7 +319,11 @@ def add_commands(sub: Any) -> None:
     p.add_argument(
         "paths", nargs="+", metavar="PATH", help="archives, or folders to search for them"
     )
-    p.add_argument("--user", help="only sessions of this user (a token's, under inject)")
+    p.add_argument(
+        "--user",
+        help="only sessions of this user (a token's under inject, a SASL login's with "
+        "--sasl-user)",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_sessions)
 
@@ -328,6 +332,12 @@ def add_commands(sub: Any) -> None:
     p.add_argument("-o", "--output", required=True, help="the archive to write (.spta)")
     p.add_argument("--compress", action="store_true", help="zstd-compress the archive")
     add_privacy_options(p)
+    p.add_argument(
+        "--sasl-user",
+        action="store_true",
+        help="read from SASL logins the user name each viewer gave (never its password) "
+        "and record it",
+    )
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("export", help="export an archive or capture as pcapng or JSON lines")

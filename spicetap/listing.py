@@ -66,4 +66,4 @@ def summary(path: Path) -> tuple[float, dict[str, Any]]:
 
 
 def matches(info: dict[str, Any], user: str | None) -> bool:
-    return user is None or info["session"].get("user") == user
+    return user is None or user in info["users"]

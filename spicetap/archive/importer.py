@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from dissectors.api import AGENT, LINK, SPICE
 from spicetap.archive.privacy import PrivacyPolicy
 from spicetap.archive.records import to_archive
+from spicetap.archive.sasllogins import SaslLogins
 from spicetap.archive.writer import ArchiveWriter, FlushPolicy
 from spicetap.show import iter_capture
 
@@ -53,6 +54,7 @@ def import_capture(
     count = dropped = clamped = 0
     sessions: list[int] = []
     tls_conns: set[int] = set()
+    logins = SaslLogins() if policy.sasl_user else None
     for rec in iter_capture(capture, problems):
         if writer is None:
             t0 = rec.time
@@ -89,17 +91,29 @@ def import_capture(
                 )
             clamped += 1
             rec = rec._replace(time=t0 + max(-MAX_OFFSET, min(MAX_OFFSET, rec.time - t0)))
-        obj = to_archive(rec, t0, policy)
-        if obj is None:
-            dropped += 1
-            continue
-        writer.write(obj)
-        count += 1
+        login = None if logins is None else logins.feed(rec)  # before SASL is redacted
+        for one in (rec,) if login is None else (rec, login):
+            obj = to_archive(one, t0, policy)
+            if obj is None:
+                dropped += 1
+                continue
+            writer.write(obj)
+            count += 1
         if progress is not None and count % 512 == 0:
             progress(count)
     if writer is None:  # the caller says there was no SPICE traffic
         return ImportResult(out, 0, 0, [], problems)
-    writer.close(
-        extra={"sessions": sessions, "tls_connections": sorted(tls_conns), "problems": problems}
-    )
+    extra: dict[str, Any] = {
+        "sessions": sessions,
+        "tls_connections": sorted(tls_conns),
+        "problems": problems,
+    }
+    if logins is not None:
+        for login in logins.finish():
+            obj = to_archive(login, t0, policy)
+            if obj is not None:
+                writer.write(obj)
+                count += 1
+        extra["users"] = logins.users  # names of accepted SASL logins: a header has none
+    writer.close(extra=extra)
     return ImportResult(out, count, dropped, sessions, problems)

@@ -3,6 +3,7 @@ into sessions, TLS streams marked undecryptable)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +51,7 @@ def import_capture(
 ) -> ImportResult:
     problems: list[str] = []
     writer: ArchiveWriter | None = None
-    t0 = 0.0
+    t0 = last = 0.0
     count = dropped = clamped = 0
     sessions: list[int] = []
     tls_conns: set[int] = set()
@@ -91,6 +92,7 @@ def import_capture(
                 )
             clamped += 1
             rec = rec._replace(time=t0 + max(-MAX_OFFSET, min(MAX_OFFSET, rec.time - t0)))
+        last = rec.time
         login = None if logins is None else logins.feed(rec)  # before SASL is redacted
         for one in (rec,) if login is None else (rec, login):
             obj = to_archive(one, t0, policy)
@@ -104,6 +106,10 @@ def import_capture(
     if writer is None:  # the caller says there was no SPICE traffic
         return ImportResult(out, 0, 0, [], problems)
     extra: dict[str, Any] = {
+        # the capture's last packet ended the session, not the import: the listing's
+        # "complete after" is the capture's span; when it was imported is said apart
+        "ended": last,
+        "imported": time.time(),
         "sessions": sessions,
         "tls_connections": sorted(tls_conns),
         "problems": problems,

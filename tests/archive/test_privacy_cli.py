@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +137,17 @@ def test_import_show_stats_export_verify(
     jsonl = tmp_path / "out.jsonl"
     assert main(["export", "json", str(archive), "-o", str(jsonl)]) == 0
     assert len(jsonl.read_text().splitlines()) == len(from_archive)
+    # the listing's duration is the capture's span, not the time since it was captured
+    times = [r.time for r in iter_capture(all_channels)]
+    before = time.time()
+    capsys.readouterr()
+    assert main(["sessions", "--json", str(archive)]) == 0
+    (listed,) = json.loads(capsys.readouterr().out)
+    assert listed["end"]["seconds"] == pytest.approx(max(times) - min(times), abs=1e-3)
+    with ArchiveReader(archive) as reader:
+        for _record in reader.records():
+            pass
+        assert reader.end is not None and before - 600 < reader.end["imported"] <= before
 
 
 def test_tampered_and_truncated_exit_codes(

@@ -137,3 +137,23 @@ def test_ctrl_c_while_importing_is_raised_once_the_imports_end() -> None:
         finished.append("imports")
     assert finished == ["imports"]
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_ctrl_c_as_the_entry_point_is_imported_is_a_quiet_stop() -> None:
+    """A Ctrl-C right after `spicetap.entry` is imported, before any command code runs (the
+    console script imports it, then calls run()): noted, and the command stops with 130,
+    no traceback, nothing run."""
+    script = (
+        "import signal, sys\n"
+        "import spicetap.entry\n"
+        "signal.raise_signal(signal.SIGINT)\n"
+        "sys.argv = ['spicetap', 'proxy', '--listen', '127.0.0.1:0', '--upstream', '127.0.0.1:9']\n"
+        "code = spicetap.entry.run()\n"
+        "assert signal.getsignal(signal.SIGINT) is signal.default_int_handler\n"
+        "sys.exit(code)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 130, done.stderr
+    assert done.stdout == "" and "Traceback" not in done.stderr, done.stderr

@@ -14,6 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from proxy.core.allow import AllowList, AllowListError
+from proxy.core.endpoint import endpoint_text
 from proxy.core.linkrewrite import LinkPolicy
 from proxy.io.server import Upstream, tcp_end_opener, tcp_opener, tls_end_opener, tls_opener
 from proxy.tls import TlsSetupError, client_context, parse_subject
@@ -83,14 +84,14 @@ class Target:
             assert self.plain is not None
             host, port = self.plain
             opener, end_opener = tcp_opener(host, port), tcp_end_opener(host, port)
-            label = f"{host}:{port}"
+            label = endpoint_text((host, port))
             return Upstream(opener, label, self.name, end_opener, self.policy, (host, port))
         assert self.tls is not None
         host, port = self.tls
         ctx = _client_context(self.ca, self.insecure, keylog, self.host_subject is None)
         opener = tls_opener(host, port, ctx, self.host_subject)
         end_opener = tls_end_opener(host, port, ctx, self.host_subject)
-        label = f"{host}:{port} (tls)"
+        label = f"{endpoint_text((host, port))} (tls)"
         return Upstream(opener, label, self.name, end_opener, self.policy, (host, port))
 
 

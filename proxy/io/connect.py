@@ -138,7 +138,8 @@ async def handle_connect(
             if isinstance(request, ConnectRequest):
                 target = front.router.route(request.host, request.port)
                 if target is None:
-                    request = Refusal(403, f"{request.host}:{request.port} is not allowed")
+                    where = endpoint_text((request.host, request.port))
+                    request = Refusal(403, f"{where} is not allowed")
             if isinstance(request, Refusal):
                 status, reason = request.status, request.reason
                 shown = endpoint_text(viewer)
@@ -164,10 +165,8 @@ async def handle_connect(
         await trio.aclose_forcefully(stream)
         return
     if kind is None:  # nothing is relayed; the archive of unlinked connections says so
-        why = (
-            f"tunnel to {request.host}:{request.port} carries neither TLS nor SPICE "
-            f"(starts {first[:8]!r})"
-        )
+        where = endpoint_text((request.host, request.port))
+        why = f"tunnel to {where} carries neither TLS nor SPICE (starts {first[:8]!r})"
         log.warning("viewer %s: %s", endpoint_text(viewer), why)
         proxy.refused(viewer, upstream, "connect", f"{why}: closed, nothing relayed", balancer)
         await trio.aclose_forcefully(stream)

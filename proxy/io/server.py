@@ -541,10 +541,11 @@ class ChannelProxy:
         )
         count = lockout.refusals_to_log(now)
         if count:
-            fields = {"event": "viewer_refused", "viewer": endpoint_text(client)}
+            shown = endpoint_text(client)
+            fields = {"event": "viewer_refused", "viewer": shown}
             log.warning(
                 "viewer %s: %s (%d connection(s) from locked-out addresses refused)",
-                endpoint_text(client), why, count, extra={"fields": fields},
+                shown, why, count, extra={"fields": fields},
             )  # fmt: skip
         conn = next(self._ids)
         self._attempt_failed(conn, client, upstream_to, insertion, C2S, why, tls, forwarded_by)

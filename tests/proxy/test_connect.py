@@ -142,6 +142,9 @@ def test_target_side_follows_the_viewer_when_it_can() -> None:
     assert plain_only.upstream(True, None).label == "h:1"  # TLS ends at spicetap
     tls_only = Target("t", None, ("h", 2), insecure=True)
     assert tls_only.upstream(False, None).label == "h:2 (tls)"  # TLS added upstream
+    v6 = Target("t", ("fd00::1", 1), ("fd00::1", 2), insecure=True)
+    assert v6.upstream(False, None).label == "[fd00::1]:1"  # as archives name servers
+    assert v6.upstream(True, None).label == "[fd00::1]:2 (tls)"
 
 
 def test_router_with_a_bad_pattern_is_a_user_error() -> None:

@@ -39,7 +39,7 @@ from proxy.core.migration import (
     destination,
     rewrite,
 )
-from proxy.core.saslident import SaslIdentity
+from proxy.core.saslident import SASL_LOGIN, SaslIdentity
 
 MAIN = 1
 SESSION_REFUSED = (
@@ -97,9 +97,6 @@ SASL_LAYER_MIGRATION = (
     "live migration would send this viewer to the new host directly, past spicetap "
     "(TLS on the server leg avoids it)"
 )
-# The auth event that says whom a viewer logged in as over SASL, and how it went: only with
-# the user's leave (ChannelRelay's sasl_user), never the password or proof.
-SASL_LOGIN = "sasl_login"
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,6 +45,11 @@ def _text(raw: bytes, charset: str = "utf-8") -> str:
     return text[:LONGEST]
 
 
+# The auth record that says whom a viewer logged in as over SASL, and how it went: only with
+# the user's leave (the proxy's and the importer's sasl_user), never the password or proof.
+SASL_LOGIN = "sasl_login"
+
+
 class SaslIdentity:
     """Feed it the exchange's fields; `fields()` says what was learnt."""
 

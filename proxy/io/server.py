@@ -33,7 +33,6 @@ from proxy.core.migration import Destination, MigrationUnavailable
 from proxy.core.proxyproto import ProxyHeader, ProxyHeaderError
 from proxy.core.relay import (
     MAIN,
-    SASL_LOGIN,
     AuthFailed,
     ChannelRelay,
     Close,
@@ -47,6 +46,7 @@ from proxy.core.relay import (
     Redirect,
     record_of_part,
 )
+from proxy.core.saslident import SASL_LOGIN
 from proxy.io.ends import End, PlainEnd, tls_end, tls_error_text
 from proxy.io.guard import guarded
 from proxy.io.lockout import refuse_link, refuse_link_blocking

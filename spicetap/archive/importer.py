@@ -16,6 +16,7 @@ from spicetap.archive.privacy import PrivacyPolicy
 from spicetap.archive.records import to_archive
 from spicetap.archive.sasllogins import SaslLogins
 from spicetap.archive.writer import ArchiveWriter, FlushPolicy
+from spicetap.records import Record
 from spicetap.show import iter_capture
 
 # Records keep their time as signed 64-bit nanoseconds after the archive's start (msgpack's
@@ -56,6 +57,14 @@ def import_capture(
     sessions: list[int] = []
     tls_conns: set[int] = set()
     logins = SaslLogins() if policy.sasl_user else None
+
+    def keep(writer: ArchiveWriter, rec: Record) -> bool:
+        """Write `rec` unless the policy drops it; whether it was written."""
+        obj = to_archive(rec, t0, policy)
+        if obj is not None:
+            writer.write(obj)
+        return obj is not None
+
     for rec in iter_capture(capture, problems):
         if writer is None:
             t0 = rec.time
@@ -95,12 +104,8 @@ def import_capture(
         last = rec.time
         login = None if logins is None else logins.feed(rec)  # before SASL is redacted
         for one in (rec,) if login is None else (rec, login):
-            obj = to_archive(one, t0, policy)
-            if obj is None:
-                dropped += 1
-                continue
-            writer.write(obj)
-            count += 1
+            kept = keep(writer, one)
+            count, dropped = count + kept, dropped + (not kept)
         if progress is not None and count % 512 == 0:
             progress(count)
     if writer is None:  # the caller says there was no SPICE traffic
@@ -115,11 +120,7 @@ def import_capture(
         "problems": problems,
     }
     if logins is not None:
-        for login in logins.finish():
-            obj = to_archive(login, t0, policy)
-            if obj is not None:
-                writer.write(obj)
-                count += 1
+        count += sum(keep(writer, login) for login in logins.finish())
         extra["users"] = logins.users  # names of accepted SASL logins: a header has none
     writer.close(extra=extra)
     return ImportResult(out, count, dropped, sessions, problems)

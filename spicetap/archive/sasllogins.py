@@ -12,17 +12,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from proxy.core.saslident import SaslIdentity
+from proxy.core.saslident import SASL_LOGIN, SaslIdentity
 from spicetap.records import Record
 
-SASL_LOGIN = "sasl_login"  # the proxy's name for the same record (proxy.core.relay)
 OK = "OK"  # SASL's result uses the link's error codes
 
 
 @dataclass
 class _Login:
+    last: Record  # the exchange's latest unit
     identity: SaslIdentity = field(default_factory=SaslIdentity)
-    last: Record | None = None
 
 
 class SaslLogins:
@@ -39,7 +38,7 @@ class SaslLogins:
         if rec.connection in self._done:
             return None
         if rec.kind == "link" and rec.name == "sasl":
-            login = self._logins.setdefault(rec.connection, _Login())
+            login = self._logins.setdefault(rec.connection, _Login(rec))
             if rec.direction == "c2s":
                 login.identity.client(rec.raw)
             else:
@@ -57,11 +56,7 @@ class SaslLogins:
 
     def finish(self) -> list[Record]:
         """Logins the capture ends in the middle of."""
-        ends = []
-        for login in list(self._logins.values()):
-            if login.last is not None:
-                ends.append(self._said(login.last, "unfinished"))
-        return ends
+        return [self._said(login.last, "unfinished") for login in list(self._logins.values())]
 
     def _said(self, rec: Record, outcome: str) -> Record:
         login = self._logins.pop(rec.connection)

@@ -28,7 +28,8 @@ from typing import Any
 
 import pytest
 
-from proxy.core.relay import SASL_LAYER_MIGRATION, SASL_LOGIN
+from proxy.core.relay import SASL_LAYER_MIGRATION
+from proxy.core.saslident import SASL_LOGIN
 from spicetap.archive.reader import ArchiveReader
 from spicetap.archive.verify import verify
 from spicetap.cli import main

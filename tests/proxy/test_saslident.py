@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from proxy.core.framing import C2S, S2C
-from proxy.core.relay import SASL_LOGIN, AuthFailed, ChannelRelay, Command, Limits, RecordEvent
-from proxy.core.saslident import LONGEST, SaslIdentity
+from proxy.core.relay import AuthFailed, ChannelRelay, Command, Limits, RecordEvent
+from proxy.core.saslident import LONGEST, SASL_LOGIN, SaslIdentity
 from proxy.recorder import WAIT_RECORDS, RecorderWorker, RecordingOptions
 from spicetap.archive.privacy import PrivacyPolicy
 from spicetap.archive.reader import ArchiveReader

@@ -19,6 +19,7 @@ import trio
 from proxy import logs
 from proxy.core import framing
 from proxy.core.admission import Admission
+from proxy.core.endpoint import listen_text
 from proxy.core.lockout import Lockout
 from proxy.core.relay import MAIN, Limits
 from proxy.fronts import Fronts, build_fronts, named, pick
@@ -513,7 +514,7 @@ async def _serve(
                 serving = await serve(*args)
             except OSError as exc:
                 reason = exc.strerror or str(exc)
-                message = f"cannot listen ({kind}) on {where[0]}:{where[1]}: {reason}"
+                message = f"cannot listen ({kind}) on {listen_text(where)}: {reason}"
                 raise ListenError(message) from None
             opened.append((kind, serving.listeners, what))
 

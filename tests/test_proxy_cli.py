@@ -33,6 +33,21 @@ def test_a_taken_port_is_a_one_line_error_naming_the_listener(
     assert "listening" not in out  # no listener is said to serve when the proxy does not
 
 
+def test_a_taken_ipv6_port_is_named_in_brackets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    monkeypatch.setenv("SPICETAP_CONFIG_DIR", str(tmp_path))
+    with socket.socket(socket.AF_INET6) as taken:
+        taken.bind(("::1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["proxy", "--upstream", "127.0.0.1:1", "--listen", f"[::1]:{port}"]) == 2
+    expected = f"cannot listen (plain) on [::1]:{port}: Address already in use"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"spicetap: error: {expected}"
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

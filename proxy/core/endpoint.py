@@ -11,3 +11,10 @@ def endpoint_text(address: tuple[str, int]) -> str:
     if port == 0:
         return host
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def listen_text(address: tuple[str, int]) -> str:
+    """A requested listen address: as endpoint_text, but port 0 is shown, since there it
+    means "any port" ("[::1]:0", "127.0.0.1:0")."""
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -20,7 +20,7 @@ from typing import Any
 import trio
 
 from proxy.core.admission import Admission
-from proxy.core.endpoint import endpoint_text
+from proxy.core.endpoint import endpoint_text, listen_text
 from proxy.core.reload import TargetChanges, plan, restart_needed, target_changes
 from proxy.fronts import Fronts, Route, carry_credentials, route_key, speaks
 from proxy.io.connect import ConnectFront, serve_connect
@@ -404,8 +404,8 @@ class Reloader:
             serving = await open_(*args)
         except OSError as exc:
             why = exc.strerror or str(exc)
-            report.failed.append(f"{kind} {listen[0]}:{listen[1]}: {why}")
-            log.error("reload: cannot listen (%s) on %s:%d: %s", kind, *listen, why)
+            report.failed.append(f"{kind} {listen_text(listen)}: {why}")
+            log.error("reload: cannot listen (%s) on %s: %s", kind, listen_text(listen), why)
             return
         host, port = _bound(serving)
         report.opened.append(f"{kind} {endpoint_text((host, port))}")

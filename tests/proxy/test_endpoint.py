@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.core.endpoint import endpoint_text
+from proxy.core.endpoint import endpoint_text, listen_text
 from spicetap.export import _endpoint
 
 
@@ -28,3 +28,16 @@ def test_addresses_are_shown_unambiguously(address: tuple[str, int], shown: str)
 def test_what_is_shown_exports_back_to_the_same_address(address: tuple[str, int]) -> None:
     """`spicetap export` reads an open record's endpoints back for its packets."""
     assert _endpoint(endpoint_text(address)) == address
+
+
+@pytest.mark.parametrize(
+    ("address", "shown"),
+    [
+        (("127.0.0.1", 0), "127.0.0.1:0"),  # port 0 asks for any port: it is kept
+        (("::1", 0), "[::1]:0"),
+        (("::", 5900), "[::]:5900"),
+        (("localhost", 5900), "localhost:5900"),
+    ],
+)
+def test_requested_listen_addresses_keep_their_port(address: tuple[str, int], shown: str) -> None:
+    assert listen_text(address) == shown

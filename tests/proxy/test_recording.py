@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from bench.spice_peers import init_message
 from dissectors.api import encode
 from proxy.core import recwire
 from proxy.core.framing import DEFAULT_MAX_MESSAGE
@@ -28,22 +29,12 @@ from spicetap.inputs import iter_records
 from tests.proxy.test_framing import OK, TICKET, caps_word, link_mess, link_reply, mini
 from tests.proxy.test_ring import racing
 
-MAIN, MSG_MAIN_INIT = 1, 103
+MAIN = 1
 SESSION_ID = 0x5EC7
 
 
 def init(session_id: int = SESSION_ID) -> bytes:
-    fields = {
-        "session_id": session_id,
-        "display_channels_hint": 1,
-        "supported_mouse_modes": 3,
-        "current_mouse_mode": 2,
-        "agent_connected": 0,
-        "agent_tokens": 0,
-        "multi_media_time": 0,
-        "ram_hint": 0,
-    }
-    return mini(MSG_MAIN_INIT, encode(MAIN, "s2c", MSG_MAIN_INIT, fields))
+    return init_message(session_id)  # a main channel's INIT, as the benchmark's server sends
 
 
 def main_link(session_id: int = SESSION_ID) -> list[tuple[float, str, bytes]]:

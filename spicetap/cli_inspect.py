@@ -19,9 +19,17 @@ from rich.table import Table
 from spicetap.about import ArchiveSeen, about, describe
 from spicetap.archive.keys import load_or_create_signing_key, trusted_public_key
 from spicetap.archive.privacy import PolicyError, PrivacyPolicy
+from spicetap.capture.piped import is_piped, shown_name
 from spicetap.errors import UserError, one_line
 from spicetap.filter import FilterError, compile_filter
-from spicetap.inputs import AnyRecord, InputError, check_input, is_archive, iter_records
+from spicetap.inputs import (
+    AnyRecord,
+    InputError,
+    archive_file,
+    check_input,
+    is_archive,
+    iter_records,
+)
 from spicetap.outputs import output_file
 from spicetap.render import line, to_json, tree
 
@@ -85,6 +93,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     out = sys.stdout
     problems: list[str] = []
     origin: list[float] = []
+    live = is_piped(Path(args.input))  # each message out as it comes, even into a pipe
     try:
         for rec in _records(args, problems, origin):
             t0 = origin[0]
@@ -94,6 +103,8 @@ def cmd_show(args: argparse.Namespace) -> int:
                 out.write("\n".join(tree(rec, t0)) + "\n")
             else:
                 out.write(line(rec, t0) + "\n")
+            if live:
+                out.flush()
     except BrokenPipeError:  # `spicetap show x | head`
         sys.stderr.close()
         return 0
@@ -228,10 +239,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
             check_input(path)
         except InputError as exc:
             raise UserError(str(exc)) from None
-        if not is_archive(path):  # a capture, say: not an archive that was tampered with
+        if not is_piped(path) and not is_archive(path):  # a capture, say: not tampered with
             raise UserError(f"{path}: not a spicetap archive")
-        verdict = verify(path, trusted)
-        print(one_line(verdict.line(path)))
+        try:
+            with archive_file(path) as readable:  # a pipe's, copied
+                verdict = verify(readable, trusted)
+        except InputError as exc:
+            raise UserError(str(exc)) from None
+        print(one_line(verdict.line(Path(shown_name(path)))))
         worst = max(worst, VERIFY_EXIT[verdict.status])
     return worst
 
@@ -298,7 +313,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def add_commands(sub: Any) -> None:
     def inputs(p: argparse.ArgumentParser) -> None:
-        p.add_argument("input", help="an archive (.spta) or a pcap/pcapng capture")
+        p.add_argument(
+            "input", help="an archive (.spta) or a pcap/pcapng capture; - reads standard input"
+        )
         p.add_argument("-f", "--filter", help="only records matching this filter expression")
 
     p = sub.add_parser("show", help="print the SPICE messages of an archive or a capture")
@@ -328,7 +345,7 @@ def add_commands(sub: Any) -> None:
     p.set_defaults(func=cmd_sessions)
 
     p = sub.add_parser("import", help="convert a pcap/pcapng capture into an archive")
-    p.add_argument("input", help="a .pcap or .pcapng capture")
+    p.add_argument("input", help="a .pcap or .pcapng capture; - reads standard input")
     p.add_argument("-o", "--output", required=True, help="the archive to write (.spta)")
     p.add_argument("--compress", action="store_true", help="zstd-compress the archive")
     add_privacy_options(p)
@@ -347,7 +364,9 @@ def add_commands(sub: Any) -> None:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("verify", help="check archives: intact, truncated, or tampered")
-    p.add_argument("archives", nargs="+")
+    p.add_argument(
+        "archives", nargs="+", help="archives (.spta); - reads one from standard input"
+    )
     p.add_argument("--key", help="trusted Ed25519 public key (PEM); default: the config dir's")
     p.set_defaults(func=cmd_verify)
 

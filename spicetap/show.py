@@ -15,6 +15,7 @@ from spicetap.capture import (
     TcpReassembler,
     read_packets,
 )
+from spicetap.capture.piped import Piped, is_piped
 from spicetap.records import Record, RecordBuilder
 
 
@@ -67,11 +68,17 @@ def _time(rec: Record) -> float:
     return rec.time
 
 
-def iter_capture(path: Path, problems: list[str] | None = None) -> Iterator[Record]:
-    """Yield records; a damaged tail of the file is appended to `problems`.
+def iter_capture(path: Path | Piped, problems: list[str] | None = None) -> Iterator[Record]:
+    """Yield records; a damaged tail of the file is appended to `problems`. A pipe (`-`,
+    a named pipe) is read as it comes.
 
     Raises CaptureError when the file cannot be read at all.
     """
+    if isinstance(path, Path) and is_piped(path):
+        with Piped.open(path) as piped:
+            yield from iter_capture(piped, problems)
+        return
+    name = path.name if isinstance(path, Piped) else str(path)
     builder = RecordBuilder()
     order = TimeOrder(builder)
     reassembler = TcpReassembler()
@@ -83,8 +90,10 @@ def iter_capture(path: Path, problems: list[str] | None = None) -> Iterator[Reco
         yield from order.put(_records(builder, ev))
     yield from order.flush()
     if problems is not None:
+        if isinstance(path, Piped) and path.ended_by_interrupt:
+            problems.append(f"{name}: read until Ctrl-C (its writer had not ended it)")
         if reader.problem:
             problems.append(reader.problem)
         if reader.unsupported_linktypes:  # else a capture of them shows nothing, silently
             kinds = ", ".join(str(t) for t in sorted(reader.unsupported_linktypes))
-            problems.append(f"{path}: packets of link type {kinds} were skipped (not read)")
+            problems.append(f"{name}: packets of link type {kinds} were skipped (not read)")

@@ -16,6 +16,7 @@ from spicetap.archive.privacy import PrivacyPolicy
 from spicetap.archive.records import to_archive
 from spicetap.archive.sasllogins import SaslLogins
 from spicetap.archive.writer import ArchiveWriter, FlushPolicy
+from spicetap.capture.piped import is_piped, shown_name
 from spicetap.records import Record
 from spicetap.show import iter_capture
 
@@ -75,7 +76,7 @@ def import_capture(
                     "viewer": first.get("client"),
                     "server": first.get("server"),
                     "insertion": "import",
-                    "source": capture.name,
+                    "source": shown_name(capture) if is_piped(capture) else capture.name,
                     "tls": {"viewer": None, "server": None},
                     "auth": None,
                 },
@@ -96,7 +97,7 @@ def import_capture(
         if not -MAX_OFFSET < rec.time - t0 < MAX_OFFSET:  # a damaged capture's timestamp
             if not clamped:
                 problems.append(
-                    f"{capture}: a packet's time is centuries from the first one's "
+                    f"{shown_name(capture)}: a packet's time is centuries from the first one's "
                     f"({rec.time:.0f} s); such times are recorded as the nearest that fits"
                 )
             clamped += 1

@@ -14,7 +14,9 @@ The input layer of ``spicetap show CAPTURE``. Two parts, used together::
     if reader.problem:                                  # a truncated or damaged tail
         print("warning:", reader.problem)
 
-``read_packets(path) -> CaptureReader`` (reader.py) iterates TcpSegments, in file order.
+``read_packets(path) -> CaptureReader`` (reader.py) iterates TcpSegments, in file order;
+  ``read_packets(piped)`` reads a pipe (``Piped``, piped.py: standard input or a named
+  pipe) as it comes, for live captures (``tcpdump -U -w - | spicetap show -``).
   Formats: pcap (both byte orders; micro- and nanosecond; the old "modified" variant) and
   pcapng (sections in either byte order, SHB/IDB/EPB/SPB and the obsolete PB, several
   interfaces, per-interface ``if_tsresol``/``if_tsoffset``), either of them gzip'd.

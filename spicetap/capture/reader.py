@@ -12,6 +12,7 @@ from typing import BinaryIO
 
 from .pcap import PCAP_MAGICS, read_pcap
 from .pcapng import PCAPNG_MAGIC, read_pcapng
+from .piped import Piped
 from .segment import Buffer, CaptureError, NotACapture, TcpSegment
 from .source import CHUNK, GZIP_MAGIC, READ_ERRORS, Gunzip, Read, ReadStats
 
@@ -62,19 +63,25 @@ class CaptureReader:
     """"pcap" or "pcapng"."""
     compressed: bool
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = os.fspath(path)
-        name = self.path
+    def __init__(self, path: str | os.PathLike[str] | Piped) -> None:
         self._stats = ReadStats()
-        try:
-            raw: BinaryIO = Path(self.path).open("rb")  # noqa: SIM115 - kept open until closed
-        except OSError as exc:
-            raise _open_error(name, exc) from None
-        self._raw = raw
         self._map: mmap.mmap | None = None
+        self._raw: BinaryIO | None = None
         self.compressed = False
+        # a pipe is read as it comes, and closed by its opener; a file is opened here
+        source: Piped | BinaryIO
+        if isinstance(path, Piped):
+            self.path = name = path.name
+            source = path
+        else:
+            self.path = name = os.fspath(path)
+            try:
+                source = Path(self.path).open("rb")  # noqa: SIM115 - kept open until closed
+            except OSError as exc:
+                raise _open_error(name, exc) from None
+            self._raw = source
         try:
-            buf, read = self._start(raw)
+            buf, read = self._piped(source) if isinstance(source, Piped) else self._start(source)
             head = bytes(buf[:4])
             if not head:
                 empty = "empty compressed file" if self.compressed else "empty file"
@@ -127,10 +134,20 @@ class CaptureReader:
         raw.seek(0)
         return raw.read(CHUNK), raw.read
 
+    def _piped(self, pipe: Piped) -> tuple[Buffer, Read]:
+        """Like _start, for a pipe: what it has so far (a capture's magic at least), and
+        each read what it has then. gzip'd data is read a megabyte at a time."""
+        self.compressed = pipe.peek(4)[:2] == GZIP_MAGIC
+        if self.compressed:
+            read = Gunzip(pipe.read1).read
+            return read(CHUNK), read
+        return pipe.read1(CHUNK), pipe.read1
+
     def _close_files(self) -> None:
         if self._map is not None:
             self._map.close()
-        self._raw.close()
+        if self._raw is not None:
+            self._raw.close()
 
     def _run(self, inner: Iterator[TcpSegment]) -> Generator[TcpSegment, None, None]:
         try:
@@ -186,6 +203,7 @@ class CaptureReader:
         return frozenset(self._stats.unsupported)
 
 
-def read_packets(path: str | os.PathLike[str]) -> CaptureReader:
-    """Open a capture file; iterate the result for its TCP segments. See CaptureReader."""
+def read_packets(path: str | os.PathLike[str] | Piped) -> CaptureReader:
+    """Open a capture file (or read a pipe); iterate the result for its TCP segments. See
+    CaptureReader."""
     return CaptureReader(path)

@@ -18,8 +18,12 @@ from __future__ import annotations  # no typing at run time: imported first, so 
 
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+
+TYPE_CHECKING = False  # typing itself is not imported: see above
+if TYPE_CHECKING:
+    from types import FrameType
 
 
 class _Lost:
@@ -53,17 +57,25 @@ def swallowed() -> bool:
 
 
 @contextmanager
-def deferred() -> Iterator[None]:
-    """SIGINT within is only noted, and raised as KeyboardInterrupt at the end."""
-    noted: list[int] = []
+def handled(handler: Callable[[int, FrameType | None], object]) -> Iterator[None]:
+    """SIGINT goes to `handler` within, and to what had it before after. Outside the main
+    thread (tests) signals are not ours to take: nothing changes."""
     try:
-        before = signal.signal(signal.SIGINT, lambda signum, _frame: noted.append(signum))
-    except ValueError:  # not the main thread (tests): signals are not ours to take
+        before = signal.signal(signal.SIGINT, handler)
+    except ValueError:
         yield
         return
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+@contextmanager
+def deferred() -> Iterator[None]:
+    """SIGINT within is only noted, and raised as KeyboardInterrupt at the end."""
+    noted: list[int] = []
+    with handled(lambda signum, _frame: noted.append(signum)):
+        yield
     if noted:
         raise KeyboardInterrupt

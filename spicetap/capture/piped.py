@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import select
-import signal
 import stat
 import sys
 import time
@@ -24,6 +23,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
+
+from spicetap import interrupts
 
 from .segment import CaptureError
 
@@ -75,7 +76,7 @@ class Piped:
                 raise CaptureError(f"{path}: cannot read: {exc.strerror or exc}") from None
             piped = cls(str(path), fd, owned=True)
         try:
-            with piped._interrupt_ends_input():
+            with interrupts.handled(piped._interrupted):
                 yield piped
         finally:
             if piped.owned:
@@ -107,19 +108,7 @@ class Piped:
             if ready:
                 return os.read(self.fd, size)
 
-    @contextmanager
-    def _interrupt_ends_input(self) -> Iterator[None]:
-        def interrupted(_signum: int, _frame: FrameType | None) -> None:
-            if self._deadline is not None:
-                raise KeyboardInterrupt  # the second: quit now
-            self._deadline = time.monotonic() + INTERRUPT_GRACE
-
-        try:
-            before = signal.signal(signal.SIGINT, interrupted)
-        except ValueError:  # not the main thread: signals are not ours to take
-            yield
-            return
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGINT, before)
+    def _interrupted(self, _signum: int, _frame: FrameType | None) -> None:
+        if self._deadline is not None:
+            raise KeyboardInterrupt  # the second: quit now
+        self._deadline = time.monotonic() + INTERRUPT_GRACE

@@ -7,7 +7,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import queue
 import signal
 import struct
 import subprocess
@@ -23,6 +22,7 @@ import pytest
 from spicetap.archive.reader import ArchiveReader
 from spicetap.capture.piped import INTERRUPT_GRACE
 from tests.capture.builders import stream_frames, write_pcap
+from tests.harness.procs import OutputLines
 from tests.proxy.test_framing import OK, TICKET, caps_word, link_mess, link_reply, mini
 from tests.proxy.test_recording import init
 
@@ -104,36 +104,6 @@ def test_an_archive_on_standard_input_is_read_and_verified(
     )  # fmt: skip
 
 
-def _lines(stream: subprocess.Popen[bytes]) -> queue.Queue[str]:
-    """The process's stdout, a line at a time, as it prints them; "" at its end."""
-    lines: queue.Queue[str] = queue.Queue()
-
-    def read() -> None:
-        assert stream.stdout is not None
-        for raw in stream.stdout:
-            lines.put(raw.decode())
-        lines.put("")
-
-    threading.Thread(target=read, daemon=True).start()
-    return lines
-
-
-def _wait_for(lines: queue.Queue[str], word: str, seconds: float = LIMIT) -> list[str]:
-    seen: list[str] = []
-    deadline = time.monotonic() + seconds
-    while not any(word in line for line in seen):
-        seen.append(lines.get(timeout=max(0.01, deadline - time.monotonic())))
-    return seen
-
-
-def _rest(lines: queue.Queue[str]) -> list[str]:
-    """The lines still to come, to the end of the output."""
-    rest = []
-    while line := lines.get(timeout=LIMIT):
-        rest.append(line)
-    return rest
-
-
 def _spicetap(argv: Sequence[str]) -> subprocess.Popen[bytes]:
     # its output buffered as a user's is when it goes into a pipe (some CI sets this)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
@@ -159,11 +129,11 @@ def test_records_show_while_the_writer_still_writes(capture: Path) -> None:
     data = capture.read_bytes()
     with _spicetap(["show", "-"]) as proc, _killed(proc):
         assert proc.stdin is not None
-        lines = _lines(proc)
+        lines = OutputLines(proc, LIMIT)
         half = len(data) // 2  # the link stage, INIT and some pings
         proc.stdin.write(data[:half])
         proc.stdin.flush()
-        assert any("init" in line for line in _wait_for(lines, "init"))
+        lines.until("init")
         assert proc.poll() is None  # still reading: the rest has not come
         proc.stdin.write(data[half:])
         proc.stdin.close()
@@ -178,10 +148,10 @@ def test_ctrl_c_ends_the_input_and_the_command_finishes_with_what_came(capture: 
     for second in (False, True):
         with _spicetap(["show", "-"]) as proc, _killed(proc):
             assert proc.stdin is not None and proc.stderr is not None
-            lines = _lines(proc)
+            lines = OutputLines(proc, LIMIT)
             proc.stdin.write(data)  # all of it, but the pipe is never closed
             proc.stdin.flush()
-            shown = _wait_for(lines, "init")  # reading, its Ctrl-C handling in place
+            lines.until("init")  # reading, its Ctrl-C handling in place
             proc.send_signal(signal.SIGINT)
             if second:
                 time.sleep(0.1)
@@ -191,8 +161,8 @@ def test_ctrl_c_ends_the_input_and_the_command_finishes_with_what_came(capture: 
             started = time.monotonic()
             assert proc.wait(LIMIT) == 0
             assert time.monotonic() - started >= INTERRUPT_GRACE * 0.9
-            shown += _rest(lines)
-            assert sum("ping" in line for line in shown) == PINGS
+            lines.rest()
+            assert sum("ping" in line for line in lines.seen) == PINGS
             warning = "standard input: read until Ctrl-C (its writer had not ended it)"
             assert warning in proc.stderr.read().decode()
 
@@ -204,17 +174,17 @@ def test_ctrl_c_then_the_writer_ending_finishes_at_once(capture: Path) -> None:
     half = len(data) // 2
     with _spicetap(["show", "-"]) as proc, _killed(proc):
         assert proc.stdin is not None and proc.stderr is not None
-        lines = _lines(proc)
+        lines = OutputLines(proc, LIMIT)
         proc.stdin.write(data[:half])
         proc.stdin.flush()
-        shown = _wait_for(lines, "init")
+        lines.until("init")
         proc.send_signal(signal.SIGINT)
         time.sleep(0.1)
         proc.stdin.write(data[half:])
         proc.stdin.close()
         assert proc.wait(INTERRUPT_GRACE + LIMIT) == 0
-        shown += _rest(lines)
-        assert "".join(shown) == run(["show", str(capture)]).stdout
+        lines.rest()
+        assert lines.text() == run(["show", str(capture)]).stdout
         assert proc.stderr.read() == b""
 
 

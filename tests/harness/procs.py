@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
+import re
 import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -136,3 +139,37 @@ def tail(path: Path, limit: int = 2000) -> str:
         return path.read_text(errors="replace")[-limit:]
     except OSError:
         return ""
+
+
+class OutputLines:
+    """A process's stdout a line at a time, as it prints them (read by a thread of its
+    own); `seen` holds every line taken so far."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], timeout: float) -> None:
+        self.timeout = timeout  # for each line
+        self.seen: list[str] = []
+        self._lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read, args=(proc,), daemon=True).start()
+
+    def _read(self, proc: subprocess.Popen[bytes]) -> None:
+        if proc.stdout is not None:
+            for raw in proc.stdout:
+                self._lines.put(raw.decode(errors="replace"))
+        self._lines.put("")  # the end
+
+    def until(self, pattern: str | re.Pattern[str]) -> None:
+        """Take lines until one matches; AssertionError if the output ends first,
+        queue.Empty if a line takes longer than `timeout`."""
+        found = re.compile(pattern) if isinstance(pattern, str) else pattern
+        while not any(found.search(line) for line in self.seen):
+            line = self._lines.get(timeout=self.timeout)
+            assert line, f"output ended before {found.pattern!r}:\n{''.join(self.seen[-20:])}"
+            self.seen.append(line)
+
+    def rest(self) -> None:
+        """Take the lines to the end of the output."""
+        while line := self._lines.get(timeout=self.timeout):
+            self.seen.append(line)
+
+    def text(self) -> str:
+        return "".join(self.seen)

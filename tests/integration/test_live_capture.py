@@ -4,12 +4,10 @@ while it is captured, and Ctrl-C as a terminal sends it to the pipeline's ends."
 from __future__ import annotations
 
 import os
-import queue
 import re
 import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -19,7 +17,7 @@ import pytest
 from tests.conftest import peers
 from tests.harness import PeerFailed, QemuServer, spicy_screenshot
 from tests.harness.capture import port_filter
-from tests.harness.procs import need_program, stop_process, tail, wait_until
+from tests.harness.procs import OutputLines, need_program, stop_process, tail, wait_until
 
 pytestmark = pytest.mark.peers
 
@@ -39,27 +37,6 @@ def _started(argv: list[str], **kw: object) -> Iterator[subprocess.Popen[bytes]]
         for stream in (proc.stdin, proc.stdout, proc.stderr):
             if stream is not None:
                 stream.close()
-
-
-def _lines(proc: subprocess.Popen[bytes]) -> queue.Queue[str]:
-    """stdout a line at a time as it is printed; "" at its end."""
-    lines: queue.Queue[str] = queue.Queue()
-
-    def read() -> None:
-        assert proc.stdout is not None
-        for raw in proc.stdout:
-            lines.put(raw.decode())
-        lines.put("")
-
-    threading.Thread(target=read, daemon=True).start()
-    return lines
-
-
-def _until(lines: queue.Queue[str], pattern: re.Pattern[str], shown: list[str]) -> None:
-    while not any(pattern.search(line) for line in shown):
-        line = lines.get(timeout=LIMIT)
-        assert line, f"output ended before {pattern.pattern!r}:\n{''.join(shown[-20:])}"
-        shown.append(line)
 
 
 def test_a_session_is_shown_while_it_is_captured(tmp_path: Path) -> None:
@@ -94,11 +71,10 @@ def test_a_session_is_shown_while_it_is_captured(tmp_path: Path) -> None:
             return "File: -" in tail(dumpcap_log)
 
         wait_until(capturing, timeout=LIMIT, what="dumpcap to start")
-        lines = _lines(show)
+        lines = OutputLines(show, LIMIT)
         spicy_screenshot(srv.endpoint(), tmp_path / "shot.ppm")
-        shown: list[str] = []
-        _until(lines, re.compile(r"main:0\s+s2c init "), shown)
-        _until(lines, DRAWN, shown)
+        lines.until(r"main:0\s+s2c init ")
+        lines.until(DRAWN)
         assert dumpcap.poll() is None and show.poll() is None  # shown live, not at the end
 
         # Ctrl-C in a terminal: the writer and the reader get it. dumpcap writes what it
@@ -108,15 +84,14 @@ def test_a_session_is_shown_while_it_is_captured(tmp_path: Path) -> None:
         assert dumpcap.wait(LIMIT) == 0, tail(dumpcap_log)
         assert tee.wait(LIMIT) == 0
         assert show.wait(LIMIT) == 0
-        while line := lines.get(timeout=LIMIT):
-            shown.append(line)
+        lines.rest()
         assert show.stderr is not None
         problems = show.stderr.read().decode()
     whole = subprocess.run(
         [sys.executable, "-m", "spicetap", "show", str(saved)],
         capture_output=True, text=True, timeout=LIMIT, check=True,
     )  # fmt: skip
-    assert "".join(shown) == whole.stdout  # nothing lost to Ctrl-C, nothing held back
+    assert lines.text() == whole.stdout  # nothing lost to Ctrl-C, nothing held back
     assert problems == ""
     channels = {m.group(1) for m in re.finditer(r"#\d+\s+(\w+):\d+", whole.stdout)}
     assert {"main", "display"} <= channels

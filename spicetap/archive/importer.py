@@ -16,7 +16,7 @@ from spicetap.archive.privacy import PrivacyPolicy
 from spicetap.archive.records import to_archive
 from spicetap.archive.sasllogins import SaslLogins
 from spicetap.archive.writer import ArchiveWriter, FlushPolicy
-from spicetap.capture.piped import is_piped, shown_name
+from spicetap.capture.piped import STDIN, shown_name
 from spicetap.records import Record
 from spicetap.show import iter_capture
 
@@ -76,7 +76,8 @@ def import_capture(
                     "viewer": first.get("client"),
                     "server": first.get("server"),
                     "insertion": "import",
-                    "source": shown_name(capture) if is_piped(capture) else capture.name,
+                    # a file's name (a named pipe's too); standard input said as such
+                    "source": shown_name(capture) if str(capture) == STDIN else capture.name,
                     "tls": {"viewer": None, "server": None},
                     "auth": None,
                 },
